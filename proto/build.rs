@@ -1,0 +1,25 @@
+//! Compiles `flotte/v1/*.proto` with protox (pure Rust, no system `protoc`)
+//! and writes the file descriptor set used by gRPC reflection.
+
+use std::path::PathBuf;
+
+const PROTO_FILES: &[&str] = &[
+    "flotte/v1/enrollment.proto",
+    "flotte/v1/agent.proto",
+    "flotte/v1/admin.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for file in PROTO_FILES {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(PROTO_FILES, ["."])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptor_bytes = prost::Message::encode_to_vec(&descriptors);
+    std::fs::write(out_dir.join("flotte_descriptor.bin"), descriptor_bytes)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

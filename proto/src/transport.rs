@@ -1,0 +1,179 @@
+//! Client side of the wire: a tonic `Channel` over a caller-built rustls
+//! `ClientConfig`, and the translation of TLS failures into causes a person can act on.
+//!
+//! tonic's own TLS settings cannot carry a custom certificate verifier (needed
+//! for CA pinning during enrollment), so every Flotte client dials TCP, runs
+//! rustls itself and hands the stream to tonic. Nothing here chooses *which*
+//! certificates to trust: callers pass the finished `ClientConfig`.
+
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("{what} is not valid PEM: {message}")]
+    Pem { what: String, message: String },
+    #[error("TLS client configuration is invalid: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("server address {0:?} is not host:port")]
+    BadAddress(String),
+    #[error("cannot connect to {address}: {cause}")]
+    Connect { address: String, cause: String },
+}
+
+fn pem_error(what: &str) -> impl FnOnce(rustls::pki_types::pem::Error) -> TransportError + '_ {
+    move |error| TransportError::Pem {
+        what: what.to_owned(),
+        message: error.to_string(),
+    }
+}
+
+/// Parses every certificate in a PEM text.
+pub fn certificates_from_pem(
+    what: &str,
+    pem: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TransportError> {
+    use rustls::pki_types::pem::PemObject;
+    let certificates = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_error(what))?;
+    if certificates.is_empty() {
+        return Err(TransportError::Pem {
+            what: what.to_owned(),
+            message: "no certificate found".to_owned(),
+        });
+    }
+    Ok(certificates)
+}
+
+/// Parses a PEM private key.
+pub fn private_key_from_pem(
+    what: &str,
+    pem: &str,
+) -> Result<rustls::pki_types::PrivateKeyDer<'static>, TransportError> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(pem_error(what))
+}
+
+/// The ring provider, passed explicitly everywhere so that no process depends
+/// on a globally installed default.
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client configuration trusting only `ca_pem`, presenting `client` (PEM
+/// certificate chain and key) when given. TLS 1.3 and HTTP/2 only.
+pub fn client_config(
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Result<rustls::ClientConfig, TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in certificates_from_pem("CA certificate", ca_pem)? {
+        roots.add(certificate)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((certificate_pem, key_pem)) => builder.with_client_auth_cert(
+            certificates_from_pem("client certificate", certificate_pem)?,
+            private_key_from_pem("client key", key_pem)?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Splits `host:port` (or `[v6]:port`) and returns the host as a TLS server name.
+fn server_name_of(address: &str) -> Result<ServerName<'static>, TransportError> {
+    let bad = || TransportError::BadAddress(address.to_owned());
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_owned()).map_err(|_| bad())
+}
+
+/// Opens a lazily-connected HTTP/2 channel to `address` (`host:port`) over TLS.
+///
+/// The channel connects on first use; connection and TLS errors surface on the
+/// first RPC and should go through [`explain_status`].
+pub fn channel(address: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, TransportError> {
+    let server_name = server_name_of(address)?;
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|_| TransportError::BadAddress(address.to_owned()))?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let connector = TlsConnector::from(tls);
+    let dial_address = address.to_owned();
+    let service = tower::service_fn(move |_: Uri| {
+        let connector = connector.clone();
+        let server_name = server_name.clone();
+        let dial_address = dial_address.clone();
+        async move {
+            let tcp = TcpStream::connect(&dial_address).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(service))
+}
+
+/// Renders a status from a failed RPC, replacing transport noise by the cause.
+///
+/// Under TLS 1.3 a client whose certificate the server refuses sees the
+/// handshake "succeed" and the refusal only as an alert on its first RPC, so
+/// the alert name is the only trace of the real cause.
+pub fn explain_status(status: &tonic::Status) -> String {
+    let mut chain = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let lower = chain.to_ascii_lowercase();
+    let hint = if lower.contains("unknownca") || lower.contains("unknown ca") {
+        Some("the server refused our client certificate: it was not issued by the server's CA")
+    } else if lower.contains("certificateexpired") || lower.contains("expired") && lower.contains("alert") {
+        Some("the server refused our client certificate: it has expired")
+    } else if lower.contains("certificaterevoked") {
+        Some("the server refused our client certificate: it was revoked")
+    } else if lower.contains("badcertificate") || lower.contains("bad certificate") {
+        Some("the server refused our client certificate")
+    } else if lower.contains("unknownissuer") || lower.contains("unknown issuer") {
+        Some("the server's certificate was not issued by the CA we trust (wrong server or CA)")
+    } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
+        Some("the server's certificate does not name the address we dialled (add it with --san)")
+    } else if lower.contains("connection refused") {
+        Some("nothing is listening at the server address")
+    } else {
+        None
+    };
+    match hint {
+        Some(hint) => format!("{hint} ({chain})"),
+        None => chain,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_from_addresses() {
+        assert!(server_name_of("127.0.0.1:7443").is_ok());
+        assert!(server_name_of("[::1]:7443").is_ok());
+        assert!(server_name_of("flotte.example.com:7443").is_ok());
+        assert!(server_name_of("no-port").is_err());
+        assert!(server_name_of("host:notaport").is_err());
+    }
+}

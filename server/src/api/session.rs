@@ -1,0 +1,223 @@
+//! `flotte.v1.AgentSession`: the one long-lived stream per agent.
+//!
+//! On connect the agent says hello (inventory), the server records it once,
+//! registers the session and sends the whole desired state. Afterwards reports
+//! only touch the registry; certificate renewals are answered on the stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotte_proto::v1::agent_message::Kind as AgentKind;
+use flotte_proto::v1::agent_session_server::AgentSession;
+use flotte_proto::v1::server_message::Kind as ServerKind;
+use flotte_proto::v1::{
+    AgentMessage, CertificateIssued, DesiredState, Hello, ServerMessage,
+};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use crate::auth::require_machine;
+use crate::clock::to_unix;
+use crate::registry::{SessionEntry, SessionSender, SESSION_QUEUE_DEPTH};
+use crate::store::{Inventory, MachineRecord};
+use crate::ServerState;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct SessionApi {
+    state: Arc<ServerState>,
+}
+
+impl SessionApi {
+    pub fn new(state: Arc<ServerState>) -> Self {
+        SessionApi { state }
+    }
+}
+
+/// The desired state of a machine as the agent must see it.
+pub fn desired_state(machine: &MachineRecord, report_interval: Duration) -> DesiredState {
+    DesiredState {
+        version: machine.desired_version,
+        labels: machine.labels.clone().into_iter().collect(),
+        zone: machine.zone.clone(),
+        report_interval_seconds: u32::try_from(report_interval.as_secs()).unwrap_or(u32::MAX),
+    }
+}
+
+fn inventory_from_hello(hello: &Hello) -> Inventory {
+    let inventory = hello.inventory.clone().unwrap_or_default();
+    Inventory {
+        hostname: inventory.hostname,
+        os: inventory.os,
+        kernel: inventory.kernel,
+        arch: inventory.arch,
+        agent_version: inventory.agent_version,
+        boot_time: inventory.boot_time,
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentSession for SessionApi {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let (machine_id, caller) = require_machine(&request)?;
+        let state = Arc::clone(&self.state);
+        let machine = state.store.machine(machine_id).await?.ok_or_else(|| {
+            Status::permission_denied(format!(
+                "machine {machine_id} is not enrolled on this server"
+            ))
+        })?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(AgentMessage {
+                kind: Some(AgentKind::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be hello",
+                ))
+            }
+            Ok(Ok(None)) => return Err(Status::cancelled("stream closed before hello")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no hello within 30 s")),
+        };
+        let now = state.clock.now_unix();
+        state
+            .store
+            .record_inventory(machine_id, &inventory_from_hello(&hello), now)
+            .await?;
+
+        let (sender, receiver) = mpsc::channel(SESSION_QUEUE_DEPTH);
+        let desired = desired_state(&machine, state.config.report_interval);
+        sender
+            .send(Ok(ServerMessage {
+                kind: Some(ServerKind::DesiredState(desired)),
+            }))
+            .await
+            .map_err(|_| Status::cancelled("session closed"))?;
+        let cancel = CancellationToken::new();
+        let session_id = state.registry.allocate_session_id();
+        state.registry.register(
+            machine_id,
+            SessionEntry {
+                session_id,
+                sender: sender.clone(),
+                cancel: cancel.clone(),
+                remote_address: caller.peer.remote_address,
+                connected_at: now,
+                last_seen: now,
+                applied_desired_version: hello.applied_desired_version,
+            },
+        );
+        tracing::info!(machine = %machine_id, remote = %caller.peer.remote_address, hostname = %hello.inventory.as_ref().map(|i| i.hostname.as_str()).unwrap_or(""), "agent session opened");
+
+        tokio::spawn(serve_session(
+            state,
+            machine_id,
+            session_id,
+            inbound,
+            sender,
+            cancel,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+/// Reads the agent's messages until the stream ends or the session is cancelled.
+async fn serve_session(
+    state: Arc<ServerState>,
+    machine_id: Uuid,
+    session_id: u64,
+    mut inbound: Streaming<AgentMessage>,
+    sender: SessionSender,
+    cancel: CancellationToken,
+) {
+    let end_reason = loop {
+        let message = tokio::select! {
+            () = cancel.cancelled() => {
+                let _ = sender.try_send(Err(Status::aborted("session closed by the server (replaced by a newer session, or server shutdown)")));
+                break "closed by the server";
+            }
+            message = inbound.message() => message,
+        };
+        let message = match message {
+            Ok(Some(message)) => message,
+            Ok(None) => break "closed by agent",
+            Err(status) => {
+                tracing::debug!(machine = %machine_id, %status, "session stream error");
+                break "stream error";
+            }
+        };
+        let now = state.clock.now_unix();
+        state.registry.touch(machine_id, now);
+        match message.kind {
+            Some(AgentKind::Report(_)) | None => {}
+            Some(AgentKind::Hello(_)) => {
+                tracing::debug!(machine = %machine_id, "ignoring repeated hello");
+            }
+            Some(AgentKind::Ack(ack)) => {
+                state.registry.record_applied_version(machine_id, ack.version);
+            }
+            Some(AgentKind::RenewCertificate(renewal)) => {
+                renew_certificate(&state, machine_id, &renewal.csr_pem, &sender).await;
+            }
+        }
+    };
+    if state.registry.unregister(machine_id, session_id).is_some() {
+        let last_seen = state.clock.now_unix();
+        if let Err(error) = state.store.record_last_seen(&[(machine_id, last_seen)]).await {
+            tracing::warn!(machine = %machine_id, %error, "cannot record last-seen at disconnect");
+        }
+    }
+    tracing::info!(machine = %machine_id, reason = end_reason, "agent session ended");
+}
+
+async fn renew_certificate(
+    state: &ServerState,
+    machine_id: Uuid,
+    csr_pem: &str,
+    sender: &SessionSender,
+) {
+    let identity = flotte_proto::identity::Identity::machine(&state.config.trust_domain, machine_id);
+    let issued = match state
+        .ca
+        .issue_client_from_csr(csr_pem, &identity, state.config.machine_certificate_ttl)
+    {
+        Ok(issued) => issued,
+        Err(error) => {
+            tracing::warn!(machine = %machine_id, %error, "certificate renewal refused");
+            return;
+        }
+    };
+    let not_after = to_unix(issued.not_after);
+    // Record before answering: the serial on file is what re-enrollment trusts.
+    if let Err(error) = state
+        .store
+        .record_certificate(machine_id, &issued.serial_hex, not_after)
+        .await
+    {
+        tracing::error!(machine = %machine_id, %error, "cannot record renewed certificate");
+        return;
+    }
+    tracing::info!(machine = %machine_id, serial = %issued.serial_hex, not_after, "machine certificate renewed");
+    let _ = sender
+        .send(Ok(ServerMessage {
+            kind: Some(ServerKind::CertificateIssued(CertificateIssued {
+                certificate_pem: issued.certificate_pem,
+                not_after,
+            })),
+        }))
+        .await;
+}

@@ -1,0 +1,175 @@
+//! `flotte-server`: `init` a data dir, or `run` the server. Thin: parsing and
+//! exit codes only; the work is in the `flotte_server` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use flotte_server::config::{default_config_path, read_toml, ServerConfigFile};
+use flotte_server::init::{init, InitOptions};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "flotte-server", version, about = "Flotte fleet server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a data dir: CA, server settings and the admin operator profile.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// gRPC listen address written to the settings (default 127.0.0.1:7443).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Extra DNS name or IP address for the server certificate (repeatable).
+        #[arg(long = "san")]
+        subject_alt_names: Vec<String>,
+        #[arg(long)]
+        trust_domain: Option<String>,
+    },
+    /// Serve the gRPC API over mutual TLS.
+    Run {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Settings file (default: <data-dir>/server.toml if it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides `listen` from the settings.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Overrides `machine_certificate_ttl` (e.g. "24h", "5s").
+        #[arg(long)]
+        machine_certificate_ttl: Option<String>,
+        /// Overrides `report_interval`.
+        #[arg(long)]
+        report_interval: Option<String>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Init {
+            data_dir,
+            listen,
+            subject_alt_names,
+            trust_domain,
+        } => match init(
+            &data_dir,
+            InitOptions {
+                listen,
+                subject_alt_names,
+                trust_domain,
+            },
+        ) {
+            Ok(summary) => {
+                println!("initialised {}", data_dir.display());
+                println!("  settings:       {}", summary.config_path.display());
+                println!("  admin profile:  {}", summary.admin_profile.display());
+                println!("  CA fingerprint: sha256:{}", summary.ca_fingerprint);
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("flotte-server init: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run {
+            data_dir,
+            config,
+            listen,
+            machine_certificate_ttl,
+            report_interval,
+        } => {
+            init_tracing();
+            let config_path = config.unwrap_or_else(|| default_config_path(&data_dir));
+            let mut settings = if config_path.exists() {
+                match read_toml::<ServerConfigFile>(&config_path) {
+                    Ok(settings) => settings,
+                    Err(error) => {
+                        eprintln!("flotte-server: {error}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                ServerConfigFile::default()
+            };
+            if let Some(listen) = listen {
+                settings.listen = listen;
+            }
+            if let Some(ttl) = machine_certificate_ttl {
+                settings.machine_certificate_ttl = ttl;
+            }
+            if let Some(interval) = report_interval {
+                settings.report_interval = interval;
+            }
+            let config = match settings.validate(data_dir.clone()) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("flotte-server: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("flotte-server: cannot start the async runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(config.listen).await {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        eprintln!("flotte-server: cannot listen on {}: {error}", config.listen);
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let bound = match listener.local_addr() {
+                    Ok(address) => address,
+                    Err(error) => {
+                        eprintln!("flotte-server: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                // Scripts and tests started on port 0 read the real address here.
+                let address_file = data_dir.join("server.address");
+                if let Err(error) = flotte_proto::files::write_atomically(
+                    &address_file,
+                    format!("{bound}\n").as_bytes(),
+                ) {
+                    eprintln!("flotte-server: cannot write {}: {error}", address_file.display());
+                    return ExitCode::FAILURE;
+                }
+                tracing::info!(address = %bound, "listening");
+                let shutdown = CancellationToken::new();
+                let signal_shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    flotte_proto::signals::wait_for_termination().await;
+                    tracing::info!("shutting down");
+                    signal_shutdown.cancel();
+                });
+                match flotte_server::run(config, listener, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("flotte-server: {error}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Server settings: a TOML file (`<data-dir>/server.toml` written by `init`,
+//! or `--config FILE`) with command-line overrides, parsed once at start and
+//! validated with every problem reported together.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotte_proto::identity::is_valid_segment;
+use serde::{Deserialize, Serialize};
+
+/// Settings as written in the TOML file. Durations are humantime strings
+/// ("24h", "10s") so that every bad value can be reported, not just the first.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfigFile {
+    /// Address of the gRPC (mTLS) listener.
+    pub listen: String,
+    pub trust_domain: String,
+    /// The server's own identity name (`spiffe://<td>/server/<name>`).
+    pub server_name: String,
+    /// DNS names and IP addresses the server certificate is valid for, besides
+    /// localhost, 127.0.0.1 and ::1.
+    pub subject_alt_names: Vec<String>,
+    pub machine_certificate_ttl: String,
+    pub report_interval: String,
+    /// An agent whose certificate expired less than this long ago may re-enroll
+    /// with it; older ones need a new join token.
+    pub reenroll_expired_within: String,
+    /// How often connected machines' last-seen times are written, in one batch.
+    pub last_seen_flush_interval: String,
+}
+
+impl Default for ServerConfigFile {
+    fn default() -> Self {
+        ServerConfigFile {
+            listen: "127.0.0.1:7443".into(),
+            trust_domain: "flotte.local".into(),
+            server_name: "flotte-server".into(),
+            subject_alt_names: Vec::new(),
+            machine_certificate_ttl: "24h".into(),
+            report_interval: "10s".into(),
+            reenroll_expired_within: "30days".into(),
+            last_seen_flush_interval: "30s".into(),
+        }
+    }
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    pub server_name: String,
+    pub subject_alt_names: Vec<String>,
+    pub machine_certificate_ttl: Duration,
+    pub report_interval: Duration,
+    pub reenroll_expired_within: Duration,
+    pub last_seen_flush_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration:\n{}", .0.iter().map(|problem| format!("  - {problem}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Reads a TOML file into `T`, naming the file and the offending key on error.
+pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|error| ConfigError::Parse {
+        path: path.to_owned(),
+        message: error.to_string(),
+    })
+}
+
+/// Parses a humantime duration field, pushing a problem naming the field.
+pub fn parse_duration_field(
+    field: &str,
+    text: &str,
+    minimum: Duration,
+    problems: &mut Vec<String>,
+) -> Duration {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration >= minimum => duration,
+        Ok(_) => {
+            problems.push(format!(
+                "{field} = {text:?} is too short (minimum {})",
+                humantime::format_duration(minimum)
+            ));
+            minimum
+        }
+        Err(error) => {
+            problems.push(format!("{field} = {text:?} is not a duration: {error}"));
+            minimum
+        }
+    }
+}
+
+impl ServerConfigFile {
+    pub fn validate(self, data_dir: PathBuf) -> Result<ServerConfig, ConfigError> {
+        let mut problems = Vec::new();
+        let listen = match self.listen.parse::<SocketAddr>() {
+            Ok(address) => address,
+            Err(_) => {
+                problems.push(format!(
+                    "listen = {:?} is not an IP:port socket address",
+                    self.listen
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        };
+        if !is_valid_segment(&self.trust_domain) {
+            problems.push(format!(
+                "trust_domain = {:?} must be non-empty letters, digits, '.', '_' or '-'",
+                self.trust_domain
+            ));
+        }
+        if !is_valid_segment(&self.server_name) {
+            problems.push(format!(
+                "server_name = {:?} must be non-empty letters, digits, '.', '_' or '-'",
+                self.server_name
+            ));
+        }
+        for name in &self.subject_alt_names {
+            let valid_dns = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'*'));
+            if name.parse::<std::net::IpAddr>().is_err() && !valid_dns {
+                problems.push(format!(
+                    "subject_alt_names: {name:?} is neither a DNS name nor an IP address"
+                ));
+            }
+        }
+        let one_second = Duration::from_secs(1);
+        let machine_certificate_ttl = parse_duration_field(
+            "machine_certificate_ttl",
+            &self.machine_certificate_ttl,
+            one_second,
+            &mut problems,
+        );
+        let report_interval =
+            parse_duration_field("report_interval", &self.report_interval, one_second, &mut problems);
+        let reenroll_expired_within = parse_duration_field(
+            "reenroll_expired_within",
+            &self.reenroll_expired_within,
+            Duration::ZERO,
+            &mut problems,
+        );
+        let last_seen_flush_interval = parse_duration_field(
+            "last_seen_flush_interval",
+            &self.last_seen_flush_interval,
+            one_second,
+            &mut problems,
+        );
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        let mut subject_alt_names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+        for name in self.subject_alt_names {
+            if !subject_alt_names.contains(&name) {
+                subject_alt_names.push(name);
+            }
+        }
+        Ok(ServerConfig {
+            data_dir,
+            listen,
+            trust_domain: self.trust_domain,
+            server_name: self.server_name,
+            subject_alt_names,
+            machine_certificate_ttl,
+            report_interval,
+            reenroll_expired_within,
+            last_seen_flush_interval,
+        })
+    }
+}
+
+/// Where `init` writes, and `run` reads by default, the server settings.
+pub fn default_config_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("server.toml")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_together() {
+        let file = ServerConfigFile {
+            listen: "nowhere".into(),
+            trust_domain: "bad/domain".into(),
+            machine_certificate_ttl: "soon".into(),
+            report_interval: "0s".into(),
+            subject_alt_names: vec!["bad name".into()],
+            ..ServerConfigFile::default()
+        };
+        let error = file.validate(PathBuf::from("/tmp")).unwrap_err().to_string();
+        for expected in [
+            "listen = \"nowhere\"",
+            "trust_domain",
+            "machine_certificate_ttl = \"soon\"",
+            "report_interval = \"0s\" is too short",
+            "\"bad name\"",
+        ] {
+            assert!(error.contains(expected), "{expected} missing from {error}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let error = toml::from_str::<ServerConfigFile>("listn = \"x\"").unwrap_err();
+        assert!(error.to_string().contains("listn"), "{error}");
+    }
+
+    #[test]
+    fn defaults_are_valid_and_include_loopback_names() {
+        let config = ServerConfigFile::default()
+            .validate(PathBuf::from("/tmp"))
+            .unwrap();
+        assert!(config.subject_alt_names.contains(&"127.0.0.1".to_owned()));
+        assert_eq!(config.machine_certificate_ttl, Duration::from_secs(24 * 3600));
+    }
+}

@@ -1,0 +1,439 @@
+//! `flottectl`, the admin CLI: argument parsing, one gRPC call per command,
+//! and rendering as a table (people) or JSON (scripts, `-o json`).
+//!
+//! It holds no logic the server does not also enforce: validation here only
+//! produces earlier, clearer errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use flotte_proto::labels::{format_labels, parse_labels};
+use flotte_proto::transport::{channel, client_config, explain_status};
+use flotte_proto::v1::machines_client::MachinesClient;
+use flotte_proto::v1::tokens_client::TokensClient;
+use flotte_proto::v1::{
+    CreateTokenRequest, GetMachineRequest, ListMachinesRequest, ListTokensRequest, Machine,
+    RevokeTokenRequest, TokenInfo,
+};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::profile::Profile;
+
+#[derive(Debug, Parser)]
+#[command(name = "flottectl", version, about = "Flotte admin CLI")]
+pub struct Cli {
+    /// Operator profile directory (ca.pem, cert.pem, key.pem, profile.toml).
+    #[arg(long, env = "FLOTTE_PROFILE", global = true)]
+    profile: Option<PathBuf>,
+    /// Server address (host:port), overriding the profile's.
+    #[arg(long, env = "FLOTTE_SERVER", global = true)]
+    server: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Join tokens for enrolling machines.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Enrolled machines.
+    #[command(subcommand, alias = "machine")]
+    Machines(MachinesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a join token; prints the secret token once.
+    Create(TokenCreate),
+    /// List join tokens (never their secrets).
+    List,
+    /// Revoke a join token by id.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Args)]
+struct TokenCreate {
+    /// Labels given to machines enrolling with this token: k=v,k2=v2.
+    #[arg(long, default_value = "")]
+    labels: String,
+    /// Zone (datacenter) of machines enrolling with this token.
+    #[arg(long)]
+    zone: String,
+    /// Lifetime, e.g. 1h, 30m.
+    #[arg(long, default_value = "1h")]
+    ttl: String,
+    /// Number of enrollments allowed.
+    #[arg(long, default_value_t = 1)]
+    uses: u32,
+}
+
+#[derive(Debug, Subcommand)]
+enum MachinesCommand {
+    /// List machines, optionally filtered by a label selector.
+    List {
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// Show one machine by id, id prefix or hostname.
+    Show { id: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("no profile: pass --profile DIR or set FLOTTE_PROFILE")]
+    NoProfile,
+    #[error(transparent)]
+    Profile(#[from] crate::profile::ProfileError),
+    #[error(transparent)]
+    Transport(#[from] flotte_proto::transport::TransportError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{}", explain_status(.0))]
+    Rpc(#[from] tonic::Status),
+    #[error("cannot encode output: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl CtlError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            CtlError::Usage(_) | CtlError::NoProfile => ExitCode::from(2),
+            _ => ExitCode::FAILURE,
+        }
+    }
+}
+
+fn connect(cli: &Cli) -> Result<Channel, CtlError> {
+    let directory = cli.profile.as_ref().ok_or(CtlError::NoProfile)?;
+    let profile = Profile::load(directory)?;
+    let tls = client_config(
+        &profile.ca_pem,
+        Some((&profile.certificate_pem, &profile.key_pem)),
+    )?;
+    let address = cli.server.clone().unwrap_or(profile.settings.server);
+    Ok(channel(&address, Arc::new(tls))?)
+}
+
+pub fn format_time(unix: i64) -> String {
+    if unix <= 0 {
+        return "never".to_owned();
+    }
+    let time = SystemTime::UNIX_EPOCH + Duration::from_secs(unix.unsigned_abs());
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn optional_time(unix: i64) -> Option<String> {
+    (unix > 0).then(|| format_time(unix))
+}
+
+#[derive(Debug, Serialize)]
+struct TokenView {
+    id: String,
+    labels: std::collections::BTreeMap<String, String>,
+    zone: String,
+    created_at: String,
+    expires_at: String,
+    uses_allowed: u32,
+    uses_done: u32,
+    revoked: bool,
+}
+
+impl From<&TokenInfo> for TokenView {
+    fn from(info: &TokenInfo) -> Self {
+        TokenView {
+            id: info.id.clone(),
+            labels: info.labels.clone().into_iter().collect(),
+            zone: info.zone.clone(),
+            created_at: format_time(info.created_at),
+            expires_at: format_time(info.expires_at),
+            uses_allowed: info.uses_allowed,
+            uses_done: info.uses_done,
+            revoked: info.revoked,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct MachineView {
+    id: String,
+    hostname: String,
+    zone: String,
+    labels: std::collections::BTreeMap<String, String>,
+    connected: bool,
+    last_seen: Option<String>,
+    agent_version: String,
+    certificate_expires_at: Option<String>,
+    os: String,
+    kernel: String,
+    arch: String,
+    boot_time: Option<String>,
+    enrolled_at: Option<String>,
+    identity: String,
+    remote_address: Option<String>,
+}
+
+impl From<&Machine> for MachineView {
+    fn from(machine: &Machine) -> Self {
+        MachineView {
+            id: machine.id.clone(),
+            hostname: machine.hostname.clone(),
+            zone: machine.zone.clone(),
+            labels: machine.labels.clone().into_iter().collect(),
+            connected: machine.connected,
+            last_seen: optional_time(machine.last_seen),
+            agent_version: machine.agent_version.clone(),
+            certificate_expires_at: optional_time(machine.certificate_not_after),
+            os: machine.os.clone(),
+            kernel: machine.kernel.clone(),
+            arch: machine.arch.clone(),
+            boot_time: optional_time(machine.boot_time),
+            enrolled_at: optional_time(machine.enrolled_at),
+            identity: machine.identity_uri.clone(),
+            remote_address: (!machine.remote_address.is_empty())
+                .then(|| machine.remote_address.clone()),
+        }
+    }
+}
+
+/// Renders rows as an aligned text table.
+pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|header| header.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<(), CtlError> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn print_tokens(output: Output, tokens: &[TokenInfo]) -> Result<(), CtlError> {
+    let views: Vec<TokenView> = tokens.iter().map(TokenView::from).collect();
+    if output == Output::Json {
+        return print_json(&views);
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|token| {
+            vec![
+                token.id.clone(),
+                token.zone.clone(),
+                format_labels(&token.labels),
+                format!("{}/{}", token.uses_done, token.uses_allowed),
+                token.expires_at.clone(),
+                if token.revoked { "revoked" } else { "" }.to_owned(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render_table(&["ID", "ZONE", "LABELS", "USES", "EXPIRES", "STATE"], &rows)
+    );
+    Ok(())
+}
+
+async fn run_token(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
+    if let TokenCommand::Create(create) = command {
+        // Check locally first so that a typo never needs a round trip.
+        parse_labels(&create.labels).map_err(|error| CtlError::Usage(format!("--labels: {error}")))?;
+        humantime::parse_duration(&create.ttl)
+            .map_err(|error| CtlError::Usage(format!("--ttl {:?}: {error}", create.ttl)))?;
+    }
+    let mut client = TokensClient::new(connect(cli)?);
+    match command {
+        TokenCommand::Create(create) => {
+            let labels = parse_labels(&create.labels)
+                .map_err(|error| CtlError::Usage(format!("--labels: {error}")))?;
+            let ttl = humantime::parse_duration(&create.ttl)
+                .map_err(|error| CtlError::Usage(format!("--ttl {:?}: {error}", create.ttl)))?;
+            let response = client
+                .create_token(CreateTokenRequest {
+                    labels: labels.into_iter().collect(),
+                    zone: create.zone.clone(),
+                    ttl_seconds: ttl.as_secs(),
+                    uses: create.uses,
+                })
+                .await?
+                .into_inner();
+            let info = response.info.unwrap_or_default();
+            if cli.output == Output::Json {
+                #[derive(Serialize)]
+                struct Created {
+                    token: String,
+                    #[serde(flatten)]
+                    info: TokenView,
+                }
+                print_json(&Created {
+                    token: response.token,
+                    info: TokenView::from(&info),
+                })?;
+            } else {
+                println!("{}", response.token);
+                eprintln!(
+                    "token {} for zone {} expires {} ({} use(s))",
+                    info.id,
+                    info.zone,
+                    format_time(info.expires_at),
+                    info.uses_allowed
+                );
+            }
+        }
+        TokenCommand::List => {
+            let tokens = client.list_tokens(ListTokensRequest {}).await?.into_inner().tokens;
+            print_tokens(cli.output, &tokens)?;
+        }
+        TokenCommand::Revoke { id } => {
+            let response = client
+                .revoke_token(RevokeTokenRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            print_tokens(cli.output, &[response.info.unwrap_or_default()])?;
+        }
+    }
+    Ok(())
+}
+
+fn machine_rows(machines: &[MachineView]) -> Vec<Vec<String>> {
+    machines
+        .iter()
+        .map(|machine| {
+            vec![
+                machine.id.clone(),
+                machine.hostname.clone(),
+                machine.zone.clone(),
+                format_labels(&machine.labels),
+                if machine.connected { "yes" } else { "no" }.to_owned(),
+                machine.last_seen.clone().unwrap_or_else(|| "never".into()),
+                machine.agent_version.clone(),
+            ]
+        })
+        .collect()
+}
+
+async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlError> {
+    let mut client = MachinesClient::new(connect(cli)?);
+    match command {
+        MachinesCommand::List { selector } => {
+            let machines = client
+                .list_machines(ListMachinesRequest {
+                    selector: selector.clone(),
+                })
+                .await?
+                .into_inner()
+                .machines;
+            let views: Vec<MachineView> = machines.iter().map(MachineView::from).collect();
+            if cli.output == Output::Json {
+                return print_json(&views);
+            }
+            print!(
+                "{}",
+                render_table(
+                    &["ID", "HOSTNAME", "ZONE", "LABELS", "CONNECTED", "LAST SEEN", "AGENT"],
+                    &machine_rows(&views)
+                )
+            );
+        }
+        MachinesCommand::Show { id } => {
+            let machine = client
+                .get_machine(GetMachineRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            let view = MachineView::from(&machine);
+            if cli.output == Output::Json {
+                return print_json(&view);
+            }
+            let never = || "never".to_owned();
+            let fields = [
+                ("id", view.id.clone()),
+                ("identity", view.identity.clone()),
+                ("hostname", view.hostname.clone()),
+                ("zone", view.zone.clone()),
+                ("labels", format_labels(&view.labels)),
+                ("connected", view.connected.to_string()),
+                ("remote address", view.remote_address.clone().unwrap_or_default()),
+                ("last seen", view.last_seen.clone().unwrap_or_else(never)),
+                ("agent version", view.agent_version.clone()),
+                ("os", view.os.clone()),
+                ("kernel", view.kernel.clone()),
+                ("arch", view.arch.clone()),
+                ("boot time", view.boot_time.clone().unwrap_or_else(never)),
+                ("enrolled at", view.enrolled_at.clone().unwrap_or_else(never)),
+                (
+                    "certificate expires",
+                    view.certificate_expires_at.clone().unwrap_or_else(never),
+                ),
+            ];
+            for (name, value) in fields {
+                println!("{:<20} {value}", format!("{name}:"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one flottectl invocation and returns the process exit code.
+pub async fn main(cli: Cli) -> ExitCode {
+    let result = match &cli.command {
+        Command::Token(command) => run_token(&cli, command).await,
+        Command::Machines(command) => run_machines(&cli, command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flottectl: {error}");
+            error.exit_code()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let table = render_table(
+            &["ID", "NAME"],
+            &[vec!["1".into(), "alpha".into()], vec!["22".into(), "b".into()]],
+        );
+        assert_eq!(table, "ID  NAME\n1   alpha\n22  b\n");
+    }
+
+    #[test]
+    fn times_render_as_rfc3339_or_never() {
+        assert_eq!(format_time(0), "never");
+        assert_eq!(format_time(86_400), "1970-01-02T00:00:00Z");
+    }
+}

@@ -1,0 +1,212 @@
+//! flotte-server: the fleet's coordinator. It owns the CA and enrollment, the
+//! live registry of agent sessions, the durable store, and the admin API that
+//! `flottectl` and integrations call — all on one gRPC port over mutual TLS.
+//!
+//! Shape: `run(config, listener, shutdown)` wires the pieces and serves until
+//! `shutdown` is cancelled, so tests start a real server on `127.0.0.1:0`.
+//! Domain modules (`ca`, `enrollment`, `store`, `registry`) never see proto
+//! or tonic types except through `api`, which is the only place where errors
+//! become gRPC statuses. Nothing here blocks the async runtime on disk: the
+//! store runs on the blocking pool.
+
+pub mod api;
+pub mod auth;
+pub mod ca;
+pub mod clock;
+pub mod config;
+pub mod ctl;
+pub mod enrollment;
+pub mod init;
+pub mod profile;
+pub mod registry;
+pub mod store;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotte_proto::identity::Identity;
+use flotte_proto::v1::agent_session_server::AgentSessionServer;
+use flotte_proto::v1::enrollment_server::EnrollmentServer;
+use flotte_proto::v1::machines_server::MachinesServer;
+use flotte_proto::v1::tokens_server::TokensServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::admin::AdminApi;
+use crate::api::enrollment::EnrollmentApi;
+use crate::api::session::SessionApi;
+use crate::ca::{CaError, CertificateAuthority};
+use crate::clock::{Clock, SystemClock};
+use crate::config::ServerConfig;
+use crate::registry::Registry;
+use crate::store::{SqliteStore, Store, StoreError};
+
+/// The server's own certificate is re-issued at every start (so SAN changes
+/// in the config take effect on restart); this bounds how long one start lasts.
+const SERVER_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// After shutdown is requested, connections get this long to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSetupError),
+    #[error("gRPC reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Everything the API handlers and background tasks share.
+pub struct ServerState {
+    pub config: ServerConfig,
+    pub ca: CertificateAuthority,
+    pub store: Arc<dyn Store>,
+    pub registry: Registry,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Path of the SQLite store inside a data dir.
+pub fn store_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("flotte.db")
+}
+
+/// Periodically writes the last-seen time of every connected machine in one
+/// batch, so that heartbeats never cost a store write each.
+async fn flush_last_seen(state: Arc<ServerState>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(state.config.last_seen_flush_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let batch = state.registry.last_seen_batch();
+        if let Err(error) = state.store.record_last_seen(&batch).await {
+            tracing::warn!(%error, "last-seen flush failed");
+        }
+    }
+    let batch = state.registry.last_seen_batch();
+    if let Err(error) = state.store.record_last_seen(&batch).await {
+        tracing::warn!(%error, "final last-seen flush failed");
+    }
+}
+
+/// Serves the Flotte gRPC API on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let ca = CertificateAuthority::load(&config.data_dir)?;
+    let server_identity = Identity::server(&config.trust_domain, &config.server_name);
+    let (server_certificate, server_key) = ca.issue_server(
+        &server_identity,
+        &config.subject_alt_names,
+        SERVER_CERTIFICATE_LIFETIME,
+    )?;
+    let mut chain = flotte_proto::transport::certificates_from_pem(
+        "server certificate",
+        &server_certificate.certificate_pem,
+    )
+    .map_err(tls::TlsSetupError::from)?;
+    chain.push(rustls::pki_types::CertificateDer::from(ca.certificate_der().to_vec()));
+    let key = flotte_proto::transport::private_key_from_pem("server key", &server_key.serialize_pem()).map_err(tls::TlsSetupError::from)?;
+    let tls_config = tls::server_config(ca.certificate_der(), chain, key)?;
+
+    let store = SqliteStore::open(&store_path(&config.data_dir))?;
+    let state = Arc::new(ServerState {
+        config,
+        ca,
+        store: Arc::new(store),
+        registry: Registry::new(),
+        clock: Arc::new(SystemClock),
+    });
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentSessionServer<SessionApi>>()
+        .await;
+    health_reporter.set_serving::<MachinesServer<AdminApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotte_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotte_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    // Reflection reveals only the schema, but there is no reason to show it to
+    // callers without an identity.
+    let require_identity = |request: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
+        auth::require_any_identity(&request)?;
+        Ok(request)
+    };
+
+    let incoming = tls::accept_loop(
+        listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls_config)),
+        state.config.trust_domain.clone(),
+        shutdown.clone(),
+    );
+    let flusher = tokio::spawn(flush_last_seen(Arc::clone(&state), shutdown.clone()));
+    let admin = AdminApi::new(Arc::clone(&state));
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection,
+            require_identity,
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection_v1alpha,
+            require_identity,
+        ))
+        .add_service(EnrollmentServer::new(EnrollmentApi::new(Arc::clone(&state))))
+        .add_service(AgentSessionServer::new(SessionApi::new(Arc::clone(&state))))
+        .add_service(TokensServer::new(admin.clone()))
+        .add_service(MachinesServer::new(admin));
+
+    tracing::info!(
+        fingerprint = %state.ca.fingerprint(),
+        identity = %server_identity,
+        "flotte-server serving"
+    );
+    let shutdown_signal = shutdown.clone();
+    let state_for_shutdown = Arc::clone(&state);
+    let serve = router.serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
+        shutdown_signal.cancelled().await;
+        // Long-lived agent streams would hold a graceful shutdown open forever.
+        state_for_shutdown.registry.cancel_all();
+    });
+    tokio::pin!(serve);
+    let result = tokio::select! {
+        result = &mut serve => result,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("connections did not close within the shutdown grace period");
+            Ok(())
+        }
+    };
+    shutdown.cancel();
+    let _ = flusher.await;
+    result?;
+    Ok(())
+}

@@ -1,0 +1,439 @@
+//! SQLite implementation of [`Store`]: one file in the data dir, WAL mode,
+//! one connection behind a mutex, every call run on the blocking pool so that
+//! the async runtime never waits on disk.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use uuid::Uuid;
+
+use super::{
+    classify_token_refusal, Inventory, JoinTokenRecord, MachineRecord, Store, StoreError,
+    TokenRedemption, UnixSeconds,
+};
+
+const SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS join_tokens (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL UNIQUE,
+    labels TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    uses_allowed INTEGER NOT NULL,
+    uses_done INTEGER NOT NULL,
+    revoked INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS machines (
+    id TEXT PRIMARY KEY,
+    labels TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    enrolled_with_token TEXT NOT NULL,
+    certificate_serial TEXT NOT NULL,
+    certificate_not_after INTEGER NOT NULL,
+    hostname TEXT NOT NULL,
+    os TEXT NOT NULL,
+    kernel TEXT NOT NULL,
+    arch TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    boot_time INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    desired_version INTEGER NOT NULL
+);
+";
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    connection: Arc<Mutex<Connection>>,
+    writes: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn labels_to_json(labels: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(labels).unwrap_or_else(|_| "{}".to_owned())
+}
+
+fn labels_from_json(text: &str) -> rusqlite::Result<BTreeMap<String, String>> {
+    serde_json::from_str(text).map_err(|error| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
+    })
+}
+
+fn token_from_row(row: &Row<'_>) -> rusqlite::Result<JoinTokenRecord> {
+    Ok(JoinTokenRecord {
+        id: row.get("id")?,
+        secret_hash: row.get("secret_hash")?,
+        labels: labels_from_json(&row.get::<_, String>("labels")?)?,
+        zone: row.get("zone")?,
+        created_at: row.get("created_at")?,
+        expires_at: row.get("expires_at")?,
+        uses_allowed: row.get("uses_allowed")?,
+        uses_done: row.get("uses_done")?,
+        revoked: row.get("revoked")?,
+    })
+}
+
+fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
+    let id: String = row.get("id")?;
+    let id = Uuid::parse_str(&id).map_err(|error| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
+    })?;
+    Ok(MachineRecord {
+        id,
+        labels: labels_from_json(&row.get::<_, String>("labels")?)?,
+        zone: row.get("zone")?,
+        enrolled_at: row.get("enrolled_at")?,
+        enrolled_with_token: row.get("enrolled_with_token")?,
+        certificate_serial: row.get("certificate_serial")?,
+        certificate_not_after: row.get("certificate_not_after")?,
+        inventory: Inventory {
+            hostname: row.get("hostname")?,
+            os: row.get("os")?,
+            kernel: row.get("kernel")?,
+            arch: row.get("arch")?,
+            agent_version: row.get("agent_version")?,
+            boot_time: row.get("boot_time")?,
+        },
+        last_seen: row.get("last_seen")?,
+        desired_version: row.get::<_, i64>("desired_version")?.max(0) as u64,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store file and applies the schema.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let connection = Connection::open(path)?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "FULL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        connection.execute_batch(SCHEMA)?;
+        Ok(SqliteStore {
+            connection: Arc::new(Mutex::new(connection)),
+            writes: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Runs `operation` on the connection in the blocking pool.
+    async fn with_connection<T, F>(&self, operation: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let connection = Arc::clone(&self.connection);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = connection
+                .lock()
+                .map_err(|_| StoreError::Task("store mutex poisoned".into()))?;
+            operation(&mut guard)
+        })
+        .await
+        .map_err(|error| StoreError::Task(error.to_string()))?
+    }
+
+    async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let result = self.with_connection(operation).await;
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn insert_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {
+        let token = token.clone();
+        self.write(move |connection| {
+            connection.execute(
+                "INSERT INTO join_tokens (id, secret_hash, labels, zone, created_at, expires_at,
+                    uses_allowed, uses_done, revoked) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    token.id,
+                    token.secret_hash,
+                    labels_to_json(&token.labels),
+                    token.zone,
+                    token.created_at,
+                    token.expires_at,
+                    token.uses_allowed,
+                    token.uses_done,
+                    token.revoked
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        self.with_connection(|connection| {
+            let mut statement =
+                connection.prepare("SELECT * FROM join_tokens ORDER BY created_at, id")?;
+            let tokens = statement
+                .query_map([], token_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(tokens)
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+        let id = id.to_owned();
+        self.write(move |connection| {
+            connection.execute("UPDATE join_tokens SET revoked = 1 WHERE id = ?1", [&id])?;
+            Ok(connection
+                .query_row("SELECT * FROM join_tokens WHERE id = ?1", [&id], token_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn redeem_token(
+        &self,
+        secret_hash: &str,
+        now: UnixSeconds,
+    ) -> Result<TokenRedemption, StoreError> {
+        let secret_hash = secret_hash.to_owned();
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            let changed = transaction.execute(
+                "UPDATE join_tokens SET uses_done = uses_done + 1
+                 WHERE secret_hash = ?1 AND revoked = 0 AND expires_at > ?2
+                   AND uses_done < uses_allowed",
+                params![secret_hash, now],
+            )?;
+            let record = transaction
+                .query_row(
+                    "SELECT * FROM join_tokens WHERE secret_hash = ?1",
+                    [&secret_hash],
+                    token_from_row,
+                )
+                .optional()?;
+            transaction.commit()?;
+            Ok(match (changed, record) {
+                (1, Some(record)) => TokenRedemption::Redeemed(record),
+                (_, record) => TokenRedemption::Refused(classify_token_refusal(record.as_ref(), now)),
+            })
+        })
+        .await
+    }
+
+    async fn insert_machine(&self, machine: &MachineRecord) -> Result<(), StoreError> {
+        let machine = machine.clone();
+        self.write(move |connection| {
+            connection.execute(
+                "INSERT INTO machines (id, labels, zone, enrolled_at, enrolled_with_token,
+                    certificate_serial, certificate_not_after, hostname, os, kernel, arch,
+                    agent_version, boot_time, last_seen, desired_version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                params![
+                    machine.id.to_string(),
+                    labels_to_json(&machine.labels),
+                    machine.zone,
+                    machine.enrolled_at,
+                    machine.enrolled_with_token,
+                    machine.certificate_serial,
+                    machine.certificate_not_after,
+                    machine.inventory.hostname,
+                    machine.inventory.os,
+                    machine.inventory.kernel,
+                    machine.inventory.arch,
+                    machine.inventory.agent_version,
+                    machine.inventory.boot_time,
+                    machine.last_seen,
+                    machine.desired_version as i64,
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn machine(&self, id: Uuid) -> Result<Option<MachineRecord>, StoreError> {
+        self.with_connection(move |connection| {
+            Ok(connection
+                .query_row(
+                    "SELECT * FROM machines WHERE id = ?1",
+                    [id.to_string()],
+                    machine_from_row,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        self.with_connection(|connection| {
+            let mut statement = connection.prepare("SELECT * FROM machines ORDER BY zone, hostname, id")?;
+            let machines = statement
+                .query_map([], machine_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(machines)
+        })
+        .await
+    }
+
+    async fn record_certificate(
+        &self,
+        id: Uuid,
+        serial: &str,
+        not_after: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        let serial = serial.to_owned();
+        self.write(move |connection| {
+            connection.execute(
+                "UPDATE machines SET certificate_serial = ?2, certificate_not_after = ?3 WHERE id = ?1",
+                params![id.to_string(), serial, not_after],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_inventory(
+        &self,
+        id: Uuid,
+        inventory: &Inventory,
+        seen_at: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        let inventory = inventory.clone();
+        self.write(move |connection| {
+            connection.execute(
+                "UPDATE machines SET hostname = ?2, os = ?3, kernel = ?4, arch = ?5,
+                    agent_version = ?6, boot_time = ?7, last_seen = ?8 WHERE id = ?1",
+                params![
+                    id.to_string(),
+                    inventory.hostname,
+                    inventory.os,
+                    inventory.kernel,
+                    inventory.arch,
+                    inventory.agent_version,
+                    inventory.boot_time,
+                    seen_at
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_last_seen(&self, seen: &[(Uuid, UnixSeconds)]) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let seen = seen.to_vec();
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            {
+                let mut statement = transaction
+                    .prepare("UPDATE machines SET last_seen = MAX(last_seen, ?2) WHERE id = ?1")?;
+                for (id, at) in &seen {
+                    statement.execute(params![id.to_string(), at])?;
+                }
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn write_count(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store() -> (SqliteStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("flotte-store-test-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        (SqliteStore::open(&dir.join("flotte.db")).unwrap(), dir)
+    }
+
+    fn token(uses_allowed: u32, expires_at: i64) -> JoinTokenRecord {
+        JoinTokenRecord {
+            id: "abcd".into(),
+            secret_hash: "hash".into(),
+            labels: [("env".to_owned(), "prod".to_owned())].into(),
+            zone: "dc1".into(),
+            created_at: 10,
+            expires_at,
+            uses_allowed,
+            uses_done: 0,
+            revoked: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_single_use_token_is_redeemed_once() {
+        let (store, dir) = temp_store();
+        store.insert_token(&token(1, 1000)).await.unwrap();
+        let first = store.redeem_token("hash", 100).await.unwrap();
+        assert!(matches!(first, TokenRedemption::Redeemed(ref t) if t.uses_done == 1 && t.labels["env"] == "prod"));
+        let second = store.redeem_token("hash", 100).await.unwrap();
+        assert!(matches!(
+            second,
+            TokenRedemption::Refused(super::super::TokenRefusal::UsedUp { .. })
+        ));
+        let unknown = store.redeem_token("other", 100).await.unwrap();
+        assert_eq!(
+            unknown,
+            TokenRedemption::Refused(super::super::TokenRefusal::Unknown)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn expired_and_revoked_tokens_are_refused() {
+        let (store, dir) = temp_store();
+        store.insert_token(&token(5, 50)).await.unwrap();
+        assert!(matches!(
+            store.redeem_token("hash", 100).await.unwrap(),
+            TokenRedemption::Refused(super::super::TokenRefusal::Expired { .. })
+        ));
+        let revoked = store.revoke_token("abcd").await.unwrap().unwrap();
+        assert!(revoked.revoked);
+        assert!(store.revoke_token("nope").await.unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn machines_round_trip_and_last_seen_batches() {
+        let (store, dir) = temp_store();
+        let machine = MachineRecord {
+            id: Uuid::new_v4(),
+            labels: [("role".to_owned(), "web".to_owned())].into(),
+            zone: "dc2".into(),
+            enrolled_at: 5,
+            enrolled_with_token: "abcd".into(),
+            certificate_serial: "01".into(),
+            certificate_not_after: 99,
+            inventory: Inventory::default(),
+            last_seen: 5,
+            desired_version: 1,
+        };
+        store.insert_machine(&machine).await.unwrap();
+        let writes_before = store.write_count();
+        store.record_last_seen(&[(machine.id, 42)]).await.unwrap();
+        store.record_last_seen(&[(machine.id, 7)]).await.unwrap();
+        assert_eq!(store.write_count(), writes_before + 2);
+        let loaded = store.machine(machine.id).await.unwrap().unwrap();
+        assert_eq!(loaded.last_seen, 42, "last_seen never goes backwards");
+        assert_eq!(loaded.labels, machine.labels);
+        assert_eq!(store.machines().await.unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,217 @@
+//! The server's TLS front door: a hand-built rustls `ServerConfig` (client
+//! certificates optional so that enrollment works without one), an accept
+//! loop that handshakes concurrently and drops failures, and the peer facts
+//! (identity URI, serial) attached to every connection for per-RPC checks.
+//!
+//! Authorisation never happens here: the handshake only proves the client
+//! holds a key certified by our CA. Each RPC decides what that identity may do
+//! (see `auth`).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use flotte_proto::identity::Identity;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use flotte_proto::transport::crypto_provider;
+use rustls::server::WebPkiClientVerifier;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use crate::ca::certificate_facts_from_der;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections waiting for tonic to pick them up; beyond this, accept pauses.
+const ACCEPT_BACKLOG: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("TLS configuration is invalid: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier cannot be built: {0}")]
+    Verifier(String),
+    #[error(transparent)]
+    Pem(#[from] flotte_proto::transport::TransportError),
+}
+
+/// Who is on the other end of a connection, as proven by the TLS handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerCertificate {
+    /// No client certificate (only enrollment and health are open to these).
+    Anonymous,
+    /// A certificate from our CA with a well-formed identity.
+    Verified {
+        identity: Identity,
+        serial_hex: String,
+        not_after_unix: i64,
+    },
+    /// A certificate from our CA without a usable identity URI.
+    Unusable(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_address: SocketAddr,
+    pub certificate: PeerCertificate,
+}
+
+/// A TLS connection with the facts of its peer, handed to tonic.
+pub struct TlsConnection {
+    stream: TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The server's rustls configuration: our certificate chain (leaf + CA, so
+/// that an enrolling agent can pin the CA by fingerprint), client certificates
+/// verified against our CA but optional, HTTP/2 only.
+pub fn server_config(
+    ca_der: &[u8],
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, TlsSetupError> {
+    let provider = crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+        .allow_unauthenticated()
+        .build()
+        .map_err(|error| TlsSetupError::Verifier(error.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+fn peer_certificate(stream: &TlsStream<TcpStream>, trust_domain: &str) -> PeerCertificate {
+    let Some(leaf) = stream.get_ref().1.peer_certificates().and_then(|certs| certs.first()) else {
+        return PeerCertificate::Anonymous;
+    };
+    let facts = match certificate_facts_from_der(leaf) {
+        Ok(facts) => facts,
+        Err(error) => return PeerCertificate::Unusable(error.to_string()),
+    };
+    let Some(uri) = facts.identity_uri else {
+        return PeerCertificate::Unusable("certificate carries no identity URI".into());
+    };
+    match uri.parse::<Identity>() {
+        Ok(identity) if identity.trust_domain == trust_domain => PeerCertificate::Verified {
+            identity,
+            serial_hex: facts.serial_hex,
+            not_after_unix: facts.not_after_unix,
+        },
+        Ok(identity) => PeerCertificate::Unusable(format!(
+            "identity {identity} is not in trust domain {trust_domain}"
+        )),
+        Err(error) => PeerCertificate::Unusable(error.to_string()),
+    }
+}
+
+/// Accepts TCP connections, runs each TLS handshake in its own task (a slow
+/// client never delays others) and yields finished connections. Handshake
+/// failures are logged and dropped: an error yielded here would stop tonic.
+pub fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    trust_domain: String,
+    shutdown: CancellationToken,
+) -> mpsc::Receiver<Result<TlsConnection, io::Error>> {
+    let (sender, receiver) = mpsc::channel(ACCEPT_BACKLOG);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, remote_address) = match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let sender = sender.clone();
+            let trust_domain = trust_domain.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let certificate = peer_certificate(&stream, &trust_domain);
+                        let peer = PeerInfo {
+                            remote_address,
+                            certificate,
+                        };
+                        let _ = sender.send(Ok(TlsConnection { stream, peer })).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::info!(%remote_address, %error, "TLS handshake refused");
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote_address, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    receiver
+}
