@@ -1,1 +1,161 @@
+//! flotte-agent: the small, long-running process on every machine. It enrolls
+//! once (key generated here, never sent), keeps one mTLS session with the
+//! server, reports inventory and liveness, applies the desired state it is
+//! sent, and renews its short-lived certificate before it expires.
+//!
+//! `run(config, shutdown)` is the whole agent; `main` only parses arguments.
+//! Each I/O boundary (persistence, network session) is its own module so the
+//! load generator can reuse enrollment and sessions without touching disk.
+//! Nothing here may panic on bad input from the server or the disk.
 
+pub mod backoff;
+pub mod config;
+pub mod enroll;
+pub mod identity;
+pub mod inventory;
+pub mod session;
+pub mod state;
+
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::AgentConfig;
+use crate::enroll::{EnrollError, enroll, reenroll};
+use crate::identity::MachineIdentity;
+use crate::session::{run_session, AgentState, SessionEnd, SessionStats};
+use crate::state::{DiskPersistence, PersistenceError};
+
+/// A session that stayed up this long resets the reconnect backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("this machine is not enrolled and no join token was given (set join_token or --join)")]
+    NotEnrolled,
+    #[error("enrollment failed: {0}")]
+    Enroll(#[from] EnrollError),
+    #[error("re-enrollment after certificate expiry was refused: {0}. Enroll again with a new join token (remove the identity directory first)")]
+    ReenrollRefused(EnrollError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Persistence(#[from] PersistenceError),
+}
+
+/// Waits `delay` unless shutdown comes first; true if shutdown came.
+async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => true,
+        () = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// Tries each server in turn, with backoff between rounds, until `attempt`
+/// succeeds or fails permanently. `None` means shutdown was requested.
+async fn with_each_server<T, F, Fut>(
+    config: &AgentConfig,
+    shutdown: &CancellationToken,
+    what: &str,
+    mut attempt: F,
+) -> Result<Option<T>, EnrollError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, EnrollError>>,
+{
+    let mut backoff = Backoff::new(config.reconnect_initial_backoff, config.reconnect_max_backoff);
+    loop {
+        for address in &config.servers {
+            match attempt(address.clone()).await {
+                Ok(value) => return Ok(Some(value)),
+                Err(error) if error.is_transient() => {
+                    tracing::warn!(%error, "{what}: server unreachable, trying the next one");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if sleep_or_shutdown(backoff.next_delay(), shutdown).await {
+            return Ok(None);
+        }
+    }
+}
+
+/// Loads the identity, or enrolls with the join token on first start.
+async fn ensure_identity(
+    config: &AgentConfig,
+    hostname: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<MachineIdentity>, AgentError> {
+    if let Some(identity) = MachineIdentity::load(&config.data_dir)? {
+        if config.join_token.is_some() {
+            tracing::info!(identity = %identity.identity, "already enrolled; the join token is not used");
+        }
+        return Ok(Some(identity));
+    }
+    let token = config.join_token.as_ref().ok_or(AgentError::NotEnrolled)?;
+    let enrolled = with_each_server(config, shutdown, "enrollment", |address| async move {
+        enroll(&address, token, hostname).await
+    })
+    .await?;
+    if let Some(identity) = &enrolled {
+        identity.save(&config.data_dir)?;
+        tracing::info!(identity = %identity.identity, "enrolled");
+    }
+    Ok(enrolled)
+}
+
+/// Runs the agent until `shutdown` is cancelled or a permanent error occurs.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let hostname = config.hostname.clone().unwrap_or_else(inventory::hostname);
+    let Some(identity) = ensure_identity(&config, &hostname, &shutdown).await? else {
+        return Ok(());
+    };
+    let persistence = DiskPersistence::new(&config.data_dir);
+    let mut state = AgentState {
+        identity,
+        applied: persistence.load_applied()?,
+        hostname: Some(hostname),
+        default_report_interval: config.report_interval,
+    };
+    let mut backoff = Backoff::new(config.reconnect_initial_backoff, config.reconnect_max_backoff);
+    let mut stats = SessionStats::default();
+    let mut server_index = 0usize;
+    loop {
+        if state.identity.is_expired(SystemTime::now()) {
+            tracing::warn!(not_after = ?state.identity.not_after, "certificate expired while the server was unreachable; re-enrolling");
+            let expired = state.identity.clone();
+            let renewed = with_each_server(&config, &shutdown, "re-enrollment", |address| {
+                let expired = expired.clone();
+                async move { reenroll(&address, &expired).await }
+            })
+            .await
+            .map_err(AgentError::ReenrollRefused)?;
+            let Some(renewed) = renewed else { return Ok(()) };
+            renewed.save_certificate(&config.data_dir)?;
+            tracing::info!(not_after = ?renewed.not_after, "re-enrolled");
+            state.identity = renewed;
+        }
+        let address = &config.servers[server_index % config.servers.len()];
+        let started = tokio::time::Instant::now();
+        let identity_uri = state.identity.identity.uri();
+        let mut on_established =
+            || tracing::info!(server = %address, identity = %identity_uri, "session established");
+        let outcome = run_session(address, &mut state, &persistence, &mut stats, &shutdown, &mut on_established).await;
+        match outcome {
+            Ok(SessionEnd::Shutdown) => return Ok(()),
+            Ok(SessionEnd::ClosedByServer(reason)) => {
+                tracing::warn!(server = %address, %reason, "session closed by the server");
+            }
+            Err(error) if error.is_refusal() => tracing::error!(%error, "session refused"),
+            Err(error) => tracing::warn!(%error, "session failed"),
+        }
+        if started.elapsed() >= STABLE_SESSION {
+            backoff.reset();
+        }
+        server_index = server_index.wrapping_add(1);
+        if sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! `flotte-agent`: thin entry point. `run` starts the agent from a config file
+//! or flags; the work is in the `flotte_agent` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use flotte_agent::config::{read_config_file, AgentConfigFile};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "flotte-agent", version, about = "Flotte machine agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll (first start) and keep the session with the server.
+    Run {
+        /// Agent settings file; flags below override its values.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Server address host:port (repeatable; tried in order).
+        #[arg(long = "server")]
+        servers: Vec<String>,
+        /// Join token for the first start.
+        #[arg(long = "join", env = "FLOTTE_JOIN_TOKEN", hide_env_values = true)]
+        join_token: Option<String>,
+        /// Hostname to report instead of the kernel's.
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Report interval until the server sends its own (e.g. 10s).
+        #[arg(long)]
+        report_interval: Option<String>,
+        /// Longest wait between reconnect attempts (e.g. 2m).
+        #[arg(long)]
+        reconnect_max_backoff: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let Command::Run {
+        config,
+        data_dir,
+        servers,
+        join_token,
+        hostname,
+        report_interval,
+        reconnect_max_backoff,
+    } = Cli::parse().command;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let mut file = match &config {
+        Some(path) => match read_config_file(path) {
+            Ok(file) => file,
+            Err(error) => {
+                eprintln!("flotte-agent: {error}");
+                return ExitCode::from(2);
+            }
+        },
+        None => AgentConfigFile {
+            data_dir: PathBuf::new(),
+            servers: Vec::new(),
+            join_token: None,
+            join_token_file: None,
+            hostname: None,
+            report_interval: "10s".into(),
+            reconnect_initial_backoff: "500ms".into(),
+            reconnect_max_backoff: "2m".into(),
+        },
+    };
+    if let Some(data_dir) = data_dir {
+        file.data_dir = data_dir;
+    }
+    if !servers.is_empty() {
+        file.servers = servers;
+    }
+    if join_token.is_some() {
+        file.join_token = join_token;
+        file.join_token_file = None;
+    }
+    if hostname.is_some() {
+        file.hostname = hostname;
+    }
+    if let Some(interval) = report_interval {
+        file.report_interval = interval;
+    }
+    if let Some(backoff) = reconnect_max_backoff {
+        file.reconnect_max_backoff = backoff;
+    }
+    let config = match file.validate() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("flotte-agent: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    // A small agent: one worker thread is plenty and keeps RSS low.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("flotte-agent: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signal_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            flotte_proto::signals::wait_for_termination().await;
+            signal_shutdown.cancel();
+        });
+        match flotte_agent::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("flotte-agent: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,228 @@
+//! Agent settings: `agent.toml` (`--config`) or the same settings as flags,
+//! parsed once at start and validated with every problem listed together.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotte_proto::join_token::JoinToken;
+use serde::Deserialize;
+
+/// Settings as written in the TOML file.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfigFile {
+    /// Where the identity, state and (later) images live.
+    pub data_dir: PathBuf,
+    /// Server addresses (`host:port`), tried in order, then round-robin.
+    pub servers: Vec<String>,
+    /// Join token for the first start; ignored once an identity exists.
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// File holding the join token (keeps the secret out of the config file).
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    /// Report interval used until the server sends its own.
+    /// Hostname to report instead of the kernel's (several agents on one host).
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default = "default_report_interval")]
+    pub report_interval: String,
+    #[serde(default = "default_initial_backoff")]
+    pub reconnect_initial_backoff: String,
+    #[serde(default = "default_max_backoff")]
+    pub reconnect_max_backoff: String,
+}
+
+fn default_report_interval() -> String {
+    "10s".into()
+}
+fn default_initial_backoff() -> String {
+    "500ms".into()
+}
+fn default_max_backoff() -> String {
+    "2m".into()
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub servers: Vec<String>,
+    pub join_token: Option<JoinToken>,
+    pub hostname: Option<String>,
+    pub report_interval: Duration,
+    pub reconnect_initial_backoff: Duration,
+    pub reconnect_max_backoff: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid agent configuration:\n{}", .0.iter().map(|problem| format!("  - {problem}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+pub fn read_config_file(path: &Path) -> Result<AgentConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|error| ConfigError::Parse {
+        path: path.to_owned(),
+        message: error.to_string(),
+    })
+}
+
+fn duration(field: &str, text: &str, minimum: Duration, problems: &mut Vec<String>) -> Duration {
+    match humantime::parse_duration(text) {
+        Ok(value) if value >= minimum => value,
+        Ok(_) => {
+            problems.push(format!(
+                "{field} = {text:?} is too short (minimum {})",
+                humantime::format_duration(minimum)
+            ));
+            minimum
+        }
+        Err(error) => {
+            problems.push(format!("{field} = {text:?} is not a duration: {error}"));
+            minimum
+        }
+    }
+}
+
+fn valid_server_address(address: &str) -> bool {
+    match address.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0),
+        None => false,
+    }
+}
+
+impl AgentConfigFile {
+    pub fn validate(self) -> Result<AgentConfig, ConfigError> {
+        let mut problems = Vec::new();
+        if self.data_dir.as_os_str().is_empty() {
+            problems.push("data_dir must not be empty".to_owned());
+        }
+        if self.servers.is_empty() {
+            problems.push("servers must list at least one host:port".to_owned());
+        }
+        for address in &self.servers {
+            if !valid_server_address(address) {
+                problems.push(format!("servers: {address:?} is not host:port"));
+            }
+        }
+        let token_text = match (&self.join_token, &self.join_token_file) {
+            (Some(_), Some(_)) => {
+                problems.push("give join_token or join_token_file, not both".to_owned());
+                None
+            }
+            (Some(token), None) => Some(token.clone()),
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(text) => Some(text.trim().to_owned()),
+                Err(error) => {
+                    problems.push(format!(
+                        "join_token_file {}: cannot read: {error}",
+                        path.display()
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let join_token = token_text.and_then(|text| match text.parse::<JoinToken>() {
+            Ok(token) => Some(token),
+            Err(error) => {
+                problems.push(format!("join token: {error}"));
+                None
+            }
+        });
+        let one_second = Duration::from_secs(1);
+        let report_interval = duration(
+            "report_interval",
+            &self.report_interval,
+            one_second,
+            &mut problems,
+        );
+        let reconnect_initial_backoff = duration(
+            "reconnect_initial_backoff",
+            &self.reconnect_initial_backoff,
+            Duration::from_millis(10),
+            &mut problems,
+        );
+        let reconnect_max_backoff = duration(
+            "reconnect_max_backoff",
+            &self.reconnect_max_backoff,
+            Duration::from_millis(10),
+            &mut problems,
+        );
+        if reconnect_max_backoff < reconnect_initial_backoff {
+            problems.push("reconnect_max_backoff must not be below reconnect_initial_backoff".to_owned());
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        Ok(AgentConfig {
+            data_dir: self.data_dir,
+            servers: self.servers,
+            join_token,
+            hostname: self.hostname,
+            report_interval,
+            reconnect_initial_backoff,
+            reconnect_max_backoff,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_listed() {
+        let file: AgentConfigFile = toml::from_str(
+            r#"
+            data_dir = ""
+            servers = ["nohost", "h:0"]
+            join_token = "garbage"
+            report_interval = "0s"
+            reconnect_initial_backoff = "soon"
+            "#,
+        )
+        .unwrap();
+        let error = file.validate().unwrap_err().to_string();
+        for expected in [
+            "data_dir must not be empty",
+            "\"nohost\" is not host:port",
+            "\"h:0\" is not host:port",
+            "join token: join token is malformed",
+            "report_interval = \"0s\" is too short",
+            "reconnect_initial_backoff = \"soon\" is not a duration",
+        ] {
+            assert!(error.contains(expected), "missing {expected:?} in {error}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let error = toml::from_str::<AgentConfigFile>("data_dir = \"/x\"\nservers = []\nsever = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("sever"), "{error}");
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = toml::from_str::<AgentConfigFile>("data_dir = \"/x\"\nservers = [\"a:1\"]")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(config.report_interval, Duration::from_secs(10));
+        assert!(config.join_token.is_none());
+    }
+}

@@ -1,0 +1,246 @@
+//! One agent ↔ server session: hello, then desired state in, reports and acks
+//! out, certificate renewal before expiry — until the stream ends or shutdown.
+//!
+//! Reconnecting, backoff and server rotation belong to the caller (`run`);
+//! this module handles exactly one stream so that the load generator can
+//! drive thousands of them from one process.
+
+use std::time::{Duration, SystemTime};
+
+use flotte_proto::transport::{channel, client_config, explain_status};
+use flotte_proto::v1::agent_message::Kind as AgentKind;
+use flotte_proto::v1::agent_session_client::AgentSessionClient;
+use flotte_proto::v1::server_message::Kind as ServerKind;
+use flotte_proto::v1::{
+    AgentMessage, CertificateRenewal, DesiredState, DesiredStateAck, Hello, Report,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::{csr_for, MachineIdentity};
+use crate::state::{AppliedState, Persistence};
+
+/// If a renewal request got no answer, ask again after this long.
+const RENEWAL_RETRY: Duration = Duration::from_secs(10);
+const OUTBOUND_QUEUE_DEPTH: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot open a session with {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("session with {address} failed: {reason}")]
+    Stream { address: String, reason: String },
+    #[error("the server refused this machine: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Transport(#[from] flotte_proto::transport::TransportError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+}
+
+impl SessionError {
+    /// True when the server (not the network) said no: retrying will not help
+    /// until an operator acts, so it is logged louder.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, SessionError::Refused(_))
+    }
+}
+
+/// How a session ended without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    Shutdown,
+    ClosedByServer(String),
+}
+
+/// What one machine carries from session to session.
+#[derive(Debug, Clone)]
+pub struct AgentState {
+    pub identity: MachineIdentity,
+    pub applied: AppliedState,
+    pub hostname: Option<String>,
+    /// Used until the server sends a report interval.
+    pub default_report_interval: Duration,
+}
+
+impl AgentState {
+    fn report_interval(&self) -> Duration {
+        match self.applied.report_interval_seconds {
+            0 => self.default_report_interval,
+            seconds => Duration::from_secs(u64::from(seconds)),
+        }
+    }
+}
+
+/// Counters a caller can read after (or during) a session; used for logs and
+/// by the load generator.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SessionStats {
+    pub reports_sent: u64,
+    pub renewals: u64,
+    pub desired_states_applied: u64,
+}
+
+fn message(kind: AgentKind) -> AgentMessage {
+    AgentMessage { kind: Some(kind) }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |duration| i64::try_from(duration.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Tokio instant corresponding to a wall-clock time (now if in the past).
+fn instant_at(time: SystemTime) -> Instant {
+    let delay = time.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    Instant::now() + delay
+}
+
+fn apply_desired(state: &mut AgentState, desired: &DesiredState) -> bool {
+    let applied = AppliedState {
+        version: desired.version,
+        labels: desired.labels.clone().into_iter().collect(),
+        zone: desired.zone.clone(),
+        report_interval_seconds: desired.report_interval_seconds,
+    };
+    // Re-sent desired state is harmless: only a difference is applied.
+    if applied == state.applied {
+        return false;
+    }
+    state.applied = applied;
+    true
+}
+
+/// Runs one session with `address` until it ends. `on_established` is called
+/// once the server has answered the hello with the desired state.
+pub async fn run_session(
+    address: &str,
+    state: &mut AgentState,
+    persistence: &dyn Persistence,
+    stats: &mut SessionStats,
+    shutdown: &CancellationToken,
+    on_established: &mut (dyn FnMut() + Send),
+) -> Result<SessionEnd, SessionError> {
+    let tls = client_config(
+        &state.identity.ca_pem,
+        Some((&state.identity.certificate_pem, &state.identity.key_pem)),
+    )?;
+    let mut client = AgentSessionClient::new(channel(address, std::sync::Arc::new(tls))?);
+    let (outbound, outbound_receiver) = mpsc::channel(OUTBOUND_QUEUE_DEPTH);
+    let inventory = crate::inventory::collect(
+        state.hostname.as_deref(),
+        &state.applied.labels,
+        &state.applied.zone,
+    );
+    // The channel is fresh and larger than one message: this cannot block.
+    let _ = outbound
+        .send(message(AgentKind::Hello(Hello {
+            inventory: Some(inventory),
+            applied_desired_version: state.applied.version,
+        })))
+        .await;
+    let mut inbound = tokio::select! {
+        () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        response = client.session(ReceiverStream::new(outbound_receiver)) => match response {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Err(classify(address, &status, true)),
+        },
+    };
+
+    let send = |kind: AgentKind| {
+        let outbound = outbound.clone();
+        async move { outbound.send(message(kind)).await.is_ok() }
+    };
+    let mut report_interval = state.report_interval();
+    let mut next_report = Instant::now() + report_interval;
+    let mut renew_at = instant_at(state.identity.renew_at(SystemTime::now()));
+    let mut sequence = 0u64;
+    let mut established = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            received = inbound.message() => {
+                let received = match received {
+                    Ok(Some(received)) => received,
+                    Ok(None) => return Ok(SessionEnd::ClosedByServer("stream ended".into())),
+                    Err(status) => return Err(classify(address, &status, !established)),
+                };
+                match received.kind {
+                    Some(ServerKind::DesiredState(desired)) => {
+                        if apply_desired(state, &desired) {
+                            if let Err(error) = persistence.save_applied(&state.applied) {
+                                tracing::error!(%error, "cannot persist applied desired state");
+                            }
+                            stats.desired_states_applied += 1;
+                            tracing::info!(version = desired.version, zone = %desired.zone, "desired state applied");
+                        }
+                        let interval = state.report_interval();
+                        if interval != report_interval {
+                            report_interval = interval;
+                            next_report = Instant::now() + report_interval;
+                        }
+                        if !send(AgentKind::Ack(DesiredStateAck { version: desired.version })).await {
+                            return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                        }
+                        if !established {
+                            established = true;
+                            on_established();
+                        }
+                    }
+                    Some(ServerKind::CertificateIssued(issued)) => {
+                        let renewed = state.identity.with_certificate(issued.certificate_pem)?;
+                        if let Err(error) = persistence.save_certificate(&renewed) {
+                            tracing::error!(%error, "cannot persist renewed certificate; keeping the old one");
+                        } else {
+                            state.identity = renewed;
+                            stats.renewals += 1;
+                            renew_at = instant_at(state.identity.renew_at(SystemTime::now()));
+                            tracing::info!(not_after = issued.not_after, "certificate renewed");
+                        }
+                    }
+                    Some(ServerKind::Refused(refused)) => return Err(SessionError::Refused(refused.reason)),
+                    None => {}
+                }
+            }
+            () = tokio::time::sleep_until(next_report) => {
+                sequence += 1;
+                let report = Report {
+                    sent_at: unix_now(),
+                    uptime_seconds: crate::inventory::uptime_seconds(),
+                    sequence,
+                };
+                if !send(AgentKind::Report(report)).await {
+                    return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                }
+                stats.reports_sent += 1;
+                next_report = Instant::now() + report_interval;
+            }
+            () = tokio::time::sleep_until(renew_at) => {
+                let csr_pem = csr_for(&state.identity.key_pem)?;
+                if !send(AgentKind::RenewCertificate(CertificateRenewal { csr_pem })).await {
+                    return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                }
+                renew_at = Instant::now() + RENEWAL_RETRY;
+            }
+        }
+    }
+}
+
+fn classify(address: &str, status: &tonic::Status, connecting: bool) -> SessionError {
+    match status.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            SessionError::Refused(status.message().to_owned())
+        }
+        _ if connecting => SessionError::Connect {
+            address: address.to_owned(),
+            reason: explain_status(status),
+        },
+        _ => SessionError::Stream {
+            address: address.to_owned(),
+            reason: explain_status(status),
+        },
+    }
+}
