@@ -162,7 +162,9 @@ impl AgentConfigFile {
             &mut problems,
         );
         if reconnect_max_backoff < reconnect_initial_backoff {
-            problems.push("reconnect_max_backoff must not be below reconnect_initial_backoff".to_owned());
+            problems.push(
+                "reconnect_max_backoff must not be below reconnect_initial_backoff".to_owned(),
+            );
         }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));

@@ -8,7 +8,9 @@
 use std::sync::{Arc, Mutex};
 
 use flotte_proto::join_token::JoinToken;
-use flotte_proto::transport::{channel, client_config, crypto_provider, explain_status};
+use flotte_proto::transport::{
+    channel_with_diagnostics, client_config, crypto_provider, explain_status_with, TlsDiagnostics,
+};
 use flotte_proto::v1::enrollment_client::EnrollmentClient;
 use flotte_proto::v1::{EnrollRequest, EnrollResponse, ReenrollRequest};
 use ring::digest;
@@ -91,10 +93,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         };
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let verifier =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&self.provider))
-                .build()
-                .map_err(|error| rustls::Error::General(error.to_string()))?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&self.provider),
+        )
+        .build()
+        .map_err(|error| rustls::Error::General(error.to_string()))?;
         verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -133,7 +137,9 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
-fn pinned_client_config(verifier: Arc<PinnedCaVerifier>) -> Result<rustls::ClientConfig, EnrollError> {
+fn pinned_client_config(
+    verifier: Arc<PinnedCaVerifier>,
+) -> Result<rustls::ClientConfig, EnrollError> {
     let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(flotte_proto::transport::TransportError::from)?
@@ -144,17 +150,21 @@ fn pinned_client_config(verifier: Arc<PinnedCaVerifier>) -> Result<rustls::Clien
     Ok(config)
 }
 
-fn classify_status(address: &str, status: &tonic::Status) -> EnrollError {
+fn classify_status(
+    address: &str,
+    status: &tonic::Status,
+    diagnostics: &TlsDiagnostics,
+) -> EnrollError {
     match status.code() {
-        tonic::Code::PermissionDenied | tonic::Code::InvalidArgument | tonic::Code::Unauthenticated => {
-            EnrollError::Refused {
-                address: address.to_owned(),
-                reason: status.message().to_owned(),
-            }
-        }
+        tonic::Code::PermissionDenied
+        | tonic::Code::InvalidArgument
+        | tonic::Code::Unauthenticated => EnrollError::Refused {
+            address: address.to_owned(),
+            reason: status.message().to_owned(),
+        },
         _ => EnrollError::Unreachable {
             address: address.to_owned(),
-            reason: explain_status(status),
+            reason: explain_status_with(status, diagnostics),
         },
     }
 }
@@ -177,7 +187,11 @@ fn identity_from_response(
             ));
         }
     }
-    let identity = MachineIdentity::from_parts(key_pem, response.certificate_pem, response.ca_certificate_pem)?;
+    let identity = MachineIdentity::from_parts(
+        key_pem,
+        response.certificate_pem,
+        response.ca_certificate_pem,
+    )?;
     if identity.machine_id.to_string() != response.machine_id {
         return Err(EnrollError::BadResponse(format!(
             "certificate names machine {} but the server said {}",
@@ -199,7 +213,8 @@ pub async fn enroll(
         mismatch: Mutex::new(None),
     });
     let tls = pinned_client_config(Arc::clone(&verifier))?;
-    let mut client = EnrollmentClient::new(channel(address, Arc::new(tls))?);
+    let (channel, diagnostics) = channel_with_diagnostics(address, Arc::new(tls))?;
+    let mut client = EnrollmentClient::new(channel);
     let key_pem = generate_key()?;
     let request = EnrollRequest {
         join_token: token.to_string(),
@@ -217,7 +232,7 @@ pub async fn enroll(
                     presented,
                 });
             }
-            return Err(classify_status(address, &status));
+            return Err(classify_status(address, &status, &diagnostics));
         }
     };
     identity_from_response(key_pem, response, Some(&token.ca_fingerprint))
@@ -225,9 +240,13 @@ pub async fn enroll(
 
 /// Re-enrolls a machine whose certificate expired: proves possession of the
 /// same key with a fresh CSR, trusting the CA learned at enrollment.
-pub async fn reenroll(address: &str, expired: &MachineIdentity) -> Result<MachineIdentity, EnrollError> {
+pub async fn reenroll(
+    address: &str,
+    expired: &MachineIdentity,
+) -> Result<MachineIdentity, EnrollError> {
     let tls = client_config(&expired.ca_pem, None)?;
-    let mut client = EnrollmentClient::new(channel(address, Arc::new(tls))?);
+    let (channel, diagnostics) = channel_with_diagnostics(address, Arc::new(tls))?;
+    let mut client = EnrollmentClient::new(channel);
     let request = ReenrollRequest {
         expired_certificate_pem: expired.certificate_pem.clone(),
         csr_pem: csr_for(&expired.key_pem)?,
@@ -235,7 +254,7 @@ pub async fn reenroll(address: &str, expired: &MachineIdentity) -> Result<Machin
     let response = client
         .reenroll(request)
         .await
-        .map_err(|status| classify_status(address, &status))?
+        .map_err(|status| classify_status(address, &status, &diagnostics))?
         .into_inner();
     let renewed = identity_from_response(expired.key_pem.clone(), response, None)?;
     if renewed.identity != expired.identity {

@@ -89,7 +89,9 @@ pub fn certificate_facts(certificate_pem: &str) -> Result<(Identity, SystemTime)
             })
         })
         .ok_or_else(|| bad("no identity URI".into()))?;
-    let identity: Identity = uri.parse().map_err(|error: flotte_proto::identity::IdentityError| bad(error.to_string()))?;
+    let identity: Identity = uri
+        .parse()
+        .map_err(|error: flotte_proto::identity::IdentityError| bad(error.to_string()))?;
     let not_after = u64::try_from(certificate.validity().not_after.timestamp())
         .map(|seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
         .map_err(|_| bad("expiry before 1970".into()))?;
@@ -110,12 +112,12 @@ impl MachineIdentity {
     ) -> Result<Self, IdentityError> {
         let (identity, not_after) = certificate_facts(&certificate_pem)?;
         let machine_id = match identity.kind {
-            IdentityKind::Machine => Uuid::parse_str(&identity.name).map_err(|error| {
-                IdentityError::BadCertificate {
+            IdentityKind::Machine => {
+                Uuid::parse_str(&identity.name).map_err(|error| IdentityError::BadCertificate {
                     what: "from the server".into(),
                     reason: error.to_string(),
-                }
-            })?,
+                })?
+            }
             _ => {
                 return Err(IdentityError::BadCertificate {
                     what: "from the server".into(),
@@ -188,7 +190,10 @@ impl MachineIdentity {
 
     /// When to ask for a new certificate: two thirds of the way from `from` to expiry.
     pub fn renew_at(&self, from: SystemTime) -> SystemTime {
-        let remaining = self.not_after.duration_since(from).unwrap_or(Duration::ZERO);
+        let remaining = self
+            .not_after
+            .duration_since(from)
+            .unwrap_or(Duration::ZERO);
         from + remaining.mul_f64(2.0 / 3.0)
     }
 }

@@ -88,7 +88,10 @@ mod tests {
             Some("Debian GNU/Linux 12 (bookworm)".to_owned())
         );
         assert_eq!(parse_os_release("NAME=x"), None);
-        assert_eq!(parse_boot_time("cpu 1 2\nbtime 1700000000\n"), Some(1_700_000_000));
+        assert_eq!(
+            parse_boot_time("cpu 1 2\nbtime 1700000000\n"),
+            Some(1_700_000_000)
+        );
         assert_eq!(parse_boot_time("cpu 1 2\n"), None);
     }
 

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
-use crate::enroll::{EnrollError, enroll, reenroll};
+use crate::enroll::{enroll, reenroll, EnrollError};
 use crate::identity::MachineIdentity;
 use crate::session::{run_session, AgentState, SessionEnd, SessionStats};
 use crate::state::{DiskPersistence, PersistenceError};
@@ -64,7 +64,10 @@ where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<T, EnrollError>>,
 {
-    let mut backoff = Backoff::new(config.reconnect_initial_backoff, config.reconnect_max_backoff);
+    let mut backoff = Backoff::new(
+        config.reconnect_initial_backoff,
+        config.reconnect_max_backoff,
+    );
     loop {
         for address in &config.servers {
             match attempt(address.clone()).await {
@@ -118,7 +121,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         hostname: Some(hostname),
         default_report_interval: config.report_interval,
     };
-    let mut backoff = Backoff::new(config.reconnect_initial_backoff, config.reconnect_max_backoff);
+    let mut backoff = Backoff::new(
+        config.reconnect_initial_backoff,
+        config.reconnect_max_backoff,
+    );
     let mut stats = SessionStats::default();
     let mut server_index = 0usize;
     loop {
@@ -131,7 +137,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             })
             .await
             .map_err(AgentError::ReenrollRefused)?;
-            let Some(renewed) = renewed else { return Ok(()) };
+            let Some(renewed) = renewed else {
+                return Ok(());
+            };
             renewed.save_certificate(&config.data_dir)?;
             tracing::info!(not_after = ?renewed.not_after, "re-enrolled");
             state.identity = renewed;
@@ -141,7 +149,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         let identity_uri = state.identity.identity.uri();
         let mut on_established =
             || tracing::info!(server = %address, identity = %identity_uri, "session established");
-        let outcome = run_session(address, &mut state, &persistence, &mut stats, &shutdown, &mut on_established).await;
+        let outcome = run_session(
+            address,
+            &mut state,
+            &persistence,
+            &mut stats,
+            &shutdown,
+            &mut on_established,
+        )
+        .await;
         match outcome {
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Ok(SessionEnd::ClosedByServer(reason)) => {

@@ -7,7 +7,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use flotte_proto::transport::{channel, client_config, explain_status};
+use flotte_proto::transport::{
+    channel_with_diagnostics, client_config, explain_status_with, TlsDiagnostics,
+};
 use flotte_proto::v1::agent_message::Kind as AgentKind;
 use flotte_proto::v1::agent_session_client::AgentSessionClient;
 use flotte_proto::v1::server_message::Kind as ServerKind;
@@ -90,12 +92,16 @@ fn message(kind: AgentKind) -> AgentMessage {
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |duration| i64::try_from(duration.as_secs()).unwrap_or(i64::MAX))
+        .map_or(0, |duration| {
+            i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
+        })
 }
 
 /// Tokio instant corresponding to a wall-clock time (now if in the past).
 fn instant_at(time: SystemTime) -> Instant {
-    let delay = time.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    let delay = time
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
     Instant::now() + delay
 }
 
@@ -128,7 +134,8 @@ pub async fn run_session(
         &state.identity.ca_pem,
         Some((&state.identity.certificate_pem, &state.identity.key_pem)),
     )?;
-    let mut client = AgentSessionClient::new(channel(address, std::sync::Arc::new(tls))?);
+    let (channel, diagnostics) = channel_with_diagnostics(address, std::sync::Arc::new(tls))?;
+    let mut client = AgentSessionClient::new(channel);
     let (outbound, outbound_receiver) = mpsc::channel(OUTBOUND_QUEUE_DEPTH);
     let inventory = crate::inventory::collect(
         state.hostname.as_deref(),
@@ -146,7 +153,7 @@ pub async fn run_session(
         () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         response = client.session(ReceiverStream::new(outbound_receiver)) => match response {
             Ok(response) => response.into_inner(),
-            Err(status) => return Err(classify(address, &status, true)),
+            Err(status) => return Err(classify(address, &status, &diagnostics, true)),
         },
     };
 
@@ -166,7 +173,7 @@ pub async fn run_session(
                 let received = match received {
                     Ok(Some(received)) => received,
                     Ok(None) => return Ok(SessionEnd::ClosedByServer("stream ended".into())),
-                    Err(status) => return Err(classify(address, &status, !established)),
+                    Err(status) => return Err(classify(address, &status, &diagnostics, !established)),
                 };
                 match received.kind {
                     Some(ServerKind::DesiredState(desired)) => {
@@ -229,18 +236,23 @@ pub async fn run_session(
     }
 }
 
-fn classify(address: &str, status: &tonic::Status, connecting: bool) -> SessionError {
+fn classify(
+    address: &str,
+    status: &tonic::Status,
+    diagnostics: &TlsDiagnostics,
+    connecting: bool,
+) -> SessionError {
     match status.code() {
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
             SessionError::Refused(status.message().to_owned())
         }
         _ if connecting => SessionError::Connect {
             address: address.to_owned(),
-            reason: explain_status(status),
+            reason: explain_status_with(status, diagnostics),
         },
         _ => SessionError::Stream {
             address: address.to_owned(),
-            reason: explain_status(status),
+            reason: explain_status_with(status, diagnostics),
         },
     }
 }

@@ -65,7 +65,9 @@ impl DiskPersistence {
                 path,
                 message: error.to_string(),
             }),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(AppliedState::default()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Ok(AppliedState::default())
+            }
             Err(error) => Err(PersistenceError::Corrupt {
                 path,
                 message: error.to_string(),
@@ -81,10 +83,12 @@ impl Persistence for DiskPersistence {
 
     fn save_applied(&self, applied: &AppliedState) -> Result<(), PersistenceError> {
         let path = self.applied_path();
-        let text = serde_json::to_vec_pretty(applied).map_err(|error| PersistenceError::Corrupt {
-            path: path.clone(),
-            message: error.to_string(),
-        })?;
-        files::write_atomically(&path, &text).map_err(|source| PersistenceError::Io { path, source })
+        let text =
+            serde_json::to_vec_pretty(applied).map_err(|error| PersistenceError::Corrupt {
+                path: path.clone(),
+                message: error.to_string(),
+            })?;
+        files::write_atomically(&path, &text)
+            .map_err(|source| PersistenceError::Io { path, source })
     }
 }

@@ -43,5 +43,8 @@ pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
 
 /// Creates a directory (and parents) with mode 0700.
 pub fn create_private_dir(path: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
 }

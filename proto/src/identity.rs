@@ -41,7 +41,9 @@ pub enum IdentityError {
     NotSpiffe(String),
     #[error("identity URI {0:?} is not of the form spiffe://<trust-domain>/<kind>/<name>")]
     Malformed(String),
-    #[error("identity URI {uri:?} has unknown kind {kind:?} (expected machine, operator or server)")]
+    #[error(
+        "identity URI {uri:?} has unknown kind {kind:?} (expected machine, operator or server)"
+    )]
     UnknownKind { uri: String, kind: String },
     #[error("machine identity {0:?} does not name a UUID")]
     MachineNotUuid(String),
@@ -79,7 +81,13 @@ impl Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SCHEME}{}/{}/{}", self.trust_domain, self.kind.as_str(), self.name)
+        write!(
+            f,
+            "{SCHEME}{}/{}/{}",
+            self.trust_domain,
+            self.kind.as_str(),
+            self.name
+        )
     }
 }
 

@@ -50,7 +50,11 @@ pub fn validate_label(key: &str, value: &str) -> Result<(), LabelError> {
 /// Parses `k=v,k2=v2` (whitespace around items is ignored; empty input is no labels).
 pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, LabelError> {
     let mut labels = BTreeMap::new();
-    for item in text.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+    for item in text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
         let (key, value) = item
             .split_once('=')
             .ok_or_else(|| LabelError::MissingEquals(item.to_owned()))?;
@@ -89,11 +93,7 @@ impl Selector {
 
     /// `zone` is matched by the pseudo-label `zone=...` so that selectors can
     /// name a datacenter without every machine carrying a zone label.
-    pub fn matches<'a>(
-        &self,
-        labels: impl Fn(&str) -> Option<&'a str>,
-        zone: &str,
-    ) -> bool {
+    pub fn matches<'a>(&self, labels: impl Fn(&str) -> Option<&'a str>, zone: &str) -> bool {
         self.required.iter().all(|(key, value)| {
             if key == "zone" {
                 labels(key).unwrap_or(zone) == value
@@ -151,8 +151,11 @@ mod tests {
 
     #[test]
     fn selector_requires_every_pair_and_knows_zone() {
-        let machine: HashMap<String, String> =
-            [("env".to_owned(), "prod".to_owned()), ("role".to_owned(), "web".to_owned())].into();
+        let machine: HashMap<String, String> = [
+            ("env".to_owned(), "prod".to_owned()),
+            ("role".to_owned(), "web".to_owned()),
+        ]
+        .into();
         let cases = [
             ("", true),
             ("env=prod", true),
@@ -164,7 +167,11 @@ mod tests {
         ];
         for (selector, expected) in cases {
             let selector = Selector::parse(selector).unwrap();
-            assert_eq!(selector.matches_map(&machine, "dc1"), expected, "{selector:?}");
+            assert_eq!(
+                selector.matches_map(&machine, "dc1"),
+                expected,
+                "{selector:?}"
+            );
         }
     }
 }

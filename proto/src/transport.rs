@@ -6,10 +6,13 @@
 //! rustls itself and hands the stream to tonic. Nothing here chooses *which*
 //! certificates to trust: callers pass the finished `ClientConfig`.
 
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -99,11 +102,94 @@ fn server_name_of(address: &str) -> Result<ServerName<'static>, TransportError> 
     ServerName::try_from(host.to_owned()).map_err(|_| bad())
 }
 
+/// The last I/O or TLS failure seen on a channel's connections.
+///
+/// Under TLS 1.3 a refused client certificate shows up as an alert on the
+/// first read after the handshake, and hyper reports it to the caller only
+/// as "connection closed". The connector records the real error here so that
+/// [`explain_status_with`] can name the cause.
+#[derive(Debug, Clone, Default)]
+pub struct TlsDiagnostics(Arc<Mutex<Vec<String>>>);
+
+/// Distinct errors kept per channel: the alert that explains a failure is
+/// often followed by consequences ("broken pipe") that must not hide it.
+const DIAGNOSTICS_KEPT: usize = 4;
+
+impl TlsDiagnostics {
+    fn record(&self, error: &std::io::Error) {
+        if let Ok(mut errors) = self.0.lock() {
+            let text = error.to_string();
+            if !errors.contains(&text) {
+                if errors.len() == DIAGNOSTICS_KEPT {
+                    errors.remove(0);
+                }
+                errors.push(text);
+            }
+        }
+    }
+
+    /// The recorded errors, oldest first, joined for display.
+    pub fn recorded_errors(&self) -> Option<String> {
+        let errors = self.0.lock().ok()?;
+        (!errors.is_empty()).then(|| errors.join("; "))
+    }
+}
+
+/// A client TLS stream that records its I/O errors in [`TlsDiagnostics`].
+struct DiagnosedStream {
+    inner: tokio_rustls::client::TlsStream<TcpStream>,
+    diagnostics: TlsDiagnostics,
+}
+
+impl DiagnosedStream {
+    fn observe<T>(&self, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Err(error)) = &poll {
+            self.diagnostics.record(error);
+        }
+        poll
+    }
+}
+
+impl AsyncRead for DiagnosedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.observe(poll)
+    }
+}
+
+impl AsyncWrite for DiagnosedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.observe(poll)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.observe(poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Opens a lazily-connected HTTP/2 channel to `address` (`host:port`) over TLS.
 ///
 /// The channel connects on first use; connection and TLS errors surface on the
-/// first RPC and should go through [`explain_status`].
-pub fn channel(address: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, TransportError> {
+/// first RPC and should go through [`explain_status_with`] with the returned
+/// diagnostics.
+pub fn channel_with_diagnostics(
+    address: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(Channel, TlsDiagnostics), TransportError> {
     let server_name = server_name_of(address)?;
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|_| TransportError::BadAddress(address.to_owned()))?
@@ -113,18 +199,32 @@ pub fn channel(address: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel,
         .keep_alive_while_idle(true);
     let connector = TlsConnector::from(tls);
     let dial_address = address.to_owned();
+    let diagnostics = TlsDiagnostics::default();
+    let connection_diagnostics = diagnostics.clone();
     let service = tower::service_fn(move |_: Uri| {
         let connector = connector.clone();
         let server_name = server_name.clone();
         let dial_address = dial_address.clone();
+        let diagnostics = connection_diagnostics.clone();
         async move {
             let tcp = TcpStream::connect(&dial_address).await?;
             tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
+            let tls = connector
+                .connect(server_name, tcp)
+                .await
+                .inspect_err(|error| diagnostics.record(error))?;
+            Ok::<_, std::io::Error>(TokioIo::new(DiagnosedStream {
+                inner: tls,
+                diagnostics,
+            }))
         }
     });
-    Ok(endpoint.connect_with_connector_lazy(service))
+    Ok((endpoint.connect_with_connector_lazy(service), diagnostics))
+}
+
+/// [`channel_with_diagnostics`] for callers that only need the channel.
+pub fn channel(address: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, TransportError> {
+    channel_with_diagnostics(address, tls).map(|(channel, _)| channel)
 }
 
 /// Renders a status from a failed RPC, replacing transport noise by the cause.
@@ -133,6 +233,11 @@ pub fn channel(address: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel,
 /// handshake "succeed" and the refusal only as an alert on its first RPC, so
 /// the alert name is the only trace of the real cause.
 pub fn explain_status(status: &tonic::Status) -> String {
+    explain_status_with(status, &TlsDiagnostics::default())
+}
+
+/// [`explain_status`], also using what the channel's connections recorded.
+pub fn explain_status_with(status: &tonic::Status, diagnostics: &TlsDiagnostics) -> String {
     let mut chain = status.message().to_owned();
     let mut source = std::error::Error::source(status);
     while let Some(cause) = source {
@@ -140,10 +245,25 @@ pub fn explain_status(status: &tonic::Status) -> String {
         chain.push_str(&cause.to_string());
         source = cause.source();
     }
+    // Only transport failures are explained by the connection's last error;
+    // an application status (e.g. PermissionDenied) speaks for itself.
+    if matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) {
+        if let Some(recorded) = diagnostics.recorded_errors() {
+            chain.push_str(": ");
+            chain.push_str(&recorded);
+        }
+    }
     let lower = chain.to_ascii_lowercase();
     let hint = if lower.contains("unknownca") || lower.contains("unknown ca") {
         Some("the server refused our client certificate: it was not issued by the server's CA")
-    } else if lower.contains("certificateexpired") || lower.contains("expired") && lower.contains("alert") {
+    } else if lower.contains("decrypterror") || lower.contains("decrypt error") {
+        Some("the server refused our client certificate: its signature does not verify against the server's CA (issued by another CA?)")
+    } else if lower.contains("certificateexpired")
+        || lower.contains("expired") && lower.contains("alert")
+    {
         Some("the server refused our client certificate: it has expired")
     } else if lower.contains("certificaterevoked") {
         Some("the server refused our client certificate: it was revoked")

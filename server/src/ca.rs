@@ -118,7 +118,13 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         name.push(DnType::OrganizationName, "Flotte");
-        name.push(DnType::CommonName, format!("Flotte CA {trust_domain}"));
+        // A unique name per CA: two CAs with the same subject make a verifier
+        // try the wrong issuer and report a bad signature instead of "unknown CA".
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        name.push(
+            DnType::CommonName,
+            format!("Flotte CA {trust_domain} {}", &unique[..8]),
+        );
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -349,7 +355,11 @@ mod tests {
         let machine_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut request = CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
         request.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let csr = request.serialize_request(&machine_key).unwrap().pem().unwrap();
+        let csr = request
+            .serialize_request(&machine_key)
+            .unwrap()
+            .pem()
+            .unwrap();
         let identity = Identity::machine("flotte.test", uuid::Uuid::new_v4());
         let issued = ca
             .issue_client_from_csr(&csr, &identity, Duration::from_secs(60))
@@ -360,7 +370,10 @@ mod tests {
         assert_eq!(facts.public_key_raw, machine_key.public_key_raw());
         let der = parse_pem_certificate(&issued.certificate_pem).unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
-        assert!(!parsed.is_ca(), "a CSR must not be able to ask for a CA certificate");
+        assert!(
+            !parsed.is_ca(),
+            "a CSR must not be able to ask for a CA certificate"
+        );
         let names = parsed.subject_alternative_name().unwrap().unwrap();
         assert_eq!(names.value.general_names.len(), 1, "only the identity URI");
         std::fs::remove_dir_all(dir).unwrap();

@@ -151,8 +151,12 @@ impl ServerConfigFile {
             one_second,
             &mut problems,
         );
-        let report_interval =
-            parse_duration_field("report_interval", &self.report_interval, one_second, &mut problems);
+        let report_interval = parse_duration_field(
+            "report_interval",
+            &self.report_interval,
+            one_second,
+            &mut problems,
+        );
         let reenroll_expired_within = parse_duration_field(
             "reenroll_expired_within",
             &self.reenroll_expired_within,
@@ -168,7 +172,11 @@ impl ServerConfigFile {
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
-        let mut subject_alt_names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+        let mut subject_alt_names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
         for name in self.subject_alt_names {
             if !subject_alt_names.contains(&name) {
                 subject_alt_names.push(name);
@@ -207,7 +215,10 @@ mod tests {
             subject_alt_names: vec!["bad name".into()],
             ..ServerConfigFile::default()
         };
-        let error = file.validate(PathBuf::from("/tmp")).unwrap_err().to_string();
+        let error = file
+            .validate(PathBuf::from("/tmp"))
+            .unwrap_err()
+            .to_string();
         for expected in [
             "listen = \"nowhere\"",
             "trust_domain",
@@ -231,6 +242,9 @@ mod tests {
             .validate(PathBuf::from("/tmp"))
             .unwrap();
         assert!(config.subject_alt_names.contains(&"127.0.0.1".to_owned()));
-        assert_eq!(config.machine_certificate_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(
+            config.machine_certificate_ttl,
+            Duration::from_secs(24 * 3600)
+        );
     }
 }

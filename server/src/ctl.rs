@@ -11,12 +11,14 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flotte_proto::labels::{format_labels, parse_labels};
-use flotte_proto::transport::{channel, client_config, explain_status};
+use flotte_proto::transport::{
+    channel_with_diagnostics, client_config, explain_status_with, TlsDiagnostics,
+};
 use flotte_proto::v1::machines_client::MachinesClient;
 use flotte_proto::v1::tokens_client::TokensClient;
 use flotte_proto::v1::{
     CreateTokenRequest, GetMachineRequest, ListMachinesRequest, ListTokensRequest, Machine,
-    RevokeTokenRequest, TokenInfo,
+    RevokeTokenRequest, SetLabelsRequest, TokenInfo,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -90,6 +92,16 @@ enum MachinesCommand {
     },
     /// Show one machine by id, id prefix or hostname.
     Show { id: String },
+    /// Change a machine's labels (pushed to its agent at once).
+    Label {
+        id: String,
+        /// Labels to add or change: k=v,k2=v2.
+        #[arg(long, default_value = "")]
+        set: String,
+        /// Label keys to remove: k,k2.
+        #[arg(long, default_value = "")]
+        remove: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,8 +114,9 @@ pub enum CtlError {
     Transport(#[from] flotte_proto::transport::TransportError),
     #[error("{0}")]
     Usage(String),
-    #[error("{}", explain_status(.0))]
-    Rpc(#[from] tonic::Status),
+    /// A failed RPC, already explained (see `transport::explain_status_with`).
+    #[error("{0}")]
+    Rpc(String),
     #[error("cannot encode output: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -117,7 +130,7 @@ impl CtlError {
     }
 }
 
-fn connect(cli: &Cli) -> Result<Channel, CtlError> {
+fn connect(cli: &Cli) -> Result<(Channel, TlsDiagnostics), CtlError> {
     let directory = cli.profile.as_ref().ok_or(CtlError::NoProfile)?;
     let profile = Profile::load(directory)?;
     let tls = client_config(
@@ -125,7 +138,12 @@ fn connect(cli: &Cli) -> Result<Channel, CtlError> {
         Some((&profile.certificate_pem, &profile.key_pem)),
     )?;
     let address = cli.server.clone().unwrap_or(profile.settings.server);
-    Ok(channel(&address, Arc::new(tls))?)
+    Ok(channel_with_diagnostics(&address, Arc::new(tls))?)
+}
+
+/// Turns a failed RPC into an error naming its real cause.
+fn rpc_error(diagnostics: &TlsDiagnostics) -> impl Fn(tonic::Status) -> CtlError + '_ {
+    move |status| CtlError::Rpc(explain_status_with(&status, diagnostics))
 }
 
 pub fn format_time(unix: i64) -> String {
@@ -184,6 +202,8 @@ struct MachineView {
     enrolled_at: Option<String>,
     identity: String,
     remote_address: Option<String>,
+    desired_version: u64,
+    applied_desired_version: u64,
 }
 
 impl From<&Machine> for MachineView {
@@ -205,6 +225,8 @@ impl From<&Machine> for MachineView {
             identity: machine.identity_uri.clone(),
             remote_address: (!machine.remote_address.is_empty())
                 .then(|| machine.remote_address.clone()),
+            desired_version: machine.desired_version,
+            applied_desired_version: machine.applied_desired_version,
         }
     }
 }
@@ -267,11 +289,14 @@ fn print_tokens(output: Output, tokens: &[TokenInfo]) -> Result<(), CtlError> {
 async fn run_token(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
     if let TokenCommand::Create(create) = command {
         // Check locally first so that a typo never needs a round trip.
-        parse_labels(&create.labels).map_err(|error| CtlError::Usage(format!("--labels: {error}")))?;
+        parse_labels(&create.labels)
+            .map_err(|error| CtlError::Usage(format!("--labels: {error}")))?;
         humantime::parse_duration(&create.ttl)
             .map_err(|error| CtlError::Usage(format!("--ttl {:?}: {error}", create.ttl)))?;
     }
-    let mut client = TokensClient::new(connect(cli)?);
+    let (channel, diagnostics) = connect(cli)?;
+    let rpc = rpc_error(&diagnostics);
+    let mut client = TokensClient::new(channel);
     match command {
         TokenCommand::Create(create) => {
             let labels = parse_labels(&create.labels)
@@ -285,7 +310,8 @@ async fn run_token(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
                     ttl_seconds: ttl.as_secs(),
                     uses: create.uses,
                 })
-                .await?
+                .await
+                .map_err(&rpc)?
                 .into_inner();
             let info = response.info.unwrap_or_default();
             if cli.output == Output::Json {
@@ -311,13 +337,19 @@ async fn run_token(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
             }
         }
         TokenCommand::List => {
-            let tokens = client.list_tokens(ListTokensRequest {}).await?.into_inner().tokens;
+            let tokens = client
+                .list_tokens(ListTokensRequest {})
+                .await
+                .map_err(&rpc)?
+                .into_inner()
+                .tokens;
             print_tokens(cli.output, &tokens)?;
         }
         TokenCommand::Revoke { id } => {
             let response = client
                 .revoke_token(RevokeTokenRequest { id: id.clone() })
-                .await?
+                .await
+                .map_err(&rpc)?
                 .into_inner();
             print_tokens(cli.output, &[response.info.unwrap_or_default()])?;
         }
@@ -343,14 +375,17 @@ fn machine_rows(machines: &[MachineView]) -> Vec<Vec<String>> {
 }
 
 async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlError> {
-    let mut client = MachinesClient::new(connect(cli)?);
+    let (channel, diagnostics) = connect(cli)?;
+    let rpc = rpc_error(&diagnostics);
+    let mut client = MachinesClient::new(channel);
     match command {
         MachinesCommand::List { selector } => {
             let machines = client
                 .list_machines(ListMachinesRequest {
                     selector: selector.clone(),
                 })
-                .await?
+                .await
+                .map_err(&rpc)?
                 .into_inner()
                 .machines;
             let views: Vec<MachineView> = machines.iter().map(MachineView::from).collect();
@@ -360,7 +395,15 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
             print!(
                 "{}",
                 render_table(
-                    &["ID", "HOSTNAME", "ZONE", "LABELS", "CONNECTED", "LAST SEEN", "AGENT"],
+                    &[
+                        "ID",
+                        "HOSTNAME",
+                        "ZONE",
+                        "LABELS",
+                        "CONNECTED",
+                        "LAST SEEN",
+                        "AGENT"
+                    ],
                     &machine_rows(&views)
                 )
             );
@@ -368,37 +411,79 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
         MachinesCommand::Show { id } => {
             let machine = client
                 .get_machine(GetMachineRequest { id: id.clone() })
-                .await?
+                .await
+                .map_err(&rpc)?
                 .into_inner();
-            let view = MachineView::from(&machine);
-            if cli.output == Output::Json {
-                return print_json(&view);
-            }
-            let never = || "never".to_owned();
-            let fields = [
-                ("id", view.id.clone()),
-                ("identity", view.identity.clone()),
-                ("hostname", view.hostname.clone()),
-                ("zone", view.zone.clone()),
-                ("labels", format_labels(&view.labels)),
-                ("connected", view.connected.to_string()),
-                ("remote address", view.remote_address.clone().unwrap_or_default()),
-                ("last seen", view.last_seen.clone().unwrap_or_else(never)),
-                ("agent version", view.agent_version.clone()),
-                ("os", view.os.clone()),
-                ("kernel", view.kernel.clone()),
-                ("arch", view.arch.clone()),
-                ("boot time", view.boot_time.clone().unwrap_or_else(never)),
-                ("enrolled at", view.enrolled_at.clone().unwrap_or_else(never)),
-                (
-                    "certificate expires",
-                    view.certificate_expires_at.clone().unwrap_or_else(never),
-                ),
-            ];
-            for (name, value) in fields {
-                println!("{:<20} {value}", format!("{name}:"));
-            }
+            print_machine(cli.output, &machine)?;
         }
+        MachinesCommand::Label { id, set, remove } => {
+            let set =
+                parse_labels(set).map_err(|error| CtlError::Usage(format!("--set: {error}")))?;
+            let remove: Vec<String> = remove
+                .split(',')
+                .map(str::trim)
+                .filter(|key| !key.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if set.is_empty() && remove.is_empty() {
+                return Err(CtlError::Usage("give --set and/or --remove".into()));
+            }
+            let machine = client
+                .set_labels(SetLabelsRequest {
+                    id: id.clone(),
+                    set: set.into_iter().collect(),
+                    remove,
+                })
+                .await
+                .map_err(&rpc)?
+                .into_inner();
+            print_machine(cli.output, &machine)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_machine(output: Output, machine: &Machine) -> Result<(), CtlError> {
+    let view = MachineView::from(machine);
+    if output == Output::Json {
+        return print_json(&view);
+    }
+    let never = || "never".to_owned();
+    let fields = [
+        ("id", view.id.clone()),
+        ("identity", view.identity.clone()),
+        ("hostname", view.hostname.clone()),
+        ("zone", view.zone.clone()),
+        ("labels", format_labels(&view.labels)),
+        ("connected", view.connected.to_string()),
+        (
+            "remote address",
+            view.remote_address.clone().unwrap_or_default(),
+        ),
+        ("last seen", view.last_seen.clone().unwrap_or_else(never)),
+        ("agent version", view.agent_version.clone()),
+        ("os", view.os.clone()),
+        ("kernel", view.kernel.clone()),
+        ("arch", view.arch.clone()),
+        ("boot time", view.boot_time.clone().unwrap_or_else(never)),
+        (
+            "enrolled at",
+            view.enrolled_at.clone().unwrap_or_else(never),
+        ),
+        (
+            "certificate expires",
+            view.certificate_expires_at.clone().unwrap_or_else(never),
+        ),
+        (
+            "desired state",
+            format!(
+                "version {} (agent applied {})",
+                view.desired_version, view.applied_desired_version
+            ),
+        ),
+    ];
+    for (name, value) in fields {
+        println!("{:<20} {value}", format!("{name}:"));
     }
     Ok(())
 }
@@ -426,7 +511,10 @@ mod tests {
     fn tables_align_columns() {
         let table = render_table(
             &["ID", "NAME"],
-            &[vec!["1".into(), "alpha".into()], vec!["22".into(), "b".into()]],
+            &[
+                vec!["1".into(), "alpha".into()],
+                vec!["22".into(), "b".into()],
+            ],
         );
         assert_eq!(table, "ID  NAME\n1   alpha\n22  b\n");
     }

@@ -84,7 +84,11 @@ impl Enroller<'_> {
         rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|error| EnrollmentError::BadCsr(CaError::BadCsr(error)))?;
         let now = self.clock.now_unix();
-        let record = match self.store.redeem_token(&hash_secret(&token.secret), now).await? {
+        let record = match self
+            .store
+            .redeem_token(&hash_secret(&token.secret), now)
+            .await?
+        {
             TokenRedemption::Redeemed(record) => record,
             TokenRedemption::Refused(refusal) => return Err(refusal.into()),
         };
@@ -101,6 +105,7 @@ impl Enroller<'_> {
             enrolled_at: now,
             enrolled_with_token: record.id,
             certificate_serial: certificate.serial_hex.clone(),
+            previous_certificate_serial: String::new(),
             certificate_not_after: to_unix(certificate.not_after),
             inventory: Inventory {
                 hostname: hostname.to_owned(),
@@ -136,15 +141,21 @@ impl Enroller<'_> {
             .parse()
             .map_err(|error: flotte_proto::identity::IdentityError| refused(error.to_string()))?;
         if identity.kind != IdentityKind::Machine || identity.trust_domain != self.trust_domain {
-            return Err(refused(format!("{identity} is not a machine of this server")));
+            return Err(refused(format!(
+                "{identity} is not a machine of this server"
+            )));
         }
-        let machine_id = Uuid::parse_str(&identity.name).map_err(|error| refused(error.to_string()))?;
+        let machine_id =
+            Uuid::parse_str(&identity.name).map_err(|error| refused(error.to_string()))?;
         let machine = self
             .store
             .machine(machine_id)
             .await?
             .ok_or_else(|| refused(format!("machine {machine_id} is not enrolled here")))?;
-        if machine.certificate_serial != facts.serial_hex {
+        let is_latest = machine.certificate_serial == facts.serial_hex;
+        let is_previous = !machine.previous_certificate_serial.is_empty()
+            && machine.previous_certificate_serial == facts.serial_hex;
+        if !is_latest && !is_previous {
             return Err(refused(format!(
                 "certificate serial {} is not the machine's latest ({}); enroll again with a join token",
                 facts.serial_hex, machine.certificate_serial
@@ -171,12 +182,216 @@ impl Enroller<'_> {
             .issue_client_from_csr(csr_pem, &identity, self.certificate_ttl)
             .map_err(csr_error)?;
         self.store
-            .record_certificate(machine_id, &certificate.serial_hex, to_unix(certificate.not_after))
+            .record_certificate(
+                machine_id,
+                &certificate.serial_hex,
+                to_unix(certificate.not_after),
+            )
             .await?;
         Ok(Enrolled {
             machine_id,
             identity,
             certificate,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::store::{JoinTokenRecord, SqliteStore};
+
+    struct FixedClock(Mutex<SystemTime>);
+
+    impl Clock for FixedClock {
+        fn now(&self) -> SystemTime {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    struct Fixture {
+        dir: PathBuf,
+        ca: CertificateAuthority,
+        store: SqliteStore,
+        clock: FixedClock,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("flotte-enroll-test-{}", Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Fixture {
+                ca: CertificateAuthority::create(&dir, "td").unwrap(),
+                store: SqliteStore::open(&dir.join("db")).unwrap(),
+                clock: FixedClock(Mutex::new(SystemTime::now())),
+                dir,
+            }
+        }
+
+        fn enroller(&self) -> Enroller<'_> {
+            Enroller {
+                ca: &self.ca,
+                store: &self.store,
+                clock: &self.clock,
+                trust_domain: "td",
+                certificate_ttl: Duration::from_secs(60),
+                reenroll_expired_within: Duration::from_secs(3600),
+            }
+        }
+
+        async fn token(&self, secret: &str) -> String {
+            self.store
+                .insert_token(&JoinTokenRecord {
+                    id: "aa".into(),
+                    secret_hash: hash_secret(secret),
+                    labels: [("role".to_owned(), "web".to_owned())].into(),
+                    zone: "dc1".into(),
+                    created_at: 0,
+                    expires_at: i64::MAX,
+                    uses_allowed: 1,
+                    uses_done: 0,
+                    revoked: false,
+                })
+                .await
+                .unwrap();
+            JoinToken {
+                id: "aa".into(),
+                secret: secret.into(),
+                ca_fingerprint: self.ca.fingerprint(),
+            }
+            .to_string()
+        }
+
+        fn advance(&self, by: Duration) {
+            *self.clock.0.lock().unwrap() += by;
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn key_and_csr() -> (rcgen::KeyPair, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        (key, csr)
+    }
+
+    #[tokio::test]
+    async fn enrollment_takes_labels_from_the_token_and_refuses_reuse() {
+        let fixture = Fixture::new();
+        let token = fixture.token("beef").await;
+        let (_, csr) = key_and_csr();
+        let enrolled = fixture
+            .enroller()
+            .enroll(&token, &csr, "web-1")
+            .await
+            .unwrap();
+        let machine = fixture
+            .store
+            .machine(enrolled.machine_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(machine.labels["role"], "web");
+        assert_eq!(machine.zone, "dc1");
+        assert_eq!(machine.certificate_serial, enrolled.certificate.serial_hex);
+        let again = fixture
+            .enroller()
+            .enroll(&token, &csr, "web-2")
+            .await
+            .unwrap_err();
+        assert!(again.to_string().contains("already been used"), "{again}");
+        let garbage = fixture
+            .enroller()
+            .enroll(&token, "not a csr", "x")
+            .await
+            .unwrap_err();
+        assert!(matches!(garbage, EnrollmentError::BadCsr(_)), "{garbage}");
+    }
+
+    #[tokio::test]
+    async fn reenrollment_accepts_only_a_recent_latest_certificate_for_the_same_key() {
+        let fixture = Fixture::new();
+        let token = fixture.token("cafe").await;
+        let (key, csr) = key_and_csr();
+        let first = fixture
+            .enroller()
+            .enroll(&token, &csr, "web-1")
+            .await
+            .unwrap();
+        let first_pem = first.certificate.certificate_pem.clone();
+
+        // Expired a little: accepted, and the machine keeps its id.
+        fixture.advance(Duration::from_secs(120));
+        let second = fixture.enroller().reenroll(&first_pem, &csr).await.unwrap();
+        assert_eq!(second.machine_id, first.machine_id);
+        // The previous certificate is still accepted once (lost renewal answer)...
+        let third = fixture.enroller().reenroll(&first_pem, &csr).await.unwrap();
+        // ...but not after another renewal made it two generations old.
+        let stale = fixture
+            .enroller()
+            .reenroll(&first_pem, &csr)
+            .await
+            .unwrap_err();
+        assert!(
+            stale.to_string().contains("not the machine's latest"),
+            "{stale}"
+        );
+
+        // Another key cannot ride on the certificate.
+        let (_, other_csr) = key_and_csr();
+        let wrong_key = fixture
+            .enroller()
+            .reenroll(&third.certificate.certificate_pem, &other_csr)
+            .await
+            .unwrap_err();
+        assert!(wrong_key.to_string().contains("not the key"), "{wrong_key}");
+
+        // Expired too long ago.
+        fixture.advance(Duration::from_secs(2 * 3600));
+        let too_old = fixture
+            .enroller()
+            .reenroll(&third.certificate.certificate_pem, &csr)
+            .await
+            .unwrap_err();
+        assert!(
+            too_old
+                .to_string()
+                .contains("longer ago than the server allows"),
+            "{too_old}"
+        );
+
+        // A certificate from another CA.
+        let other_dir = fixture.dir.join("other");
+        std::fs::create_dir_all(&other_dir).unwrap();
+        let other_ca = CertificateAuthority::create(&other_dir, "td").unwrap();
+        let foreign = other_ca
+            .issue_client_from_csr(
+                &csr,
+                &Identity::machine("td", first.machine_id),
+                Duration::from_secs(1),
+            )
+            .unwrap();
+        let refused = fixture
+            .enroller()
+            .reenroll(&foreign.certificate_pem, &csr)
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("not issued by this CA"),
+            "{refused}"
+        );
+        drop(key);
     }
 }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod ctl;
 pub mod enrollment;
 pub mod init;
+pub mod limits;
 pub mod profile;
 pub mod registry;
 pub mod store;
@@ -124,8 +125,12 @@ pub async fn run(
         &server_certificate.certificate_pem,
     )
     .map_err(tls::TlsSetupError::from)?;
-    chain.push(rustls::pki_types::CertificateDer::from(ca.certificate_der().to_vec()));
-    let key = flotte_proto::transport::private_key_from_pem("server key", &server_key.serialize_pem()).map_err(tls::TlsSetupError::from)?;
+    chain.push(rustls::pki_types::CertificateDer::from(
+        ca.certificate_der().to_vec(),
+    ));
+    let key =
+        flotte_proto::transport::private_key_from_pem("server key", &server_key.serialize_pem())
+            .map_err(tls::TlsSetupError::from)?;
     let tls_config = tls::server_config(ca.certificate_der(), chain, key)?;
 
     let store = SqliteStore::open(&store_path(&config.data_dir))?;
@@ -141,7 +146,9 @@ pub async fn run(
     health_reporter
         .set_serving::<AgentSessionServer<SessionApi>>()
         .await;
-    health_reporter.set_serving::<MachinesServer<AdminApi>>().await;
+    health_reporter
+        .set_serving::<MachinesServer<AdminApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotte_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -152,10 +159,11 @@ pub async fn run(
         .build_v1alpha()?;
     // Reflection reveals only the schema, but there is no reason to show it to
     // callers without an identity.
-    let require_identity = |request: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
-        auth::require_any_identity(&request)?;
-        Ok(request)
-    };
+    let require_identity =
+        |request: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
+            auth::require_any_identity(&request)?;
+            Ok(request)
+        };
 
     let incoming = tls::accept_loop(
         listener,
@@ -177,7 +185,9 @@ pub async fn run(
             reflection_v1alpha,
             require_identity,
         ))
-        .add_service(EnrollmentServer::new(EnrollmentApi::new(Arc::clone(&state))))
+        .add_service(EnrollmentServer::new(EnrollmentApi::new(Arc::clone(
+            &state,
+        ))))
         .add_service(AgentSessionServer::new(SessionApi::new(Arc::clone(&state))))
         .add_service(TokensServer::new(admin.clone()))
         .add_service(MachinesServer::new(admin));

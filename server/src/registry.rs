@@ -115,6 +115,13 @@ impl Registry {
         self.lock().len()
     }
 
+    /// Ends a machine's current session (the agent will reconnect).
+    pub fn end_session(&self, machine: Uuid) {
+        if let Some(entry) = self.lock().get(&machine) {
+            entry.cancel.cancel();
+        }
+    }
+
     /// Ends every session (server shutdown).
     pub fn cancel_all(&self) {
         for entry in self.lock().values() {
@@ -144,7 +151,12 @@ fn view_of(entry: &SessionEntry) -> ConnectedView {
 mod tests {
     use super::*;
 
-    fn entry(registry: &Registry) -> (SessionEntry, mpsc::Receiver<Result<ServerMessage, tonic::Status>>) {
+    fn entry(
+        registry: &Registry,
+    ) -> (
+        SessionEntry,
+        mpsc::Receiver<Result<ServerMessage, tonic::Status>>,
+    ) {
         let (sender, receiver) = mpsc::channel(1);
         (
             SessionEntry {

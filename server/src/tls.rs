@@ -15,8 +15,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use flotte_proto::identity::Identity;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use flotte_proto::transport::crypto_provider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -128,10 +128,11 @@ pub fn server_config(
     let provider = crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca_der.to_vec()))?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-        .allow_unauthenticated()
-        .build()
-        .map_err(|error| TlsSetupError::Verifier(error.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .allow_unauthenticated()
+            .build()
+            .map_err(|error| TlsSetupError::Verifier(error.to_string()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -141,7 +142,12 @@ pub fn server_config(
 }
 
 fn peer_certificate(stream: &TlsStream<TcpStream>, trust_domain: &str) -> PeerCertificate {
-    let Some(leaf) = stream.get_ref().1.peer_certificates().and_then(|certs| certs.first()) else {
+    let Some(leaf) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+    else {
         return PeerCertificate::Anonymous;
     };
     let facts = match certificate_facts_from_der(leaf) {
@@ -162,6 +168,25 @@ fn peer_certificate(stream: &TlsStream<TcpStream>, trust_domain: &str) -> PeerCe
         )),
         Err(error) => PeerCertificate::Unusable(error.to_string()),
     }
+}
+
+/// How long a refused connection is drained before it is dropped.
+const REFUSAL_DRAIN: Duration = Duration::from_millis(500);
+
+/// Closes a connection whose handshake failed so that the client can read
+/// our alert. Under TLS 1.3 the client has already sent application data when
+/// we refuse its certificate; dropping the socket with that data unread makes
+/// the kernel send a reset, which discards the alert on the client side and
+/// leaves it with a bare "broken pipe".
+async fn close_gently(mut tcp: TcpStream) {
+    use tokio::io::AsyncReadExt;
+    use tokio::io::AsyncWriteExt;
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSAL_DRAIN, async {
+        while matches!(tcp.read(&mut sink).await, Ok(read) if read > 0) {}
+    })
+    .await;
 }
 
 /// Accepts TCP connections, runs each TLS handshake in its own task (a slow
@@ -194,7 +219,8 @@ pub fn accept_loop(
             let sender = sender.clone();
             let trust_domain = trust_domain.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = acceptor.accept(tcp).into_fallible();
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Ok(stream)) => {
                         let certificate = peer_certificate(&stream, &trust_domain);
                         let peer = PeerInfo {
@@ -203,8 +229,9 @@ pub fn accept_loop(
                         };
                         let _ = sender.send(Ok(TlsConnection { stream, peer })).await;
                     }
-                    Ok(Err(error)) => {
+                    Ok(Err((error, tcp))) => {
                         tracing::info!(%remote_address, %error, "TLS handshake refused");
+                        close_gently(tcp).await;
                     }
                     Err(_) => {
                         tracing::info!(%remote_address, "TLS handshake timed out");

@@ -54,20 +54,17 @@ fn binary_dir() -> PathBuf {
     }
 }
 
-/// Path of a workspace binary; builds the server and agent binaries once if
-/// they are missing (e.g. `cargo test -p flotte-tests` alone).
+/// Path of a workspace binary. Under cargo (`CARGO` set, as in `cargo test`)
+/// the server and agent binaries are rebuilt once per process first: `cargo
+/// test -p flotte-tests` alone would otherwise run stale binaries, and a test
+/// of old code passing is worse than a slower start.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let path = binary_dir().join(name);
-    if !path.exists() {
+    if !path.exists() || std::env::var_os("CARGO").is_some() {
         BUILT.get_or_init(|| {
-            let release = binary_dir().file_name().is_some_and(|name| name == "release");
-            let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            command.args(["build", "--bins", "-p", "flotte-server", "-p", "flotte-agent"]);
-            if release {
-                command.arg("--release");
-            }
-            let status = command.status();
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = build_binaries_command(&cargo).status();
             assert!(
                 status.is_ok_and(|status| status.success()),
                 "building the Flotte binaries failed"
@@ -108,7 +105,10 @@ impl ManagedChild {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1");
         Ok(ManagedChild {
             child: Some(command.spawn()?),
@@ -144,7 +144,10 @@ impl ManagedChild {
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut status = None;
         wait_until(timeout, || {
-            status = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten());
+            status = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
             status.is_some()
         });
         if status.is_some() {
@@ -234,7 +237,11 @@ impl Server {
         let started = wait_until(Duration::from_secs(20), || {
             std::fs::read_to_string(&address_file).is_ok_and(|text| text.ends_with('\n'))
         });
-        assert!(started && process.is_running(), "flotte-server did not start:\n{}", process.log());
+        assert!(
+            started && process.is_running(),
+            "flotte-server did not start:\n{}",
+            process.log()
+        );
         self.address = std::fs::read_to_string(&address_file)
             .expect("read server.address")
             .trim()
@@ -309,6 +316,16 @@ pub fn flottectl(profile: &Path, server: &str, args: &[&str]) -> Output {
         .expect("run flottectl")
 }
 
+/// Command-line arguments of a harness agent (fast reports and reconnects).
+fn agent_arguments(server: &str, token: &str, hostname: &str) -> Vec<String> {
+    let mut arguments = vec!["--server", server, "--hostname", hostname];
+    if !token.is_empty() {
+        arguments.extend(["--join", token]);
+    }
+    arguments.extend(["--report-interval", "1s", "--reconnect-max-backoff", "1s"]);
+    arguments.into_iter().map(str::to_owned).collect()
+}
+
 /// A `flotte-agent` data dir and, while running, its process.
 #[derive(Debug)]
 pub struct Agent {
@@ -320,24 +337,14 @@ pub struct Agent {
 
 impl Agent {
     /// Prepares (does not start) an agent named `name` under `root` that
-    /// enrolls with `token` at `server` and reports as hostname `name`.
+    /// enrolls with `token` (none if empty: an agent already enrolled) at
+    /// `server` and reports as hostname `name`.
     pub fn new(root: &Path, name: &str, server: &str, token: &str) -> Self {
         Agent {
             data_dir: root.join(name),
             name: name.to_owned(),
             process: None,
-            args: vec![
-                "--server".into(),
-                server.into(),
-                "--join".into(),
-                token.into(),
-                "--hostname".into(),
-                name.into(),
-                "--report-interval".into(),
-                "1s".into(),
-                "--reconnect-max-backoff".into(),
-                "1s".into(),
-            ],
+            args: agent_arguments(server, token, name),
         }
     }
 
@@ -374,6 +381,83 @@ impl Agent {
         if status.is_some() {
             self.process = None;
         }
+        status
+    }
+}
+
+/// The directory the harness runs the workspace's binaries from: where the
+/// running executable was built (`target/release` for `cargo run --release`).
+pub fn binaries_directory() -> PathBuf {
+    binary_dir()
+}
+
+/// The `cargo build` command that (re)builds `flotte-server`, `flottectl` and
+/// `flotte-agent` into [`binaries_directory`], with the cargo profile that
+/// directory belongs to. `cargo` is the cargo to run (`$CARGO` when started
+/// by cargo, so that the same toolchain builds everything).
+pub fn build_binaries_command(cargo: &std::ffi::OsStr) -> Command {
+    let mut command = Command::new(cargo);
+    // From the workspace root, so that it works wherever it is started from.
+    if let Some(workspace) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
+        command.current_dir(workspace);
+    }
+    command.arg("build");
+    let directory = binaries_directory();
+    match directory.file_name().and_then(|name| name.to_str()) {
+        // `debug` is where the default `dev` profile builds.
+        Some("debug") | None => {}
+        Some("release") => {
+            command.arg("--release");
+        }
+        Some(profile) => {
+            command.args(["--profile", profile]);
+        }
+    }
+    // The same selection as `cargo test --workspace`, so that features unify
+    // alike and no dependency is compiled a second time.
+    command.args(["--workspace", "--bins"]);
+    command
+}
+
+/// [`ManagedChild::terminate`] signals the pid, which a process that has
+/// already exited and been reaped (by `is_running`) may no longer own: only
+/// a live (or not yet reaped) child is signalled.
+fn terminate_unless_exited(process: &mut ManagedChild, timeout: Duration) -> Option<ExitStatus> {
+    if process.is_running() {
+        process.terminate(timeout)
+    } else {
+        process.wait_exit(Duration::ZERO)
+    }
+}
+
+impl Server {
+    /// Whether the server process is alive (false if never started or gone).
+    pub fn is_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(ManagedChild::is_running)
+    }
+
+    /// SIGTERM and wait up to `timeout` for a clean exit (SIGKILL after it);
+    /// the exit status if it exited by itself, `None` if it was not running
+    /// or had to be killed.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let status = terminate_unless_exited(self.process.as_mut()?, timeout);
+        self.process = None;
+        status
+    }
+}
+
+impl Agent {
+    /// Whether the agent process is alive (false if never started or gone).
+    pub fn is_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(ManagedChild::is_running)
+    }
+
+    /// SIGTERM and wait up to `timeout` for a clean exit (SIGKILL after it);
+    /// the exit status if it exited by itself, `None` if it was not running
+    /// or had to be killed.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let status = terminate_unless_exited(self.process.as_mut()?, timeout);
+        self.process = None;
         status
     }
 }

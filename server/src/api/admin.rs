@@ -12,12 +12,13 @@ use flotte_proto::v1::tokens_server::Tokens;
 use flotte_proto::v1::{
     CreateTokenRequest, CreateTokenResponse, GetMachineRequest, ListMachinesRequest,
     ListMachinesResponse, ListTokensRequest, ListTokensResponse, Machine, RevokeTokenRequest,
-    RevokeTokenResponse, TokenInfo,
+    RevokeTokenResponse, SetLabelsRequest, TokenInfo,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::api::session::push_desired_state;
 use crate::auth::require_operator;
 use crate::enrollment::hash_secret;
 use crate::registry::ConnectedView;
@@ -88,14 +89,20 @@ fn validate_token_request(request: &CreateTokenRequest) -> Result<(), Status> {
     }
 }
 
-pub fn machine_to_proto(machine: &MachineRecord, connection: Option<&ConnectedView>, trust_domain: &str) -> Machine {
+pub fn machine_to_proto(
+    machine: &MachineRecord,
+    connection: Option<&ConnectedView>,
+    trust_domain: &str,
+) -> Machine {
     Machine {
         id: machine.id.to_string(),
         hostname: machine.inventory.hostname.clone(),
         zone: machine.zone.clone(),
         labels: machine.labels.clone().into_iter().collect(),
         connected: connection.is_some(),
-        last_seen: connection.map_or(machine.last_seen, |view| view.last_seen.max(machine.last_seen)),
+        last_seen: connection.map_or(machine.last_seen, |view| {
+            view.last_seen.max(machine.last_seen)
+        }),
         agent_version: machine.inventory.agent_version.clone(),
         certificate_not_after: machine.certificate_not_after,
         os: machine.inventory.os.clone(),
@@ -104,12 +111,19 @@ pub fn machine_to_proto(machine: &MachineRecord, connection: Option<&ConnectedVi
         enrolled_at: machine.enrolled_at,
         identity_uri: flotte_proto::identity::Identity::machine(trust_domain, machine.id).uri(),
         arch: machine.inventory.arch.clone(),
-        remote_address: connection.map(|view| view.remote_address.to_string()).unwrap_or_default(),
+        remote_address: connection
+            .map(|view| view.remote_address.to_string())
+            .unwrap_or_default(),
+        desired_version: machine.desired_version,
+        applied_desired_version: connection.map_or(0, |view| view.applied_desired_version),
     }
 }
 
 /// Finds a machine by full id, unique id prefix, or unique hostname.
-pub fn find_machine<'a>(machines: &'a [MachineRecord], key: &str) -> Result<&'a MachineRecord, Status> {
+pub fn find_machine<'a>(
+    machines: &'a [MachineRecord],
+    key: &str,
+) -> Result<&'a MachineRecord, Status> {
     if let Ok(id) = Uuid::parse_str(key) {
         return machines
             .iter()
@@ -118,11 +132,15 @@ pub fn find_machine<'a>(machines: &'a [MachineRecord], key: &str) -> Result<&'a 
     }
     let matches: Vec<_> = machines
         .iter()
-        .filter(|machine| machine.id.to_string().starts_with(key) || machine.inventory.hostname == key)
+        .filter(|machine| {
+            machine.id.to_string().starts_with(key) || machine.inventory.hostname == key
+        })
         .collect();
     match matches.as_slice() {
         [one] => Ok(one),
-        [] => Err(Status::not_found(format!("no machine matches {key:?} (id, id prefix or hostname)"))),
+        [] => Err(Status::not_found(format!(
+            "no machine matches {key:?} (id, id prefix or hostname)"
+        ))),
         many => Err(Status::invalid_argument(format!(
             "{key:?} matches {} machines; use more of the id",
             many.len()
@@ -210,7 +228,10 @@ impl Machines for AdminApi {
         let machines = machines
             .iter()
             .filter(|machine| {
-                selector.matches(|key| machine.labels.get(key).map(String::as_str), &machine.zone)
+                selector.matches(
+                    |key| machine.labels.get(key).map(String::as_str),
+                    &machine.zone,
+                )
             })
             .map(|machine| machine_to_proto(machine, connections.get(&machine.id), trust_domain))
             .collect();
@@ -232,6 +253,53 @@ impl Machines for AdminApi {
             &self.state.config.trust_domain,
         )))
     }
+
+    async fn set_labels(
+        &self,
+        request: Request<SetLabelsRequest>,
+    ) -> Result<Response<Machine>, Status> {
+        let caller = require_operator(&request)?;
+        let request = request.into_inner();
+        let machines = self.state.store.machines().await?;
+        let machine = find_machine(&machines, &request.id)?;
+        let labels = relabel(&machine.labels, &request.set, &request.remove)?;
+        let updated = self
+            .state
+            .store
+            .update_labels(machine.id, &labels)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("machine {} was removed", machine.id)))?;
+        tracing::info!(machine = %updated.id, operator = %caller.identity, version = updated.desired_version, "labels changed");
+        push_desired_state(&self.state, &updated).await;
+        let view = self.state.registry.view(updated.id);
+        Ok(Response::new(machine_to_proto(
+            &updated,
+            view.as_ref(),
+            &self.state.config.trust_domain,
+        )))
+    }
+}
+
+/// Applies `set` then `remove` to `labels`, listing every invalid label.
+fn relabel(
+    labels: &std::collections::BTreeMap<String, String>,
+    set: &HashMap<String, String>,
+    remove: &[String],
+) -> Result<std::collections::BTreeMap<String, String>, Status> {
+    let problems: Vec<String> = set
+        .iter()
+        .filter_map(|(key, value)| validate_label(key, value).err())
+        .map(|error| error.to_string())
+        .collect();
+    if !problems.is_empty() {
+        return Err(Status::invalid_argument(problems.join("; ")));
+    }
+    let mut labels = labels.clone();
+    labels.extend(set.iter().map(|(key, value)| (key.clone(), value.clone())));
+    for key in remove {
+        labels.remove(key);
+    }
+    Ok(labels)
 }
 
 #[cfg(test)]
@@ -254,6 +322,26 @@ mod tests {
     }
 
     #[test]
+    fn relabel_sets_then_removes_and_refuses_bad_labels() {
+        let labels = [
+            ("env".to_owned(), "prod".to_owned()),
+            ("team".to_owned(), "a".to_owned()),
+        ]
+        .into();
+        let set: HashMap<String, String> = [("role".to_owned(), "web".to_owned())].into();
+        let relabelled = relabel(&labels, &set, &["team".to_owned()]).unwrap();
+        assert_eq!(
+            flotte_proto::labels::format_labels(&relabelled),
+            "env=prod,role=web"
+        );
+        let bad: HashMap<String, String> = [("bad key".to_owned(), "x".to_owned())].into();
+        assert_eq!(
+            relabel(&labels, &bad, &[]).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
     fn machines_are_found_by_id_prefix_or_hostname() {
         let mut a = MachineRecord {
             id: Uuid::parse_str("11111111-0000-4000-8000-000000000000").unwrap(),
@@ -262,6 +350,7 @@ mod tests {
             enrolled_at: 0,
             enrolled_with_token: String::new(),
             certificate_serial: String::new(),
+            previous_certificate_serial: String::new(),
             certificate_not_after: 0,
             inventory: Default::default(),
             last_seen: 0,
@@ -275,7 +364,13 @@ mod tests {
         assert_eq!(find_machine(&machines, "web-2").unwrap().id, b.id);
         assert_eq!(find_machine(&machines, "111111").unwrap().id, a.id);
         assert_eq!(find_machine(&machines, &a.id.to_string()).unwrap().id, a.id);
-        assert_eq!(find_machine(&machines, "1111").unwrap_err().code(), tonic::Code::InvalidArgument);
-        assert_eq!(find_machine(&machines, "db-1").unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(
+            find_machine(&machines, "1111").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            find_machine(&machines, "db-1").unwrap_err().code(),
+            tonic::Code::NotFound
+        );
     }
 }

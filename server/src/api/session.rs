@@ -11,9 +11,7 @@ use std::time::Duration;
 use flotte_proto::v1::agent_message::Kind as AgentKind;
 use flotte_proto::v1::agent_session_server::AgentSession;
 use flotte_proto::v1::server_message::Kind as ServerKind;
-use flotte_proto::v1::{
-    AgentMessage, CertificateIssued, DesiredState, Hello, ServerMessage,
-};
+use flotte_proto::v1::{AgentMessage, CertificateIssued, DesiredState, Hello, ServerMessage};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -47,6 +45,32 @@ pub fn desired_state(machine: &MachineRecord, report_interval: Duration) -> Desi
         labels: machine.labels.clone().into_iter().collect(),
         zone: machine.zone.clone(),
         report_interval_seconds: u32::try_from(report_interval.as_secs()).unwrap_or(u32::MAX),
+    }
+}
+
+/// How long a push may wait for room in a session's queue.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Sends a machine's whole desired state to its live session, if it has one.
+/// A session whose queue stays full is ended instead: the agent reconnects
+/// and receives the whole state on connect, so a change is never lost.
+pub async fn push_desired_state(state: &ServerState, machine: &MachineRecord) {
+    let Some(sender) = state.registry.sender(machine.id) else {
+        return;
+    };
+    let message = ServerMessage {
+        kind: Some(ServerKind::DesiredState(desired_state(
+            machine,
+            state.config.report_interval,
+        ))),
+    };
+    match tokio::time::timeout(PUSH_TIMEOUT, sender.send(Ok(message))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => {} // the session ended meanwhile; it gets the state on reconnect
+        Err(_) => {
+            tracing::warn!(machine = %machine.id, "session queue full; ending the session so the agent resyncs");
+            state.registry.end_session(machine.id);
+        }
     }
 }
 
@@ -124,12 +148,7 @@ impl AgentSession for SessionApi {
         tracing::info!(machine = %machine_id, remote = %caller.peer.remote_address, hostname = %hello.inventory.as_ref().map(|i| i.hostname.as_str()).unwrap_or(""), "agent session opened");
 
         tokio::spawn(serve_session(
-            state,
-            machine_id,
-            session_id,
-            inbound,
-            sender,
-            cancel,
+            state, machine_id, session_id, inbound, sender, cancel,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
@@ -168,7 +187,9 @@ async fn serve_session(
                 tracing::debug!(machine = %machine_id, "ignoring repeated hello");
             }
             Some(AgentKind::Ack(ack)) => {
-                state.registry.record_applied_version(machine_id, ack.version);
+                state
+                    .registry
+                    .record_applied_version(machine_id, ack.version);
             }
             Some(AgentKind::RenewCertificate(renewal)) => {
                 renew_certificate(&state, machine_id, &renewal.csr_pem, &sender).await;
@@ -177,7 +198,11 @@ async fn serve_session(
     };
     if state.registry.unregister(machine_id, session_id).is_some() {
         let last_seen = state.clock.now_unix();
-        if let Err(error) = state.store.record_last_seen(&[(machine_id, last_seen)]).await {
+        if let Err(error) = state
+            .store
+            .record_last_seen(&[(machine_id, last_seen)])
+            .await
+        {
             tracing::warn!(machine = %machine_id, %error, "cannot record last-seen at disconnect");
         }
     }
@@ -190,11 +215,13 @@ async fn renew_certificate(
     csr_pem: &str,
     sender: &SessionSender,
 ) {
-    let identity = flotte_proto::identity::Identity::machine(&state.config.trust_domain, machine_id);
-    let issued = match state
-        .ca
-        .issue_client_from_csr(csr_pem, &identity, state.config.machine_certificate_ttl)
-    {
+    let identity =
+        flotte_proto::identity::Identity::machine(&state.config.trust_domain, machine_id);
+    let issued = match state.ca.issue_client_from_csr(
+        csr_pem,
+        &identity,
+        state.config.machine_certificate_ttl,
+    ) {
         Ok(issued) => issued,
         Err(error) => {
             tracing::warn!(machine = %machine_id, %error, "certificate renewal refused");

@@ -95,6 +95,18 @@ fn main() -> ExitCode {
             report_interval,
         } => {
             init_tracing();
+            // One socket per connected agent: the default soft limit (often
+            // 1 024) would cap the fleet long before memory or CPU does. A
+            // failure is not fatal; the server still serves up to the old limit.
+            match flotte_server::limits::raise_open_files_limit() {
+                Ok(limit) => tracing::info!(
+                    soft = limit.soft,
+                    hard = limit.hard,
+                    previous_soft = limit.previous_soft,
+                    "open-files limit (bounds the number of connected agents)"
+                ),
+                Err(error) => tracing::warn!(%error, "open-files limit left as it was"),
+            }
             let config_path = config.unwrap_or_else(|| default_config_path(&data_dir));
             let mut settings = if config_path.exists() {
                 match read_toml::<ServerConfigFile>(&config_path) {
@@ -151,7 +163,10 @@ fn main() -> ExitCode {
                     &address_file,
                     format!("{bound}\n").as_bytes(),
                 ) {
-                    eprintln!("flotte-server: cannot write {}: {error}", address_file.display());
+                    eprintln!(
+                        "flotte-server: cannot write {}: {error}",
+                        address_file.display()
+                    );
                     return ExitCode::FAILURE;
                 }
                 tracing::info!(address = %bound, "listening");

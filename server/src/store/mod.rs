@@ -60,6 +60,9 @@ pub struct MachineRecord {
     pub enrolled_at: UnixSeconds,
     pub enrolled_with_token: String,
     pub certificate_serial: String,
+    /// The serial before the last renewal: if the renewal's answer was lost
+    /// (server killed after recording it), the agent still holds this one.
+    pub previous_certificate_serial: String,
     pub certificate_not_after: UnixSeconds,
     pub inventory: Inventory,
     /// Last time the machine was heard from, as of the last batched flush.
@@ -129,6 +132,7 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_machine(&self, machine: &MachineRecord) -> Result<(), StoreError>;
     async fn machine(&self, id: Uuid) -> Result<Option<MachineRecord>, StoreError>;
     async fn machines(&self) -> Result<Vec<MachineRecord>, StoreError>;
+    /// Records a newly issued certificate; the current serial becomes the previous one.
     async fn record_certificate(
         &self,
         id: Uuid,
@@ -141,6 +145,13 @@ pub trait Store: Send + Sync + 'static {
         inventory: &Inventory,
         seen_at: UnixSeconds,
     ) -> Result<(), StoreError>;
+    /// Replaces a machine's labels and bumps its desired-state version;
+    /// `None` if no such machine.
+    async fn update_labels(
+        &self,
+        id: Uuid,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<MachineRecord>, StoreError>;
     /// Writes many last-seen times in one transaction.
     async fn record_last_seen(&self, seen: &[(Uuid, UnixSeconds)]) -> Result<(), StoreError>;
 
@@ -181,7 +192,11 @@ mod tests {
         ));
         assert!(matches!(
             classify_token_refusal(Some(&token(false, 500, 1)), now),
-            TokenRefusal::UsedUp { uses_done: 1, uses_allowed: 1, .. }
+            TokenRefusal::UsedUp {
+                uses_done: 1,
+                uses_allowed: 1,
+                ..
+            }
         ));
     }
 }

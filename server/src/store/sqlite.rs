@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS machines (
     enrolled_at INTEGER NOT NULL,
     enrolled_with_token TEXT NOT NULL,
     certificate_serial TEXT NOT NULL,
+    previous_certificate_serial TEXT NOT NULL DEFAULT '',
     certificate_not_after INTEGER NOT NULL,
     hostname TEXT NOT NULL,
     os TEXT NOT NULL,
@@ -94,6 +95,7 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         enrolled_at: row.get("enrolled_at")?,
         enrolled_with_token: row.get("enrolled_with_token")?,
         certificate_serial: row.get("certificate_serial")?,
+        previous_certificate_serial: row.get("previous_certificate_serial")?,
         certificate_not_after: row.get("certificate_not_after")?,
         inventory: Inventory {
             hostname: row.get("hostname")?,
@@ -193,7 +195,11 @@ impl Store for SqliteStore {
         self.write(move |connection| {
             connection.execute("UPDATE join_tokens SET revoked = 1 WHERE id = ?1", [&id])?;
             Ok(connection
-                .query_row("SELECT * FROM join_tokens WHERE id = ?1", [&id], token_from_row)
+                .query_row(
+                    "SELECT * FROM join_tokens WHERE id = ?1",
+                    [&id],
+                    token_from_row,
+                )
                 .optional()?)
         })
         .await
@@ -223,7 +229,9 @@ impl Store for SqliteStore {
             transaction.commit()?;
             Ok(match (changed, record) {
                 (1, Some(record)) => TokenRedemption::Redeemed(record),
-                (_, record) => TokenRedemption::Refused(classify_token_refusal(record.as_ref(), now)),
+                (_, record) => {
+                    TokenRedemption::Refused(classify_token_refusal(record.as_ref(), now))
+                }
             })
         })
         .await
@@ -275,7 +283,8 @@ impl Store for SqliteStore {
 
     async fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
         self.with_connection(|connection| {
-            let mut statement = connection.prepare("SELECT * FROM machines ORDER BY zone, hostname, id")?;
+            let mut statement =
+                connection.prepare("SELECT * FROM machines ORDER BY zone, hostname, id")?;
             let machines = statement
                 .query_map([], machine_from_row)?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -293,7 +302,8 @@ impl Store for SqliteStore {
         let serial = serial.to_owned();
         self.write(move |connection| {
             connection.execute(
-                "UPDATE machines SET certificate_serial = ?2, certificate_not_after = ?3 WHERE id = ?1",
+                "UPDATE machines SET previous_certificate_serial = certificate_serial,
+                    certificate_serial = ?2, certificate_not_after = ?3 WHERE id = ?1",
                 params![id.to_string(), serial, not_after],
             )?;
             Ok(())
@@ -324,6 +334,31 @@ impl Store for SqliteStore {
                 ],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn update_labels(
+        &self,
+        id: Uuid,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        let labels = labels_to_json(labels);
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            transaction.execute(
+                "UPDATE machines SET labels = ?2, desired_version = desired_version + 1 WHERE id = ?1",
+                params![id.to_string(), labels],
+            )?;
+            let machine = transaction
+                .query_row(
+                    "SELECT * FROM machines WHERE id = ?1",
+                    [id.to_string()],
+                    machine_from_row,
+                )
+                .optional()?;
+            transaction.commit()?;
+            Ok(machine)
         })
         .await
     }
@@ -382,7 +417,9 @@ mod tests {
         let (store, dir) = temp_store();
         store.insert_token(&token(1, 1000)).await.unwrap();
         let first = store.redeem_token("hash", 100).await.unwrap();
-        assert!(matches!(first, TokenRedemption::Redeemed(ref t) if t.uses_done == 1 && t.labels["env"] == "prod"));
+        assert!(
+            matches!(first, TokenRedemption::Redeemed(ref t) if t.uses_done == 1 && t.labels["env"] == "prod")
+        );
         let second = store.redeem_token("hash", 100).await.unwrap();
         assert!(matches!(
             second,
@@ -420,6 +457,7 @@ mod tests {
             enrolled_at: 5,
             enrolled_with_token: "abcd".into(),
             certificate_serial: "01".into(),
+            previous_certificate_serial: String::new(),
             certificate_not_after: 99,
             inventory: Inventory::default(),
             last_seen: 5,
@@ -430,8 +468,31 @@ mod tests {
         store.record_last_seen(&[(machine.id, 42)]).await.unwrap();
         store.record_last_seen(&[(machine.id, 7)]).await.unwrap();
         assert_eq!(store.write_count(), writes_before + 2);
+        store
+            .record_certificate(machine.id, "02", 200)
+            .await
+            .unwrap();
+        let relabelled = store
+            .update_labels(machine.id, &[("role".to_owned(), "db".to_owned())].into())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(relabelled.desired_version, 2);
+        assert_eq!(relabelled.labels["role"], "db");
+        assert!(store
+            .update_labels(Uuid::new_v4(), &BTreeMap::new())
+            .await
+            .unwrap()
+            .is_none());
         let loaded = store.machine(machine.id).await.unwrap().unwrap();
         assert_eq!(loaded.last_seen, 42, "last_seen never goes backwards");
+        assert_eq!(
+            (
+                loaded.certificate_serial.as_str(),
+                loaded.previous_certificate_serial.as_str()
+            ),
+            ("02", "01")
+        );
         assert_eq!(loaded.labels, machine.labels);
         assert_eq!(store.machines().await.unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();

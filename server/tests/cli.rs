@@ -1,0 +1,121 @@
+//! The `flotte-server` command line as an operator meets it: `init` refuses to
+//! replace an existing CA, and `run` with a bad settings file exits with
+//! status 2 listing every problem at once (not just the first).
+
+// Test code: a failed setup step must stop the test with its message, helpers
+// included (clippy exempts only the #[test] functions themselves).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// A fresh scratch directory for one test under cargo's per-target temp dir
+/// (left in place after a failure, for inspection; replaced on the next run).
+fn scratch_dir(test_name: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("flotte-server-cli-{test_name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn flotte_server(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotte-server"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+fn init(data_dir: &std::path::Path) -> Output {
+    flotte_server(&["init".as_ref(), "--data-dir".as_ref(), data_dir.as_os_str()])
+}
+
+#[test]
+fn init_twice_refuses_to_replace_the_existing_ca() {
+    let scratch = scratch_dir("init-twice");
+    let data_dir = scratch.join("server");
+    let first = init(&data_dir);
+    assert!(
+        first.status.success(),
+        "first init: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let ca_before = std::fs::read(data_dir.join("ca/ca.pem")).unwrap();
+
+    let second = init(&data_dir);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "second init succeeded: {stderr}");
+    assert!(
+        stderr.contains("CA already exists") && stderr.contains("ca.pem"),
+        "the refusal should name the existing CA: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read(data_dir.join("ca/ca.pem")).unwrap(),
+        ca_before,
+        "the CA was replaced"
+    );
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[test]
+fn run_with_a_bad_config_exits_2_listing_every_problem() {
+    let scratch = scratch_dir("bad-config");
+    let config = scratch.join("bad.toml");
+    std::fs::write(
+        &config,
+        r#"
+listen = "nowhere"
+trust_domain = "bad/domain"
+subject_alt_names = ["bad name"]
+machine_certificate_ttl = "soon"
+report_interval = "0s"
+last_seen_flush_interval = "often"
+"#,
+    )
+    .unwrap();
+    let output = flotte_server(&[
+        "run".as_ref(),
+        "--data-dir".as_ref(),
+        scratch.join("server").as_os_str(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for expected in [
+        "listen = \"nowhere\"",
+        "trust_domain = \"bad/domain\"",
+        "subject_alt_names: \"bad name\"",
+        "machine_certificate_ttl = \"soon\"",
+        "report_interval = \"0s\" is too short",
+        "last_seen_flush_interval = \"often\"",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "{expected:?} missing from:\n{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[test]
+fn run_with_an_unknown_key_exits_2_naming_it() {
+    let scratch = scratch_dir("unknown-key");
+    let config = scratch.join("typo.toml");
+    std::fs::write(&config, "listn = \"127.0.0.1:0\"\n").unwrap();
+    let output = flotte_server(&[
+        "run".as_ref(),
+        "--data-dir".as_ref(),
+        scratch.join("server").as_os_str(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("listn") && stderr.contains("typo.toml"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&scratch).unwrap();
+}

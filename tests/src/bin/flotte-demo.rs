@@ -1,0 +1,576 @@
+//! `flotte-demo`: a whole Flotte fleet on this machine in one command. It
+//! builds the release binaries (when started by cargo), initialises a server
+//! on 127.0.0.1, enrolls three agents with join tokens (web-1 in dc1, web-2 in
+//! dc2, db-1 in dc3), waits for their mutual-TLS sessions, prints the fleet
+//! and the `flottectl` command line to explore it from another terminal, then
+//! reprints the fleet every 10 s until Ctrl-C or SIGTERM, when it stops every
+//! process cleanly.
+//!
+//! It runs the real binaries through the test harness (`flotte_tests`), so
+//! what the demo shows is what the product does. The demo is a list of steps
+//! (`STEPS`) run in order; later demos (a staged rollout) add steps there.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use clap::Parser;
+use flotte_tests::{
+    binaries_directory, build_binaries_command, wait_until, Agent, Server, TempDir,
+};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// How long three agents may take to enroll and open their sessions. They
+/// need well under a second on a laptop; the margin covers a loaded machine.
+const SESSIONS_TIMEOUT: Duration = Duration::from_secs(60);
+/// A fresh release build of the workspace takes minutes on 2 cores.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+const FLEET_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// Agents and server stop within a few seconds of SIGTERM (the server gives
+/// connections 5 s); past this they are killed and the demo says so.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How much of each log is shown when something goes wrong.
+const LOG_TAIL_LINES: usize = 30;
+const BINARIES: [&str; 3] = ["flotte-server", "flotte-agent", "flottectl"];
+
+/// One demo machine: the hostname its agent reports and what its join token
+/// gives it.
+struct DemoMachine {
+    hostname: &'static str,
+    zone: &'static str,
+    labels: &'static str,
+}
+
+const DEMO_MACHINES: [DemoMachine; 3] = [
+    DemoMachine {
+        hostname: "web-1",
+        zone: "dc1",
+        labels: "env=demo,role=web",
+    },
+    DemoMachine {
+        hostname: "web-2",
+        zone: "dc2",
+        labels: "env=demo,role=web",
+    },
+    DemoMachine {
+        hostname: "db-1",
+        zone: "dc3",
+        labels: "env=demo,role=db",
+    },
+];
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotte-demo",
+    about = "Run a Flotte server and three agents on 127.0.0.1 until Ctrl-C"
+)]
+struct Cli {
+    /// Keep the fleet's data dirs and logs in DIR (new or empty) after the
+    /// demo; without it a temporary directory is used and removed at exit.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+enum DemoError {
+    /// SIGINT or SIGTERM arrived: not a failure, the demo just stops.
+    Stopped,
+    Failed(String),
+}
+
+impl From<std::io::Error> for DemoError {
+    fn from(error: std::io::Error) -> Self {
+        DemoError::Failed(error.to_string())
+    }
+}
+
+/// Set once SIGINT or SIGTERM has arrived; every wait in the demo polls it.
+#[derive(Debug, Clone, Default)]
+struct StopRequest(Arc<AtomicBool>);
+
+impl StopRequest {
+    fn is_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// `Err(Stopped)` once a stop was requested, to end a step early.
+    fn check(&self) -> Result<(), DemoError> {
+        if self.is_requested() {
+            Err(DemoError::Stopped)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Installs the SIGINT and SIGTERM handlers now, before any child process is
+/// started, so that no signal can end the demo without it stopping its
+/// children. (`flotte_proto::signals::wait_for_termination` registers only
+/// when first polled, which would leave that window open.) The handlers run
+/// on `runtime`'s worker thread while the demo's own thread works and waits.
+fn listen_for_stop_signals(
+    runtime: &tokio::runtime::Runtime,
+    stop: StopRequest,
+) -> std::io::Result<()> {
+    let _runtime_context = runtime.enter();
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    runtime.spawn(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        eprintln!("\nflotte-demo: {name} received, stopping the fleet");
+        stop.request();
+    });
+    Ok(())
+}
+
+/// Quotes `text` for a POSIX shell when it needs it, so that printed command
+/// lines can be pasted as they are.
+fn shell_quote(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-:=,@+%".contains(&b));
+    if plain {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+fn command_line(program: &OsStr, args: &[&OsStr]) -> String {
+    std::iter::once(program)
+        .chain(args.iter().copied())
+        .map(|part| shell_quote(&part.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn describe_command(command: &Command) -> String {
+    let args: Vec<&OsStr> = command.get_args().collect();
+    command_line(command.get_program(), &args)
+}
+
+fn log_tail(label: &str, log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+    format!(
+        "--- last lines of the {label} log ---\n{}\n",
+        lines[start..].join("\n")
+    )
+}
+
+fn describe_exit(status: Option<ExitStatus>) -> String {
+    match status {
+        Some(status) if status.success() => "stopped cleanly".to_owned(),
+        Some(status) => format!("stopped with {status}"),
+        None => format!(
+            "did not stop within {}s and was killed",
+            STOP_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// Where the fleet's data dirs and logs live: kept if the user named it.
+enum DataRoot {
+    Kept(PathBuf),
+    Temporary(TempDir),
+}
+
+impl DataRoot {
+    fn prepare(requested: Option<PathBuf>) -> Result<Self, DemoError> {
+        let Some(directory) = requested else {
+            return Ok(DataRoot::Temporary(TempDir::new("flotte-demo")?));
+        };
+        let in_use = std::fs::read_dir(&directory)
+            .map(|mut entries| entries.next().is_some())
+            .unwrap_or(false);
+        if in_use {
+            return Err(DemoError::Failed(format!(
+                "{} is not empty (an earlier demo?): remove it or pass another --dir",
+                directory.display()
+            )));
+        }
+        std::fs::create_dir_all(&directory)?;
+        // Absolute, so that printed commands work from any directory.
+        Ok(DataRoot::Kept(std::fs::canonicalize(&directory)?))
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            DataRoot::Kept(path) => path,
+            DataRoot::Temporary(temporary) => temporary.path(),
+        }
+    }
+}
+
+/// The fleet as it is built up, step by step.
+struct Demo {
+    root: PathBuf,
+    stop: StopRequest,
+    server: Option<Server>,
+    agents: Vec<Agent>,
+}
+
+type Step = fn(&mut Demo) -> Result<(), DemoError>;
+
+/// The demo, in order. Each step prints what it does; a failed or
+/// interrupted step ends the run (the fleet is then stopped).
+const STEPS: [(&str, Step); 6] = [
+    ("build the binaries", Demo::build_binaries),
+    ("initialise the server", Demo::init_server),
+    ("start the server", Demo::start_server),
+    (
+        "create join tokens and start the agents",
+        Demo::start_agents,
+    ),
+    ("wait for the agents' sessions", Demo::wait_for_sessions),
+    ("show the fleet", Demo::show_fleet),
+];
+
+impl Demo {
+    fn server(&self) -> Result<&Server, DemoError> {
+        self.server
+            .as_ref()
+            .ok_or_else(|| DemoError::Failed("the server was not initialised".to_owned()))
+    }
+
+    fn server_mut(&mut self) -> Result<&mut Server, DemoError> {
+        self.server
+            .as_mut()
+            .ok_or_else(|| DemoError::Failed("the server was not initialised".to_owned()))
+    }
+
+    fn run_steps(&mut self) -> Result<(), DemoError> {
+        for (index, (title, step)) in STEPS.iter().enumerate() {
+            self.stop.check()?;
+            println!("\n==> [{}/{}] {title}", index + 1, STEPS.len());
+            step(self)?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the binaries when started by cargo (`$CARGO` is set), so
+    /// that the demo never runs stale ones; otherwise uses what is there.
+    fn build_binaries(&mut self) -> Result<(), DemoError> {
+        match std::env::var_os("CARGO") {
+            Some(cargo) => {
+                let mut command = build_binaries_command(&cargo);
+                println!("$ {}", describe_command(&command));
+                let mut build = command.stdin(Stdio::null()).spawn()?;
+                let mut status = None;
+                let finished = wait_until(BUILD_TIMEOUT, || {
+                    status = build.try_wait().ok().flatten();
+                    status.is_some() || self.stop.is_requested()
+                });
+                if status.is_none() {
+                    let _ = build.kill();
+                    let _ = build.wait();
+                    self.stop.check()?;
+                    if finished {
+                        return Err(DemoError::Failed("cargo build vanished".to_owned()));
+                    }
+                    return Err(DemoError::Failed(format!(
+                        "cargo build took more than {} minutes",
+                        BUILD_TIMEOUT.as_secs() / 60
+                    )));
+                }
+                if !status.is_some_and(|status| status.success()) {
+                    return Err(DemoError::Failed(
+                        "cargo build failed (its errors are above)".to_owned(),
+                    ));
+                }
+            }
+            None => println!(
+                "not started by cargo: using the binaries in {} as they are\n\
+                 (`cargo run --release -p flotte-tests --bin flotte-demo` rebuilds them first)",
+                binaries_directory().display()
+            ),
+        }
+        let missing: Vec<&str> = BINARIES
+            .into_iter()
+            .filter(|name| !binaries_directory().join(name).exists())
+            .collect();
+        if !missing.is_empty() {
+            return Err(DemoError::Failed(format!(
+                "missing in {}: {}",
+                binaries_directory().display(),
+                missing.join(", ")
+            )));
+        }
+        println!("binaries: {}", binaries_directory().display());
+        Ok(())
+    }
+
+    fn init_server(&mut self) -> Result<(), DemoError> {
+        let server = Server::init(&self.root, "server", &[]);
+        println!("data dir:      {}", server.data_dir.display());
+        println!("admin profile: {}", server.admin_profile().display());
+        self.server = Some(server);
+        Ok(())
+    }
+
+    fn start_server(&mut self) -> Result<(), DemoError> {
+        let server = self.server_mut()?;
+        server.start();
+        println!("listening on {}", server.address);
+        println!(
+            "log:          {}",
+            server.data_dir.join("server.log").display()
+        );
+        Ok(())
+    }
+
+    /// The flottectl command line for `args`, with the admin profile and the
+    /// server address, ready to paste into another terminal.
+    fn flottectl_command_line(&self, args: &[&str]) -> Result<String, DemoError> {
+        let server = self.server()?;
+        let profile = server.admin_profile();
+        let mut all: Vec<&OsStr> = vec![
+            OsStr::new("--profile"),
+            profile.as_os_str(),
+            OsStr::new("--server"),
+            OsStr::new(&server.address),
+        ];
+        all.extend(args.iter().map(OsStr::new));
+        Ok(command_line(
+            binaries_directory().join("flottectl").as_os_str(),
+            &all,
+        ))
+    }
+
+    fn start_agents(&mut self) -> Result<(), DemoError> {
+        for machine in &DEMO_MACHINES {
+            self.stop.check()?;
+            let token_arguments = [
+                "token",
+                "create",
+                "--labels",
+                machine.labels,
+                "--zone",
+                machine.zone,
+                "--ttl",
+                "1h",
+            ];
+            println!("$ {}", self.flottectl_command_line(&token_arguments)?);
+            let server = self.server()?;
+            let token = server.token(machine.labels, machine.zone, &["--ttl", "1h"]);
+            let mut agent = Agent::new(&self.root, machine.hostname, &server.address, &token);
+            agent.start();
+            println!(
+                "started agent {} (zone {}, labels {}); data dir {}",
+                machine.hostname,
+                machine.zone,
+                machine.labels,
+                agent.data_dir.display()
+            );
+            self.agents.push(agent);
+        }
+        Ok(())
+    }
+
+    /// The logs of every process, for a failure message.
+    fn all_logs(&self) -> String {
+        let mut logs = String::new();
+        if let Some(server) = &self.server {
+            logs.push_str(&log_tail("server", &server.log()));
+        }
+        for agent in &self.agents {
+            logs.push_str(&log_tail(&format!("agent {}", agent.name), &agent.log()));
+        }
+        logs
+    }
+
+    /// The name of a process of the fleet that is no longer running, if any.
+    fn exited_process(&mut self) -> Option<String> {
+        if let Some(server) = &mut self.server {
+            if !server.is_running() {
+                return Some("the server".to_owned());
+            }
+        }
+        self.agents
+            .iter_mut()
+            .find_map(|agent| (!agent.is_running()).then(|| format!("agent {}", agent.name)))
+    }
+
+    fn wait_for_sessions(&mut self) -> Result<(), DemoError> {
+        let expected = self.agents.len();
+        let mut connected = 0;
+        let mut exited = None;
+        let stop = self.stop.clone();
+        wait_until(SESSIONS_TIMEOUT, || {
+            exited = self.exited_process();
+            if exited.is_some() || stop.is_requested() {
+                return true;
+            }
+            connected = self.server().map_or(0, Server::connected_count);
+            connected == expected
+        });
+        self.stop.check()?;
+        if let Some(process) = exited {
+            return Err(DemoError::Failed(format!(
+                "{process} exited before all agents were connected\n{}",
+                self.all_logs()
+            )));
+        }
+        if connected != expected {
+            return Err(DemoError::Failed(format!(
+                "only {connected} of {expected} agents connected within {}s\n{}",
+                SESSIONS_TIMEOUT.as_secs(),
+                self.all_logs()
+            )));
+        }
+        println!("{expected} agents connected");
+        Ok(())
+    }
+
+    /// Runs `flottectl machines list` and prints its output.
+    fn print_fleet(&self) -> Result<(), DemoError> {
+        let output = self.server()?.ctl(&["machines", "list"]);
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+        if !output.status.success() {
+            return Err(DemoError::Failed(format!(
+                "flottectl machines list failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    fn show_fleet(&mut self) -> Result<(), DemoError> {
+        println!("$ {}", self.flottectl_command_line(&["machines", "list"])?);
+        self.print_fleet()?;
+        println!("\nThe fleet is running. In another terminal, try:");
+        for args in [
+            &["machines", "list"][..],
+            &["machines", "show", DEMO_MACHINES[0].hostname],
+            &["machines", "list", "--selector", "role=web", "-o", "json"],
+            &["token", "list"],
+        ] {
+            println!("  {}", self.flottectl_command_line(args)?);
+        }
+        println!("Logs: {}/*/*.log", self.root.display());
+        Ok(())
+    }
+
+    /// Reprints the fleet every `FLEET_REFRESH_INTERVAL` until a stop is
+    /// requested, or fails if a process of the fleet exits by itself.
+    fn watch(&mut self) -> Result<(), DemoError> {
+        println!(
+            "\nReprinting the fleet every {}s. Press Ctrl-C to stop.",
+            FLEET_REFRESH_INTERVAL.as_secs()
+        );
+        loop {
+            let mut exited = None;
+            let stop = self.stop.clone();
+            wait_until(FLEET_REFRESH_INTERVAL, || {
+                exited = self.exited_process();
+                exited.is_some() || stop.is_requested()
+            });
+            self.stop.check()?;
+            if let Some(process) = exited {
+                return Err(DemoError::Failed(format!(
+                    "{process} exited unexpectedly\n{}",
+                    self.all_logs()
+                )));
+            }
+            println!(
+                "\n--- fleet at {} ---",
+                humantime::format_rfc3339_seconds(SystemTime::now())
+            );
+            self.print_fleet()?;
+        }
+    }
+
+    /// SIGTERM to the agents, then to the server (so that the agents do not
+    /// log a lost server), waiting for each. True if all stopped cleanly.
+    fn shut_down(&mut self) -> bool {
+        let mut clean = true;
+        for agent in &mut self.agents {
+            let status = agent.terminate(STOP_TIMEOUT);
+            clean &= status.is_some_and(|status| status.success());
+            println!("agent {}: {}", agent.name, describe_exit(status));
+        }
+        if let Some(server) = &mut self.server {
+            let status = server.terminate(STOP_TIMEOUT);
+            clean &= status.is_some_and(|status| status.success());
+            println!("server: {}", describe_exit(status));
+        }
+        clean
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stop = StopRequest::default();
+    // One worker thread: it only waits for signals.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("flotte-demo: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(error) = listen_for_stop_signals(&runtime, stop.clone()) {
+        eprintln!("flotte-demo: cannot install the signal handlers: {error}");
+        return ExitCode::FAILURE;
+    }
+    let data_root = match DataRoot::prepare(cli.dir) {
+        Ok(data_root) => data_root,
+        Err(DemoError::Failed(message)) => {
+            eprintln!("flotte-demo: {message}");
+            return ExitCode::from(2);
+        }
+        Err(DemoError::Stopped) => return ExitCode::SUCCESS,
+    };
+    println!("flotte-demo: fleet data in {}", data_root.path().display());
+
+    let mut demo = Demo {
+        root: data_root.path().to_owned(),
+        stop,
+        server: None,
+        agents: Vec::new(),
+    };
+    let outcome = demo.run_steps().and_then(|()| demo.watch());
+    let failure = match outcome {
+        Ok(()) | Err(DemoError::Stopped) => None,
+        Err(DemoError::Failed(message)) => Some(message),
+    };
+    if let Some(message) = &failure {
+        eprintln!("\nflotte-demo: {message}");
+    }
+    println!("\nstopping the fleet");
+    let stopped_cleanly = demo.shut_down();
+    match &data_root {
+        DataRoot::Kept(path) => println!("fleet data kept in {}", path.display()),
+        // TempDir keeps it when FLOTTE_KEEP_TEST_DIRS is set (debugging).
+        DataRoot::Temporary(temporary) if std::env::var_os("FLOTTE_KEEP_TEST_DIRS").is_some() => {
+            println!(
+                "fleet data kept in {} (FLOTTE_KEEP_TEST_DIRS is set)",
+                temporary.path().display()
+            );
+        }
+        DataRoot::Temporary(temporary) => {
+            println!("removing {}", temporary.path().display());
+        }
+    }
+    drop(data_root);
+    if failure.is_none() && stopped_cleanly {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

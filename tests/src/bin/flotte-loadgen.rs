@@ -1,0 +1,724 @@
+//! `flotte-loadgen`: measures what one running `flotte-server` costs at fleet
+//! scale. It creates multi-use join tokens through the admin API, enrolls N
+//! simulated agents (each generates its own key and gets its own certificate
+//! over real mutual TLS, exactly like `flotte-agent`), then holds N sessions
+//! at once (one TLS connection each, the agent library's own session loop)
+//! and samples the server's resident memory and CPU time from `/proc`.
+//!
+//! Simulated agents differ from real ones only in where they persist: in
+//! memory ([`SimulatedAgentMemory`]) instead of a data dir, so that thousands
+//! fit in one process. Everything on the wire is the real protocol. The run is
+//! bounded in agents and time and meant for loopback; see BENCHMARKS.md for
+//! how the published figures were taken.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flotte_agent::backoff::Backoff;
+use flotte_agent::enroll::{enroll, EnrollError};
+use flotte_agent::identity::MachineIdentity;
+use flotte_agent::session::{run_session, AgentState, SessionEnd, SessionStats};
+use flotte_agent::state::{AppliedState, Persistence, PersistenceError};
+use flotte_proto::join_token::{JoinToken, JoinTokenError};
+use flotte_proto::transport::{channel, client_config, explain_status, TransportError};
+use flotte_proto::v1::tokens_client::TokensClient;
+use flotte_proto::v1::CreateTokenRequest;
+use flotte_server::limits::{raise_open_files_limit, LimitsError};
+use flotte_server::profile::{Profile, ProfileError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Transient enrollment failures (a handshake that timed out while the
+/// server was saturated) are retried this many times before the run fails.
+const ENROLL_ATTEMPTS: u32 = 3;
+const ENROLL_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Report interval a simulated agent uses until the server sends its own,
+/// the same default as the real agent's.
+const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// Simulated agents reconnect like real ones after a dropped session, but
+/// with a shorter cap: the run is bounded in time.
+const RECONNECT_INITIAL_BACKOFF: Duration = Duration::from_millis(500);
+const RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Only the first few session failures are printed; the rest are counted.
+const PRINTED_SESSION_FAILURES: u64 = 10;
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+const RSS_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// After cancellation, sessions get this long to end before we stop waiting.
+const SESSION_END_GRACE: Duration = Duration::from_secs(30);
+const TOKEN_LABEL_KEY: &str = "fleet";
+const TOKEN_LABEL_VALUE: &str = "loadgen";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotte-loadgen",
+    about = "Enroll and connect N simulated agents to a running flotte-server, and measure it"
+)]
+struct LoadgenArguments {
+    /// Admin operator profile directory (e.g. <server-data-dir>/admin).
+    #[arg(long)]
+    profile: PathBuf,
+    /// Server address host:port, overriding the profile's.
+    #[arg(long)]
+    server: Option<String>,
+    /// Number of simulated agents.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    agents: u32,
+    /// Enrollments in flight at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    enroll_concurrency: u32,
+    /// Session connections (TLS handshake until the first desired state) in
+    /// flight at once; more would only pile up behind the server's handshakes.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    connect_concurrency: u32,
+    /// How long the measurement window lasts once every session is up (the
+    /// report interval itself is the server's: its desired state sets it).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Wait after the last session is established before measuring, so that
+    /// the window sees steady reports and not the tail of the connect storm.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// Fail if not every session is established within this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Process id of the server, to sample its RSS and CPU time from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Number of zones; agents are spread over them round-robin, one join
+    /// token per zone.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    zones: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LoadgenError {
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("creating a join token failed: {}", explain_status(.0))]
+    CreateToken(tonic::Status),
+    #[error("the server returned a join token that does not parse: {0}")]
+    BadToken(#[from] JoinTokenError),
+    #[error("enrolling simulated agent {hostname} failed: {source}")]
+    Enroll { hostname: String, source: EnrollError },
+    #[error("a load generator task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("only {established} of {expected} sessions were established within {timeout:?}")]
+    ConnectTimeout {
+        established: usize,
+        expected: usize,
+        timeout: Duration,
+    },
+    #[error("cannot read {path}: {message}")]
+    Proc { path: String, message: String },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// In-memory stand-in for a simulated agent's data dir: it keeps what the
+/// session asks to persist (renewed certificate, applied desired state) so
+/// that the session code runs unchanged, without thousands of directories.
+#[derive(Debug, Default)]
+struct SimulatedAgentMemory {
+    certificate_pem: Mutex<Option<String>>,
+    applied: Mutex<Option<AppliedState>>,
+}
+
+impl Persistence for SimulatedAgentMemory {
+    fn save_certificate(&self, identity: &MachineIdentity) -> Result<(), PersistenceError> {
+        // A poisoned slot still holds a whole value: every write replaces it.
+        *self
+            .certificate_pem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(identity.certificate_pem.clone());
+        Ok(())
+    }
+
+    fn save_applied(&self, applied: &AppliedState) -> Result<(), PersistenceError> {
+        *self.applied.lock().unwrap_or_else(PoisonError::into_inner) = Some(applied.clone());
+        Ok(())
+    }
+}
+
+/// A join token and the zone it enrolls machines into.
+#[derive(Debug, Clone)]
+struct ZoneToken {
+    zone: String,
+    token: JoinToken,
+}
+
+/// An enrolled simulated agent, ready to open its session.
+#[derive(Debug)]
+struct SimulatedAgent {
+    hostname: String,
+    identity: MachineIdentity,
+}
+
+/// How many of `agents` fall into zone `zone_index` when dealt round-robin.
+fn agents_in_zone(agents: u32, zones: u32, zone_index: u32) -> u32 {
+    agents / zones + u32::from(zone_index < agents % zones)
+}
+
+/// Creates one multi-use join token per zone through the admin API.
+async fn create_zone_tokens(
+    profile: &Profile,
+    address: &str,
+    agents: u32,
+    zones: u32,
+    lifetime: Duration,
+) -> Result<Vec<ZoneToken>, LoadgenError> {
+    let tls = client_config(
+        &profile.ca_pem,
+        Some((&profile.certificate_pem, &profile.key_pem)),
+    )?;
+    let mut client = TokensClient::new(channel(address, Arc::new(tls))?);
+    let mut tokens = Vec::new();
+    for zone_index in 0..zones {
+        let uses = agents_in_zone(agents, zones, zone_index);
+        if uses == 0 {
+            continue;
+        }
+        let zone = format!("zone-{}", zone_index + 1);
+        let response = client
+            .create_token(CreateTokenRequest {
+                labels: [(TOKEN_LABEL_KEY.to_owned(), TOKEN_LABEL_VALUE.to_owned())]
+                    .into_iter()
+                    .collect(),
+                zone: zone.clone(),
+                ttl_seconds: lifetime.as_secs().max(1),
+                uses,
+            })
+            .await
+            .map_err(LoadgenError::CreateToken)?
+            .into_inner();
+        tokens.push(ZoneToken {
+            zone,
+            token: response.token.parse()?,
+        });
+    }
+    Ok(tokens)
+}
+
+/// Enrolls one simulated agent, retrying transient failures a few times.
+async fn enroll_simulated_agent(
+    address: &str,
+    zone_token: &ZoneToken,
+    hostname: String,
+) -> Result<SimulatedAgent, LoadgenError> {
+    let mut attempt = 1;
+    loop {
+        match enroll(address, &zone_token.token, &hostname).await {
+            Ok(identity) => return Ok(SimulatedAgent { hostname, identity }),
+            Err(error) if error.is_transient() && attempt < ENROLL_ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(ENROLL_RETRY_DELAY).await;
+            }
+            Err(source) => return Err(LoadgenError::Enroll { hostname, source }),
+        }
+    }
+}
+
+/// Prints `label: done/total` every few seconds until `stop` is cancelled.
+fn spawn_progress_printer(
+    label: &'static str,
+    done: Arc<AtomicUsize>,
+    total: usize,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(PROGRESS_INTERVAL) => {}
+            }
+            eprintln!(
+                "  {label}: {}/{total} after {:.0} s",
+                done.load(Ordering::Relaxed),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    });
+}
+
+/// Enrolls `agents` simulated agents, at most `concurrency` at a time, dealt
+/// round-robin over the zone tokens.
+async fn enroll_fleet(
+    address: &Arc<str>,
+    zone_tokens: &[ZoneToken],
+    agents: u32,
+    concurrency: u32,
+) -> Result<Vec<SimulatedAgent>, LoadgenError> {
+    let enrollment_slots = Arc::new(Semaphore::new(concurrency as usize));
+    let enrolled_count = Arc::new(AtomicUsize::new(0));
+    let progress_stop = CancellationToken::new();
+    let _stop_progress_on_return = progress_stop.clone().drop_guard();
+    spawn_progress_printer("enrolled", Arc::clone(&enrolled_count), agents as usize, progress_stop);
+    let mut enrollments = JoinSet::new();
+    for index in 0..agents {
+        let Some(zone_token) = zone_tokens
+            .get(index as usize % zone_tokens.len().max(1))
+            .cloned()
+        else {
+            break;
+        };
+        let address = Arc::clone(address);
+        let enrollment_slots = Arc::clone(&enrollment_slots);
+        let enrolled_count = Arc::clone(&enrolled_count);
+        enrollments.spawn(async move {
+            // The semaphore is never closed, so acquiring only fails if it
+            // were; then enrolling without a slot is still correct.
+            let _slot = enrollment_slots.acquire_owned().await.ok();
+            let hostname = format!("loadgen-{}-{index:05}", zone_token.zone);
+            let agent = enroll_simulated_agent(&address, &zone_token, hostname).await;
+            enrolled_count.fetch_add(1, Ordering::Relaxed);
+            agent
+        });
+    }
+    let mut fleet = Vec::with_capacity(agents as usize);
+    while let Some(joined) = enrollments.join_next().await {
+        // Returning drops the JoinSet, which aborts every other enrollment.
+        fleet.push(joined??);
+    }
+    Ok(fleet)
+}
+
+/// Counters shared by every simulated agent's session task.
+#[derive(Debug, Default)]
+struct FleetCounters {
+    /// Agents whose session was established at least once.
+    established: AtomicUsize,
+    /// Sessions that ended (or failed to open) other than by our shutdown.
+    session_failures: AtomicU64,
+}
+
+/// What one simulated agent did, returned when its task ends.
+#[derive(Debug, Clone, Copy, Default)]
+struct SimulatedAgentOutcome {
+    stats: SessionStats,
+    report_interval_seconds: u32,
+}
+
+/// Keeps one simulated agent's session up until `shutdown`, reconnecting with
+/// the agent's own backoff when it drops (as the real agent does).
+async fn run_simulated_agent(
+    address: Arc<str>,
+    agent: SimulatedAgent,
+    counters: Arc<FleetCounters>,
+    connect_slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) -> SimulatedAgentOutcome {
+    let memory = SimulatedAgentMemory::default();
+    let mut state = AgentState {
+        identity: agent.identity,
+        applied: AppliedState::default(),
+        hostname: Some(agent.hostname),
+        default_report_interval: DEFAULT_REPORT_INTERVAL,
+    };
+    let mut stats = SessionStats::default();
+    let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);
+    let mut ever_established = false;
+    loop {
+        let permit: Option<OwnedSemaphorePermit> = tokio::select! {
+            () = shutdown.cancelled() => break,
+            permit = Arc::clone(&connect_slots).acquire_owned() => permit.ok(),
+        };
+        // The slot is given back as soon as the server answers the hello, so
+        // it bounds handshakes in flight, not sessions.
+        let mut connect_slot = permit;
+        let mut established_this_time = false;
+        let mut on_established = || {
+            connect_slot.take();
+            established_this_time = true;
+            if !ever_established {
+                ever_established = true;
+                counters.established.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        let outcome = run_session(
+            &address,
+            &mut state,
+            &memory,
+            &mut stats,
+            &shutdown,
+            &mut on_established,
+        )
+        .await;
+        drop(connect_slot);
+        let failure = match outcome {
+            Ok(SessionEnd::Shutdown) => break,
+            Ok(SessionEnd::ClosedByServer(reason)) => format!("closed by the server: {reason}"),
+            Err(error) => error.to_string(),
+        };
+        let failures_so_far = counters.session_failures.fetch_add(1, Ordering::Relaxed);
+        if failures_so_far < PRINTED_SESSION_FAILURES {
+            eprintln!("  session of {} ended: {failure}", state.identity.identity);
+        }
+        if established_this_time {
+            backoff.reset();
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+    SimulatedAgentOutcome {
+        stats,
+        report_interval_seconds: state.applied.report_interval_seconds,
+    }
+}
+
+/// Resident memory and CPU time of one process, from /proc.
+#[derive(Debug, Clone, Copy)]
+struct ProcessSample {
+    resident_kib: u64,
+    cpu_ticks: u64,
+    threads: u64,
+    taken_at: Instant,
+}
+
+fn read_proc_file(path: &str) -> Result<String, LoadgenError> {
+    std::fs::read_to_string(path).map_err(|error| LoadgenError::Proc {
+        path: path.to_owned(),
+        message: error.to_string(),
+    })
+}
+
+/// The number of the `field:` line of /proc/PID/status (e.g. `VmRSS:  123 kB`).
+fn status_field(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+}
+
+/// utime + stime (fields 14 and 15) of /proc/PID/stat. The command name
+/// (field 2) may contain spaces and parentheses, so fields are counted after
+/// its last ')': there the first one is field 3.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_command = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_command.split_whitespace().skip(14 - 3);
+    let user_ticks: u64 = fields.next()?.parse().ok()?;
+    let system_ticks: u64 = fields.next()?.parse().ok()?;
+    Some(user_ticks + system_ticks)
+}
+
+/// Samples `/proc/<process>/` where `process` is a pid or `self`.
+fn sample_process(process: &str) -> Result<ProcessSample, LoadgenError> {
+    let status_path = format!("/proc/{process}/status");
+    let stat_path = format!("/proc/{process}/stat");
+    let status = read_proc_file(&status_path)?;
+    let stat = read_proc_file(&stat_path)?;
+    let unparsable = |path: &str, what: &str| LoadgenError::Proc {
+        path: path.to_owned(),
+        message: format!("no {what}"),
+    };
+    Ok(ProcessSample {
+        resident_kib: status_field(&status, "VmRSS")
+            .ok_or_else(|| unparsable(&status_path, "VmRSS"))?,
+        threads: status_field(&status, "Threads").unwrap_or(0),
+        cpu_ticks: stat_cpu_ticks(&stat).ok_or_else(|| unparsable(&stat_path, "utime/stime"))?,
+        taken_at: Instant::now(),
+    })
+}
+
+/// Kernel clock ticks per second, the unit of utime/stime.
+fn clock_ticks_per_second() -> f64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        // Tick rates are small integers; the conversion is exact.
+        Ok(Some(ticks)) if ticks > 0 => ticks as f64,
+        // 100 is what Linux reports on every architecture it runs on.
+        _ => 100.0,
+    }
+}
+
+fn mebibytes(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Prints one process's figures over a measurement window.
+fn print_process_window(
+    who: &str,
+    first: &ProcessSample,
+    last: &ProcessSample,
+    peak_resident_kib: u64,
+    baseline_resident_kib: Option<u64>,
+    agents: usize,
+) {
+    let seconds = last.taken_at.duration_since(first.taken_at).as_secs_f64();
+    let cpu_seconds = last.cpu_ticks.saturating_sub(first.cpu_ticks) as f64 / clock_ticks_per_second();
+    let cpu_percent = if seconds > 0.0 { 100.0 * cpu_seconds / seconds } else { 0.0 };
+    println!(
+        "{who}: RSS {:.1} MiB at window start, {:.1} MiB at end, peak {:.1} MiB; {} threads",
+        mebibytes(first.resident_kib),
+        mebibytes(last.resident_kib),
+        mebibytes(peak_resident_kib),
+        last.threads
+    );
+    if let Some(baseline) = baseline_resident_kib {
+        let per_agent = last.resident_kib.saturating_sub(baseline) as f64 / agents.max(1) as f64;
+        println!(
+            "{who}: {:.1} MiB before load, so {per_agent:.1} KiB per connected agent",
+            mebibytes(baseline)
+        );
+    }
+    println!(
+        "{who}: CPU {cpu_percent:.1}% of one core ({cpu_seconds:.2} s of CPU over {seconds:.1} s)"
+    );
+}
+
+async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
+    let profile = Profile::load(&arguments.profile)?;
+    let address: Arc<str> = Arc::from(
+        arguments
+            .server
+            .clone()
+            .unwrap_or_else(|| profile.settings.server.clone()),
+    );
+    let agents = arguments.agents as usize;
+    let server_process = arguments.server_pid.map(|pid| pid.to_string());
+    let server_baseline = match &server_process {
+        Some(pid) => Some(sample_process(pid)?),
+        None => None,
+    };
+    if let Some(baseline) = &server_baseline {
+        println!(
+            "server before load: RSS {:.1} MiB, {} threads",
+            mebibytes(baseline.resident_kib),
+            baseline.threads
+        );
+    }
+
+    // Tokens outlive every phase of the run, with margin for a slow machine.
+    let token_lifetime = arguments.connect_timeout + arguments.settle + arguments.duration + Duration::from_secs(3600);
+    let zone_tokens = create_zone_tokens(
+        &profile,
+        &address,
+        arguments.agents,
+        arguments.zones,
+        token_lifetime,
+    )
+    .await?;
+    println!(
+        "created {} join token(s) for zones {}",
+        zone_tokens.len(),
+        zone_tokens
+            .iter()
+            .map(|zone_token| zone_token.zone.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let enrollment_started = Instant::now();
+    let fleet = enroll_fleet(
+        &address,
+        &zone_tokens,
+        arguments.agents,
+        arguments.enroll_concurrency,
+    )
+    .await?;
+    let enrollment_seconds = enrollment_started.elapsed().as_secs_f64();
+    println!(
+        "enrolled {} agents in {enrollment_seconds:.1} s: {:.0} agents/s (concurrency {})",
+        fleet.len(),
+        fleet.len() as f64 / enrollment_seconds.max(f64::EPSILON),
+        arguments.enroll_concurrency
+    );
+
+    let counters = Arc::new(FleetCounters::default());
+    let connect_slots = Arc::new(Semaphore::new(arguments.connect_concurrency as usize));
+    let shutdown = CancellationToken::new();
+    // Dropping the guard on any early return ends every session.
+    let shutdown_guard = shutdown.clone().drop_guard();
+    let connect_started = Instant::now();
+    let mut sessions = JoinSet::new();
+    for agent in fleet {
+        sessions.spawn(run_simulated_agent(
+            Arc::clone(&address),
+            agent,
+            Arc::clone(&counters),
+            Arc::clone(&connect_slots),
+            shutdown.clone(),
+        ));
+    }
+    let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
+    progress.tick().await;
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let established = counters.established.load(Ordering::Relaxed);
+        if established >= agents {
+            break;
+        }
+        if connect_started.elapsed() >= arguments.connect_timeout {
+            return Err(LoadgenError::ConnectTimeout {
+                established,
+                expected: agents,
+                timeout: arguments.connect_timeout,
+            });
+        }
+        tokio::select! {
+            _ = progress.tick() => eprintln!(
+                "  established: {established}/{agents} after {:.0} s",
+                connect_started.elapsed().as_secs_f64()
+            ),
+            _ = poll.tick() => {}
+        }
+    }
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
+    println!(
+        "established {agents} sessions in {connect_seconds:.1} s: {:.0} sessions/s (concurrency {}); {} session failure(s) on the way",
+        agents as f64 / connect_seconds.max(f64::EPSILON),
+        arguments.connect_concurrency,
+        counters.session_failures.load(Ordering::Relaxed)
+    );
+
+    tokio::time::sleep(arguments.settle).await;
+    let failures_before_window = counters.session_failures.load(Ordering::Relaxed);
+    let server_first = match &server_process {
+        Some(pid) => Some(sample_process(pid)?),
+        None => None,
+    };
+    let own_first = sample_process("self")?;
+    let mut server_peak_kib = server_first.map_or(0, |sample| sample.resident_kib);
+    let mut own_peak_kib = own_first.resident_kib;
+    let window_end = tokio::time::Instant::now() + arguments.duration;
+    let mut rss_ticker = tokio::time::interval(RSS_SAMPLE_INTERVAL);
+    while tokio::time::Instant::now() < window_end {
+        tokio::select! {
+            _ = rss_ticker.tick() => {}
+            () = tokio::time::sleep_until(window_end) => {}
+        }
+        if let Some(pid) = &server_process {
+            server_peak_kib = server_peak_kib.max(sample_process(pid)?.resident_kib);
+        }
+        own_peak_kib = own_peak_kib.max(sample_process("self")?.resident_kib);
+    }
+    let server_last = match &server_process {
+        Some(pid) => Some(sample_process(pid)?),
+        None => None,
+    };
+    let own_last = sample_process("self")?;
+    let failures_in_window = counters
+        .session_failures
+        .load(Ordering::Relaxed)
+        .saturating_sub(failures_before_window);
+
+    println!(
+        "held {agents} sessions for a {:.0} s window after {:.0} s to settle; {failures_in_window} session failure(s) in the window",
+        arguments.duration.as_secs_f64(),
+        arguments.settle.as_secs_f64()
+    );
+    if let (Some(first), Some(last)) = (&server_first, &server_last) {
+        let peak = server_peak_kib.max(last.resident_kib);
+        let baseline = server_baseline.map(|sample| sample.resident_kib);
+        print_process_window("server", first, last, peak, baseline, agents);
+    }
+    print_process_window(
+        "load generator",
+        &own_first,
+        &own_last,
+        own_peak_kib.max(own_last.resident_kib),
+        None,
+        agents,
+    );
+
+    drop(shutdown_guard);
+    let mut reports_sent = 0u64;
+    let mut report_intervals = BTreeMap::<u32, usize>::new();
+    let ended = tokio::time::timeout(SESSION_END_GRACE, async {
+        while let Some(joined) = sessions.join_next().await {
+            let outcome = joined?;
+            reports_sent += outcome.stats.reports_sent;
+            *report_intervals
+                .entry(outcome.report_interval_seconds)
+                .or_default() += 1;
+        }
+        Ok::<(), LoadgenError>(())
+    })
+    .await;
+    match ended {
+        Ok(result) => result?,
+        Err(_) => eprintln!("  some sessions did not end within {SESSION_END_GRACE:?}; leaving them"),
+    }
+    println!(
+        "sessions cancelled; {reports_sent} reports sent in total; report interval set by the server (seconds: agents): {report_intervals:?}"
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let arguments = LoadgenArguments::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    // Every simulated agent holds a socket; the default soft limit of 1 024
+    // open files would cap the run long before anything interesting happens.
+    match raise_open_files_limit() {
+        Ok(limit) => println!(
+            "open-files limit: {} (was {}; hard limit {})",
+            limit.soft, limit.previous_soft, limit.hard
+        ),
+        Err(error) => {
+            eprintln!("flotte-loadgen: {}", LoadgenError::from(error));
+            return ExitCode::FAILURE;
+        }
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("flotte-loadgen: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        tokio::select! {
+            result = run_load(arguments) => result,
+            () = flotte_proto::signals::wait_for_termination() => Err(LoadgenError::Interrupted),
+        }
+    });
+    // Ends any session task still running before the process exits.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flotte-loadgen: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_are_dealt_over_zones_without_loss() {
+        let total: u32 = (0..3).map(|zone| agents_in_zone(10, 3, zone)).sum();
+        assert_eq!(total, 10);
+        assert_eq!(agents_in_zone(10, 3, 0), 4);
+        assert_eq!(agents_in_zone(10, 3, 2), 3);
+        assert_eq!(agents_in_zone(2, 3, 2), 0);
+    }
+
+    #[test]
+    fn proc_parsing() {
+        let status = "Name:\tflotte-server\nVmRSS:\t  123456 kB\nThreads:\t3\n";
+        assert_eq!(status_field(status, "VmRSS"), Some(123_456));
+        assert_eq!(status_field(status, "Threads"), Some(3));
+        assert_eq!(status_field(status, "VmHWM"), None);
+        let stat = "42 (odd) name) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(325));
+    }
+}
