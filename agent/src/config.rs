@@ -4,16 +4,23 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use flotte_proto::join_token::JoinToken;
 use serde::Deserialize;
 
+use crate::health::{validate_checks, CheckConfigFile, CheckSpec};
+use crate::system::SystemThresholds;
+
 /// Settings as written in the TOML file.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfigFile {
     /// Where the identity, state and (later) images live.
+    #[serde(default)]
     pub data_dir: PathBuf,
     /// Server addresses (`host:port`), tried in order, then round-robin.
+    #[serde(default)]
     pub servers: Vec<String>,
     /// Join token for the first start; ignored once an identity exists.
     #[serde(default)]
@@ -31,6 +38,51 @@ pub struct AgentConfigFile {
     pub reconnect_initial_backoff: String,
     #[serde(default = "default_max_backoff")]
     pub reconnect_max_backoff: String,
+    /// Address of the Prometheus `/metrics` listener (disabled if absent).
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// Health checks (`[[check]]` tables).
+    #[serde(default, rename = "check")]
+    pub checks: Vec<CheckConfigFile>,
+    /// System metrics and their thresholds (`[system]`).
+    #[serde(default)]
+    pub system: SystemConfigFile,
+}
+
+/// The `[system]` table: which mounts to watch and which thresholds make the
+/// machine degraded. Absent thresholds are not checked.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SystemConfigFile {
+    #[serde(default = "default_mounts")]
+    pub mounts: Vec<PathBuf>,
+    #[serde(default = "default_system_interval")]
+    pub interval: String,
+    #[serde(default)]
+    pub disk_used_percent_max: Option<f64>,
+    #[serde(default)]
+    pub memory_available_percent_min: Option<f64>,
+    #[serde(default)]
+    pub load1_max: Option<f64>,
+}
+
+impl Default for SystemConfigFile {
+    fn default() -> Self {
+        SystemConfigFile {
+            mounts: default_mounts(),
+            interval: default_system_interval(),
+            disk_used_percent_max: None,
+            memory_available_percent_min: None,
+            load1_max: None,
+        }
+    }
+}
+
+fn default_mounts() -> Vec<PathBuf> {
+    vec![PathBuf::from("/")]
+}
+fn default_system_interval() -> String {
+    "10s".into()
 }
 
 fn default_report_interval() -> String {
@@ -53,6 +105,10 @@ pub struct AgentConfig {
     pub report_interval: Duration,
     pub reconnect_initial_backoff: Duration,
     pub reconnect_max_backoff: Duration,
+    pub metrics_listen: Option<SocketAddr>,
+    pub checks: Vec<CheckSpec>,
+    pub system: SystemThresholds,
+    pub system_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +217,50 @@ impl AgentConfigFile {
             Duration::from_millis(10),
             &mut problems,
         );
+        let metrics_listen = self
+            .metrics_listen
+            .as_deref()
+            .and_then(|text| match text.parse() {
+                Ok(address) => Some(address),
+                Err(_) => {
+                    problems.push(format!(
+                        "metrics_listen = {text:?} is not an IP:port socket address"
+                    ));
+                    None
+                }
+            });
+        let checks = validate_checks(self.checks, &mut problems);
+        let system_interval = duration(
+            "system.interval",
+            &self.system.interval,
+            Duration::from_millis(100),
+            &mut problems,
+        );
+        let percent = |field: &str, value: Option<f64>, problems: &mut Vec<String>| {
+            if let Some(value) = value {
+                if !(0.0..=100.0).contains(&value) {
+                    problems.push(format!(
+                        "system.{field} = {value} is not a percentage (0 to 100)"
+                    ));
+                }
+            }
+        };
+        percent(
+            "disk_used_percent_max",
+            self.system.disk_used_percent_max,
+            &mut problems,
+        );
+        percent(
+            "memory_available_percent_min",
+            self.system.memory_available_percent_min,
+            &mut problems,
+        );
+        if self.system.load1_max.is_some_and(|load| load < 0.0) {
+            problems.push("system.load1_max must not be negative".to_owned());
+        }
+        if self.system.mounts.iter().any(|mount| !mount.is_absolute()) {
+            problems.push("system.mounts must be absolute paths".to_owned());
+        }
         if reconnect_max_backoff < reconnect_initial_backoff {
             problems.push(
                 "reconnect_max_backoff must not be below reconnect_initial_backoff".to_owned(),
@@ -177,6 +277,15 @@ impl AgentConfigFile {
             report_interval,
             reconnect_initial_backoff,
             reconnect_max_backoff,
+            metrics_listen,
+            checks,
+            system: SystemThresholds {
+                mounts: self.system.mounts,
+                disk_used_percent_max: self.system.disk_used_percent_max,
+                memory_available_percent_min: self.system.memory_available_percent_min,
+                load1_max: self.system.load1_max,
+            },
+            system_interval,
         })
     }
 }
@@ -194,6 +303,17 @@ mod tests {
             join_token = "garbage"
             report_interval = "0s"
             reconnect_initial_backoff = "soon"
+            metrics_listen = "nowhere"
+
+            [[check]]
+            name = "web"
+            kind = "http"
+            url = "ftp://x"
+            interval = "0s"
+
+            [[check]]
+            name = "odd"
+            kind = "ping"
             "#,
         )
         .unwrap();
@@ -205,6 +325,10 @@ mod tests {
             "join token: join token is malformed",
             "report_interval = \"0s\" is too short",
             "reconnect_initial_backoff = \"soon\" is not a duration",
+            "metrics_listen = \"nowhere\"",
+            "check \"web\": URL \"ftp://x\"",
+            "check \"web\": interval = \"0s\" is too short",
+            "check \"odd\": unknown kind \"ping\"",
         ] {
             assert!(error.contains(expected), "missing {expected:?} in {error}");
         }

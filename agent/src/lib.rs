@@ -11,10 +11,13 @@
 pub mod backoff;
 pub mod config;
 pub mod enroll;
+pub mod health;
 pub mod identity;
 pub mod inventory;
+pub mod metrics;
 pub mod session;
 pub mod state;
+pub mod system;
 
 use std::time::{Duration, SystemTime};
 
@@ -24,6 +27,7 @@ use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::enroll::{enroll, reenroll, EnrollError};
 use crate::identity::MachineIdentity;
+use crate::metrics::AgentMetrics;
 use crate::session::{run_session, AgentState, SessionEnd, SessionStats};
 use crate::state::{DiskPersistence, PersistenceError};
 
@@ -42,6 +46,40 @@ pub enum AgentError {
     Identity(#[from] identity::IdentityError),
     #[error(transparent)]
     Persistence(#[from] PersistenceError),
+    #[error("cannot serve metrics on {address}: {source}")]
+    MetricsListener {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Serves `/metrics` on `address`; the bound address (port 0 allowed) is
+/// written to `<data_dir>/metrics.address` for scripts and tests.
+async fn serve_metrics(
+    address: std::net::SocketAddr,
+    data_dir: &std::path::Path,
+    metrics: AgentMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let listen_error = |source| AgentError::MetricsListener { address, source };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(listen_error)?;
+    let bound = listener.local_addr().map_err(listen_error)?;
+    flotte_proto::files::write_atomically(
+        &data_dir.join("metrics.address"),
+        format!("{bound}\n").as_bytes(),
+    )
+    .map_err(listen_error)?;
+    tracing::info!(address = %bound, "serving /metrics");
+    tokio::spawn(flotte_proto::http1::serve(
+        listener,
+        std::sync::Arc::new(move |_method: &str, path: &str| {
+            flotte_proto::http1::metrics_response(path, || metrics.encode())
+        }),
+        shutdown,
+    ));
+    Ok(())
 }
 
 /// Waits `delay` unless shutdown comes first; true if shutdown came.
@@ -115,11 +153,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         return Ok(());
     };
     let persistence = DiskPersistence::new(&config.data_dir);
+    let metrics = AgentMetrics::new();
+    if let Some(address) = config.metrics_listen {
+        serve_metrics(address, &config.data_dir, metrics.clone(), shutdown.clone()).await?;
+    }
+    let health = health::start_monitor(
+        config.checks.clone(),
+        config.system.clone(),
+        config.system_interval,
+        metrics.clone(),
+        shutdown.clone(),
+    );
     let mut state = AgentState {
         identity,
         applied: persistence.load_applied()?,
         hostname: Some(hostname),
         default_report_interval: config.report_interval,
+        health,
+        metrics: metrics.clone(),
     };
     let mut backoff = Backoff::new(
         config.reconnect_initial_backoff,
@@ -147,8 +198,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         let address = &config.servers[server_index % config.servers.len()];
         let started = tokio::time::Instant::now();
         let identity_uri = state.identity.identity.uri();
-        let mut on_established =
-            || tracing::info!(server = %address, identity = %identity_uri, "session established");
+        let session_metrics = metrics.clone();
+        let mut on_established = || {
+            session_metrics.set_connected(true);
+            tracing::info!(server = %address, identity = %identity_uri, "session established");
+        };
         let outcome = run_session(
             address,
             &mut state,
@@ -158,13 +212,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             &mut on_established,
         )
         .await;
+        metrics.set_connected(false);
         match outcome {
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Ok(SessionEnd::ClosedByServer(reason)) => {
                 tracing::warn!(server = %address, %reason, "session closed by the server");
             }
-            Err(error) if error.is_refusal() => tracing::error!(%error, "session refused"),
-            Err(error) => tracing::warn!(%error, "session failed"),
+            Err(error) if error.is_refusal() => {
+                metrics.record_session_failure();
+                tracing::error!(%error, "session refused");
+            }
+            Err(error) => {
+                metrics.record_session_failure();
+                tracing::warn!(%error, "session failed");
+            }
         }
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();

@@ -16,12 +16,15 @@ use flotte_proto::v1::server_message::Kind as ServerKind;
 use flotte_proto::v1::{
     AgentMessage, CertificateRenewal, DesiredState, DesiredStateAck, Hello, Report,
 };
+
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::{HealthReceiver, HealthSnapshot};
 use crate::identity::{csr_for, MachineIdentity};
+use crate::metrics::AgentMetrics;
 use crate::state::{AppliedState, Persistence};
 
 /// If a renewal request got no answer, ask again after this long.
@@ -65,6 +68,9 @@ pub struct AgentState {
     pub hostname: Option<String>,
     /// Used until the server sends a report interval.
     pub default_report_interval: Duration,
+    /// Latest health checks and system metrics (see `health`).
+    pub health: HealthReceiver,
+    pub metrics: AgentMetrics,
 }
 
 impl AgentState {
@@ -103,6 +109,18 @@ fn instant_at(time: SystemTime) -> Instant {
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
     Instant::now() + delay
+}
+
+/// A report carrying the latest health snapshot.
+pub fn report_from(snapshot: &HealthSnapshot, sequence: u64) -> Report {
+    Report {
+        sent_at: unix_now(),
+        uptime_seconds: crate::inventory::uptime_seconds(),
+        sequence,
+        checks: snapshot.checks.values().cloned().collect(),
+        metrics: Some(snapshot.metrics.clone()),
+        metric_breaches: snapshot.metric_breaches.clone(),
+    }
 }
 
 fn apply_desired(state: &mut AgentState, desired: &DesiredState) -> bool {
@@ -162,10 +180,13 @@ pub async fn run_session(
         async move { outbound.send(message(kind)).await.is_ok() }
     };
     let mut report_interval = state.report_interval();
-    let mut next_report = Instant::now() + report_interval;
+    // The first report goes out at once so the server learns health on connect.
+    let mut next_report = Instant::now();
     let mut renew_at = instant_at(state.identity.renew_at(SystemTime::now()));
     let mut sequence = 0u64;
     let mut established = false;
+    let mut health_open = true;
+    let mut reported_verdict_version = u64::MAX;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -212,14 +233,25 @@ pub async fn run_session(
                     None => {}
                 }
             }
+            changed = state.health.changed(), if health_open => {
+                if changed.is_err() {
+                    // The monitor is gone (or never existed): report on the timer only.
+                    health_open = false;
+                    continue;
+                }
+                let verdict_version = state.health.borrow().verdict_version;
+                if verdict_version == reported_verdict_version {
+                    continue;
+                }
+                // A verdict changed: report now rather than at the next tick.
+                next_report = Instant::now();
+            }
             () = tokio::time::sleep_until(next_report) => {
                 sequence += 1;
-                let report = Report {
-                    sent_at: unix_now(),
-                    uptime_seconds: crate::inventory::uptime_seconds(),
-                    sequence,
-                };
-                if !send(AgentKind::Report(report)).await {
+                let snapshot = std::sync::Arc::clone(&state.health.borrow());
+                reported_verdict_version = snapshot.verdict_version;
+                if !send(AgentKind::Report(report_from(&snapshot, sequence))).await {
+                    state.metrics.record_report_failure();
                     return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
                 }
                 stats.reports_sent += 1;

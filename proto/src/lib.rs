@@ -10,6 +10,7 @@
 //! types at their edges.
 
 pub mod files;
+pub mod http1;
 pub mod identity;
 pub mod join_token;
 pub mod labels;

@@ -6,8 +6,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use flotte_proto::http1::HttpUrl;
 use flotte_proto::identity::is_valid_segment;
 use serde::{Deserialize, Serialize};
+
+use crate::alerts::WebhookTarget;
 
 /// Settings as written in the TOML file. Durations are humantime strings
 /// ("24h", "10s") so that every bad value can be reported, not just the first.
@@ -29,6 +32,32 @@ pub struct ServerConfigFile {
     pub reenroll_expired_within: String,
     /// How often connected machines' last-seen times are written, in one batch.
     pub last_seen_flush_interval: String,
+    /// A machine silent this long is `unreachable` (default: 3 report intervals).
+    pub unreachable_after: Option<String>,
+    /// Address of the Prometheus `/metrics` HTTP listener (disabled if absent).
+    pub metrics_listen: Option<String>,
+    /// Webhooks receiving a JSON POST for every state transition.
+    #[serde(rename = "webhook", skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookConfigFile>,
+}
+
+/// One `[[webhook]]` table.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfigFile {
+    /// `http://host:port/path` (plain HTTP; put a relay in front for HTTPS).
+    pub url: String,
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout: String,
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_webhook_timeout() -> String {
+    "5s".into()
+}
+fn default_webhook_attempts() -> u32 {
+    5
 }
 
 impl Default for ServerConfigFile {
@@ -42,6 +71,9 @@ impl Default for ServerConfigFile {
             report_interval: "10s".into(),
             reenroll_expired_within: "30days".into(),
             last_seen_flush_interval: "30s".into(),
+            unreachable_after: None,
+            metrics_listen: None,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -58,6 +90,9 @@ pub struct ServerConfig {
     pub report_interval: Duration,
     pub reenroll_expired_within: Duration,
     pub last_seen_flush_interval: Duration,
+    pub unreachable_after: Duration,
+    pub metrics_listen: Option<SocketAddr>,
+    pub webhooks: Vec<WebhookTarget>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +204,54 @@ impl ServerConfigFile {
             one_second,
             &mut problems,
         );
+        let unreachable_after = match &self.unreachable_after {
+            Some(text) => {
+                parse_duration_field("unreachable_after", text, one_second, &mut problems)
+            }
+            None => report_interval * 3,
+        };
+        if unreachable_after <= report_interval {
+            problems.push(format!(
+                "unreachable_after ({}) must be longer than report_interval ({})",
+                humantime::format_duration(unreachable_after),
+                humantime::format_duration(report_interval)
+            ));
+        }
+        let metrics_listen = self
+            .metrics_listen
+            .as_deref()
+            .and_then(|text| match text.parse() {
+                Ok(address) => Some(address),
+                Err(_) => {
+                    problems.push(format!(
+                        "metrics_listen = {text:?} is not an IP:port socket address"
+                    ));
+                    None
+                }
+            });
+        let mut webhooks = Vec::new();
+        for webhook in &self.webhooks {
+            let timeout = parse_duration_field(
+                &format!("webhook {:?}: timeout", webhook.url),
+                &webhook.timeout,
+                Duration::from_millis(100),
+                &mut problems,
+            );
+            if webhook.max_attempts == 0 {
+                problems.push(format!(
+                    "webhook {:?}: max_attempts must be at least 1",
+                    webhook.url
+                ));
+            }
+            match HttpUrl::parse(&webhook.url) {
+                Ok(url) => webhooks.push(WebhookTarget {
+                    url,
+                    timeout,
+                    max_attempts: webhook.max_attempts.max(1),
+                }),
+                Err(error) => problems.push(format!("webhook: {error}")),
+            }
+        }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -192,6 +275,9 @@ impl ServerConfigFile {
             report_interval,
             reenroll_expired_within,
             last_seen_flush_interval,
+            unreachable_after,
+            metrics_listen,
+            webhooks,
         })
     }
 }
@@ -213,6 +299,12 @@ mod tests {
             machine_certificate_ttl: "soon".into(),
             report_interval: "0s".into(),
             subject_alt_names: vec!["bad name".into()],
+            metrics_listen: Some("everywhere".into()),
+            webhooks: vec![WebhookConfigFile {
+                url: "https://x/".into(),
+                timeout: "1s".into(),
+                max_attempts: 0,
+            }],
             ..ServerConfigFile::default()
         };
         let error = file
@@ -225,6 +317,9 @@ mod tests {
             "machine_certificate_ttl = \"soon\"",
             "report_interval = \"0s\" is too short",
             "\"bad name\"",
+            "metrics_listen = \"everywhere\"",
+            "max_attempts must be at least 1",
+            "URL \"https://x/\" is not http://",
         ] {
             assert!(error.contains(expected), "{expected} missing from {error}");
         }

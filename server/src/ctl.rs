@@ -17,8 +17,9 @@ use flotte_proto::transport::{
 use flotte_proto::v1::machines_client::MachinesClient;
 use flotte_proto::v1::tokens_client::TokensClient;
 use flotte_proto::v1::{
-    CreateTokenRequest, GetMachineRequest, ListMachinesRequest, ListTokensRequest, Machine,
-    RevokeTokenRequest, SetLabelsRequest, TokenInfo,
+    CheckResult, CreateTokenRequest, FleetStatusRequest, FleetStatusResponse, GetMachineRequest,
+    GroupStatus, ListMachinesRequest, ListTokensRequest, Machine, MachineEvent, RevokeTokenRequest,
+    SetLabelsRequest, SystemMetrics, TokenInfo, WatchMachinesRequest,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -55,6 +56,14 @@ enum Command {
     /// Enrolled machines.
     #[command(subcommand, alias = "machine")]
     Machines(MachinesCommand),
+    /// Machines per state, per zone and per value of a label.
+    Status {
+        /// Label whose values to group by, e.g. role.
+        #[arg(long, default_value = "")]
+        by: String,
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +101,11 @@ enum MachinesCommand {
     },
     /// Show one machine by id, id prefix or hostname.
     Show { id: String },
+    /// Stream state changes as they happen (first the current states).
+    Watch {
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
     /// Change a machine's labels (pushed to its agent at once).
     Label {
         id: String,
@@ -204,6 +218,115 @@ struct MachineView {
     remote_address: Option<String>,
     desired_version: u64,
     applied_desired_version: u64,
+    state: String,
+    state_reason: String,
+    state_since: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    checks: Vec<CheckView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<MetricsView>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    metric_breaches: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    transitions: Vec<TransitionView>,
+}
+
+#[derive(Debug, Serialize)]
+struct CheckView {
+    name: String,
+    kind: String,
+    target: String,
+    critical: bool,
+    healthy: bool,
+    last_passed: bool,
+    last_output: String,
+    last_run_at: Option<String>,
+    last_duration_ms: u32,
+    consecutive: u32,
+}
+
+impl From<&CheckResult> for CheckView {
+    fn from(check: &CheckResult) -> Self {
+        CheckView {
+            name: check.name.clone(),
+            kind: check.kind.clone(),
+            target: check.target.clone(),
+            critical: check.critical,
+            healthy: check.healthy,
+            last_passed: check.last_passed,
+            last_output: check.last_output.clone(),
+            last_run_at: optional_time(check.last_run_at),
+            last_duration_ms: check.last_duration_ms,
+            consecutive: check.consecutive,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct DiskView {
+    mount: String,
+    total_bytes: u64,
+    used_bytes: u64,
+    available_bytes: u64,
+    used_percent: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct MetricsView {
+    disks: Vec<DiskView>,
+    memory_total_bytes: u64,
+    memory_available_bytes: u64,
+    load1: f64,
+    load5: f64,
+    load15: f64,
+    uptime_seconds: u64,
+}
+
+impl From<&SystemMetrics> for MetricsView {
+    fn from(metrics: &SystemMetrics) -> Self {
+        MetricsView {
+            disks: metrics
+                .disks
+                .iter()
+                .map(|disk| DiskView {
+                    mount: disk.mount.clone(),
+                    total_bytes: disk.total_bytes,
+                    used_bytes: disk.used_bytes,
+                    available_bytes: disk.available_bytes,
+                    used_percent: if disk.total_bytes == 0 {
+                        0.0
+                    } else {
+                        disk.used_bytes as f64 * 100.0 / disk.total_bytes as f64
+                    },
+                })
+                .collect(),
+            memory_total_bytes: metrics.memory_total_bytes,
+            memory_available_bytes: metrics.memory_available_bytes,
+            load1: metrics.load1,
+            load5: metrics.load5,
+            load15: metrics.load15,
+            uptime_seconds: metrics.uptime_seconds,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct TransitionView {
+    at: String,
+    from: String,
+    to: String,
+    reason: String,
+}
+
+impl From<&flotte_proto::v1::StateTransition> for TransitionView {
+    fn from(transition: &flotte_proto::v1::StateTransition) -> Self {
+        TransitionView {
+            at: format_time(transition.at),
+            from: transition.from.clone(),
+            to: transition.to.clone(),
+            reason: transition.reason.clone(),
+        }
+    }
 }
 
 impl From<&Machine> for MachineView {
@@ -227,6 +350,17 @@ impl From<&Machine> for MachineView {
                 .then(|| machine.remote_address.clone()),
             desired_version: machine.desired_version,
             applied_desired_version: machine.applied_desired_version,
+            state: machine.state.clone(),
+            state_reason: machine.state_reason.clone(),
+            state_since: optional_time(machine.state_since),
+            checks: machine.checks.iter().map(CheckView::from).collect(),
+            metrics: machine.metrics.as_ref().map(MetricsView::from),
+            metric_breaches: machine.metric_breaches.clone(),
+            transitions: machine
+                .transitions
+                .iter()
+                .map(TransitionView::from)
+                .collect(),
         }
     }
 }
@@ -365,6 +499,7 @@ fn machine_rows(machines: &[MachineView]) -> Vec<Vec<String>> {
                 machine.id.clone(),
                 machine.hostname.clone(),
                 machine.zone.clone(),
+                machine.state.clone(),
                 format_labels(&machine.labels),
                 if machine.connected { "yes" } else { "no" }.to_owned(),
                 machine.last_seen.clone().unwrap_or_else(|| "never".into()),
@@ -416,6 +551,19 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
                 .into_inner();
             print_machine(cli.output, &machine)?;
         }
+        MachinesCommand::Watch { selector } => {
+            let mut events = client
+                .watch(WatchMachinesRequest {
+                    selector: selector.clone(),
+                })
+                .await
+                .map_err(&rpc)?
+                .into_inner();
+            while let Some(event) = events.message().await.map_err(&rpc)? {
+                print_event(cli.output, &event)?;
+            }
+            return Err(CtlError::Rpc("the server ended the watch".into()));
+        }
         MachinesCommand::Label { id, set, remove } => {
             let set =
                 parse_labels(set).map_err(|error| CtlError::Usage(format!("--set: {error}")))?;
@@ -440,6 +588,117 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
             print_machine(cli.output, &machine)?;
         }
     }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct EventView {
+    machine_id: String,
+    hostname: String,
+    zone: String,
+    labels: std::collections::BTreeMap<String, String>,
+    at: String,
+    from: Option<String>,
+    to: String,
+    reason: String,
+    snapshot: bool,
+}
+
+fn print_event(output: Output, event: &MachineEvent) -> Result<(), CtlError> {
+    let transition = event.transition.clone().unwrap_or_default();
+    let view = EventView {
+        machine_id: event.machine_id.clone(),
+        hostname: event.hostname.clone(),
+        zone: event.zone.clone(),
+        labels: event.labels.clone().into_iter().collect(),
+        at: format_time(transition.at),
+        from: (!transition.from.is_empty()).then(|| transition.from.clone()),
+        to: transition.to.clone(),
+        reason: transition.reason.clone(),
+        snapshot: event.snapshot,
+    };
+    if output == Output::Json {
+        // One object per line, so that scripts can read the stream as it comes.
+        println!("{}", serde_json::to_string(&view)?);
+    } else {
+        let change = match &view.from {
+            Some(from) => format!("{from} -> {}", view.to),
+            None => format!("is {}", view.to),
+        };
+        println!(
+            "{}  {:<16} {:<8} {:<28} {}",
+            view.at, view.hostname, view.zone, change, view.reason
+        );
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct GroupView {
+    name: String,
+    machines: u32,
+    states: std::collections::BTreeMap<String, u32>,
+}
+
+impl From<&GroupStatus> for GroupView {
+    fn from(group: &GroupStatus) -> Self {
+        GroupView {
+            name: group.name.clone(),
+            machines: group.machines,
+            states: group
+                .states
+                .iter()
+                .map(|count| (count.state.clone(), count.machines))
+                .collect(),
+        }
+    }
+}
+
+fn print_status(output: Output, status: &FleetStatusResponse) -> Result<(), CtlError> {
+    let fleet = status.fleet.as_ref().map(GroupView::from);
+    let zones: Vec<GroupView> = status.zones.iter().map(GroupView::from).collect();
+    let groups: Vec<GroupView> = status.groups.iter().map(GroupView::from).collect();
+    if output == Output::Json {
+        #[derive(Serialize)]
+        struct StatusView<'a> {
+            fleet: Option<GroupView>,
+            zones: Vec<GroupView>,
+            by: &'a str,
+            groups: Vec<GroupView>,
+        }
+        return print_json(&StatusView {
+            fleet,
+            zones,
+            by: &status.by,
+            groups,
+        });
+    }
+    let states = ["operational", "degraded", "down", "unreachable", "unknown"];
+    let row = |group: &GroupView| {
+        let mut cells = vec![group.name.clone(), group.machines.to_string()];
+        cells.extend(
+            states
+                .iter()
+                .map(|state| group.states.get(*state).copied().unwrap_or(0).to_string()),
+        );
+        cells
+    };
+    let mut headers = vec!["GROUP", "MACHINES"];
+    headers.extend(states.iter().copied());
+    let mut rows: Vec<Vec<String>> = fleet.iter().map(row).collect();
+    rows.extend(zones.iter().map(|zone| {
+        let mut cells = row(zone);
+        cells[0] = format!("zone={}", zone.name);
+        cells
+    }));
+    rows.extend(groups.iter().map(|group| {
+        let mut cells = row(group);
+        cells[0] = format!("{}={}", status.by, group.name);
+        cells
+    }));
+    print!("{}", render_table(&headers, &rows));
     Ok(())
 }
 
@@ -485,7 +744,117 @@ fn print_machine(output: Output, machine: &Machine) -> Result<(), CtlError> {
     for (name, value) in fields {
         println!("{:<20} {value}", format!("{name}:"));
     }
+    print_health_sections(&view);
     Ok(())
+}
+
+/// State, checks, metrics and history of `machines show`.
+fn print_health_sections(view: &MachineView) {
+    println!(
+        "{:<20} {} since {} ({})",
+        "state:",
+        view.state,
+        view.state_since.clone().unwrap_or_else(|| "never".into()),
+        view.state_reason
+    );
+    if !view.checks.is_empty() {
+        println!("\nchecks:");
+        let rows: Vec<Vec<String>> = view
+            .checks
+            .iter()
+            .map(|check| {
+                vec![
+                    check.name.clone(),
+                    check.kind.clone(),
+                    if check.critical { "critical" } else { "" }.to_owned(),
+                    if check.healthy {
+                        "healthy"
+                    } else {
+                        "UNHEALTHY"
+                    }
+                    .to_owned(),
+                    format!(
+                        "{} x{} ({} ms)",
+                        if check.last_passed { "pass" } else { "fail" },
+                        check.consecutive,
+                        check.last_duration_ms
+                    ),
+                    check.target.clone(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render_table(
+                &["NAME", "KIND", "CRITICAL", "VERDICT", "LAST", "TARGET"],
+                &rows
+            )
+        );
+        for check in view
+            .checks
+            .iter()
+            .filter(|check| !check.last_output.is_empty())
+        {
+            println!(
+                "\noutput of {} (last run {}):",
+                check.name,
+                check.last_run_at.clone().unwrap_or_default()
+            );
+            for line in check.last_output.lines() {
+                println!("  | {line}");
+            }
+        }
+    }
+    if let Some(metrics) = &view.metrics {
+        println!("\nmetrics:");
+        for disk in &metrics.disks {
+            println!(
+                "  disk {:<12} {:.1}% used ({} of {} bytes)",
+                disk.mount, disk.used_percent, disk.used_bytes, disk.total_bytes
+            );
+        }
+        println!(
+            "  memory           {} of {} bytes available",
+            metrics.memory_available_bytes, metrics.memory_total_bytes
+        );
+        println!(
+            "  load             {:.2} {:.2} {:.2}",
+            metrics.load1, metrics.load5, metrics.load15
+        );
+        println!("  uptime           {} s", metrics.uptime_seconds);
+    }
+    for breach in &view.metric_breaches {
+        println!("  THRESHOLD EXCEEDED: {breach}");
+    }
+    if !view.transitions.is_empty() {
+        println!("\nhistory (newest first):");
+        let rows: Vec<Vec<String>> = view
+            .transitions
+            .iter()
+            .map(|transition| {
+                vec![
+                    transition.at.clone(),
+                    format!("{} -> {}", transition.from, transition.to),
+                    transition.reason.clone(),
+                ]
+            })
+            .collect();
+        print!("{}", render_table(&["TIME", "CHANGE", "REASON"], &rows));
+    }
+}
+
+async fn run_status(cli: &Cli, by: &str, selector: &str) -> Result<(), CtlError> {
+    let (channel, diagnostics) = connect(cli)?;
+    let rpc = rpc_error(&diagnostics);
+    let status = MachinesClient::new(channel)
+        .fleet_status(FleetStatusRequest {
+            by: by.to_owned(),
+            selector: selector.to_owned(),
+        })
+        .await
+        .map_err(&rpc)?
+        .into_inner();
+    print_status(cli.output, &status)
 }
 
 /// Runs one flottectl invocation and returns the process exit code.
@@ -493,6 +862,7 @@ pub async fn main(cli: Cli) -> ExitCode {
     let result = match &cli.command {
         Command::Token(command) => run_token(&cli, command).await,
         Command::Machines(command) => run_machines(&cli, command).await,
+        Command::Status { by, selector } => run_status(&cli, by, selector).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

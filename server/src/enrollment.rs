@@ -113,6 +113,9 @@ impl Enroller<'_> {
             },
             last_seen: now,
             desired_version: 1,
+            state: crate::health::MachineState::Unknown.as_str().to_owned(),
+            state_reason: "enrolled; no report yet".to_owned(),
+            state_since: now,
         };
         self.store.insert_machine(&machine).await?;
         Ok(Enrolled {

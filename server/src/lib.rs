@@ -9,6 +9,7 @@
 //! become gRPC statuses. Nothing here blocks the async runtime on disk: the
 //! store runs on the blocking pool.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod ca;
@@ -16,12 +17,15 @@ pub mod clock;
 pub mod config;
 pub mod ctl;
 pub mod enrollment;
+pub mod health;
 pub mod init;
 pub mod limits;
+pub mod metrics;
 pub mod profile;
 pub mod registry;
 pub mod store;
 pub mod tls;
+pub mod transitions;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,14 +39,18 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::AlertDispatcher;
 use crate::api::admin::AdminApi;
 use crate::api::enrollment::EnrollmentApi;
 use crate::api::session::SessionApi;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ServerConfig;
+use crate::health::HealthTracker;
+use crate::metrics::{RpcMetricsLayer, ServerMetrics};
 use crate::registry::Registry;
 use crate::store::{SqliteStore, Store, StoreError};
+use crate::transitions::EventSender;
 
 /// The server's own certificate is re-issued at every start (so SAN changes
 /// in the config take effect on restart); this bounds how long one start lasts.
@@ -62,6 +70,64 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot serve metrics on {address}: {source}")]
+    MetricsListener {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Marks silent machines unreachable, once a second.
+async fn watch_liveness(state: Arc<ServerState>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => state.health.check_liveness(state.clock.now_unix()),
+        }
+    }
+}
+
+/// Machines per (state, zone), for the `flotte_machines` gauge.
+fn machines_by_state_and_zone(state: &ServerState) -> Vec<((String, String), i64)> {
+    let mut counts: std::collections::BTreeMap<(String, String), i64> = Default::default();
+    for machine in state.health.snapshot().values() {
+        *counts
+            .entry((machine.state.as_str().to_owned(), machine.zone.clone()))
+            .or_default() += 1;
+    }
+    counts.into_iter().collect()
+}
+
+/// Serves `/metrics`; the bound address is written to `<data>/metrics.address`.
+async fn serve_metrics(
+    state: Arc<ServerState>,
+    address: std::net::SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let listen_error = |source| ServerError::MetricsListener { address, source };
+    let listener = TcpListener::bind(address).await.map_err(listen_error)?;
+    let bound = listener.local_addr().map_err(listen_error)?;
+    flotte_proto::files::write_atomically(
+        &state.config.data_dir.join("metrics.address"),
+        format!("{bound}\n").as_bytes(),
+    )
+    .map_err(listen_error)?;
+    tracing::info!(address = %bound, "serving /metrics");
+    let handler_state = Arc::clone(&state);
+    tokio::spawn(flotte_proto::http1::serve(
+        listener,
+        Arc::new(move |_method: &str, path: &str| {
+            flotte_proto::http1::metrics_response(path, || {
+                handler_state.metrics.encode(
+                    &machines_by_state_and_zone(&handler_state),
+                    handler_state.registry.connected_count(),
+                )
+            })
+        }),
+        shutdown,
+    ));
+    Ok(())
 }
 
 /// Everything the API handlers and background tasks share.
@@ -71,6 +137,10 @@ pub struct ServerState {
     pub store: Arc<dyn Store>,
     pub registry: Registry,
     pub clock: Arc<dyn Clock>,
+    pub health: HealthTracker,
+    pub events: EventSender,
+    pub metrics: ServerMetrics,
+    pub alerts: AlertDispatcher,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -133,14 +203,38 @@ pub async fn run(
             .map_err(tls::TlsSetupError::from)?;
     let tls_config = tls::server_config(ca.certificate_der(), chain, key)?;
 
-    let store = SqliteStore::open(&store_path(&config.data_dir))?;
+    let metrics = ServerMetrics::new();
+    let store =
+        SqliteStore::open_with_metrics(&store_path(&config.data_dir), metrics.store.clone())?;
+    let clock = SystemClock;
+    let (transition_sender, transition_receiver) = tokio::sync::mpsc::unbounded_channel();
+    let health = HealthTracker::new(
+        &store.machines().await?,
+        clock.now_unix(),
+        config.unreachable_after,
+        transition_sender,
+    );
+    let alerts = AlertDispatcher::start(config.webhooks.clone(), metrics.clone(), shutdown.clone());
+    let metrics_listen = config.metrics_listen;
     let state = Arc::new(ServerState {
         config,
         ca,
         store: Arc::new(store),
         registry: Registry::new(),
-        clock: Arc::new(SystemClock),
+        clock: Arc::new(clock),
+        health,
+        events: transitions::event_channel(),
+        metrics,
+        alerts,
     });
+    tokio::spawn(transitions::apply_transitions(
+        Arc::clone(&state),
+        transition_receiver,
+    ));
+    tokio::spawn(watch_liveness(Arc::clone(&state), shutdown.clone()));
+    if let Some(address) = metrics_listen {
+        serve_metrics(Arc::clone(&state), address, shutdown.clone()).await?;
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -174,6 +268,9 @@ pub async fn run(
     let flusher = tokio::spawn(flush_last_seen(Arc::clone(&state), shutdown.clone()));
     let admin = AdminApi::new(Arc::clone(&state));
     let router = tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer {
+            metrics: state.metrics.clone(),
+        })
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)

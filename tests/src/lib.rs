@@ -217,6 +217,20 @@ impl Server {
         self.data_dir.join("admin")
     }
 
+    /// Appends TOML to the server's settings file (e.g. `[[webhook]]` tables).
+    pub fn append_config(&self, toml: &str) {
+        let path = self.data_dir.join("server.toml");
+        let mut settings = std::fs::read_to_string(&path).expect("read server.toml");
+        settings.push('\n');
+        settings.push_str(toml);
+        std::fs::write(&path, settings).expect("write server.toml");
+    }
+
+    /// The address of the server's `/metrics` listener, once it is serving.
+    pub fn metrics_address(&self) -> Option<String> {
+        read_address_file(&self.data_dir.join("metrics.address"))
+    }
+
     pub fn ca_pem(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("ca").join("ca.pem")).expect("read CA")
     }
@@ -316,6 +330,155 @@ pub fn flottectl(profile: &Path, server: &str, args: &[&str]) -> Output {
         .expect("run flottectl")
 }
 
+fn read_address_file(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.ends_with('\n').then(|| text.trim().to_owned())
+}
+
+/// `GET http://address/path` with a blocking socket: status and body.
+pub fn http_get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = flotte_proto::http1::parse_status_line(&response).unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A real HTTP service for checks to watch: answers every request with 200
+/// and `body` until stopped; can be restarted on the same port.
+#[derive(Debug)]
+pub struct TestHttpService {
+    pub address: std::net::SocketAddr,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestHttpService {
+    pub fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind test service");
+        let address = listener.local_addr().expect("test service address");
+        let mut service = TestHttpService {
+            address,
+            stop: None,
+            thread: None,
+        };
+        service.serve(listener);
+        service
+    }
+
+    fn serve(&mut self, listener: std::net::TcpListener) {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_flag = std::sync::Arc::clone(&stop);
+        self.thread = Some(std::thread::spawn(move || {
+            while !stop_flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buffer = [0u8; 2048];
+                        let _ = stream.read(&mut buffer);
+                        let _ = stream.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }));
+        self.stop = Some(stop);
+    }
+
+    /// Stops answering and closes the port (connections are refused).
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Serves again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let listener = std::net::TcpListener::bind(self.address).expect("rebind test service");
+        self.serve(listener);
+    }
+}
+
+impl Drop for TestHttpService {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A webhook receiver: records the JSON body of every POST, answers 200.
+#[derive(Debug)]
+pub struct WebhookReceiver {
+    pub url: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl WebhookReceiver {
+    pub fn start() -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind webhook receiver");
+        let url = format!(
+            "http://{}/hook",
+            listener.local_addr().expect("receiver address")
+        );
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&received);
+        // The thread ends with the test process.
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream);
+                let mut content_length = 0usize;
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|read| read > 0) {
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        content_length = value.trim().parse().unwrap_or(0);
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0u8; content_length];
+                if reader.read_exact(&mut body).is_ok() {
+                    if let Ok(value) = serde_json::from_slice(&body) {
+                        sink.lock().expect("receiver lock").push(value);
+                    }
+                }
+                let mut stream = reader.into_inner();
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        WebhookReceiver { url, received }
+    }
+
+    pub fn received(&self) -> Vec<serde_json::Value> {
+        self.received.lock().expect("receiver lock").clone()
+    }
+}
+
 /// Command-line arguments of a harness agent (fast reports and reconnects).
 fn agent_arguments(server: &str, token: &str, hostname: &str) -> Vec<String> {
     let mut arguments = vec!["--server", server, "--hostname", hostname];
@@ -346,6 +509,23 @@ impl Agent {
             process: None,
             args: agent_arguments(server, token, name),
         }
+    }
+
+    /// Adds settings only a config file can carry (checks, `[system]`,
+    /// `metrics_listen`): written to `<data_dir>/agent.toml` and passed with
+    /// `--config`; the flags still give data dir, server and token.
+    pub fn with_config(mut self, toml: &str) -> Self {
+        std::fs::create_dir_all(&self.data_dir).expect("create agent dir");
+        let path = self.data_dir.join("agent.toml");
+        std::fs::write(&path, toml).expect("write agent.toml");
+        self.args.push("--config".into());
+        self.args.push(path.display().to_string());
+        self
+    }
+
+    /// The address of the agent's `/metrics` listener, once it is serving.
+    pub fn metrics_address(&self) -> Option<String> {
+        read_address_file(&self.data_dir.join("metrics.address"))
     }
 
     pub fn start(&mut self) {
@@ -416,7 +596,35 @@ pub fn build_binaries_command(cargo: &std::ffi::OsStr) -> Command {
     // The same selection as `cargo test --workspace`, so that features unify
     // alike and no dependency is compiled a second time.
     command.args(["--workspace", "--bins"]);
+    for (name, _) in std::env::vars_os() {
+        if name
+            .to_str()
+            .is_some_and(is_set_by_cargo_for_a_running_crate)
+        {
+            command.env_remove(name);
+        }
+    }
     command
+}
+
+/// Variables cargo sets for the program it runs (`cargo run`, `cargo test`)
+/// to describe that program's package. A cargo started from that program
+/// must not inherit them: cargo reruns build scripts that watch one of them
+/// when its value changes (ring: `rerun-if-env-changed=CARGO_PKG_NAME`), so
+/// the inner build would recompile ring and everything above it, and the
+/// next outer build would do it all again.
+fn is_set_by_cargo_for_a_running_crate(name: &str) -> bool {
+    const EXACT: [&str; 8] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "OUT_DIR",
+    ];
+    EXACT.contains(&name) || name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_BIN_EXE_")
 }
 
 /// [`ManagedChild::terminate`] signals the pid, which a process that has

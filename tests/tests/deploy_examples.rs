@@ -60,15 +60,24 @@ fn accepted_keys<T: for<'de> serde::Deserialize<'de> + std::fmt::Debug>() -> BTr
     keys
 }
 
-/// Fails unless every key appears in `example` as `key =`, set or commented
-/// out (`# key =`), so that the example documents all of them.
+/// Fails unless every top-level key appears in `example` as `key =` or as a
+/// table header (`[key]`, `[[key]]`), set or commented out (`# key =`), so
+/// that the example documents all of them.
 fn assert_documents_every_key(example: &Path, keys: &BTreeSet<String>) {
     let text = std::fs::read_to_string(example).expect("read example");
     let mentioned: BTreeSet<String> = text
         .lines()
         .map(|line| line.trim_start().trim_start_matches('#').trim_start())
-        .filter_map(|line| line.split_once('='))
-        .map(|(key, _)| key.trim().to_owned())
+        .filter_map(|line| {
+            if line.starts_with('[') {
+                // A table header, `[system]` or `[[check]]`, is the key of
+                // the table (its first dotted segment).
+                let name = line.trim_start_matches('[').split([']', '.']).next()?;
+                Some(name.trim().to_owned())
+            } else {
+                line.split_once('=').map(|(key, _)| key.trim().to_owned())
+            }
+        })
         .collect();
     let missing: Vec<&String> = keys.difference(&mentioned).collect();
     assert!(

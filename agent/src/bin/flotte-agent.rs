@@ -67,15 +67,13 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        None => AgentConfigFile {
-            data_dir: PathBuf::new(),
-            servers: Vec::new(),
-            join_token: None,
-            join_token_file: None,
-            hostname: None,
-            report_interval: "10s".into(),
-            reconnect_initial_backoff: "500ms".into(),
-            reconnect_max_backoff: "2m".into(),
+        // Flags alone: the same defaults as an empty config file.
+        None => match toml::from_str::<AgentConfigFile>("") {
+            Ok(file) => file,
+            Err(error) => {
+                eprintln!("flotte-agent: {error}");
+                return ExitCode::FAILURE;
+            }
         },
     };
     if let Some(data_dir) = data_dir {

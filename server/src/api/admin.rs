@@ -10,20 +10,31 @@ use flotte_proto::labels::{validate_label, Selector};
 use flotte_proto::v1::machines_server::Machines;
 use flotte_proto::v1::tokens_server::Tokens;
 use flotte_proto::v1::{
-    CreateTokenRequest, CreateTokenResponse, GetMachineRequest, ListMachinesRequest,
-    ListMachinesResponse, ListTokensRequest, ListTokensResponse, Machine, RevokeTokenRequest,
-    RevokeTokenResponse, SetLabelsRequest, TokenInfo,
+    CreateTokenRequest, CreateTokenResponse, FleetStatusRequest, FleetStatusResponse,
+    GetMachineRequest, GroupStatus, ListMachinesRequest, ListMachinesResponse, ListTokensRequest,
+    ListTokensResponse, Machine, MachineEvent as ProtoMachineEvent, RevokeTokenRequest,
+    RevokeTokenResponse, SetLabelsRequest, StateCount, StateTransition, TokenInfo,
+    WatchMachinesRequest,
 };
 use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::api::session::push_desired_state;
 use crate::auth::require_operator;
 use crate::enrollment::hash_secret;
+use crate::health::{MachineState, TrackedMachine};
 use crate::registry::ConnectedView;
 use crate::store::{JoinTokenRecord, MachineRecord};
+use crate::transitions::MachineEvent;
 use crate::ServerState;
+
+/// Transitions shown by `machines show`.
+const TRANSITIONS_SHOWN: u32 = 50;
+/// Events queued per watch stream before the watcher is considered slow.
+const WATCH_QUEUE_DEPTH: usize = 64;
 
 /// Longest join token lifetime: a token is a secret in transit, not a credential to keep.
 const MAX_TOKEN_TTL_SECONDS: u64 = 30 * 24 * 3600;
@@ -89,11 +100,25 @@ fn validate_token_request(request: &CreateTokenRequest) -> Result<(), Status> {
     }
 }
 
+/// A machine as listed: store facts, live connection, tracked health state.
 pub fn machine_to_proto(
     machine: &MachineRecord,
     connection: Option<&ConnectedView>,
+    tracked: Option<&TrackedMachine>,
     trust_domain: &str,
 ) -> Machine {
+    let (state, state_reason, state_since) = match tracked {
+        Some(tracked) => (
+            tracked.state.as_str().to_owned(),
+            tracked.reason.clone(),
+            tracked.since,
+        ),
+        None => (
+            machine.state.clone(),
+            machine.state_reason.clone(),
+            machine.state_since,
+        ),
+    };
     Machine {
         id: machine.id.to_string(),
         hostname: machine.inventory.hostname.clone(),
@@ -116,6 +141,138 @@ pub fn machine_to_proto(
             .unwrap_or_default(),
         desired_version: machine.desired_version,
         applied_desired_version: connection.map_or(0, |view| view.applied_desired_version),
+        state,
+        state_reason,
+        state_since,
+        ..Machine::default()
+    }
+}
+
+fn transition_to_proto(at: i64, from: &str, to: &str, reason: &str) -> StateTransition {
+    StateTransition {
+        at,
+        from: from.to_owned(),
+        to: to.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn event_to_proto(event: &MachineEvent, snapshot: bool) -> ProtoMachineEvent {
+    ProtoMachineEvent {
+        machine_id: event.machine_id.to_string(),
+        hostname: event.hostname.clone(),
+        zone: event.zone.clone(),
+        labels: event.labels.clone().into_iter().collect(),
+        transition: Some(transition_to_proto(
+            event.transition.at,
+            event.transition.from.as_str(),
+            event.transition.to.as_str(),
+            &event.transition.reason,
+        )),
+        snapshot,
+    }
+}
+
+fn selector_matches(
+    selector: &Selector,
+    labels: &std::collections::BTreeMap<String, String>,
+    zone: &str,
+) -> bool {
+    selector.matches(|key| labels.get(key).map(String::as_str), zone)
+}
+
+/// The current state of every matching machine, as watch events.
+fn snapshot_events(state: &ServerState, selector: &Selector) -> Vec<ProtoMachineEvent> {
+    let mut machines: Vec<(Uuid, TrackedMachine)> = state
+        .health
+        .snapshot()
+        .into_iter()
+        .filter(|(_, machine)| selector_matches(selector, &machine.labels, &machine.zone))
+        .collect();
+    machines.sort_by(|a, b| (&a.1.zone, &a.1.hostname).cmp(&(&b.1.zone, &b.1.hostname)));
+    machines
+        .into_iter()
+        .map(|(machine_id, machine)| {
+            let event = MachineEvent {
+                machine_id,
+                hostname: machine.hostname,
+                zone: machine.zone,
+                labels: machine.labels,
+                transition: crate::health::Transition {
+                    machine_id,
+                    at: machine.since,
+                    from: machine.state,
+                    to: machine.state,
+                    reason: machine.reason,
+                },
+            };
+            let mut proto = event_to_proto(&event, true);
+            if let Some(transition) = proto.transition.as_mut() {
+                transition.from.clear();
+            }
+            proto
+        })
+        .collect()
+}
+
+/// Counts machines per state, in the canonical state order.
+fn group_status<'a>(name: &str, machines: impl Iterator<Item = &'a TrackedMachine>) -> GroupStatus {
+    let mut counts: HashMap<MachineState, u32> = HashMap::new();
+    let mut total = 0u32;
+    for machine in machines {
+        *counts.entry(machine.state).or_default() += 1;
+        total += 1;
+    }
+    GroupStatus {
+        name: name.to_owned(),
+        machines: total,
+        states: MachineState::ALL
+            .into_iter()
+            .filter_map(|state| {
+                counts.get(&state).map(|count| StateCount {
+                    state: state.as_str().to_owned(),
+                    machines: *count,
+                })
+            })
+            .collect(),
+    }
+}
+
+/// Fleet, per-zone and per-label-value state counts.
+pub fn fleet_status(machines: &[TrackedMachine], by: &str) -> FleetStatusResponse {
+    let mut zones: Vec<&str> = machines
+        .iter()
+        .map(|machine| machine.zone.as_str())
+        .collect();
+    zones.sort_unstable();
+    zones.dedup();
+    let mut groups: Vec<&str> = Vec::new();
+    if !by.is_empty() {
+        groups = machines
+            .iter()
+            .map(|machine| machine.labels.get(by).map_or("(none)", String::as_str))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+    }
+    FleetStatusResponse {
+        fleet: Some(group_status("fleet", machines.iter())),
+        zones: zones
+            .into_iter()
+            .map(|zone| group_status(zone, machines.iter().filter(|machine| machine.zone == zone)))
+            .collect(),
+        groups: groups
+            .into_iter()
+            .map(|group| {
+                group_status(
+                    group,
+                    machines.iter().filter(|machine| {
+                        machine.labels.get(by).map_or("(none)", String::as_str) == group
+                    }),
+                )
+            })
+            .collect(),
+        by: by.to_owned(),
     }
 }
 
@@ -224,16 +381,19 @@ impl Machines for AdminApi {
             .map_err(|error| Status::invalid_argument(format!("selector: {error}")))?;
         let machines = self.state.store.machines().await?;
         let connections: HashMap<Uuid, ConnectedView> = self.state.registry.views();
+        let tracked = self.state.health.snapshot();
         let trust_domain = &self.state.config.trust_domain;
         let machines = machines
             .iter()
-            .filter(|machine| {
-                selector.matches(
-                    |key| machine.labels.get(key).map(String::as_str),
-                    &machine.zone,
+            .filter(|machine| selector_matches(&selector, &machine.labels, &machine.zone))
+            .map(|machine| {
+                machine_to_proto(
+                    machine,
+                    connections.get(&machine.id),
+                    tracked.get(&machine.id),
+                    trust_domain,
                 )
             })
-            .map(|machine| machine_to_proto(machine, connections.get(&machine.id), trust_domain))
             .collect();
         Ok(Response::new(ListMachinesResponse { machines }))
     }
@@ -247,11 +407,89 @@ impl Machines for AdminApi {
         let machines = self.state.store.machines().await?;
         let machine = find_machine(&machines, &key)?;
         let view = self.state.registry.view(machine.id);
-        Ok(Response::new(machine_to_proto(
+        let tracked = self.state.health.get(machine.id);
+        let mut proto = machine_to_proto(
             machine,
             view.as_ref(),
+            tracked.as_ref(),
             &self.state.config.trust_domain,
-        )))
+        );
+        if let Some(report) = tracked.and_then(|tracked| tracked.last_report) {
+            proto.checks = report.checks.clone();
+            proto.metrics = report.metrics.clone();
+            proto.metric_breaches = report.metric_breaches.clone();
+        }
+        proto.transitions = self
+            .state
+            .store
+            .transitions(machine.id, TRANSITIONS_SHOWN)
+            .await?
+            .iter()
+            .map(|record| transition_to_proto(record.at, &record.from, &record.to, &record.reason))
+            .collect();
+        Ok(Response::new(proto))
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<ProtoMachineEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchMachinesRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        require_operator(&request)?;
+        let selector = Selector::parse(&request.into_inner().selector)
+            .map_err(|error| Status::invalid_argument(format!("selector: {error}")))?;
+        // Subscribe before taking the snapshot so that no change falls between.
+        let mut events = self.state.events.subscribe();
+        let state = Arc::clone(&self.state);
+        let (sender, receiver) = tokio::sync::mpsc::channel(WATCH_QUEUE_DEPTH);
+        tokio::spawn(async move {
+            let mut pending = snapshot_events(&state, &selector);
+            loop {
+                for event in pending.drain(..) {
+                    if sender.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                let received = tokio::select! {
+                    () = sender.closed() => return,
+                    received = events.recv() => received,
+                };
+                match received {
+                    Ok(event) if selector_matches(&selector, &event.labels, &event.zone) => {
+                        pending.push(event_to_proto(&event, false));
+                    }
+                    Ok(_) => {}
+                    // Fell behind: start again from the current state.
+                    Err(RecvError::Lagged(_)) => pending = snapshot_events(&state, &selector),
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn fleet_status(
+        &self,
+        request: Request<FleetStatusRequest>,
+    ) -> Result<Response<FleetStatusResponse>, Status> {
+        require_operator(&request)?;
+        let request = request.into_inner();
+        let selector = Selector::parse(&request.selector)
+            .map_err(|error| Status::invalid_argument(format!("selector: {error}")))?;
+        if !request.by.is_empty() {
+            validate_label(&request.by, "")
+                .map_err(|error| Status::invalid_argument(format!("by: {error}")))?;
+        }
+        let machines: Vec<TrackedMachine> = self
+            .state
+            .health
+            .snapshot()
+            .into_values()
+            .filter(|machine| selector_matches(&selector, &machine.labels, &machine.zone))
+            .collect();
+        Ok(Response::new(fleet_status(&machines, &request.by)))
     }
 
     async fn set_labels(
@@ -270,11 +508,15 @@ impl Machines for AdminApi {
             .await?
             .ok_or_else(|| Status::not_found(format!("machine {} was removed", machine.id)))?;
         tracing::info!(machine = %updated.id, operator = %caller.identity, version = updated.desired_version, "labels changed");
+        let now = self.state.clock.now_unix();
+        self.state.health.upsert(&updated, now);
         push_desired_state(&self.state, &updated).await;
         let view = self.state.registry.view(updated.id);
+        let tracked = self.state.health.get(updated.id);
         Ok(Response::new(machine_to_proto(
             &updated,
             view.as_ref(),
+            tracked.as_ref(),
             &self.state.config.trust_domain,
         )))
     }
@@ -355,6 +597,9 @@ mod tests {
             inventory: Default::default(),
             last_seen: 0,
             desired_version: 1,
+            state: "unknown".into(),
+            state_reason: String::new(),
+            state_since: 0,
         };
         a.inventory.hostname = "web-1".into();
         let mut b = a.clone();

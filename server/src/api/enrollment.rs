@@ -57,6 +57,13 @@ impl Enrollment for EnrollmentApi {
         {
             Ok(enrolled) => {
                 tracing::info!(machine = %enrolled.machine_id, hostname = %request.hostname, ?remote, "machine enrolled");
+                // Tracked from now on, so that a machine that never connects
+                // still turns unreachable.
+                if let Ok(Some(machine)) = self.state.store.machine(enrolled.machine_id).await {
+                    self.state
+                        .health
+                        .upsert(&machine, self.state.clock.now_unix());
+                }
                 Ok(self.response(enrolled))
             }
             Err(error) => {

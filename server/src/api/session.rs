@@ -118,10 +118,18 @@ impl AgentSession for SessionApi {
             Err(_) => return Err(Status::deadline_exceeded("no hello within 30 s")),
         };
         let now = state.clock.now_unix();
+        let inventory = inventory_from_hello(&hello);
         state
             .store
-            .record_inventory(machine_id, &inventory_from_hello(&hello), now)
+            .record_inventory(machine_id, &inventory, now)
             .await?;
+        state.health.upsert(
+            &MachineRecord {
+                inventory,
+                ..machine.clone()
+            },
+            now,
+        );
 
         let (sender, receiver) = mpsc::channel(SESSION_QUEUE_DEPTH);
         let desired = desired_state(&machine, state.config.report_interval);
@@ -182,7 +190,10 @@ async fn serve_session(
         let now = state.clock.now_unix();
         state.registry.touch(machine_id, now);
         match message.kind {
-            Some(AgentKind::Report(_)) | None => {}
+            Some(AgentKind::Report(report)) => {
+                state.health.observe_report(machine_id, report, now);
+            }
+            None => {}
             Some(AgentKind::Hello(_)) => {
                 tracing::debug!(machine = %machine_id, "ignoring repeated hello");
             }

@@ -47,6 +47,9 @@ enum Command {
         /// Overrides `report_interval`.
         #[arg(long)]
         report_interval: Option<String>,
+        /// Overrides `metrics_listen` (Prometheus /metrics address).
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
 }
 
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
             listen,
             machine_certificate_ttl,
             report_interval,
+            metrics_listen,
         } => {
             init_tracing();
             // One socket per connected agent: the default soft limit (often
@@ -127,6 +131,9 @@ fn main() -> ExitCode {
             }
             if let Some(interval) = report_interval {
                 settings.report_interval = interval;
+            }
+            if metrics_listen.is_some() {
+                settings.metrics_listen = metrics_listen;
             }
             let config = match settings.validate(data_dir.clone()) {
                 Ok(config) => config,

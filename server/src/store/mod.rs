@@ -69,6 +69,20 @@ pub struct MachineRecord {
     pub last_seen: UnixSeconds,
     /// Bumped whenever anything the agent must apply changes.
     pub desired_version: u64,
+    /// Health state name (see `health::MachineState`), why, and since when.
+    pub state: String,
+    pub state_reason: String,
+    pub state_since: UnixSeconds,
+}
+
+/// One stored change of a machine's health state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateTransitionRecord {
+    pub machine_id: Uuid,
+    pub at: UnixSeconds,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
 }
 
 /// The outcome of trying to spend one use of a join token.
@@ -152,6 +166,16 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
         labels: &BTreeMap<String, String>,
     ) -> Result<Option<MachineRecord>, StoreError>;
+    /// Appends a state transition and makes it the machine's current state,
+    /// atomically.
+    async fn record_transition(&self, transition: &StateTransitionRecord)
+        -> Result<(), StoreError>;
+    /// The latest `limit` transitions of a machine, newest first.
+    async fn transitions(
+        &self,
+        machine_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<StateTransitionRecord>, StoreError>;
     /// Writes many last-seen times in one transaction.
     async fn record_last_seen(&self, seen: &[(Uuid, UnixSeconds)]) -> Result<(), StoreError>;
 

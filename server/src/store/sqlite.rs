@@ -4,15 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use uuid::Uuid;
 
+use crate::metrics::StoreMetrics;
+
 use super::{
-    classify_token_refusal, Inventory, JoinTokenRecord, MachineRecord, Store, StoreError,
-    TokenRedemption, UnixSeconds,
+    classify_token_refusal, Inventory, JoinTokenRecord, MachineRecord, StateTransitionRecord,
+    Store, StoreError, TokenRedemption, UnixSeconds,
 };
 
 const SCHEMA: &str = r"
@@ -43,14 +44,26 @@ CREATE TABLE IF NOT EXISTS machines (
     agent_version TEXT NOT NULL,
     boot_time INTEGER NOT NULL,
     last_seen INTEGER NOT NULL,
-    desired_version INTEGER NOT NULL
+    desired_version INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'unknown',
+    state_reason TEXT NOT NULL DEFAULT '',
+    state_since INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS machine_transitions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    machine_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    from_state TEXT NOT NULL,
+    to_state TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS machine_transitions_by_machine ON machine_transitions (machine_id, seq);
 ";
 
 #[derive(Clone)]
 pub struct SqliteStore {
     connection: Arc<Mutex<Connection>>,
-    writes: Arc<AtomicU64>,
+    metrics: StoreMetrics,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -107,12 +120,20 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         },
         last_seen: row.get("last_seen")?,
         desired_version: row.get::<_, i64>("desired_version")?.max(0) as u64,
+        state: row.get("state")?,
+        state_reason: row.get("state_reason")?,
+        state_since: row.get("state_since")?,
     })
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the store file and applies the schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_metrics(path, StoreMetrics::default())
+    }
+
+    /// [`SqliteStore::open`], counting writes into `metrics`.
+    pub fn open_with_metrics(path: &Path, metrics: StoreMetrics) -> Result<Self, StoreError> {
         let connection = Connection::open(path)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "FULL")?;
@@ -121,7 +142,7 @@ impl SqliteStore {
         connection.execute_batch(SCHEMA)?;
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
-            writes: Arc::new(AtomicU64::new(0)),
+            metrics,
         })
     }
 
@@ -147,8 +168,12 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        let started = std::time::Instant::now();
         let result = self.with_connection(operation).await;
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.writes.inc();
+        self.metrics
+            .write_duration
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 }
@@ -243,8 +268,10 @@ impl Store for SqliteStore {
             connection.execute(
                 "INSERT INTO machines (id, labels, zone, enrolled_at, enrolled_with_token,
                     certificate_serial, certificate_not_after, hostname, os, kernel, arch,
-                    agent_version, boot_time, last_seen, desired_version)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                    agent_version, boot_time, last_seen, desired_version, state, state_reason,
+                    state_since)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                    ?18)",
                 params![
                     machine.id.to_string(),
                     labels_to_json(&machine.labels),
@@ -261,6 +288,9 @@ impl Store for SqliteStore {
                     machine.inventory.boot_time,
                     machine.last_seen,
                     machine.desired_version as i64,
+                    machine.state,
+                    machine.state_reason,
+                    machine.state_since,
                 ],
             )?;
             Ok(())
@@ -363,6 +393,65 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn record_transition(
+        &self,
+        transition: &StateTransitionRecord,
+    ) -> Result<(), StoreError> {
+        let transition = transition.clone();
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            transaction.execute(
+                "INSERT INTO machine_transitions (machine_id, at, from_state, to_state, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    transition.machine_id.to_string(),
+                    transition.at,
+                    transition.from,
+                    transition.to,
+                    transition.reason
+                ],
+            )?;
+            transaction.execute(
+                "UPDATE machines SET state = ?2, state_reason = ?3, state_since = ?4 WHERE id = ?1",
+                params![
+                    transition.machine_id.to_string(),
+                    transition.to,
+                    transition.reason,
+                    transition.at
+                ],
+            )?;
+            transaction.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn transitions(
+        &self,
+        machine_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<StateTransitionRecord>, StoreError> {
+        self.with_connection(move |connection| {
+            let mut statement = connection.prepare(
+                "SELECT at, from_state, to_state, reason FROM machine_transitions
+                 WHERE machine_id = ?1 ORDER BY seq DESC LIMIT ?2",
+            )?;
+            let transitions = statement
+                .query_map(params![machine_id.to_string(), limit], |row| {
+                    Ok(StateTransitionRecord {
+                        machine_id,
+                        at: row.get(0)?,
+                        from: row.get(1)?,
+                        to: row.get(2)?,
+                        reason: row.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(transitions)
+        })
+        .await
+    }
+
     async fn record_last_seen(&self, seen: &[(Uuid, UnixSeconds)]) -> Result<(), StoreError> {
         if seen.is_empty() {
             return Ok(());
@@ -384,7 +473,7 @@ impl Store for SqliteStore {
     }
 
     fn write_count(&self) -> u64 {
-        self.writes.load(Ordering::Relaxed)
+        self.metrics.writes.get()
     }
 }
 
@@ -462,6 +551,9 @@ mod tests {
             inventory: Inventory::default(),
             last_seen: 5,
             desired_version: 1,
+            state: "unknown".into(),
+            state_reason: String::new(),
+            state_since: 0,
         };
         store.insert_machine(&machine).await.unwrap();
         let writes_before = store.write_count();
@@ -493,7 +585,7 @@ mod tests {
             ),
             ("02", "01")
         );
-        assert_eq!(loaded.labels, machine.labels);
+        assert_eq!(loaded.labels["role"], "db");
         assert_eq!(store.machines().await.unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -12,22 +12,30 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 use flotte_tests::{
-    binaries_directory, build_binaries_command, wait_until, Agent, Server, TempDir,
+    binaries_directory, binary, build_binaries_command, wait_until, Agent, Server, TempDir,
 };
 use tokio::signal::unix::{signal, SignalKind};
+
+/// Prints a line on standard output, ignoring failure: the output may go to
+/// a pipe whose reader died with the same Ctrl-C (`| tee`), and stopping the
+/// fleet cleanly matters more than reporting it (`println!` would panic).
+macro_rules! say {
+    ($($argument:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($argument)*);
+    }};
+}
 
 /// How long three agents may take to enroll and open their sessions. They
 /// need well under a second on a laptop; the margin covers a loaded machine.
 const SESSIONS_TIMEOUT: Duration = Duration::from_secs(60);
-/// A fresh release build of the workspace takes minutes on 2 cores.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 const FLEET_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 /// Agents and server stop within a few seconds of SIGTERM (the server gives
 /// connections 5 s); past this they are killed and the demo says so.
@@ -253,44 +261,20 @@ impl Demo {
     fn run_steps(&mut self) -> Result<(), DemoError> {
         for (index, (title, step)) in STEPS.iter().enumerate() {
             self.stop.check()?;
-            println!("\n==> [{}/{}] {title}", index + 1, STEPS.len());
+            say!("\n==> [{}/{}] {title}", index + 1, STEPS.len());
             step(self)?;
         }
         Ok(())
     }
 
-    /// Rebuilds the binaries when started by cargo (`$CARGO` is set), so
-    /// that the demo never runs stale ones; otherwise uses what is there.
+    /// Makes sure the binaries exist and are fresh. Started by cargo
+    /// (`$CARGO` set), the harness rebuilds them before their first use with
+    /// the command shown here; otherwise it uses them as they are (and builds
+    /// them only if missing).
     fn build_binaries(&mut self) -> Result<(), DemoError> {
         match std::env::var_os("CARGO") {
-            Some(cargo) => {
-                let mut command = build_binaries_command(&cargo);
-                println!("$ {}", describe_command(&command));
-                let mut build = command.stdin(Stdio::null()).spawn()?;
-                let mut status = None;
-                let finished = wait_until(BUILD_TIMEOUT, || {
-                    status = build.try_wait().ok().flatten();
-                    status.is_some() || self.stop.is_requested()
-                });
-                if status.is_none() {
-                    let _ = build.kill();
-                    let _ = build.wait();
-                    self.stop.check()?;
-                    if finished {
-                        return Err(DemoError::Failed("cargo build vanished".to_owned()));
-                    }
-                    return Err(DemoError::Failed(format!(
-                        "cargo build took more than {} minutes",
-                        BUILD_TIMEOUT.as_secs() / 60
-                    )));
-                }
-                if !status.is_some_and(|status| status.success()) {
-                    return Err(DemoError::Failed(
-                        "cargo build failed (its errors are above)".to_owned(),
-                    ));
-                }
-            }
-            None => println!(
+            Some(cargo) => say!("$ {}", describe_command(&build_binaries_command(&cargo))),
+            None => say!(
                 "not started by cargo: using the binaries in {} as they are\n\
                  (`cargo run --release -p flotte-tests --bin flotte-demo` rebuilds them first)",
                 binaries_directory().display()
@@ -298,7 +282,7 @@ impl Demo {
         }
         let missing: Vec<&str> = BINARIES
             .into_iter()
-            .filter(|name| !binaries_directory().join(name).exists())
+            .filter(|name| !binary(name).exists())
             .collect();
         if !missing.is_empty() {
             return Err(DemoError::Failed(format!(
@@ -307,14 +291,14 @@ impl Demo {
                 missing.join(", ")
             )));
         }
-        println!("binaries: {}", binaries_directory().display());
+        say!("binaries: {}", binaries_directory().display());
         Ok(())
     }
 
     fn init_server(&mut self) -> Result<(), DemoError> {
         let server = Server::init(&self.root, "server", &[]);
-        println!("data dir:      {}", server.data_dir.display());
-        println!("admin profile: {}", server.admin_profile().display());
+        say!("data dir:      {}", server.data_dir.display());
+        say!("admin profile: {}", server.admin_profile().display());
         self.server = Some(server);
         Ok(())
     }
@@ -322,8 +306,8 @@ impl Demo {
     fn start_server(&mut self) -> Result<(), DemoError> {
         let server = self.server_mut()?;
         server.start();
-        println!("listening on {}", server.address);
-        println!(
+        say!("listening on {}", server.address);
+        say!(
             "log:          {}",
             server.data_dir.join("server.log").display()
         );
@@ -361,12 +345,12 @@ impl Demo {
                 "--ttl",
                 "1h",
             ];
-            println!("$ {}", self.flottectl_command_line(&token_arguments)?);
+            say!("$ {}", self.flottectl_command_line(&token_arguments)?);
             let server = self.server()?;
             let token = server.token(machine.labels, machine.zone, &["--ttl", "1h"]);
             let mut agent = Agent::new(&self.root, machine.hostname, &server.address, &token);
             agent.start();
-            println!(
+            say!(
                 "started agent {} (zone {}, labels {}); data dir {}",
                 machine.hostname,
                 machine.zone,
@@ -429,14 +413,14 @@ impl Demo {
                 self.all_logs()
             )));
         }
-        println!("{expected} agents connected");
+        say!("{expected} agents connected");
         Ok(())
     }
 
     /// Runs `flottectl machines list` and prints its output.
     fn print_fleet(&self) -> Result<(), DemoError> {
         let output = self.server()?.ctl(&["machines", "list"]);
-        print!("{}", String::from_utf8_lossy(&output.stdout));
+        say!("{}", String::from_utf8_lossy(&output.stdout).trim_end());
         if !output.status.success() {
             return Err(DemoError::Failed(format!(
                 "flottectl machines list failed: {}",
@@ -447,25 +431,25 @@ impl Demo {
     }
 
     fn show_fleet(&mut self) -> Result<(), DemoError> {
-        println!("$ {}", self.flottectl_command_line(&["machines", "list"])?);
+        say!("$ {}", self.flottectl_command_line(&["machines", "list"])?);
         self.print_fleet()?;
-        println!("\nThe fleet is running. In another terminal, try:");
+        say!("\nThe fleet is running. In another terminal, try:");
         for args in [
             &["machines", "list"][..],
             &["machines", "show", DEMO_MACHINES[0].hostname],
             &["machines", "list", "--selector", "role=web", "-o", "json"],
             &["token", "list"],
         ] {
-            println!("  {}", self.flottectl_command_line(args)?);
+            say!("  {}", self.flottectl_command_line(args)?);
         }
-        println!("Logs: {}/*/*.log", self.root.display());
+        say!("Logs: {}/*/*.log", self.root.display());
         Ok(())
     }
 
     /// Reprints the fleet every `FLEET_REFRESH_INTERVAL` until a stop is
     /// requested, or fails if a process of the fleet exits by itself.
     fn watch(&mut self) -> Result<(), DemoError> {
-        println!(
+        say!(
             "\nReprinting the fleet every {}s. Press Ctrl-C to stop.",
             FLEET_REFRESH_INTERVAL.as_secs()
         );
@@ -483,7 +467,7 @@ impl Demo {
                     self.all_logs()
                 )));
             }
-            println!(
+            say!(
                 "\n--- fleet at {} ---",
                 humantime::format_rfc3339_seconds(SystemTime::now())
             );
@@ -498,12 +482,12 @@ impl Demo {
         for agent in &mut self.agents {
             let status = agent.terminate(STOP_TIMEOUT);
             clean &= status.is_some_and(|status| status.success());
-            println!("agent {}: {}", agent.name, describe_exit(status));
+            say!("agent {}: {}", agent.name, describe_exit(status));
         }
         if let Some(server) = &mut self.server {
             let status = server.terminate(STOP_TIMEOUT);
             clean &= status.is_some_and(|status| status.success());
-            println!("server: {}", describe_exit(status));
+            say!("server: {}", describe_exit(status));
         }
         clean
     }
@@ -536,7 +520,7 @@ fn main() -> ExitCode {
         }
         Err(DemoError::Stopped) => return ExitCode::SUCCESS,
     };
-    println!("flotte-demo: fleet data in {}", data_root.path().display());
+    say!("flotte-demo: fleet data in {}", data_root.path().display());
 
     let mut demo = Demo {
         root: data_root.path().to_owned(),
@@ -552,19 +536,19 @@ fn main() -> ExitCode {
     if let Some(message) = &failure {
         eprintln!("\nflotte-demo: {message}");
     }
-    println!("\nstopping the fleet");
+    say!("\nstopping the fleet");
     let stopped_cleanly = demo.shut_down();
     match &data_root {
-        DataRoot::Kept(path) => println!("fleet data kept in {}", path.display()),
+        DataRoot::Kept(path) => say!("fleet data kept in {}", path.display()),
         // TempDir keeps it when FLOTTE_KEEP_TEST_DIRS is set (debugging).
         DataRoot::Temporary(temporary) if std::env::var_os("FLOTTE_KEEP_TEST_DIRS").is_some() => {
-            println!(
+            say!(
                 "fleet data kept in {} (FLOTTE_KEEP_TEST_DIRS is set)",
                 temporary.path().display()
             );
         }
         DataRoot::Temporary(temporary) => {
-            println!("removing {}", temporary.path().display());
+            say!("removing {}", temporary.path().display());
         }
     }
     drop(data_root);

@@ -323,6 +323,10 @@ async fn run_simulated_agent(
         applied: AppliedState::default(),
         hostname: Some(agent.hostname),
         default_report_interval: DEFAULT_REPORT_INTERVAL,
+        // Simulated agents run no checks: reports carry no health, as an
+        // agent without checks would.
+        health: flotte_agent::health::idle_health(),
+        metrics: flotte_agent::metrics::AgentMetrics::new(),
     };
     let mut stats = SessionStats::default();
     let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);
@@ -381,6 +385,9 @@ async fn run_simulated_agent(
 #[derive(Debug, Clone, Copy)]
 struct ProcessSample {
     resident_kib: u64,
+    /// Peak RSS since the process started (VmHWM): covers the enrollment
+    /// and connect storms, which the measurement window does not.
+    peak_resident_kib: u64,
     cpu_ticks: u64,
     threads: u64,
     taken_at: Instant,
@@ -425,6 +432,7 @@ fn sample_process(process: &str) -> Result<ProcessSample, LoadgenError> {
     Ok(ProcessSample {
         resident_kib: status_field(&status, "VmRSS")
             .ok_or_else(|| unparsable(&status_path, "VmRSS"))?,
+        peak_resident_kib: status_field(&status, "VmHWM").unwrap_or(0),
         threads: status_field(&status, "Threads").unwrap_or(0),
         cpu_ticks: stat_cpu_ticks(&stat).ok_or_else(|| unparsable(&stat_path, "utime/stime"))?,
         taken_at: Instant::now(),
@@ -458,10 +466,11 @@ fn print_process_window(
     let cpu_seconds = last.cpu_ticks.saturating_sub(first.cpu_ticks) as f64 / clock_ticks_per_second();
     let cpu_percent = if seconds > 0.0 { 100.0 * cpu_seconds / seconds } else { 0.0 };
     println!(
-        "{who}: RSS {:.1} MiB at window start, {:.1} MiB at end, peak {:.1} MiB; {} threads",
+        "{who}: RSS {:.1} MiB at window start, {:.1} MiB at end, peak {:.1} MiB in the window, {:.1} MiB since the process started; {} threads",
         mebibytes(first.resident_kib),
         mebibytes(last.resident_kib),
         mebibytes(peak_resident_kib),
+        mebibytes(last.peak_resident_kib),
         last.threads
     );
     if let Some(baseline) = baseline_resident_kib {

@@ -1,0 +1,136 @@
+//! Alerts: JSON POSTs to the webhooks of the server config, one queue and one
+//! worker per webhook so that a slow or failing receiver delays only itself.
+//!
+//! `publish` never waits: a full queue drops the alert (counted, logged).
+//! Each alert is retried with exponential backoff, in order, before the next
+//! one is sent, so a receiver sees events in the order they happened.
+
+use std::time::Duration;
+
+use flotte_proto::http1::{self, HttpUrl};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::ServerMetrics;
+
+/// Alerts waiting per webhook before new ones are dropped.
+const QUEUE_DEPTH: usize = 1024;
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// A validated webhook target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookTarget {
+    pub url: HttpUrl,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+}
+
+/// What is posted: `kind` says which event, `event` carries its fields.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Alert {
+    pub kind: &'static str,
+    #[serde(flatten)]
+    pub event: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AlertDispatcher {
+    queues: Vec<(String, mpsc::Sender<Alert>)>,
+    metrics: Option<ServerMetrics>,
+}
+
+impl AlertDispatcher {
+    /// Starts one worker per target; workers stop at `shutdown`.
+    pub fn start(
+        targets: Vec<WebhookTarget>,
+        metrics: ServerMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let queues = targets
+            .into_iter()
+            .map(|target| {
+                let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
+                let name = format!("http://{}{}", target.url.host, target.url.path);
+                tokio::spawn(deliver(target, receiver, metrics.clone(), shutdown.clone()));
+                (name, sender)
+            })
+            .collect();
+        AlertDispatcher {
+            queues,
+            metrics: Some(metrics),
+        }
+    }
+
+    /// Queues `alert` for every webhook without waiting.
+    pub fn publish(&self, alert: &Alert) {
+        for (name, queue) in &self.queues {
+            if queue.try_send(alert.clone()).is_err() {
+                tracing::warn!(webhook = %name, kind = alert.kind, "alert queue full; alert dropped");
+                if let Some(metrics) = &self.metrics {
+                    metrics.record_alert(false);
+                }
+            }
+        }
+    }
+}
+
+async fn deliver(
+    target: WebhookTarget,
+    mut queue: mpsc::Receiver<Alert>,
+    metrics: ServerMetrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let alert = tokio::select! {
+            () = shutdown.cancelled() => return,
+            alert = queue.recv() => match alert {
+                Some(alert) => alert,
+                None => return,
+            },
+        };
+        let body = match serde_json::to_vec(&alert) {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode alert");
+                continue;
+            }
+        };
+        let mut delay = FIRST_RETRY_DELAY;
+        let mut delivered = false;
+        for attempt in 1..=target.max_attempts {
+            match http1::request(
+                "POST",
+                &target.url,
+                Some(("application/json", &body)),
+                target.timeout,
+                256,
+            )
+            .await
+            {
+                Ok(response) if (200..300).contains(&response.status) => {
+                    delivered = true;
+                    break;
+                }
+                Ok(response) => {
+                    tracing::warn!(url = %target.url.address, status = response.status, attempt, "webhook refused alert")
+                }
+                Err(error) => {
+                    tracing::warn!(url = %target.url.address, %error, attempt, "webhook unreachable")
+                }
+            }
+            if attempt < target.max_attempts {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+        }
+        if !delivered {
+            tracing::error!(url = %target.url.address, kind = alert.kind, "alert not delivered after every attempt");
+        }
+        metrics.record_alert(delivered);
+    }
+}

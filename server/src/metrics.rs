@@ -1,0 +1,298 @@
+//! The server's Prometheus metrics: machines by state and zone, connected
+//! agents, RPC counts and latencies, store writes, transitions and alerts.
+//! Gauges derived from live state are refreshed when scraped, so no hot path
+//! pays for them.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use tonic::codegen::http;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateZoneLabels {
+    state: String,
+    zone: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ToStateLabels {
+    to: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~6.5 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+/// Store write counters, owned by the store and registered here.
+#[derive(Clone, Debug)]
+pub struct StoreMetrics {
+    pub writes: Counter,
+    pub write_duration: Histogram,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        StoreMetrics {
+            writes: Counter::default(),
+            write_duration: latency_histogram(),
+        }
+    }
+}
+
+/// Cheap to clone: every field shares its atomics.
+#[derive(Clone)]
+pub struct ServerMetrics {
+    registry: Arc<Mutex<Registry>>,
+    machines: Family<StateZoneLabels, Gauge>,
+    connected_agents: Gauge,
+    rpc_requests: Family<RpcLabels, Counter>,
+    rpc_duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    transitions: Family<ToStateLabels, Counter>,
+    alerts: Family<ResultLabels, Counter>,
+    pub store: StoreMetrics,
+}
+
+impl std::fmt::Debug for ServerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ServerMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flotte");
+        let machines = Family::<StateZoneLabels, Gauge>::default();
+        registry.register(
+            "machines",
+            "Machines by health state and zone",
+            machines.clone(),
+        );
+        let connected_agents = Gauge::default();
+        registry.register(
+            "connected_agents",
+            "Agents with an open session",
+            connected_agents.clone(),
+        );
+        let rpc_requests = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "rpc_requests",
+            "gRPC requests by method and status code",
+            rpc_requests.clone(),
+        );
+        let rpc_duration =
+            Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register_with_unit(
+            "rpc_duration",
+            "Time to the response headers of gRPC requests (streams: time to open)",
+            Unit::Seconds,
+            rpc_duration.clone(),
+        );
+        let transitions = Family::<ToStateLabels, Counter>::default();
+        registry.register(
+            "machine_transitions",
+            "Machine state transitions by new state",
+            transitions.clone(),
+        );
+        let alerts = Family::<ResultLabels, Counter>::default();
+        registry.register("alerts", "Webhook alerts by outcome", alerts.clone());
+        let store = StoreMetrics::default();
+        registry.register(
+            "store_writes",
+            "Writes to the durable store",
+            store.writes.clone(),
+        );
+        registry.register_with_unit(
+            "store_write_duration",
+            "Duration of writes to the durable store",
+            Unit::Seconds,
+            store.write_duration.clone(),
+        );
+        ServerMetrics {
+            registry: Arc::new(Mutex::new(registry)),
+            machines,
+            connected_agents,
+            rpc_requests,
+            rpc_duration,
+            transitions,
+            alerts,
+            store,
+        }
+    }
+
+    pub fn record_transition(&self, to: &str) {
+        self.transitions
+            .get_or_create(&ToStateLabels { to: to.to_owned() })
+            .inc();
+    }
+
+    pub fn record_alert(&self, delivered: bool) {
+        self.alerts
+            .get_or_create(&ResultLabels {
+                result: if delivered { "delivered" } else { "dropped" },
+            })
+            .inc();
+    }
+
+    fn record_rpc(&self, method: &str, code: &str, seconds: f64) {
+        self.rpc_requests
+            .get_or_create(&RpcLabels {
+                method: method.to_owned(),
+                code: code.to_owned(),
+            })
+            .inc();
+        self.rpc_duration
+            .get_or_create(&MethodLabels {
+                method: method.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// Encodes every metric after refreshing the live gauges from
+    /// `machines_by_state_and_zone` and `connected`.
+    pub fn encode(
+        &self,
+        machines_by_state_and_zone: &[((String, String), i64)],
+        connected: usize,
+    ) -> String {
+        self.machines.clear();
+        for ((state, zone), count) in machines_by_state_and_zone {
+            self.machines
+                .get_or_create(&StateZoneLabels {
+                    state: state.clone(),
+                    zone: zone.clone(),
+                })
+                .set(*count);
+        }
+        self.connected_agents
+            .set(i64::try_from(connected).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        if let Ok(registry) = self.registry.lock() {
+            if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+                text.clear();
+            }
+        }
+        text
+    }
+}
+
+/// A tower layer counting gRPC requests and timing them to their response
+/// headers (for streams, the time to open). The status code is the
+/// `grpc-status` header when the call failed before any message (a
+/// "trailers-only" answer), otherwise `0`.
+#[derive(Clone, Debug)]
+pub struct RpcMetricsLayer {
+    pub metrics: ServerMetrics,
+}
+
+impl<S> tower::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RpcMetricsService<S> {
+    inner: S,
+    metrics: ServerMetrics,
+}
+
+impl<S, RequestBody, ResponseBody> tower::Service<http::Request<RequestBody>>
+    for RpcMetricsService<S>
+where
+    S: tower::Service<http::Request<RequestBody>, Response = http::Response<ResponseBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            let code = match &response {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("0")
+                    .to_owned(),
+                Err(_) => "transport".to_owned(),
+            };
+            metrics.record_rpc(&method, &code, started.elapsed().as_secs_f64());
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_gauges_are_replaced_at_each_scrape() {
+        let metrics = ServerMetrics::new();
+        metrics.record_rpc("/flotte.v1.Machines/ListMachines", "0", 0.002);
+        metrics.store.writes.inc();
+        let first = metrics.encode(&[(("operational".into(), "dc1".into()), 2)], 2);
+        assert!(
+            first.contains("flotte_machines{state=\"operational\",zone=\"dc1\"} 2"),
+            "{first}"
+        );
+        assert!(first.contains("flotte_connected_agents 2"), "{first}");
+        assert!(first.contains("flotte_store_writes_total 1"), "{first}");
+        assert!(first.contains("flotte_rpc_requests_total{method=\"/flotte.v1.Machines/ListMachines\",code=\"0\"} 1"), "{first}");
+        let second = metrics.encode(&[(("down".into(), "dc1".into()), 1)], 0);
+        assert!(
+            !second.contains("state=\"operational\""),
+            "stale series must go: {second}"
+        );
+        assert!(second.contains("flotte_connected_agents 0"));
+    }
+}
