@@ -9,7 +9,11 @@ use std::net::SocketAddr;
 use flotte_proto::join_token::JoinToken;
 use serde::Deserialize;
 
+use flotte_proto::release_keys::{parse_release_key, ReleasePublicKey};
+
 use crate::health::{validate_checks, CheckConfigFile, CheckSpec};
+use crate::image::service::ServiceMode;
+use crate::image::unpack::UnpackPolicy;
 use crate::system::SystemThresholds;
 
 /// Settings as written in the TOML file.
@@ -47,6 +51,63 @@ pub struct AgentConfigFile {
     /// System metrics and their thresholds (`[system]`).
     #[serde(default)]
     pub system: SystemConfigFile,
+    /// Image swaps (`[images]`).
+    #[serde(default)]
+    pub images: ImagesConfigFile,
+    /// The service images provide (`[service]`).
+    #[serde(default)]
+    pub service: ServiceConfigFile,
+}
+
+/// The `[images]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfigFile {
+    /// Files holding the release public keys trusted to sign images.
+    pub release_keys: Vec<PathBuf>,
+    pub max_unpacked_bytes: u64,
+    pub allow_setuid: bool,
+    /// Unpacked images kept on disk (at least current and previous).
+    pub keep: usize,
+    pub verify_deadline: String,
+    pub soak: String,
+}
+
+impl Default for ImagesConfigFile {
+    fn default() -> Self {
+        ImagesConfigFile {
+            release_keys: Vec::new(),
+            max_unpacked_bytes: 8 * 1024 * 1024 * 1024,
+            allow_setuid: false,
+            keep: 3,
+            verify_deadline: "60s".into(),
+            soak: "10s".into(),
+        }
+    }
+}
+
+/// The `[service]` table: how the image's service is run.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfigFile {
+    /// "supervised" (the agent runs it), "restart-command" or "none".
+    pub mode: String,
+    /// Overrides the image manifest's command (supervised mode).
+    pub command: Option<Vec<String>>,
+    /// Run after each switch (restart-command mode).
+    pub restart_command: Option<Vec<String>>,
+    pub log_max_bytes: u64,
+}
+
+impl Default for ServiceConfigFile {
+    fn default() -> Self {
+        ServiceConfigFile {
+            mode: "supervised".into(),
+            command: None,
+            restart_command: None,
+            log_max_bytes: 10 * 1024 * 1024,
+        }
+    }
 }
 
 /// The `[system]` table: which mounts to watch and which thresholds make the
@@ -109,6 +170,12 @@ pub struct AgentConfig {
     pub checks: Vec<CheckSpec>,
     pub system: SystemThresholds,
     pub system_interval: Duration,
+    pub release_keys: Vec<ReleasePublicKey>,
+    pub unpack: UnpackPolicy,
+    pub keep_images: usize,
+    pub verify_deadline: Duration,
+    pub soak: Duration,
+    pub service: ServiceMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +328,52 @@ impl AgentConfigFile {
         if self.system.mounts.iter().any(|mount| !mount.is_absolute()) {
             problems.push("system.mounts must be absolute paths".to_owned());
         }
+        let mut release_keys = Vec::new();
+        for path in &self.images.release_keys {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match parse_release_key(&text) {
+                    Ok(key) => release_keys.push(key),
+                    Err(error) => problems.push(format!("images.release_keys: {}: {error}", path.display())),
+                },
+                Err(error) => problems.push(format!("images.release_keys: {}: cannot read: {error}", path.display())),
+            }
+        }
+        let verify_deadline = duration(
+            "images.verify_deadline",
+            &self.images.verify_deadline,
+            Duration::from_millis(100),
+            &mut problems,
+        );
+        let soak = duration("images.soak", &self.images.soak, Duration::ZERO, &mut problems);
+        if self.images.keep < 2 {
+            problems.push("images.keep must be at least 2 (current and previous)".to_owned());
+        }
+        let service = match self.service.mode.as_str() {
+            "supervised" => {
+                if self.service.command.as_ref().is_some_and(Vec::is_empty) {
+                    problems.push("service.command must not be empty".to_owned());
+                }
+                ServiceMode::Supervised {
+                    command_override: self.service.command.clone(),
+                    log_path: self.data_dir.join("service.log"),
+                    log_max_bytes: self.service.log_max_bytes.max(4096),
+                }
+            }
+            "restart-command" => match &self.service.restart_command {
+                Some(command) if !command.is_empty() => ServiceMode::RestartCommand(command.clone()),
+                _ => {
+                    problems.push("service.mode = \"restart-command\" needs service.restart_command".to_owned());
+                    ServiceMode::Unmanaged
+                }
+            },
+            "none" => ServiceMode::Unmanaged,
+            other => {
+                problems.push(format!(
+                    "service.mode = {other:?} is not supervised, restart-command or none"
+                ));
+                ServiceMode::Unmanaged
+            }
+        };
         if reconnect_max_backoff < reconnect_initial_backoff {
             problems.push(
                 "reconnect_max_backoff must not be below reconnect_initial_backoff".to_owned(),
@@ -286,6 +399,15 @@ impl AgentConfigFile {
                 load1_max: self.system.load1_max,
             },
             system_interval,
+            release_keys,
+            unpack: UnpackPolicy {
+                max_total_bytes: self.images.max_unpacked_bytes,
+                allow_setuid: self.images.allow_setuid,
+            },
+            keep_images: self.images.keep,
+            verify_deadline,
+            soak,
+            service,
         })
     }
 }

@@ -74,6 +74,7 @@ pub fn collect(
         arch: std::env::consts::ARCH.to_owned(),
         labels: labels.clone().into_iter().collect(),
         zone: zone.to_owned(),
+        image: None,
     }
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod enroll;
 pub mod health;
 pub mod identity;
+pub mod image;
 pub mod inventory;
 pub mod metrics;
 pub mod session;
@@ -26,7 +27,13 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::enroll::{enroll, reenroll, EnrollError};
+use std::sync::Arc;
+
 use crate::identity::MachineIdentity;
+use crate::image::fetch::GrpcImageSource;
+use crate::image::layout::ImageLayout;
+use crate::image::service::Service;
+use crate::image::swap::ImageSettings;
 use crate::metrics::AgentMetrics;
 use crate::session::{run_session, AgentState, SessionEnd, SessionStats};
 use crate::state::{DiskPersistence, PersistenceError};
@@ -46,6 +53,8 @@ pub enum AgentError {
     Identity(#[from] identity::IdentityError),
     #[error(transparent)]
     Persistence(#[from] PersistenceError),
+    #[error("cannot prepare the image directories: {0}")]
+    Images(std::io::Error),
     #[error("cannot serve metrics on {address}: {source}")]
     MetricsListener {
         address: std::net::SocketAddr,
@@ -164,6 +173,27 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         metrics.clone(),
         shutdown.clone(),
     );
+    let (identity_watch, identity_updates) = tokio::sync::watch::channel(identity.clone());
+    let layout = ImageLayout::new(&config.data_dir);
+    let service = Service::start(config.service.clone(), layout.current_link(), shutdown.clone());
+    let images = image::swap::start(
+        ImageSettings {
+            release_keys: config.release_keys.clone(),
+            unpack: config.unpack.clone(),
+            keep_images: config.keep_images,
+            verify_deadline: config.verify_deadline,
+            soak: config.soak,
+            config_checks: config.checks.clone(),
+        },
+        layout,
+        Arc::new(GrpcImageSource {
+            servers: config.servers.clone(),
+            identity: identity_updates,
+        }),
+        service,
+        shutdown.clone(),
+    )
+    .map_err(AgentError::Images)?;
     let mut state = AgentState {
         identity,
         applied: persistence.load_applied()?,
@@ -171,6 +201,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         default_report_interval: config.report_interval,
         health,
         metrics: metrics.clone(),
+        images: Some(images),
+        identity_watch: Some(identity_watch),
     };
     let mut backoff = Backoff::new(
         config.reconnect_initial_backoff,
@@ -193,6 +225,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             };
             renewed.save_certificate(&config.data_dir)?;
             tracing::info!(not_after = ?renewed.not_after, "re-enrolled");
+            if let Some(identity_watch) = &state.identity_watch {
+                identity_watch.send_replace(renewed.clone());
+            }
             state.identity = renewed;
         }
         let address = &config.servers[server_index % config.servers.len()];

@@ -17,13 +17,15 @@ use flotte_proto::v1::{
     AgentMessage, CertificateRenewal, DesiredState, DesiredStateAck, Hello, Report,
 };
 
-use tokio::sync::mpsc;
+use flotte_proto::v1::ImageStatus;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::{HealthReceiver, HealthSnapshot};
 use crate::identity::{csr_for, MachineIdentity};
+use crate::image::swap::ImageHandle;
 use crate::metrics::AgentMetrics;
 use crate::state::{AppliedState, Persistence};
 
@@ -71,6 +73,16 @@ pub struct AgentState {
     /// Latest health checks and system metrics (see `health`).
     pub health: HealthReceiver,
     pub metrics: AgentMetrics,
+    /// The image manager (absent for simulated agents).
+    pub images: Option<ImageHandle>,
+    /// Told about renewed certificates (image downloads use the identity too).
+    pub identity_watch: Option<watch::Sender<MachineIdentity>>,
+}
+
+impl AgentState {
+    fn image_status(&self) -> Option<ImageStatus> {
+        self.images.as_ref().map(|images| images.status.borrow().clone())
+    }
 }
 
 impl AgentState {
@@ -111,8 +123,8 @@ fn instant_at(time: SystemTime) -> Instant {
     Instant::now() + delay
 }
 
-/// A report carrying the latest health snapshot.
-pub fn report_from(snapshot: &HealthSnapshot, sequence: u64) -> Report {
+/// A report carrying the latest health snapshot and image status.
+pub fn report_from(snapshot: &HealthSnapshot, image: Option<ImageStatus>, sequence: u64) -> Report {
     Report {
         sent_at: unix_now(),
         uptime_seconds: crate::inventory::uptime_seconds(),
@@ -120,6 +132,16 @@ pub fn report_from(snapshot: &HealthSnapshot, sequence: u64) -> Report {
         checks: snapshot.checks.values().cloned().collect(),
         metrics: Some(snapshot.metrics.clone()),
         metric_breaches: snapshot.metric_breaches.clone(),
+        image,
+    }
+}
+
+async fn image_status_changed(
+    status: &mut Option<watch::Receiver<ImageStatus>>,
+) -> Result<(), watch::error::RecvError> {
+    match status {
+        Some(status) => status.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -155,11 +177,12 @@ pub async fn run_session(
     let (channel, diagnostics) = channel_with_diagnostics(address, std::sync::Arc::new(tls))?;
     let mut client = AgentSessionClient::new(channel);
     let (outbound, outbound_receiver) = mpsc::channel(OUTBOUND_QUEUE_DEPTH);
-    let inventory = crate::inventory::collect(
+    let mut inventory = crate::inventory::collect(
         state.hostname.as_deref(),
         &state.applied.labels,
         &state.applied.zone,
     );
+    inventory.image = state.image_status();
     // The channel is fresh and larger than one message: this cannot block.
     let _ = outbound
         .send(message(AgentKind::Hello(Hello {
@@ -186,6 +209,8 @@ pub async fn run_session(
     let mut sequence = 0u64;
     let mut established = false;
     let mut health_open = true;
+    let mut image_status = state.images.as_ref().map(|images| images.status.clone());
+    let mut image_open = image_status.is_some();
     let mut reported_verdict_version = u64::MAX;
     loop {
         tokio::select! {
@@ -198,6 +223,9 @@ pub async fn run_session(
                 };
                 match received.kind {
                     Some(ServerKind::DesiredState(desired)) => {
+                        if let (Some(images), Some(image)) = (&state.images, &desired.image) {
+                            images.desire(desired.version, image.clone());
+                        }
                         if apply_desired(state, &desired) {
                             if let Err(error) = persistence.save_applied(&state.applied) {
                                 tracing::error!(%error, "cannot persist applied desired state");
@@ -223,6 +251,9 @@ pub async fn run_session(
                         if let Err(error) = persistence.save_certificate(&renewed) {
                             tracing::error!(%error, "cannot persist renewed certificate; keeping the old one");
                         } else {
+                            if let Some(identity_watch) = &state.identity_watch {
+                                identity_watch.send_replace(renewed.clone());
+                            }
                             state.identity = renewed;
                             stats.renewals += 1;
                             renew_at = instant_at(state.identity.renew_at(SystemTime::now()));
@@ -246,11 +277,20 @@ pub async fn run_session(
                 // A verdict changed: report now rather than at the next tick.
                 next_report = Instant::now();
             }
+            changed = image_status_changed(&mut image_status), if image_open => {
+                if changed.is_err() {
+                    image_open = false;
+                    continue;
+                }
+                // Swap progress is reported as it happens.
+                next_report = Instant::now();
+            }
             () = tokio::time::sleep_until(next_report) => {
                 sequence += 1;
                 let snapshot = std::sync::Arc::clone(&state.health.borrow());
                 reported_verdict_version = snapshot.verdict_version;
-                if !send(AgentKind::Report(report_from(&snapshot, sequence))).await {
+                let image = state.image_status();
+                if !send(AgentKind::Report(report_from(&snapshot, image, sequence))).await {
                     state.metrics.record_report_failure();
                     return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
                 }

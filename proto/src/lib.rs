@@ -9,11 +9,14 @@
 //! the agent and the server convert these wire types into their own domain
 //! types at their edges.
 
+pub mod checks;
 pub mod files;
 pub mod http1;
 pub mod identity;
+pub mod image;
 pub mod join_token;
 pub mod labels;
+pub mod release_keys;
 pub mod signals;
 pub mod transport;
 

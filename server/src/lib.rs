@@ -55,6 +55,8 @@ use crate::transitions::EventSender;
 /// The server's own certificate is re-issued at every start (so SAN changes
 /// in the config take effect on restart); this bounds how long one start lasts.
 const SERVER_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Largest message accepted from an agent.
+const MAX_AGENT_MESSAGE_BYTES: usize = 1024 * 1024;
 /// After shutdown is requested, connections get this long to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -285,7 +287,12 @@ pub async fn run(
         .add_service(EnrollmentServer::new(EnrollmentApi::new(Arc::clone(
             &state,
         ))))
-        .add_service(AgentSessionServer::new(SessionApi::new(Arc::clone(&state))))
+        .add_service(
+            AgentSessionServer::new(SessionApi::new(Arc::clone(&state)))
+                // Reports are bounded by the agent (64 checks × 4 KiB of
+                // output); anything near this limit is not a real agent.
+                .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES),
+        )
         .add_service(TokensServer::new(admin.clone()))
         .add_service(MachinesServer::new(admin));
 

@@ -15,7 +15,6 @@ use std::time::{Duration, SystemTime};
 
 use flotte_proto::http1::HttpUrl;
 use flotte_proto::v1::{CheckResult, SystemMetrics};
-use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -28,50 +27,7 @@ pub const MAX_CHECKS: usize = 64;
 /// Shortest check interval: anything faster is a load test, not a check.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
-/// One `[[check]]` table of the agent config, as written.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct CheckConfigFile {
-    pub name: String,
-    /// "http", "tcp" or "exec".
-    pub kind: String,
-    #[serde(default)]
-    pub url: Option<String>,
-    #[serde(default)]
-    pub expected_status: Option<u16>,
-    #[serde(default)]
-    pub address: Option<String>,
-    #[serde(default)]
-    pub command: Option<String>,
-    #[serde(default)]
-    pub args: Vec<String>,
-    #[serde(default = "default_interval")]
-    pub interval: String,
-    #[serde(default = "default_timeout")]
-    pub timeout: String,
-    #[serde(default = "default_rise")]
-    pub rise: u32,
-    #[serde(default = "default_fall")]
-    pub fall: u32,
-    #[serde(default = "default_critical")]
-    pub critical: bool,
-}
-
-fn default_interval() -> String {
-    "10s".into()
-}
-fn default_timeout() -> String {
-    "5s".into()
-}
-fn default_rise() -> u32 {
-    2
-}
-fn default_fall() -> u32 {
-    3
-}
-fn default_critical() -> bool {
-    true
-}
+pub use flotte_proto::checks::CheckDefinition as CheckConfigFile;
 
 /// What a check probes, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +38,7 @@ pub enum ProbeSpec {
 }
 
 impl ProbeSpec {
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             ProbeSpec::Http { .. } => "http",
             ProbeSpec::Tcp { .. } => "tcp",
@@ -90,7 +46,7 @@ impl ProbeSpec {
         }
     }
 
-    fn target(&self) -> String {
+    pub fn target(&self) -> String {
         match self {
             ProbeSpec::Http { url, .. } => format!("http://{}{}", url.host, url.path),
             ProbeSpec::Tcp { address } => address.clone(),
@@ -101,7 +57,7 @@ impl ProbeSpec {
         }
     }
 
-    fn probe(&self) -> Box<dyn Probe> {
+    pub fn probe(&self) -> Box<dyn Probe> {
         match self.clone() {
             ProbeSpec::Http {
                 url,

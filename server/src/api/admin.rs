@@ -470,6 +470,13 @@ impl Machines for AdminApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
+    async fn set_image(
+        &self,
+        _request: Request<flotte_proto::v1::SetImageRequest>,
+    ) -> Result<Response<Machine>, Status> {
+        Err(Status::unimplemented("WIP"))
+    }
+
     async fn fleet_status(
         &self,
         request: Request<FleetStatusRequest>,

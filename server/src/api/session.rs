@@ -45,6 +45,7 @@ pub fn desired_state(machine: &MachineRecord, report_interval: Duration) -> Desi
         labels: machine.labels.clone().into_iter().collect(),
         zone: machine.zone.clone(),
         report_interval_seconds: u32::try_from(report_interval.as_secs()).unwrap_or(u32::MAX),
+        image: None,
     }
 }
 
@@ -87,10 +88,19 @@ fn inventory_from_hello(hello: &Hello) -> Inventory {
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
+type SessionStream2 = Pin<Box<dyn Stream<Item = Result<flotte_proto::v1::ImageChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentSession for SessionApi {
     type SessionStream = SessionStream;
+    type FetchImageStream = SessionStream2;
+
+    async fn fetch_image(
+        &self,
+        _request: Request<flotte_proto::v1::FetchImageRequest>,
+    ) -> Result<Response<Self::FetchImageStream>, Status> {
+        Err(Status::unimplemented("WIP"))
+    }
 
     async fn session(
         &self,

@@ -327,6 +327,8 @@ async fn run_simulated_agent(
         // agent without checks would.
         health: flotte_agent::health::idle_health(),
         metrics: flotte_agent::metrics::AgentMetrics::new(),
+        images: None,
+        identity_watch: None,
     };
     let mut stats = SessionStats::default();
     let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);

@@ -1,0 +1,412 @@
+//! The swap manager: one task that owns the machine's image. It takes the
+//! desired image from the session, and for a new one walks the journalled
+//! steps — download, verify, unpack, switch, restart, verify health, commit —
+//! or switches back and restarts the previous image when the new one fails.
+//! Its status goes into every report.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotte_proto::image::{verify_manifest, Manifest};
+use flotte_proto::release_keys::ReleasePublicKey;
+use flotte_proto::v1::{CheckResult, DesiredImage, ImageStatus, SwapStatus};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::fetch::{download, ImageSource};
+use super::gate::{verify, GateOutcome};
+use super::journal::{self, recovery_action, RecoveryAction, SwapJournal, SwapStep};
+use super::layout::{Committed, ImageLayout, LocalImage};
+use super::service::Service;
+use super::unpack::{sync_tree, unpack_payload, UnpackPolicy};
+use crate::health::{validate_checks, CheckSpec};
+
+/// Wait before retrying a download that failed for a transient reason.
+const DOWNLOAD_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct ImageSettings {
+    pub release_keys: Vec<ReleasePublicKey>,
+    pub unpack: UnpackPolicy,
+    /// Unpacked images kept on disk (current and previous always are).
+    pub keep_images: usize,
+    /// Time for the checks to become healthy after a switch.
+    pub verify_deadline: Duration,
+    /// Time they must then stay healthy before the swap is committed.
+    pub soak: Duration,
+    /// The agent's own checks, added to the image's.
+    pub config_checks: Vec<CheckSpec>,
+}
+
+/// What the session sees of the manager.
+#[derive(Debug, Clone)]
+pub struct ImageHandle {
+    desired: watch::Sender<Option<(u64, DesiredImage)>>,
+    pub status: watch::Receiver<ImageStatus>,
+}
+
+impl ImageHandle {
+    /// Hands over the desired image of desired-state `version`.
+    pub fn desire(&self, version: u64, image: DesiredImage) {
+        self.desired.send_if_modified(|current| {
+            let changed = current.as_ref().is_none_or(|(known_version, known)| {
+                *known_version != version || known.image != image.image
+            });
+            if changed {
+                *current = Some((version, image));
+            }
+            changed
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SwapError {
+    #[error("refused before anything was changed: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Transient(String),
+    #[error("{step} failed: {reason}")]
+    Step { step: &'static str, reason: String },
+}
+
+struct Manager {
+    settings: ImageSettings,
+    layout: ImageLayout,
+    source: Arc<dyn ImageSource>,
+    service: Service,
+    status: watch::Sender<ImageStatus>,
+    committed: Committed,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |duration| i64::try_from(duration.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn io_step(step: SwapStep) -> impl Fn(std::io::Error) -> SwapError {
+    move |error| SwapError::Step {
+        step: step.as_str(),
+        reason: error.to_string(),
+    }
+}
+
+impl Manager {
+    fn publish(&self, swap: Option<SwapStatus>) {
+        self.status.send_modify(|status| {
+            status.current = self.committed.current.as_ref().map(LocalImage::to_proto);
+            status.previous = self.committed.previous.as_ref().map(LocalImage::to_proto);
+            if swap.is_some() {
+                status.swap = swap;
+            }
+        });
+    }
+
+    fn progress(&self, target: &LocalImage, step: &str, outcome: &str, message: String, checks: Vec<CheckResult>) {
+        self.publish(Some(SwapStatus {
+            target: Some(target.to_proto()),
+            step: step.to_owned(),
+            outcome: outcome.to_owned(),
+            message,
+            bytes_downloaded: 0,
+            updated_at: unix_now(),
+            checks,
+        }));
+    }
+
+    fn record(&self, journal: &mut SwapJournal, step: SwapStep) -> Result<(), SwapError> {
+        journal.step = step;
+        journal::record(&self.layout, journal).map_err(io_step(step))?;
+        self.progress(&journal.target, step.as_str(), "in_progress", String::new(), Vec::new());
+        Ok(())
+    }
+
+    fn checks_for(&self, manifest: Option<&Manifest>) -> Vec<CheckSpec> {
+        let mut problems = Vec::new();
+        let mut checks = manifest
+            .map(|manifest| validate_checks(manifest.checks.clone(), &mut problems))
+            .unwrap_or_default();
+        if !problems.is_empty() {
+            tracing::warn!(?problems, "the image declares invalid checks; they are ignored");
+        }
+        checks.extend(self.settings.config_checks.iter().cloned());
+        checks
+    }
+
+    fn manifest_of(&self, image: &LocalImage) -> Option<Manifest> {
+        let bytes = std::fs::read(self.layout.image_dir(&image.digest).join(".flotte-manifest.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Finishes or undoes a swap interrupted by a crash.
+    async fn recover(&mut self) -> std::io::Result<()> {
+        let Some(journal) = journal::load(&self.layout)? else {
+            return Ok(());
+        };
+        let action = recovery_action(journal.step);
+        tracing::warn!(step = journal.step.as_str(), ?action, target = %journal.target.reference(), "recovering an interrupted swap");
+        match action {
+            RecoveryAction::Discard => {}
+            RecoveryAction::FinishCommit => {
+                self.committed = Committed {
+                    current: Some(journal.target.clone()),
+                    previous: journal.previous.clone(),
+                };
+                self.layout.save_committed(&self.committed)?;
+            }
+            RecoveryAction::RollBack => {
+                match &journal.previous {
+                    Some(previous) => self.layout.switch_current(&previous.digest)?,
+                    None => {
+                        let _ = std::fs::remove_file(self.layout.current_link());
+                    }
+                }
+            }
+        }
+        journal::clear(&self.layout)?;
+        let message = match action {
+            RecoveryAction::Discard => "agent restarted before the switch; attempt dropped",
+            RecoveryAction::FinishCommit => "agent restarted while committing; commit finished",
+            RecoveryAction::RollBack => "agent restarted before the new image was proven healthy; switched back",
+        };
+        let outcome = if action == RecoveryAction::FinishCommit { "committed" } else { "failed" };
+        self.progress(&journal.target, "recovered", outcome, message.to_owned(), Vec::new());
+        Ok(())
+    }
+
+    async fn swap(&mut self, version: u64, desired: &DesiredImage) -> Result<(), SwapError> {
+        let manifest = verify_manifest(&desired.manifest_json, &desired.signature, &self.settings.release_keys)
+            .map_err(|error| SwapError::Refused(error.to_string()))?;
+        let wanted = desired.image.clone().unwrap_or_default();
+        if manifest.payload_sha256 != wanted.digest || manifest.payload_size != desired.size {
+            return Err(SwapError::Refused(format!(
+                "the signed manifest describes {} ({} bytes), not the requested {} ({} bytes)",
+                manifest.payload_sha256, manifest.payload_size, wanted.digest, desired.size
+            )));
+        }
+        let target = LocalImage {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            digest: manifest.payload_sha256.clone(),
+        };
+        if let Some(current) = &self.committed.current {
+            let newer = semver::Version::parse(&target.version)
+                .ok()
+                .zip(semver::Version::parse(&current.version).ok())
+                .is_none_or(|(target_version, current_version)| target_version >= current_version);
+            if current.name == target.name && !newer && !desired.rollback {
+                return Err(SwapError::Refused(format!(
+                    "{} is older than the committed {}; a downgrade must be marked as a rollback",
+                    target.reference(),
+                    current.reference()
+                )));
+            }
+        }
+        let mut journal = SwapJournal {
+            target: target.clone(),
+            previous: self.committed.current.clone(),
+            step: SwapStep::Downloading,
+            desired_version: version,
+            started_at: unix_now(),
+        };
+        let image_dir = self.layout.image_dir(&target.digest);
+        if !image_dir.exists() {
+            self.record(&mut journal, SwapStep::Downloading)?;
+            let status = self.status.clone();
+            let progress_target = target.to_proto();
+            let mut progress = move |bytes: u64| {
+                status.send_modify(|status| {
+                    if let Some(swap) = status.swap.as_mut() {
+                        if swap.target.as_ref() == Some(&progress_target) {
+                            swap.bytes_downloaded = bytes;
+                        }
+                    }
+                });
+            };
+            let payload = download(self.source.as_ref(), &self.layout, &target.digest, desired.size, &mut progress)
+                .await
+                .map_err(|error| match error {
+                    super::fetch::FetchError::DigestMismatch { .. } | super::fetch::FetchError::SizeMismatch { .. } => {
+                        SwapError::Refused(error.to_string())
+                    }
+                    other => SwapError::Transient(other.to_string()),
+                })?;
+            // The payload's SHA-256 was checked while downloading.
+            self.record(&mut journal, SwapStep::VerifyingPayload)?;
+            self.record(&mut journal, SwapStep::Unpacking)?;
+            let staging = self.layout.images_dir().join(format!(".staging-{}", target.digest));
+            let _ = std::fs::remove_dir_all(&staging);
+            let policy = self.settings.unpack.clone();
+            let manifest_json = desired.manifest_json.clone();
+            let final_dir = image_dir.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), SwapError> {
+                unpack_payload(&payload, &staging, &policy).map_err(|error| SwapError::Refused(error.to_string()))?;
+                std::fs::write(staging.join(".flotte-manifest.json"), &manifest_json)
+                    .map_err(io_step(SwapStep::Unpacking))?;
+                sync_tree(&staging).map_err(|error| SwapError::Step {
+                    step: SwapStep::Unpacking.as_str(),
+                    reason: error.to_string(),
+                })?;
+                std::fs::rename(&staging, &final_dir).map_err(io_step(SwapStep::Unpacking))?;
+                let _ = std::fs::remove_file(&payload);
+                Ok(())
+            })
+            .await
+            .map_err(|error| SwapError::Transient(error.to_string()))??;
+        }
+        self.record(&mut journal, SwapStep::Switching)?;
+        self.layout.switch_current(&target.digest).map_err(io_step(SwapStep::Switching))?;
+        self.record(&mut journal, SwapStep::Restarting)?;
+        let restarted = self.service.restart(manifest.service.as_ref()).await;
+        self.record(&mut journal, SwapStep::Verifying)?;
+        let outcome = match restarted {
+            Err(error) => GateOutcome::Failed {
+                reason: error.to_string(),
+                checks: Vec::new(),
+            },
+            Ok(()) => verify(&self.checks_for(Some(&manifest)), self.settings.verify_deadline, self.settings.soak).await,
+        };
+        match outcome {
+            GateOutcome::Passed => {
+                self.record(&mut journal, SwapStep::Committing)?;
+                self.committed = Committed {
+                    current: Some(target.clone()),
+                    previous: journal.previous.clone(),
+                };
+                self.layout.save_committed(&self.committed).map_err(io_step(SwapStep::Committing))?;
+                journal::clear(&self.layout).map_err(io_step(SwapStep::Committing))?;
+                let keep: Vec<&str> = [Some(target.digest.as_str()), journal.previous.as_ref().map(|p| p.digest.as_str())]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                if let Err(error) = self.layout.collect_garbage(&keep, self.settings.keep_images) {
+                    tracing::warn!(%error, "image garbage collection failed");
+                }
+                tracing::info!(image = %target.reference(), "swap committed");
+                self.progress(&target, "committed", "committed", format!("{} committed", target.reference()), Vec::new());
+                Ok(())
+            }
+            GateOutcome::Failed { reason, checks } => {
+                self.record(&mut journal, SwapStep::RollingBack)?;
+                tracing::warn!(image = %target.reference(), %reason, "new image failed its checks; rolling back");
+                let rollback_note = self.roll_back(journal.previous.as_ref()).await;
+                journal::clear(&self.layout).map_err(io_step(SwapStep::RollingBack))?;
+                self.progress(
+                    &target,
+                    "rolled_back",
+                    "failed",
+                    format!("{reason}; {rollback_note}"),
+                    checks,
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Switches back to `previous`, restarts it and checks it is healthy.
+    async fn roll_back(&mut self, previous: Option<&LocalImage>) -> String {
+        let Some(previous) = previous else {
+            let _ = std::fs::remove_file(self.layout.current_link());
+            self.service.stop().await;
+            return "no previous image: service stopped".to_owned();
+        };
+        if let Err(error) = self.layout.switch_current(&previous.digest) {
+            return format!("switching back to {} failed: {error}", previous.reference());
+        }
+        let manifest = self.manifest_of(previous);
+        if let Err(error) = self.service.restart(manifest.as_ref().and_then(|m| m.service.as_ref())).await {
+            return format!("restarting {} failed: {error}", previous.reference());
+        }
+        match verify(&self.checks_for(manifest.as_ref()), self.settings.verify_deadline, Duration::ZERO).await {
+            GateOutcome::Passed => format!("back on {}, healthy", previous.reference()),
+            GateOutcome::Failed { reason, .. } => format!("back on {}, but it is not healthy either: {reason}", previous.reference()),
+        }
+    }
+
+    async fn run(mut self, mut desired: watch::Receiver<Option<(u64, DesiredImage)>>, shutdown: CancellationToken) {
+        if let Err(error) = self.recover().await {
+            tracing::error!(%error, "cannot recover the swap journal");
+        }
+        self.publish(None);
+        if let Some(current) = self.committed.current.clone() {
+            let manifest = self.manifest_of(&current);
+            if let Err(error) = self.service.restart(manifest.as_ref().and_then(|m| m.service.as_ref())).await {
+                tracing::error!(%error, "cannot start the service of the committed image");
+            }
+        }
+        // (desired-state version, digest) of the last attempt that ended, so a
+        // failed image is not retried until the desired state changes.
+        let mut finished: Option<(u64, String)> = None;
+        loop {
+            let wanted = desired.borrow_and_update().clone();
+            if let Some((version, image)) = wanted {
+                let digest = image.image.as_ref().map(|i| i.digest.clone()).unwrap_or_default();
+                let is_current = self.committed.current.as_ref().is_some_and(|c| c.digest == digest);
+                let already_tried = finished.as_ref() == Some(&(version, digest.clone()));
+                if !is_current && !already_tried && !digest.is_empty() {
+                    let result = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        result = self.swap(version, &image) => result,
+                    };
+                    match result {
+                        Ok(()) => finished = Some((version, digest)),
+                        Err(SwapError::Transient(reason)) => {
+                            tracing::warn!(%reason, "image download failed; retrying");
+                            let target = image.image.clone().map(|i| LocalImage::from_proto(&i)).unwrap_or_default();
+                            self.progress(&target, "downloading", "in_progress", reason, Vec::new());
+                            tokio::select! {
+                                () = shutdown.cancelled() => return,
+                                () = tokio::time::sleep(DOWNLOAD_RETRY_DELAY) => {}
+                            }
+                            continue;
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "swap failed");
+                            let target = image.image.clone().map(|i| LocalImage::from_proto(&i)).unwrap_or_default();
+                            let _ = journal::clear(&self.layout);
+                            self.progress(&target, "refused", "failed", error.to_string(), Vec::new());
+                            finished = Some((version, digest));
+                        }
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = desired.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+}
+
+/// Starts the manager; it recovers any interrupted swap first.
+pub fn start(
+    settings: ImageSettings,
+    layout: ImageLayout,
+    source: Arc<dyn ImageSource>,
+    service: Service,
+    shutdown: CancellationToken,
+) -> std::io::Result<ImageHandle> {
+    layout.ensure_dirs()?;
+    let committed = layout.load_committed()?;
+    let (desired_sender, desired_receiver) = watch::channel(None);
+    let (status_sender, status_receiver) = watch::channel(ImageStatus {
+        current: committed.current.as_ref().map(LocalImage::to_proto),
+        previous: committed.previous.as_ref().map(LocalImage::to_proto),
+        swap: None,
+    });
+    let manager = Manager {
+        settings,
+        layout,
+        source,
+        service,
+        status: status_sender,
+        committed,
+    };
+    tokio::spawn(manager.run(desired_receiver, shutdown));
+    Ok(ImageHandle {
+        desired: desired_sender,
+        status: status_receiver,
+    })
+}
