@@ -791,7 +791,7 @@ impl Store for SqliteStore {
     async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>, StoreError> {
         self.with_connection(|connection| {
             let mut statement =
-                connection.prepare("SELECT * FROM release_keys ORDER BY added_at, name")?;
+                connection.prepare("SELECT * FROM release_keys ORDER BY added_at, rowid")?;
             let keys = statement
                 .query_map([], release_key_from_row)?
                 .collect::<Result<Vec<_>, _>>()?;
