@@ -19,9 +19,10 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// Versioned so that a future change of encoding cannot be confused with this one.
 const HASH_DOMAIN: &[u8] = b"flotte-audit-v1";
 
-/// An entry as the caller describes it, before the store numbers and seals it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditDraft {
+/// What happened, as the caller describes it, before the store numbers and
+/// seals it into an [`AuditRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEvent {
     pub at: UnixSeconds,
     /// The operator's name (or a local actor such as `flotte-server init`).
     pub actor: String,
@@ -34,16 +35,12 @@ pub struct AuditDraft {
     pub result: String,
 }
 
-/// A sealed entry, as stored.
+/// A sealed entry, as stored: its place in the chain, the event, the links.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditRecord {
     pub seq: u64,
-    pub at: UnixSeconds,
-    pub actor: String,
-    pub role: String,
-    pub action: String,
-    pub arguments_json: String,
-    pub result: String,
+    #[serde(flatten)]
+    pub event: AuditEvent,
     pub previous_hash: String,
     pub hash: String,
 }
@@ -64,17 +61,17 @@ fn push_field(context: &mut digest::Context, field: &[u8]) {
 
 /// The hash of an entry: lowercase hex SHA-256 over the domain tag and every
 /// field, each prefixed by its length (so that no two field splits collide).
-pub fn entry_hash(seq: u64, draft: &AuditDraft, previous_hash: &str) -> String {
+pub fn entry_hash(seq: u64, event: &AuditEvent, previous_hash: &str) -> String {
     let mut context = digest::Context::new(&digest::SHA256);
     push_field(&mut context, HASH_DOMAIN);
     push_field(&mut context, &seq.to_be_bytes());
-    push_field(&mut context, &draft.at.to_be_bytes());
+    push_field(&mut context, &event.at.to_be_bytes());
     for text in [
-        &draft.actor,
-        &draft.role,
-        &draft.action,
-        &draft.arguments_json,
-        &draft.result,
+        &event.actor,
+        &event.role,
+        &event.action,
+        &event.arguments_json,
+        &event.result,
     ] {
         push_field(&mut context, text.as_bytes());
     }
@@ -82,36 +79,18 @@ pub fn entry_hash(seq: u64, draft: &AuditDraft, previous_hash: &str) -> String {
     hex::encode(context.finish())
 }
 
-/// Numbers and seals a draft as the entry after `previous` (`None`: the first).
-pub fn seal(draft: AuditDraft, previous: Option<(u64, &str)>) -> AuditRecord {
+/// Numbers and seals an event as the entry after `previous` (`None`: the first).
+pub fn seal(event: AuditEvent, previous: Option<(u64, &str)>) -> AuditRecord {
     let (seq, previous_hash) = match previous {
         Some((seq, hash)) => (seq + 1, hash.to_owned()),
         None => (1, GENESIS_HASH.to_owned()),
     };
-    let hash = entry_hash(seq, &draft, &previous_hash);
+    let hash = entry_hash(seq, &event, &previous_hash);
     AuditRecord {
         seq,
-        at: draft.at,
-        actor: draft.actor,
-        role: draft.role,
-        action: draft.action,
-        arguments_json: draft.arguments_json,
-        result: draft.result,
+        event,
         previous_hash,
         hash,
-    }
-}
-
-impl AuditRecord {
-    fn draft(&self) -> AuditDraft {
-        AuditDraft {
-            at: self.at,
-            actor: self.actor.clone(),
-            role: self.role.clone(),
-            action: self.action.clone(),
-            arguments_json: self.arguments_json.clone(),
-            result: self.result.clone(),
-        }
     }
 }
 
@@ -169,7 +148,7 @@ pub fn verify_chain(entries: &[AuditRecord]) -> Result<ChainSummary, ChainBreak>
             _ => {}
         }
         let expected_previous = previous.map_or(GENESIS_HASH, |before| before.hash.as_str());
-        if entry.hash != entry_hash(entry.seq, &entry.draft(), &entry.previous_hash) {
+        if entry.hash != entry_hash(entry.seq, &entry.event, &entry.previous_hash) {
             return Err(ChainBreak::Edited { seq: entry.seq });
         }
         if entry.previous_hash != expected_previous {
@@ -187,8 +166,8 @@ pub fn verify_chain(entries: &[AuditRecord]) -> Result<ChainSummary, ChainBreak>
 mod tests {
     use super::*;
 
-    fn draft(n: i64) -> AuditDraft {
-        AuditDraft {
+    fn event(n: i64) -> AuditEvent {
+        AuditEvent {
             at: 1_000 + n,
             actor: "admin".into(),
             role: "admin".into(),
@@ -202,7 +181,7 @@ mod tests {
         let mut entries: Vec<AuditRecord> = Vec::new();
         for n in 0..length {
             let previous = entries.last().map(|last| (last.seq, last.hash.as_str()));
-            let sealed = seal(draft(n), previous);
+            let sealed = seal(event(n), previous);
             entries.push(sealed);
         }
         entries
@@ -218,15 +197,19 @@ mod tests {
             ("empty", |log| log.clear(), Ok(0)),
             (
                 "edited result",
-                |log| log[2].result = "denied".into(),
+                |log| log[2].event.result = "denied".into(),
                 Err((3, "edited")),
             ),
-            ("edited time", |log| log[0].at += 1, Err((1, "edited"))),
+            (
+                "edited time",
+                |log| log[0].event.at += 1,
+                Err((1, "edited")),
+            ),
             (
                 "edited and re-hashed",
                 |log| {
-                    log[1].actor = "mallory".into();
-                    log[1].hash = entry_hash(2, &log[1].draft(), &log[1].previous_hash);
+                    log[1].event.actor = "mallory".into();
+                    log[1].hash = entry_hash(2, &log[1].event, &log[1].previous_hash);
                 },
                 Err((3, "link")),
             ),
@@ -287,10 +270,10 @@ mod tests {
 
     #[test]
     fn field_boundaries_are_part_of_the_hash() {
-        let mut a = draft(0);
+        let mut a = event(0);
         a.actor = "ad".into();
         a.role = "minx".into();
-        let mut b = draft(0);
+        let mut b = event(0);
         b.actor = "admi".into();
         b.role = "nx".into();
         // Both concatenate to "adminx": only the length prefixes tell them apart.

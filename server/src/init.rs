@@ -10,7 +10,7 @@ use std::time::Duration;
 use flotte_proto::files;
 use flotte_proto::identity::Identity;
 
-use crate::audit::AuditDraft;
+use crate::audit::AuditEvent;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::{to_unix, Clock, SystemClock};
 use crate::config::{default_config_path, ConfigError, ServerConfigFile};
@@ -116,7 +116,7 @@ pub async fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, 
         })
         .await?;
     store
-        .append_audit(&AuditDraft {
+        .append_audit(&AuditEvent {
             at: now,
             actor: INIT_ACTOR.to_owned(),
             role: Role::Admin.to_string(),

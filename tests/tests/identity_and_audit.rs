@@ -52,16 +52,28 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A started server in `root`, with its admin profile.
+fn started_server(root: &TempDir) -> Server {
+    let mut server = Server::init(root.path(), "server", &[]);
+    server.start();
+    server
+}
+
+/// A gRPC channel presenting the operator certificate of a profile directory.
+fn channel_as(profile: &Path, address: &str) -> tonic::transport::Channel {
+    let profile = Profile::load(profile).unwrap();
+    let tls = client_config(
+        &profile.ca_pem,
+        Some((&profile.certificate_pem, &profile.key_pem)),
+    )
+    .unwrap();
+    channel(address, Arc::new(tls)).unwrap()
+}
+
 /// `Tokens.CreateToken` called directly (not through flottectl) with a profile.
 fn create_token_as(profile: &Path, address: &str) -> Result<(), tonic::Status> {
-    let profile = Profile::load(profile).unwrap();
     runtime().block_on(async {
-        let tls = client_config(
-            &profile.ca_pem,
-            Some((&profile.certificate_pem, &profile.key_pem)),
-        )
-        .unwrap();
-        TokensClient::new(channel(address, Arc::new(tls)).unwrap())
+        TokensClient::new(channel_as(profile, address))
             .create_token(CreateTokenRequest {
                 labels: Default::default(),
                 zone: "dc1".into(),
@@ -82,8 +94,7 @@ fn audit_entries(server: &Server, extra: &[&str]) -> Vec<serde_json::Value> {
 #[test]
 fn roles_are_checked_on_every_admin_rpc_and_refusals_name_the_role_needed() {
     let root = TempDir::new("flotte-e2e").unwrap();
-    let mut server = Server::init(root.path(), "server", &[]);
-    server.start();
+    let server = started_server(&root);
     let viewer = server.create_operator(root.path(), "bob", "viewer");
     let operator = server.create_operator(root.path(), "carol", "operator");
     let key_mode = std::fs::metadata(viewer.join("key.pem")).unwrap();
@@ -212,8 +223,7 @@ fn roles_are_checked_on_every_admin_rpc_and_refusals_name_the_role_needed() {
 #[test]
 fn an_operator_key_made_on_their_own_machine_never_reaches_the_server() {
     let root = TempDir::new("flotte-e2e").unwrap();
-    let mut server = Server::init(root.path(), "server", &[]);
-    server.start();
+    let server = started_server(&root);
     let (key_pem, csr_pem) = flotte_server::ca::generate_key_and_csr().unwrap();
     let csr_file = root.path().join("erin.csr");
     std::fs::write(&csr_file, csr_pem).unwrap();
@@ -260,23 +270,16 @@ fn a_revoked_operator_is_refused_and_its_open_stream_is_cut() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let root = TempDir::new("flotte-e2e").unwrap();
-    let mut server = Server::init(root.path(), "server", &[]);
-    server.start();
+    let mut server = started_server(&root);
     let bob = server.create_operator(root.path(), "bob", "admin");
     succeeds(&server, &bob, &["machines", "list"]);
 
     // Bob holds a long-lived stream open (reflection: any identity may).
-    let profile = Profile::load(&bob).unwrap();
     let runtime = runtime();
     let (requests, request_stream) = tokio::sync::mpsc::channel(4);
-    let ended = runtime.block_on(async {
-        let tls = client_config(
-            &profile.ca_pem,
-            Some((&profile.certificate_pem, &profile.key_pem)),
-        )
-        .unwrap();
-        let mut client =
-            ServerReflectionClient::new(channel(&server.address, Arc::new(tls)).unwrap());
+    let (ended_sender, ended) = tokio::sync::oneshot::channel();
+    runtime.block_on(async {
+        let mut client = ServerReflectionClient::new(channel_as(&bob, &server.address));
         requests
             .send(ServerReflectionRequest {
                 host: String::new(),
@@ -292,8 +295,8 @@ fn a_revoked_operator_is_refused_and_its_open_stream_is_cut() {
         assert!(responses.message().await.unwrap().is_some(), "stream open");
         tokio::spawn(async move {
             let outcome = responses.message().await;
-            (Instant::now(), format!("{outcome:?}"))
-        })
+            let _ = ended_sender.send((Instant::now(), format!("{outcome:?}")));
+        });
     });
 
     succeeds(
@@ -349,8 +352,7 @@ fn a_revoked_operator_is_refused_and_its_open_stream_is_cut() {
 #[test]
 fn a_decommissioned_machine_is_cut_within_a_second_and_its_reconnect_refused() {
     let root = TempDir::new("flotte-e2e").unwrap();
-    let mut server = Server::init(root.path(), "server", &[]);
-    server.start();
+    let server = started_server(&root);
     let token = server.token("role=web", "dc1", &[]);
     let mut agent = Agent::new(root.path(), "web-1", &server.address, &token);
     agent.start();
@@ -417,8 +419,7 @@ fn a_decommissioned_machine_is_cut_within_a_second_and_its_reconnect_refused() {
 #[test]
 fn release_keys_are_validated_listed_and_removed_by_admins_only() {
     let root = TempDir::new("flotte-e2e").unwrap();
-    let mut server = Server::init(root.path(), "server", &[]);
-    server.start();
+    let server = started_server(&root);
     let viewer = server.create_operator(root.path(), "bob", "viewer");
     let key = flotte_server::release_keys::ReleasePublicKey {
         key: [42u8; 32],
@@ -525,8 +526,7 @@ fn hex_of(bytes: &[u8]) -> String {
 #[test]
 fn audit_verify_passes_untouched_and_names_edited_and_deleted_entries() {
     let root = TempDir::new("flotte-e2e").unwrap();
-    let mut server = Server::init(root.path(), "server", &[]);
-    server.start();
+    let server = started_server(&root);
     let secret = server.token("role=web", "dc1", &[]);
     server.token("role=db", "dc2", &["--uses", "3"]);
     server.create_operator(root.path(), "bob", "viewer");

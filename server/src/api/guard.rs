@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::audit::AuditDraft;
+use crate::audit::AuditEvent;
 use crate::auth::{authorize_operator, require_not_revoked, require_operator, AuthError, Caller};
 use crate::roles::{AdminRpc, Role};
 use crate::ServerState;
@@ -56,7 +56,7 @@ pub async fn append_audit_entry(
     arguments: &serde_json::Value,
     result: String,
 ) -> Result<(), Status> {
-    let draft = AuditDraft {
+    let event = AuditEvent {
         at: state.clock.now_unix(),
         actor: actor.to_owned(),
         role: role.to_owned(),
@@ -64,13 +64,13 @@ pub async fn append_audit_entry(
         arguments_json: arguments.to_string(),
         result,
     };
-    match state.store.append_audit(&draft).await {
+    match state.store.append_audit(&event).await {
         Ok(_) => Ok(()),
         Err(error) => {
-            tracing::error!(%error, action = %draft.action, actor, "audit log append failed");
+            tracing::error!(%error, action = %event.action, actor, "audit log append failed");
             Err(Status::internal(format!(
                 "{} ({}) was not recorded in the audit log: {error}",
-                draft.action, draft.result
+                event.action, event.result
             )))
         }
     }

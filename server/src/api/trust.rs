@@ -52,14 +52,15 @@ fn release_key(record: &ReleaseKeyRecord) -> ReleaseKey {
 }
 
 fn audit_entry(record: AuditRecord) -> AuditEntry {
+    let event = record.event;
     AuditEntry {
         seq: record.seq,
-        at: record.at,
-        actor: record.actor,
-        role: record.role,
-        action: record.action,
-        arguments_json: record.arguments_json,
-        result: record.result,
+        at: event.at,
+        actor: event.actor,
+        role: event.role,
+        action: event.action,
+        arguments_json: event.arguments_json,
+        result: event.result,
         previous_hash: record.previous_hash,
         hash: record.hash,
     }

@@ -21,7 +21,7 @@ use super::{
     connect, format_time, load_profile, optional_time, print_json, read_file, render_table,
     rpc_error, server_address, AuditCommand, Cli, CtlError, OperatorCommand, Output, TrustCommand,
 };
-use crate::audit::{verify_chain, AuditRecord};
+use crate::audit::{verify_chain, AuditEvent, AuditRecord};
 use crate::ca::generate_key_and_csr;
 use crate::profile::{Profile, ProfileSettings, PROFILE_FILE};
 
@@ -331,12 +331,14 @@ pub fn parse_since(text: &str, now: SystemTime) -> Result<i64, CtlError> {
 fn record_of(entry: AuditEntry) -> AuditRecord {
     AuditRecord {
         seq: entry.seq,
-        at: entry.at,
-        actor: entry.actor,
-        role: entry.role,
-        action: entry.action,
-        arguments_json: entry.arguments_json,
-        result: entry.result,
+        event: AuditEvent {
+            at: entry.at,
+            actor: entry.actor,
+            role: entry.role,
+            action: entry.action,
+            arguments_json: entry.arguments_json,
+            result: entry.result,
+        },
         previous_hash: entry.previous_hash,
         hash: entry.hash,
     }
@@ -357,15 +359,16 @@ struct AuditView {
 
 impl From<AuditRecord> for AuditView {
     fn from(record: AuditRecord) -> Self {
+        let event = record.event;
         AuditView {
             seq: record.seq,
-            at: format_time(record.at),
-            arguments: serde_json::from_str(&record.arguments_json)
-                .unwrap_or(serde_json::Value::String(record.arguments_json)),
-            actor: record.actor,
-            role: record.role,
-            action: record.action,
-            result: record.result,
+            at: format_time(event.at),
+            arguments: serde_json::from_str(&event.arguments_json)
+                .unwrap_or(serde_json::Value::String(event.arguments_json)),
+            actor: event.actor,
+            role: event.role,
+            action: event.action,
+            result: event.result,
             previous_hash: record.previous_hash,
             hash: record.hash,
         }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
 
-use crate::audit::{AuditDraft, AuditFilter, AuditRecord};
+use crate::audit::{AuditEvent, AuditFilter, AuditRecord};
 use crate::roles::Role;
 
 #[derive(Debug, thiserror::Error)]
@@ -276,9 +276,9 @@ pub trait Store: Send + Sync + 'static {
     async fn remove_release_key(&self, id: &str) -> Result<Option<ReleaseKeyRecord>, StoreError>;
     async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>, StoreError>;
 
-    /// Seals `draft` as the next entry of the hash-chained audit log (reading
+    /// Seals `event` as the next entry of the hash-chained audit log (reading
     /// the previous entry and appending in one atomic operation).
-    async fn append_audit(&self, draft: &AuditDraft) -> Result<AuditRecord, StoreError>;
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError>;
     /// Entries matching `filter`, in sequence order.
     async fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
 

@@ -16,7 +16,7 @@ use super::{
     OperatorRecord, ReleaseKeyRecord, StateTransitionRecord, Store, StoreError, TokenRedemption,
     UnixSeconds,
 };
-use crate::audit::{seal, AuditDraft, AuditFilter, AuditRecord};
+use crate::audit::{seal, AuditEvent, AuditFilter, AuditRecord};
 use crate::roles::Role;
 
 const SCHEMA: &str = r"
@@ -170,12 +170,14 @@ fn release_key_from_row(row: &Row<'_>) -> rusqlite::Result<ReleaseKeyRecord> {
 fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
     Ok(AuditRecord {
         seq: row.get::<_, i64>("seq")?.max(0) as u64,
-        at: row.get("at")?,
-        actor: row.get("actor")?,
-        role: row.get("role")?,
-        action: row.get("action")?,
-        arguments_json: row.get("arguments_json")?,
-        result: row.get("result")?,
+        event: AuditEvent {
+            at: row.get("at")?,
+            actor: row.get("actor")?,
+            role: row.get("role")?,
+            action: row.get("action")?,
+            arguments_json: row.get("arguments_json")?,
+            result: row.get("result")?,
+        },
         previous_hash: row.get("previous_hash")?,
         hash: row.get("hash")?,
     })
@@ -199,6 +201,51 @@ fn insert_denied(
         ])?;
     }
     Ok(())
+}
+
+/// Every row of a query without parameters, converted by `row`.
+fn query_all<T>(
+    connection: &Connection,
+    sql: &str,
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut statement = connection.prepare(sql)?;
+    let rows = statement
+        .query_map([], row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// The one row of `sql` (which selects by `?1 = key`), if any.
+fn select_one<T>(
+    connection: &Connection,
+    sql: &str,
+    key: &str,
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Option<T>> {
+    connection.query_row(sql, [key], row).optional()
+}
+
+/// One revocation as one transaction: stamps the row keyed `key` with `at`
+/// (the first stamp wins) and, if the row exists, adds `denied` to the deny
+/// list. Returns the row as it is now.
+fn stamp_and_deny<T>(
+    connection: &mut Connection,
+    stamp_sql: &str,
+    select_sql: &str,
+    key: &str,
+    at: UnixSeconds,
+    denied: &[DeniedEntry],
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Option<T>, StoreError> {
+    let transaction = connection.transaction()?;
+    transaction.execute(stamp_sql, params![key, at])?;
+    let stamped = select_one(&transaction, select_sql, key, row)?;
+    if stamped.is_some() {
+        insert_denied(&transaction, denied)?;
+    }
+    transaction.commit()?;
+    Ok(stamped)
 }
 
 /// A primary-key clash as the domain's `AlreadyExists`.
@@ -295,6 +342,27 @@ impl SqliteStore {
         .map_err(|error| StoreError::Task(error.to_string()))?
     }
 
+    /// Every row of a parameterless query.
+    async fn read_all<T: Send + 'static>(
+        &self,
+        sql: &'static str,
+        row: fn(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        self.with_connection(move |connection| query_all(connection, sql, row))
+            .await
+    }
+
+    /// The row of a query selecting by `?1 = key`, if any.
+    async fn read_one<T: Send + 'static>(
+        &self,
+        sql: &'static str,
+        key: String,
+        row: fn(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>, StoreError> {
+        self.with_connection(move |connection| Ok(select_one(connection, sql, &key, row)?))
+            .await
+    }
+
     async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -336,14 +404,10 @@ impl Store for SqliteStore {
     }
 
     async fn list_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
-        self.with_connection(|connection| {
-            let mut statement =
-                connection.prepare("SELECT * FROM join_tokens ORDER BY created_at, id")?;
-            let tokens = statement
-                .query_map([], token_from_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(tokens)
-        })
+        self.read_all(
+            "SELECT * FROM join_tokens ORDER BY created_at, id",
+            token_from_row,
+        )
         .await
     }
 
@@ -351,13 +415,12 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.write(move |connection| {
             connection.execute("UPDATE join_tokens SET revoked = 1 WHERE id = ?1", [&id])?;
-            Ok(connection
-                .query_row(
-                    "SELECT * FROM join_tokens WHERE id = ?1",
-                    [&id],
-                    token_from_row,
-                )
-                .optional()?)
+            Ok(select_one(
+                connection,
+                "SELECT * FROM join_tokens WHERE id = ?1",
+                &id,
+                token_from_row,
+            )?)
         })
         .await
     }
@@ -376,13 +439,12 @@ impl Store for SqliteStore {
                    AND uses_done < uses_allowed",
                 params![secret_hash, now],
             )?;
-            let record = transaction
-                .query_row(
-                    "SELECT * FROM join_tokens WHERE secret_hash = ?1",
-                    [&secret_hash],
-                    token_from_row,
-                )
-                .optional()?;
+            let record = select_one(
+                &transaction,
+                "SELECT * FROM join_tokens WHERE secret_hash = ?1",
+                &secret_hash,
+                token_from_row,
+            )?;
             transaction.commit()?;
             Ok(match (changed, record) {
                 (1, Some(record)) => TokenRedemption::Redeemed(record),
@@ -432,27 +494,19 @@ impl Store for SqliteStore {
     }
 
     async fn machine(&self, id: Uuid) -> Result<Option<MachineRecord>, StoreError> {
-        self.with_connection(move |connection| {
-            Ok(connection
-                .query_row(
-                    "SELECT * FROM machines WHERE id = ?1",
-                    [id.to_string()],
-                    machine_from_row,
-                )
-                .optional()?)
-        })
+        self.read_one(
+            "SELECT * FROM machines WHERE id = ?1",
+            id.to_string().to_string(),
+            machine_from_row,
+        )
         .await
     }
 
     async fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
-        self.with_connection(|connection| {
-            let mut statement =
-                connection.prepare("SELECT * FROM machines ORDER BY zone, hostname, id")?;
-            let machines = statement
-                .query_map([], machine_from_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(machines)
-        })
+        self.read_all(
+            "SELECT * FROM machines ORDER BY zone, hostname, id",
+            machine_from_row,
+        )
         .await
     }
 
@@ -513,13 +567,7 @@ impl Store for SqliteStore {
                 "UPDATE machines SET labels = ?2, desired_version = desired_version + 1 WHERE id = ?1",
                 params![id.to_string(), labels],
             )?;
-            let machine = transaction
-                .query_row(
-                    "SELECT * FROM machines WHERE id = ?1",
-                    [id.to_string()],
-                    machine_from_row,
-                )
-                .optional()?;
+            let machine = select_one(&transaction, "SELECT * FROM machines WHERE id = ?1", &id.to_string(), machine_from_row)?;
             transaction.commit()?;
             Ok(machine)
         })
@@ -613,23 +661,15 @@ impl Store for SqliteStore {
     ) -> Result<Option<MachineRecord>, StoreError> {
         let denied = denied.to_vec();
         self.write(move |connection| {
-            let transaction = connection.transaction()?;
-            transaction.execute(
+            stamp_and_deny(
+                connection,
                 "UPDATE machines SET retired_at = COALESCE(retired_at, ?2) WHERE id = ?1",
-                params![id.to_string(), at],
-            )?;
-            let machine = transaction
-                .query_row(
-                    "SELECT * FROM machines WHERE id = ?1",
-                    [id.to_string()],
-                    machine_from_row,
-                )
-                .optional()?;
-            if machine.is_some() {
-                insert_denied(&transaction, &denied)?;
-            }
-            transaction.commit()?;
-            Ok(machine)
+                "SELECT * FROM machines WHERE id = ?1",
+                &id.to_string(),
+                at,
+                &denied,
+                machine_from_row,
+            )
         })
         .await
     }
@@ -658,28 +698,17 @@ impl Store for SqliteStore {
     }
 
     async fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
-        let name = name.to_owned();
-        self.with_connection(move |connection| {
-            Ok(connection
-                .query_row(
-                    "SELECT * FROM operators WHERE name = ?1",
-                    [&name],
-                    operator_from_row,
-                )
-                .optional()?)
-        })
+        self.read_one(
+            "SELECT * FROM operators WHERE name = ?1",
+            name.to_owned(),
+            operator_from_row,
+        )
         .await
     }
 
     async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
-        self.with_connection(|connection| {
-            let mut statement = connection.prepare("SELECT * FROM operators ORDER BY name")?;
-            let operators = statement
-                .query_map([], operator_from_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(operators)
-        })
-        .await
+        self.read_all("SELECT * FROM operators ORDER BY name", operator_from_row)
+            .await
     }
 
     async fn set_operator_role(
@@ -694,13 +723,12 @@ impl Store for SqliteStore {
                 "UPDATE operators SET role = ?2 WHERE name = ?1",
                 params![name, role.as_str()],
             )?;
-            let operator = transaction
-                .query_row(
-                    "SELECT * FROM operators WHERE name = ?1",
-                    [&name],
-                    operator_from_row,
-                )
-                .optional()?;
+            let operator = select_one(
+                &transaction,
+                "SELECT * FROM operators WHERE name = ?1",
+                &name,
+                operator_from_row,
+            )?;
             transaction.commit()?;
             Ok(operator)
         })
@@ -716,36 +744,24 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         let denied = denied.to_vec();
         self.write(move |connection| {
-            let transaction = connection.transaction()?;
-            transaction.execute(
+            stamp_and_deny(
+                connection,
                 "UPDATE operators SET revoked_at = COALESCE(revoked_at, ?2) WHERE name = ?1",
-                params![name, at],
-            )?;
-            let operator = transaction
-                .query_row(
-                    "SELECT * FROM operators WHERE name = ?1",
-                    [&name],
-                    operator_from_row,
-                )
-                .optional()?;
-            if operator.is_some() {
-                insert_denied(&transaction, &denied)?;
-            }
-            transaction.commit()?;
-            Ok(operator)
+                "SELECT * FROM operators WHERE name = ?1",
+                &name,
+                at,
+                &denied,
+                operator_from_row,
+            )
         })
         .await
     }
 
     async fn denied_entries(&self) -> Result<Vec<DeniedEntry>, StoreError> {
-        self.with_connection(|connection| {
-            let mut statement =
-                connection.prepare("SELECT * FROM deny_list ORDER BY denied_at, kind, value")?;
-            let entries = statement
-                .query_map([], denied_from_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(entries)
-        })
+        self.read_all(
+            "SELECT * FROM deny_list ORDER BY denied_at, kind, value",
+            denied_from_row,
+        )
         .await
     }
 
@@ -774,13 +790,12 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.write(move |connection| {
             let transaction = connection.transaction()?;
-            let key = transaction
-                .query_row(
-                    "SELECT * FROM release_keys WHERE id = ?1",
-                    [&id],
-                    release_key_from_row,
-                )
-                .optional()?;
+            let key = select_one(
+                &transaction,
+                "SELECT * FROM release_keys WHERE id = ?1",
+                &id,
+                release_key_from_row,
+            )?;
             transaction.execute("DELETE FROM release_keys WHERE id = ?1", [&id])?;
             transaction.commit()?;
             Ok(key)
@@ -789,19 +804,15 @@ impl Store for SqliteStore {
     }
 
     async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>, StoreError> {
-        self.with_connection(|connection| {
-            let mut statement =
-                connection.prepare("SELECT * FROM release_keys ORDER BY added_at, rowid")?;
-            let keys = statement
-                .query_map([], release_key_from_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(keys)
-        })
+        self.read_all(
+            "SELECT * FROM release_keys ORDER BY added_at, rowid",
+            release_key_from_row,
+        )
         .await
     }
 
-    async fn append_audit(&self, draft: &AuditDraft) -> Result<AuditRecord, StoreError> {
-        let draft = draft.clone();
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
+        let event = event.clone();
         self.write(move |connection| {
             // IMMEDIATE: two appends must not both read the same previous entry.
             let transaction =
@@ -814,7 +825,7 @@ impl Store for SqliteStore {
                 )
                 .optional()?;
             let record = seal(
-                draft,
+                event,
                 previous
                     .as_ref()
                     .map(|(seq, hash)| ((*seq).max(0) as u64, hash.as_str())),
@@ -824,12 +835,12 @@ impl Store for SqliteStore {
                     previous_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     record.seq as i64,
-                    record.at,
-                    record.actor,
-                    record.role,
-                    record.action,
-                    record.arguments_json,
-                    record.result,
+                    record.event.at,
+                    record.event.actor,
+                    record.event.role,
+                    record.event.action,
+                    record.event.arguments_json,
+                    record.event.result,
                     record.previous_hash,
                     record.hash
                 ],
@@ -1036,7 +1047,7 @@ mod tests {
 
         for (at, actor) in [(10, "admin"), (20, "bob"), (30, "admin")] {
             store
-                .append_audit(&AuditDraft {
+                .append_audit(&AuditEvent {
                     at,
                     actor: actor.into(),
                     role: "admin".into(),
