@@ -7,6 +7,7 @@ const PROTO_FILES: &[&str] = &[
     "flotte/v1/enrollment.proto",
     "flotte/v1/agent.proto",
     "flotte/v1/admin.proto",
+    "flotte/v1/trust.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -266,7 +266,7 @@ pub fn explain_status_with(status: &tonic::Status, diagnostics: &TlsDiagnostics)
     {
         Some("the server refused our client certificate: it has expired")
     } else if lower.contains("certificaterevoked") {
-        Some("the server refused our client certificate: it was revoked")
+        Some("the server refused our client certificate: it was revoked (an admin decommissioned this machine or revoked this operator)")
     } else if lower.contains("badcertificate") || lower.contains("bad certificate") {
         Some("the server refused our client certificate")
     } else if lower.contains("unknownissuer") || lower.contains("unknown issuer") {

@@ -1,13 +1,19 @@
 //! Who is calling: the peer facts attached by `tls` turned into a caller
 //! identity, and the checks each API applies (operator for admin calls,
-//! machine for the agent session).
+//! machine for the agent session): the kind of identity, the deny list (a
+//! TLS connection outlives a revocation by up to the moment it is cut, so
+//! every RPC checks again), and the operator's role against the policy table
+//! in `roles`.
 //!
-//! Every check here is about the *kind* of identity; roles and the deny list
-//! come on top of these in the API modules.
+//! Decisions only: no store access and no tonic statuses (the API turns
+//! these errors into statuses).
 
 use flotte_proto::identity::{Identity, IdentityKind};
 use uuid::Uuid;
 
+use crate::revocation::Revocations;
+use crate::roles::{may_call, required_role, AdminRpc, Role};
+use crate::store::OperatorRecord;
 use crate::tls::{PeerCertificate, PeerInfo};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -22,6 +28,19 @@ pub enum AuthError {
     NotMachine(Identity),
     #[error("connection information is missing (internal error)")]
     NoConnectInfo,
+    #[error("identity {identity} is refused: {reason}")]
+    Revoked { identity: Identity, reason: String },
+    #[error(
+        "operator {0} is not known to this server (ask an admin for `flottectl operator create`)"
+    )]
+    UnknownOperator(String),
+    #[error("{method} needs role {needed}; operator {operator} has role {has}")]
+    RoleTooLow {
+        method: &'static str,
+        needed: Role,
+        operator: String,
+        has: Role,
+    },
 }
 
 /// A verified caller with the certificate it presented.
@@ -81,4 +100,42 @@ pub fn require_machine<T>(request: &tonic::Request<T>) -> Result<(Uuid, Caller),
 /// Any verified identity (used for read-only introspection such as reflection).
 pub fn require_any_identity<T>(request: &tonic::Request<T>) -> Result<Caller, AuthError> {
     caller(request)
+}
+
+/// Refuses a caller whose identity or certificate is on the deny list.
+pub fn require_not_revoked(caller: &Caller, revocations: &Revocations) -> Result<(), AuthError> {
+    match revocations.refusal(&caller.identity.uri(), &caller.serial_hex) {
+        Some(reason) => Err(AuthError::Revoked {
+            identity: caller.identity.clone(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The role with which `operator` (as stored, if at all) may call `rpc`.
+/// A revoked operator is refused even if its identity has not reached the
+/// in-memory deny list.
+pub fn authorize_operator(
+    caller: &Caller,
+    operator: Option<&OperatorRecord>,
+    rpc: AdminRpc,
+) -> Result<Role, AuthError> {
+    let operator =
+        operator.ok_or_else(|| AuthError::UnknownOperator(caller.identity.name.clone()))?;
+    if operator.revoked_at.is_some() {
+        return Err(AuthError::Revoked {
+            identity: caller.identity.clone(),
+            reason: format!("operator {} was revoked", operator.name),
+        });
+    }
+    if !may_call(operator.role, rpc) {
+        return Err(AuthError::RoleTooLow {
+            method: rpc.policy().method_path,
+            needed: required_role(rpc),
+            operator: operator.name.clone(),
+            has: operator.role,
+        });
+    }
+    Ok(operator.role)
 }

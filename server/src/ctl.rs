@@ -17,14 +17,20 @@ use flotte_proto::transport::{
 use flotte_proto::v1::machines_client::MachinesClient;
 use flotte_proto::v1::tokens_client::TokensClient;
 use flotte_proto::v1::{
-    CheckResult, CreateTokenRequest, FleetStatusRequest, FleetStatusResponse, GetMachineRequest,
-    GroupStatus, ListMachinesRequest, ListTokensRequest, Machine, MachineEvent, RevokeTokenRequest,
-    SetLabelsRequest, SystemMetrics, TokenInfo, WatchMachinesRequest,
+    CheckResult, CreateTokenRequest, DecommissionMachineRequest, FleetStatusRequest,
+    FleetStatusResponse, GetMachineRequest, GroupStatus, ListMachinesRequest, ListTokensRequest,
+    Machine, MachineEvent, RevokeTokenRequest, SetLabelsRequest, SystemMetrics, TokenInfo,
+    WatchMachinesRequest,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::profile::Profile;
+use crate::roles::Role;
+
+mod governance;
+
+use governance::{run_audit, run_operator, run_trust};
 
 #[derive(Debug, Parser)]
 #[command(name = "flottectl", version, about = "Flotte admin CLI")]
@@ -64,6 +70,81 @@ enum Command {
         #[arg(long, default_value = "")]
         selector: String,
     },
+    /// Operators (people and CI jobs) and their roles.
+    #[command(subcommand, alias = "operators")]
+    Operator(OperatorCommand),
+    /// Images (for now: the release keys trusted to sign them).
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// The hash-chained audit log of every mutating call.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorCommand {
+    /// Create an operator and write a ready profile directory for them. The
+    /// private key is generated here (or by the operator, with --csr) and
+    /// never sent to the server.
+    Create {
+        name: String,
+        #[arg(long)]
+        role: Role,
+        /// Profile directory to write (default: ./<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A CSR made on the operator's own machine: the profile is written
+        /// without key.pem, which the operator adds.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+    },
+    /// List operators and their roles.
+    List,
+    /// Change an operator's role (takes effect on their next call).
+    SetRole { name: String, role: Role },
+    /// Revoke an operator: every certificate refused and every connection
+    /// closed at once. The name is never reused.
+    Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Release public keys (ed25519) trusted to sign images.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TrustCommand {
+    /// Trust a release key: an `ssh-ed25519 AAAA…` line (a .pub file), or
+    /// the raw 32-byte public key in base64 or hex.
+    Add {
+        key_file: PathBuf,
+        /// Name shown in listings (default: the key's comment).
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Stop trusting a release key (by id, id prefix or name).
+    Remove { key: String },
+    /// List trusted release keys.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// List audit entries, oldest first.
+    List {
+        /// Only entries since this time: RFC 3339 (2025-01-31T12:00:00Z) or
+        /// a duration ago (1h, 7days).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only entries by this operator name.
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Check the whole hash chain here, on this machine; exits non-zero and
+    /// names the first broken entry if the log was changed.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +197,9 @@ enum MachinesCommand {
         #[arg(long, default_value = "")]
         remove: String,
     },
+    /// Retire a machine for good: its certificates are revoked, its session
+    /// closed, and it can never reconnect.
+    Decommission { id: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +217,16 @@ pub enum CtlError {
     Rpc(String),
     #[error("cannot encode output: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot generate the operator's key: {0}")]
+    Key(#[from] crate::ca::CaError),
+    /// The audit log failed verification (already explained).
+    #[error("{0}")]
+    AuditBroken(String),
 }
 
 impl CtlError {
@@ -144,15 +238,35 @@ impl CtlError {
     }
 }
 
-fn connect(cli: &Cli) -> Result<(Channel, TlsDiagnostics), CtlError> {
+/// The server address this invocation dials: `--server`, else the profile's.
+fn server_address(cli: &Cli, profile: &Profile) -> String {
+    cli.server
+        .clone()
+        .unwrap_or_else(|| profile.settings.server.clone())
+}
+
+fn load_profile(cli: &Cli) -> Result<Profile, CtlError> {
     let directory = cli.profile.as_ref().ok_or(CtlError::NoProfile)?;
-    let profile = Profile::load(directory)?;
+    Ok(Profile::load(directory)?)
+}
+
+fn connect(cli: &Cli) -> Result<(Channel, TlsDiagnostics), CtlError> {
+    let profile = load_profile(cli)?;
     let tls = client_config(
         &profile.ca_pem,
         Some((&profile.certificate_pem, &profile.key_pem)),
     )?;
-    let address = cli.server.clone().unwrap_or(profile.settings.server);
-    Ok(channel_with_diagnostics(&address, Arc::new(tls))?)
+    Ok(channel_with_diagnostics(
+        &server_address(cli, &profile),
+        Arc::new(tls),
+    )?)
+}
+
+fn read_file(path: &std::path::Path) -> Result<String, CtlError> {
+    std::fs::read_to_string(path).map_err(|source| CtlError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Turns a failed RPC into an error naming its real cause.
@@ -218,6 +332,7 @@ struct MachineView {
     remote_address: Option<String>,
     desired_version: u64,
     applied_desired_version: u64,
+    retired_at: Option<String>,
     state: String,
     state_reason: String,
     state_since: Option<String>,
@@ -350,6 +465,7 @@ impl From<&Machine> for MachineView {
                 .then(|| machine.remote_address.clone()),
             desired_version: machine.desired_version,
             applied_desired_version: machine.applied_desired_version,
+            retired_at: optional_time(machine.retired_at),
             state: machine.state.clone(),
             state_reason: machine.state_reason.clone(),
             state_since: optional_time(machine.state_since),
@@ -501,7 +617,12 @@ fn machine_rows(machines: &[MachineView]) -> Vec<Vec<String>> {
                 machine.zone.clone(),
                 machine.state.clone(),
                 format_labels(&machine.labels),
-                if machine.connected { "yes" } else { "no" }.to_owned(),
+                match (machine.retired_at.is_some(), machine.connected) {
+                    (true, _) => "retired",
+                    (false, true) => "yes",
+                    (false, false) => "no",
+                }
+                .to_owned(),
                 machine.last_seen.clone().unwrap_or_else(|| "never".into()),
                 machine.agent_version.clone(),
             ]
@@ -563,6 +684,20 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
                 print_event(cli.output, &event)?;
             }
             return Err(CtlError::Rpc("the server ended the watch".into()));
+        }
+        MachinesCommand::Decommission { id } => {
+            let machine = client
+                .decommission_machine(DecommissionMachineRequest { id: id.clone() })
+                .await
+                .map_err(&rpc)?
+                .into_inner();
+            if cli.output != Output::Json {
+                eprintln!(
+                    "machine {} ({}) decommissioned: its certificates are revoked and it cannot reconnect",
+                    machine.id, machine.hostname
+                );
+            }
+            print_machine(cli.output, &machine)?;
         }
         MachinesCommand::Label { id, set, remove } => {
             let set =
@@ -740,6 +875,10 @@ fn print_machine(output: Output, machine: &Machine) -> Result<(), CtlError> {
                 view.desired_version, view.applied_desired_version
             ),
         ),
+        (
+            "decommissioned",
+            view.retired_at.clone().unwrap_or_else(|| "no".to_owned()),
+        ),
     ];
     for (name, value) in fields {
         println!("{:<20} {value}", format!("{name}:"));
@@ -863,6 +1002,9 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Token(command) => run_token(&cli, command).await,
         Command::Machines(command) => run_machines(&cli, command).await,
         Command::Status { by, selector } => run_status(&cli, by, selector).await,
+        Command::Operator(command) => run_operator(&cli, command).await,
+        Command::Image(ImageCommand::Trust(command)) => run_trust(&cli, command).await,
+        Command::Audit(command) => run_audit(&cli, command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

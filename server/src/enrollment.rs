@@ -116,6 +116,7 @@ impl Enroller<'_> {
             state: crate::health::MachineState::Unknown.as_str().to_owned(),
             state_reason: "enrolled; no report yet".to_owned(),
             state_since: now,
+            retired_at: None,
         };
         self.store.insert_machine(&machine).await?;
         Ok(Enrolled {
@@ -155,6 +156,11 @@ impl Enroller<'_> {
             .machine(machine_id)
             .await?
             .ok_or_else(|| refused(format!("machine {machine_id} is not enrolled here")))?;
+        if machine.retired_at.is_some() {
+            return Err(refused(format!(
+                "machine {machine_id} was decommissioned; enroll it again with a new join token"
+            )));
+        }
         let is_latest = machine.certificate_serial == facts.serial_hex;
         let is_previous = !machine.previous_certificate_serial.is_empty()
             && machine.previous_certificate_serial == facts.serial_hex;

@@ -1,5 +1,6 @@
 //! Machine state on the server: `operational`, `degraded`, `down`,
-//! `unreachable` (or `unknown` before the first report), decided by pure
+//! `unreachable` (or `unknown` before the first report), and the
+//! administrative `retired` (decommissioned: final), decided by pure
 //! functions from the agent's reports and from silence, and the in-memory
 //! tracker that remembers each machine's current state and last report.
 //!
@@ -24,15 +25,18 @@ pub enum MachineState {
     Degraded,
     Down,
     Unreachable,
+    /// Decommissioned: final, never left, never reported on again.
+    Retired,
 }
 
 impl MachineState {
-    pub const ALL: [MachineState; 5] = [
+    pub const ALL: [MachineState; 6] = [
         MachineState::Operational,
         MachineState::Degraded,
         MachineState::Down,
         MachineState::Unreachable,
         MachineState::Unknown,
+        MachineState::Retired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +46,7 @@ impl MachineState {
             MachineState::Degraded => "degraded",
             MachineState::Down => "down",
             MachineState::Unreachable => "unreachable",
+            MachineState::Retired => "retired",
         }
     }
 
@@ -140,8 +145,10 @@ pub fn silent_machines(
     let mut silent: Vec<Uuid> = machines
         .iter()
         .filter(|(_, machine)| {
-            machine.state != MachineState::Unreachable
-                && now.saturating_sub(machine.last_report_at) > grace
+            !matches!(
+                machine.state,
+                MachineState::Unreachable | MachineState::Retired
+            ) && now.saturating_sub(machine.last_report_at) > grace
         })
         .map(|(id, _)| *id)
         .collect();
@@ -225,6 +232,9 @@ impl HealthTracker {
         let Some(machine) = machines.get_mut(&machine_id) else {
             return;
         };
+        if machine.state == MachineState::Retired {
+            return;
+        }
         machine.last_report_at = now;
         machine.last_report = Some(Arc::new(report));
         if machine.state != state {
@@ -246,6 +256,22 @@ impl HealthTracker {
                     self.grace.as_secs()
                 );
                 self.transition(machine_id, machine, MachineState::Unreachable, reason, now);
+            }
+        }
+    }
+
+    /// Moves a decommissioned machine to `retired`, for good.
+    pub fn retire(&self, machine_id: Uuid, reason: &str, now: UnixSeconds) {
+        let mut machines = self.lock();
+        if let Some(machine) = machines.get_mut(&machine_id) {
+            if machine.state != MachineState::Retired {
+                self.transition(
+                    machine_id,
+                    machine,
+                    MachineState::Retired,
+                    reason.to_owned(),
+                    now,
+                );
             }
         }
     }
@@ -363,6 +389,7 @@ mod tests {
             state: state.into(),
             state_reason: String::new(),
             state_since: 0,
+            retired_at: None,
         }
     }
 

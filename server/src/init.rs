@@ -1,5 +1,7 @@
 //! `flotte-server init`: creates a data dir with the CA, the server settings
-//! file and the first admin operator profile. Refuses to touch an existing CA.
+//! file, the store with its first operator (`admin`, role admin, and the
+//! audit log's first entry saying so) and that operator's profile. Refuses to
+//! touch an existing CA.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,9 +10,13 @@ use std::time::Duration;
 use flotte_proto::files;
 use flotte_proto::identity::Identity;
 
+use crate::audit::AuditEvent;
 use crate::ca::{CaError, CertificateAuthority};
+use crate::clock::{to_unix, Clock, SystemClock};
 use crate::config::{default_config_path, ConfigError, ServerConfigFile};
 use crate::profile::{Profile, ProfileError, ProfileSettings};
+use crate::roles::{AdminRpc, Role};
+use crate::store::{OperatorRecord, SqliteStore, Store, StoreError};
 
 /// The first admin's profile is meant to bootstrap; it lasts a year.
 const ADMIN_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -30,7 +36,14 @@ pub enum InitError {
     },
     #[error("cannot encode settings: {0}")]
     Encode(#[from] toml::ser::Error),
+    #[error("cannot create the store: {0}")]
+    Store(#[from] StoreError),
 }
+
+/// The actor recorded for what `init` does.
+pub const INIT_ACTOR: &str = "flotte-server init";
+/// The first operator's name.
+pub const FIRST_ADMIN: &str = "admin";
 
 #[derive(Debug, Clone, Default)]
 pub struct InitOptions {
@@ -60,7 +73,8 @@ pub fn dial_address(listen: SocketAddr) -> String {
     SocketAddr::new(ip, listen.port()).to_string()
 }
 
-pub fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, InitError> {
+/// Creates the data dir. Async only because the store is; run it on any runtime.
+pub async fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, InitError> {
     let mut settings = ServerConfigFile::default();
     if let Some(listen) = options.listen {
         settings.listen = listen;
@@ -84,8 +98,34 @@ pub fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, InitEr
         },
     )?;
 
-    let admin = Identity::operator(&config.trust_domain, "admin");
+    let admin = Identity::operator(&config.trust_domain, FIRST_ADMIN);
     let (certificate, key) = ca.issue_client_with_new_key(&admin, ADMIN_CERTIFICATE_LIFETIME)?;
+    // The store knows the first admin from the start: the server refuses
+    // operator identities it does not know, whatever their certificate says.
+    let store = SqliteStore::open(&crate::store_path(data_dir))?;
+    let now = SystemClock.now_unix();
+    store
+        .insert_operator(&OperatorRecord {
+            name: FIRST_ADMIN.to_owned(),
+            role: Role::Admin,
+            created_at: now,
+            created_by: INIT_ACTOR.to_owned(),
+            certificate_serial: certificate.serial_hex.clone(),
+            certificate_not_after: to_unix(certificate.not_after),
+            revoked_at: None,
+        })
+        .await?;
+    store
+        .append_audit(&AuditEvent {
+            at: now,
+            actor: INIT_ACTOR.to_owned(),
+            role: Role::Admin.to_string(),
+            action: AdminRpc::CreateOperator.policy().action.to_owned(),
+            arguments_json: serde_json::json!({ "name": FIRST_ADMIN, "role": Role::Admin.as_str() })
+                .to_string(),
+            result: format!("ok: certificate serial {}", certificate.serial_hex),
+        })
+        .await?;
     let admin_profile = data_dir.join("admin");
     Profile {
         settings: ProfileSettings {

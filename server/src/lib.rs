@@ -11,6 +11,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod ca;
 pub mod clock;
@@ -23,6 +24,9 @@ pub mod limits;
 pub mod metrics;
 pub mod profile;
 pub mod registry;
+pub mod release_keys;
+pub mod revocation;
+pub mod roles;
 pub mod store;
 pub mod tls;
 pub mod transitions;
@@ -32,8 +36,11 @@ use std::time::Duration;
 
 use flotte_proto::identity::Identity;
 use flotte_proto::v1::agent_session_server::AgentSessionServer;
+use flotte_proto::v1::audit_server::AuditServer;
 use flotte_proto::v1::enrollment_server::EnrollmentServer;
 use flotte_proto::v1::machines_server::MachinesServer;
+use flotte_proto::v1::operators_server::OperatorsServer;
+use flotte_proto::v1::release_keys_server::ReleaseKeysServer;
 use flotte_proto::v1::tokens_server::TokensServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,13 +49,16 @@ use tokio_util::sync::CancellationToken;
 use crate::alerts::AlertDispatcher;
 use crate::api::admin::AdminApi;
 use crate::api::enrollment::EnrollmentApi;
+use crate::api::operators::OperatorsApi;
 use crate::api::session::SessionApi;
+use crate::api::trust::TrustApi;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ServerConfig;
 use crate::health::HealthTracker;
 use crate::metrics::{RpcMetricsLayer, ServerMetrics};
 use crate::registry::Registry;
+use crate::revocation::Revocations;
 use crate::store::{SqliteStore, Store, StoreError};
 use crate::transitions::EventSender;
 
@@ -138,6 +148,8 @@ pub struct ServerState {
     pub ca: CertificateAuthority,
     pub store: Arc<dyn Store>,
     pub registry: Registry,
+    /// The deny list and live connections by identity (shared with `tls`).
+    pub revocations: Arc<Revocations>,
     pub clock: Arc<dyn Clock>,
     pub health: HealthTracker,
     pub events: EventSender,
@@ -203,11 +215,12 @@ pub async fn run(
     let key =
         flotte_proto::transport::private_key_from_pem("server key", &server_key.serialize_pem())
             .map_err(tls::TlsSetupError::from)?;
-    let tls_config = tls::server_config(ca.certificate_der(), chain, key)?;
-
     let metrics = ServerMetrics::new();
     let store =
         SqliteStore::open_with_metrics(&store_path(&config.data_dir), metrics.store.clone())?;
+    let revocations = Revocations::new(&store.denied_entries().await?);
+    let tls_config =
+        tls::server_config(ca.certificate_der(), chain, key, Arc::clone(&revocations))?;
     let clock = SystemClock;
     let (transition_sender, transition_receiver) = tokio::sync::mpsc::unbounded_channel();
     let health = HealthTracker::new(
@@ -223,6 +236,7 @@ pub async fn run(
         ca,
         store: Arc::new(store),
         registry: Registry::new(),
+        revocations,
         clock: Arc::new(clock),
         health,
         events: transitions::event_channel(),
@@ -254,10 +268,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     // Reflection reveals only the schema, but there is no reason to show it to
-    // callers without an identity.
+    // callers without an identity, or to revoked ones.
+    let reflection_revocations = Arc::clone(&state.revocations);
     let require_identity =
-        |request: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
-            auth::require_any_identity(&request)?;
+        move |request: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
+            let caller = auth::require_any_identity(&request)?;
+            auth::require_not_revoked(&caller, &reflection_revocations)?;
             Ok(request)
         };
 
@@ -265,10 +281,12 @@ pub async fn run(
         listener,
         tokio_rustls::TlsAcceptor::from(Arc::new(tls_config)),
         state.config.trust_domain.clone(),
+        Arc::clone(&state.revocations),
         shutdown.clone(),
     );
     let flusher = tokio::spawn(flush_last_seen(Arc::clone(&state), shutdown.clone()));
     let admin = AdminApi::new(Arc::clone(&state));
+    let trust = TrustApi::new(Arc::clone(&state));
     let router = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer {
             metrics: state.metrics.clone(),
@@ -278,7 +296,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             reflection,
-            require_identity,
+            require_identity.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             reflection_v1alpha,
@@ -294,7 +312,10 @@ pub async fn run(
                 .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES),
         )
         .add_service(TokensServer::new(admin.clone()))
-        .add_service(MachinesServer::new(admin));
+        .add_service(MachinesServer::new(admin))
+        .add_service(OperatorsServer::new(OperatorsApi::new(Arc::clone(&state))))
+        .add_service(ReleaseKeysServer::new(trust.clone()))
+        .add_service(AuditServer::new(trust));
 
     tracing::info!(
         fingerprint = %state.ca.fingerprint(),

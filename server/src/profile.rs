@@ -75,6 +75,16 @@ impl Profile {
     }
 
     pub fn write(&self, dir: &Path) -> Result<(), ProfileError> {
+        self.write_files(dir, true)
+    }
+
+    /// Writes everything but the private key (for an operator whose key was
+    /// made on their own machine: they add `key.pem` themselves).
+    pub fn write_without_key(&self, dir: &Path) -> Result<(), ProfileError> {
+        self.write_files(dir, false)
+    }
+
+    fn write_files(&self, dir: &Path, with_key: bool) -> Result<(), ProfileError> {
         let write_error = |path: &Path| {
             let path = path.to_owned();
             move |source| ProfileError::Write { path, source }
@@ -90,6 +100,9 @@ impl Profile {
             (CERTIFICATE_FILE, self.certificate_pem.as_str(), false),
             (KEY_FILE, self.key_pem.as_str(), true),
         ] {
+            if name == KEY_FILE && !with_key {
+                continue;
+            }
             let path = dir.join(name);
             let result = if private {
                 files::write_private(&path, contents.as_bytes())

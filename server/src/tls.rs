@@ -5,7 +5,11 @@
 //!
 //! Authorisation never happens here: the handshake only proves the client
 //! holds a key certified by our CA. Each RPC decides what that identity may do
-//! (see `auth`).
+//! (see `auth`). Revocation does happen here too: a certificate on the deny
+//! list is refused during the handshake (alert `certificate_revoked`), every
+//! identified connection is registered with `revocation` so that revoking its
+//! identity closes it, and session resumption is off so that every
+//! connection's certificate goes through that check.
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,17 +20,22 @@ use std::time::Duration;
 
 use flotte_proto::identity::Identity;
 use flotte_proto::transport::crypto_provider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use futures::FutureExt;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use crate::ca::certificate_facts_from_der;
+use crate::revocation::{ConnectionTicket, Revocations};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections waiting for tonic to pick them up; beyond this, accept pauses.
@@ -63,10 +72,29 @@ pub struct PeerInfo {
     pub certificate: PeerCertificate,
 }
 
-/// A TLS connection with the facts of its peer, handed to tonic.
+/// A TLS connection with the facts of its peer, handed to tonic. An
+/// identified connection ends (reads and writes fail) as soon as its identity
+/// is revoked, which makes hyper drop it with every stream it carries.
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Keeps the connection registered under its identity while it lives.
+    _ticket: Option<ConnectionTicket>,
+    revoked: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl TlsConnection {
+    /// An error once the identity was revoked. Polling the cancellation also
+    /// registers this task's waker, so a revocation wakes an idle connection.
+    fn revocation_error(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let revoked = self.revoked.as_mut()?;
+        revoked.poll_unpin(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer's identity was revoked",
+            )
+        })
+    }
 }
 
 impl Connected for TlsConnection {
@@ -83,6 +111,9 @@ impl AsyncRead for TlsConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(error) = self.revocation_error(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -93,6 +124,9 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(error) = self.revocation_error(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -109,6 +143,9 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(error) = self.revocation_error(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -117,27 +154,99 @@ impl AsyncWrite for TlsConnection {
     }
 }
 
+/// Our CA's client verifier, followed by the deny list: a revoked serial or
+/// identity fails the handshake with the `certificate_revoked` alert, which
+/// the client reports as such.
+#[derive(Debug)]
+struct DenyListVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl ClientCertVerifier for DenyListVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if let Ok(facts) = certificate_facts_from_der(end_entity) {
+            let identity = facts.identity_uri.unwrap_or_default();
+            if let Some(reason) = self.revocations.refusal(&identity, &facts.serial_hex) {
+                tracing::warn!(%identity, serial = %facts.serial_hex, %reason, "revoked certificate refused at the handshake");
+                return Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Revoked,
+                ));
+            }
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner
+            .verify_tls12_signature(message, certificate, signature)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner
+            .verify_tls13_signature(message, certificate, signature)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// The server's rustls configuration: our certificate chain (leaf + CA, so
 /// that an enrolling agent can pin the CA by fingerprint), client certificates
-/// verified against our CA but optional, HTTP/2 only.
+/// verified against our CA and the deny list but optional, HTTP/2 only, and
+/// no session resumption (a resumed session skips the certificate check).
 pub fn server_config(
     ca_der: &[u8],
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    revocations: Arc<Revocations>,
 ) -> Result<rustls::ServerConfig, TlsSetupError> {
     let provider = crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca_der.to_vec()))?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .allow_unauthenticated()
-            .build()
-            .map_err(|error| TlsSetupError::Verifier(error.to_string()))?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+        .allow_unauthenticated()
+        .build()
+        .map_err(|error| TlsSetupError::Verifier(error.to_string()))?;
+    let verifier = Arc::new(DenyListVerifier { inner, revocations });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -170,6 +279,43 @@ fn peer_certificate(stream: &TlsStream<TcpStream>, trust_domain: &str) -> PeerCe
     }
 }
 
+/// Registers an identified connection for revocation, then checks the deny
+/// list once more: an identity revoked between the verifier and the
+/// registration would otherwise slip through (registering first means a
+/// revocation after this check still finds and cuts the connection).
+fn admit(
+    stream: TlsStream<TcpStream>,
+    peer: PeerInfo,
+    revocations: &Arc<Revocations>,
+) -> Option<TlsConnection> {
+    let PeerCertificate::Verified {
+        identity,
+        serial_hex,
+        ..
+    } = &peer.certificate
+    else {
+        return Some(TlsConnection {
+            stream,
+            peer,
+            _ticket: None,
+            revoked: None,
+        });
+    };
+    let identity_uri = identity.uri();
+    let ticket = revocations.track(&identity_uri);
+    if let Some(reason) = revocations.refusal(&identity_uri, serial_hex) {
+        tracing::warn!(identity = %identity_uri, %reason, "connection of a revoked identity dropped");
+        return None;
+    }
+    let revoked = Box::pin(ticket.cancel.clone().cancelled_owned());
+    Some(TlsConnection {
+        stream,
+        peer,
+        _ticket: Some(ticket),
+        revoked: Some(revoked),
+    })
+}
+
 /// How long a refused connection is drained before it is dropped.
 const REFUSAL_DRAIN: Duration = Duration::from_millis(500);
 
@@ -196,6 +342,7 @@ pub fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     trust_domain: String,
+    revocations: Arc<Revocations>,
     shutdown: CancellationToken,
 ) -> mpsc::Receiver<Result<TlsConnection, io::Error>> {
     let (sender, receiver) = mpsc::channel(ACCEPT_BACKLOG);
@@ -218,6 +365,7 @@ pub fn accept_loop(
             let acceptor = acceptor.clone();
             let sender = sender.clone();
             let trust_domain = trust_domain.clone();
+            let revocations = Arc::clone(&revocations);
             tokio::spawn(async move {
                 let handshake = acceptor.accept(tcp).into_fallible();
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -227,7 +375,9 @@ pub fn accept_loop(
                             remote_address,
                             certificate,
                         };
-                        let _ = sender.send(Ok(TlsConnection { stream, peer })).await;
+                        if let Some(connection) = admit(stream, peer, &revocations) {
+                            let _ = sender.send(Ok(connection)).await;
+                        }
                     }
                     Ok(Err((error, tcp))) => {
                         tracing::info!(%remote_address, %error, "TLS handshake refused");

@@ -292,6 +292,20 @@ impl Server {
         serde_json::from_slice(&output.stdout).expect("flottectl printed JSON")
     }
 
+    /// `flottectl operator create NAME --role ROLE` (as the admin) into
+    /// `<root>/operator-NAME`; returns that profile directory.
+    pub fn create_operator(&self, root: &Path, name: &str, role: &str) -> PathBuf {
+        let profile = root.join(format!("operator-{name}"));
+        let out = profile.to_str().expect("UTF-8 temp path");
+        let output = self.ctl(&["operator", "create", name, "--role", role, "--out", out]);
+        assert!(
+            output.status.success(),
+            "operator create {name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        profile
+    }
+
     /// Creates a join token and returns its secret text.
     pub fn token(&self, labels: &str, zone: &str, extra: &[&str]) -> String {
         let mut args = vec!["token", "create", "--labels", labels, "--zone", zone];

@@ -1578,14 +1578,20 @@ mod tests {
 
     #[test]
     fn refuses_gnu_sparse_files() {
-        let error = assert_refused(TestArchive::new().entry(
-            b"sparse",
-            EntryType::GNUSparse,
-            0o644,
-            None,
-            b"",
-        ));
-        assert!(matches!(&error, UnpackError::ForbiddenType { .. }));
+        let mut header = Header::new_gnu();
+        header.as_old_mut().name[..6].copy_from_slice(b"sparse");
+        header.set_entry_type(EntryType::GNUSparse);
+        header.set_mode(0o644);
+        header.set_size(0);
+        header.as_gnu_mut().unwrap().set_real_size(0);
+        header.set_cksum();
+        let mut archive = TestArchive::new();
+        archive.builder.append(&header, &b""[..]).unwrap();
+        let error = assert_refused(archive);
+        assert!(
+            matches!(&error, UnpackError::ForbiddenType { entry, .. } if entry == Path::new("sparse")),
+            "{error}"
+        );
         assert_names_entry(&error, "sparse");
     }
 

@@ -1,33 +1,39 @@
 //! `flotte.v1.Tokens` and `flotte.v1.Machines`: the admin API. Every call
-//! requires an operator certificate.
+//! passes the gate in `guard` (operator certificate, deny list, role) and
+//! every mutating call is audited there.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use flotte_proto::identity::is_valid_segment;
+use flotte_proto::identity::Identity;
 use flotte_proto::join_token::JoinToken;
 use flotte_proto::labels::{validate_label, Selector};
 use flotte_proto::v1::machines_server::Machines;
+use flotte_proto::v1::server_message::Kind as ServerKind;
 use flotte_proto::v1::tokens_server::Tokens;
 use flotte_proto::v1::{
-    CreateTokenRequest, CreateTokenResponse, FleetStatusRequest, FleetStatusResponse,
-    GetMachineRequest, GroupStatus, ListMachinesRequest, ListMachinesResponse, ListTokensRequest,
-    ListTokensResponse, Machine, MachineEvent as ProtoMachineEvent, RevokeTokenRequest,
-    RevokeTokenResponse, SetLabelsRequest, StateCount, StateTransition, TokenInfo,
-    WatchMachinesRequest,
+    CreateTokenRequest, CreateTokenResponse, DecommissionMachineRequest, FleetStatusRequest,
+    FleetStatusResponse, GetMachineRequest, GroupStatus, ListMachinesRequest, ListMachinesResponse,
+    ListTokensRequest, ListTokensResponse, Machine, MachineEvent as ProtoMachineEvent,
+    RevokeTokenRequest, RevokeTokenResponse, ServerMessage, SessionRefused, SetLabelsRequest,
+    StateCount, StateTransition, TokenInfo, WatchMachinesRequest,
 };
 use ring::rand::{SecureRandom, SystemRandom};
+use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::api::guard::admit;
 use crate::api::session::push_desired_state;
-use crate::auth::require_operator;
 use crate::enrollment::hash_secret;
 use crate::health::{MachineState, TrackedMachine};
 use crate::registry::ConnectedView;
-use crate::store::{JoinTokenRecord, MachineRecord};
+use crate::revocation::denial;
+use crate::roles::AdminRpc;
+use crate::store::{DeniedKind, JoinTokenRecord, MachineRecord};
 use crate::transitions::MachineEvent;
 use crate::ServerState;
 
@@ -35,6 +41,11 @@ use crate::ServerState;
 const TRANSITIONS_SHOWN: u32 = 50;
 /// Events queued per watch stream before the watcher is considered slow.
 const WATCH_QUEUE_DEPTH: usize = 64;
+/// How long a revoked peer's connections stay open after the revocation, so
+/// that the answer to the revoking call (and a refused session's reason)
+/// reach their peers first. Every RPC is refused from the instant of the
+/// revocation; this only delays closing the sockets.
+pub const REVOCATION_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Longest join token lifetime: a token is a secret in transit, not a credential to keep.
 const MAX_TOKEN_TTL_SECONDS: u64 = 30 * 24 * 3600;
@@ -144,6 +155,7 @@ pub fn machine_to_proto(
         state,
         state_reason,
         state_since,
+        retired_at: machine.retired_at.unwrap_or(0),
         ..Machine::default()
     }
 }
@@ -311,40 +323,64 @@ impl Tokens for AdminApi {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        let caller = require_operator(&request)?;
+        let arguments = {
+            let request = request.get_ref();
+            json!({
+                "labels": request.labels,
+                "zone": request.zone,
+                "ttl_seconds": request.ttl_seconds,
+                "uses": request.uses,
+            })
+        };
+        let call = admit(&self.state, &request, AdminRpc::CreateToken, arguments).await?;
+        let state = Arc::clone(&self.state);
+        let operator = call.caller.identity.clone();
         let request = request.into_inner();
-        validate_token_request(&request)?;
-        let now = self.state.clock.now_unix();
-        let secret = random_hex(16)?;
-        let record = JoinTokenRecord {
-            id: random_hex(6)?,
-            secret_hash: hash_secret(&secret),
-            labels: request.labels.into_iter().collect(),
-            zone: request.zone,
-            created_at: now,
-            expires_at: now.saturating_add(i64::try_from(request.ttl_seconds).unwrap_or(i64::MAX)),
-            uses_allowed: request.uses.max(1),
-            uses_done: 0,
-            revoked: false,
-        };
-        self.state.store.insert_token(&record).await?;
-        tracing::info!(token = %record.id, operator = %caller.identity, "join token created");
-        let token = JoinToken {
-            id: record.id.clone(),
-            secret,
-            ca_fingerprint: self.state.ca.fingerprint(),
-        };
-        Ok(Response::new(CreateTokenResponse {
-            token: token.to_string(),
-            info: Some(token_info(&record)),
-        }))
+        call.run(
+            async move {
+                validate_token_request(&request)?;
+                let now = state.clock.now_unix();
+                let secret = random_hex(16)?;
+                let record = JoinTokenRecord {
+                    id: random_hex(6)?,
+                    secret_hash: hash_secret(&secret),
+                    labels: request.labels.into_iter().collect(),
+                    zone: request.zone,
+                    created_at: now,
+                    expires_at: now
+                        .saturating_add(i64::try_from(request.ttl_seconds).unwrap_or(i64::MAX)),
+                    uses_allowed: request.uses.max(1),
+                    uses_done: 0,
+                    revoked: false,
+                };
+                state.store.insert_token(&record).await?;
+                tracing::info!(token = %record.id, %operator, "join token created");
+                let token = JoinToken {
+                    id: record.id.clone(),
+                    secret,
+                    ca_fingerprint: state.ca.fingerprint(),
+                };
+                Ok(CreateTokenResponse {
+                    token: token.to_string(),
+                    info: Some(token_info(&record)),
+                })
+            },
+            // The token's id, never its secret.
+            |response| {
+                format!(
+                    "token {}",
+                    response.info.as_ref().map_or("", |info| info.id.as_str())
+                )
+            },
+        )
+        .await
     }
 
     async fn list_tokens(
         &self,
         request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        require_operator(&request)?;
+        admit(&self.state, &request, AdminRpc::ListTokens, json!({})).await?;
         let tokens = self.state.store.list_tokens().await?;
         Ok(Response::new(ListTokensResponse {
             tokens: tokens.iter().map(token_info).collect(),
@@ -355,18 +391,31 @@ impl Tokens for AdminApi {
         &self,
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
-        let caller = require_operator(&request)?;
-        let id = request.into_inner().id;
-        let record = self
-            .state
-            .store
-            .revoke_token(&id)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("no join token with id {id}")))?;
-        tracing::info!(token = %id, operator = %caller.identity, "join token revoked");
-        Ok(Response::new(RevokeTokenResponse {
-            info: Some(token_info(&record)),
-        }))
+        let id = request.get_ref().id.clone();
+        let call = admit(
+            &self.state,
+            &request,
+            AdminRpc::RevokeToken,
+            json!({ "id": id }),
+        )
+        .await?;
+        let state = Arc::clone(&self.state);
+        let operator = call.caller.identity.clone();
+        call.run(
+            async move {
+                let record = state
+                    .store
+                    .revoke_token(&id)
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("no join token with id {id}")))?;
+                tracing::info!(token = %id, %operator, "join token revoked");
+                Ok(RevokeTokenResponse {
+                    info: Some(token_info(&record)),
+                })
+            },
+            |_| String::new(),
+        )
+        .await
     }
 }
 
@@ -376,7 +425,7 @@ impl Machines for AdminApi {
         &self,
         request: Request<ListMachinesRequest>,
     ) -> Result<Response<ListMachinesResponse>, Status> {
-        require_operator(&request)?;
+        admit(&self.state, &request, AdminRpc::ListMachines, json!({})).await?;
         let selector = Selector::parse(&request.into_inner().selector)
             .map_err(|error| Status::invalid_argument(format!("selector: {error}")))?;
         let machines = self.state.store.machines().await?;
@@ -402,7 +451,7 @@ impl Machines for AdminApi {
         &self,
         request: Request<GetMachineRequest>,
     ) -> Result<Response<Machine>, Status> {
-        require_operator(&request)?;
+        admit(&self.state, &request, AdminRpc::GetMachine, json!({})).await?;
         let key = request.into_inner().id;
         let machines = self.state.store.machines().await?;
         let machine = find_machine(&machines, &key)?;
@@ -437,7 +486,7 @@ impl Machines for AdminApi {
         &self,
         request: Request<WatchMachinesRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        require_operator(&request)?;
+        admit(&self.state, &request, AdminRpc::WatchMachines, json!({})).await?;
         let selector = Selector::parse(&request.into_inner().selector)
             .map_err(|error| Status::invalid_argument(format!("selector: {error}")))?;
         // Subscribe before taking the snapshot so that no change falls between.
@@ -481,7 +530,7 @@ impl Machines for AdminApi {
         &self,
         request: Request<FleetStatusRequest>,
     ) -> Result<Response<FleetStatusResponse>, Status> {
-        require_operator(&request)?;
+        admit(&self.state, &request, AdminRpc::FleetStatus, json!({})).await?;
         let request = request.into_inner();
         let selector = Selector::parse(&request.selector)
             .map_err(|error| Status::invalid_argument(format!("selector: {error}")))?;
@@ -503,30 +552,128 @@ impl Machines for AdminApi {
         &self,
         request: Request<SetLabelsRequest>,
     ) -> Result<Response<Machine>, Status> {
-        let caller = require_operator(&request)?;
+        let arguments = {
+            let request = request.get_ref();
+            json!({ "machine": request.id, "set": request.set, "remove": request.remove })
+        };
+        let call = admit(&self.state, &request, AdminRpc::SetLabels, arguments).await?;
+        let state = Arc::clone(&self.state);
+        let operator = call.caller.identity.clone();
         let request = request.into_inner();
-        let machines = self.state.store.machines().await?;
-        let machine = find_machine(&machines, &request.id)?;
-        let labels = relabel(&machine.labels, &request.set, &request.remove)?;
-        let updated = self
-            .state
-            .store
-            .update_labels(machine.id, &labels)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("machine {} was removed", machine.id)))?;
-        tracing::info!(machine = %updated.id, operator = %caller.identity, version = updated.desired_version, "labels changed");
-        let now = self.state.clock.now_unix();
-        self.state.health.upsert(&updated, now);
-        push_desired_state(&self.state, &updated).await;
-        let view = self.state.registry.view(updated.id);
-        let tracked = self.state.health.get(updated.id);
-        Ok(Response::new(machine_to_proto(
-            &updated,
-            view.as_ref(),
-            tracked.as_ref(),
-            &self.state.config.trust_domain,
-        )))
+        call.run(
+            async move {
+                let machines = state.store.machines().await?;
+                let machine = find_machine(&machines, &request.id)?;
+                if machine.retired_at.is_some() {
+                    return Err(Status::failed_precondition(format!(
+                        "machine {} was decommissioned",
+                        machine.id
+                    )));
+                }
+                let labels = relabel(&machine.labels, &request.set, &request.remove)?;
+                let updated = state
+                    .store
+                    .update_labels(machine.id, &labels)
+                    .await?
+                    .ok_or_else(|| {
+                        Status::not_found(format!("machine {} was removed", machine.id))
+                    })?;
+                tracing::info!(machine = %updated.id, %operator, version = updated.desired_version, "labels changed");
+                state.health.upsert(&updated, state.clock.now_unix());
+                push_desired_state(&state, &updated).await;
+                let view = state.registry.view(updated.id);
+                let tracked = state.health.get(updated.id);
+                Ok(machine_to_proto(
+                    &updated,
+                    view.as_ref(),
+                    tracked.as_ref(),
+                    &state.config.trust_domain,
+                ))
+            },
+            |machine| format!("machine {} desired version {}", machine.id, machine.desired_version),
+        )
+        .await
     }
+
+    async fn decommission_machine(
+        &self,
+        request: Request<DecommissionMachineRequest>,
+    ) -> Result<Response<Machine>, Status> {
+        let key = request.get_ref().id.clone();
+        let call = admit(
+            &self.state,
+            &request,
+            AdminRpc::DecommissionMachine,
+            json!({ "machine": key }),
+        )
+        .await?;
+        let state = Arc::clone(&self.state);
+        let operator = call.actor().to_owned();
+        call.run(
+            async move { decommission(&state, &key, &operator).await },
+            |machine| format!("machine {} retired", machine.id),
+        )
+        .await
+    }
+}
+
+/// Retires a machine: marked retired and its identity and serials denied in
+/// one store operation, then refused in memory, told why on its session, and
+/// its connections closed.
+async fn decommission(state: &ServerState, key: &str, operator: &str) -> Result<Machine, Status> {
+    let machines = state.store.machines().await?;
+    let machine = find_machine(&machines, key)?;
+    if let Some(retired_at) = machine.retired_at {
+        return Err(Status::failed_precondition(format!(
+            "machine {} was already decommissioned at {retired_at} (unix)",
+            machine.id
+        )));
+    }
+    let now = state.clock.now_unix();
+    let identity_uri = Identity::machine(&state.config.trust_domain, machine.id).uri();
+    let reason = format!(
+        "machine {} ({}) was decommissioned by {operator}",
+        machine.id, machine.inventory.hostname
+    );
+    let denied = denial(
+        &reason,
+        now,
+        [
+            (DeniedKind::Identity, identity_uri.clone()),
+            (DeniedKind::Serial, machine.certificate_serial.clone()),
+            (
+                DeniedKind::Serial,
+                machine.previous_certificate_serial.clone(),
+            ),
+        ],
+    );
+    let retired = state
+        .store
+        .retire_machine(machine.id, now, &denied)
+        .await?
+        .ok_or_else(|| Status::not_found(format!("machine {} was removed", machine.id)))?;
+    // Refused from now on (a reconnect fails at the handshake); the agent is
+    // told why on its session before the connection goes, and logs it.
+    state
+        .revocations
+        .enforce(&denied, &identity_uri, REVOCATION_GRACE);
+    if let Some(sender) = state.registry.sender(machine.id) {
+        let _ = sender.try_send(Ok(ServerMessage {
+            kind: Some(ServerKind::Refused(SessionRefused {
+                reason: reason.clone(),
+            })),
+        }));
+    }
+    state.registry.end_session(machine.id);
+    state.health.retire(machine.id, &reason, now);
+    tracing::warn!(machine = %machine.id, %operator, "machine decommissioned");
+    let tracked = state.health.get(machine.id);
+    Ok(machine_to_proto(
+        &retired,
+        None,
+        tracked.as_ref(),
+        &state.config.trust_domain,
+    ))
 }
 
 /// Applies `set` then `remove` to `labels`, listing every invalid label.
@@ -607,6 +754,7 @@ mod tests {
             state: "unknown".into(),
             state_reason: String::new(),
             state_since: 0,
+            retired_at: None,
         };
         a.inventory.hostname = "web-1".into();
         let mut b = a.clone();

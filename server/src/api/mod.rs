@@ -4,7 +4,10 @@
 
 pub mod admin;
 pub mod enrollment;
+pub mod guard;
+pub mod operators;
 pub mod session;
+pub mod trust;
 
 use tonic::Status;
 
@@ -18,9 +21,11 @@ impl From<AuthError> for Status {
             AuthError::NoCertificate | AuthError::Unusable(_) => {
                 Status::unauthenticated(error.to_string())
             }
-            AuthError::NotOperator(_) | AuthError::NotMachine(_) => {
-                Status::permission_denied(error.to_string())
-            }
+            AuthError::NotOperator(_)
+            | AuthError::NotMachine(_)
+            | AuthError::Revoked { .. }
+            | AuthError::UnknownOperator(_)
+            | AuthError::RoleTooLow { .. } => Status::permission_denied(error.to_string()),
             AuthError::NoConnectInfo => Status::internal(error.to_string()),
         }
     }
@@ -28,6 +33,9 @@ impl From<AuthError> for Status {
 
 impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
+        if let StoreError::AlreadyExists(_) = error {
+            return Status::already_exists(error.to_string());
+        }
         tracing::error!(%error, "store failure");
         Status::internal(format!("store failure: {error}"))
     }

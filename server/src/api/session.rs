@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::auth::require_machine;
+use crate::auth::{require_machine, require_not_revoked};
 use crate::clock::to_unix;
 use crate::registry::{SessionEntry, SessionSender, SESSION_QUEUE_DEPTH};
 use crate::store::{Inventory, MachineRecord};
@@ -108,11 +108,17 @@ impl AgentSession for SessionApi {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let (machine_id, caller) = require_machine(&request)?;
         let state = Arc::clone(&self.state);
+        require_not_revoked(&caller, &state.revocations)?;
         let machine = state.store.machine(machine_id).await?.ok_or_else(|| {
             Status::permission_denied(format!(
                 "machine {machine_id} is not enrolled on this server"
             ))
         })?;
+        if machine.retired_at.is_some() {
+            return Err(Status::permission_denied(format!(
+                "machine {machine_id} was decommissioned"
+            )));
+        }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {

@@ -70,14 +70,21 @@ fn main() -> ExitCode {
             listen,
             subject_alt_names,
             trust_domain,
-        } => match init(
-            &data_dir,
-            InitOptions {
-                listen,
-                subject_alt_names,
-                trust_domain,
-            },
-        ) {
+        } => match tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|error| format!("cannot start the async runtime: {error}"))
+            .and_then(|runtime| {
+                runtime
+                    .block_on(init(
+                        &data_dir,
+                        InitOptions {
+                            listen,
+                            subject_alt_names,
+                            trust_domain,
+                        },
+                    ))
+                    .map_err(|error| error.to_string())
+            }) {
             Ok(summary) => {
                 println!("initialised {}", data_dir.display());
                 println!("  settings:       {}", summary.config_path.display());

@@ -1,6 +1,6 @@
 //! The durable source of truth, behind the [`Store`] trait: machines, join
-//! tokens, and (as the product grows) everything else that must survive a
-//! restart.
+//! tokens, operators, the deny list, trusted release keys, the audit log, and
+//! (as the product grows) everything else that must survive a restart.
 //!
 //! The trait speaks domain types and portable operations only (no SQLite-isms)
 //! so that a PostgreSQL implementation can sit behind it for server replicas.
@@ -14,10 +14,15 @@ use std::collections::BTreeMap;
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
 
+use crate::audit::{AuditEvent, AuditFilter, AuditRecord};
+use crate::roles::Role;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("store task failed: {0}")]
@@ -73,6 +78,62 @@ pub struct MachineRecord {
     pub state: String,
     pub state_reason: String,
     pub state_since: UnixSeconds,
+    /// When the machine was decommissioned; a retired machine never comes back.
+    pub retired_at: Option<UnixSeconds>,
+}
+
+/// An operator: a person or CI job holding an operator certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorRecord {
+    /// The name in `spiffe://<trust-domain>/operator/<name>`.
+    pub name: String,
+    pub role: Role,
+    pub created_at: UnixSeconds,
+    pub created_by: String,
+    pub certificate_serial: String,
+    pub certificate_not_after: UnixSeconds,
+    /// When the operator was revoked; a revoked name is never reused.
+    pub revoked_at: Option<UnixSeconds>,
+}
+
+/// What a deny-list entry names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeniedKind {
+    /// One certificate, by its serial (lowercase hex).
+    Serial,
+    /// Every certificate of an identity URI.
+    Identity,
+}
+
+impl DeniedKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeniedKind::Serial => "serial",
+            DeniedKind::Identity => "identity",
+        }
+    }
+}
+
+/// One entry of the persisted deny list, consulted at every handshake and RPC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeniedEntry {
+    pub kind: DeniedKind,
+    pub value: String,
+    /// Shown to the refused peer and in logs, e.g. "machine … was decommissioned".
+    pub reason: String,
+    pub denied_at: UnixSeconds,
+}
+
+/// A trusted ed25519 release public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseKeyRecord {
+    /// Lowercase hex SHA-256 of the raw key.
+    pub id: String,
+    pub name: String,
+    /// The raw 32-byte key, standard base64.
+    pub public_key_base64: String,
+    pub added_at: UnixSeconds,
+    pub added_by: String,
 }
 
 /// One stored change of a machine's health state.
@@ -178,6 +239,48 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StateTransitionRecord>, StoreError>;
     /// Writes many last-seen times in one transaction.
     async fn record_last_seen(&self, seen: &[(Uuid, UnixSeconds)]) -> Result<(), StoreError>;
+    /// Marks a machine retired and adds `denied` to the deny list, together;
+    /// `None` if no such machine.
+    async fn retire_machine(
+        &self,
+        id: Uuid,
+        at: UnixSeconds,
+        denied: &[DeniedEntry],
+    ) -> Result<Option<MachineRecord>, StoreError>;
+
+    /// `AlreadyExists` if the name was ever used (revoked names included).
+    async fn insert_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError>;
+    async fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError>;
+    async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError>;
+    /// `None` if no such operator.
+    async fn set_operator_role(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<Option<OperatorRecord>, StoreError>;
+    /// Marks an operator revoked and adds `denied` to the deny list, together;
+    /// `None` if no such operator.
+    async fn revoke_operator(
+        &self,
+        name: &str,
+        at: UnixSeconds,
+        denied: &[DeniedEntry],
+    ) -> Result<Option<OperatorRecord>, StoreError>;
+
+    /// The whole deny list (loaded into memory at start).
+    async fn denied_entries(&self) -> Result<Vec<DeniedEntry>, StoreError>;
+
+    /// `AlreadyExists` if a key with the same id is trusted already.
+    async fn insert_release_key(&self, key: &ReleaseKeyRecord) -> Result<(), StoreError>;
+    /// `None` if no key has this id.
+    async fn remove_release_key(&self, id: &str) -> Result<Option<ReleaseKeyRecord>, StoreError>;
+    async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>, StoreError>;
+
+    /// Seals `event` as the next entry of the hash-chained audit log (reading
+    /// the previous entry and appending in one atomic operation).
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError>;
+    /// Entries matching `filter`, in sequence order.
+    async fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
 
     /// How many writes this store has performed since start (for `/metrics`
     /// and for proving that reports cause no per-report writes).

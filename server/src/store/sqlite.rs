@@ -12,9 +12,12 @@ use uuid::Uuid;
 use crate::metrics::StoreMetrics;
 
 use super::{
-    classify_token_refusal, Inventory, JoinTokenRecord, MachineRecord, StateTransitionRecord,
-    Store, StoreError, TokenRedemption, UnixSeconds,
+    classify_token_refusal, DeniedEntry, DeniedKind, Inventory, JoinTokenRecord, MachineRecord,
+    OperatorRecord, ReleaseKeyRecord, StateTransitionRecord, Store, StoreError, TokenRedemption,
+    UnixSeconds,
 };
+use crate::audit::{seal, AuditEvent, AuditFilter, AuditRecord};
+use crate::roles::Role;
 
 const SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS join_tokens (
@@ -47,7 +50,8 @@ CREATE TABLE IF NOT EXISTS machines (
     desired_version INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'unknown',
     state_reason TEXT NOT NULL DEFAULT '',
-    state_since INTEGER NOT NULL DEFAULT 0
+    state_since INTEGER NOT NULL DEFAULT 0,
+    retired_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS machine_transitions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -58,6 +62,41 @@ CREATE TABLE IF NOT EXISTS machine_transitions (
     reason TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS machine_transitions_by_machine ON machine_transitions (machine_id, seq);
+CREATE TABLE IF NOT EXISTS operators (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    certificate_serial TEXT NOT NULL,
+    certificate_not_after INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS deny_list (
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    denied_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, value)
+);
+CREATE TABLE IF NOT EXISTS release_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    public_key_base64 TEXT NOT NULL,
+    added_at INTEGER NOT NULL,
+    added_by TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT NOT NULL,
+    action TEXT NOT NULL,
+    arguments_json TEXT NOT NULL,
+    result TEXT NOT NULL,
+    previous_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
 ";
 
 #[derive(Clone)]
@@ -76,10 +115,149 @@ fn labels_to_json(labels: &BTreeMap<String, String>) -> String {
     serde_json::to_string(labels).unwrap_or_else(|_| "{}".to_owned())
 }
 
+/// A stored text that does not parse as the domain type it holds.
+fn conversion_error(error: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
+}
+
 fn labels_from_json(text: &str) -> rusqlite::Result<BTreeMap<String, String>> {
-    serde_json::from_str(text).map_err(|error| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
+    serde_json::from_str(text).map_err(conversion_error)
+}
+
+fn operator_from_row(row: &Row<'_>) -> rusqlite::Result<OperatorRecord> {
+    Ok(OperatorRecord {
+        name: row.get("name")?,
+        role: row
+            .get::<_, String>("role")?
+            .parse::<Role>()
+            .map_err(conversion_error)?,
+        created_at: row.get("created_at")?,
+        created_by: row.get("created_by")?,
+        certificate_serial: row.get("certificate_serial")?,
+        certificate_not_after: row.get("certificate_not_after")?,
+        revoked_at: row.get("revoked_at")?,
     })
+}
+
+fn denied_from_row(row: &Row<'_>) -> rusqlite::Result<DeniedEntry> {
+    let kind = match row.get::<_, String>("kind")?.as_str() {
+        "serial" => DeniedKind::Serial,
+        "identity" => DeniedKind::Identity,
+        other => {
+            return Err(conversion_error(StoreError::Corrupt(format!(
+                "unknown deny-list kind {other:?}"
+            ))))
+        }
+    };
+    Ok(DeniedEntry {
+        kind,
+        value: row.get("value")?,
+        reason: row.get("reason")?,
+        denied_at: row.get("denied_at")?,
+    })
+}
+
+fn release_key_from_row(row: &Row<'_>) -> rusqlite::Result<ReleaseKeyRecord> {
+    Ok(ReleaseKeyRecord {
+        id: row.get("id")?,
+        name: row.get("name")?,
+        public_key_base64: row.get("public_key_base64")?,
+        added_at: row.get("added_at")?,
+        added_by: row.get("added_by")?,
+    })
+}
+
+fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        seq: row.get::<_, i64>("seq")?.max(0) as u64,
+        event: AuditEvent {
+            at: row.get("at")?,
+            actor: row.get("actor")?,
+            role: row.get("role")?,
+            action: row.get("action")?,
+            arguments_json: row.get("arguments_json")?,
+            result: row.get("result")?,
+        },
+        previous_hash: row.get("previous_hash")?,
+        hash: row.get("hash")?,
+    })
+}
+
+/// Adds deny-list entries inside an open transaction (an entry already
+/// there keeps its first reason).
+fn insert_denied(
+    transaction: &rusqlite::Transaction<'_>,
+    denied: &[DeniedEntry],
+) -> rusqlite::Result<()> {
+    let mut statement = transaction.prepare(
+        "INSERT OR IGNORE INTO deny_list (kind, value, reason, denied_at) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for entry in denied.iter().filter(|entry| !entry.value.is_empty()) {
+        statement.execute(params![
+            entry.kind.as_str(),
+            entry.value,
+            entry.reason,
+            entry.denied_at
+        ])?;
+    }
+    Ok(())
+}
+
+/// Every row of a query without parameters, converted by `row`.
+fn query_all<T>(
+    connection: &Connection,
+    sql: &str,
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut statement = connection.prepare(sql)?;
+    let rows = statement
+        .query_map([], row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// The one row of `sql` (which selects by `?1 = key`), if any.
+fn select_one<T>(
+    connection: &Connection,
+    sql: &str,
+    key: &str,
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Option<T>> {
+    connection.query_row(sql, [key], row).optional()
+}
+
+/// One revocation as one transaction: stamps the row keyed `key` with `at`
+/// (the first stamp wins) and, if the row exists, adds `denied` to the deny
+/// list. Returns the row as it is now.
+fn stamp_and_deny<T>(
+    connection: &mut Connection,
+    stamp_sql: &str,
+    select_sql: &str,
+    key: &str,
+    at: UnixSeconds,
+    denied: &[DeniedEntry],
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Option<T>, StoreError> {
+    let transaction = connection.transaction()?;
+    transaction.execute(stamp_sql, params![key, at])?;
+    let stamped = select_one(&transaction, select_sql, key, row)?;
+    if stamped.is_some() {
+        insert_denied(&transaction, denied)?;
+    }
+    transaction.commit()?;
+    Ok(stamped)
+}
+
+/// A primary-key clash as the domain's `AlreadyExists`.
+fn already_exists(error: rusqlite::Error, what: String) -> StoreError {
+    match error {
+        rusqlite::Error::SqliteFailure(failure, _)
+            if failure.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::AlreadyExists(what)
+        }
+        other => StoreError::Database(other),
+    }
 }
 
 fn token_from_row(row: &Row<'_>) -> rusqlite::Result<JoinTokenRecord> {
@@ -123,6 +301,7 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         state: row.get("state")?,
         state_reason: row.get("state_reason")?,
         state_since: row.get("state_since")?,
+        retired_at: row.get("retired_at")?,
     })
 }
 
@@ -161,6 +340,27 @@ impl SqliteStore {
         })
         .await
         .map_err(|error| StoreError::Task(error.to_string()))?
+    }
+
+    /// Every row of a parameterless query.
+    async fn read_all<T: Send + 'static>(
+        &self,
+        sql: &'static str,
+        row: fn(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        self.with_connection(move |connection| query_all(connection, sql, row))
+            .await
+    }
+
+    /// The row of a query selecting by `?1 = key`, if any.
+    async fn read_one<T: Send + 'static>(
+        &self,
+        sql: &'static str,
+        key: String,
+        row: fn(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>, StoreError> {
+        self.with_connection(move |connection| Ok(select_one(connection, sql, &key, row)?))
+            .await
     }
 
     async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
@@ -204,14 +404,10 @@ impl Store for SqliteStore {
     }
 
     async fn list_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
-        self.with_connection(|connection| {
-            let mut statement =
-                connection.prepare("SELECT * FROM join_tokens ORDER BY created_at, id")?;
-            let tokens = statement
-                .query_map([], token_from_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(tokens)
-        })
+        self.read_all(
+            "SELECT * FROM join_tokens ORDER BY created_at, id",
+            token_from_row,
+        )
         .await
     }
 
@@ -219,13 +415,12 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.write(move |connection| {
             connection.execute("UPDATE join_tokens SET revoked = 1 WHERE id = ?1", [&id])?;
-            Ok(connection
-                .query_row(
-                    "SELECT * FROM join_tokens WHERE id = ?1",
-                    [&id],
-                    token_from_row,
-                )
-                .optional()?)
+            Ok(select_one(
+                connection,
+                "SELECT * FROM join_tokens WHERE id = ?1",
+                &id,
+                token_from_row,
+            )?)
         })
         .await
     }
@@ -244,13 +439,12 @@ impl Store for SqliteStore {
                    AND uses_done < uses_allowed",
                 params![secret_hash, now],
             )?;
-            let record = transaction
-                .query_row(
-                    "SELECT * FROM join_tokens WHERE secret_hash = ?1",
-                    [&secret_hash],
-                    token_from_row,
-                )
-                .optional()?;
+            let record = select_one(
+                &transaction,
+                "SELECT * FROM join_tokens WHERE secret_hash = ?1",
+                &secret_hash,
+                token_from_row,
+            )?;
             transaction.commit()?;
             Ok(match (changed, record) {
                 (1, Some(record)) => TokenRedemption::Redeemed(record),
@@ -269,9 +463,9 @@ impl Store for SqliteStore {
                 "INSERT INTO machines (id, labels, zone, enrolled_at, enrolled_with_token,
                     certificate_serial, certificate_not_after, hostname, os, kernel, arch,
                     agent_version, boot_time, last_seen, desired_version, state, state_reason,
-                    state_since)
+                    state_since, retired_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                    ?18)",
+                    ?18, ?19)",
                 params![
                     machine.id.to_string(),
                     labels_to_json(&machine.labels),
@@ -291,6 +485,7 @@ impl Store for SqliteStore {
                     machine.state,
                     machine.state_reason,
                     machine.state_since,
+                    machine.retired_at,
                 ],
             )?;
             Ok(())
@@ -299,27 +494,19 @@ impl Store for SqliteStore {
     }
 
     async fn machine(&self, id: Uuid) -> Result<Option<MachineRecord>, StoreError> {
-        self.with_connection(move |connection| {
-            Ok(connection
-                .query_row(
-                    "SELECT * FROM machines WHERE id = ?1",
-                    [id.to_string()],
-                    machine_from_row,
-                )
-                .optional()?)
-        })
+        self.read_one(
+            "SELECT * FROM machines WHERE id = ?1",
+            id.to_string().to_string(),
+            machine_from_row,
+        )
         .await
     }
 
     async fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
-        self.with_connection(|connection| {
-            let mut statement =
-                connection.prepare("SELECT * FROM machines ORDER BY zone, hostname, id")?;
-            let machines = statement
-                .query_map([], machine_from_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(machines)
-        })
+        self.read_all(
+            "SELECT * FROM machines ORDER BY zone, hostname, id",
+            machine_from_row,
+        )
         .await
     }
 
@@ -380,13 +567,7 @@ impl Store for SqliteStore {
                 "UPDATE machines SET labels = ?2, desired_version = desired_version + 1 WHERE id = ?1",
                 params![id.to_string(), labels],
             )?;
-            let machine = transaction
-                .query_row(
-                    "SELECT * FROM machines WHERE id = ?1",
-                    [id.to_string()],
-                    machine_from_row,
-                )
-                .optional()?;
+            let machine = select_one(&transaction, "SELECT * FROM machines WHERE id = ?1", &id.to_string(), machine_from_row)?;
             transaction.commit()?;
             Ok(machine)
         })
@@ -468,6 +649,221 @@ impl Store for SqliteStore {
             }
             transaction.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn retire_machine(
+        &self,
+        id: Uuid,
+        at: UnixSeconds,
+        denied: &[DeniedEntry],
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        let denied = denied.to_vec();
+        self.write(move |connection| {
+            stamp_and_deny(
+                connection,
+                "UPDATE machines SET retired_at = COALESCE(retired_at, ?2) WHERE id = ?1",
+                "SELECT * FROM machines WHERE id = ?1",
+                &id.to_string(),
+                at,
+                &denied,
+                machine_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn insert_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError> {
+        let operator = operator.clone();
+        self.write(move |connection| {
+            connection
+                .execute(
+                    "INSERT INTO operators (name, role, created_at, created_by, certificate_serial,
+                        certificate_not_after, revoked_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        operator.name,
+                        operator.role.as_str(),
+                        operator.created_at,
+                        operator.created_by,
+                        operator.certificate_serial,
+                        operator.certificate_not_after,
+                        operator.revoked_at
+                    ],
+                )
+                .map_err(|error| already_exists(error, format!("operator {}", operator.name)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
+        self.read_one(
+            "SELECT * FROM operators WHERE name = ?1",
+            name.to_owned(),
+            operator_from_row,
+        )
+        .await
+    }
+
+    async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+        self.read_all("SELECT * FROM operators ORDER BY name", operator_from_row)
+            .await
+    }
+
+    async fn set_operator_role(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<Option<OperatorRecord>, StoreError> {
+        let name = name.to_owned();
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            transaction.execute(
+                "UPDATE operators SET role = ?2 WHERE name = ?1",
+                params![name, role.as_str()],
+            )?;
+            let operator = select_one(
+                &transaction,
+                "SELECT * FROM operators WHERE name = ?1",
+                &name,
+                operator_from_row,
+            )?;
+            transaction.commit()?;
+            Ok(operator)
+        })
+        .await
+    }
+
+    async fn revoke_operator(
+        &self,
+        name: &str,
+        at: UnixSeconds,
+        denied: &[DeniedEntry],
+    ) -> Result<Option<OperatorRecord>, StoreError> {
+        let name = name.to_owned();
+        let denied = denied.to_vec();
+        self.write(move |connection| {
+            stamp_and_deny(
+                connection,
+                "UPDATE operators SET revoked_at = COALESCE(revoked_at, ?2) WHERE name = ?1",
+                "SELECT * FROM operators WHERE name = ?1",
+                &name,
+                at,
+                &denied,
+                operator_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn denied_entries(&self) -> Result<Vec<DeniedEntry>, StoreError> {
+        self.read_all(
+            "SELECT * FROM deny_list ORDER BY denied_at, kind, value",
+            denied_from_row,
+        )
+        .await
+    }
+
+    async fn insert_release_key(&self, key: &ReleaseKeyRecord) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.write(move |connection| {
+            connection
+                .execute(
+                    "INSERT INTO release_keys (id, name, public_key_base64, added_at, added_by)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        key.id,
+                        key.name,
+                        key.public_key_base64,
+                        key.added_at,
+                        key.added_by
+                    ],
+                )
+                .map_err(|error| already_exists(error, format!("release key {}", key.id)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_release_key(&self, id: &str) -> Result<Option<ReleaseKeyRecord>, StoreError> {
+        let id = id.to_owned();
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            let key = select_one(
+                &transaction,
+                "SELECT * FROM release_keys WHERE id = ?1",
+                &id,
+                release_key_from_row,
+            )?;
+            transaction.execute("DELETE FROM release_keys WHERE id = ?1", [&id])?;
+            transaction.commit()?;
+            Ok(key)
+        })
+        .await
+    }
+
+    async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>, StoreError> {
+        self.read_all(
+            "SELECT * FROM release_keys ORDER BY added_at, rowid",
+            release_key_from_row,
+        )
+        .await
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
+        let event = event.clone();
+        self.write(move |connection| {
+            // IMMEDIATE: two appends must not both read the same previous entry.
+            let transaction =
+                connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let previous: Option<(i64, String)> = transaction
+                .query_row(
+                    "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()?;
+            let record = seal(
+                event,
+                previous
+                    .as_ref()
+                    .map(|(seq, hash)| ((*seq).max(0) as u64, hash.as_str())),
+            );
+            transaction.execute(
+                "INSERT INTO audit_log (seq, at, actor, role, action, arguments_json, result,
+                    previous_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    record.seq as i64,
+                    record.event.at,
+                    record.event.actor,
+                    record.event.role,
+                    record.event.action,
+                    record.event.arguments_json,
+                    record.event.result,
+                    record.previous_hash,
+                    record.hash
+                ],
+            )?;
+            transaction.commit()?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        let filter = filter.clone();
+        self.with_connection(move |connection| {
+            let mut statement = connection.prepare(
+                "SELECT * FROM audit_log WHERE at >= ?1 AND (?2 IS NULL OR actor = ?2) ORDER BY seq",
+            )?;
+            let entries = statement
+                .query_map(
+                    params![filter.since.unwrap_or(i64::MIN), filter.actor],
+                    audit_from_row,
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(entries)
         })
         .await
     }
@@ -554,6 +950,7 @@ mod tests {
             state: "unknown".into(),
             state_reason: String::new(),
             state_since: 0,
+            retired_at: None,
         };
         store.insert_machine(&machine).await.unwrap();
         let writes_before = store.write_count();
@@ -587,6 +984,93 @@ mod tests {
         );
         assert_eq!(loaded.labels["role"], "db");
         assert_eq!(store.machines().await.unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn operators_deny_list_release_keys_and_audit_round_trip() {
+        let (store, dir) = temp_store();
+        let bob = OperatorRecord {
+            name: "bob".into(),
+            role: Role::Viewer,
+            created_at: 1,
+            created_by: "admin".into(),
+            certificate_serial: "0b".into(),
+            certificate_not_after: 100,
+            revoked_at: None,
+        };
+        store.insert_operator(&bob).await.unwrap();
+        assert!(matches!(
+            store.insert_operator(&bob).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        let promoted = store
+            .set_operator_role("bob", Role::Operator)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(promoted.role, Role::Operator);
+        let denied = [DeniedEntry {
+            kind: DeniedKind::Identity,
+            value: "spiffe://td/operator/bob".into(),
+            reason: "operator bob was revoked".into(),
+            denied_at: 5,
+        }];
+        let revoked = store
+            .revoke_operator("bob", 5, &denied)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(revoked.revoked_at, Some(5));
+        assert!(store
+            .revoke_operator("nobody", 5, &denied)
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(store.denied_entries().await.unwrap(), denied.to_vec());
+
+        let key = ReleaseKeyRecord {
+            id: "abc".into(),
+            name: "ci".into(),
+            public_key_base64: "AAAA".into(),
+            added_at: 3,
+            added_by: "admin".into(),
+        };
+        store.insert_release_key(&key).await.unwrap();
+        assert!(matches!(
+            store.insert_release_key(&key).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        assert_eq!(store.release_keys().await.unwrap(), vec![key.clone()]);
+        assert_eq!(store.remove_release_key("abc").await.unwrap(), Some(key));
+        assert!(store.release_keys().await.unwrap().is_empty());
+
+        for (at, actor) in [(10, "admin"), (20, "bob"), (30, "admin")] {
+            store
+                .append_audit(&AuditEvent {
+                    at,
+                    actor: actor.into(),
+                    role: "admin".into(),
+                    action: "token.create".into(),
+                    arguments_json: "{}".into(),
+                    result: "ok".into(),
+                })
+                .await
+                .unwrap();
+        }
+        let all = store.audit_entries(&AuditFilter::default()).await.unwrap();
+        assert_eq!(crate::audit::verify_chain(&all).unwrap().entries, 3);
+        let filtered = store
+            .audit_entries(&AuditFilter {
+                since: Some(15),
+                actor: Some("admin".into()),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            filtered.iter().map(|entry| entry.seq).collect::<Vec<_>>(),
+            vec![3]
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -109,7 +109,10 @@ enum LoadgenError {
     #[error("the server returned a join token that does not parse: {0}")]
     BadToken(#[from] JoinTokenError),
     #[error("enrolling simulated agent {hostname} failed: {source}")]
-    Enroll { hostname: String, source: EnrollError },
+    Enroll {
+        hostname: String,
+        source: EnrollError,
+    },
     #[error("a load generator task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error("only {established} of {expected} sessions were established within {timeout:?}")]
@@ -262,7 +265,12 @@ async fn enroll_fleet(
     let enrolled_count = Arc::new(AtomicUsize::new(0));
     let progress_stop = CancellationToken::new();
     let _stop_progress_on_return = progress_stop.clone().drop_guard();
-    spawn_progress_printer("enrolled", Arc::clone(&enrolled_count), agents as usize, progress_stop);
+    spawn_progress_printer(
+        "enrolled",
+        Arc::clone(&enrolled_count),
+        agents as usize,
+        progress_stop,
+    );
     let mut enrollments = JoinSet::new();
     for index in 0..agents {
         let Some(zone_token) = zone_tokens
@@ -465,8 +473,13 @@ fn print_process_window(
     agents: usize,
 ) {
     let seconds = last.taken_at.duration_since(first.taken_at).as_secs_f64();
-    let cpu_seconds = last.cpu_ticks.saturating_sub(first.cpu_ticks) as f64 / clock_ticks_per_second();
-    let cpu_percent = if seconds > 0.0 { 100.0 * cpu_seconds / seconds } else { 0.0 };
+    let cpu_seconds =
+        last.cpu_ticks.saturating_sub(first.cpu_ticks) as f64 / clock_ticks_per_second();
+    let cpu_percent = if seconds > 0.0 {
+        100.0 * cpu_seconds / seconds
+    } else {
+        0.0
+    };
     println!(
         "{who}: RSS {:.1} MiB at window start, {:.1} MiB at end, peak {:.1} MiB in the window, {:.1} MiB since the process started; {} threads",
         mebibytes(first.resident_kib),
@@ -510,7 +523,10 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
     }
 
     // Tokens outlive every phase of the run, with margin for a slow machine.
-    let token_lifetime = arguments.connect_timeout + arguments.settle + arguments.duration + Duration::from_secs(3600);
+    let token_lifetime = arguments.connect_timeout
+        + arguments.settle
+        + arguments.duration
+        + Duration::from_secs(3600);
     let zone_tokens = create_zone_tokens(
         &profile,
         &address,
@@ -658,7 +674,9 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
     .await;
     match ended {
         Ok(result) => result?,
-        Err(_) => eprintln!("  some sessions did not end within {SESSION_END_GRACE:?}; leaving them"),
+        Err(_) => {
+            eprintln!("  some sessions did not end within {SESSION_END_GRACE:?}; leaving them")
+        }
     }
     println!(
         "sessions cancelled; {reports_sent} reports sent in total; report interval set by the server (seconds: agents): {report_intervals:?}"

@@ -1,0 +1,323 @@
+//! Operator roles and the policy table of the admin API: which role each
+//! admin RPC needs and whether it mutates (and so is audited).
+//!
+//! The decision is a pure function of the RPC so that one table test covers
+//! every admin RPC; a new RPC adds one row here (the test fails until it
+//! does, because it compares this table with the services in the proto
+//! descriptor). Nothing here knows about tonic, the store or who is calling.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// What an operator may do. Ordered: each role may do everything the roles
+/// below it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Reads: listings, machine details, the audit log.
+    Viewer,
+    /// Also changes the fleet: relabelling (later rollouts, set-image, quarantine).
+    Operator,
+    /// Also manages trust: tokens, operators, release keys, revocation.
+    Admin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?}: expected viewer, operator or admin")]
+pub struct UnknownRole(pub String);
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|role| role.as_str() == text)
+            .ok_or_else(|| UnknownRole(text.to_owned()))
+    }
+}
+
+/// Every admin RPC (every RPC that needs an operator certificate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AdminRpc {
+    CreateToken,
+    ListTokens,
+    RevokeToken,
+    ListMachines,
+    GetMachine,
+    WatchMachines,
+    FleetStatus,
+    SetLabels,
+    DecommissionMachine,
+    CreateOperator,
+    ListOperators,
+    SetOperatorRole,
+    RevokeOperator,
+    AddReleaseKey,
+    RemoveReleaseKey,
+    ListReleaseKeys,
+    ListAudit,
+}
+
+/// One row of the policy table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RpcPolicy {
+    /// `/package.Service/Method`, as on the wire.
+    pub method_path: &'static str,
+    /// The audit log's name for the action.
+    pub action: &'static str,
+    pub required_role: Role,
+    /// Mutating calls are written to the audit log before they answer.
+    pub mutating: bool,
+}
+
+const fn policy(
+    method_path: &'static str,
+    action: &'static str,
+    required_role: Role,
+    mutating: bool,
+) -> RpcPolicy {
+    RpcPolicy {
+        method_path,
+        action,
+        required_role,
+        mutating,
+    }
+}
+
+impl AdminRpc {
+    pub const ALL: [AdminRpc; 17] = [
+        AdminRpc::CreateToken,
+        AdminRpc::ListTokens,
+        AdminRpc::RevokeToken,
+        AdminRpc::ListMachines,
+        AdminRpc::GetMachine,
+        AdminRpc::WatchMachines,
+        AdminRpc::FleetStatus,
+        AdminRpc::SetLabels,
+        AdminRpc::DecommissionMachine,
+        AdminRpc::CreateOperator,
+        AdminRpc::ListOperators,
+        AdminRpc::SetOperatorRole,
+        AdminRpc::RevokeOperator,
+        AdminRpc::AddReleaseKey,
+        AdminRpc::RemoveReleaseKey,
+        AdminRpc::ListReleaseKeys,
+        AdminRpc::ListAudit,
+    ];
+
+    /// The policy of this RPC: the whole table, one row per RPC.
+    pub fn policy(self) -> RpcPolicy {
+        use Role::{Admin, Operator, Viewer};
+        match self {
+            AdminRpc::CreateToken => {
+                policy("/flotte.v1.Tokens/CreateToken", "token.create", Admin, true)
+            }
+            AdminRpc::ListTokens => {
+                policy("/flotte.v1.Tokens/ListTokens", "token.list", Viewer, false)
+            }
+            AdminRpc::RevokeToken => {
+                policy("/flotte.v1.Tokens/RevokeToken", "token.revoke", Admin, true)
+            }
+            AdminRpc::ListMachines => policy(
+                "/flotte.v1.Machines/ListMachines",
+                "machine.list",
+                Viewer,
+                false,
+            ),
+            AdminRpc::GetMachine => policy(
+                "/flotte.v1.Machines/GetMachine",
+                "machine.get",
+                Viewer,
+                false,
+            ),
+            AdminRpc::WatchMachines => {
+                policy("/flotte.v1.Machines/Watch", "machine.watch", Viewer, false)
+            }
+            AdminRpc::FleetStatus => policy(
+                "/flotte.v1.Machines/FleetStatus",
+                "machine.status",
+                Viewer,
+                false,
+            ),
+            AdminRpc::SetLabels => policy(
+                "/flotte.v1.Machines/SetLabels",
+                "machine.label",
+                Operator,
+                true,
+            ),
+            AdminRpc::DecommissionMachine => policy(
+                "/flotte.v1.Machines/DecommissionMachine",
+                "machine.decommission",
+                Admin,
+                true,
+            ),
+            AdminRpc::CreateOperator => policy(
+                "/flotte.v1.Operators/CreateOperator",
+                "operator.create",
+                Admin,
+                true,
+            ),
+            AdminRpc::ListOperators => policy(
+                "/flotte.v1.Operators/ListOperators",
+                "operator.list",
+                Viewer,
+                false,
+            ),
+            AdminRpc::SetOperatorRole => policy(
+                "/flotte.v1.Operators/SetOperatorRole",
+                "operator.set-role",
+                Admin,
+                true,
+            ),
+            AdminRpc::RevokeOperator => policy(
+                "/flotte.v1.Operators/RevokeOperator",
+                "operator.revoke",
+                Admin,
+                true,
+            ),
+            AdminRpc::AddReleaseKey => policy(
+                "/flotte.v1.ReleaseKeys/AddReleaseKey",
+                "release-key.add",
+                Admin,
+                true,
+            ),
+            AdminRpc::RemoveReleaseKey => policy(
+                "/flotte.v1.ReleaseKeys/RemoveReleaseKey",
+                "release-key.remove",
+                Admin,
+                true,
+            ),
+            AdminRpc::ListReleaseKeys => policy(
+                "/flotte.v1.ReleaseKeys/ListReleaseKeys",
+                "release-key.list",
+                Viewer,
+                false,
+            ),
+            AdminRpc::ListAudit => {
+                policy("/flotte.v1.Audit/ListAudit", "audit.list", Viewer, false)
+            }
+        }
+    }
+}
+
+/// The least role that may call `rpc`.
+pub fn required_role(rpc: AdminRpc) -> Role {
+    rpc.policy().required_role
+}
+
+/// Whether an operator with `role` may call `rpc`.
+pub fn may_call(role: Role, rpc: AdminRpc) -> bool {
+    role >= required_role(rpc)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use prost::Message;
+
+    use super::*;
+
+    /// The whole policy, written out once more: a change to a row must be
+    /// made here too, on purpose.
+    const EXPECTED: &[(AdminRpc, Role, bool)] = &[
+        (AdminRpc::CreateToken, Role::Admin, true),
+        (AdminRpc::ListTokens, Role::Viewer, false),
+        (AdminRpc::RevokeToken, Role::Admin, true),
+        (AdminRpc::ListMachines, Role::Viewer, false),
+        (AdminRpc::GetMachine, Role::Viewer, false),
+        (AdminRpc::WatchMachines, Role::Viewer, false),
+        (AdminRpc::FleetStatus, Role::Viewer, false),
+        (AdminRpc::SetLabels, Role::Operator, true),
+        (AdminRpc::DecommissionMachine, Role::Admin, true),
+        (AdminRpc::CreateOperator, Role::Admin, true),
+        (AdminRpc::ListOperators, Role::Viewer, false),
+        (AdminRpc::SetOperatorRole, Role::Admin, true),
+        (AdminRpc::RevokeOperator, Role::Admin, true),
+        (AdminRpc::AddReleaseKey, Role::Admin, true),
+        (AdminRpc::RemoveReleaseKey, Role::Admin, true),
+        (AdminRpc::ListReleaseKeys, Role::Viewer, false),
+        (AdminRpc::ListAudit, Role::Viewer, false),
+    ];
+
+    #[test]
+    fn every_admin_rpc_has_its_role_and_mutation_flag() {
+        assert_eq!(EXPECTED.len(), AdminRpc::ALL.len());
+        for (rpc, role, mutating) in EXPECTED {
+            assert_eq!(required_role(*rpc), *role, "{rpc:?}");
+            assert_eq!(rpc.policy().mutating, *mutating, "{rpc:?}");
+            for caller in Role::ALL {
+                assert_eq!(may_call(caller, *rpc), caller >= *role, "{caller} {rpc:?}");
+            }
+        }
+        assert!(!may_call(Role::Viewer, AdminRpc::CreateToken));
+        assert!(!may_call(Role::Viewer, AdminRpc::SetLabels));
+        assert!(may_call(Role::Operator, AdminRpc::SetLabels));
+        assert!(!may_call(Role::Operator, AdminRpc::CreateOperator));
+    }
+
+    /// Services whose RPCs are not admin RPCs (no operator certificate).
+    const NON_ADMIN_SERVICES: &[&str] = &["flotte.v1.Enrollment", "flotte.v1.AgentSession"];
+
+    #[test]
+    fn the_table_covers_exactly_the_admin_rpcs_of_the_proto_contract() {
+        let descriptors =
+            prost_types::FileDescriptorSet::decode(flotte_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut in_proto = BTreeSet::new();
+        for file in &descriptors.file {
+            for service in &file.service {
+                let service_name = format!("{}.{}", file.package(), service.name());
+                if NON_ADMIN_SERVICES.contains(&service_name.as_str()) {
+                    continue;
+                }
+                for method in &service.method {
+                    in_proto.insert(format!("/{service_name}/{}", method.name()));
+                }
+            }
+        }
+        let in_table: BTreeSet<String> = AdminRpc::ALL
+            .iter()
+            .map(|rpc| rpc.policy().method_path.to_owned())
+            .collect();
+        assert_eq!(
+            in_table, in_proto,
+            "every admin RPC needs exactly one row in AdminRpc::policy"
+        );
+        let actions: BTreeSet<&str> = AdminRpc::ALL
+            .iter()
+            .map(|rpc| rpc.policy().action)
+            .collect();
+        assert_eq!(
+            actions.len(),
+            AdminRpc::ALL.len(),
+            "action names are unique"
+        );
+    }
+
+    #[test]
+    fn roles_parse_and_print() {
+        for role in Role::ALL {
+            assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
+        }
+        assert!("root".parse::<Role>().is_err());
+        assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+    }
+}
