@@ -29,8 +29,9 @@ use crate::profile::Profile;
 use crate::roles::Role;
 
 mod governance;
+mod images;
 
-use governance::{run_audit, run_operator, run_trust};
+use governance::{run_audit, run_operator};
 
 #[derive(Debug, Parser)]
 #[command(name = "flottectl", version, about = "Flotte admin CLI")]
@@ -42,8 +43,10 @@ pub struct Cli {
     #[arg(long, env = "FLOTTE_SERVER", global = true)]
     server: Option<String>,
     /// Output format.
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table, global = true)]
-    output: Output,
+    /// Output format: table or json. (`image build -o FILE` also takes the
+    /// image file here, as `flottectl image build … -o app-1.2.0.flotte`.)
+    #[arg(short = 'o', long = "output", default_value = "table", global = true)]
+    output_flag: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -112,6 +115,41 @@ enum ImageCommand {
     /// Release public keys (ed25519) trusted to sign images.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Make a release key pair: DIR/release.key (secret, 0600) and DIR/release.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Pack and sign a directory as an image file.
+    Build {
+        directory: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// Private release key (from `image keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Output file, e.g. app-1.2.0.flotte (also accepted as `-o FILE`).
+        #[arg(long = "out")]
+        out: Option<PathBuf>,
+        /// Service command, words separated by spaces; a relative program
+        /// path is taken inside the image (e.g. "bin/app --port 8080").
+        #[arg(long)]
+        service: Option<String>,
+        /// TOML file with `[[check]]` tables declared by the image.
+        #[arg(long)]
+        checks: Option<PathBuf>,
+    },
+    /// Upload an image file (its signature must verify on the server).
+    Push { file: PathBuf },
+    /// List pushed images.
+    List {
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Show one image: name@version.
+    Show { reference: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -200,6 +238,14 @@ enum MachinesCommand {
     /// Retire a machine for good: its certificates are revoked, its session
     /// closed, and it can never reconnect.
     Decommission { id: String },
+    /// Set the image a machine must run (name@version).
+    SetImage {
+        id: String,
+        reference: String,
+        /// Allow going to a lower version than the machine runs.
+        #[arg(long)]
+        rollback: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +294,33 @@ fn server_address(cli: &Cli, profile: &Profile) -> String {
 fn load_profile(cli: &Cli) -> Result<Profile, CtlError> {
     let directory = cli.profile.as_ref().ok_or(CtlError::NoProfile)?;
     Ok(Profile::load(directory)?)
+}
+
+impl Cli {
+    /// The output format; anything but `json` renders tables (the value was
+    /// checked by [`Cli::check_output_flag`] before any command ran).
+    fn output(&self) -> Output {
+        if self.output_flag == "json" {
+            Output::Json
+        } else {
+            Output::Table
+        }
+    }
+
+    /// `-o` must name a format, except for `image build`, where it may name
+    /// the image file.
+    fn check_output_flag(&self) -> Result<(), CtlError> {
+        let is_format = matches!(self.output_flag.as_str(), "table" | "json");
+        let is_build = matches!(self.command, Command::Image(ImageCommand::Build { .. }));
+        if is_format || is_build {
+            Ok(())
+        } else {
+            Err(CtlError::Usage(format!(
+                "-o {:?}: expected table or json",
+                self.output_flag
+            )))
+        }
+    }
 }
 
 fn connect(cli: &Cli) -> Result<(Channel, TlsDiagnostics), CtlError> {
@@ -344,6 +417,28 @@ struct MachineView {
     metric_breaches: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     transitions: Vec<TransitionView>,
+    /// `name@version` the machine runs, ran before, and must run.
+    current_image: Option<String>,
+    previous_image: Option<String>,
+    desired_image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_swap: Option<SwapView>,
+}
+
+#[derive(Debug, Serialize)]
+struct SwapView {
+    target: Option<String>,
+    step: String,
+    outcome: String,
+    message: String,
+    bytes_downloaded: u64,
+    updated_at: Option<String>,
+}
+
+fn image_name(image: Option<&flotte_proto::v1::ImageRef>) -> Option<String> {
+    image
+        .filter(|image| !image.name.is_empty())
+        .map(|image| format!("{}@{}", image.name, image.version))
 }
 
 #[derive(Debug, Serialize)]
@@ -477,6 +572,31 @@ impl From<&Machine> for MachineView {
                 .iter()
                 .map(TransitionView::from)
                 .collect(),
+            current_image: image_name(
+                machine
+                    .image
+                    .as_ref()
+                    .and_then(|image| image.current.as_ref()),
+            ),
+            previous_image: image_name(
+                machine
+                    .image
+                    .as_ref()
+                    .and_then(|image| image.previous.as_ref()),
+            ),
+            desired_image: image_name(machine.desired_image.as_ref()),
+            last_swap: machine
+                .image
+                .as_ref()
+                .and_then(|image| image.swap.as_ref())
+                .map(|swap| SwapView {
+                    target: image_name(swap.target.as_ref()),
+                    step: swap.step.clone(),
+                    outcome: swap.outcome.clone(),
+                    message: swap.message.clone(),
+                    bytes_downloaded: swap.bytes_downloaded,
+                    updated_at: optional_time(swap.updated_at),
+                }),
         }
     }
 }
@@ -564,7 +684,7 @@ async fn run_token(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
                 .map_err(&rpc)?
                 .into_inner();
             let info = response.info.unwrap_or_default();
-            if cli.output == Output::Json {
+            if cli.output() == Output::Json {
                 #[derive(Serialize)]
                 struct Created {
                     token: String,
@@ -593,7 +713,7 @@ async fn run_token(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
                 .map_err(&rpc)?
                 .into_inner()
                 .tokens;
-            print_tokens(cli.output, &tokens)?;
+            print_tokens(cli.output(), &tokens)?;
         }
         TokenCommand::Revoke { id } => {
             let response = client
@@ -601,7 +721,7 @@ async fn run_token(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
                 .await
                 .map_err(&rpc)?
                 .into_inner();
-            print_tokens(cli.output, &[response.info.unwrap_or_default()])?;
+            print_tokens(cli.output(), &[response.info.unwrap_or_default()])?;
         }
     }
     Ok(())
@@ -645,7 +765,7 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
                 .into_inner()
                 .machines;
             let views: Vec<MachineView> = machines.iter().map(MachineView::from).collect();
-            if cli.output == Output::Json {
+            if cli.output() == Output::Json {
                 return print_json(&views);
             }
             print!(
@@ -670,7 +790,7 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
                 .await
                 .map_err(&rpc)?
                 .into_inner();
-            print_machine(cli.output, &machine)?;
+            print_machine(cli.output(), &machine)?;
         }
         MachinesCommand::Watch { selector } => {
             let mut events = client
@@ -681,7 +801,7 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
                 .map_err(&rpc)?
                 .into_inner();
             while let Some(event) = events.message().await.map_err(&rpc)? {
-                print_event(cli.output, &event)?;
+                print_event(cli.output(), &event)?;
             }
             return Err(CtlError::Rpc("the server ended the watch".into()));
         }
@@ -691,13 +811,29 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
                 .await
                 .map_err(&rpc)?
                 .into_inner();
-            if cli.output != Output::Json {
+            if cli.output() != Output::Json {
                 eprintln!(
                     "machine {} ({}) decommissioned: its certificates are revoked and it cannot reconnect",
                     machine.id, machine.hostname
                 );
             }
-            print_machine(cli.output, &machine)?;
+            print_machine(cli.output(), &machine)?;
+        }
+        MachinesCommand::SetImage {
+            id,
+            reference,
+            rollback,
+        } => {
+            let machine = client
+                .set_image(flotte_proto::v1::SetImageRequest {
+                    id: id.clone(),
+                    reference: reference.clone(),
+                    rollback: *rollback,
+                })
+                .await
+                .map_err(&rpc)?
+                .into_inner();
+            print_machine(cli.output(), &machine)?;
         }
         MachinesCommand::Label { id, set, remove } => {
             let set =
@@ -720,7 +856,7 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
                 .await
                 .map_err(&rpc)?
                 .into_inner();
-            print_machine(cli.output, &machine)?;
+            print_machine(cli.output(), &machine)?;
         }
     }
     Ok(())
@@ -884,6 +1020,29 @@ fn print_machine(output: Output, machine: &Machine) -> Result<(), CtlError> {
         println!("{:<20} {value}", format!("{name}:"));
     }
     print_health_sections(&view);
+    let none = || "none".to_owned();
+    println!("\nimages:");
+    println!(
+        "  current            {}",
+        view.current_image.clone().unwrap_or_else(none)
+    );
+    println!(
+        "  previous           {}",
+        view.previous_image.clone().unwrap_or_else(none)
+    );
+    println!(
+        "  desired            {}",
+        view.desired_image.clone().unwrap_or_else(none)
+    );
+    if let Some(swap) = &view.last_swap {
+        println!(
+            "  last swap          {} {} ({}): {}",
+            swap.target.clone().unwrap_or_default(),
+            swap.outcome,
+            swap.step,
+            swap.message
+        );
+    }
     Ok(())
 }
 
@@ -993,18 +1152,21 @@ async fn run_status(cli: &Cli, by: &str, selector: &str) -> Result<(), CtlError>
         .await
         .map_err(&rpc)?
         .into_inner();
-    print_status(cli.output, &status)
+    print_status(cli.output(), &status)
 }
 
 /// Runs one flottectl invocation and returns the process exit code.
 pub async fn main(cli: Cli) -> ExitCode {
-    let result = match &cli.command {
-        Command::Token(command) => run_token(&cli, command).await,
-        Command::Machines(command) => run_machines(&cli, command).await,
-        Command::Status { by, selector } => run_status(&cli, by, selector).await,
-        Command::Operator(command) => run_operator(&cli, command).await,
-        Command::Image(ImageCommand::Trust(command)) => run_trust(&cli, command).await,
-        Command::Audit(command) => run_audit(&cli, command).await,
+    let result = match cli.check_output_flag() {
+        Err(error) => Err(error),
+        Ok(()) => match &cli.command {
+            Command::Token(command) => run_token(&cli, command).await,
+            Command::Machines(command) => run_machines(&cli, command).await,
+            Command::Status { by, selector } => run_status(&cli, by, selector).await,
+            Command::Operator(command) => run_operator(&cli, command).await,
+            Command::Image(command) => images::run_image(&cli, command).await,
+            Command::Audit(command) => run_audit(&cli, command).await,
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

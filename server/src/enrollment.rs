@@ -117,6 +117,7 @@ impl Enroller<'_> {
             state_reason: "enrolled; no report yet".to_owned(),
             state_since: now,
             retired_at: None,
+            desired_image: None,
         };
         self.store.insert_machine(&machine).await?;
         Ok(Enrolled {

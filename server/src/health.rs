@@ -390,6 +390,7 @@ mod tests {
             state_reason: String::new(),
             state_since: 0,
             retired_at: None,
+            desired_image: None,
         }
     }
 

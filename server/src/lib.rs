@@ -19,12 +19,13 @@ pub mod config;
 pub mod ctl;
 pub mod enrollment;
 pub mod health;
+pub mod image_build;
+pub mod images;
 pub mod init;
 pub mod limits;
 pub mod metrics;
 pub mod profile;
 pub mod registry;
-pub mod release_keys;
 pub mod revocation;
 pub mod roles;
 pub mod store;
@@ -38,6 +39,7 @@ use flotte_proto::identity::Identity;
 use flotte_proto::v1::agent_session_server::AgentSessionServer;
 use flotte_proto::v1::audit_server::AuditServer;
 use flotte_proto::v1::enrollment_server::EnrollmentServer;
+use flotte_proto::v1::images_server::ImagesServer;
 use flotte_proto::v1::machines_server::MachinesServer;
 use flotte_proto::v1::operators_server::OperatorsServer;
 use flotte_proto::v1::release_keys_server::ReleaseKeysServer;
@@ -49,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alerts::AlertDispatcher;
 use crate::api::admin::AdminApi;
 use crate::api::enrollment::EnrollmentApi;
+use crate::api::images::ImagesApi;
 use crate::api::operators::OperatorsApi;
 use crate::api::session::SessionApi;
 use crate::api::trust::TrustApi;
@@ -313,6 +316,7 @@ pub async fn run(
         )
         .add_service(TokensServer::new(admin.clone()))
         .add_service(MachinesServer::new(admin))
+        .add_service(ImagesServer::new(ImagesApi::new(Arc::clone(&state))))
         .add_service(OperatorsServer::new(OperatorsApi::new(Arc::clone(&state))))
         .add_service(ReleaseKeysServer::new(trust.clone()))
         .add_service(AuditServer::new(trust));

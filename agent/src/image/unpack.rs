@@ -583,8 +583,8 @@ fn check_symlink_target(link_relative: &Path, target: &[u8]) -> Result<(), Strin
                 parent_steps += 1;
                 if parent_steps > link_depth_below_root {
                     return Err(format!(
-                        "it climbs {parent_steps} levels up from a link {link_depth_below_root} \
-                         levels below the image root"
+                        "{parent_steps} leading `..` climb above the image root from a link \
+                         at depth {link_depth_below_root}"
                     ));
                 }
             }
@@ -1754,6 +1754,49 @@ mod tests {
             fs::read(scratch.destination().join("running")).unwrap(),
             b"current image"
         );
+    }
+
+    #[test]
+    fn removes_trees_with_read_only_directories_without_following_symlinks() {
+        let scratch = Scratch::new();
+        let root = scratch.root.join("images/old");
+        fs::create_dir_all(root.join("ro")).unwrap();
+        fs::write(root.join("ro/file"), b"x").unwrap();
+        fs::create_dir_all(root.join("locked/inner")).unwrap();
+        fs::write(root.join("locked/inner/file"), b"x").unwrap();
+        std::os::unix::fs::symlink(scratch.sentinel(), root.join("outside")).unwrap();
+        fs::set_permissions(root.join("ro"), Permissions::from_mode(0o555)).unwrap();
+        fs::set_permissions(root.join("locked"), Permissions::from_mode(0o000)).unwrap();
+        let sentinel_before = fs::read(scratch.sentinel().join("keep.txt")).unwrap();
+
+        remove_unpacked_tree(&root).unwrap();
+
+        assert!(fs::symlink_metadata(&root).is_err());
+        assert_eq!(
+            fs::read(scratch.sentinel().join("keep.txt")).unwrap(),
+            sentinel_before
+        );
+        assert_eq!(mode_of(&scratch.sentinel()), 0o755);
+    }
+
+    #[test]
+    fn sync_tree_skips_symlinks_and_syncs_everything_else() {
+        let scratch = Scratch::new();
+        let archive = TestArchive::new()
+            .file("bin/tool", 0o755, b"x")
+            .file("secret", 0o000, b"no one may read this")
+            .symlink("dangling", "nowhere")
+            .directory("ro/", 0o555);
+        fs::write(scratch.archive_path(), archive.compressed()).unwrap();
+        unpack_payload(
+            &scratch.archive_path(),
+            &scratch.destination(),
+            &default_policy(),
+        )
+        .unwrap();
+        sync_tree(&scratch.destination()).unwrap();
+        let missing = sync_tree(&scratch.root.join("missing")).unwrap_err();
+        assert!(missing.to_string().contains("missing"), "{missing}");
     }
 
     #[test]

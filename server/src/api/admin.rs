@@ -156,6 +156,17 @@ pub fn machine_to_proto(
         state_reason,
         state_since,
         retired_at: machine.retired_at.unwrap_or(0),
+        image: tracked
+            .and_then(|tracked| tracked.last_report.as_ref())
+            .and_then(|report| report.image.clone()),
+        desired_image: machine
+            .desired_image
+            .as_ref()
+            .map(|image| flotte_proto::v1::ImageRef {
+                name: image.name.clone(),
+                version: image.version.clone(),
+                digest: image.digest.clone(),
+            }),
         ..Machine::default()
     }
 }
@@ -521,9 +532,59 @@ impl Machines for AdminApi {
 
     async fn set_image(
         &self,
-        _request: Request<flotte_proto::v1::SetImageRequest>,
+        request: Request<flotte_proto::v1::SetImageRequest>,
     ) -> Result<Response<Machine>, Status> {
-        Err(Status::unimplemented("WIP"))
+        let arguments = {
+            let request = request.get_ref();
+            json!({ "machine": request.id, "image": request.reference, "rollback": request.rollback })
+        };
+        let call = admit(&self.state, &request, AdminRpc::SetImage, arguments).await?;
+        let state = Arc::clone(&self.state);
+        let request = request.into_inner();
+        call.run(
+            async move {
+                let wanted: flotte_proto::image::ImageReference =
+                    request.reference.parse().map_err(|error: flotte_proto::image::ImageError| {
+                        Status::invalid_argument(error.to_string())
+                    })?;
+                let image = state
+                    .store
+                    .image(&wanted.name, &wanted.version.to_string())
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("no image {wanted}: push it first")))?;
+                let machines = state.store.machines().await?;
+                let machine = find_machine(&machines, &request.id)?;
+                if machine.retired_at.is_some() {
+                    return Err(Status::failed_precondition(format!(
+                        "machine {} was decommissioned",
+                        machine.id
+                    )));
+                }
+                let desired = crate::store::DesiredImageRecord {
+                    name: image.name.clone(),
+                    version: image.version.clone(),
+                    digest: image.digest.clone(),
+                    rollback: request.rollback,
+                };
+                let updated = state
+                    .store
+                    .set_desired_image(machine.id, Some(&desired))
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("machine {} was removed", machine.id)))?;
+                tracing::info!(machine = %updated.id, image = %wanted, version = updated.desired_version, "desired image set");
+                push_desired_state(&state, &updated).await;
+                let view = state.registry.view(updated.id);
+                let tracked = state.health.get(updated.id);
+                Ok(machine_to_proto(
+                    &updated,
+                    view.as_ref(),
+                    tracked.as_ref(),
+                    &state.config.trust_domain,
+                ))
+            },
+            |machine: &Machine| format!("{} desired version {}", machine.id, machine.desired_version),
+        )
+        .await
     }
 
     async fn fleet_status(
@@ -755,6 +816,7 @@ mod tests {
             state_reason: String::new(),
             state_since: 0,
             retired_at: None,
+            desired_image: None,
         };
         a.inventory.hostname = "web-1".into();
         let mut b = a.clone();

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod enrollment;
 pub mod guard;
+pub mod images;
 pub mod operators;
 pub mod session;
 pub mod trust;

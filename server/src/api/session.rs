@@ -11,7 +11,10 @@ use std::time::Duration;
 use flotte_proto::v1::agent_message::Kind as AgentKind;
 use flotte_proto::v1::agent_session_server::AgentSession;
 use flotte_proto::v1::server_message::Kind as ServerKind;
-use flotte_proto::v1::{AgentMessage, CertificateIssued, DesiredState, Hello, ServerMessage};
+use flotte_proto::v1::{
+    AgentMessage, CertificateIssued, DesiredImage, DesiredState, FetchImageRequest, Hello,
+    ImageChunk, ImageRef, ServerMessage,
+};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,8 +24,9 @@ use uuid::Uuid;
 
 use crate::auth::{require_machine, require_not_revoked};
 use crate::clock::to_unix;
+use crate::images::BlobStore;
 use crate::registry::{SessionEntry, SessionSender, SESSION_QUEUE_DEPTH};
-use crate::store::{Inventory, MachineRecord};
+use crate::store::{ImageRecord, Inventory, MachineRecord, StoreError};
 use crate::ServerState;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,16 +42,55 @@ impl SessionApi {
     }
 }
 
-/// The desired state of a machine as the agent must see it.
-pub fn desired_state(machine: &MachineRecord, report_interval: Duration) -> DesiredState {
+/// The desired state of a machine as the agent must see it; `image` is the
+/// record of its desired image, if it has one.
+pub fn desired_state(
+    machine: &MachineRecord,
+    image: Option<&ImageRecord>,
+    report_interval: Duration,
+) -> DesiredState {
+    let rollback = machine
+        .desired_image
+        .as_ref()
+        .is_some_and(|desired| desired.rollback);
     DesiredState {
         version: machine.desired_version,
         labels: machine.labels.clone().into_iter().collect(),
         zone: machine.zone.clone(),
         report_interval_seconds: u32::try_from(report_interval.as_secs()).unwrap_or(u32::MAX),
-        image: None,
+        image: image.map(|image| DesiredImage {
+            image: Some(ImageRef {
+                name: image.name.clone(),
+                version: image.version.clone(),
+                digest: image.digest.clone(),
+            }),
+            size: image.size,
+            manifest_json: image.manifest_json.clone(),
+            signature: image.signature.clone(),
+            rollback,
+            rollout_id: String::new(),
+        }),
     }
 }
+
+/// [`desired_state`] with the machine's desired image read from the store.
+pub async fn desired_state_of(
+    state: &ServerState,
+    machine: &MachineRecord,
+) -> Result<DesiredState, StoreError> {
+    let image = match &machine.desired_image {
+        Some(desired) => state.store.image(&desired.name, &desired.version).await?,
+        None => None,
+    };
+    Ok(desired_state(
+        machine,
+        image.as_ref(),
+        state.config.report_interval,
+    ))
+}
+
+/// Bytes per image chunk sent to agents.
+const IMAGE_CHUNK_BYTES: usize = 256 * 1024;
 
 /// How long a push may wait for room in a session's queue.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -59,11 +102,17 @@ pub async fn push_desired_state(state: &ServerState, machine: &MachineRecord) {
     let Some(sender) = state.registry.sender(machine.id) else {
         return;
     };
+    let desired = match desired_state_of(state, machine).await {
+        Ok(desired) => desired,
+        Err(error) => {
+            // The agent gets the whole state when it reconnects.
+            tracing::error!(machine = %machine.id, %error, "cannot build desired state; ending the session");
+            state.registry.end_session(machine.id);
+            return;
+        }
+    };
     let message = ServerMessage {
-        kind: Some(ServerKind::DesiredState(desired_state(
-            machine,
-            state.config.report_interval,
-        ))),
+        kind: Some(ServerKind::DesiredState(desired)),
     };
     match tokio::time::timeout(PUSH_TIMEOUT, sender.send(Ok(message))).await {
         Ok(Ok(())) => {}
@@ -88,18 +137,78 @@ fn inventory_from_hello(hello: &Hello) -> Inventory {
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
-type SessionStream2 = Pin<Box<dyn Stream<Item = Result<flotte_proto::v1::ImageChunk, Status>> + Send>>;
+type ImageChunkStream = Pin<Box<dyn Stream<Item = Result<ImageChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentSession for SessionApi {
     type SessionStream = SessionStream;
-    type FetchImageStream = SessionStream2;
+    type FetchImageStream = ImageChunkStream;
 
+    /// Streams the blob of the machine's desired image from an offset; any
+    /// other blob is refused (a machine reads only what it was told to run).
     async fn fetch_image(
         &self,
-        _request: Request<flotte_proto::v1::FetchImageRequest>,
+        request: Request<FetchImageRequest>,
     ) -> Result<Response<Self::FetchImageStream>, Status> {
-        Err(Status::unimplemented("WIP"))
+        let (machine_id, _caller) = require_machine(&request)?;
+        let FetchImageRequest { digest, offset } = request.into_inner();
+        let machine = self.state.store.machine(machine_id).await?.ok_or_else(|| {
+            Status::permission_denied(format!(
+                "machine {machine_id} is not enrolled on this server"
+            ))
+        })?;
+        if machine
+            .desired_image
+            .as_ref()
+            .map(|image| image.digest.as_str())
+            != Some(digest.as_str())
+        {
+            return Err(Status::permission_denied(format!(
+                "image {digest} is not this machine's desired image"
+            )));
+        }
+        let path = BlobStore::new(&self.state.config.data_dir).blob_path(&digest);
+        let mut file = tokio::fs::File::open(&path).await.map_err(|error| {
+            Status::not_found(format!("image blob {digest} is missing: {error}"))
+        })?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .len();
+        if offset > size {
+            return Err(Status::out_of_range(format!(
+                "offset {offset} is past the end ({size} bytes)"
+            )));
+        }
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?;
+        let (sender, receiver) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut position = offset;
+            let mut buffer = vec![0u8; IMAGE_CHUNK_BYTES];
+            loop {
+                let read = match file.read(&mut buffer).await {
+                    Ok(0) => return,
+                    Ok(read) => read,
+                    Err(error) => {
+                        let _ = sender.send(Err(Status::internal(error.to_string()))).await;
+                        return;
+                    }
+                };
+                let chunk = ImageChunk {
+                    offset: position,
+                    data: buffer[..read].to_vec(),
+                };
+                position += read as u64;
+                if sender.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
     async fn session(
@@ -148,7 +257,7 @@ impl AgentSession for SessionApi {
         );
 
         let (sender, receiver) = mpsc::channel(SESSION_QUEUE_DEPTH);
-        let desired = desired_state(&machine, state.config.report_interval);
+        let desired = desired_state_of(&state, &machine).await?;
         sender
             .send(Ok(ServerMessage {
                 kind: Some(ServerKind::DesiredState(desired)),

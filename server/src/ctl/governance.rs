@@ -136,7 +136,7 @@ async fn create_operator(
         profile.write_without_key(&directory)?;
     }
     let info = created.operator.unwrap_or_default();
-    if cli.output == Output::Json {
+    if cli.output() == Output::Json {
         #[derive(Serialize)]
         struct Created {
             #[serde(flatten)]
@@ -197,7 +197,7 @@ pub(super) async fn run_operator(cli: &Cli, command: &OperatorCommand) -> Result
                 .map_err(&rpc)?
                 .into_inner()
                 .operators;
-            print_operators(cli.output, &operators)?;
+            print_operators(cli.output(), &operators)?;
         }
         OperatorCommand::SetRole { name, role } => {
             let operator = client
@@ -208,7 +208,7 @@ pub(super) async fn run_operator(cli: &Cli, command: &OperatorCommand) -> Result
                 .await
                 .map_err(&rpc)?
                 .into_inner();
-            print_operators(cli.output, &[operator])?;
+            print_operators(cli.output(), &[operator])?;
         }
         OperatorCommand::Revoke { name } => {
             let operator = client
@@ -216,7 +216,7 @@ pub(super) async fn run_operator(cli: &Cli, command: &OperatorCommand) -> Result
                 .await
                 .map_err(&rpc)?
                 .into_inner();
-            print_operators(cli.output, &[operator])?;
+            print_operators(cli.output(), &[operator])?;
         }
     }
     Ok(())
@@ -304,7 +304,7 @@ pub(super) async fn run_trust(cli: &Cli, command: &TrustCommand) -> Result<(), C
                 .keys
         }
     };
-    print_release_keys(cli.output, &keys)
+    print_release_keys(cli.output(), &keys)
 }
 
 /// `--since`: an RFC 3339 time, or a duration before now.
@@ -400,8 +400,8 @@ pub(super) async fn run_audit(cli: &Cli, command: &AuditCommand) -> Result<(), C
         .map(record_of)
         .collect();
     match command {
-        AuditCommand::List { .. } => print_audit(cli.output, entries),
-        AuditCommand::Verify => verify(cli.output, &entries),
+        AuditCommand::List { .. } => print_audit(cli.output(), entries),
+        AuditCommand::Verify => verify(cli.output(), &entries),
     }
 }
 

@@ -80,6 +80,8 @@ pub struct MachineRecord {
     pub state_since: UnixSeconds,
     /// When the machine was decommissioned; a retired machine never comes back.
     pub retired_at: Option<UnixSeconds>,
+    /// The image the machine must run, if one was set.
+    pub desired_image: Option<DesiredImageRecord>,
 }
 
 /// An operator: a person or CI job holding an operator certificate.
@@ -134,6 +136,30 @@ pub struct ReleaseKeyRecord {
     pub public_key_base64: String,
     pub added_at: UnixSeconds,
     pub added_by: String,
+}
+
+/// The image a machine is told to run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DesiredImageRecord {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    /// Set when going back on purpose: the agent accepts a lower version.
+    pub rollback: bool,
+}
+
+/// A pushed image: its signed manifest; the payload is a blob named by digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    pub size: u64,
+    pub manifest_json: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub signing_key: String,
+    pub pushed_at: UnixSeconds,
+    pub pushed_by: String,
 }
 
 /// One stored change of a machine's health state.
@@ -237,6 +263,18 @@ pub trait Store: Send + Sync + 'static {
         machine_id: Uuid,
         limit: u32,
     ) -> Result<Vec<StateTransitionRecord>, StoreError>;
+    /// Records a pushed image; `false` if `name@version` already exists.
+    async fn insert_image(&self, image: &ImageRecord) -> Result<bool, StoreError>;
+    /// Images, newest push first; only `name` if given.
+    async fn images(&self, name: Option<&str>) -> Result<Vec<ImageRecord>, StoreError>;
+    async fn image(&self, name: &str, version: &str) -> Result<Option<ImageRecord>, StoreError>;
+    /// Sets (or clears) a machine's desired image and bumps its desired-state
+    /// version; `None` if no such machine.
+    async fn set_desired_image(
+        &self,
+        id: Uuid,
+        image: Option<&DesiredImageRecord>,
+    ) -> Result<Option<MachineRecord>, StoreError>;
     /// Writes many last-seen times in one transaction.
     async fn record_last_seen(&self, seen: &[(Uuid, UnixSeconds)]) -> Result<(), StoreError>;
     /// Marks a machine retired and adds `denied` to the deny list, together;

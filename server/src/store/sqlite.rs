@@ -12,9 +12,9 @@ use uuid::Uuid;
 use crate::metrics::StoreMetrics;
 
 use super::{
-    classify_token_refusal, DeniedEntry, DeniedKind, Inventory, JoinTokenRecord, MachineRecord,
-    OperatorRecord, ReleaseKeyRecord, StateTransitionRecord, Store, StoreError, TokenRedemption,
-    UnixSeconds,
+    classify_token_refusal, DeniedEntry, DeniedKind, DesiredImageRecord, ImageRecord, Inventory,
+    JoinTokenRecord, MachineRecord, OperatorRecord, ReleaseKeyRecord, StateTransitionRecord, Store,
+    StoreError, TokenRedemption, UnixSeconds,
 };
 use crate::audit::{seal, AuditEvent, AuditFilter, AuditRecord};
 use crate::roles::Role;
@@ -51,7 +51,20 @@ CREATE TABLE IF NOT EXISTS machines (
     state TEXT NOT NULL DEFAULT 'unknown',
     state_reason TEXT NOT NULL DEFAULT '',
     state_since INTEGER NOT NULL DEFAULT 0,
-    retired_at INTEGER
+    retired_at INTEGER,
+    desired_image TEXT
+);
+CREATE TABLE IF NOT EXISTS images (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    manifest_json BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    signing_key TEXT NOT NULL,
+    pushed_at INTEGER NOT NULL,
+    pushed_by TEXT NOT NULL,
+    PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS machine_transitions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -274,6 +287,20 @@ fn token_from_row(row: &Row<'_>) -> rusqlite::Result<JoinTokenRecord> {
     })
 }
 
+fn image_from_row(row: &Row<'_>) -> rusqlite::Result<ImageRecord> {
+    Ok(ImageRecord {
+        name: row.get("name")?,
+        version: row.get("version")?,
+        digest: row.get("digest")?,
+        size: row.get::<_, i64>("size")?.max(0) as u64,
+        manifest_json: row.get("manifest_json")?,
+        signature: row.get("signature")?,
+        signing_key: row.get("signing_key")?,
+        pushed_at: row.get("pushed_at")?,
+        pushed_by: row.get("pushed_by")?,
+    })
+}
+
 fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let id: String = row.get("id")?;
     let id = Uuid::parse_str(&id).map_err(|error| {
@@ -302,6 +329,16 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         state_reason: row.get("state_reason")?,
         state_since: row.get("state_since")?,
         retired_at: row.get("retired_at")?,
+        desired_image: match row.get::<_, Option<String>>("desired_image")? {
+            Some(text) => Some(serde_json::from_str(&text).map_err(|error| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Text,
+                    Box::new(error),
+                )
+            })?),
+            None => None,
+        },
     })
 }
 
@@ -633,6 +670,85 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn insert_image(&self, image: &ImageRecord) -> Result<bool, StoreError> {
+        let image = image.clone();
+        self.write(move |connection| {
+            let inserted = connection.execute(
+                "INSERT OR IGNORE INTO images (name, version, digest, size, manifest_json, signature,
+                    signing_key, pushed_at, pushed_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    image.name,
+                    image.version,
+                    image.digest,
+                    image.size as i64,
+                    image.manifest_json,
+                    image.signature,
+                    image.signing_key,
+                    image.pushed_at,
+                    image.pushed_by
+                ],
+            )?;
+            Ok(inserted == 1)
+        })
+        .await
+    }
+
+    async fn images(&self, name: Option<&str>) -> Result<Vec<ImageRecord>, StoreError> {
+        let name = name.map(str::to_owned);
+        self.with_connection(move |connection| {
+            let mut statement = connection.prepare(
+                "SELECT * FROM images WHERE (?1 IS NULL OR name = ?1) ORDER BY pushed_at DESC, name, version",
+            )?;
+            let images = statement
+                .query_map([name], image_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(images)
+        })
+        .await
+    }
+
+    async fn image(&self, name: &str, version: &str) -> Result<Option<ImageRecord>, StoreError> {
+        let (name, version) = (name.to_owned(), version.to_owned());
+        self.with_connection(move |connection| {
+            Ok(connection
+                .query_row(
+                    "SELECT * FROM images WHERE name = ?1 AND version = ?2",
+                    [name, version],
+                    image_from_row,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn set_desired_image(
+        &self,
+        id: Uuid,
+        image: Option<&DesiredImageRecord>,
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        let image = image
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            transaction.execute(
+                "UPDATE machines SET desired_image = ?2, desired_version = desired_version + 1 WHERE id = ?1",
+                params![id.to_string(), image],
+            )?;
+            let machine = transaction
+                .query_row(
+                    "SELECT * FROM machines WHERE id = ?1",
+                    [id.to_string()],
+                    machine_from_row,
+                )
+                .optional()?;
+            transaction.commit()?;
+            Ok(machine)
+        })
+        .await
+    }
+
     async fn record_last_seen(&self, seen: &[(Uuid, UnixSeconds)]) -> Result<(), StoreError> {
         if seen.is_empty() {
             return Ok(());
@@ -951,6 +1067,7 @@ mod tests {
             state_reason: String::new(),
             state_since: 0,
             retired_at: None,
+            desired_image: None,
         };
         store.insert_machine(&machine).await.unwrap();
         let writes_before = store.write_count();

@@ -1,0 +1,249 @@
+//! `flottectl image keygen | build | push | list | show`: release keys,
+//! signed image files, and the server's image store.
+
+use std::io::Read;
+
+use flotte_proto::v1::images_client::ImagesClient;
+use flotte_proto::v1::{GetImageRequest, ImageInfo, ListImagesRequest, PushImageChunk};
+use serde::Serialize;
+
+use super::{
+    connect, format_time, print_json, read_file, render_table, rpc_error, Cli, CtlError,
+    ImageCommand, Output,
+};
+use crate::image_build::{build_image, open_payload, read_image_file, BuildOptions};
+
+/// Payload bytes per push message.
+const PUSH_CHUNK_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Serialize)]
+struct ImageView {
+    name: String,
+    version: String,
+    digest: String,
+    size: u64,
+    signing_key: String,
+    created_at: String,
+    pushed_at: String,
+    pushed_by: String,
+    machines: u32,
+    manifest: serde_json::Value,
+}
+
+impl From<&ImageInfo> for ImageView {
+    fn from(info: &ImageInfo) -> Self {
+        let image = info.image.clone().unwrap_or_default();
+        ImageView {
+            name: image.name,
+            version: image.version,
+            digest: image.digest,
+            size: info.size,
+            signing_key: info.signing_key.clone(),
+            created_at: format_time(info.created_at),
+            pushed_at: format_time(info.pushed_at),
+            pushed_by: info.pushed_by.clone(),
+            machines: info.machines,
+            manifest: serde_json::from_str(&info.manifest_json).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+fn print_images(output: Output, images: &[ImageInfo]) -> Result<(), CtlError> {
+    let views: Vec<ImageView> = images.iter().map(ImageView::from).collect();
+    if output == Output::Json {
+        return print_json(&views);
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|view| {
+            vec![
+                format!("{}@{}", view.name, view.version),
+                view.digest[..view.digest.len().min(16)].to_owned(),
+                view.size.to_string(),
+                view.machines.to_string(),
+                view.pushed_at.clone(),
+                view.pushed_by.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render_table(
+            &["IMAGE", "DIGEST", "BYTES", "MACHINES", "PUSHED", "BY"],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChecksFile {
+    #[serde(default, rename = "check")]
+    checks: Vec<flotte_proto::checks::CheckDefinition>,
+}
+
+pub(super) async fn run_image(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
+    match command {
+        ImageCommand::Trust(command) => super::governance::run_trust(cli, command).await,
+        ImageCommand::Keygen { out } => {
+            let (private_pem, public) = flotte_proto::release_keys::generate_signing_key()
+                .map_err(|error| CtlError::Usage(error.to_string()))?;
+            let io = |error: std::io::Error| CtlError::Usage(format!("{}: {error}", out.display()));
+            flotte_proto::files::create_private_dir(out).map_err(io)?;
+            let key_path = out.join("release.key");
+            if key_path.exists() {
+                return Err(CtlError::Usage(format!(
+                    "{} exists: refusing to overwrite a key",
+                    key_path.display()
+                )));
+            }
+            flotte_proto::files::write_private(&key_path, private_pem.as_bytes()).map_err(io)?;
+            let public_path = out.join("release.pub");
+            flotte_proto::files::write_atomically(
+                &public_path,
+                format!("{} flotte-release\n", public.openssh_line()).as_bytes(),
+            )
+            .map_err(io)?;
+            println!("private key: {} (keep it secret)", key_path.display());
+            println!(
+                "public key:  {} (trust it with `flottectl image trust add`)",
+                public_path.display()
+            );
+            println!("key id:      {}", public.id());
+            Ok(())
+        }
+        ImageCommand::Build {
+            directory,
+            name,
+            version,
+            key,
+            out,
+            service,
+            checks,
+        } => {
+            let checks = match checks {
+                Some(path) => {
+                    toml::from_str::<ChecksFile>(&read_file(path)?)
+                        .map_err(|error| CtlError::Usage(format!("{}: {error}", path.display())))?
+                        .checks
+                }
+                None => Vec::new(),
+            };
+            let options = BuildOptions {
+                directory: directory.clone(),
+                name: name.clone(),
+                version: version.clone(),
+                key_pem: read_file(key)?,
+                service: service
+                    .as_ref()
+                    .map(|command| command.split_whitespace().map(str::to_owned).collect()),
+                checks,
+            };
+            let out = match out {
+                Some(out) => out.clone(),
+                None if !matches!(cli.output_flag.as_str(), "table" | "json") => {
+                    std::path::PathBuf::from(&cli.output_flag)
+                }
+                None => {
+                    return Err(CtlError::Usage(
+                        "give the image file with -o FILE or --out FILE".into(),
+                    ))
+                }
+            };
+            let out = &out;
+            let manifest =
+                build_image(&options, out).map_err(|error| CtlError::Usage(error.to_string()))?;
+            if cli.output() == Output::Json {
+                return print_json(&manifest);
+            }
+            println!(
+                "built {} ({} payload bytes, sha256 {}) -> {}",
+                manifest.reference(),
+                manifest.payload_size,
+                manifest.payload_sha256,
+                out.display()
+            );
+            Ok(())
+        }
+        ImageCommand::Push { file } => {
+            let image =
+                read_image_file(file).map_err(|error| CtlError::Usage(error.to_string()))?;
+            let mut payload =
+                open_payload(file, &image).map_err(|error| CtlError::Usage(error.to_string()))?;
+            let (channel, diagnostics) = connect(cli)?;
+            let rpc = rpc_error(&diagnostics);
+            let (sender, receiver) = tokio::sync::mpsc::channel(4);
+            let manifest_json = image.manifest_json.clone();
+            let signature = image.signature.clone();
+            // Read the file on a blocking thread and feed the stream.
+            let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let mut first = Some((manifest_json, signature));
+                loop {
+                    let mut buffer = vec![0u8; PUSH_CHUNK_BYTES];
+                    let read = payload.read(&mut buffer)?;
+                    buffer.truncate(read);
+                    let (manifest_json, signature) = first.take().unwrap_or_default();
+                    if read == 0 && manifest_json.is_empty() {
+                        return Ok(());
+                    }
+                    let chunk = PushImageChunk {
+                        manifest_json,
+                        signature,
+                        payload: buffer,
+                    };
+                    if sender.blocking_send(chunk).is_err() || read == 0 {
+                        return Ok(());
+                    }
+                }
+            });
+            let info = ImagesClient::new(channel)
+                .push_image(tokio_stream::wrappers::ReceiverStream::new(receiver))
+                .await
+                .map_err(&rpc)?
+                .into_inner();
+            if let Ok(Err(error)) = reader.await {
+                return Err(CtlError::Usage(format!("{}: {error}", file.display())));
+            }
+            print_images(cli.output(), &[info])
+        }
+        ImageCommand::List { name } => {
+            let (channel, diagnostics) = connect(cli)?;
+            let rpc = rpc_error(&diagnostics);
+            let images = ImagesClient::new(channel)
+                .list_images(ListImagesRequest { name: name.clone() })
+                .await
+                .map_err(&rpc)?
+                .into_inner()
+                .images;
+            print_images(cli.output(), &images)
+        }
+        ImageCommand::Show { reference } => {
+            let (channel, diagnostics) = connect(cli)?;
+            let rpc = rpc_error(&diagnostics);
+            let info = ImagesClient::new(channel)
+                .get_image(GetImageRequest {
+                    reference: reference.clone(),
+                })
+                .await
+                .map_err(&rpc)?
+                .into_inner();
+            let view = ImageView::from(&info);
+            if cli.output() == Output::Json {
+                return print_json(&view);
+            }
+            println!("image:       {}@{}", view.name, view.version);
+            println!("digest:      sha256:{}", view.digest);
+            println!("size:        {} bytes", view.size);
+            println!("signed by:   {}", view.signing_key);
+            println!("created:     {}", view.created_at);
+            println!("pushed:      {} by {}", view.pushed_at, view.pushed_by);
+            println!("machines:    {}", view.machines);
+            println!(
+                "manifest:\n{}",
+                serde_json::to_string_pretty(&view.manifest)?
+            );
+            Ok(())
+        }
+    }
+}

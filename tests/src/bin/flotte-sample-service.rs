@@ -1,0 +1,62 @@
+//! `flotte-sample-service`: the small HTTP service packaged into the sample
+//! images of the demo and the tests. `GET /` answers its version, `GET
+//! /health` answers 200 — or 500 when started with `--unhealthy`, which is how
+//! the broken sample image fails its health check.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let value_of = |flag: &str| {
+        arguments
+            .iter()
+            .position(|argument| argument == flag)
+            .and_then(|index| arguments.get(index + 1))
+            .cloned()
+    };
+    let Some(port) = value_of("--port") else {
+        eprintln!("usage: flotte-sample-service --port PORT [--version TEXT] [--unhealthy]");
+        return ExitCode::from(2);
+    };
+    let version = value_of("--version").unwrap_or_else(|| "unknown".into());
+    let healthy = !arguments.iter().any(|argument| argument == "--unhealthy");
+    let listener = match TcpListener::bind(format!("127.0.0.1:{port}")) {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("flotte-sample-service: cannot listen on port {port}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("sample service {version} listening on port {port} (healthy: {healthy})");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        // Read the whole request head: answering before it is read would
+        // make the kernel reset the connection on close.
+        let mut request = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !request.windows(4).any(|window| window == b"\r\n\r\n") && request.len() < 16 * 1024 {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(read) => request.extend_from_slice(&chunk[..read]),
+            }
+        }
+        let text = String::from_utf8_lossy(&request);
+        let path = text.split_whitespace().nth(1).unwrap_or("/");
+        let (status, body) = match path {
+            "/health" if healthy => ("200 OK", "ok\n".to_owned()),
+            "/health" => (
+                "500 Internal Server Error",
+                "unhealthy on purpose\n".to_owned(),
+            ),
+            _ => ("200 OK", format!("{version}\n")),
+        };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    ExitCode::SUCCESS
+}
