@@ -333,9 +333,14 @@ impl AgentConfigFile {
             match std::fs::read_to_string(path) {
                 Ok(text) => match parse_release_key(&text) {
                     Ok(key) => release_keys.push(key),
-                    Err(error) => problems.push(format!("images.release_keys: {}: {error}", path.display())),
+                    Err(error) => {
+                        problems.push(format!("images.release_keys: {}: {error}", path.display()))
+                    }
                 },
-                Err(error) => problems.push(format!("images.release_keys: {}: cannot read: {error}", path.display())),
+                Err(error) => problems.push(format!(
+                    "images.release_keys: {}: cannot read: {error}",
+                    path.display()
+                )),
             }
         }
         let verify_deadline = duration(
@@ -344,7 +349,12 @@ impl AgentConfigFile {
             Duration::from_millis(100),
             &mut problems,
         );
-        let soak = duration("images.soak", &self.images.soak, Duration::ZERO, &mut problems);
+        let soak = duration(
+            "images.soak",
+            &self.images.soak,
+            Duration::ZERO,
+            &mut problems,
+        );
         if self.images.keep < 2 {
             problems.push("images.keep must be at least 2 (current and previous)".to_owned());
         }
@@ -360,9 +370,14 @@ impl AgentConfigFile {
                 }
             }
             "restart-command" => match &self.service.restart_command {
-                Some(command) if !command.is_empty() => ServiceMode::RestartCommand(command.clone()),
+                Some(command) if !command.is_empty() => {
+                    ServiceMode::RestartCommand(command.clone())
+                }
                 _ => {
-                    problems.push("service.mode = \"restart-command\" needs service.restart_command".to_owned());
+                    problems.push(
+                        "service.mode = \"restart-command\" needs service.restart_command"
+                            .to_owned(),
+                    );
                     ServiceMode::Unmanaged
                 }
             },

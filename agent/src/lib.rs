@@ -175,7 +175,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
     let (identity_watch, identity_updates) = tokio::sync::watch::channel(identity.clone());
     let layout = ImageLayout::new(&config.data_dir);
-    let service = Service::start(config.service.clone(), layout.current_link(), shutdown.clone());
+    let service = Service::start(
+        config.service.clone(),
+        layout.current_link(),
+        shutdown.clone(),
+    );
     let images = image::swap::start(
         ImageSettings {
             release_keys: config.release_keys.clone(),

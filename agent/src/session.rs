@@ -81,7 +81,9 @@ pub struct AgentState {
 
 impl AgentState {
     fn image_status(&self) -> Option<ImageStatus> {
-        self.images.as_ref().map(|images| images.status.borrow().clone())
+        self.images
+            .as_ref()
+            .map(|images| images.status.borrow().clone())
     }
 }
 

@@ -49,4 +49,3 @@ fn default_fall() -> u32 {
 fn default_critical() -> bool {
     true
 }
-

@@ -98,7 +98,10 @@ impl Manifest {
     pub fn validate(&self) -> Result<semver::Version, ImageError> {
         let bad = |reason: String| ImageError::BadManifest(reason);
         if self.format != MANIFEST_FORMAT {
-            return Err(bad(format!("format {} is not {MANIFEST_FORMAT}", self.format)));
+            return Err(bad(format!(
+                "format {} is not {MANIFEST_FORMAT}",
+                self.format
+            )));
         }
         if !crate::identity::is_valid_segment(&self.name) {
             return Err(bad(format!("name {:?} is invalid", self.name)));

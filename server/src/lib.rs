@@ -24,7 +24,6 @@ pub mod limits;
 pub mod metrics;
 pub mod profile;
 pub mod registry;
-pub mod release_keys;
 pub mod revocation;
 pub mod roles;
 pub mod store;

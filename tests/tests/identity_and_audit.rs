@@ -419,7 +419,7 @@ fn release_keys_are_validated_listed_and_removed_by_admins_only() {
     let root = TempDir::new("flotte-e2e").unwrap();
     let server = started_server(&root);
     let viewer = server.create_operator(root.path(), "bob", "viewer");
-    let key = flotte_server::release_keys::ReleasePublicKey {
+    let key = flotte_proto::release_keys::ReleasePublicKey {
         key: [42u8; 32],
         comment: String::new(),
     };

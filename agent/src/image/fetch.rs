@@ -69,9 +69,9 @@ impl ImageSource for GrpcImageSource {
                 Ok(response) => {
                     use futures::StreamExt;
                     let stream = response.into_inner().map(move |chunk| {
-                        chunk
-                            .map(|chunk| chunk.data)
-                            .map_err(|status| FetchError::Transport(explain_status_with(&status, &diagnostics)))
+                        chunk.map(|chunk| chunk.data).map_err(|status| {
+                            FetchError::Transport(explain_status_with(&status, &diagnostics))
+                        })
                     });
                     return Ok(Box::pin(stream));
                 }
@@ -121,7 +121,11 @@ pub async fn download(
             }
             hasher.update(&buffer[..read]);
         }
-        tracing::info!(digest = expected_digest, resume_from = present, "resuming image download");
+        tracing::info!(
+            digest = expected_digest,
+            resume_from = present,
+            "resuming image download"
+        );
     }
     progress(present);
     if present < expected_size {
@@ -208,8 +212,13 @@ mod tests {
             served_from: Mutex::new(Vec::new()),
         };
         let first = download(&source, &layout, &digest, 100, &mut |_| {}).await;
-        assert!(matches!(first, Err(FetchError::SizeMismatch { actual: 40, .. })), "{first:?}");
-        let path = download(&source, &layout, &digest, 100, &mut |_| {}).await.unwrap();
+        assert!(
+            matches!(first, Err(FetchError::SizeMismatch { actual: 40, .. })),
+            "{first:?}"
+        );
+        let path = download(&source, &layout, &digest, 100, &mut |_| {})
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(path).unwrap(), bytes);
         assert_eq!(*source.served_from.lock().unwrap(), vec![0, 40]);
         std::fs::remove_dir_all(dir).unwrap();
@@ -225,10 +234,16 @@ mod tests {
         };
         let wrong_digest = "0".repeat(64);
         let result = download(&source, &layout, &wrong_digest, 50, &mut |_| {}).await;
-        assert!(matches!(result, Err(FetchError::DigestMismatch { .. })), "{result:?}");
+        assert!(
+            matches!(result, Err(FetchError::DigestMismatch { .. })),
+            "{result:?}"
+        );
         assert!(!layout.partial_download(&wrong_digest).exists());
         let too_long = download(&source, &layout, &wrong_digest, 10, &mut |_| {}).await;
-        assert!(matches!(too_long, Err(FetchError::SizeMismatch { .. })), "{too_long:?}");
+        assert!(
+            matches!(too_long, Err(FetchError::SizeMismatch { .. })),
+            "{too_long:?}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -13,10 +13,19 @@ use crate::health::{CheckSpec, CheckTracker};
 pub enum GateOutcome {
     Passed,
     /// Why, and the last result of every check.
-    Failed { reason: String, checks: Vec<CheckResult> },
+    Failed {
+        reason: String,
+        checks: Vec<CheckResult>,
+    },
 }
 
-fn result_of(spec: &CheckSpec, tracker: &CheckTracker, passed: bool, output: String, duration: Duration) -> CheckResult {
+fn result_of(
+    spec: &CheckSpec,
+    tracker: &CheckTracker,
+    passed: bool,
+    output: String,
+    duration: Duration,
+) -> CheckResult {
     CheckResult {
         name: spec.name.clone(),
         kind: String::new(),
@@ -61,7 +70,13 @@ pub async fn verify(checks: &[CheckSpec], deadline: Duration, soak: Duration) ->
             let probe_started = Instant::now();
             let outcome = probe.run(spec.timeout).await;
             tracker.observe(outcome.passed, spec.rise, spec.fall);
-            results.push(result_of(spec, tracker, outcome.passed, outcome.output, probe_started.elapsed()));
+            results.push(result_of(
+                spec,
+                tracker,
+                outcome.passed,
+                outcome.output,
+                probe_started.elapsed(),
+            ));
         }
         let all_healthy = trackers.iter().all(|tracker| tracker.healthy == Some(true));
         match soak_started {
@@ -122,13 +137,23 @@ mod tests {
 
     #[tokio::test]
     async fn healthy_checks_pass_after_rise_and_soak() {
-        let outcome = verify(&[exec_check("true")], Duration::from_secs(5), Duration::from_millis(100)).await;
+        let outcome = verify(
+            &[exec_check("true")],
+            Duration::from_secs(5),
+            Duration::from_millis(100),
+        )
+        .await;
         assert_eq!(outcome, GateOutcome::Passed);
     }
 
     #[tokio::test]
     async fn failing_checks_fail_at_the_deadline_with_their_output() {
-        let outcome = verify(&[exec_check("echo nope; exit 1")], Duration::from_millis(200), Duration::ZERO).await;
+        let outcome = verify(
+            &[exec_check("echo nope; exit 1")],
+            Duration::from_millis(200),
+            Duration::ZERO,
+        )
+        .await;
         let GateOutcome::Failed { reason, checks } = outcome else {
             panic!("must fail");
         };
@@ -144,8 +169,16 @@ mod tests {
             "n=$(cat {m} 2>/dev/null || echo 0); echo $((n+1)) > {m}; [ $n -lt 3 ]",
             m = marker.display()
         );
-        let outcome = verify(&[exec_check(&script)], Duration::from_secs(5), Duration::from_secs(5)).await;
-        assert!(matches!(outcome, GateOutcome::Failed { ref reason, .. } if reason.contains("soak")), "{outcome:?}");
+        let outcome = verify(
+            &[exec_check(&script)],
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            matches!(outcome, GateOutcome::Failed { ref reason, .. } if reason.contains("soak")),
+            "{outcome:?}"
+        );
         let _ = std::fs::remove_file(marker);
     }
 }

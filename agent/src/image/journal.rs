@@ -118,7 +118,10 @@ pub fn clear(layout: &ImageLayout) -> std::io::Result<()> {
 #[cfg(feature = "swap-hold")]
 fn hold_if_requested(step: SwapStep) {
     if std::env::var("FLOTTE_HOLD_AT_STEP").is_ok_and(|wanted| wanted == step.as_str()) {
-        tracing::warn!(step = step.as_str(), "holding at swap step (FLOTTE_HOLD_AT_STEP)");
+        tracing::warn!(
+            step = step.as_str(),
+            "holding at swap step (FLOTTE_HOLD_AT_STEP)"
+        );
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
@@ -135,7 +138,16 @@ mod tests {
     #[test]
     fn recovery_never_leaves_an_unproven_image_running() {
         use RecoveryAction::*;
-        let expected = [Discard, Discard, Discard, RollBack, RollBack, RollBack, FinishCommit, RollBack];
+        let expected = [
+            Discard,
+            Discard,
+            Discard,
+            RollBack,
+            RollBack,
+            RollBack,
+            FinishCommit,
+            RollBack,
+        ];
         for (step, action) in SwapStep::ALL.into_iter().zip(expected) {
             assert_eq!(recovery_action(step), action, "{step:?}");
         }
@@ -147,7 +159,11 @@ mod tests {
         let layout = ImageLayout::new(&dir);
         layout.ensure_dirs().unwrap();
         let journal = SwapJournal {
-            target: LocalImage { name: "app".into(), version: "2.0.0".into(), digest: "b".repeat(64) },
+            target: LocalImage {
+                name: "app".into(),
+                version: "2.0.0".into(),
+                digest: "b".repeat(64),
+            },
             previous: None,
             step: SwapStep::Verifying,
             desired_version: 3,

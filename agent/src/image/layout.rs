@@ -113,7 +113,9 @@ impl ImageLayout {
     /// Points `current` at `images/<digest>` atomically (new link, rename, fsync).
     pub fn switch_current(&self, digest: &str) -> std::io::Result<()> {
         let link = self.current_link();
-        let temporary = self.images_dir().join(format!(".current-{}", std::process::id()));
+        let temporary = self
+            .images_dir()
+            .join(format!(".current-{}", std::process::id()));
         let _ = std::fs::remove_file(&temporary);
         std::os::unix::fs::symlink(digest, &temporary)?;
         std::fs::rename(&temporary, &link)?;
@@ -128,7 +130,11 @@ impl ImageLayout {
     }
 
     /// Removes unpacked images other than `keep`, oldest first, beyond `keep_count`.
-    pub fn collect_garbage(&self, keep: &[&str], keep_count: usize) -> std::io::Result<Vec<String>> {
+    pub fn collect_garbage(
+        &self,
+        keep: &[&str],
+        keep_count: usize,
+    ) -> std::io::Result<Vec<String>> {
         let mut candidates = Vec::new();
         for entry in std::fs::read_dir(self.images_dir())? {
             let entry = entry?;
@@ -165,14 +171,26 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         layout.switch_current(&digests[3]).unwrap();
-        assert_eq!(layout.current_target().as_deref(), Some(digests[3].as_str()));
+        assert_eq!(
+            layout.current_target().as_deref(),
+            Some(digests[3].as_str())
+        );
         layout.switch_current(&digests[2]).unwrap();
-        assert_eq!(layout.current_target().as_deref(), Some(digests[2].as_str()));
-        let removed = layout.collect_garbage(&[&digests[2], &digests[3]], 3).unwrap();
+        assert_eq!(
+            layout.current_target().as_deref(),
+            Some(digests[2].as_str())
+        );
+        let removed = layout
+            .collect_garbage(&[&digests[2], &digests[3]], 3)
+            .unwrap();
         assert_eq!(removed, vec![digests[0].clone()]);
         assert!(layout.image_dir(&digests[1]).exists());
         let committed = Committed {
-            current: Some(LocalImage { name: "app".into(), version: "1.0.0".into(), digest: digests[2].clone() }),
+            current: Some(LocalImage {
+                name: "app".into(),
+                version: "1.0.0".into(),
+                digest: digests[2].clone(),
+            }),
             previous: None,
         };
         layout.save_committed(&committed).unwrap();

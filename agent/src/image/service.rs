@@ -103,10 +103,15 @@ impl Service {
     }
 
     /// (Re)starts the service for the image now in `current`.
-    pub async fn restart(&self, manifest_service: Option<&ServiceSpec>) -> Result<(), ServiceError> {
+    pub async fn restart(
+        &self,
+        manifest_service: Option<&ServiceSpec>,
+    ) -> Result<(), ServiceError> {
         match &self.mode {
             ServiceMode::Unmanaged => Ok(()),
-            ServiceMode::RestartCommand(command) => run_restart_command(command, &self.run_directory).await,
+            ServiceMode::RestartCommand(command) => {
+                run_restart_command(command, &self.run_directory).await
+            }
             ServiceMode::Supervised {
                 command_override, ..
             } => {
@@ -152,7 +157,10 @@ impl Service {
     }
 }
 
-async fn run_restart_command(command: &[String], directory: &std::path::Path) -> Result<(), ServiceError> {
+async fn run_restart_command(
+    command: &[String],
+    directory: &std::path::Path,
+) -> Result<(), ServiceError> {
     let display = command.join(" ");
     let Some((program, arguments)) = command.split_first() else {
         return Ok(());
@@ -244,12 +252,18 @@ async fn stop_child(child: &mut Child) {
     if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
         let group = nix::unistd::Pid::from_raw(pid);
         let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
-        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        if tokio::time::timeout(STOP_GRACE, child.wait())
+            .await
+            .is_err()
+        {
             let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         }
     }
     let _ = child.wait().await;
 }
+
+/// The command line and environment the supervisor keeps running.
+type WantedService = (Vec<String>, Vec<(String, String)>);
 
 async fn supervise(
     mut requests: mpsc::Receiver<Request>,
@@ -259,17 +273,18 @@ async fn supervise(
     shutdown: CancellationToken,
 ) {
     let mut child: Option<Child> = None;
-    let mut wanted: Option<(Vec<String>, Vec<(String, String)>)> = None;
-    let start = |command: &[String], environment: &[(String, String)]| -> Result<Child, ServiceError> {
-        let mut started = spawn(&run_directory, command, environment)?;
-        if let Some(stdout) = started.stdout.take() {
-            tokio::spawn(copy_to_log(stdout, log_path.clone(), log_max_bytes));
-        }
-        if let Some(stderr) = started.stderr.take() {
-            tokio::spawn(copy_to_log(stderr, log_path.clone(), log_max_bytes));
-        }
-        Ok(started)
-    };
+    let mut wanted: Option<WantedService> = None;
+    let start =
+        |command: &[String], environment: &[(String, String)]| -> Result<Child, ServiceError> {
+            let mut started = spawn(&run_directory, command, environment)?;
+            if let Some(stdout) = started.stdout.take() {
+                tokio::spawn(copy_to_log(stdout, log_path.clone(), log_max_bytes));
+            }
+            if let Some(stderr) = started.stderr.take() {
+                tokio::spawn(copy_to_log(stderr, log_path.clone(), log_max_bytes));
+            }
+            Ok(started)
+        };
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {

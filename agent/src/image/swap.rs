@@ -82,7 +82,9 @@ struct Manager {
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map_or(0, |duration| i64::try_from(duration.as_secs()).unwrap_or(i64::MAX))
+        .map_or(0, |duration| {
+            i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
+        })
 }
 
 fn io_step(step: SwapStep) -> impl Fn(std::io::Error) -> SwapError {
@@ -103,7 +105,14 @@ impl Manager {
         });
     }
 
-    fn progress(&self, target: &LocalImage, step: &str, outcome: &str, message: String, checks: Vec<CheckResult>) {
+    fn progress(
+        &self,
+        target: &LocalImage,
+        step: &str,
+        outcome: &str,
+        message: String,
+        checks: Vec<CheckResult>,
+    ) {
         self.publish(Some(SwapStatus {
             target: Some(target.to_proto()),
             step: step.to_owned(),
@@ -118,7 +127,13 @@ impl Manager {
     fn record(&self, journal: &mut SwapJournal, step: SwapStep) -> Result<(), SwapError> {
         journal.step = step;
         journal::record(&self.layout, journal).map_err(io_step(step))?;
-        self.progress(&journal.target, step.as_str(), "in_progress", String::new(), Vec::new());
+        self.progress(
+            &journal.target,
+            step.as_str(),
+            "in_progress",
+            String::new(),
+            Vec::new(),
+        );
         Ok(())
     }
 
@@ -128,14 +143,22 @@ impl Manager {
             .map(|manifest| validate_checks(manifest.checks.clone(), &mut problems))
             .unwrap_or_default();
         if !problems.is_empty() {
-            tracing::warn!(?problems, "the image declares invalid checks; they are ignored");
+            tracing::warn!(
+                ?problems,
+                "the image declares invalid checks; they are ignored"
+            );
         }
         checks.extend(self.settings.config_checks.iter().cloned());
         checks
     }
 
     fn manifest_of(&self, image: &LocalImage) -> Option<Manifest> {
-        let bytes = std::fs::read(self.layout.image_dir(&image.digest).join(".flotte-manifest.json")).ok()?;
+        let bytes = std::fs::read(
+            self.layout
+                .image_dir(&image.digest)
+                .join(".flotte-manifest.json"),
+        )
+        .ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -155,29 +178,43 @@ impl Manager {
                 };
                 self.layout.save_committed(&self.committed)?;
             }
-            RecoveryAction::RollBack => {
-                match &journal.previous {
-                    Some(previous) => self.layout.switch_current(&previous.digest)?,
-                    None => {
-                        let _ = std::fs::remove_file(self.layout.current_link());
-                    }
+            RecoveryAction::RollBack => match &journal.previous {
+                Some(previous) => self.layout.switch_current(&previous.digest)?,
+                None => {
+                    let _ = std::fs::remove_file(self.layout.current_link());
                 }
-            }
+            },
         }
         journal::clear(&self.layout)?;
         let message = match action {
             RecoveryAction::Discard => "agent restarted before the switch; attempt dropped",
             RecoveryAction::FinishCommit => "agent restarted while committing; commit finished",
-            RecoveryAction::RollBack => "agent restarted before the new image was proven healthy; switched back",
+            RecoveryAction::RollBack => {
+                "agent restarted before the new image was proven healthy; switched back"
+            }
         };
-        let outcome = if action == RecoveryAction::FinishCommit { "committed" } else { "failed" };
-        self.progress(&journal.target, "recovered", outcome, message.to_owned(), Vec::new());
+        let outcome = if action == RecoveryAction::FinishCommit {
+            "committed"
+        } else {
+            "failed"
+        };
+        self.progress(
+            &journal.target,
+            "recovered",
+            outcome,
+            message.to_owned(),
+            Vec::new(),
+        );
         Ok(())
     }
 
     async fn swap(&mut self, version: u64, desired: &DesiredImage) -> Result<(), SwapError> {
-        let manifest = verify_manifest(&desired.manifest_json, &desired.signature, &self.settings.release_keys)
-            .map_err(|error| SwapError::Refused(error.to_string()))?;
+        let manifest = verify_manifest(
+            &desired.manifest_json,
+            &desired.signature,
+            &self.settings.release_keys,
+        )
+        .map_err(|error| SwapError::Refused(error.to_string()))?;
         let wanted = desired.image.clone().unwrap_or_default();
         if manifest.payload_sha256 != wanted.digest || manifest.payload_size != desired.size {
             return Err(SwapError::Refused(format!(
@@ -224,24 +261,35 @@ impl Manager {
                     }
                 });
             };
-            let payload = download(self.source.as_ref(), &self.layout, &target.digest, desired.size, &mut progress)
-                .await
-                .map_err(|error| match error {
-                    super::fetch::FetchError::DigestMismatch { .. } | super::fetch::FetchError::SizeMismatch { .. } => {
-                        SwapError::Refused(error.to_string())
-                    }
-                    other => SwapError::Transient(other.to_string()),
-                })?;
+            let payload = download(
+                self.source.as_ref(),
+                &self.layout,
+                &target.digest,
+                desired.size,
+                &mut progress,
+            )
+            .await
+            .map_err(|error| match error {
+                super::fetch::FetchError::DigestMismatch { .. }
+                | super::fetch::FetchError::SizeMismatch { .. } => {
+                    SwapError::Refused(error.to_string())
+                }
+                other => SwapError::Transient(other.to_string()),
+            })?;
             // The payload's SHA-256 was checked while downloading.
             self.record(&mut journal, SwapStep::VerifyingPayload)?;
             self.record(&mut journal, SwapStep::Unpacking)?;
-            let staging = self.layout.images_dir().join(format!(".staging-{}", target.digest));
+            let staging = self
+                .layout
+                .images_dir()
+                .join(format!(".staging-{}", target.digest));
             let _ = std::fs::remove_dir_all(&staging);
             let policy = self.settings.unpack.clone();
             let manifest_json = desired.manifest_json.clone();
             let final_dir = image_dir.clone();
             tokio::task::spawn_blocking(move || -> Result<(), SwapError> {
-                unpack_payload(&payload, &staging, &policy).map_err(|error| SwapError::Refused(error.to_string()))?;
+                unpack_payload(&payload, &staging, &policy)
+                    .map_err(|error| SwapError::Refused(error.to_string()))?;
                 std::fs::write(staging.join(".flotte-manifest.json"), &manifest_json)
                     .map_err(io_step(SwapStep::Unpacking))?;
                 sync_tree(&staging).map_err(|error| SwapError::Step {
@@ -256,7 +304,9 @@ impl Manager {
             .map_err(|error| SwapError::Transient(error.to_string()))??;
         }
         self.record(&mut journal, SwapStep::Switching)?;
-        self.layout.switch_current(&target.digest).map_err(io_step(SwapStep::Switching))?;
+        self.layout
+            .switch_current(&target.digest)
+            .map_err(io_step(SwapStep::Switching))?;
         self.record(&mut journal, SwapStep::Restarting)?;
         let restarted = self.service.restart(manifest.service.as_ref()).await;
         self.record(&mut journal, SwapStep::Verifying)?;
@@ -265,7 +315,14 @@ impl Manager {
                 reason: error.to_string(),
                 checks: Vec::new(),
             },
-            Ok(()) => verify(&self.checks_for(Some(&manifest)), self.settings.verify_deadline, self.settings.soak).await,
+            Ok(()) => {
+                verify(
+                    &self.checks_for(Some(&manifest)),
+                    self.settings.verify_deadline,
+                    self.settings.soak,
+                )
+                .await
+            }
         };
         match outcome {
             GateOutcome::Passed => {
@@ -274,17 +331,31 @@ impl Manager {
                     current: Some(target.clone()),
                     previous: journal.previous.clone(),
                 };
-                self.layout.save_committed(&self.committed).map_err(io_step(SwapStep::Committing))?;
+                self.layout
+                    .save_committed(&self.committed)
+                    .map_err(io_step(SwapStep::Committing))?;
                 journal::clear(&self.layout).map_err(io_step(SwapStep::Committing))?;
-                let keep: Vec<&str> = [Some(target.digest.as_str()), journal.previous.as_ref().map(|p| p.digest.as_str())]
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                if let Err(error) = self.layout.collect_garbage(&keep, self.settings.keep_images) {
+                let keep: Vec<&str> = [
+                    Some(target.digest.as_str()),
+                    journal.previous.as_ref().map(|p| p.digest.as_str()),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                if let Err(error) = self
+                    .layout
+                    .collect_garbage(&keep, self.settings.keep_images)
+                {
                     tracing::warn!(%error, "image garbage collection failed");
                 }
                 tracing::info!(image = %target.reference(), "swap committed");
-                self.progress(&target, "committed", "committed", format!("{} committed", target.reference()), Vec::new());
+                self.progress(
+                    &target,
+                    "committed",
+                    "committed",
+                    format!("{} committed", target.reference()),
+                    Vec::new(),
+                );
                 Ok(())
             }
             GateOutcome::Failed { reason, checks } => {
@@ -315,23 +386,44 @@ impl Manager {
             return format!("switching back to {} failed: {error}", previous.reference());
         }
         let manifest = self.manifest_of(previous);
-        if let Err(error) = self.service.restart(manifest.as_ref().and_then(|m| m.service.as_ref())).await {
+        if let Err(error) = self
+            .service
+            .restart(manifest.as_ref().and_then(|m| m.service.as_ref()))
+            .await
+        {
             return format!("restarting {} failed: {error}", previous.reference());
         }
-        match verify(&self.checks_for(manifest.as_ref()), self.settings.verify_deadline, Duration::ZERO).await {
+        match verify(
+            &self.checks_for(manifest.as_ref()),
+            self.settings.verify_deadline,
+            Duration::ZERO,
+        )
+        .await
+        {
             GateOutcome::Passed => format!("back on {}, healthy", previous.reference()),
-            GateOutcome::Failed { reason, .. } => format!("back on {}, but it is not healthy either: {reason}", previous.reference()),
+            GateOutcome::Failed { reason, .. } => format!(
+                "back on {}, but it is not healthy either: {reason}",
+                previous.reference()
+            ),
         }
     }
 
-    async fn run(mut self, mut desired: watch::Receiver<Option<(u64, DesiredImage)>>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mut desired: watch::Receiver<Option<(u64, DesiredImage)>>,
+        shutdown: CancellationToken,
+    ) {
         if let Err(error) = self.recover().await {
             tracing::error!(%error, "cannot recover the swap journal");
         }
         self.publish(None);
         if let Some(current) = self.committed.current.clone() {
             let manifest = self.manifest_of(&current);
-            if let Err(error) = self.service.restart(manifest.as_ref().and_then(|m| m.service.as_ref())).await {
+            if let Err(error) = self
+                .service
+                .restart(manifest.as_ref().and_then(|m| m.service.as_ref()))
+                .await
+            {
                 tracing::error!(%error, "cannot start the service of the committed image");
             }
         }
@@ -341,8 +433,16 @@ impl Manager {
         loop {
             let wanted = desired.borrow_and_update().clone();
             if let Some((version, image)) = wanted {
-                let digest = image.image.as_ref().map(|i| i.digest.clone()).unwrap_or_default();
-                let is_current = self.committed.current.as_ref().is_some_and(|c| c.digest == digest);
+                let digest = image
+                    .image
+                    .as_ref()
+                    .map(|i| i.digest.clone())
+                    .unwrap_or_default();
+                let is_current = self
+                    .committed
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.digest == digest);
                 let already_tried = finished.as_ref() == Some(&(version, digest.clone()));
                 if !is_current && !already_tried && !digest.is_empty() {
                     let result = tokio::select! {
@@ -353,8 +453,18 @@ impl Manager {
                         Ok(()) => finished = Some((version, digest)),
                         Err(SwapError::Transient(reason)) => {
                             tracing::warn!(%reason, "image download failed; retrying");
-                            let target = image.image.clone().map(|i| LocalImage::from_proto(&i)).unwrap_or_default();
-                            self.progress(&target, "downloading", "in_progress", reason, Vec::new());
+                            let target = image
+                                .image
+                                .clone()
+                                .map(|i| LocalImage::from_proto(&i))
+                                .unwrap_or_default();
+                            self.progress(
+                                &target,
+                                "downloading",
+                                "in_progress",
+                                reason,
+                                Vec::new(),
+                            );
                             tokio::select! {
                                 () = shutdown.cancelled() => return,
                                 () = tokio::time::sleep(DOWNLOAD_RETRY_DELAY) => {}
@@ -363,9 +473,19 @@ impl Manager {
                         }
                         Err(error) => {
                             tracing::error!(%error, "swap failed");
-                            let target = image.image.clone().map(|i| LocalImage::from_proto(&i)).unwrap_or_default();
+                            let target = image
+                                .image
+                                .clone()
+                                .map(|i| LocalImage::from_proto(&i))
+                                .unwrap_or_default();
                             let _ = journal::clear(&self.layout);
-                            self.progress(&target, "refused", "failed", error.to_string(), Vec::new());
+                            self.progress(
+                                &target,
+                                "refused",
+                                "failed",
+                                error.to_string(),
+                                Vec::new(),
+                            );
                             finished = Some((version, digest));
                         }
                     }

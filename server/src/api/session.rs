@@ -88,7 +88,8 @@ fn inventory_from_hello(hello: &Hello) -> Inventory {
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
-type SessionStream2 = Pin<Box<dyn Stream<Item = Result<flotte_proto::v1::ImageChunk, Status>> + Send>>;
+type SessionStream2 =
+    Pin<Box<dyn Stream<Item = Result<flotte_proto::v1::ImageChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentSession for SessionApi {

@@ -15,10 +15,10 @@ use tonic::{Request, Response, Status};
 
 use crate::api::guard::admit;
 use crate::audit::{AuditFilter, AuditRecord};
-use crate::release_keys::parse_release_key;
 use crate::roles::AdminRpc;
 use crate::store::ReleaseKeyRecord;
 use crate::ServerState;
+use flotte_proto::release_keys::parse_release_key;
 
 /// Release key names are labels for people; keep them short.
 const MAX_KEY_NAME_LENGTH: usize = 100;
