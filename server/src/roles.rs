@@ -65,7 +65,11 @@ pub enum AdminRpc {
     WatchMachines,
     FleetStatus,
     SetLabels,
+    SetImage,
     DecommissionMachine,
+    PushImage,
+    ListImages,
+    GetImage,
     CreateOperator,
     ListOperators,
     SetOperatorRole,
@@ -116,7 +120,11 @@ impl AdminRpc {
         AdminRpc::WatchMachines,
         AdminRpc::FleetStatus,
         AdminRpc::SetLabels,
+        AdminRpc::SetImage,
         AdminRpc::DecommissionMachine,
+        AdminRpc::PushImage,
+        AdminRpc::ListImages,
+        AdminRpc::GetImage,
         AdminRpc::CreateOperator,
         AdminRpc::ListOperators,
         AdminRpc::SetOperatorRole,
@@ -171,6 +179,19 @@ impl AdminRpc {
                 Operator,
                 true,
             ),
+            AdminRpc::SetImage => policy(
+                "/flotte.v1.Machines/SetImage",
+                "machine.set-image",
+                Operator,
+                true,
+            ),
+            AdminRpc::PushImage => {
+                policy("/flotte.v1.Images/PushImage", "image.push", Operator, true)
+            }
+            AdminRpc::ListImages => {
+                policy("/flotte.v1.Images/ListImages", "image.list", Viewer, false)
+            }
+            AdminRpc::GetImage => policy("/flotte.v1.Images/GetImage", "image.get", Viewer, false),
             AdminRpc::DecommissionMachine => policy(
                 "/flotte.v1.Machines/DecommissionMachine",
                 "machine.decommission",
@@ -270,7 +291,11 @@ mod tests {
         (AdminRpc::WatchMachines, Role::Viewer, false),
         (AdminRpc::FleetStatus, Role::Viewer, false),
         (AdminRpc::SetLabels, Role::Operator, true),
+        (AdminRpc::SetImage, Role::Operator, true),
         (AdminRpc::DecommissionMachine, Role::Admin, true),
+        (AdminRpc::PushImage, Role::Operator, true),
+        (AdminRpc::ListImages, Role::Viewer, false),
+        (AdminRpc::GetImage, Role::Viewer, false),
         (AdminRpc::CreateOperator, Role::Admin, true),
         (AdminRpc::ListOperators, Role::Viewer, false),
         (AdminRpc::SetOperatorRole, Role::Admin, true),

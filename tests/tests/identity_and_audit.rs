@@ -264,37 +264,27 @@ fn an_operator_key_made_on_their_own_machine_never_reaches_the_server() {
 }
 
 #[test]
-fn a_revoked_operator_is_refused_and_its_open_stream_is_cut() {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
+fn a_revoked_operator_is_refused_and_its_open_watch_stream_is_cut() {
+    use flotte_proto::v1::machines_client::MachinesClient;
+    use flotte_proto::v1::WatchMachinesRequest;
 
     let root = TempDir::new("flotte-e2e").unwrap();
     let mut server = started_server(&root);
     let bob = server.create_operator(root.path(), "bob", "admin");
     succeeds(&server, &bob, &["machines", "list"]);
 
-    // Bob holds a long-lived stream open (reflection: any identity may).
+    // Bob holds a `machines watch` stream open.
     let runtime = runtime();
-    let (requests, request_stream) = tokio::sync::mpsc::channel(4);
     let (ended_sender, ended) = tokio::sync::oneshot::channel();
     runtime.block_on(async {
-        let mut client = ServerReflectionClient::new(channel_as(&bob, &server.address));
-        requests
-            .send(ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(MessageRequest::ListServices(String::new())),
-            })
-            .await
-            .unwrap();
-        let mut responses = client
-            .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(request_stream))
+        let mut events = MachinesClient::new(channel_as(&bob, &server.address))
+            .watch(WatchMachinesRequest::default())
             .await
             .unwrap()
             .into_inner();
-        assert!(responses.message().await.unwrap().is_some(), "stream open");
         tokio::spawn(async move {
-            let outcome = responses.message().await;
+            // No machine: the stream stays silent until it is cut.
+            let outcome = events.message().await;
             let _ = ended_sender.send((Instant::now(), format!("{outcome:?}")));
         });
     });
@@ -310,9 +300,10 @@ fn a_revoked_operator_is_refused_and_its_open_stream_is_cut() {
         .expect("bob's stream was not cut within 5 s")
         .unwrap();
     let cut_after = ended_at.saturating_duration_since(revoked_at);
-    eprintln!("measured: revoke answered → bob's open stream cut after {cut_after:?} ({outcome})");
+    eprintln!(
+        "measured: revoke answered → bob's open watch stream cut after {cut_after:?} ({outcome})"
+    );
     assert!(cut_after < CUT_WITHIN, "stream cut after {cut_after:?}");
-    drop(requests);
 
     // The next call fails, at the handshake, naming the revocation.
     refused(&server, &bob, &["machines", "list"], "it was revoked");
@@ -410,6 +401,13 @@ fn a_decommissioned_machine_is_cut_within_a_second_and_its_reconnect_refused() {
     let shown = server.ctl_json(&["machines", "show", "web-1"]);
     assert_eq!(shown["connected"], false);
     assert!(shown["retired_at"].is_string());
+    assert_eq!(shown["state"], "retired", "{shown}");
+    assert!(
+        shown["transitions"]
+            .as_array()
+            .is_some_and(|transitions| transitions[0]["to"] == "retired"),
+        "{shown}"
+    );
     let again = server.ctl(&["machines", "decommission", "web-1"]);
     assert!(stderr_of(&again).contains("already decommissioned"));
     let relabel = server.ctl(&["machines", "label", "web-1", "--set", "a=b"]);
