@@ -78,10 +78,6 @@ pub enum AdminRpc {
     RemoveReleaseKey,
     ListReleaseKeys,
     ListAudit,
-    PushImage,
-    ListImages,
-    GetImage,
-    SetImage,
 }
 
 /// One row of the policy table.
@@ -133,10 +129,6 @@ impl AdminRpc {
         AdminRpc::RemoveReleaseKey,
         AdminRpc::ListReleaseKeys,
         AdminRpc::ListAudit,
-        AdminRpc::PushImage,
-        AdminRpc::ListImages,
-        AdminRpc::GetImage,
-        AdminRpc::SetImage,
     ];
 
     /// The policy of this RPC: the whole table, one row per RPC.
@@ -243,21 +235,6 @@ impl AdminRpc {
             AdminRpc::ListAudit => {
                 policy("/flotte.v1.Audit/ListAudit", "audit.list", Viewer, false)
             }
-            // Publishing a signed image is a release step (CI); the
-            // signature, not the role, is what makes it trustworthy.
-            AdminRpc::PushImage => {
-                policy("/flotte.v1.Images/PushImage", "image.push", Operator, true)
-            }
-            AdminRpc::ListImages => {
-                policy("/flotte.v1.Images/ListImages", "image.list", Viewer, false)
-            }
-            AdminRpc::GetImage => policy("/flotte.v1.Images/GetImage", "image.get", Viewer, false),
-            AdminRpc::SetImage => policy(
-                "/flotte.v1.Machines/SetImage",
-                "machine.set-image",
-                Operator,
-                true,
-            ),
         }
     }
 }
@@ -304,10 +281,6 @@ mod tests {
         (AdminRpc::RemoveReleaseKey, Role::Admin, true),
         (AdminRpc::ListReleaseKeys, Role::Viewer, false),
         (AdminRpc::ListAudit, Role::Viewer, false),
-        (AdminRpc::PushImage, Role::Operator, true),
-        (AdminRpc::ListImages, Role::Viewer, false),
-        (AdminRpc::GetImage, Role::Viewer, false),
-        (AdminRpc::SetImage, Role::Operator, true),
     ];
 
     #[test]
