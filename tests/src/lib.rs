@@ -74,6 +74,44 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The agent binary built with the `swap-hold` feature (tests only: it can
+/// be held at a named swap step), in its own target directory so that the
+/// normal binaries are never replaced by it. Built once per process.
+pub fn swap_hold_agent_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let target = binary_dir()
+                .parent()
+                .map(|target| target.join("swap-hold"))
+                .unwrap_or_else(|| PathBuf::from("target/swap-hold"));
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut command = Command::new(cargo);
+            if let Some(workspace) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
+                command.current_dir(workspace);
+            }
+            let status = command
+                .args([
+                    "build",
+                    "-p",
+                    "flotte-agent",
+                    "--bin",
+                    "flotte-agent",
+                    "--features",
+                    "swap-hold",
+                    "--target-dir",
+                ])
+                .arg(&target)
+                .status();
+            assert!(
+                status.is_ok_and(|status| status.success()),
+                "building the swap-hold agent failed"
+            );
+            target.join("debug").join("flotte-agent")
+        })
+        .clone()
+}
+
 /// Polls `condition` every 50 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -509,6 +547,10 @@ pub struct Agent {
     pub name: String,
     pub process: Option<ManagedChild>,
     args: Vec<String>,
+    /// Another agent binary (e.g. built with the `swap-hold` feature).
+    pub binary: Option<PathBuf>,
+    /// Extra environment for the next start.
+    pub environment: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -521,6 +563,8 @@ impl Agent {
             name: name.to_owned(),
             process: None,
             args: agent_arguments(server, token, name),
+            binary: None,
+            environment: Vec::new(),
         }
     }
 
@@ -543,12 +587,17 @@ impl Agent {
 
     pub fn start(&mut self) {
         std::fs::create_dir_all(&self.data_dir).expect("create agent dir");
-        let mut command = Command::new(binary("flotte-agent"));
+        let program = self
+            .binary
+            .clone()
+            .unwrap_or_else(|| binary("flotte-agent"));
+        let mut command = Command::new(program);
         command
             .arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
+            .envs(self.environment.iter().cloned())
             .env_remove("FLOTTE_JOIN_TOKEN");
         let log_path = self.data_dir.join("agent.log");
         self.process = Some(ManagedChild::spawn(command, log_path).expect("spawn flotte-agent"));

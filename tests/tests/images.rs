@@ -283,3 +283,115 @@ fn unsigned_or_untrusted_images_are_refused_by_the_server_and_the_agent() {
         "nothing downloaded"
     );
 }
+
+/// Kills the agent (SIGKILL) exactly at each journalled step of a swap v1 →
+/// v2, then restarts it: it recovers to a committed image, finishes the swap
+/// the desired state still asks for, and the service answers v2.
+#[test]
+fn an_agent_killed_at_any_swap_step_ends_on_a_committed_image() {
+    let root = TempDir::new("flotte-images").unwrap();
+    let mut server =
+        Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
+    server.start();
+    let keys = root.path().join("keys");
+    ctl_ok(
+        &server,
+        &["image", "keygen", "--out", keys.to_str().unwrap()],
+    );
+    ctl_ok(
+        &server,
+        &[
+            "image",
+            "trust",
+            "add",
+            keys.join("release.pub").to_str().unwrap(),
+        ],
+    );
+    let port = free_port();
+    for version in ["1.0.0", "2.0.0"] {
+        let file = build_sample_image(root.path(), &server, version, port, true);
+        ctl_ok(&server, &["image", "push", file.to_str().unwrap()]);
+    }
+    let hold_binary = flotte_tests::swap_hold_agent_binary();
+    let service = format!("127.0.0.1:{port}");
+    let steps = [
+        "downloading",
+        "verifying_payload",
+        "unpacking",
+        "switching",
+        "restarting",
+        "verifying",
+        "committing",
+    ];
+    // Every step, twice: a crash must be harmless however often it happens.
+    let rounds = steps.iter().chain(steps.iter()).enumerate();
+    for (index, step) in rounds {
+        let name = format!("web-{index}");
+        let token = server.token("role=web", "dc1", &[]);
+        let mut agent =
+            Agent::new(root.path(), &name, &server.address, &token).with_config(&format!(
+                "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"15s\"\nsoak = \"500ms\"\n",
+                keys.join("release.pub").display()
+            ));
+        agent.binary = Some(hold_binary.clone());
+        agent.start();
+        assert!(
+            wait_until(Duration::from_secs(30), || server.connected_count() == 1),
+            "{}",
+            agent.log()
+        );
+        ctl_ok(&server, &["machines", "set-image", &name, "app@1.0.0"]);
+        assert!(
+            wait_for(&server, &name, Duration::from_secs(60), |m| m
+                ["current_image"]
+                == "app@1.0.0"),
+            "{}",
+            agent.log()
+        );
+        // Held at `step` on the way to v2, then killed there.
+        agent.kill();
+        agent.environment = vec![("FLOTTE_HOLD_AT_STEP".into(), (*step).into())];
+        agent.start();
+        ctl_ok(&server, &["machines", "set-image", &name, "app@2.0.0"]);
+        assert!(
+            wait_until(Duration::from_secs(60), || agent
+                .log()
+                .lines()
+                .any(|line| line.contains("holding at swap step")
+                    && line.contains(&format!("step=\"{step}\"")))),
+            "never held at {step}:\n{}",
+            agent.log()
+        );
+        agent.kill();
+        agent.environment.clear();
+        agent.start();
+        // Recovery leaves a committed image (v1 when the attempt is undone, v2
+        // when the commit is finished); the desired state still says v2, so
+        // the agent then completes the swap.
+        let settled = wait_for(&server, &name, Duration::from_secs(60), |m| {
+            m["current_image"] == "app@2.0.0" && m["last_swap"]["outcome"] == "committed"
+        });
+        let shown = machine(&server, &name);
+        assert!(settled, "after a kill at {step}: {shown}\n{}", agent.log());
+        let version = shown["current_image"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("app@")
+            .to_owned();
+        assert!(
+            wait_until(Duration::from_secs(20), || http_get(&service, "/")
+                .is_ok_and(|(_, body)| body.trim() == format!("v{version}"))),
+            "after a kill at {step} the service does not answer v{version}"
+        );
+        println!("killed at {step}: ended committed on app@{version}");
+        // A clean stop also stops the supervised service and frees the port.
+        agent
+            .process
+            .as_mut()
+            .unwrap()
+            .terminate(Duration::from_secs(10));
+        assert!(wait_until(Duration::from_secs(10), || server
+            .connected_count()
+            == 0));
+    }
+}

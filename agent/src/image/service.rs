@@ -265,6 +265,39 @@ async fn stop_child(child: &mut Child) {
     let _ = child.wait().await;
 }
 
+/// Where the supervised service's process id is kept, so that a restarted
+/// agent can stop the service an earlier (killed) agent left running.
+fn pid_file(log_path: &std::path::Path) -> PathBuf {
+    log_path.with_extension("pid")
+}
+
+/// Stops a service left running by an agent that was killed: its process
+/// group, but only if that process still runs from our images directory (a
+/// recycled pid belongs to someone else).
+async fn stop_orphan(pid_path: &std::path::Path, images_dir: &std::path::Path) {
+    let Some(pid) = std::fs::read_to_string(pid_path)
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let ours =
+        std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(images_dir));
+    if ours {
+        tracing::warn!(pid, "stopping the service left running by a previous agent");
+        let group = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = std::fs::remove_file(pid_path);
+}
+
 async fn supervise(
     mut requests: mpsc::Receiver<Request>,
     run_directory: PathBuf,
@@ -272,19 +305,27 @@ async fn supervise(
     log_max_bytes: u64,
     shutdown: CancellationToken,
 ) {
+    let pid_path = pid_file(&log_path);
+    if let Some(images_dir) = run_directory.parent() {
+        stop_orphan(&pid_path, images_dir).await;
+    }
     let mut child: Option<Child> = None;
     let mut wanted: Option<ServiceCommand> = None;
-    let start =
-        |command: &[String], environment: &[(String, String)]| -> Result<Child, ServiceError> {
-            let mut started = spawn(&run_directory, command, environment)?;
-            if let Some(stdout) = started.stdout.take() {
-                tokio::spawn(copy_to_log(stdout, log_path.clone(), log_max_bytes));
-            }
-            if let Some(stderr) = started.stderr.take() {
-                tokio::spawn(copy_to_log(stderr, log_path.clone(), log_max_bytes));
-            }
-            Ok(started)
-        };
+    let start = |command: &[String],
+                 environment: &[(String, String)]|
+     -> Result<Child, ServiceError> {
+        let mut started = spawn(&run_directory, command, environment)?;
+        if let Some(pid) = started.id() {
+            let _ = flotte_proto::files::write_atomically(&pid_path, format!("{pid}\n").as_bytes());
+        }
+        if let Some(stdout) = started.stdout.take() {
+            tokio::spawn(copy_to_log(stdout, log_path.clone(), log_max_bytes));
+        }
+        if let Some(stderr) = started.stderr.take() {
+            tokio::spawn(copy_to_log(stderr, log_path.clone(), log_max_bytes));
+        }
+        Ok(started)
+    };
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {

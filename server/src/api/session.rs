@@ -257,13 +257,6 @@ impl AgentSession for SessionApi {
         );
 
         let (sender, receiver) = mpsc::channel(SESSION_QUEUE_DEPTH);
-        let desired = desired_state_of(&state, &machine).await?;
-        sender
-            .send(Ok(ServerMessage {
-                kind: Some(ServerKind::DesiredState(desired)),
-            }))
-            .await
-            .map_err(|_| Status::cancelled("session closed"))?;
         let cancel = CancellationToken::new();
         let session_id = state.registry.allocate_session_id();
         state.registry.register(
@@ -279,6 +272,17 @@ impl AgentSession for SessionApi {
             },
         );
         tracing::info!(machine = %machine_id, remote = %caller.peer.remote_address, hostname = %hello.inventory.as_ref().map(|i| i.hostname.as_str()).unwrap_or(""), "agent session opened");
+        // Registered first, read second: a change committed before this read
+        // is in the state sent now, and one committed after it is pushed
+        // through the registry. Reading before registering could miss both.
+        let fresh = state.store.machine(machine_id).await?.unwrap_or(machine);
+        let desired = desired_state_of(&state, &fresh).await?;
+        sender
+            .send(Ok(ServerMessage {
+                kind: Some(ServerKind::DesiredState(desired)),
+            }))
+            .await
+            .map_err(|_| Status::cancelled("session closed"))?;
 
         tokio::spawn(serve_session(
             state, machine_id, session_id, inbound, sender, cancel,

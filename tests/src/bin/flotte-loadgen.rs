@@ -449,6 +449,34 @@ fn sample_process(process: &str) -> Result<ProcessSample, LoadgenError> {
     })
 }
 
+/// Busy CPU ticks of the whole machine, summed over every core, from the
+/// first line of /proc/stat (`cpu user nice system idle iowait irq softirq
+/// steal ...`): everything but idle and iowait. Guest time is already counted
+/// inside user time, so the later columns are left out.
+fn busy_ticks_from_proc_stat(proc_stat: &str) -> Option<u64> {
+    let counters = proc_stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(8)
+        .map(|value| value.parse::<u64>().ok())
+        .collect::<Option<Vec<u64>>>()?;
+    let idle_and_iowait = counters.get(3)? + counters.get(4)?;
+    Some(counters.iter().sum::<u64>() - idle_and_iowait)
+}
+
+/// Busy ticks of the whole machine: compared with the server's and our own
+/// CPU time, it shows whether other work (a build, say) shared the machine
+/// during the window and so disturbed the figures.
+fn machine_busy_ticks() -> Result<u64, LoadgenError> {
+    let path = "/proc/stat";
+    busy_ticks_from_proc_stat(&read_proc_file(path)?).ok_or_else(|| LoadgenError::Proc {
+        path: path.to_owned(),
+        message: "no cpu line".to_owned(),
+    })
+}
+
 /// Kernel clock ticks per second, the unit of utime/stime.
 fn clock_ticks_per_second() -> f64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
@@ -615,6 +643,7 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
         None => None,
     };
     let own_first = sample_process("self")?;
+    let machine_first = machine_busy_ticks()?;
     let mut server_peak_kib = server_first.map_or(0, |sample| sample.resident_kib);
     let mut own_peak_kib = own_first.resident_kib;
     let window_end = tokio::time::Instant::now() + arguments.duration;
@@ -634,6 +663,7 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
         None => None,
     };
     let own_last = sample_process("self")?;
+    let machine_last = machine_busy_ticks()?;
     let failures_in_window = counters
         .session_failures
         .load(Ordering::Relaxed)
@@ -656,6 +686,31 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
         own_peak_kib.max(own_last.resident_kib),
         None,
         agents,
+    );
+    let window_ticks_per_second = clock_ticks_per_second()
+        * own_last
+            .taken_at
+            .duration_since(own_first.taken_at)
+            .as_secs_f64()
+            .max(f64::EPSILON);
+    let server_ticks = match (&server_first, &server_last) {
+        (Some(first), Some(last)) => last.cpu_ticks.saturating_sub(first.cpu_ticks),
+        _ => 0,
+    };
+    let other_ticks = machine_last
+        .saturating_sub(machine_first)
+        .saturating_sub(server_ticks)
+        .saturating_sub(own_last.cpu_ticks.saturating_sub(own_first.cpu_ticks));
+    println!(
+        "machine: {:.1}% of one core busy in the window (all {} cores together), of which other processes {:.1}%{}",
+        100.0 * machine_last.saturating_sub(machine_first) as f64 / window_ticks_per_second,
+        std::thread::available_parallelism().map_or(1, usize::from),
+        100.0 * other_ticks as f64 / window_ticks_per_second,
+        if server_process.is_some() {
+            ""
+        } else {
+            " (including the server: no --server-pid)"
+        }
     );
 
     drop(shutdown_guard);
@@ -749,5 +804,8 @@ mod tests {
         assert_eq!(status_field(status, "VmHWM"), None);
         let stat = "42 (odd) name) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
         assert_eq!(stat_cpu_ticks(stat), Some(325));
+        let proc_stat = "cpu  100 5 50 1000 20 3 2 0 0 0\ncpu0 50 2 25 500 10 1 1 0 0 0\n";
+        assert_eq!(busy_ticks_from_proc_stat(proc_stat), Some(160));
+        assert_eq!(busy_ticks_from_proc_stat("intr 1 2 3\n"), None);
     }
 }
