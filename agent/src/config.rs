@@ -10,6 +10,7 @@ use flotte_proto::join_token::JoinToken;
 use serde::Deserialize;
 
 use flotte_proto::release_keys::{parse_release_key, ReleasePublicKey};
+use flotte_proto::settings::{parse_duration_field, parse_listen_field};
 
 use crate::health::{validate_checks, CheckConfigFile, CheckSpec};
 use crate::image::service::ServiceMode;
@@ -202,23 +203,6 @@ pub fn read_config_file(path: &Path) -> Result<AgentConfigFile, ConfigError> {
     })
 }
 
-fn duration(field: &str, text: &str, minimum: Duration, problems: &mut Vec<String>) -> Duration {
-    match humantime::parse_duration(text) {
-        Ok(value) if value >= minimum => value,
-        Ok(_) => {
-            problems.push(format!(
-                "{field} = {text:?} is too short (minimum {})",
-                humantime::format_duration(minimum)
-            ));
-            minimum
-        }
-        Err(error) => {
-            problems.push(format!("{field} = {text:?} is not a duration: {error}"));
-            minimum
-        }
-    }
-}
-
 fn valid_server_address(address: &str) -> bool {
     match address.rsplit_once(':') {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0),
@@ -266,38 +250,31 @@ impl AgentConfigFile {
             }
         });
         let one_second = Duration::from_secs(1);
-        let report_interval = duration(
+        let report_interval = parse_duration_field(
             "report_interval",
             &self.report_interval,
             one_second,
             &mut problems,
         );
-        let reconnect_initial_backoff = duration(
+        let reconnect_initial_backoff = parse_duration_field(
             "reconnect_initial_backoff",
             &self.reconnect_initial_backoff,
             Duration::from_millis(10),
             &mut problems,
         );
-        let reconnect_max_backoff = duration(
+        let reconnect_max_backoff = parse_duration_field(
             "reconnect_max_backoff",
             &self.reconnect_max_backoff,
             Duration::from_millis(10),
             &mut problems,
         );
-        let metrics_listen = self
-            .metrics_listen
-            .as_deref()
-            .and_then(|text| match text.parse() {
-                Ok(address) => Some(address),
-                Err(_) => {
-                    problems.push(format!(
-                        "metrics_listen = {text:?} is not an IP:port socket address"
-                    ));
-                    None
-                }
-            });
+        let metrics_listen = parse_listen_field(
+            "metrics_listen",
+            self.metrics_listen.as_deref(),
+            &mut problems,
+        );
         let checks = validate_checks(self.checks, &mut problems);
-        let system_interval = duration(
+        let system_interval = parse_duration_field(
             "system.interval",
             &self.system.interval,
             Duration::from_millis(100),
@@ -343,13 +320,13 @@ impl AgentConfigFile {
                 )),
             }
         }
-        let verify_deadline = duration(
+        let verify_deadline = parse_duration_field(
             "images.verify_deadline",
             &self.images.verify_deadline,
             Duration::from_millis(100),
             &mut problems,
         );
-        let soak = duration(
+        let soak = parse_duration_field(
             "images.soak",
             &self.images.soak,
             Duration::ZERO,

@@ -17,6 +17,7 @@ pub mod image;
 pub mod join_token;
 pub mod labels;
 pub mod release_keys;
+pub mod settings;
 pub mod signals;
 pub mod transport;
 

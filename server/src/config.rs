@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use flotte_proto::http1::HttpUrl;
 use flotte_proto::identity::is_valid_segment;
+use flotte_proto::settings::parse_duration_field;
+use flotte_proto::settings::parse_listen_field;
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::WebhookTarget;
@@ -120,29 +122,6 @@ pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigE
     })
 }
 
-/// Parses a humantime duration field, pushing a problem naming the field.
-pub fn parse_duration_field(
-    field: &str,
-    text: &str,
-    minimum: Duration,
-    problems: &mut Vec<String>,
-) -> Duration {
-    match humantime::parse_duration(text) {
-        Ok(duration) if duration >= minimum => duration,
-        Ok(_) => {
-            problems.push(format!(
-                "{field} = {text:?} is too short (minimum {})",
-                humantime::format_duration(minimum)
-            ));
-            minimum
-        }
-        Err(error) => {
-            problems.push(format!("{field} = {text:?} is not a duration: {error}"));
-            minimum
-        }
-    }
-}
-
 impl ServerConfigFile {
     pub fn validate(self, data_dir: PathBuf) -> Result<ServerConfig, ConfigError> {
         let mut problems = Vec::new();
@@ -217,18 +196,11 @@ impl ServerConfigFile {
                 humantime::format_duration(report_interval)
             ));
         }
-        let metrics_listen = self
-            .metrics_listen
-            .as_deref()
-            .and_then(|text| match text.parse() {
-                Ok(address) => Some(address),
-                Err(_) => {
-                    problems.push(format!(
-                        "metrics_listen = {text:?} is not an IP:port socket address"
-                    ));
-                    None
-                }
-            });
+        let metrics_listen = parse_listen_field(
+            "metrics_listen",
+            self.metrics_listen.as_deref(),
+            &mut problems,
+        );
         let mut webhooks = Vec::new();
         for webhook in &self.webhooks {
             let timeout = parse_duration_field(

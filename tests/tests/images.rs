@@ -88,8 +88,8 @@ fn wait_for(
     wait_until(timeout, || condition(&machine(server, hostname)))
 }
 
-#[test]
-fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
+/// A running server and a release key pair in `<root>/keys` that it trusts.
+fn server_trusting_a_new_release_key() -> (TempDir, Server, PathBuf) {
     let root = TempDir::new("flotte-images").unwrap();
     let mut server =
         Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
@@ -99,15 +99,17 @@ fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
         &server,
         &["image", "keygen", "--out", keys.to_str().unwrap()],
     );
+    let public = keys.join("release.pub");
     ctl_ok(
         &server,
-        &[
-            "image",
-            "trust",
-            "add",
-            keys.join("release.pub").to_str().unwrap(),
-        ],
+        &["image", "trust", "add", public.to_str().unwrap()],
     );
+    (root, server, keys)
+}
+
+#[test]
+fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
+    let (root, server, keys) = server_trusting_a_new_release_key();
     let port = free_port();
     for (version, healthy) in [("1.0.0", true), ("2.0.0", true), ("3.0.0", false)] {
         let file = build_sample_image(root.path(), &server, version, port, healthy);
@@ -289,24 +291,7 @@ fn unsigned_or_untrusted_images_are_refused_by_the_server_and_the_agent() {
 /// the desired state still asks for, and the service answers v2.
 #[test]
 fn an_agent_killed_at_any_swap_step_ends_on_a_committed_image() {
-    let root = TempDir::new("flotte-images").unwrap();
-    let mut server =
-        Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
-    server.start();
-    let keys = root.path().join("keys");
-    ctl_ok(
-        &server,
-        &["image", "keygen", "--out", keys.to_str().unwrap()],
-    );
-    ctl_ok(
-        &server,
-        &[
-            "image",
-            "trust",
-            "add",
-            keys.join("release.pub").to_str().unwrap(),
-        ],
-    );
+    let (root, server, keys) = server_trusting_a_new_release_key();
     let port = free_port();
     for version in ["1.0.0", "2.0.0"] {
         let file = build_sample_image(root.path(), &server, version, port, true);
