@@ -230,6 +230,8 @@ impl AgentConfigFile {
                 None
             }
             (Some(token), None) => Some(token.clone()),
+            // Once enrolled the token is never used: its file may be gone.
+            (None, Some(_)) if self.data_dir.join("identity").join("cert.pem").exists() => None,
             (None, Some(path)) => match std::fs::read_to_string(path) {
                 Ok(text) => Some(text.trim().to_owned()),
                 Err(error) => {

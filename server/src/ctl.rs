@@ -775,6 +775,7 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
                         "ID",
                         "HOSTNAME",
                         "ZONE",
+                        "STATE",
                         "LABELS",
                         "CONNECTED",
                         "LAST SEEN",

@@ -59,6 +59,8 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for people: the journal would keep raw escape codes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -106,6 +108,15 @@ fn main() -> ExitCode {
             metrics_listen,
         } => {
             init_tracing();
+            let ca_path = flotte_server::ca::ca_certificate_path(&data_dir);
+            if !ca_path.exists() {
+                eprintln!(
+                    "flotte-server: no CA at {}: run `flotte-server init --data-dir {}` first",
+                    ca_path.display(),
+                    data_dir.display()
+                );
+                return ExitCode::from(2);
+            }
             // One socket per connected agent: the default soft limit (often
             // 1 024) would cap the fleet long before memory or CPU does. A
             // failure is not fatal; the server still serves up to the old limit.
