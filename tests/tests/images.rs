@@ -210,6 +210,12 @@ fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
         == "app@1.0.0"));
     let (_, body) = http_get(&service, "/").unwrap();
     assert_eq!(body.trim(), "v1.0.0");
+    // A clean stop also stops the supervised service.
+    agent
+        .process
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(10));
 }
 
 #[test]
