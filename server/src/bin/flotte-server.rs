@@ -108,15 +108,6 @@ fn main() -> ExitCode {
             metrics_listen,
         } => {
             init_tracing();
-            let ca_path = flotte_server::ca::ca_certificate_path(&data_dir);
-            if !ca_path.exists() {
-                eprintln!(
-                    "flotte-server: no CA at {}: run `flotte-server init --data-dir {}` first",
-                    ca_path.display(),
-                    data_dir.display()
-                );
-                return ExitCode::from(2);
-            }
             // One socket per connected agent: the default soft limit (often
             // 1 024) would cap the fleet long before memory or CPU does. A
             // failure is not fatal; the server still serves up to the old limit.
@@ -160,6 +151,17 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            // After the settings, so that a bad config is reported in full
+            // even where the data dir is not initialised yet.
+            let ca_path = flotte_server::ca::ca_certificate_path(&data_dir);
+            if !ca_path.exists() {
+                eprintln!(
+                    "flotte-server: no CA at {}: run `flotte-server init --data-dir {}` first",
+                    ca_path.display(),
+                    data_dir.display()
+                );
+                return ExitCode::from(2);
+            }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(error) => {
