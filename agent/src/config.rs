@@ -10,7 +10,8 @@ use flotte_proto::join_token::JoinToken;
 use serde::Deserialize;
 
 use flotte_proto::release_keys::{parse_release_key, ReleasePublicKey};
-use flotte_proto::settings::{parse_duration_field, parse_listen_field};
+pub use flotte_proto::settings::ConfigError;
+use flotte_proto::settings::{parse_duration_field, parse_listen_field, read_toml};
 
 use crate::health::{validate_checks, CheckConfigFile, CheckSpec};
 use crate::image::service::ServiceMode;
@@ -179,28 +180,8 @@ pub struct AgentConfig {
     pub service: ServiceMode,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid agent configuration:\n{}", .0.iter().map(|problem| format!("  - {problem}")).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<String>),
-}
-
 pub fn read_config_file(path: &Path) -> Result<AgentConfigFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|error| ConfigError::Parse {
-        path: path.to_owned(),
-        message: error.to_string(),
-    })
+    read_toml(path)
 }
 
 fn valid_server_address(address: &str) -> bool {

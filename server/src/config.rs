@@ -10,6 +10,7 @@ use flotte_proto::http1::HttpUrl;
 use flotte_proto::identity::is_valid_segment;
 use flotte_proto::settings::parse_duration_field;
 use flotte_proto::settings::parse_listen_field;
+pub use flotte_proto::settings::{read_toml, ConfigError};
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::WebhookTarget;
@@ -95,31 +96,6 @@ pub struct ServerConfig {
     pub unreachable_after: Duration,
     pub metrics_listen: Option<SocketAddr>,
     pub webhooks: Vec<WebhookTarget>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid configuration:\n{}", .0.iter().map(|problem| format!("  - {problem}")).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<String>),
-}
-
-/// Reads a TOML file into `T`, naming the file and the offending key on error.
-pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|error| ConfigError::Parse {
-        path: path.to_owned(),
-        message: error.to_string(),
-    })
 }
 
 impl ServerConfigFile {
