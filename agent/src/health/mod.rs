@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use flotte_proto::http1::HttpUrl;
+use flotte_proto::settings::parse_duration_field;
 use flotte_proto::v1::{CheckResult, SystemMetrics};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -90,21 +91,12 @@ fn parse_check_duration(
     text: &str,
     problems: &mut Vec<String>,
 ) -> Duration {
-    match humantime::parse_duration(text) {
-        Ok(duration) if duration >= MIN_INTERVAL => duration,
-        Ok(_) => {
-            problems.push(format!(
-                "check {name:?}: {field} = {text:?} is too short (minimum 100ms)"
-            ));
-            MIN_INTERVAL
-        }
-        Err(error) => {
-            problems.push(format!(
-                "check {name:?}: {field} = {text:?} is not a duration: {error}"
-            ));
-            MIN_INTERVAL
-        }
-    }
+    parse_duration_field(
+        &format!("check {name:?}: {field}"),
+        text,
+        MIN_INTERVAL,
+        problems,
+    )
 }
 
 /// Validates every check, pushing each problem (naming the check) to `problems`.
