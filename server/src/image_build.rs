@@ -46,9 +46,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
     }
 }
 
+/// What the manifest says besides the payload's digest and size.
 #[derive(Debug, Clone)]
-pub struct BuildOptions {
-    pub directory: PathBuf,
+pub struct SealOptions {
     pub name: String,
     pub version: String,
     pub key_pem: String,
@@ -56,9 +56,14 @@ pub struct BuildOptions {
     pub checks: Vec<CheckDefinition>,
 }
 
-/// Packs `directory` (symlinks kept as links) into a zstd tar at `payload`;
-/// returns its SHA-256 and size.
-fn pack_payload(directory: &Path, payload: &Path) -> Result<(String, u64), BuildError> {
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub directory: PathBuf,
+    pub seal: SealOptions,
+}
+
+/// Packs `directory` (symlinks kept as links) into a zstd tar at `payload`.
+fn pack_payload(directory: &Path, payload: &Path) -> Result<(), BuildError> {
     let file = std::fs::File::create(payload).map_err(io(payload))?;
     let encoder = zstd::Encoder::new(file, COMPRESSION_LEVEL).map_err(io(payload))?;
     let mut builder = tar::Builder::new(encoder);
@@ -69,7 +74,11 @@ fn pack_payload(directory: &Path, payload: &Path) -> Result<(String, u64), Build
         .map_err(io(directory))?;
     let encoder = builder.into_inner().map_err(io(payload))?;
     let mut file = encoder.finish().map_err(io(payload))?;
-    file.flush().map_err(io(payload))?;
+    file.flush().map_err(io(payload))
+}
+
+/// SHA-256 (lowercase hex) and size of a file.
+fn sha256_of_file(payload: &Path) -> Result<(String, u64), BuildError> {
     let mut file = std::fs::File::open(payload).map_err(io(payload))?;
     let mut hasher = digest::Context::new(&digest::SHA256);
     let mut buffer = vec![0u8; 1 << 20];
@@ -105,10 +114,30 @@ pub fn build_image(options: &BuildOptions, output: &Path) -> Result<Manifest, Bu
     if !options.directory.is_dir() {
         return Err(BuildError::NotADirectory(options.directory.clone()));
     }
-    let (key, public) = signing_key_from_pem(&options.key_pem)
+    // Checked before packing so that a bad key fails fast, not after a long pack.
+    signing_key_from_pem(&options.seal.key_pem)
         .map_err(|error| BuildError::Key(error.to_string()))?;
     let payload = output.with_extension("payload.tmp");
-    let (payload_sha256, payload_size) = pack_payload(&options.directory, &payload)?;
+    let sealed = pack_payload(&options.directory, &payload)
+        .and_then(|()| seal_payload(&payload, &options.seal, output));
+    let removed = std::fs::remove_file(&payload).map_err(io(&payload));
+    let manifest = sealed?;
+    removed?;
+    Ok(manifest)
+}
+
+/// Signs an already packed payload (a tar, zstd-compressed or not) into a
+/// `.flotte` file at `output`; returns its manifest. `build_image` packs a
+/// directory first; tests use this directly to ship payloads that no honest
+/// build would produce, and check that agents refuse them.
+pub fn seal_payload(
+    payload: &Path,
+    options: &SealOptions,
+    output: &Path,
+) -> Result<Manifest, BuildError> {
+    let (key, public) = signing_key_from_pem(&options.key_pem)
+        .map_err(|error| BuildError::Key(error.to_string()))?;
+    let (payload_sha256, payload_size) = sha256_of_file(payload)?;
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         name: options.name.clone(),
@@ -123,17 +152,16 @@ pub fn build_image(options: &BuildOptions, output: &Path) -> Result<Manifest, Bu
         created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         signing_key: public.id(),
     };
-    if let Err(error) = manifest.validate() {
-        let _ = std::fs::remove_file(&payload);
-        return Err(BuildError::Invalid(error.to_string()));
-    }
+    manifest
+        .validate()
+        .map_err(|error| BuildError::Invalid(error.to_string()))?;
     let (manifest_json, signature) =
         sign_manifest(&manifest, &key).map_err(|error| BuildError::Invalid(error.to_string()))?;
     let outer = std::fs::File::create(output).map_err(io(output))?;
     let mut builder = tar::Builder::new(outer);
     append_member(&mut builder, MANIFEST_MEMBER, &manifest_json, output)?;
     append_member(&mut builder, SIGNATURE_MEMBER, &signature, output)?;
-    let mut payload_file = std::fs::File::open(&payload).map_err(io(&payload))?;
+    let mut payload_file = std::fs::File::open(payload).map_err(io(payload))?;
     let mut header = tar::Header::new_gnu();
     header.set_size(payload_size);
     header.set_mode(0o644);
@@ -145,7 +173,6 @@ pub fn build_image(options: &BuildOptions, output: &Path) -> Result<Manifest, Bu
         .into_inner()
         .and_then(|file| file.sync_all())
         .map_err(io(output))?;
-    std::fs::remove_file(&payload).map_err(io(&payload))?;
     Ok(manifest)
 }
 
@@ -235,11 +262,13 @@ mod tests {
         let (key_pem, public) = generate_signing_key().unwrap();
         let options = BuildOptions {
             directory: tree.clone(),
-            name: "app".into(),
-            version: "1.2.0".into(),
-            key_pem,
-            service: Some(vec!["bin/app".into()]),
-            checks: Vec::new(),
+            seal: SealOptions {
+                name: "app".into(),
+                version: "1.2.0".into(),
+                key_pem,
+                service: Some(vec!["bin/app".into()]),
+                checks: Vec::new(),
+            },
         };
         let first = build_image(&options, &dir.join("a.flotte")).unwrap();
         let second = build_image(&options, &dir.join("b.flotte")).unwrap();
@@ -260,11 +289,15 @@ mod tests {
             manifest.payload_sha256
         );
         let mut bad = options.clone();
-        bad.version = "one".into();
+        bad.seal.version = "one".into();
         assert!(matches!(
             build_image(&bad, &dir.join("c.flotte")),
             Err(BuildError::Invalid(_))
         ));
+        assert!(
+            !dir.join("c.payload.tmp").exists(),
+            "a failed build leaves no packed payload behind"
+        );
         assert!(read_image_file(&tree.join("bin/app")).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }

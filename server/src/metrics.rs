@@ -1,5 +1,6 @@
 //! The server's Prometheus metrics: machines by state and zone, connected
-//! agents, RPC counts and latencies, store writes, transitions and alerts.
+//! agents, RPC counts and latencies, store writes, transitions, alerts and
+//! image bytes served.
 //! Gauges derived from live state are refreshed when scraped, so no hot path
 //! pays for them.
 
@@ -76,6 +77,8 @@ pub struct ServerMetrics {
     transitions: Family<ToStateLabels, Counter>,
     alerts: Family<ResultLabels, Counter>,
     pub store: StoreMetrics,
+    /// Image payload bytes sent to agents: shows whether downloads resume.
+    pub image_bytes_served: Counter,
 }
 
 impl std::fmt::Debug for ServerMetrics {
@@ -141,6 +144,13 @@ impl ServerMetrics {
             Unit::Seconds,
             store.write_duration.clone(),
         );
+        let image_bytes_served = Counter::default();
+        registry.register_with_unit(
+            "image_served",
+            "Image payload bytes sent to agents",
+            Unit::Bytes,
+            image_bytes_served.clone(),
+        );
         ServerMetrics {
             registry: Arc::new(Mutex::new(registry)),
             machines,
@@ -150,6 +160,7 @@ impl ServerMetrics {
             transitions,
             alerts,
             store,
+            image_bytes_served,
         }
     }
 

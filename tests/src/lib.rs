@@ -10,6 +10,8 @@
 // A harness failure must stop the test (or demo) loudly with its message.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod hostile_payloads;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;

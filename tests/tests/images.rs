@@ -91,8 +91,12 @@ fn wait_for(
 /// A running server and a release key pair in `<root>/keys` that it trusts.
 fn server_trusting_a_new_release_key() -> (TempDir, Server, PathBuf) {
     let root = TempDir::new("flotte-images").unwrap();
-    let mut server =
-        Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
+    let mut server = Server::init(root.path(), "server", &[]).with_run_args(&[
+        "--report-interval",
+        "1s",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
     server.start();
     let keys = root.path().join("keys");
     ctl_ok(
@@ -127,18 +131,7 @@ fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
     let shown = server.ctl_json(&["image", "show", "app@2.0.0"]);
     assert_eq!(shown["manifest"]["service"]["command"][0], "bin/app");
 
-    let token = server.token("role=web", "dc1", &[]);
-    let mut agent =
-        Agent::new(root.path(), "web-1", &server.address, &token).with_config(&format!(
-            "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"15s\"\nsoak = \"1s\"\n",
-            keys.join("release.pub").display()
-        ));
-    agent.start();
-    assert!(
-        wait_until(Duration::from_secs(30), || server.connected_count() == 1),
-        "{}",
-        agent.log()
-    );
+    let mut agent = start_connected_agent(root.path(), &server, &keys, "");
     let service = format!("127.0.0.1:{port}");
 
     // v1 then v2: committed, the service answers the new version.
@@ -253,18 +246,7 @@ fn unsigned_or_untrusted_images_are_refused_by_the_server_and_the_agent() {
         &server,
         &["image", "keygen", "--out", other_keys.to_str().unwrap()],
     );
-    let token = server.token("role=web", "dc1", &[]);
-    let mut agent =
-        Agent::new(root.path(), "web-1", &server.address, &token).with_config(&format!(
-            "[images]\nrelease_keys = [\"{}\"]\n",
-            other_keys.join("release.pub").display()
-        ));
-    agent.start();
-    assert!(
-        wait_until(Duration::from_secs(30), || server.connected_count() == 1),
-        "{}",
-        agent.log()
-    );
+    let agent = start_connected_agent(root.path(), &server, &other_keys, "");
     ctl_ok(&server, &["machines", "set-image", "web-1", "app@1.0.0"]);
     assert!(
         wait_for(&server, "web-1", Duration::from_secs(30), |m| m
@@ -385,4 +367,281 @@ fn an_agent_killed_at_any_swap_step_ends_on_a_committed_image() {
             .connected_count()
             == 0));
     }
+}
+
+/// Pushes a hand-made payload (a plain tar, compressed here) signed with the
+/// trusted release key in `keys`, as `app@version`.
+fn push_sealed_payload(
+    root: &Path,
+    server: &Server,
+    keys: &Path,
+    version: &str,
+    tar_bytes: &[u8],
+) -> PathBuf {
+    let payload = root.join(format!("payload-{version}.tar.zst"));
+    std::fs::write(&payload, zstd::encode_all(tar_bytes, 3).unwrap()).unwrap();
+    let out = root.join(format!("app-{version}.flotte"));
+    flotte_server::image_build::seal_payload(
+        &payload,
+        &flotte_server::image_build::SealOptions {
+            name: "app".into(),
+            version: version.into(),
+            key_pem: std::fs::read_to_string(keys.join("release.key")).unwrap(),
+            service: None,
+            checks: Vec::new(),
+        },
+        &out,
+    )
+    .unwrap();
+    ctl_ok(server, &["image", "push", out.to_str().unwrap()]);
+    out
+}
+
+/// Names in the agent's `images/` directory (unpacked images, `current`,
+/// any staging left behind).
+fn unpacked_images(agent: &Agent) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(agent.data_dir.join("images"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Agent `web-1` trusting the release key in `keys`, connected to `server`.
+fn start_connected_agent(
+    root: &Path,
+    server: &Server,
+    keys: &Path,
+    extra_images_config: &str,
+) -> Agent {
+    let token = server.token("role=web", "dc1", &[]);
+    let mut agent = Agent::new(root, "web-1", &server.address, &token).with_config(&format!(
+        "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"15s\"\nsoak = \"500ms\"\n{extra_images_config}",
+        keys.join("release.pub").display()
+    ));
+    agent.start();
+    assert!(
+        wait_until(Duration::from_secs(30), || server.connected_count() == 1),
+        "{}",
+        agent.log()
+    );
+    agent
+}
+
+/// An agent trusting `keys`, committed on `app@1.0.0` (the sample service on `port`).
+fn agent_committed_on_v1(
+    root: &Path,
+    server: &Server,
+    keys: &Path,
+    port: u16,
+    extra_images_config: &str,
+) -> Agent {
+    let file = build_sample_image(root, server, "1.0.0", port, true);
+    ctl_ok(server, &["image", "push", file.to_str().unwrap()]);
+    let agent = start_connected_agent(root, server, keys, extra_images_config);
+    ctl_ok(server, &["machines", "set-image", "web-1", "app@1.0.0"]);
+    assert!(
+        wait_for(server, "web-1", Duration::from_secs(60), |m| m
+            ["current_image"]
+            == "app@1.0.0"),
+        "{}",
+        agent.log()
+    );
+    agent
+}
+
+/// Sets `app@version`, waits for the agent to report that attempt failed
+/// with a message containing `expected`, and checks that v1 still runs and
+/// answers; returns the message.
+fn swap_refused_with(
+    server: &Server,
+    agent: &Agent,
+    version: &str,
+    service: &str,
+    expected: &str,
+) -> String {
+    let target = format!("app@{version}");
+    ctl_ok(server, &["machines", "set-image", "web-1", &target]);
+    assert!(
+        wait_for(server, "web-1", Duration::from_secs(60), |m| m["last_swap"]
+            ["target"]
+            == target
+            && m["last_swap"]["outcome"] == "failed"
+            && m["last_swap"]["message"]
+                .as_str()
+                .is_some_and(|message| message.contains(expected))),
+        "expected a refusal containing {expected:?}\n{}\n{}",
+        machine(server, "web-1"),
+        agent.log()
+    );
+    let shown = machine(server, "web-1");
+    assert_eq!(shown["current_image"], "app@1.0.0", "{shown}");
+    let (_, body) = http_get(service, "/").unwrap();
+    assert_eq!(body.trim(), "v1.0.0", "the running service is untouched");
+    shown["last_swap"]["message"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn hostile_payloads_are_refused_by_name_and_the_running_image_is_untouched() {
+    let (root, server, keys) = server_trusting_a_new_release_key();
+    let port = free_port();
+    // Above the sample service binary of v1, which must still fit.
+    let size_limit = 64 << 20;
+    let agent = agent_committed_on_v1(
+        root.path(),
+        &server,
+        &keys,
+        port,
+        &format!("max_unpacked_bytes = {size_limit}\n"),
+    );
+    let service = format!("127.0.0.1:{port}");
+    let images_before = unpacked_images(&agent);
+    assert_eq!(
+        images_before.len(),
+        3,
+        "v1, `current` and the record of what is committed: {images_before:?}"
+    );
+
+    let payloads = flotte_tests::hostile_payloads::hostile_payloads(size_limit);
+    assert_eq!(payloads.len(), 8);
+    for (index, payload) in payloads.iter().enumerate() {
+        let version = format!("1.1.{index}");
+        push_sealed_payload(root.path(), &server, &keys, &version, &payload.tar_bytes);
+        let message = swap_refused_with(
+            &server,
+            &agent,
+            &version,
+            &service,
+            &payload.expected_refusal,
+        );
+        assert_eq!(
+            unpacked_images(&agent),
+            images_before,
+            "{}: nothing of the refused image is left on disk",
+            payload.case
+        );
+        println!("{}: refused: {message}", payload.case);
+    }
+    assert!(!agent.data_dir.join("images/escaped.txt").exists());
+    assert!(!agent.data_dir.join("escaped.txt").exists());
+    assert!(!Path::new("/tmp/flotte-absolute.txt").exists());
+}
+
+fn image_bytes_served(server: &Server) -> u64 {
+    let address = server.metrics_address().expect("server /metrics listening");
+    let (_, body) = http_get(&address, "/metrics").unwrap();
+    body.lines()
+        .find_map(|line| line.strip_prefix("flotte_image_served_bytes_total "))
+        .map(|value| value.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// A deterministic, incompressible filler (xorshift): makes the payload big
+/// enough that a download has a middle.
+fn incompressible_bytes(length: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[test]
+fn tampered_or_truncated_blobs_are_refused_and_a_cut_download_resumes_after_a_restart() {
+    let (root, server, keys) = server_trusting_a_new_release_key();
+    let port = free_port();
+    let service = format!("127.0.0.1:{port}");
+    let mut agent = agent_committed_on_v1(root.path(), &server, &keys, port, "");
+
+    // v2 carries 8 MiB that zstd cannot shrink.
+    std::fs::create_dir_all(root.path().join("tree-2.0.0")).unwrap();
+    std::fs::write(
+        root.path().join("tree-2.0.0/filler.bin"),
+        incompressible_bytes(8 << 20),
+    )
+    .unwrap();
+    let file = build_sample_image(root.path(), &server, "2.0.0", port, true);
+    ctl_ok(&server, &["image", "push", file.to_str().unwrap()]);
+    let digest = server.ctl_json(&["image", "show", "app@2.0.0"])["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let blob = server.data_dir.join("images/blobs").join(&digest);
+    let original = std::fs::read(&blob).unwrap();
+    let size = original.len() as u64;
+    assert!(size > 8 << 20, "payload of {size} bytes");
+
+    // One flipped byte on the server's disk: downloaded, refused on its
+    // digest, the partial file dropped, nothing unpacked.
+    let mut tampered = original.clone();
+    tampered[original.len() / 2] ^= 0xff;
+    std::fs::write(&blob, &tampered).unwrap();
+    swap_refused_with(
+        &server,
+        &agent,
+        "2.0.0",
+        &service,
+        &format!("the manifest says {digest}: refused"),
+    );
+    assert!(!agent.data_dir.join("images").join(&digest).exists());
+    assert!(
+        std::fs::read_dir(agent.data_dir.join("downloads"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "a payload with the wrong digest is not kept"
+    );
+
+    // Half the blob: the short download is refused but kept, to be resumed.
+    let half = size / 2;
+    std::fs::write(&blob, &original[..half as usize]).unwrap();
+    swap_refused_with(
+        &server,
+        &agent,
+        "2.0.0",
+        &service,
+        &format!("the payload is {half} bytes, the manifest says {size}"),
+    );
+    let partial = agent
+        .data_dir
+        .join("downloads")
+        .join(format!("{digest}.partial"));
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), half);
+
+    // The agent restarts once the server has the whole blob again: it asks
+    // only for the missing half.
+    agent.kill();
+    std::fs::write(&blob, &original).unwrap();
+    let served_before = image_bytes_served(&server);
+    agent.start();
+    assert!(
+        wait_for(&server, "web-1", Duration::from_secs(60), |m| m
+            ["current_image"]
+            == "app@2.0.0"
+            && m["last_swap"]["outcome"] == "committed"),
+        "{}\n{}",
+        machine(&server, "web-1"),
+        agent.log()
+    );
+    let served_after_restart = image_bytes_served(&server) - served_before;
+    println!(
+        "payload {size} bytes, cut at {half}; after the restart the server sent {served_after_restart} bytes"
+    );
+    assert_eq!(served_after_restart, size - half);
+    assert!(
+        agent
+            .log()
+            .lines()
+            .any(|line| line.contains("resuming image download")
+                && line.contains(&format!("resume_from={half}"))),
+        "{}",
+        agent.log()
+    );
+    let (_, body) = http_get(&service, "/").unwrap();
+    assert_eq!(body.trim(), "v2.0.0");
 }

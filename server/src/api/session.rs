@@ -186,6 +186,7 @@ impl AgentSession for SessionApi {
             .await
             .map_err(|error| Status::internal(error.to_string()))?;
         let (sender, receiver) = mpsc::channel(4);
+        let bytes_served = self.state.metrics.image_bytes_served.clone();
         tokio::spawn(async move {
             let mut position = offset;
             let mut buffer = vec![0u8; IMAGE_CHUNK_BYTES];
@@ -206,6 +207,7 @@ impl AgentSession for SessionApi {
                 if sender.send(Ok(chunk)).await.is_err() {
                     return;
                 }
+                bytes_served.inc_by(read as u64);
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))

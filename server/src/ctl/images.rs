@@ -11,7 +11,7 @@ use super::{
     connect, format_time, print_json, read_file, render_table, rpc_error, Cli, CtlError,
     ImageCommand, Output,
 };
-use crate::image_build::{build_image, open_payload, read_image_file, BuildOptions};
+use crate::image_build::{build_image, open_payload, read_image_file, BuildOptions, SealOptions};
 
 /// Payload bytes per push message.
 const PUSH_CHUNK_BYTES: usize = 256 * 1024;
@@ -132,13 +132,15 @@ pub(super) async fn run_image(cli: &Cli, command: &ImageCommand) -> Result<(), C
             };
             let options = BuildOptions {
                 directory: directory.clone(),
-                name: name.clone(),
-                version: version.clone(),
-                key_pem: read_file(key)?,
-                service: service
-                    .as_ref()
-                    .map(|command| command.split_whitespace().map(str::to_owned).collect()),
-                checks,
+                seal: SealOptions {
+                    name: name.clone(),
+                    version: version.clone(),
+                    key_pem: read_file(key)?,
+                    service: service
+                        .as_ref()
+                        .map(|command| command.split_whitespace().map(str::to_owned).collect()),
+                    checks,
+                },
             };
             let out = match out {
                 Some(out) => out.clone(),
