@@ -130,6 +130,8 @@ impl Manager {
     fn record(&self, journal: &mut SwapJournal, step: SwapStep) -> Result<(), SwapError> {
         journal.step = step;
         journal::record(&self.layout, journal).map_err(io_step(step))?;
+        // One line per step: the log alone tells how long each step took.
+        tracing::info!(image = %journal.target.reference(), step = step.as_str(), "swap step");
         self.progress(
             &journal.target,
             step.as_str(),

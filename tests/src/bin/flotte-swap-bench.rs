@@ -1,0 +1,371 @@
+//! `flotte-swap-bench`: how long a real agent takes to swap to a large image,
+//! against the plain tools doing the same work on the same bytes.
+//!
+//! It starts a release server and agent on 127.0.0.1 (real mutual TLS),
+//! builds a sample image whose payload is SIZE MiB of incompressible files
+//! plus the sample HTTP service, and swaps the agent from a small v1 to it.
+//! From the agent's own log (one line per journalled swap step) it takes
+//! the time from the start of the download to the switch: fetch over mTLS,
+//! SHA-256 verification, safe unpack and fsync. The baseline is `sha256sum`
+//! then `tar --zstd -x` of the very same payload file, run here. A prober
+//! hits the service every millisecond during the swap and reports the
+//! longest stretch with no successful answer: the service's unavailability
+//! window during the switch.
+//!
+//! Run with `cargo run --release -p flotte-tests --bin flotte-swap-bench`;
+//! BENCHMARKS.md has the figures and the machine they were taken on.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flotte_tests::{binary, http_get, wait_until, Agent, Server, TempDir};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotte-swap-bench",
+    about = "Time a real agent's swap to a large image against sha256sum + tar x of the same payload"
+)]
+struct Cli {
+    /// Size of the incompressible part of the payload, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Files the incompressible part is split into.
+    #[arg(long, default_value_t = 64)]
+    files: u64,
+    /// Keep everything under DIR (new or empty) instead of a temporary directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+const SWAP_TIMEOUT: Duration = Duration::from_secs(900);
+const PROBE_INTERVAL: Duration = Duration::from_millis(1);
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .map_err(|error| format!("no free port: {error}"))
+}
+
+fn ctl(server: &Server, args: &[&str]) -> Result<String, String> {
+    let output = server.ctl(args);
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "flottectl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// Fills `directory` with `files` files of incompressible bytes (xorshift),
+/// `total_bytes` in all.
+fn write_incompressible_tree(directory: &Path, total_bytes: u64, files: u64) -> Result<(), String> {
+    std::fs::create_dir_all(directory).map_err(|error| error.to_string())?;
+    let per_file = total_bytes / files.max(1);
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut buffer = vec![0u8; 1 << 20];
+    for index in 0..files {
+        use std::io::Write;
+        let path = directory.join(format!("blob-{index:04}.bin"));
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(&path).map_err(|error| format!("{}: {error}", path.display()))?,
+        );
+        let mut left = per_file;
+        while left > 0 {
+            for word in buffer.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            let take = usize::try_from(left.min(buffer.len() as u64)).unwrap_or(buffer.len());
+            file.write_all(&buffer[..take])
+                .map_err(|error| error.to_string())?;
+            left -= take as u64;
+        }
+        file.flush().map_err(|error| error.to_string())?;
+    }
+    Ok(())
+}
+
+/// Builds `app@version`: the sample service on `port`, plus `extra` files.
+fn build_image(
+    root: &Path,
+    server: &Server,
+    version: &str,
+    port: u16,
+    extra: Option<(u64, u64)>,
+) -> Result<PathBuf, String> {
+    let tree = root.join(format!("tree-{version}"));
+    std::fs::create_dir_all(tree.join("bin")).map_err(|error| error.to_string())?;
+    std::fs::copy(binary("flotte-sample-service"), tree.join("bin/app"))
+        .map_err(|error| error.to_string())?;
+    if let Some((bytes, files)) = extra {
+        write_incompressible_tree(&tree.join("data"), bytes, files)?;
+    }
+    let checks = root.join("checks.toml");
+    std::fs::write(
+        &checks,
+        format!("[[check]]\nname = \"http\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/health\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"),
+    )
+    .map_err(|error| error.to_string())?;
+    let out = root.join(format!("app-{version}.flotte"));
+    let service = format!("bin/app --port {port} --version v{version}");
+    let path_text = |path: &Path| path.to_string_lossy().into_owned();
+    ctl(
+        server,
+        &[
+            "image",
+            "build",
+            &path_text(&tree),
+            "--name",
+            "app",
+            "--version",
+            version,
+            "--key",
+            &path_text(&root.join("keys/release.key")),
+            "-o",
+            &path_text(&out),
+            "--service",
+            &service,
+            "--checks",
+            &path_text(&checks),
+        ],
+    )?;
+    ctl(server, &["image", "push", &path_text(&out)])?;
+    // The unpacked tree is not needed any more; the disk may be small.
+    let _ = std::fs::remove_dir_all(&tree);
+    Ok(out)
+}
+
+/// Sets `app@version` on the agent and waits until it is committed.
+fn swap_to(server: &Server, agent: &Agent, version: &str) -> Result<(), String> {
+    let wanted = format!("app@{version}");
+    ctl(server, &["machines", "set-image", "bench-1", &wanted])?;
+    let committed = wait_until(SWAP_TIMEOUT, || {
+        let machine = server.ctl_json(&["machines", "show", "bench-1"]);
+        machine["current_image"] == wanted.as_str()
+            && machine["last_swap"]["outcome"] == "committed"
+    });
+    if committed {
+        Ok(())
+    } else {
+        Err(format!("{wanted} was not committed:\n{}", agent.log()))
+    }
+}
+
+/// Time of the agent's log line for swap step `step` of `image`.
+fn step_time(log: &str, image: &str, step: &str) -> Result<humantime::Timestamp, String> {
+    log.lines()
+        .rev()
+        .find(|line| {
+            line.contains("swap step")
+                && line.contains(&format!("image={image}"))
+                && line.contains(&format!("step=\"{step}\""))
+        })
+        .and_then(|line| line.split_whitespace().next())
+        .and_then(|stamp| stamp.parse::<humantime::Timestamp>().ok())
+        .ok_or_else(|| format!("no `swap step` line for {step} of {image} in the agent log"))
+}
+
+fn between(log: &str, image: &str, from: &str, to: &str) -> Result<Duration, String> {
+    let start = std::time::SystemTime::from(step_time(log, image, from)?);
+    let end = std::time::SystemTime::from(step_time(log, image, to)?);
+    end.duration_since(start)
+        .map_err(|_| format!("{to} logged before {from}"))
+}
+
+/// Probes `address` every millisecond until `stop`; returns the longest
+/// stretch between two successful answers that had failures in it.
+fn probe_until_stopped(address: String, stop: Arc<AtomicBool>) -> Duration {
+    let mut last_success = Instant::now();
+    let mut failing = false;
+    let mut longest = Duration::ZERO;
+    while !stop.load(Ordering::SeqCst) {
+        match http_get(&address, "/health") {
+            Ok((200, _)) => {
+                let now = Instant::now();
+                if failing {
+                    longest = longest.max(now - last_success);
+                    failing = false;
+                }
+                last_success = now;
+            }
+            _ => failing = true,
+        }
+        std::thread::sleep(PROBE_INTERVAL);
+    }
+    longest
+}
+
+fn timed(program: &str, args: &[&str]) -> Result<Duration, String> {
+    let started = Instant::now();
+    let status = Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|error| format!("{program}: {error}"))?;
+    if !status.success() {
+        return Err(format!("{program} {args:?} failed: {status}"));
+    }
+    Ok(started.elapsed())
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.2} s", duration.as_secs_f64())
+}
+
+fn run(cli: &Cli) -> Result<(), String> {
+    let temporary;
+    let root = match &cli.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|error| error.to_string())?;
+            dir.clone()
+        }
+        None => {
+            temporary = TempDir::new("flotte-swap-bench").map_err(|error| error.to_string())?;
+            temporary.path().to_owned()
+        }
+    };
+    let mut server = Server::init(&root, "server", &[]).with_run_args(&["--report-interval", "1s"]);
+    server.start();
+    let keys = root.join("keys");
+    let path_text = |path: &Path| path.to_string_lossy().into_owned();
+    ctl(&server, &["image", "keygen", "--out", &path_text(&keys)])?;
+    ctl(
+        &server,
+        &[
+            "image",
+            "trust",
+            "add",
+            &path_text(&keys.join("release.pub")),
+        ],
+    )?;
+    let port = free_port()?;
+    println!(
+        "building app@1.0.0 (small) and app@2.0.0 ({} MiB in {} files)…",
+        cli.size_mib, cli.files
+    );
+    build_image(&root, &server, "1.0.0", port, None)?;
+    let big = build_image(
+        &root,
+        &server,
+        "2.0.0",
+        port,
+        Some((cli.size_mib << 20, cli.files)),
+    )?;
+    let token = server.token("role=bench", "dc1", &[]);
+    let mut agent = Agent::new(&root, "bench-1", &server.address, &token).with_config(&format!(
+        "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"60s\"\nsoak = \"1s\"\n",
+        keys.join("release.pub").display()
+    ));
+    agent.start();
+    if !wait_until(Duration::from_secs(60), || server.connected_count() == 1) {
+        return Err(format!("the agent did not connect:\n{}", agent.log()));
+    }
+    swap_to(&server, &agent, "1.0.0")?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let stop = Arc::clone(&stop);
+        let address = format!("127.0.0.1:{port}");
+        std::thread::spawn(move || probe_until_stopped(address, stop))
+    };
+    println!("swapping to app@2.0.0…");
+    swap_to(&server, &agent, "2.0.0")?;
+    stop.store(true, Ordering::SeqCst);
+    let unavailable = prober
+        .join()
+        .map_err(|_| "the prober panicked".to_owned())?;
+    let log = agent.log();
+    let image = "app@2.0.0";
+    let download = between(&log, image, "downloading", "verifying_payload")?;
+    let unpack = between(&log, image, "unpacking", "switching")?;
+    let agent_total = between(&log, image, "downloading", "switching")?;
+    let switch_and_restart = between(&log, image, "switching", "verifying")?;
+
+    // The baseline: the same payload bytes, checked and unpacked by the tools.
+    let image_file =
+        flotte_server::image_build::read_image_file(&big).map_err(|e| e.to_string())?;
+    let payload_path = root.join("baseline-payload.tar.zst");
+    {
+        let mut payload = flotte_server::image_build::open_payload(&big, &image_file)
+            .map_err(|error| error.to_string())?;
+        let mut out = std::fs::File::create(&payload_path).map_err(|error| error.to_string())?;
+        std::io::copy(&mut payload, &mut out).map_err(|error| error.to_string())?;
+    }
+    let extracted = root.join("baseline-tree");
+    std::fs::create_dir_all(&extracted).map_err(|error| error.to_string())?;
+    let sha256sum = timed("sha256sum", &[&path_text(&payload_path)])?;
+    let tar = timed(
+        "tar",
+        &[
+            "--zstd",
+            "-xf",
+            &path_text(&payload_path),
+            "-C",
+            &path_text(&extracted),
+        ],
+    )?;
+    let baseline = sha256sum + tar;
+
+    println!();
+    println!(
+        "payload: {} bytes ({} MiB of incompressible files + the sample service)",
+        image_file.payload_size, cli.size_mib
+    );
+    println!(
+        "agent, download over mTLS with SHA-256: {}",
+        seconds(download)
+    );
+    println!(
+        "agent, safe unpack with fsync:          {}",
+        seconds(unpack)
+    );
+    println!(
+        "agent, download → switch (all of it):   {}",
+        seconds(agent_total)
+    );
+    println!(
+        "baseline, sha256sum:                     {}",
+        seconds(sha256sum)
+    );
+    println!("baseline, tar --zstd -x:                 {}", seconds(tar));
+    println!(
+        "baseline, total:                         {}",
+        seconds(baseline)
+    );
+    println!(
+        "ratio agent / baseline:                  {:.2}",
+        agent_total.as_secs_f64() / baseline.as_secs_f64()
+    );
+    println!(
+        "switch + restart of the service:         {:.0} ms",
+        switch_and_restart.as_secs_f64() * 1000.0
+    );
+    println!(
+        "service unavailable (longest gap):       {:.0} ms",
+        unavailable.as_secs_f64() * 1000.0
+    );
+    if let Some(process) = agent.process.as_mut() {
+        process.terminate(Duration::from_secs(10));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flotte-swap-bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
