@@ -181,27 +181,40 @@ fn between(log: &str, image: &str, from: &str, to: &str) -> Result<Duration, Str
         .map_err(|_| format!("{to} logged before {from}"))
 }
 
-/// Probes `address` every millisecond until `stop`; returns the longest
-/// stretch between two successful answers that had failures in it.
-fn probe_until_stopped(address: String, stop: Arc<AtomicBool>) -> Duration {
+/// What the prober saw.
+#[derive(Debug, Default)]
+struct Probes {
+    answered: u64,
+    failed: u64,
+    /// The longest stretch between two successful answers that had
+    /// failures in it.
+    longest_gap: Duration,
+}
+
+/// Probes `address` every millisecond until `stop`.
+fn probe_until_stopped(address: String, stop: Arc<AtomicBool>) -> Probes {
+    let mut probes = Probes::default();
     let mut last_success = Instant::now();
     let mut failing = false;
-    let mut longest = Duration::ZERO;
     while !stop.load(Ordering::SeqCst) {
         match http_get(&address, "/health") {
             Ok((200, _)) => {
                 let now = Instant::now();
                 if failing {
-                    longest = longest.max(now - last_success);
+                    probes.longest_gap = probes.longest_gap.max(now - last_success);
                     failing = false;
                 }
                 last_success = now;
+                probes.answered += 1;
             }
-            _ => failing = true,
+            _ => {
+                failing = true;
+                probes.failed += 1;
+            }
         }
         std::thread::sleep(PROBE_INTERVAL);
     }
-    longest
+    probes
 }
 
 fn timed(program: &str, args: &[&str]) -> Result<Duration, String> {
@@ -280,9 +293,12 @@ fn run(cli: &Cli) -> Result<(), String> {
     println!("swapping to app@2.0.0…");
     swap_to(&server, &agent, "2.0.0")?;
     stop.store(true, Ordering::SeqCst);
-    let unavailable = prober
+    let probes = prober
         .join()
         .map_err(|_| "the prober panicked".to_owned())?;
+    if probes.answered == 0 {
+        return Err(format!("the service never answered the prober: {probes:?}"));
+    }
     let log = agent.log();
     let image = "app@2.0.0";
     let download = between(&log, image, "downloading", "verifying_payload")?;
@@ -314,6 +330,9 @@ fn run(cli: &Cli) -> Result<(), String> {
         ],
     )?;
     let baseline = sha256sum + tar;
+    // coreutils' sha256sum may lack the CPU's SHA instructions, which the
+    // agent (ring) uses: a second baseline hashes with OpenSSL, when present.
+    let openssl = timed("openssl", &["dgst", "-sha256", &path_text(&payload_path)]).ok();
 
     println!();
     println!(
@@ -345,13 +364,25 @@ fn run(cli: &Cli) -> Result<(), String> {
         "ratio agent / baseline:                  {:.2}",
         agent_total.as_secs_f64() / baseline.as_secs_f64()
     );
+    if let Some(openssl) = openssl {
+        println!(
+            "baseline, openssl dgst -sha256:          {}",
+            seconds(openssl)
+        );
+        println!(
+            "ratio agent / (openssl + tar):           {:.2}",
+            agent_total.as_secs_f64() / (openssl + tar).as_secs_f64()
+        );
+    }
     println!(
         "switch + restart of the service:         {:.0} ms",
         switch_and_restart.as_secs_f64() * 1000.0
     );
     println!(
-        "service unavailable (longest gap):       {:.0} ms",
-        unavailable.as_secs_f64() * 1000.0
+        "service unavailable (longest gap):       {:.1} ms ({} probes answered, {} failed)",
+        probes.longest_gap.as_secs_f64() * 1000.0,
+        probes.answered,
+        probes.failed
     );
     if let Some(process) = agent.process.as_mut() {
         process.terminate(Duration::from_secs(10));
