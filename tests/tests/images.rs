@@ -131,7 +131,8 @@ fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
     let shown = server.ctl_json(&["image", "show", "app@2.0.0"]);
     assert_eq!(shown["manifest"]["service"]["command"][0], "bin/app");
 
-    let mut agent = start_connected_agent(root.path(), &server, &keys, "");
+    // keep = 2: only current and previous stay unpacked.
+    let mut agent = start_connected_agent(root.path(), &server, &keys, "keep = 2\n");
     let service = format!("127.0.0.1:{port}");
 
     // v1 then v2: committed, the service answers the new version.
@@ -203,6 +204,21 @@ fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
         == "app@1.0.0"));
     let (_, body) = http_get(&service, "/").unwrap();
     assert_eq!(body.trim(), "v1.0.0");
+    // The failed v3 was garbage-collected at the commit of v1; v2 is kept
+    // as the previous image for an instant rollback.
+    let digest_of = |reference: &str| {
+        server.ctl_json(&["image", "show", reference])["digest"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let mut kept = vec![digest_of("app@1.0.0"), digest_of("app@2.0.0")];
+    kept.sort();
+    let unpacked: Vec<String> = unpacked_images(&agent)
+        .into_iter()
+        .filter(|name| name.len() == 64)
+        .collect();
+    assert_eq!(unpacked, kept, "v3 is collected beyond keep = 2");
     // A clean stop also stops the supervised service.
     agent
         .process
