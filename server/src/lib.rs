@@ -13,6 +13,7 @@ pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod ca;
 pub mod clock;
 pub mod config;
