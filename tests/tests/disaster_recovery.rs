@@ -139,3 +139,87 @@ fn a_backup_taken_while_agents_are_connected_restores_a_server_they_reconnect_to
         agent.terminate(Duration::from_secs(10));
     }
 }
+
+#[test]
+fn zone_loss_impact_and_single_points_of_failure_over_three_zones() {
+    let root = TempDir::new("flotte-dr-impact").unwrap();
+    let mut server =
+        Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
+    server.append_config(
+        "[[minimum]]\nlabel = \"role\"\nvalue = \"web\"\noperational = 2\n\n\
+         [[minimum]]\nlabel = \"role\"\nvalue = \"db\"\noperational = 1\n",
+    );
+    server.start();
+    let fleet = [
+        ("web-1", "role=web", "dc1"),
+        ("web-2", "role=web", "dc2"),
+        ("web-3", "role=web", "dc3"),
+        ("db-1", "role=db", "dc1"),
+        ("db-2", "role=db", "dc1"),
+    ];
+    let _agents: Vec<Agent> = fleet
+        .iter()
+        .map(|(name, labels, zone)| {
+            let token = server.token(labels, zone, &[]);
+            let mut agent = Agent::new(root.path(), name, &server.address, &token);
+            agent.start();
+            agent
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(60), || server
+            .machines()
+            .iter()
+            .filter(|machine| machine["state"] == "operational")
+            .count()
+            == fleet.len()),
+        "{:?}",
+        server.machines()
+    );
+
+    let row = |impact: &serde_json::Value, group: &str| -> (u64, u64, u64, u64, String) {
+        let row = impact["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["group"] == group)
+            .unwrap_or_else(|| panic!("no {group} in {impact}"))
+            .clone();
+        (
+            row["machines_before"].as_u64().unwrap(),
+            row["machines_after"].as_u64().unwrap(),
+            row["operational_before"].as_u64().unwrap(),
+            row["operational_after"].as_u64().unwrap(),
+            row["state_after"].as_str().unwrap().to_owned(),
+        )
+    };
+    let one_zone = server.ctl_json(&["dr", "impact", "--zone", "dc1", "--by", "role"]);
+    assert_eq!(one_zone["lost_zones"], serde_json::json!(["dc1"]));
+    assert_eq!(row(&one_zone, "web"), (3, 2, 3, 2, "operational".into()));
+    assert_eq!(row(&one_zone, "db"), (2, 0, 2, 0, "down".into()));
+    let two_zones = server.ctl_json(&[
+        "dr", "impact", "--zone", "dc1", "--zone", "dc2", "--by", "role",
+    ]);
+    assert_eq!(row(&two_zones, "web"), (3, 1, 3, 1, "degraded".into()));
+    let other = server.ctl_json(&["dr", "impact", "--zone", "dc3"]);
+    assert_eq!(row(&other, "db"), (2, 2, 2, 2, "operational".into()));
+
+    let table = server.ctl(&["dr", "impact", "--zone", "dc1"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("role=db") && text.contains("down"), "{text}");
+
+    let report = server.ctl_json(&["dr", "report", "--by", "role"]);
+    assert_eq!(
+        report["single_points_of_failure"],
+        serde_json::json!([{"group": "db", "zone": "dc1", "operational": 2, "machines": 2}])
+    );
+
+    // A zone no machine is in is a mistake worth naming.
+    let unknown = server.ctl(&["dr", "impact", "--zone", "dc7"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no machine in zone \"dc7\""),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+}
