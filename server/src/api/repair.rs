@@ -2,7 +2,7 @@
 //! agent's forensic upload (`AgentSession.UploadForensics`, delegated here
 //! from `session`). Conversion between proto and the domain of `repair`.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -20,7 +20,6 @@ use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use uuid::Uuid;
 
 use crate::api::admin::find_machine;
 use crate::api::guard::admit;

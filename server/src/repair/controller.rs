@@ -2,7 +2,6 @@
 //! events, ask `remediation::next`, apply its actions, publish the breaker.
 //! Thin on purpose: every choice is in the pure decision.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::json;
