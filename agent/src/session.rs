@@ -77,6 +77,8 @@ pub struct AgentState {
     pub images: Option<ImageHandle>,
     /// Told about renewed certificates (image downloads use the identity too).
     pub identity_watch: Option<watch::Sender<MachineIdentity>>,
+    /// The quarantine manager (absent for simulated agents).
+    pub quarantine: Option<crate::repair::QuarantineHandle>,
 }
 
 impl AgentState {
@@ -227,6 +229,9 @@ pub async fn run_session(
                     Some(ServerKind::DesiredState(desired)) => {
                         if let (Some(images), Some(image)) = (&state.images, &desired.image) {
                             images.desire(desired.version, image.clone());
+                        }
+                        if let Some(quarantine) = &state.quarantine {
+                            quarantine.desire(desired.quarantine.clone());
                         }
                         if apply_desired(state, &desired) {
                             if let Err(error) = persistence.save_applied(&state.applied) {
