@@ -233,3 +233,126 @@ impl RepairStore for SqliteStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::store::{Inventory, Store};
+
+    fn machine(id: Uuid) -> MachineRecord {
+        MachineRecord {
+            id,
+            labels: [("role".to_owned(), "web".to_owned())].into(),
+            zone: "dc1".into(),
+            enrolled_at: 1,
+            enrolled_with_token: "t".into(),
+            certificate_serial: "01".into(),
+            previous_certificate_serial: String::new(),
+            certificate_not_after: 9,
+            inventory: Inventory::default(),
+            last_seen: 1,
+            desired_version: 1,
+            state: "unknown".into(),
+            state_reason: String::new(),
+            state_since: 0,
+            retired_at: None,
+            desired_image: None,
+        }
+    }
+
+    fn event(id: &str, machine_id: Uuid, opened_at: i64) -> RemediationEventRecord {
+        RemediationEventRecord {
+            id: id.into(),
+            machine_id,
+            hostname: "web-1".into(),
+            zone: "dc1".into(),
+            labels: BTreeMap::new(),
+            provider: "local".into(),
+            state: RemediationState::Requested,
+            reason: "down".into(),
+            opened_at,
+            updated_at: opened_at,
+            token_id: "tok".into(),
+            replacement_machine_id: None,
+            detail: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn quarantines_and_remediation_events_round_trip() {
+        let dir = std::env::temp_dir().join(format!("flotte-repair-store-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = SqliteStore::open(&dir.join("flotte.db")).unwrap();
+        let id = Uuid::new_v4();
+        store.insert_machine(&machine(id)).await.unwrap();
+        let quarantine = QuarantineRecord {
+            machine_id: id,
+            id: "q1".into(),
+            reason: "disk".into(),
+            since: 10,
+            by: "bob".into(),
+        };
+        let updated = store
+            .set_quarantine(id, Some(&quarantine))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(updated.desired_version, 2, "the agent must be told");
+        assert_eq!(
+            store.quarantine(id).await.unwrap(),
+            Some(quarantine.clone())
+        );
+        assert!(store
+            .set_quarantine(Uuid::new_v4(), Some(&quarantine))
+            .await
+            .unwrap()
+            .is_none());
+        let released = store.set_quarantine(id, None).await.unwrap().unwrap();
+        assert_eq!(released.desired_version, 3);
+        assert!(store.quarantines().await.unwrap().is_empty());
+
+        // Opening a remediation quarantines and records together.
+        store
+            .open_remediation(&quarantine, &event("e1", id, 100))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.quarantines().await.unwrap().len(), 1);
+        store
+            .open_remediation(&quarantine, &event("e2", id, 200))
+            .await
+            .unwrap();
+        let events = store.remediations().await.unwrap();
+        assert_eq!(
+            events
+                .iter()
+                .map(|event| event.id.as_str())
+                .collect::<Vec<_>>(),
+            ["e2", "e1"],
+            "newest first"
+        );
+        // A provider's late answer never reopens a closed event.
+        let closed = RemediationEventRecord {
+            state: RemediationState::Closed,
+            replacement_machine_id: Some(Uuid::new_v4()),
+            ..event("e1", id, 100)
+        };
+        store.update_remediation(&closed).await.unwrap();
+        assert!(!store
+            .annotate_open_remediation("e1", "late", true, 300)
+            .await
+            .unwrap());
+        assert!(store
+            .annotate_open_remediation("e2", "quota exceeded", true, 300)
+            .await
+            .unwrap());
+        let events = store.remediations().await.unwrap();
+        assert_eq!(events[0].state, RemediationState::Failed);
+        assert_eq!(events[0].detail, "quota exceeded");
+        assert_eq!(events[1], closed);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
