@@ -260,6 +260,7 @@ fn a_machine_whose_service_dies_is_quarantined_and_replaced_through_the_local_pr
 
     // The service dies: down, then quarantined and replaced.
     dying_service.stop();
+    let stopped = std::time::Instant::now();
     let mut events = serde_json::Value::Null;
     assert!(
         wait_until(Duration::from_secs(120), || {
@@ -268,6 +269,11 @@ fn a_machine_whose_service_dies_is_quarantined_and_replaced_through_the_local_pr
         }),
         "remediation did not close: {events}\n{}",
         server.log()
+    );
+    // Measured, not asserted: detection (fall) + `after` (2 s) + the replacement's enrollment and first checks.
+    println!(
+        "service stopped -> replacement operational, event closed: {:?}",
+        stopped.elapsed()
     );
     let event = &events[0];
     assert_eq!(events.as_array().unwrap().len(), 1, "{events}");

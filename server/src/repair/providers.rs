@@ -222,10 +222,13 @@ impl ReplacementProvider for LocalAgentProvider {
         let pid_path = data_dir.join("agent.pid");
         flotte_proto::files::write_atomically(&pid_path, format!("{pid}\n").as_bytes())
             .map_err(io_error(&pid_path))?;
-        self.children
+        let mut children = self
+            .children
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(child);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Reap the agents that exited by themselves (no zombie is kept).
+        children.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
+        children.push(child);
         Ok(format!(
             "started agent {hostname} (pid {pid}) in {}",
             data_dir.display()

@@ -189,8 +189,10 @@ pub fn next(
                         &machine.zone,
                     )
                 })?;
+                // Strictly longer: times are whole seconds, so `>=` could act
+                // up to a second early.
                 let waited = now.saturating_sub(machine.since);
-                (waited >= i64::try_from(rule.after.as_secs()).unwrap_or(i64::MAX)).then_some((
+                (waited > i64::try_from(rule.after.as_secs()).unwrap_or(i64::MAX)).then_some((
                     machine,
                     rule.provider.as_str(),
                     rule.after,
@@ -351,6 +353,18 @@ mod tests {
                     if machine.id == id(1) {
                         machine.state = Down;
                         machine.since = now - 30;
+                    }
+                }),
+                events: vec![],
+                remediate: vec![],
+                breaker_open: false,
+            },
+            Case {
+                name: "exactly the threshold is not longer than it",
+                machines: with(fleet(), |machine| {
+                    if machine.id == id(1) {
+                        machine.state = Down;
+                        machine.since = now - 60;
                     }
                 }),
                 events: vec![],
