@@ -136,6 +136,10 @@ fn files_under(root: &Path, relative: &str) -> Result<Vec<String>, BackupError> 
         Err(error) => return Err(io_error(&start)(error)),
     };
     if metadata.is_file() {
+        // An upload still being written is not state yet.
+        if relative.ends_with(".partial") {
+            return Ok(Vec::new());
+        }
         return Ok(vec![relative.to_owned()]);
     }
     if !metadata.is_dir() {
@@ -488,6 +492,8 @@ mod tests {
         write_test_file(&dir, "images/blobs/abc", b"blob bytes", 0o644);
         write_test_file(&dir, "images/incoming/partial", b"half", 0o644);
         write_test_file(&dir, "server.address", b"127.0.0.1:1\n", 0o644);
+        write_test_file(&dir, "forensics/m1/1-q1.tar", b"bundle", 0o644);
+        write_test_file(&dir, "forensics/m1/2-q2.tar.partial", b"half", 0o644);
         let store = SqliteStore::open(&dir.join(STORE_FILE)).unwrap();
         store
             .insert_release_key(&crate::store::ReleaseKeyRecord {
@@ -522,7 +528,8 @@ mod tests {
                 "server.toml",
                 "ca/ca.key",
                 "ca/ca.pem",
-                "images/blobs/abc"
+                "images/blobs/abc",
+                "forensics/m1/1-q1.tar"
             ]
         );
         assert_eq!(
