@@ -117,7 +117,7 @@ fn a_quarantine_by_hand_runs_the_hooks_uploads_forensics_keeps_the_machine_and_r
     std::fs::create_dir_all(&hooks).unwrap();
     let token = server.token("role=web", "dc1", &[]);
     let mut agent = Agent::new(root.path(), "web-1", &server.address, &token).with_config(&format!(
-        "{}\n[quarantine]\non_quarantine = [\"/bin/sh\", \"-c\", \"echo \\\"$FLOTTE_QUARANTINE_BY: $FLOTTE_QUARANTINE_REASON\\\" > {hooks}/quarantined\"]\non_release = [\"/bin/sh\", \"-c\", \"touch {hooks}/released\"]\n",
+        "{}\n[quarantine]\non_quarantine = [\"/bin/sh\", \"-c\", \"echo \\\"$FLOTTE_QUARANTINE_BY: $FLOTTE_QUARANTINE_REASON\\\" >> {hooks}/quarantined\"]\non_release = [\"/bin/sh\", \"-c\", \"echo released >> {hooks}/released\"]\n",
         http_check(&service),
         hooks = hooks.display()
     ));
@@ -140,7 +140,7 @@ fn a_quarantine_by_hand_runs_the_hooks_uploads_forensics_keeps_the_machine_and_r
     assert_eq!(quarantined["by"], "admin");
     assert!(
         wait_until(LONG, || std::fs::read_to_string(hooks.join("quarantined"))
-            .is_ok_and(|text| text.trim() == "admin: disk errors")),
+            .is_ok_and(|text| text == "admin: disk errors\n")),
         "{}",
         agent.log()
     );
@@ -197,14 +197,40 @@ fn a_quarantine_by_hand_runs_the_hooks_uploads_forensics_keeps_the_machine_and_r
         String::from_utf8_lossy(&refused.stderr)
     );
 
+    let lines = |name: &str| {
+        std::fs::read_to_string(hooks.join(name))
+            .map(|text| text.lines().count())
+            .unwrap_or(0)
+    };
+    // Restarted while quarantined: the hook is not run again, the bundle not
+    // sent again; released while stopped: the release is seen on restart.
+    agent.terminate(Duration::from_secs(10));
     let released = server.ctl_json(&["machines", "release", "web-1"]);
     assert_eq!(released["quarantined"], false);
+    assert!(server.ctl_json(&["machines", "show", "web-1"])["quarantine"].is_null());
+    agent.start();
     assert!(
-        wait_until(LONG, || hooks.join("released").exists()),
+        wait_until(LONG, || lines("released") == 1),
         "{}",
         agent.log()
     );
-    assert!(server.ctl_json(&["machines", "show", "web-1"])["quarantine"].is_null());
+    assert_eq!(lines("quarantined"), 1, "on_quarantine ran once");
+    assert_eq!(agent.log().matches("forensic bundle uploaded").count(), 1);
+
+    // A second quarantine, released while the agent runs.
+    let second = server.ctl_json(&["machines", "quarantine", "web-1", "--reason", "again"]);
+    assert_ne!(second["id"], quarantined["id"]);
+    assert!(
+        wait_until(LONG, || lines("quarantined") == 2),
+        "{}",
+        agent.log()
+    );
+    server.ctl_json(&["machines", "release", "web-1"]);
+    assert!(
+        wait_until(LONG, || lines("released") == 2),
+        "{}",
+        agent.log()
+    );
     let audit = server.ctl_json(&["audit", "list"]);
     let actions: Vec<&str> = audit
         .as_array()

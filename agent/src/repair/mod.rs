@@ -42,19 +42,29 @@ pub struct QuarantineSettings {
     pub hook_timeout: Duration,
 }
 
+/// The desired quarantine as the manager sees it: `None` until the first
+/// desired state of this run arrived, then `Some(None)` (in service) or
+/// `Some(Some(q))`.
+type DesiredQuarantine = Option<Option<Quarantine>>;
+
 /// What the session sees: it hands over the quarantine of each desired state.
 #[derive(Debug, Clone)]
 pub struct QuarantineHandle {
-    desired: watch::Sender<Option<Quarantine>>,
+    desired: watch::Sender<DesiredQuarantine>,
 }
 
 impl QuarantineHandle {
-    /// `None`: not quarantined (or released).
+    /// `None`: not quarantined (or released). The first call always counts,
+    /// even with `None`: a quarantine lifted while the agent was stopped
+    /// must still be released.
     pub fn desire(&self, quarantine: Option<Quarantine>) {
         self.desired.send_if_modified(|current| {
-            let changed = current.as_ref().map(|q| &q.id) != quarantine.as_ref().map(|q| &q.id);
+            let changed = match current {
+                None => true,
+                Some(known) => known.as_ref().map(|q| &q.id) != quarantine.as_ref().map(|q| &q.id),
+            };
             if changed {
-                *current = quarantine;
+                *current = Some(quarantine);
             }
             changed
         });
@@ -226,7 +236,7 @@ pub struct QuarantineManager {
 
 /// Starts the manager task.
 pub fn start(manager: QuarantineManager, shutdown: CancellationToken) -> QuarantineHandle {
-    let (desired, receiver) = watch::channel(None);
+    let (desired, receiver) = watch::channel(None::<Option<Quarantine>>);
     tokio::spawn(manager.run(receiver, shutdown));
     QuarantineHandle { desired }
 }
@@ -234,7 +244,7 @@ pub fn start(manager: QuarantineManager, shutdown: CancellationToken) -> Quarant
 impl QuarantineManager {
     async fn run(
         self,
-        mut desired: watch::Receiver<Option<Quarantine>>,
+        mut desired: watch::Receiver<DesiredQuarantine>,
         shutdown: CancellationToken,
     ) {
         let mut progress = load_progress(&self.data_dir);
@@ -242,11 +252,11 @@ impl QuarantineManager {
         // quarantine still holds: do nothing rather than release by mistake.
         tokio::select! {
             () = shutdown.cancelled() => return,
-            changed = desired.changed() => if changed.is_err() { return },
+            known = desired.wait_for(Option::is_some) => if known.is_err() { return },
         }
         let mut retry = FIRST_RETRY;
         loop {
-            let wanted = desired.borrow_and_update().clone();
+            let wanted = desired.borrow_and_update().clone().flatten();
             let step = next_step(wanted.as_ref(), &progress, &self.settings);
             let mut wait = None;
             match step {
@@ -381,6 +391,31 @@ mod tests {
             since: 1,
             by: "bob".into(),
         }
+    }
+
+    #[test]
+    fn the_first_desired_state_counts_even_without_a_quarantine() {
+        let (sender, mut receiver) = watch::channel(None::<Option<Quarantine>>);
+        let handle = QuarantineHandle { desired: sender };
+        handle.desire(None);
+        assert!(
+            receiver.has_changed().unwrap(),
+            "a release made while stopped must be seen"
+        );
+        assert_eq!(*receiver.borrow_and_update(), Some(None));
+        handle.desire(None);
+        assert!(
+            !receiver.has_changed().unwrap(),
+            "a re-sent state is not a change"
+        );
+        handle.desire(Some(quarantine("q1")));
+        assert!(receiver.has_changed().unwrap());
+        receiver.borrow_and_update();
+        handle.desire(Some(Quarantine {
+            reason: "other words".into(),
+            ..quarantine("q1")
+        }));
+        assert!(!receiver.has_changed().unwrap(), "the same quarantine id");
     }
 
     #[test]
