@@ -171,6 +171,14 @@ pub fn next(
             still_open.insert(event.machine_id);
         }
     }
+    // A replacement that never turned operational (its event is open or
+    // failed) is left to people: replacing it in turn could cascade forever
+    // when every new machine fails the same way (a bad image, a bad network).
+    let unproven_replacements: BTreeSet<&str> = events
+        .iter()
+        .filter(|event| event.state != RemediationState::Closed && !event.token_id.is_empty())
+        .map(|event| event.token_id.as_str())
+        .collect();
     let verdict = breaker(machines, &still_open, policy);
     let mut in_progress = still_open.len();
     if !verdict.open {
@@ -181,6 +189,7 @@ pub fn next(
                     && !machine.quarantined
                     && unhealthy_state(machine.state)
                     && !still_open.contains(&machine.id)
+                    && !unproven_replacements.contains(machine.enrolled_with_token.as_str())
             })
             .filter_map(|machine| {
                 let rule = policy.rules.iter().find(|rule| {
@@ -430,6 +439,26 @@ mod tests {
                     ..event(1, 1, "token-new", now - 100)
                 }],
                 remediate: vec![id(2)],
+                breaker_open: false,
+            },
+            Case {
+                name: "a replacement that is down itself is not replaced in turn",
+                machines: with(fleet(), |machine| {
+                    if machine.id == id(1) {
+                        machine.quarantined = true;
+                        machine.state = Down;
+                    }
+                    if machine.id == id(2) {
+                        machine.enrolled_with_token = "token-new".into();
+                        machine.state = Down;
+                        machine.since = now - 500;
+                    }
+                }),
+                events: vec![RemediationEventRecord {
+                    state: RemediationState::Failed,
+                    ..event(1, 1, "token-new", now - 900)
+                }],
+                remediate: vec![],
                 breaker_open: false,
             },
             Case {
