@@ -108,6 +108,44 @@ fn bundle_file(bundle: &serde_json::Value, name: &str) -> String {
         .unwrap_or_else(|error| panic!("{name}: {error} in {bundle}"))
 }
 
+/// Starts one agent per `(name, labels, zone, agent.toml)`, each with its own join token.
+fn start_agents(server: &Server, root: &Path, fleet: &[(&str, &str, &str, String)]) -> Vec<Agent> {
+    fleet
+        .iter()
+        .map(|(name, labels, zone, config)| {
+            let token = server.token(labels, zone, &[]);
+            let mut agent = Agent::new(root, name, &server.address, &token);
+            if !config.is_empty() {
+                agent = agent.with_config(config);
+            }
+            agent.start();
+            agent
+        })
+        .collect()
+}
+
+fn operational_count(server: &Server) -> usize {
+    server
+        .machines()
+        .iter()
+        .filter(|machine| machine["state"] == "operational")
+        .count()
+}
+
+/// Waits until the newest remediation event is closed; every event.
+fn wait_for_closed_event(server: &Server) -> serde_json::Value {
+    let mut events = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            events = server.ctl_json(&["remediation", "list"]);
+            events[0]["state"] == "closed"
+        }),
+        "remediation did not close: {events}\n{}",
+        server.log()
+    );
+    events
+}
+
 #[test]
 fn a_quarantine_by_hand_runs_the_hooks_uploads_forensics_keeps_the_machine_and_release_undoes_it() {
     let root = TempDir::new("flotte-quarantine").unwrap();
@@ -255,27 +293,32 @@ fn a_machine_whose_service_dies_is_quarantined_and_replaced_through_the_local_pr
         remediation_settings(root.path(), address, "role=web", &replacement_config)
     });
     // Three machines in dc1, so that one sick machine is a third of the zone.
-    let mut agents: Vec<Agent> = ["web-1", "web-2", "web-3"]
-        .into_iter()
-        .map(|name| {
-            let token = server.token("role=web,tier=front", "dc1", &[]);
-            let service = if name == "web-1" {
-                &dying_service
-            } else {
-                &healthy_service
-            };
-            let mut agent = Agent::new(root.path(), name, &server.address, &token)
-                .with_config(&http_check(service));
-            agent.start();
-            agent
-        })
-        .collect();
+    let mut agents = start_agents(
+        &server,
+        root.path(),
+        &[
+            (
+                "web-1",
+                "role=web,tier=front",
+                "dc1",
+                http_check(&dying_service),
+            ),
+            (
+                "web-2",
+                "role=web,tier=front",
+                "dc1",
+                http_check(&healthy_service),
+            ),
+            (
+                "web-3",
+                "role=web,tier=front",
+                "dc1",
+                http_check(&healthy_service),
+            ),
+        ],
+    );
     assert!(
-        wait_until(LONG, || server
-            .machines()
-            .iter()
-            .all(|machine| machine["state"] == "operational")
-            && server.machines().len() == 3),
+        wait_until(LONG, || operational_count(&server) == 3),
         "{:?}",
         server.machines()
     );
@@ -287,15 +330,7 @@ fn a_machine_whose_service_dies_is_quarantined_and_replaced_through_the_local_pr
     // The service dies: down, then quarantined and replaced.
     dying_service.stop();
     let stopped = std::time::Instant::now();
-    let mut events = serde_json::Value::Null;
-    assert!(
-        wait_until(Duration::from_secs(120), || {
-            events = server.ctl_json(&["remediation", "list"]);
-            events[0]["state"] == "closed"
-        }),
-        "remediation did not close: {events}\n{}",
-        server.log()
-    );
+    let events = wait_for_closed_event(&server);
     // Measured, not asserted: detection (fall) + `after` (2 s) + the replacement's enrollment and first checks.
     println!(
         "service stopped -> replacement operational, event closed: {:?}",
@@ -375,29 +410,18 @@ fn the_breaker_stops_remediation_while_a_zone_is_partitioned_and_closes_when_it_
             remediation_settings(root.path(), address, "", &replacement_config)
         )
     });
-    let mut agents: Vec<Agent> = [
-        ("a-1", "dc1"),
-        ("a-2", "dc1"),
-        ("b-1", "dc2"),
-        ("b-2", "dc2"),
-    ]
-    .into_iter()
-    .map(|(name, zone)| {
-        let token = server.token("role=app", zone, &[]);
-        let mut agent = Agent::new(root.path(), name, &server.address, &token);
-        agent.start();
-        agent
-    })
-    .collect();
-    let operational = |server: &Server| {
-        server
-            .machines()
-            .iter()
-            .filter(|machine| machine["state"] == "operational")
-            .count()
-    };
+    let mut agents = start_agents(
+        &server,
+        root.path(),
+        &[
+            ("a-1", "role=app", "dc1", String::new()),
+            ("a-2", "role=app", "dc1", String::new()),
+            ("b-1", "role=app", "dc2", String::new()),
+            ("b-2", "role=app", "dc2", String::new()),
+        ],
+    );
     assert!(
-        wait_until(LONG, || operational(&server) == 4),
+        wait_until(LONG, || operational_count(&server) == 4),
         "{:?}",
         server.machines()
     );
@@ -451,7 +475,7 @@ fn the_breaker_stops_remediation_while_a_zone_is_partitioned_and_closes_when_it_
         agent.start();
     }
     assert!(
-        wait_until(LONG, || operational(&server) == 4),
+        wait_until(LONG, || operational_count(&server) == 4),
         "{:?}",
         server.machines()
     );
@@ -479,4 +503,93 @@ fn the_breaker_stops_remediation_while_a_zone_is_partitioned_and_closes_when_it_
         server.ctl_json(&["remediation", "list"]),
         serde_json::json!([])
     );
+}
+
+/// Kills (SIGKILL) the process whose pid a provider script wrote, when dropped.
+struct KillOnDrop(PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.0) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_command_provider_gets_the_machine_and_a_token_and_its_machine_closes_the_event() {
+    let root = TempDir::new("flotte-command-provider").unwrap();
+    let work = root.path().join("provider");
+    std::fs::create_dir_all(&work).unwrap();
+    let _replacement = KillOnDrop(work.join("replacement.pid"));
+    let script = root.path().join("provision.sh");
+    let server = server_with(root.path(), |address| {
+        // Stands in for a cloud API: reads the machine, starts a machine that
+        // enrolls with the token from its environment.
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nset -e\ncat > {work}/request.json\n\
+                 {agent} run --data-dir {work}/replacement --server {address} --hostname replacement-1 \
+                 --report-interval 1s --reconnect-max-backoff 1s > {work}/replacement.log 2>&1 &\n\
+                 echo $! > {work}/replacement.pid\necho \"started replacement-1\"\n",
+                work = work.display(),
+                agent = binary("flotte-agent").display(),
+            ),
+        )
+        .unwrap();
+        format!(
+            "[remediation]\ninterval = \"500ms\"\n\n\
+             [[remediation.rule]]\nselector = \"role=api\"\nafter = \"2s\"\nprovider = \"cloud\"\n\n\
+             [[remediation.provider]]\nname = \"cloud\"\nkind = \"command\"\ncommand = \"/bin/sh\"\n\
+             args = [\"{}\"]\ntimeout = \"30s\"\n",
+            script.display()
+        )
+    });
+    let mut agents = start_agents(
+        &server,
+        root.path(),
+        &[
+            ("api-1", "role=api", "dc2", String::new()),
+            ("api-2", "role=api", "dc2", String::new()),
+            ("api-3", "role=api", "dc2", String::new()),
+        ],
+    );
+    assert!(
+        wait_until(LONG, || operational_count(&server) == 3),
+        "{:?}",
+        server.machines()
+    );
+    // api-2's machine dies: unreachable, then replaced through the command.
+    agents[1].kill();
+    let events = wait_for_closed_event(&server);
+    assert_eq!(events[0]["hostname"], "api-2");
+    assert_eq!(events[0]["detail"], "started replacement-1");
+    assert!(events[0]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("unreachable for more than"));
+    let request: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("request.json")).unwrap()).unwrap();
+    assert_eq!(request["hostname"], "api-2");
+    assert_eq!(request["zone"], "dc2");
+    assert_eq!(request["labels"], serde_json::json!({"role": "api"}));
+    assert_eq!(request["state"], "unreachable");
+    assert!(
+        request.get("join_token").is_none(),
+        "the token travels in the environment only"
+    );
+    let replacement = machine(&server, "replacement-1");
+    assert_eq!(replacement["id"], events[0]["replacement_machine_id"]);
+    assert_eq!(replacement["zone"], "dc2");
+    assert_eq!(replacement["labels"], serde_json::json!({"role": "api"}));
+    assert_eq!(machine(&server, "api-2")["quarantine"]["by"], "remediation");
+    for agent in &mut agents {
+        agent.terminate(Duration::from_secs(10));
+    }
 }
