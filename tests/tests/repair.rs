@@ -289,8 +289,13 @@ fn a_machine_whose_service_dies_is_quarantined_and_replaced_through_the_local_pr
     let healthy_service = TestHttpService::start();
     let replacement_config = root.path().join("replacement-agent.toml");
     std::fs::write(&replacement_config, http_check(&healthy_service)).unwrap();
+    let webhook = WebhookReceiver::start();
     let mut server = server_with(root.path(), |address| {
-        remediation_settings(root.path(), address, "role=web", &replacement_config)
+        format!(
+            "[[webhook]]\nurl = \"{}\"\ntimeout = \"2s\"\n\n{}",
+            webhook.url,
+            remediation_settings(root.path(), address, "role=web", &replacement_config)
+        )
     });
     // Three machines in dc1, so that one sick machine is a third of the zone.
     let mut agents = start_agents(
@@ -386,6 +391,20 @@ fn a_machine_whose_service_dies_is_quarantined_and_replaced_through_the_local_pr
     let pids = replacement_pids(root.path());
     assert_eq!(pids.len(), 1, "{pids:?}");
     assert!(process_alive(pids[0]));
+    // The webhooks heard the event open and close.
+    let remediation_alerts = || -> Vec<String> {
+        webhook
+            .received()
+            .iter()
+            .filter(|alert| alert["kind"] == "remediation")
+            .map(|alert| alert["state"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert!(
+        wait_until(LONG, || remediation_alerts() == ["requested", "closed"]),
+        "{:?}",
+        webhook.received()
+    );
     server.terminate(Duration::from_secs(20));
     assert!(
         wait_until(Duration::from_secs(20), || !process_alive(pids[0])),
