@@ -272,6 +272,10 @@ mod tests {
                 timeout: "1s".into(),
                 max_attempts: 0,
             }],
+            remediation: RemediationConfigFile {
+                max_concurrent: 0,
+                ..RemediationConfigFile::default()
+            },
             ..ServerConfigFile::default()
         };
         let error = file
@@ -287,6 +291,7 @@ mod tests {
             "metrics_listen = \"everywhere\"",
             "max_attempts must be at least 1",
             "URL \"https://x/\" is not http://",
+            "remediation.max_concurrent must be at least 1",
         ] {
             assert!(error.contains(expected), "{expected} missing from {error}");
         }
