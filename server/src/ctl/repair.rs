@@ -473,16 +473,19 @@ pub async fn remediation_status(
 
 /// One line (or a few) for people.
 pub fn print_remediation_status(view: &RemediationStatusView) {
+    if !view.enabled {
+        // Without a rule the breaker is never evaluated: "closed" would mislead.
+        println!("\nremediation: off (no [[remediation.rule]] in the server settings)");
+        return;
+    }
     let breaker = match (view.breaker_enabled, view.breaker_open) {
         (false, _) => "off".to_owned(),
         (true, false) => "closed".to_owned(),
         (true, true) => "OPEN (automatic remediation stopped)".to_owned(),
     };
     println!(
-        "\nremediation: {}, {} of at most {} in progress, breaker {breaker}",
-        if view.enabled { "on" } else { "off (no rule)" },
-        view.in_progress,
-        view.max_concurrent
+        "\nremediation: on, {} of at most {} in progress, breaker {breaker}",
+        view.in_progress, view.max_concurrent
     );
     for reason in &view.breaker_reasons {
         println!("  breaker: {reason}");
