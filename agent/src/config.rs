@@ -59,6 +59,36 @@ pub struct AgentConfigFile {
     /// The service images provide (`[service]`).
     #[serde(default)]
     pub service: ServiceConfigFile,
+    /// What a quarantine does on this machine (`[quarantine]`).
+    #[serde(default)]
+    pub quarantine: QuarantineConfigFile,
+}
+
+/// The `[quarantine]` table: hooks run when the server quarantines or
+/// releases this machine. Nothing is ever wiped.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfigFile {
+    /// Program and arguments run once per quarantine (e.g. leave the load
+    /// balancer); FLOTTE_QUARANTINE_ID, _REASON and _BY are in its environment.
+    pub on_quarantine: Option<Vec<String>>,
+    /// Run when the quarantine is lifted.
+    pub on_release: Option<Vec<String>>,
+    /// Stop the supervised service while quarantined (default: keep it running,
+    /// so that it can be investigated as it is).
+    pub stop_service: bool,
+    pub hook_timeout: String,
+}
+
+impl Default for QuarantineConfigFile {
+    fn default() -> Self {
+        QuarantineConfigFile {
+            on_quarantine: None,
+            on_release: None,
+            stop_service: false,
+            hook_timeout: "60s".into(),
+        }
+    }
 }
 
 /// The `[images]` table.
@@ -178,6 +208,7 @@ pub struct AgentConfig {
     pub verify_deadline: Duration,
     pub soak: Duration,
     pub service: ServiceMode,
+    pub quarantine: crate::repair::QuarantineSettings,
 }
 
 pub fn read_config_file(path: &Path) -> Result<AgentConfigFile, ConfigError> {
@@ -349,6 +380,20 @@ impl AgentConfigFile {
                 ServiceMode::Unmanaged
             }
         };
+        let hook_timeout = parse_duration_field(
+            "quarantine.hook_timeout",
+            &self.quarantine.hook_timeout,
+            Duration::from_millis(100),
+            &mut problems,
+        );
+        for (name, hook) in [
+            ("on_quarantine", &self.quarantine.on_quarantine),
+            ("on_release", &self.quarantine.on_release),
+        ] {
+            if hook.as_ref().is_some_and(Vec::is_empty) {
+                problems.push(format!("quarantine.{name} must not be empty"));
+            }
+        }
         if reconnect_max_backoff < reconnect_initial_backoff {
             problems.push(
                 "reconnect_max_backoff must not be below reconnect_initial_backoff".to_owned(),
@@ -383,6 +428,12 @@ impl AgentConfigFile {
             verify_deadline,
             soak,
             service,
+            quarantine: crate::repair::QuarantineSettings {
+                on_quarantine: self.quarantine.on_quarantine,
+                on_release: self.quarantine.on_release,
+                stop_service: self.quarantine.stop_service,
+                hook_timeout,
+            },
         })
     }
 }

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod image;
 pub mod inventory;
 pub mod metrics;
+pub mod repair;
 pub mod session;
 pub mod state;
 pub mod system;
@@ -180,6 +181,31 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         layout.current_link(),
         shutdown.clone(),
     );
+    let quarantine_sink = Arc::new(repair::GrpcBundleSink {
+        servers: config.servers.clone(),
+        identity: identity_updates.clone(),
+    });
+    let service_log = match &config.service {
+        image::service::ServiceMode::Supervised { log_path, .. } => Some(log_path.clone()),
+        _ => None,
+    };
+    let quarantine = repair::start(
+        repair::QuarantineManager {
+            settings: config.quarantine.clone(),
+            data_dir: config.data_dir.clone(),
+            sources: repair::forensics::CollectionSources {
+                data_dir: config.data_dir.clone(),
+                service_log,
+                mounts: config.system.mounts.clone(),
+                proc_root: std::path::PathBuf::from("/proc"),
+            },
+            service: service.clone(),
+            health: health.clone(),
+            sink: quarantine_sink,
+            hostname: hostname.clone(),
+        },
+        shutdown.clone(),
+    );
     let images = image::swap::start(
         ImageSettings {
             release_keys: config.release_keys.clone(),
@@ -207,6 +233,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         metrics: metrics.clone(),
         images: Some(images),
         identity_watch: Some(identity_watch),
+        quarantine: Some(quarantine),
     };
     let mut backoff = Backoff::new(
         config.reconnect_initial_backoff,

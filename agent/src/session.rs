@@ -77,6 +77,8 @@ pub struct AgentState {
     pub images: Option<ImageHandle>,
     /// Told about renewed certificates (image downloads use the identity too).
     pub identity_watch: Option<watch::Sender<MachineIdentity>>,
+    /// The quarantine manager (absent for simulated agents).
+    pub quarantine: Option<crate::repair::QuarantineHandle>,
 }
 
 impl AgentState {
@@ -214,6 +216,7 @@ pub async fn run_session(
     let mut image_status = state.images.as_ref().map(|images| images.status.clone());
     let mut image_open = image_status.is_some();
     let mut reported_verdict_version = u64::MAX;
+    let mut newest_version_this_session = 0u64;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -225,8 +228,19 @@ pub async fn run_session(
                 };
                 match received.kind {
                     Some(ServerKind::DesiredState(desired)) => {
+                        // Within one session the server's versions only grow: a
+                        // lower one is the state sent on connect, overtaken by a
+                        // change pushed meanwhile, and must not undo it.
+                        if desired.version < newest_version_this_session {
+                            tracing::debug!(version = desired.version, newest = newest_version_this_session, "ignoring an overtaken desired state");
+                            continue;
+                        }
+                        newest_version_this_session = desired.version;
                         if let (Some(images), Some(image)) = (&state.images, &desired.image) {
                             images.desire(desired.version, image.clone());
+                        }
+                        if let Some(quarantine) = &state.quarantine {
+                            quarantine.desire(desired.quarantine.clone());
                         }
                         if apply_desired(state, &desired) {
                             if let Err(error) = persistence.save_applied(&state.applied) {

@@ -14,6 +14,9 @@ pub use flotte_proto::settings::{read_toml, ConfigError};
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::WebhookTarget;
+use crate::repair::settings::{
+    validate_minimums, GroupMinimumFile, GroupMinimums, RemediationConfigFile, RemediationSettings,
+};
 
 /// Settings as written in the TOML file. Durations are humantime strings
 /// ("24h", "10s") so that every bad value can be reported, not just the first.
@@ -42,6 +45,14 @@ pub struct ServerConfigFile {
     /// Webhooks receiving a JSON POST for every state transition.
     #[serde(rename = "webhook", skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<WebhookConfigFile>,
+    /// Automatic quarantine and replacement, behind a breaker. Left out of
+    /// the file `init` writes while it is the default, so that a `[remediation]`
+    /// table appended later is the only one.
+    #[serde(skip_serializing_if = "RemediationConfigFile::is_default")]
+    pub remediation: RemediationConfigFile,
+    /// Least operational machines per group, for `flottectl dr impact`.
+    #[serde(rename = "minimum", skip_serializing_if = "Vec::is_empty")]
+    pub minimums: Vec<GroupMinimumFile>,
 }
 
 /// One `[[webhook]]` table.
@@ -77,6 +88,8 @@ impl Default for ServerConfigFile {
             unreachable_after: None,
             metrics_listen: None,
             webhooks: Vec::new(),
+            remediation: RemediationConfigFile::default(),
+            minimums: Vec::new(),
         }
     }
 }
@@ -96,6 +109,8 @@ pub struct ServerConfig {
     pub unreachable_after: Duration,
     pub metrics_listen: Option<SocketAddr>,
     pub webhooks: Vec<WebhookTarget>,
+    pub remediation: RemediationSettings,
+    pub minimums: GroupMinimums,
 }
 
 impl ServerConfigFile {
@@ -200,6 +215,8 @@ impl ServerConfigFile {
                 Err(error) => problems.push(format!("webhook: {error}")),
             }
         }
+        let remediation = self.remediation.validate(&mut problems);
+        let minimums = validate_minimums(&self.minimums, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -226,6 +243,8 @@ impl ServerConfigFile {
             unreachable_after,
             metrics_listen,
             webhooks,
+            remediation,
+            minimums,
         })
     }
 }
@@ -253,6 +272,10 @@ mod tests {
                 timeout: "1s".into(),
                 max_attempts: 0,
             }],
+            remediation: RemediationConfigFile {
+                max_concurrent: 0,
+                ..RemediationConfigFile::default()
+            },
             ..ServerConfigFile::default()
         };
         let error = file
@@ -268,6 +291,7 @@ mod tests {
             "metrics_listen = \"everywhere\"",
             "max_attempts must be at least 1",
             "URL \"https://x/\" is not http://",
+            "remediation.max_concurrent must be at least 1",
         ] {
             assert!(error.contains(expected), "{expected} missing from {error}");
         }

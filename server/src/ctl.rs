@@ -30,6 +30,7 @@ use crate::roles::Role;
 
 mod governance;
 mod images;
+mod repair;
 
 use governance::{run_audit, run_operator};
 
@@ -82,6 +83,12 @@ enum Command {
     /// The hash-chained audit log of every mutating call.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Disaster recovery: zone-loss impact and single points of failure.
+    #[command(subcommand)]
+    Dr(repair::DrCommand),
+    /// Automatic remediation events.
+    #[command(subcommand)]
+    Remediation(repair::RemediationCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -246,6 +253,8 @@ enum MachinesCommand {
         #[arg(long)]
         rollback: bool,
     },
+    #[command(flatten)]
+    Repair(repair::MachineRepairCommand),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -423,6 +432,8 @@ struct MachineView {
     desired_image: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_swap: Option<SwapView>,
+    /// Set while quarantined (kept for investigation, out of service).
+    quarantine: Option<repair::QuarantineView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -597,6 +608,10 @@ impl From<&Machine> for MachineView {
                     bytes_downloaded: swap.bytes_downloaded,
                     updated_at: optional_time(swap.updated_at),
                 }),
+            quarantine: machine
+                .quarantine
+                .as_ref()
+                .map(repair::QuarantineView::from),
         }
     }
 }
@@ -735,7 +750,10 @@ fn machine_rows(machines: &[MachineView]) -> Vec<Vec<String>> {
                 machine.id.clone(),
                 machine.hostname.clone(),
                 machine.zone.clone(),
-                machine.state.clone(),
+                match &machine.quarantine {
+                    Some(_) => format!("{} [quarantined]", machine.state),
+                    None => machine.state.clone(),
+                },
                 format_labels(&machine.labels),
                 match (machine.retired_at.is_some(), machine.connected) {
                     (true, _) => "retired",
@@ -751,6 +769,9 @@ fn machine_rows(machines: &[MachineView]) -> Vec<Vec<String>> {
 }
 
 async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlError> {
+    if let MachinesCommand::Repair(command) = command {
+        return repair::run_machine_repair(cli, command).await;
+    }
     let (channel, diagnostics) = connect(cli)?;
     let rpc = rpc_error(&diagnostics);
     let mut client = MachinesClient::new(channel);
@@ -836,6 +857,7 @@ async fn run_machines(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlErr
                 .into_inner();
             print_machine(cli.output(), &machine)?;
         }
+        MachinesCommand::Repair(_) => {}
         MachinesCommand::Label { id, set, remove } => {
             let set =
                 parse_labels(set).map_err(|error| CtlError::Usage(format!("--set: {error}")))?;
@@ -928,7 +950,11 @@ impl From<&GroupStatus> for GroupView {
     }
 }
 
-fn print_status(output: Output, status: &FleetStatusResponse) -> Result<(), CtlError> {
+fn print_status(
+    output: Output,
+    status: &FleetStatusResponse,
+    remediation: &repair::RemediationStatusView,
+) -> Result<(), CtlError> {
     let fleet = status.fleet.as_ref().map(GroupView::from);
     let zones: Vec<GroupView> = status.zones.iter().map(GroupView::from).collect();
     let groups: Vec<GroupView> = status.groups.iter().map(GroupView::from).collect();
@@ -939,12 +965,14 @@ fn print_status(output: Output, status: &FleetStatusResponse) -> Result<(), CtlE
             zones: Vec<GroupView>,
             by: &'a str,
             groups: Vec<GroupView>,
+            remediation: &'a repair::RemediationStatusView,
         }
         return print_json(&StatusView {
             fleet,
             zones,
             by: &status.by,
             groups,
+            remediation,
         });
     }
     let states = ["operational", "degraded", "down", "unreachable", "unknown"];
@@ -971,6 +999,7 @@ fn print_status(output: Output, status: &FleetStatusResponse) -> Result<(), CtlE
         cells
     }));
     print!("{}", render_table(&headers, &rows));
+    repair::print_remediation_status(remediation);
     Ok(())
 }
 
@@ -1015,6 +1044,18 @@ fn print_machine(output: Output, machine: &Machine) -> Result<(), CtlError> {
         (
             "decommissioned",
             view.retired_at.clone().unwrap_or_else(|| "no".to_owned()),
+        ),
+        (
+            "quarantined",
+            view.quarantine.as_ref().map_or_else(
+                || "no".to_owned(),
+                |quarantine| {
+                    format!(
+                        "since {} by {}: {}",
+                        quarantine.since, quarantine.by, quarantine.reason
+                    )
+                },
+            ),
         ),
     ];
     for (name, value) in fields {
@@ -1145,7 +1186,7 @@ fn print_health_sections(view: &MachineView) {
 async fn run_status(cli: &Cli, by: &str, selector: &str) -> Result<(), CtlError> {
     let (channel, diagnostics) = connect(cli)?;
     let rpc = rpc_error(&diagnostics);
-    let status = MachinesClient::new(channel)
+    let status = MachinesClient::new(channel.clone())
         .fleet_status(FleetStatusRequest {
             by: by.to_owned(),
             selector: selector.to_owned(),
@@ -1153,7 +1194,8 @@ async fn run_status(cli: &Cli, by: &str, selector: &str) -> Result<(), CtlError>
         .await
         .map_err(&rpc)?
         .into_inner();
-    print_status(cli.output(), &status)
+    let remediation = repair::remediation_status(channel, &rpc).await?;
+    print_status(cli.output(), &status, &remediation)
 }
 
 /// Runs one flottectl invocation and returns the process exit code.
@@ -1167,6 +1209,8 @@ pub async fn main(cli: Cli) -> ExitCode {
             Command::Operator(command) => run_operator(&cli, command).await,
             Command::Image(command) => images::run_image(&cli, command).await,
             Command::Audit(command) => run_audit(&cli, command).await,
+            Command::Dr(command) => repair::run_dr(&cli, command).await,
+            Command::Remediation(command) => repair::run_remediation(&cli, command).await,
         },
     };
     match result {

@@ -13,6 +13,7 @@ pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod ca;
 pub mod clock;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod limits;
 pub mod metrics;
 pub mod profile;
 pub mod registry;
+pub mod repair;
 pub mod revocation;
 pub mod roles;
 pub mod store;
@@ -44,6 +46,9 @@ use flotte_proto::v1::machines_server::MachinesServer;
 use flotte_proto::v1::operators_server::OperatorsServer;
 use flotte_proto::v1::release_keys_server::ReleaseKeysServer;
 use flotte_proto::v1::tokens_server::TokensServer;
+use flotte_proto::v1::{
+    disaster_recovery_server::DisasterRecoveryServer, repair_server::RepairServer,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +58,7 @@ use crate::api::admin::AdminApi;
 use crate::api::enrollment::EnrollmentApi;
 use crate::api::images::ImagesApi;
 use crate::api::operators::OperatorsApi;
+use crate::api::repair::RepairApi;
 use crate::api::session::SessionApi;
 use crate::api::trust::TrustApi;
 use crate::ca::{CaError, CertificateAuthority};
@@ -158,6 +164,8 @@ pub struct ServerState {
     pub events: EventSender,
     pub metrics: ServerMetrics,
     pub alerts: AlertDispatcher,
+    /// Quarantines, forensic bundles, remediation status (issue 8).
+    pub repair: repair::RepairState,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -234,6 +242,7 @@ pub async fn run(
     );
     let alerts = AlertDispatcher::start(config.webhooks.clone(), metrics.clone(), shutdown.clone());
     let metrics_listen = config.metrics_listen;
+    let repair = repair::RepairState::new(Arc::new(store.clone()), &config.data_dir);
     let state = Arc::new(ServerState {
         config,
         ca,
@@ -245,12 +254,17 @@ pub async fn run(
         events: transitions::event_channel(),
         metrics,
         alerts,
+        repair,
     });
     tokio::spawn(transitions::apply_transitions(
         Arc::clone(&state),
         transition_receiver,
     ));
     tokio::spawn(watch_liveness(Arc::clone(&state), shutdown.clone()));
+    let remediation = tokio::spawn(repair::controller::run_remediation(
+        Arc::clone(&state),
+        shutdown.clone(),
+    ));
     if let Some(address) = metrics_listen {
         serve_metrics(Arc::clone(&state), address, shutdown.clone()).await?;
     }
@@ -319,7 +333,11 @@ pub async fn run(
         .add_service(ImagesServer::new(ImagesApi::new(Arc::clone(&state))))
         .add_service(OperatorsServer::new(OperatorsApi::new(Arc::clone(&state))))
         .add_service(ReleaseKeysServer::new(trust.clone()))
-        .add_service(AuditServer::new(trust));
+        .add_service(AuditServer::new(trust))
+        .add_service(RepairServer::new(RepairApi::new(Arc::clone(&state))))
+        .add_service(DisasterRecoveryServer::new(RepairApi::new(Arc::clone(
+            &state,
+        ))));
 
     tracing::info!(
         fingerprint = %state.ca.fingerprint(),
@@ -346,6 +364,8 @@ pub async fn run(
     };
     shutdown.cancel();
     let _ = flusher.await;
+    // Stops the replacement agents a `local` provider started.
+    let _ = remediation.await;
     result?;
     Ok(())
 }

@@ -78,6 +78,13 @@ pub enum AdminRpc {
     RemoveReleaseKey,
     ListReleaseKeys,
     ListAudit,
+    QuarantineMachine,
+    ReleaseMachine,
+    GetForensics,
+    ListRemediations,
+    RemediationStatus,
+    ZoneLossImpact,
+    SinglePointsOfFailure,
 }
 
 /// One row of the policy table.
@@ -107,7 +114,7 @@ const fn policy(
 }
 
 impl AdminRpc {
-    pub const ALL: [AdminRpc; 21] = [
+    pub const ALL: [AdminRpc; 28] = [
         AdminRpc::CreateToken,
         AdminRpc::ListTokens,
         AdminRpc::RevokeToken,
@@ -129,6 +136,13 @@ impl AdminRpc {
         AdminRpc::RemoveReleaseKey,
         AdminRpc::ListReleaseKeys,
         AdminRpc::ListAudit,
+        AdminRpc::QuarantineMachine,
+        AdminRpc::ReleaseMachine,
+        AdminRpc::GetForensics,
+        AdminRpc::ListRemediations,
+        AdminRpc::RemediationStatus,
+        AdminRpc::ZoneLossImpact,
+        AdminRpc::SinglePointsOfFailure,
     ];
 
     /// The policy of this RPC: the whole table, one row per RPC.
@@ -235,6 +249,49 @@ impl AdminRpc {
             AdminRpc::ListAudit => {
                 policy("/flotte.v1.Audit/ListAudit", "audit.list", Viewer, false)
             }
+            AdminRpc::QuarantineMachine => policy(
+                "/flotte.v1.Repair/QuarantineMachine",
+                "machine.quarantine",
+                Operator,
+                true,
+            ),
+            AdminRpc::ReleaseMachine => policy(
+                "/flotte.v1.Repair/ReleaseMachine",
+                "machine.release",
+                Operator,
+                true,
+            ),
+            // Forensic bundles hold process lists and logs: more than a viewer sees.
+            AdminRpc::GetForensics => policy(
+                "/flotte.v1.Repair/GetForensics",
+                "machine.forensics",
+                Operator,
+                false,
+            ),
+            AdminRpc::ListRemediations => policy(
+                "/flotte.v1.Repair/ListRemediations",
+                "remediation.list",
+                Viewer,
+                false,
+            ),
+            AdminRpc::RemediationStatus => policy(
+                "/flotte.v1.Repair/RemediationStatus",
+                "remediation.status",
+                Viewer,
+                false,
+            ),
+            AdminRpc::ZoneLossImpact => policy(
+                "/flotte.v1.DisasterRecovery/ZoneLossImpact",
+                "dr.impact",
+                Viewer,
+                false,
+            ),
+            AdminRpc::SinglePointsOfFailure => policy(
+                "/flotte.v1.DisasterRecovery/SinglePointsOfFailure",
+                "dr.report",
+                Viewer,
+                false,
+            ),
         }
     }
 }
@@ -281,6 +338,13 @@ mod tests {
         (AdminRpc::RemoveReleaseKey, Role::Admin, true),
         (AdminRpc::ListReleaseKeys, Role::Viewer, false),
         (AdminRpc::ListAudit, Role::Viewer, false),
+        (AdminRpc::QuarantineMachine, Role::Operator, true),
+        (AdminRpc::ReleaseMachine, Role::Operator, true),
+        (AdminRpc::GetForensics, Role::Operator, false),
+        (AdminRpc::ListRemediations, Role::Viewer, false),
+        (AdminRpc::RemediationStatus, Role::Viewer, false),
+        (AdminRpc::ZoneLossImpact, Role::Viewer, false),
+        (AdminRpc::SinglePointsOfFailure, Role::Viewer, false),
     ];
 
     #[test]

@@ -733,3 +733,16 @@ impl Agent {
         status
     }
 }
+
+impl Server {
+    /// A server over a data dir that already exists (e.g. restored from a
+    /// backup), listening on `address` once started (empty: the settings').
+    pub fn existing(data_dir: PathBuf, address: &str, run_args: &[&str]) -> Self {
+        Server {
+            data_dir,
+            address: address.to_owned(),
+            process: None,
+            extra_run_args: run_args.iter().map(|arg| (*arg).to_owned()).collect(),
+        }
+    }
+}

@@ -41,6 +41,25 @@ pub trait ImageSource: Send + Sync {
     async fn fetch(&self, digest: &str, offset: u64) -> Result<ChunkStream, FetchError>;
 }
 
+/// A channel to `address` with the machine's identity (shared by image
+/// downloads and forensic uploads).
+pub fn dial(
+    address: &str,
+    identity: &MachineIdentity,
+) -> Result<
+    (
+        tonic::transport::Channel,
+        flotte_proto::transport::TlsDiagnostics,
+    ),
+    flotte_proto::transport::TransportError,
+> {
+    let tls = client_config(
+        &identity.ca_pem,
+        Some((&identity.certificate_pem, &identity.key_pem)),
+    )?;
+    channel_with_diagnostics(address, Arc::new(tls))
+}
+
 /// The server, over the agent's own mTLS identity (renewals included).
 #[derive(Debug, Clone)]
 pub struct GrpcImageSource {
@@ -54,12 +73,7 @@ impl ImageSource for GrpcImageSource {
         let identity = self.identity.borrow().clone();
         let mut last_error = String::from("no server address");
         for address in &self.servers {
-            let tls = client_config(
-                &identity.ca_pem,
-                Some((&identity.certificate_pem, &identity.key_pem)),
-            )
-            .map_err(|error| FetchError::Transport(error.to_string()))?;
-            let (channel, diagnostics) = channel_with_diagnostics(address, Arc::new(tls))
+            let (channel, diagnostics) = dial(address, &identity)
                 .map_err(|error| FetchError::Transport(error.to_string()))?;
             let request = FetchImageRequest {
                 digest: digest.to_owned(),

@@ -23,7 +23,7 @@ use crate::health::{validate_checks, CheckSpec};
 
 /// The signed manifest, kept inside the unpacked image (service and checks
 /// of the previous image are needed again after a rollback or a restart).
-const MANIFEST_COPY: &str = ".flotte-manifest.json";
+pub(crate) const MANIFEST_COPY: &str = ".flotte-manifest.json";
 /// Wait before retrying a download that failed for a transient reason.
 const DOWNLOAD_RETRY_DELAY: Duration = Duration::from_secs(2);
 

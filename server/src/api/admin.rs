@@ -69,6 +69,36 @@ fn random_hex(bytes: usize) -> Result<String, Status> {
     Ok(hex::encode(buffer))
 }
 
+/// A new join token (not stored yet): its record, with only the secret's
+/// hash, and the token text to hand out.
+pub(crate) fn new_join_token(
+    state: &ServerState,
+    labels: std::collections::BTreeMap<String, String>,
+    zone: String,
+    ttl_seconds: u64,
+    uses: u32,
+) -> Result<(JoinTokenRecord, JoinToken), Status> {
+    let now = state.clock.now_unix();
+    let secret = random_hex(16)?;
+    let record = JoinTokenRecord {
+        id: random_hex(6)?,
+        secret_hash: hash_secret(&secret),
+        labels,
+        zone,
+        created_at: now,
+        expires_at: now.saturating_add(i64::try_from(ttl_seconds).unwrap_or(i64::MAX)),
+        uses_allowed: uses.max(1),
+        uses_done: 0,
+        revoked: false,
+    };
+    let token = JoinToken {
+        id: record.id.clone(),
+        secret,
+        ca_fingerprint: state.ca.fingerprint(),
+    };
+    Ok((record, token))
+}
+
 fn token_info(record: &JoinTokenRecord) -> TokenInfo {
     TokenInfo {
         id: record.id.clone(),
@@ -350,27 +380,15 @@ impl Tokens for AdminApi {
         call.run(
             async move {
                 validate_token_request(&request)?;
-                let now = state.clock.now_unix();
-                let secret = random_hex(16)?;
-                let record = JoinTokenRecord {
-                    id: random_hex(6)?,
-                    secret_hash: hash_secret(&secret),
-                    labels: request.labels.into_iter().collect(),
-                    zone: request.zone,
-                    created_at: now,
-                    expires_at: now
-                        .saturating_add(i64::try_from(request.ttl_seconds).unwrap_or(i64::MAX)),
-                    uses_allowed: request.uses.max(1),
-                    uses_done: 0,
-                    revoked: false,
-                };
+                let (record, token) = new_join_token(
+                    &state,
+                    request.labels.into_iter().collect(),
+                    request.zone,
+                    request.ttl_seconds,
+                    request.uses,
+                )?;
                 state.store.insert_token(&record).await?;
                 tracing::info!(token = %record.id, %operator, "join token created");
-                let token = JoinToken {
-                    id: record.id.clone(),
-                    secret,
-                    ca_fingerprint: state.ca.fingerprint(),
-                };
                 Ok(CreateTokenResponse {
                     token: token.to_string(),
                     info: Some(token_info(&record)),
@@ -440,6 +458,15 @@ impl Machines for AdminApi {
         let selector = Selector::parse(&request.into_inner().selector)
             .map_err(|error| Status::invalid_argument(format!("selector: {error}")))?;
         let machines = self.state.store.machines().await?;
+        let quarantines: HashMap<Uuid, _> = self
+            .state
+            .repair
+            .store
+            .quarantines()
+            .await?
+            .into_iter()
+            .map(|quarantine| (quarantine.machine_id, quarantine))
+            .collect();
         let connections: HashMap<Uuid, ConnectedView> = self.state.registry.views();
         let tracked = self.state.health.snapshot();
         let trust_domain = &self.state.config.trust_domain;
@@ -447,12 +474,16 @@ impl Machines for AdminApi {
             .iter()
             .filter(|machine| selector_matches(&selector, &machine.labels, &machine.zone))
             .map(|machine| {
-                machine_to_proto(
+                let mut proto = machine_to_proto(
                     machine,
                     connections.get(&machine.id),
                     tracked.get(&machine.id),
                     trust_domain,
-                )
+                );
+                proto.quarantine = quarantines
+                    .get(&machine.id)
+                    .map(crate::api::repair::quarantine_to_proto);
+                proto
             })
             .collect();
         Ok(Response::new(ListMachinesResponse { machines }))
@@ -479,6 +510,14 @@ impl Machines for AdminApi {
             proto.metrics = report.metrics.clone();
             proto.metric_breaches = report.metric_breaches.clone();
         }
+        proto.quarantine = self
+            .state
+            .repair
+            .store
+            .quarantine(machine.id)
+            .await?
+            .as_ref()
+            .map(crate::api::repair::quarantine_to_proto);
         proto.transitions = self
             .state
             .store

@@ -12,8 +12,8 @@ use flotte_proto::v1::agent_message::Kind as AgentKind;
 use flotte_proto::v1::agent_session_server::AgentSession;
 use flotte_proto::v1::server_message::Kind as ServerKind;
 use flotte_proto::v1::{
-    AgentMessage, CertificateIssued, DesiredImage, DesiredState, FetchImageRequest, Hello,
-    ImageChunk, ImageRef, ServerMessage,
+    AgentMessage, CertificateIssued, DesiredImage, DesiredState, FetchImageRequest, ForensicsChunk,
+    Hello, ImageChunk, ImageRef, ServerMessage, UploadForensicsResponse,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -70,6 +70,7 @@ pub fn desired_state(
             rollback,
             rollout_id: String::new(),
         }),
+        quarantine: None,
     }
 }
 
@@ -82,11 +83,15 @@ pub async fn desired_state_of(
         Some(desired) => state.store.image(&desired.name, &desired.version).await?,
         None => None,
     };
-    Ok(desired_state(
-        machine,
-        image.as_ref(),
-        state.config.report_interval,
-    ))
+    let mut desired = desired_state(machine, image.as_ref(), state.config.report_interval);
+    desired.quarantine = state
+        .repair
+        .store
+        .quarantine(machine.id)
+        .await?
+        .as_ref()
+        .map(crate::api::repair::quarantine_to_proto);
+    Ok(desired)
 }
 
 /// Bytes per image chunk sent to agents.
@@ -211,6 +216,13 @@ impl AgentSession for SessionApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn upload_forensics(
+        &self,
+        request: Request<Streaming<ForensicsChunk>>,
+    ) -> Result<Response<UploadForensicsResponse>, Status> {
+        crate::api::repair::upload_forensics(&self.state, request).await
     }
 
     async fn session(

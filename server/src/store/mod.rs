@@ -7,7 +7,9 @@
 //! Hot paths never write here per message: heartbeats stay in the registry and
 //! only transitions and batched last-seen times are persisted.
 
+pub mod repair;
 mod sqlite;
+mod sqlite_repair;
 
 use std::collections::BTreeMap;
 

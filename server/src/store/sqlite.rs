@@ -124,16 +124,18 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-fn labels_to_json(labels: &BTreeMap<String, String>) -> String {
+pub(super) fn labels_to_json(labels: &BTreeMap<String, String>) -> String {
     serde_json::to_string(labels).unwrap_or_else(|_| "{}".to_owned())
 }
 
 /// A stored text that does not parse as the domain type it holds.
-fn conversion_error(error: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+pub(super) fn conversion_error(
+    error: impl std::error::Error + Send + Sync + 'static,
+) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
 }
 
-fn labels_from_json(text: &str) -> rusqlite::Result<BTreeMap<String, String>> {
+pub(super) fn labels_from_json(text: &str) -> rusqlite::Result<BTreeMap<String, String>> {
     serde_json::from_str(text).map_err(conversion_error)
 }
 
@@ -230,7 +232,7 @@ fn query_all<T>(
 }
 
 /// The one row of `sql` (which selects by `?1 = key`), if any.
-fn select_one<T>(
+pub(super) fn select_one<T>(
     connection: &Connection,
     sql: &str,
     key: &str,
@@ -301,7 +303,7 @@ fn image_from_row(row: &Row<'_>) -> rusqlite::Result<ImageRecord> {
     })
 }
 
-fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
+pub(super) fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let id: String = row.get("id")?;
     let id = Uuid::parse_str(&id).map_err(|error| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
@@ -356,6 +358,7 @@ impl SqliteStore {
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(SCHEMA)?;
+        connection.execute_batch(super::sqlite_repair::REPAIR_SCHEMA)?;
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
             metrics,
@@ -363,7 +366,7 @@ impl SqliteStore {
     }
 
     /// Runs `operation` on the connection in the blocking pool.
-    async fn with_connection<T, F>(&self, operation: F) -> Result<T, StoreError>
+    pub(super) async fn with_connection<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -380,7 +383,7 @@ impl SqliteStore {
     }
 
     /// Every row of a parameterless query.
-    async fn read_all<T: Send + 'static>(
+    pub(super) async fn read_all<T: Send + 'static>(
         &self,
         sql: &'static str,
         row: fn(&Row<'_>) -> rusqlite::Result<T>,
@@ -400,7 +403,7 @@ impl SqliteStore {
             .await
     }
 
-    async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
+    pub(super) async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,

@@ -439,6 +439,10 @@ impl Demo {
             &["machines", "show", DEMO_MACHINES[0].hostname],
             &["machines", "list", "--selector", "role=web", "-o", "json"],
             &["token", "list"],
+            &["dr", "impact", "--zone", "dc1", "--by", "role"],
+            &["dr", "report", "--by", "role"],
+            &["machines", "quarantine", "db-1", "--reason", "demo"],
+            &["status"],
         ] {
             say!("  {}", self.flottectl_command_line(args)?);
         }

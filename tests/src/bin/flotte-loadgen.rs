@@ -327,6 +327,7 @@ async fn run_simulated_agent(
 ) -> SimulatedAgentOutcome {
     let memory = SimulatedAgentMemory::default();
     let mut state = AgentState {
+        quarantine: None,
         identity: agent.identity,
         applied: AppliedState::default(),
         hostname: Some(agent.hostname),

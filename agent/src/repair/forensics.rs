@@ -1,0 +1,364 @@
+//! The forensic bundle a quarantined machine collects: a tar of small text
+//! and JSON files — service log tail, last check results with outputs,
+//! process list, mounts, disk and memory figures, kernel messages if
+//! readable, and the image swap journal. Every part is bounded, and a part
+//! that cannot be read says why instead of failing the bundle.
+//!
+//! Collection reads only: nothing on the machine is changed or removed.
+
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::health::HealthSnapshot;
+
+/// Bytes kept from the end of the service log.
+pub const SERVICE_LOG_TAIL_BYTES: u64 = 256 * 1024;
+/// Bytes of kernel messages kept (the newest).
+const KERNEL_MESSAGES_BYTES: usize = 256 * 1024;
+/// Processes listed at most.
+const MAX_PROCESSES: usize = 4096;
+/// Any one part is cut at this size.
+const MAX_PART_BYTES: usize = 1024 * 1024;
+
+/// One file of the bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundlePart {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+fn part(name: &str, bytes: Vec<u8>) -> BundlePart {
+    let mut bytes = bytes;
+    bytes.truncate(MAX_PART_BYTES);
+    BundlePart {
+        name: name.to_owned(),
+        bytes,
+    }
+}
+
+/// What to collect from where.
+#[derive(Debug, Clone)]
+pub struct CollectionSources {
+    pub data_dir: PathBuf,
+    /// The supervised service's log, if the agent runs one.
+    pub service_log: Option<PathBuf>,
+    pub mounts: Vec<PathBuf>,
+    pub proc_root: PathBuf,
+}
+
+/// The end of a file (all of it if shorter than `limit`).
+pub fn file_tail(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let length = file.metadata()?.len();
+    file.seek(SeekFrom::Start(length.saturating_sub(limit)))?;
+    let mut bytes = Vec::new();
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The checks, metrics and breaches the agent last saw, as JSON.
+pub fn checks_json(snapshot: &HealthSnapshot) -> serde_json::Value {
+    let checks: Vec<serde_json::Value> = snapshot
+        .checks
+        .values()
+        .map(|check| {
+            json!({
+                "name": check.name,
+                "kind": check.kind,
+                "target": check.target,
+                "critical": check.critical,
+                "healthy": check.healthy,
+                "last_passed": check.last_passed,
+                "last_output": check.last_output,
+                "last_run_at": check.last_run_at,
+                "last_duration_ms": check.last_duration_ms,
+                "consecutive": check.consecutive,
+            })
+        })
+        .collect();
+    json!({ "checks": checks, "metric_breaches": snapshot.metric_breaches })
+}
+
+/// `pid ppid state command` per process under `proc_root` (pure over the
+/// files it reads; unreadable processes are skipped: they may have exited).
+pub fn process_list(proc_root: &Path) -> String {
+    let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    let mut lines = vec!["PID PPID STATE COMMAND".to_owned()];
+    for pid in pids.into_iter().take(MAX_PROCESSES) {
+        let directory = proc_root.join(pid.to_string());
+        let Ok(stat) = std::fs::read_to_string(directory.join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let Some((name_part, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = name_part.split_once('(').map_or("", |(_, name)| name);
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("?");
+        let ppid = fields.next().unwrap_or("?");
+        let command = std::fs::read(directory.join("cmdline"))
+            .map(|bytes| {
+                String::from_utf8_lossy(&bytes)
+                    .split('\0')
+                    .filter(|word| !word.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let shown = if command.is_empty() {
+            format!("[{name}]")
+        } else {
+            command
+        };
+        lines.push(format!("{pid} {ppid} {state} {shown}"));
+    }
+    lines.join("\n") + "\n"
+}
+
+/// Kernel messages from `/dev/kmsg` (non-blocking: it ends where the ring
+/// buffer does), or `dmesg`; an explanation if neither is readable.
+fn kernel_messages() -> Vec<u8> {
+    let from_kmsg = || -> std::io::Result<Vec<u8>> {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open("/dev/kmsg")?;
+        let mut collected: Vec<u8> = Vec::new();
+        let mut record = vec![0u8; 8192];
+        loop {
+            match file.read(&mut record) {
+                Ok(0) => break,
+                Ok(read) => {
+                    collected.extend_from_slice(&record[..read]);
+                    if collected.len() > 2 * KERNEL_MESSAGES_BYTES {
+                        collected.drain(..collected.len() - KERNEL_MESSAGES_BYTES);
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                // A record overwritten while we read: skip to the next one.
+                Err(error) if error.raw_os_error() == Some(nix::libc::EPIPE) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(collected)
+    };
+    let kmsg_error = match from_kmsg() {
+        Ok(bytes) if !bytes.is_empty() => return keep_newest(bytes),
+        Ok(_) => "/dev/kmsg: empty".to_owned(),
+        Err(error) => format!("/dev/kmsg: {error}"),
+    };
+    match std::process::Command::new("dmesg")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+    {
+        Ok(output) if output.status.success() => keep_newest(output.stdout),
+        Ok(output) => format!(
+            "kernel messages not readable: {kmsg_error}; dmesg: {} {}\n",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into_bytes(),
+        Err(error) => {
+            format!("kernel messages not readable: {kmsg_error}; dmesg: {error}\n").into_bytes()
+        }
+    }
+}
+
+fn keep_newest(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.len() > KERNEL_MESSAGES_BYTES {
+        bytes.drain(..bytes.len() - KERNEL_MESSAGES_BYTES);
+    }
+    bytes
+}
+
+fn read_or_explain(path: &Path) -> Vec<u8> {
+    std::fs::read(path)
+        .unwrap_or_else(|error| format!("{}: {error}\n", path.display()).into_bytes())
+}
+
+/// Collects every part; `about` describes the quarantine (first file).
+pub fn collect(
+    sources: &CollectionSources,
+    snapshot: &HealthSnapshot,
+    about: serde_json::Value,
+) -> Vec<BundlePart> {
+    let mut parts = vec![part(
+        "quarantine.json",
+        serde_json::to_vec_pretty(&about).unwrap_or_default(),
+    )];
+    parts.push(part(
+        "checks.json",
+        serde_json::to_vec_pretty(&checks_json(snapshot)).unwrap_or_default(),
+    ));
+    parts.push(part(
+        "service.log",
+        match &sources.service_log {
+            Some(path) => file_tail(path, SERVICE_LOG_TAIL_BYTES)
+                .unwrap_or_else(|error| format!("{}: {error}\n", path.display()).into_bytes()),
+            None => b"the agent supervises no service on this machine\n".to_vec(),
+        },
+    ));
+    parts.push(part(
+        "processes.txt",
+        process_list(&sources.proc_root).into_bytes(),
+    ));
+    parts.push(part(
+        "mounts.txt",
+        read_or_explain(&sources.proc_root.join("self").join("mounts")),
+    ));
+    let metrics = crate::system::read_metrics(&sources.mounts);
+    let disks: Vec<serde_json::Value> = metrics
+        .disks
+        .iter()
+        .map(|disk| {
+            json!({
+                "mount": disk.mount,
+                "total_bytes": disk.total_bytes,
+                "used_bytes": disk.used_bytes,
+                "available_bytes": disk.available_bytes,
+            })
+        })
+        .collect();
+    parts.push(part(
+        "system.json",
+        serde_json::to_vec_pretty(&json!({
+            "disks": disks,
+            "memory_total_bytes": metrics.memory_total_bytes,
+            "memory_available_bytes": metrics.memory_available_bytes,
+            "load": [metrics.load1, metrics.load5, metrics.load15],
+            "uptime_seconds": metrics.uptime_seconds,
+        }))
+        .unwrap_or_default(),
+    ));
+    parts.push(part(
+        "meminfo.txt",
+        read_or_explain(&sources.proc_root.join("meminfo")),
+    ));
+    parts.push(part("kernel.txt", kernel_messages()));
+    let layout = crate::image::layout::ImageLayout::new(&sources.data_dir);
+    let journal = layout.journal_path();
+    parts.push(part(
+        "swap-journal.json",
+        if journal.exists() {
+            read_or_explain(&journal)
+        } else {
+            b"no swap in progress (no journal)\n".to_vec()
+        },
+    ));
+    parts
+}
+
+/// The parts as one tar (plain, so that `tar tf` reads it anywhere).
+pub fn to_tar(parts: &[BundlePart], mtime: u64) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for part in parts {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(part.bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(mtime);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder.append_data(&mut header, &part.name, part.bytes.as_slice())?;
+    }
+    builder.into_inner()
+}
+
+/// Longest a hook may run before it is killed.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use flotte_proto::v1::CheckResult;
+
+    #[test]
+    fn a_bundle_holds_the_failing_check_output_and_the_log_tail() {
+        let dir = std::env::temp_dir().join(format!("flotte-forensics-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("service.log");
+        let mut text = "x".repeat(SERVICE_LOG_TAIL_BYTES as usize);
+        text.push_str("\nlast words: out of memory\n");
+        std::fs::write(&log, &text).unwrap();
+        let mut snapshot = HealthSnapshot::default();
+        snapshot.checks.insert(
+            "web".into(),
+            CheckResult {
+                name: "web".into(),
+                healthy: false,
+                last_output: "connect 127.0.0.1:9: connection refused".into(),
+                ..CheckResult::default()
+            },
+        );
+        let sources = CollectionSources {
+            data_dir: dir.clone(),
+            service_log: Some(log),
+            mounts: vec![PathBuf::from("/")],
+            proc_root: PathBuf::from("/proc"),
+        };
+        let parts = collect(&sources, &snapshot, json!({"id": "q1"}));
+        let names: Vec<&str> = parts.iter().map(|part| part.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "quarantine.json",
+                "checks.json",
+                "service.log",
+                "processes.txt",
+                "mounts.txt",
+                "system.json",
+                "meminfo.txt",
+                "kernel.txt",
+                "swap-journal.json"
+            ]
+        );
+        let find = |name: &str| {
+            String::from_utf8_lossy(&parts.iter().find(|part| part.name == name).unwrap().bytes)
+                .into_owned()
+        };
+        assert!(find("checks.json").contains("connection refused"));
+        let tail = find("service.log");
+        assert_eq!(tail.len() as u64, SERVICE_LOG_TAIL_BYTES);
+        assert!(tail.ends_with("last words: out of memory\n"));
+        let own_pid = std::process::id().to_string();
+        assert!(
+            find("processes.txt")
+                .lines()
+                .any(|line| line.starts_with(&format!("{own_pid} "))),
+            "this test's own process is listed"
+        );
+        assert!(find("mounts.txt").contains(" / "));
+        assert!(!find("kernel.txt").is_empty());
+
+        let tar_bytes = to_tar(&parts, 0).unwrap();
+        let mut archive = tar::Archive::new(tar_bytes.as_slice());
+        assert_eq!(archive.entries().unwrap().count(), parts.len());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn process_names_with_spaces_and_parentheses_parse() {
+        let root = std::env::temp_dir().join(format!("flotte-proc-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(root.join("42")).unwrap();
+        std::fs::write(root.join("42/stat"), "42 (my (odd) name) S 7 42 42 0").unwrap();
+        std::fs::write(root.join("42/cmdline"), b"").unwrap();
+        std::fs::create_dir_all(root.join("self")).unwrap();
+        let listing = process_list(&root);
+        assert!(listing.contains("42 7 S [my (odd) name]"), "{listing}");
+        let _ = std::fs::remove_dir_all(root);
+    }
+}

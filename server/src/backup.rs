@@ -1,0 +1,675 @@
+//! Server backup and restore: one archive (`tar`, zstd-compressed) holding a
+//! consistent copy of everything a server needs to come back as itself — the
+//! store, the CA, the settings, the admin profile, image blobs and forensic
+//! bundles — with a manifest of sizes and SHA-256 checksums.
+//!
+//! The store is copied with SQLite's `VACUUM INTO`, which reads one
+//! transaction-consistent snapshot while the running server keeps writing
+//! (WAL readers never block the writer), so a backup needs no downtime.
+//! `manifest.json` is the *last* entry: its checksums are of exactly the
+//! bytes that were written, hashed while streaming.
+//!
+//! Restore refuses a non-empty target, never follows paths out of it, checks
+//! every checksum and the store's integrity, and removes what it wrote if
+//! anything is wrong. Nothing here talks to a running server: agents
+//! reconnect to the restored one because it has the same CA, the same
+//! machine records and the same certificate serials.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Written in every manifest; restore refuses any other.
+pub const BACKUP_FORMAT: &str = "flotte-backup/1";
+const MANIFEST_NAME: &str = "manifest.json";
+const STORE_FILE: &str = "flotte.db";
+/// What is copied from a data dir besides the store (missing ones are skipped,
+/// except the CA). Addresses, logs and half-uploaded images are not state.
+const INCLUDED: &[&str] = &["server.toml", "ca", "admin", "images/blobs", "forensics"];
+/// A manifest larger than this is not one we wrote.
+const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("cannot snapshot the store {path}: {source}")]
+    Snapshot {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{0} is not a server data dir (no ca/ca.pem or flotte.db)")]
+    NotADataDir(PathBuf),
+    #[error("refusing to restore into {0}: it exists and is not empty")]
+    TargetNotEmpty(PathBuf),
+    #[error("the archive has no valid manifest: {0}")]
+    Manifest(String),
+    #[error("{path}: checksum mismatch (manifest {expected}, archive {actual}): the archive is damaged or was changed")]
+    Checksum {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: size mismatch (manifest {expected} bytes, archive {actual} bytes)")]
+    Size {
+        path: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{0}: listed in the manifest but missing from the archive")]
+    Missing(String),
+    #[error("{0}: in the archive but not in the manifest")]
+    Unlisted(String),
+    #[error("unsafe archive entry {0:?}: only plain relative file paths are allowed")]
+    UnsafeEntry(String),
+    #[error("the restored store failed its integrity check: {0}")]
+    Integrity(String),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupManifest {
+    pub format: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    pub files: Vec<BackupFileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupFileEntry {
+    /// Relative to the data dir, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256.
+    pub sha256: String,
+    /// Unix permission bits (keys stay 0600).
+    pub mode: u32,
+}
+
+/// A reader that hashes and counts what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    digest: ring::digest::Context,
+    bytes: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            digest: ring::digest::Context::new(&ring::digest::SHA256),
+            bytes: 0,
+        }
+    }
+
+    fn finish(self) -> (u64, String) {
+        (self.bytes, hex::encode(self.digest.finish().as_ref()))
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buffer)?;
+        self.digest.update(&buffer[..read]);
+        self.bytes += read as u64;
+        Ok(read)
+    }
+}
+
+/// Every regular file under `root/relative` (a file or a directory), as
+/// `/`-separated paths relative to `root`, sorted.
+fn files_under(root: &Path, relative: &str) -> Result<Vec<String>, BackupError> {
+    let start = root.join(relative);
+    let metadata = match fs::symlink_metadata(&start) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(io_error(&start)(error)),
+    };
+    if metadata.is_file() {
+        // An upload still being written is not state yet.
+        if relative.ends_with(".partial") {
+            return Ok(Vec::new());
+        }
+        return Ok(vec![relative.to_owned()]);
+    }
+    if !metadata.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    let mut entries: Vec<_> = fs::read_dir(&start)
+        .map_err(io_error(&start))?
+        .collect::<Result<_, _>>()
+        .map_err(io_error(&start))?;
+    entries.sort_by_key(fs::DirEntry::file_name);
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        found.extend(files_under(root, &format!("{relative}/{name}"))?);
+    }
+    Ok(found)
+}
+
+/// What a finished backup holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSummary {
+    pub archive: PathBuf,
+    pub manifest: BackupManifest,
+}
+
+/// Copies the store of `data_dir` (consistently, while the server may run)
+/// and the files it needs into one archive at `out` (mode 0600: it holds the
+/// CA key).
+pub fn backup(data_dir: &Path, out: &Path, now: i64) -> Result<BackupSummary, BackupError> {
+    let store = data_dir.join(STORE_FILE);
+    if !crate::ca::ca_certificate_path(data_dir).exists() || !store.exists() {
+        return Err(BackupError::NotADataDir(data_dir.to_owned()));
+    }
+    let out_directory = match out.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let process = std::process::id();
+    let snapshot = out_directory.join(format!(".flotte-backup-{process}.db"));
+    let partial = out_directory.join(format!(".flotte-backup-{process}.partial"));
+    let result = write_archive(data_dir, &store, &snapshot, &partial, now);
+    let _ = fs::remove_file(&snapshot);
+    match result {
+        Ok(manifest) => {
+            fs::rename(&partial, out).map_err(io_error(out))?;
+            Ok(BackupSummary {
+                archive: out.to_owned(),
+                manifest,
+            })
+        }
+        Err(error) => {
+            let _ = fs::remove_file(&partial);
+            Err(error)
+        }
+    }
+}
+
+/// `VACUUM INTO`: one consistent snapshot of a live SQLite database.
+fn snapshot_store(store: &Path, snapshot: &Path) -> Result<(), BackupError> {
+    let _ = fs::remove_file(snapshot);
+    let snapshot_error = |source| BackupError::Snapshot {
+        path: store.to_owned(),
+        source,
+    };
+    let connection = rusqlite::Connection::open_with_flags(
+        store,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(snapshot_error)?;
+    connection
+        .busy_timeout(std::time::Duration::from_secs(30))
+        .map_err(snapshot_error)?;
+    connection
+        .execute("VACUUM INTO ?1", [snapshot.to_string_lossy().as_ref()])
+        .map_err(snapshot_error)?;
+    Ok(())
+}
+
+fn write_archive(
+    data_dir: &Path,
+    store: &Path,
+    snapshot: &Path,
+    partial: &Path,
+    now: i64,
+) -> Result<BackupManifest, BackupError> {
+    snapshot_store(store, snapshot)?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(partial)
+        .map_err(io_error(partial))?;
+    let encoder = zstd::Encoder::new(file, 3).map_err(io_error(partial))?;
+    let mut builder = tar::Builder::new(encoder);
+    let mut files = Vec::new();
+    let mtime = u64::try_from(now).unwrap_or(0);
+    let mut append = |builder: &mut tar::Builder<zstd::Encoder<'_, fs::File>>,
+                      name: &str,
+                      source: &Path,
+                      mode: u32|
+     -> Result<(), BackupError> {
+        let reader = fs::File::open(source).map_err(io_error(source))?;
+        let size = reader.metadata().map_err(io_error(source))?.len();
+        let mut header = tar::Header::new_gnu();
+        header.set_size(size);
+        header.set_mode(mode);
+        header.set_mtime(mtime);
+        header.set_entry_type(tar::EntryType::Regular);
+        let mut hashing = HashingReader::new(reader.take(size));
+        builder
+            .append_data(&mut header, name, &mut hashing)
+            .map_err(io_error(source))?;
+        let (written, sha256) = hashing.finish();
+        files.push(BackupFileEntry {
+            path: name.to_owned(),
+            size: written,
+            sha256,
+            mode,
+        });
+        Ok(())
+    };
+    append(&mut builder, STORE_FILE, snapshot, 0o600)?;
+    for root in INCLUDED {
+        for relative in files_under(data_dir, root)? {
+            let source = data_dir.join(&relative);
+            let mode = fs::metadata(&source)
+                .map_err(io_error(&source))?
+                .permissions()
+                .mode()
+                & 0o777;
+            append(&mut builder, &relative, &source, mode)?;
+        }
+    }
+    let manifest = BackupManifest {
+        format: BACKUP_FORMAT.to_owned(),
+        created_at: now,
+        files,
+    };
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest)
+        .map_err(|error| BackupError::Manifest(error.to_string()))?;
+    let mut header = tar::Header::new_gnu();
+    header.set_size(manifest_bytes.len() as u64);
+    header.set_mode(0o600);
+    header.set_mtime(mtime);
+    header.set_entry_type(tar::EntryType::Regular);
+    builder
+        .append_data(&mut header, MANIFEST_NAME, manifest_bytes.as_slice())
+        .map_err(io_error(partial))?;
+    let encoder = builder.into_inner().map_err(io_error(partial))?;
+    let file = encoder.finish().map_err(io_error(partial))?;
+    file.sync_all().map_err(io_error(partial))?;
+    Ok(manifest)
+}
+
+/// A relative path made only of plain names, or `None`.
+fn safe_relative_path(name: &Path) -> Option<PathBuf> {
+    let mut clean = PathBuf::new();
+    for component in name.components() {
+        match component {
+            Component::Normal(part) => clean.push(part),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    (!clean.as_os_str().is_empty()).then_some(clean)
+}
+
+/// What a restore found in the archive, checked against its manifest (pure).
+pub fn verify_against_manifest(
+    manifest: &BackupManifest,
+    found: &BTreeMap<String, (u64, String)>,
+) -> Result<(), BackupError> {
+    if manifest.format != BACKUP_FORMAT {
+        return Err(BackupError::Manifest(format!(
+            "format {:?}, expected {BACKUP_FORMAT:?}",
+            manifest.format
+        )));
+    }
+    for entry in &manifest.files {
+        let Some((size, sha256)) = found.get(&entry.path) else {
+            return Err(BackupError::Missing(entry.path.clone()));
+        };
+        if *size != entry.size {
+            return Err(BackupError::Size {
+                path: entry.path.clone(),
+                expected: entry.size,
+                actual: *size,
+            });
+        }
+        if *sha256 != entry.sha256 {
+            return Err(BackupError::Checksum {
+                path: entry.path.clone(),
+                expected: entry.sha256.clone(),
+                actual: sha256.clone(),
+            });
+        }
+    }
+    if let Some(extra) = found
+        .keys()
+        .find(|path| !manifest.files.iter().any(|entry| &entry.path == *path))
+    {
+        return Err(BackupError::Unlisted(extra.clone()));
+    }
+    if !manifest.files.iter().any(|entry| entry.path == STORE_FILE) {
+        return Err(BackupError::Missing(STORE_FILE.to_owned()));
+    }
+    Ok(())
+}
+
+/// What a finished restore wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSummary {
+    pub data_dir: PathBuf,
+    pub manifest: BackupManifest,
+}
+
+/// Rebuilds a data dir at `data_dir` (missing or empty) from `archive`. On
+/// any problem, what was written is removed and the error names the cause.
+pub fn restore(archive: &Path, data_dir: &Path) -> Result<RestoreSummary, BackupError> {
+    match fs::read_dir(data_dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(BackupError::TargetNotEmpty(data_dir.to_owned()));
+            }
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(io_error(data_dir)(error)),
+    }
+    flotte_proto::files::create_private_dir(data_dir).map_err(io_error(data_dir))?;
+    let result = unpack_and_verify(archive, data_dir);
+    if result.is_err() {
+        // The target was missing or empty: everything in it is ours.
+        if let Ok(entries) = fs::read_dir(data_dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let _ = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+            }
+        }
+    }
+    result.map(|manifest| RestoreSummary {
+        data_dir: data_dir.to_owned(),
+        manifest,
+    })
+}
+
+fn unpack_and_verify(archive: &Path, data_dir: &Path) -> Result<BackupManifest, BackupError> {
+    let file = fs::File::open(archive).map_err(io_error(archive))?;
+    let decoder = zstd::Decoder::new(file).map_err(io_error(archive))?;
+    let mut tar = tar::Archive::new(decoder);
+    let mut found: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let mut manifest: Option<BackupManifest> = None;
+    for entry in tar.entries().map_err(io_error(archive))? {
+        let mut entry = entry.map_err(io_error(archive))?;
+        let raw_name = entry.path().map_err(io_error(archive))?.into_owned();
+        let shown = raw_name.display().to_string();
+        let relative =
+            safe_relative_path(&raw_name).ok_or_else(|| BackupError::UnsafeEntry(shown.clone()))?;
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            return Err(BackupError::UnsafeEntry(shown));
+        }
+        let name = relative.to_string_lossy().into_owned();
+        if name == MANIFEST_NAME {
+            let mut bytes = Vec::new();
+            (&mut entry)
+                .take(MAX_MANIFEST_BYTES)
+                .read_to_end(&mut bytes)
+                .map_err(io_error(archive))?;
+            manifest = Some(
+                serde_json::from_slice(&bytes)
+                    .map_err(|error| BackupError::Manifest(error.to_string()))?,
+            );
+            continue;
+        }
+        if found.contains_key(&name) {
+            return Err(BackupError::UnsafeEntry(format!("{shown} (twice)")));
+        }
+        let target = data_dir.join(&relative);
+        if let Some(parent) = target.parent() {
+            flotte_proto::files::create_private_dir(parent).map_err(io_error(parent))?;
+        }
+        let mode = entry.header().mode().map_err(io_error(archive))? & 0o777;
+        let mut output = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&target)
+            .map_err(io_error(&target))?;
+        let mut hashing = HashingReader::new(&mut entry);
+        io::copy(&mut hashing, &mut output).map_err(io_error(&target))?;
+        output.sync_all().map_err(io_error(&target))?;
+        found.insert(name, hashing.finish());
+    }
+    let manifest =
+        manifest.ok_or_else(|| BackupError::Manifest("manifest.json is missing".into()))?;
+    verify_against_manifest(&manifest, &found)?;
+    check_store_integrity(&data_dir.join(STORE_FILE))?;
+    Ok(manifest)
+}
+
+fn check_store_integrity(store: &Path) -> Result<(), BackupError> {
+    let integrity_error = |error: rusqlite::Error| BackupError::Integrity(error.to_string());
+    let connection = rusqlite::Connection::open(store).map_err(integrity_error)?;
+    let verdict: String = connection
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .map_err(integrity_error)?;
+    if verdict == "ok" {
+        Ok(())
+    } else {
+        Err(BackupError::Integrity(verdict))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::store::{SqliteStore, Store};
+    use std::io::Write;
+
+    fn write_test_file(root: &Path, relative: &str, bytes: &[u8], mode: u32) {
+        let path = root.join(relative);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .unwrap();
+        file.write_all(bytes).unwrap();
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("flotte-backup-{name}-{}", uuid::Uuid::new_v4()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    async fn sample_data_dir() -> PathBuf {
+        let dir = temp_dir("source");
+        write_test_file(&dir, "ca/ca.pem", b"CA CERT", 0o644);
+        write_test_file(&dir, "ca/ca.key", b"CA KEY", 0o600);
+        write_test_file(&dir, "server.toml", b"listen = \"127.0.0.1:0\"\n", 0o644);
+        write_test_file(&dir, "images/blobs/abc", b"blob bytes", 0o644);
+        write_test_file(&dir, "images/incoming/partial", b"half", 0o644);
+        write_test_file(&dir, "server.address", b"127.0.0.1:1\n", 0o644);
+        write_test_file(&dir, "forensics/m1/1-q1.tar", b"bundle", 0o644);
+        write_test_file(&dir, "forensics/m1/2-q2.tar.partial", b"half", 0o644);
+        let store = SqliteStore::open(&dir.join(STORE_FILE)).unwrap();
+        store
+            .insert_release_key(&crate::store::ReleaseKeyRecord {
+                id: "k1".into(),
+                name: "release".into(),
+                public_key_base64: "AAAA".into(),
+                added_at: 1,
+                added_by: "admin".into(),
+            })
+            .await
+            .unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_backup_restores_the_store_and_files_with_their_modes() {
+        let source = sample_data_dir().await;
+        // The store stays open (as in a running server) during the backup.
+        let _live = SqliteStore::open(&source.join(STORE_FILE)).unwrap();
+        let out = temp_dir("out").join("backup.tar.zst");
+        let summary = backup(&source, &out, 1000).unwrap();
+        let names: Vec<&str> = summary
+            .manifest
+            .files
+            .iter()
+            .map(|file| file.path.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "flotte.db",
+                "server.toml",
+                "ca/ca.key",
+                "ca/ca.pem",
+                "images/blobs/abc",
+                "forensics/m1/1-q1.tar"
+            ]
+        );
+        assert_eq!(
+            fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let target = temp_dir("target").join("restored");
+        restore(&out, &target).unwrap();
+        assert_eq!(fs::read(target.join("ca/ca.key")).unwrap(), b"CA KEY");
+        assert_eq!(
+            fs::metadata(target.join("ca/ca.key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert!(!target.join("images/incoming").exists());
+        assert!(!target.join("server.address").exists());
+        let restored = SqliteStore::open(&target.join(STORE_FILE)).unwrap();
+        let keys = restored.release_keys().await.unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].id, "k1");
+    }
+
+    #[tokio::test]
+    async fn restore_refuses_a_non_empty_target_and_cleans_up_after_a_bad_archive() {
+        let source = sample_data_dir().await;
+        let out = temp_dir("out").join("backup.tar.zst");
+        backup(&source, &out, 1000).unwrap();
+        let error = restore(&out, &source).unwrap_err();
+        assert!(matches!(error, BackupError::TargetNotEmpty(_)), "{error}");
+
+        // A manifest whose checksum no longer matches a file.
+        let decoder = zstd::Decoder::new(fs::File::open(&out).unwrap()).unwrap();
+        let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+        for entry in tar::Archive::new(decoder).entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let name = entry.path().unwrap().display().to_string();
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).unwrap();
+            if name == "ca/ca.key" {
+                bytes = b"EVILKY".to_vec();
+            }
+            entries.push((name, bytes));
+        }
+        let tampered = out.with_file_name("tampered.tar.zst");
+        let encoder = zstd::Encoder::new(fs::File::create(&tampered).unwrap(), 1).unwrap();
+        let mut builder = tar::Builder::new(encoder);
+        for (name, bytes) in &entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o600);
+            builder
+                .append_data(&mut header, name, bytes.as_slice())
+                .unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap();
+        let target = temp_dir("target").join("restored");
+        let error = restore(&tampered, &target).unwrap_err();
+        assert!(
+            matches!(&error, BackupError::Checksum { path, .. } if path == "ca/ca.key"),
+            "{error}"
+        );
+        assert_eq!(
+            fs::read_dir(&target).unwrap().count(),
+            0,
+            "nothing left behind"
+        );
+    }
+
+    #[test]
+    fn only_plain_relative_paths_are_accepted() {
+        assert_eq!(
+            safe_relative_path(Path::new("ca/ca.pem")),
+            Some(PathBuf::from("ca/ca.pem"))
+        );
+        for bad in ["../etc/passwd", "/etc/passwd", "ca/../../x", ""] {
+            assert_eq!(safe_relative_path(Path::new(bad)), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_manifest_check_names_what_is_missing_extra_or_changed() {
+        let entry = |path: &str, sha: &str| BackupFileEntry {
+            path: path.into(),
+            size: 1,
+            sha256: sha.into(),
+            mode: 0o600,
+        };
+        let manifest = BackupManifest {
+            format: BACKUP_FORMAT.into(),
+            created_at: 0,
+            files: vec![entry("flotte.db", "aa"), entry("ca/ca.key", "bb")],
+        };
+        let found = |items: &[(&str, u64, &str)]| -> BTreeMap<String, (u64, String)> {
+            items
+                .iter()
+                .map(|(path, size, sha)| ((*path).to_owned(), (*size, (*sha).to_owned())))
+                .collect()
+        };
+        type Found = BTreeMap<String, (u64, String)>;
+        let cases: Vec<(Found, &str)> = vec![
+            (
+                found(&[("flotte.db", 1, "aa"), ("ca/ca.key", 1, "bb")]),
+                "ok",
+            ),
+            (found(&[("flotte.db", 1, "aa")]), "missing"),
+            (
+                found(&[
+                    ("flotte.db", 1, "aa"),
+                    ("ca/ca.key", 1, "bb"),
+                    ("x", 1, "cc"),
+                ]),
+                "not in the manifest",
+            ),
+            (
+                found(&[("flotte.db", 1, "aa"), ("ca/ca.key", 1, "zz")]),
+                "checksum",
+            ),
+            (
+                found(&[("flotte.db", 2, "aa"), ("ca/ca.key", 1, "bb")]),
+                "size",
+            ),
+        ];
+        for (found, expected) in cases {
+            let outcome = verify_against_manifest(&manifest, &found);
+            match expected {
+                "ok" => assert!(outcome.is_ok(), "{outcome:?}"),
+                text => {
+                    let error = outcome.unwrap_err().to_string();
+                    assert!(error.contains(text), "{error} lacks {text}");
+                }
+            }
+        }
+        let other_format = BackupManifest {
+            format: "other/9".into(),
+            ..manifest
+        };
+        assert!(verify_against_manifest(&other_format, &BTreeMap::new()).is_err());
+    }
+}

@@ -1,0 +1,493 @@
+//! `flottectl machines quarantine | release | forensics`, `flottectl dr
+//! impact | report`, `flottectl remediation list`, and the remediation line
+//! of `flottectl status`.
+
+use std::path::{Component, Path, PathBuf};
+
+use clap::Subcommand;
+use flotte_proto::v1::disaster_recovery_client::DisasterRecoveryClient;
+use flotte_proto::v1::repair_client::RepairClient;
+use flotte_proto::v1::{
+    GetForensicsRequest, ListRemediationsRequest, Quarantine, QuarantineMachineRequest,
+    ReleaseMachineRequest, RemediationStatusRequest, RemediationStatusResponse,
+    SinglePointsRequest, ZoneLossImpactRequest,
+};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::{connect, format_time, print_json, render_table, rpc_error, Cli, CtlError, Output};
+
+/// The repair subcommands of `flottectl machines`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum MachineRepairCommand {
+    /// Take a machine out of service but keep it for investigation: its agent
+    /// runs its on_quarantine hook and uploads a forensic bundle; nothing is wiped.
+    Quarantine {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Put a quarantined machine back in service (its on_release hook runs).
+    Release { id: String },
+    /// Download the machine's latest forensic bundle into DIR: the tar and
+    /// its unpacked files.
+    Forensics {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrCommand {
+    /// What if these zones were lost: per group, machines and operational
+    /// capacity before and after, and the group's state.
+    Impact {
+        /// A zone to lose (repeatable).
+        #[arg(long = "zone", required = true)]
+        zones: Vec<String>,
+        /// Label whose values make the groups.
+        #[arg(long, default_value = "role")]
+        by: String,
+    },
+    /// Single points of failure: groups whose operational machines all sit in one zone.
+    Report {
+        #[arg(long, default_value = "role")]
+        by: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RemediationCommand {
+    /// Remediation events, newest first.
+    List,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct QuarantineView {
+    pub id: String,
+    pub reason: String,
+    pub since: String,
+    pub by: String,
+}
+
+impl From<&Quarantine> for QuarantineView {
+    fn from(quarantine: &Quarantine) -> Self {
+        QuarantineView {
+            id: quarantine.id.clone(),
+            reason: quarantine.reason.clone(),
+            since: format_time(quarantine.since),
+            by: quarantine.by.clone(),
+        }
+    }
+}
+
+fn repair_client(
+    cli: &Cli,
+) -> Result<(RepairClient<Channel>, impl Fn(tonic::Status) -> CtlError), CtlError> {
+    let (channel, diagnostics) = connect(cli)?;
+    let rpc = move |status| rpc_error(&diagnostics)(status);
+    Ok((RepairClient::new(channel), rpc))
+}
+
+pub async fn run_machine_repair(cli: &Cli, command: &MachineRepairCommand) -> Result<(), CtlError> {
+    let (mut client, rpc) = repair_client(cli)?;
+    match command {
+        MachineRepairCommand::Quarantine { id, reason } => {
+            let info = client
+                .quarantine_machine(QuarantineMachineRequest {
+                    id: id.clone(),
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(&rpc)?
+                .into_inner();
+            let view = info.quarantine.as_ref().map(QuarantineView::from);
+            if cli.output() == Output::Json {
+                return print_json(&view);
+            }
+            if let Some(view) = view {
+                println!(
+                    "{} ({}) quarantined since {} by {}: {}",
+                    info.hostname, info.machine_id, view.since, view.by, view.reason
+                );
+            }
+        }
+        MachineRepairCommand::Release { id } => {
+            let info = client
+                .release_machine(ReleaseMachineRequest { id: id.clone() })
+                .await
+                .map_err(&rpc)?
+                .into_inner();
+            if cli.output() == Output::Json {
+                return print_json(&serde_json::json!({
+                    "machine_id": info.machine_id,
+                    "hostname": info.hostname,
+                    "quarantined": false,
+                }));
+            }
+            println!(
+                "{} ({}) released from quarantine",
+                info.hostname, info.machine_id
+            );
+        }
+        MachineRepairCommand::Forensics { id, out } => {
+            let written = download_forensics(&mut client, &rpc, id, out).await?;
+            if cli.output() == Output::Json {
+                return print_json(&written);
+            }
+            println!(
+                "forensic bundle of quarantine {} ({} bytes, sha256 {}) written to {} and unpacked in {}",
+                written.quarantine_id,
+                written.size,
+                written.sha256,
+                written.archive.display(),
+                written.directory.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct DownloadedBundle {
+    machine_id: String,
+    quarantine_id: String,
+    received_at: String,
+    size: u64,
+    sha256: String,
+    archive: PathBuf,
+    directory: PathBuf,
+    files: Vec<String>,
+}
+
+async fn download_forensics(
+    client: &mut RepairClient<Channel>,
+    rpc: &impl Fn(tonic::Status) -> CtlError,
+    id: &str,
+    out: &Path,
+) -> Result<DownloadedBundle, CtlError> {
+    let mut stream = client
+        .get_forensics(GetForensicsRequest { id: id.to_owned() })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    let mut header = None;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(rpc)? {
+        bytes.extend_from_slice(&chunk.data);
+        if header.is_none() {
+            header = Some(chunk);
+        }
+    }
+    let header = header.ok_or_else(|| CtlError::Rpc("the server sent no bundle".into()))?;
+    let sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+    if sha256 != header.sha256 || bytes.len() as u64 != header.size {
+        return Err(CtlError::Rpc(format!(
+            "the bundle arrived damaged: {} bytes with sha256 {sha256}, expected {} bytes with {}",
+            bytes.len(),
+            header.size,
+            header.sha256
+        )));
+    }
+    let write_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CtlError::ReadFile { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(write_error(out))?;
+    let stem = format!("forensics-{}", header.quarantine_id);
+    let archive = out.join(format!("{stem}.tar"));
+    std::fs::write(&archive, &bytes).map_err(write_error(&archive))?;
+    let directory = out.join(&stem);
+    let files = unpack_bundle(&bytes, &directory)?;
+    Ok(DownloadedBundle {
+        machine_id: header.machine_id,
+        quarantine_id: header.quarantine_id,
+        received_at: format_time(header.received_at),
+        size: header.size,
+        sha256,
+        archive,
+        directory,
+        files,
+    })
+}
+
+/// Unpacks the regular files of a bundle (it comes from a machine under
+/// suspicion: links, devices and paths leaving `directory` are skipped).
+fn unpack_bundle(bytes: &[u8], directory: &Path) -> Result<Vec<String>, CtlError> {
+    let unpack_error =
+        |error: std::io::Error| CtlError::Rpc(format!("cannot unpack the bundle: {error}"));
+    let mut archive = tar::Archive::new(bytes);
+    let mut files = Vec::new();
+    for entry in archive.entries().map_err(unpack_error)? {
+        let mut entry = entry.map_err(unpack_error)?;
+        let path = entry.path().map_err(unpack_error)?.into_owned();
+        let plain = path
+            .components()
+            .all(|component| matches!(component, Component::Normal(_)));
+        if !plain || entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let target = directory.join(&path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(unpack_error)?;
+        }
+        let mut output = std::fs::File::create(&target).map_err(unpack_error)?;
+        std::io::copy(&mut entry, &mut output).map_err(unpack_error)?;
+        files.push(path.display().to_string());
+    }
+    Ok(files)
+}
+
+pub async fn run_dr(cli: &Cli, command: &DrCommand) -> Result<(), CtlError> {
+    let (channel, diagnostics) = connect(cli)?;
+    let rpc = rpc_error(&diagnostics);
+    let mut client = DisasterRecoveryClient::new(channel);
+    match command {
+        DrCommand::Impact { zones, by } => {
+            let impact = client
+                .zone_loss_impact(ZoneLossImpactRequest {
+                    zones: zones.clone(),
+                    by: by.clone(),
+                })
+                .await
+                .map_err(&rpc)?
+                .into_inner();
+            #[derive(Serialize)]
+            struct Row {
+                group: String,
+                machines_before: u32,
+                machines_after: u32,
+                operational_before: u32,
+                operational_after: u32,
+                minimum: Option<u32>,
+                state_after: String,
+            }
+            let rows: Vec<Row> = impact
+                .groups
+                .iter()
+                .map(|group| Row {
+                    group: group.group.clone(),
+                    machines_before: group.machines_before,
+                    machines_after: group.machines_after,
+                    operational_before: group.operational_before,
+                    operational_after: group.operational_after,
+                    minimum: (group.minimum > 0).then_some(group.minimum),
+                    state_after: group.state_after.clone(),
+                })
+                .collect();
+            if cli.output() == Output::Json {
+                return print_json(&serde_json::json!({
+                    "lost_zones": impact.zones,
+                    "by": impact.by,
+                    "groups": rows,
+                }));
+            }
+            println!("if zone(s) {} were lost:", impact.zones.join(", "));
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|row| {
+                    vec![
+                        format!("{}={}", impact.by, row.group),
+                        format!("{} -> {}", row.machines_before, row.machines_after),
+                        format!("{} -> {}", row.operational_before, row.operational_after),
+                        row.minimum
+                            .map_or("-".to_owned(), |minimum| minimum.to_string()),
+                        row.state_after.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                render_table(
+                    &["GROUP", "MACHINES", "OPERATIONAL", "MINIMUM", "STATE AFTER"],
+                    &table
+                )
+            );
+        }
+        DrCommand::Report { by } => {
+            let report = client
+                .single_points_of_failure(SinglePointsRequest { by: by.clone() })
+                .await
+                .map_err(&rpc)?
+                .into_inner();
+            #[derive(Serialize)]
+            struct Row {
+                group: String,
+                zone: String,
+                operational: u32,
+                machines: u32,
+            }
+            let rows: Vec<Row> = report
+                .groups
+                .iter()
+                .map(|point| Row {
+                    group: point.group.clone(),
+                    zone: point.zone.clone(),
+                    operational: point.operational,
+                    machines: point.machines,
+                })
+                .collect();
+            if cli.output() == Output::Json {
+                return print_json(&serde_json::json!({
+                    "by": report.by,
+                    "single_points_of_failure": rows,
+                }));
+            }
+            if rows.is_empty() {
+                println!(
+                    "no single point of failure: every {} group serves from two zones or more",
+                    report.by
+                );
+                return Ok(());
+            }
+            println!("single points of failure (all operational machines in one zone):");
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|row| {
+                    vec![
+                        format!("{}={}", report.by, row.group),
+                        row.zone.clone(),
+                        format!("{} of {}", row.operational, row.machines),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                render_table(&["GROUP", "ONLY ZONE", "OPERATIONAL"], &table)
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_remediation(cli: &Cli, command: &RemediationCommand) -> Result<(), CtlError> {
+    let (mut client, rpc) = repair_client(cli)?;
+    match command {
+        RemediationCommand::List => {
+            let events = client
+                .list_remediations(ListRemediationsRequest {})
+                .await
+                .map_err(&rpc)?
+                .into_inner()
+                .events;
+            #[derive(Serialize)]
+            struct Row {
+                id: String,
+                machine_id: String,
+                hostname: String,
+                zone: String,
+                labels: std::collections::BTreeMap<String, String>,
+                provider: String,
+                state: String,
+                reason: String,
+                opened_at: String,
+                updated_at: String,
+                replacement_machine_id: Option<String>,
+                detail: String,
+            }
+            let rows: Vec<Row> = events
+                .into_iter()
+                .map(|event| Row {
+                    id: event.id,
+                    machine_id: event.machine_id,
+                    hostname: event.hostname,
+                    zone: event.zone,
+                    labels: event.labels.into_iter().collect(),
+                    provider: event.provider,
+                    state: event.state,
+                    reason: event.reason,
+                    opened_at: format_time(event.opened_at),
+                    updated_at: format_time(event.updated_at),
+                    replacement_machine_id: (!event.replacement_machine_id.is_empty())
+                        .then_some(event.replacement_machine_id),
+                    detail: event.detail,
+                })
+                .collect();
+            if cli.output() == Output::Json {
+                return print_json(&rows);
+            }
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|row| {
+                    vec![
+                        row.opened_at.clone(),
+                        row.hostname.clone(),
+                        row.zone.clone(),
+                        row.state.clone(),
+                        row.provider.clone(),
+                        row.replacement_machine_id.clone().unwrap_or_default(),
+                        row.reason.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                render_table(
+                    &[
+                        "OPENED",
+                        "MACHINE",
+                        "ZONE",
+                        "STATE",
+                        "PROVIDER",
+                        "REPLACEMENT",
+                        "REASON"
+                    ],
+                    &table
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The remediation part of `flottectl status`, as JSON.
+#[derive(Debug, Serialize)]
+pub struct RemediationStatusView {
+    pub enabled: bool,
+    pub breaker_enabled: bool,
+    pub breaker_open: bool,
+    pub breaker_reasons: Vec<String>,
+    pub in_progress: u32,
+    pub max_concurrent: u32,
+}
+
+pub async fn remediation_status(
+    channel: Channel,
+    rpc: &impl Fn(tonic::Status) -> CtlError,
+) -> Result<RemediationStatusView, CtlError> {
+    let status: RemediationStatusResponse = RepairClient::new(channel)
+        .remediation_status(RemediationStatusRequest {})
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    Ok(RemediationStatusView {
+        enabled: status.enabled,
+        breaker_enabled: status.breaker_enabled,
+        breaker_open: status.breaker_open,
+        breaker_reasons: status.breaker_reasons,
+        in_progress: status.in_progress,
+        max_concurrent: status.max_concurrent,
+    })
+}
+
+/// One line (or a few) for people.
+pub fn print_remediation_status(view: &RemediationStatusView) {
+    if !view.enabled {
+        // Without a rule the breaker is never evaluated: "closed" would mislead.
+        println!("\nremediation: off (no [[remediation.rule]] in the server settings)");
+        return;
+    }
+    let breaker = match (view.breaker_enabled, view.breaker_open) {
+        (false, _) => "off".to_owned(),
+        (true, false) => "closed".to_owned(),
+        (true, true) => "OPEN (automatic remediation stopped)".to_owned(),
+    };
+    println!(
+        "\nremediation: on, {} of at most {} in progress, breaker {breaker}",
+        view.in_progress, view.max_concurrent
+    );
+    for reason in &view.breaker_reasons {
+        println!("  breaker: {reason}");
+    }
+}
