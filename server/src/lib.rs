@@ -28,6 +28,7 @@ pub mod profile;
 pub mod registry;
 pub mod revocation;
 pub mod roles;
+pub mod rollout;
 pub mod store;
 pub mod tls;
 pub mod transitions;
