@@ -44,6 +44,7 @@ use flotte_proto::v1::images_server::ImagesServer;
 use flotte_proto::v1::machines_server::MachinesServer;
 use flotte_proto::v1::operators_server::OperatorsServer;
 use flotte_proto::v1::release_keys_server::ReleaseKeysServer;
+use flotte_proto::v1::rollouts_server::RolloutsServer;
 use flotte_proto::v1::tokens_server::TokensServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,6 +55,7 @@ use crate::api::admin::AdminApi;
 use crate::api::enrollment::EnrollmentApi;
 use crate::api::images::ImagesApi;
 use crate::api::operators::OperatorsApi;
+use crate::api::rollouts::RolloutsApi;
 use crate::api::session::SessionApi;
 use crate::api::trust::TrustApi;
 use crate::ca::{CaError, CertificateAuthority};
@@ -86,6 +88,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot load the active rollouts: {0}")]
+    Rollouts(String),
     #[error("cannot serve metrics on {address}: {source}")]
     MetricsListener {
         address: std::net::SocketAddr,
@@ -159,6 +163,8 @@ pub struct ServerState {
     pub events: EventSender,
     pub metrics: ServerMetrics,
     pub alerts: AlertDispatcher,
+    /// Active rollouts and the means to wake their loop.
+    pub rollouts: Arc<rollout::runner::RolloutEngine>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -235,6 +241,11 @@ pub async fn run(
     );
     let alerts = AlertDispatcher::start(config.webhooks.clone(), metrics.clone(), shutdown.clone());
     let metrics_listen = config.metrics_listen;
+    let rollouts = Arc::new(
+        rollout::runner::RolloutEngine::load(Arc::new(store.clone()))
+            .await
+            .map_err(|error| ServerError::Rollouts(error.to_string()))?,
+    );
     let state = Arc::new(ServerState {
         config,
         ca,
@@ -246,12 +257,14 @@ pub async fn run(
         events: transitions::event_channel(),
         metrics,
         alerts,
+        rollouts,
     });
     tokio::spawn(transitions::apply_transitions(
         Arc::clone(&state),
         transition_receiver,
     ));
     tokio::spawn(watch_liveness(Arc::clone(&state), shutdown.clone()));
+    tokio::spawn(rollout::runner::run(Arc::clone(&state), shutdown.clone()));
     if let Some(address) = metrics_listen {
         serve_metrics(Arc::clone(&state), address, shutdown.clone()).await?;
     }
@@ -320,7 +333,8 @@ pub async fn run(
         .add_service(ImagesServer::new(ImagesApi::new(Arc::clone(&state))))
         .add_service(OperatorsServer::new(OperatorsApi::new(Arc::clone(&state))))
         .add_service(ReleaseKeysServer::new(trust.clone()))
-        .add_service(AuditServer::new(trust));
+        .add_service(AuditServer::new(trust))
+        .add_service(RolloutsServer::new(RolloutsApi::new(Arc::clone(&state))));
 
     tracing::info!(
         fingerprint = %state.ca.fingerprint(),

@@ -7,6 +7,7 @@ pub mod enrollment;
 pub mod guard;
 pub mod images;
 pub mod operators;
+pub mod rollouts;
 pub mod session;
 pub mod trust;
 

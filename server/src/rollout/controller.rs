@@ -284,7 +284,7 @@ fn bake_failure(rollout: &Rollout, view: &MachineView, now: UnixSeconds) -> Opti
 }
 
 /// Machines by wave, for the wave rules.
-fn wave_members<'a>(machines: &'a [MachineView], wave: u32) -> Vec<&'a MachineView> {
+fn wave_members(machines: &[MachineView], wave: u32) -> Vec<&MachineView> {
     machines
         .iter()
         .filter(|view| view.record.wave == wave)

@@ -7,10 +7,13 @@
 //! Hot paths never write here per message: heartbeats stay in the registry and
 //! only transitions and batched last-seen times are persisted.
 
+mod rollouts;
 mod sqlite;
+mod sqlite_rollouts;
 
 use std::collections::BTreeMap;
 
+pub use rollouts::RolloutStore;
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
 

@@ -301,7 +301,7 @@ fn image_from_row(row: &Row<'_>) -> rusqlite::Result<ImageRecord> {
     })
 }
 
-fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
+pub(super) fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let id: String = row.get("id")?;
     let id = Uuid::parse_str(&id).map_err(|error| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
@@ -356,6 +356,7 @@ impl SqliteStore {
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(SCHEMA)?;
+        connection.execute_batch(super::sqlite_rollouts::ROLLOUT_SCHEMA)?;
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
             metrics,
@@ -363,7 +364,7 @@ impl SqliteStore {
     }
 
     /// Runs `operation` on the connection in the blocking pool.
-    async fn with_connection<T, F>(&self, operation: F) -> Result<T, StoreError>
+    pub(super) async fn with_connection<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -400,7 +401,7 @@ impl SqliteStore {
             .await
     }
 
-    async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
+    pub(super) async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
