@@ -30,6 +30,7 @@ use crate::roles::Role;
 
 mod governance;
 mod images;
+mod rollouts;
 
 use governance::{run_audit, run_operator};
 
@@ -82,6 +83,9 @@ enum Command {
     /// The hash-chained audit log of every mutating call.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Staged rollouts of an image: qualification → canary → waves.
+    #[command(subcommand, alias = "rollouts")]
+    Rollout(rollouts::RolloutCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -1167,6 +1171,7 @@ pub async fn main(cli: Cli) -> ExitCode {
             Command::Operator(command) => run_operator(&cli, command).await,
             Command::Image(command) => images::run_image(&cli, command).await,
             Command::Audit(command) => run_audit(&cli, command).await,
+            Command::Rollout(command) => rollouts::run_rollout(&cli, command).await,
         },
     };
     match result {
