@@ -731,3 +731,4 @@ impl Agent {
         status
     }
 }
+pub mod sample_fleet;

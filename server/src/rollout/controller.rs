@@ -14,8 +14,9 @@
 //! 4. The current wave's machines are sent their image only when they are
 //!    connected and operational; the next wave starts once every machine of
 //!    this one is final, the stage's bake time has passed since the last of
-//!    them finished, and the committed ones are operational; a stage with
-//!    `approval` waits for `rollout approve` before its first wave.
+//!    them finished, and the committed ones are operational; after the last
+//!    wave of a stage with `approval`, the rollout waits for `rollout
+//!    approve` before going on.
 //! 5. Rolling back reverts the machines that took the new image to the image
 //!    each ran before (newest wave first), then ends `rolled_back`.
 
@@ -334,11 +335,7 @@ pub fn waiting_for(rollout: &Rollout, machines: &[MachineView], now: UnixSeconds
         return String::new();
     };
     if rollout.wave_started_at.is_none() {
-        return if needs_approval(rollout, wave) {
-            format!("approval of stage {}", stage_name(stage))
-        } else {
-            format!("start of wave {}", wave + 1)
-        };
+        return format!("start of wave {}", wave + 1);
     }
     let members = wave_members(machines, wave);
     match wave_done_at(&members) {
@@ -364,6 +361,8 @@ pub fn waiting_for(rollout: &Rollout, machines: &[MachineView], now: UnixSeconds
             let until = done_at.saturating_add(i64::try_from(bake).unwrap_or(i64::MAX));
             if now < until {
                 format!("bake of wave {} ({} s left)", wave + 1, until - now)
+            } else if needs_approval(rollout, wave) {
+                format!("approval of stage {} (rollout approve)", stage_name(stage))
             } else {
                 format!("health of wave {}", wave + 1)
             }
@@ -371,11 +370,14 @@ pub fn waiting_for(rollout: &Rollout, machines: &[MachineView], now: UnixSeconds
     }
 }
 
+/// Whether `wave` closes a stage whose approval gate is still shut: the
+/// rollout waits after it (baked and healthy) for `rollout approve`.
 fn needs_approval(rollout: &Rollout, wave: u32) -> bool {
     let Some(stage) = rollout.stage_of_wave(wave) else {
         return false;
     };
-    rollout.opens_stage(wave)
+    let closes_stage = rollout.stage_of_wave(wave + 1) != Some(stage);
+    closes_stage
         && rollout
             .plan
             .stages
@@ -452,9 +454,6 @@ fn next_running(rollout: &Rollout, machines: &[MachineView], now: UnixSeconds) -
         }];
     };
     if rollout.wave_started_at.is_none() {
-        if needs_approval(rollout, wave) {
-            return Vec::new();
-        }
         return vec![Action::StartWave { wave }];
     }
     let members = wave_members(machines, wave);
@@ -487,8 +486,9 @@ fn next_running(rollout: &Rollout, machines: &[MachineView], now: UnixSeconds) -
         view.record.state != MachineRolloutState::Committed
             || view.live.health == MachineState::Operational
     });
-    if !all_healthy {
-        // Rule 2 fails them once they are proven unhealthy; wait till then.
+    if !all_healthy || needs_approval(rollout, wave) {
+        // Rule 2 fails them once they are proven unhealthy; an approval
+        // gate waits for `rollout approve`.
         return Vec::new();
     }
     if wave + 1 < rollout.wave_count() {
@@ -940,22 +940,27 @@ on_failure = "rollback"
                 vec!["fail q1: turned down"],
             ),
             (
-                "a stage with approval waits for it",
-                with_approval().with(|f| f.rollout.current_wave = 1).start(0, T0).with(|f| {
-                    f.rollout.current_wave = 1;
-                    f.rollout.wave_started_at = None;
-                }),
-                now,
+                "a stage with approval waits for it once done and baked",
+                with_approval().start(1, T0).committed("p1", T0 + 5),
+                T0 + 65,
                 vec![],
             ),
             (
-                "an approved stage starts",
-                with_approval().start(0, T0).with(|f| {
+                "an approved stage goes on",
+                with_approval()
+                    .start(1, T0)
+                    .committed("p1", T0 + 5)
+                    .with(|f| f.rollout.approved_stages = vec![1]),
+                T0 + 65,
+                vec!["advance 2"],
+            ),
+            (
+                "a new wave starts at once",
+                base().start(0, T0).committed("q1", T0 + 5).with(|f| {
                     f.rollout.current_wave = 1;
                     f.rollout.wave_started_at = None;
-                    f.rollout.approved_stages = vec![1];
                 }),
-                now,
+                T0 + 65,
                 vec!["start 1"],
             ),
             (
