@@ -163,24 +163,43 @@ pub fn start_sample_machine(
     machine
 }
 
+/// Sets `app@version` on each of `hostnames` directly (`machines set-image`).
+pub fn set_image_on(server: &Server, hostnames: &[&str], version: &str) -> Result<(), String> {
+    let reference = format!("app@{version}");
+    for hostname in hostnames {
+        let output = server.ctl(&["machines", "set-image", hostname, &reference]);
+        if !output.status.success() {
+            return Err(format!(
+                "set-image {hostname} {reference}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether every machine runs `app@version` and is operational.
+pub fn fleet_runs(server: &Server, version: &str) -> bool {
+    let reference = format!("app@{version}");
+    server.machines().iter().all(|shown| {
+        shown["current_image"] == reference.as_str() && shown["state"] == "operational"
+    })
+}
+
 /// Sets `app@version` on every machine directly and waits until each runs
 /// it and is operational (the fleet's starting point before a rollout).
 pub fn set_image_everywhere(server: &Server, machines: &[SampleMachine], version: &str) {
-    let reference = format!("app@{version}");
-    for machine in machines {
-        ctl_ok(
-            server,
-            &["machines", "set-image", &machine.agent.name, &reference],
-        );
+    let hostnames: Vec<&str> = machines
+        .iter()
+        .map(|machine| machine.agent.name.as_str())
+        .collect();
+    if let Err(error) = set_image_on(server, &hostnames, version) {
+        panic!("{error}");
     }
-    let ready = wait_until(Duration::from_secs(120), || {
-        server.machines().iter().all(|shown| {
-            shown["current_image"] == reference.as_str() && shown["state"] == "operational"
-        })
-    });
+    let ready = wait_until(Duration::from_secs(120), || fleet_runs(server, version));
     assert!(
         ready,
-        "the fleet did not reach {reference}: {:#?}",
+        "the fleet did not reach app@{version}: {:#?}",
         server.machines()
     );
 }

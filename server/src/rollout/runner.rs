@@ -123,10 +123,13 @@ fn views_of(state: &ServerState, machines: &[RolloutMachine]) -> Vec<MachineView
         .collect()
 }
 
+/// Machines that failed at some point (a reverted one keeps its reason).
 fn failures_of(machines: &[RolloutMachine]) -> usize {
     machines
         .iter()
-        .filter(|machine| machine.state == MachineRolloutState::Failed)
+        .filter(|machine| {
+            machine.state == MachineRolloutState::Failed || !machine.failure_reason.is_empty()
+        })
         .count()
 }
 
