@@ -13,7 +13,7 @@ use flotte_tests::sample_fleet::{
     ctl_ok, push_sample_image, set_image_everywhere, start_sample_machine, trust_new_release_key,
     Behaviour, SampleMachine,
 };
-use flotte_tests::{wait_until, Server, TempDir};
+use flotte_tests::{wait_until, Server, TempDir, WebhookReceiver};
 
 /// (name, zone, labels): one qualification machine and five in production.
 const FLEET: [(&str, &str, &str); 6] = [
@@ -30,6 +30,7 @@ struct Fleet {
     keys: PathBuf,
     server: Server,
     machines: Vec<SampleMachine>,
+    webhook: WebhookReceiver,
 }
 
 impl Fleet {
@@ -39,6 +40,11 @@ impl Fleet {
         let root = TempDir::new("flotte-rollouts").unwrap();
         let mut server =
             Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
+        let webhook = WebhookReceiver::start();
+        server.append_config(&format!(
+            "[[webhook]]\nurl = \"{}\"\ntimeout = \"2s\"\n",
+            webhook.url
+        ));
         server.start();
         let keys = trust_new_release_key(&server, root.path());
         push_sample_image(&server, root.path(), &keys, "1.0.0", Behaviour::Healthy);
@@ -67,6 +73,7 @@ impl Fleet {
             keys,
             server,
             machines,
+            webhook,
         }
     }
 
@@ -296,6 +303,22 @@ fn staged_rollout_succeeds_then_a_broken_release_halts_at_the_canary_and_rolls_b
             assert_eq!(machine.commits_of("3.0.0"), 0, "{name} never got v3");
         }
     }
+    // Every rollout event went to the webhooks too.
+    let actions_seen = |wanted: &str| {
+        fleet.webhook.received().iter().any(|event| {
+            event["kind"] == "rollout"
+                && event["rollout"] == broken.as_str()
+                && event["action"] == wanted
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || actions_seen(
+            "rollout.rolled_back"
+        )),
+        "{:#?}",
+        fleet.webhook.received()
+    );
+    assert!(actions_seen("rollout.created") && actions_seen("rollout.machine-failed"));
     // Operators' commands and the controller's decisions are in the audit log.
     let audit = String::from_utf8_lossy(&fleet.server.ctl(&["audit", "list"]).stdout).into_owned();
     for action in [

@@ -388,6 +388,10 @@ fn needs_approval(rollout: &Rollout, wave: u32) -> bool {
 
 /// The decisions for `rollout` at `now`. An empty answer means: nothing to do
 /// until something changes (a report, a health transition, a command, time).
+///
+/// Live facts are read only for the machines of the current wave and those
+/// in flight (every machine while rolling back); the runner may leave the
+/// others' `live` empty, so no rule may depend on them.
 pub fn next(rollout: &Rollout, machines: &[MachineView], now: UnixSeconds) -> Vec<Action> {
     match rollout.state {
         RolloutState::Pending => vec![Action::SetState {

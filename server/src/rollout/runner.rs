@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::{broadcast, Mutex, Notify};
+use tokio::sync::{broadcast, mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -79,6 +79,10 @@ pub struct RolloutEngine {
     members: std::sync::Mutex<HashMap<Uuid, Uuid>>,
     wake: Notify,
     changes: broadcast::Sender<Uuid>,
+    /// The controller's decisions for the audit log, and their receiver
+    /// (taken by [`run`]).
+    audit: mpsc::UnboundedSender<AuditEvent>,
+    audit_events: std::sync::Mutex<Option<mpsc::UnboundedReceiver<AuditEvent>>>,
 }
 
 impl std::fmt::Debug for RolloutEngine {
@@ -113,12 +117,50 @@ fn live_of(state: &ServerState, machine: Uuid) -> LiveMachine {
     }
 }
 
+/// Stands in for the live facts of a machine the controller does not look
+/// at live (see [`views_for_controller`]).
+const NOT_LOOKED_AT: LiveMachine = LiveMachine {
+    connected: false,
+    health: MachineState::Unknown,
+    health_since: 0,
+    current_digest: None,
+    swap: None,
+};
+
 fn views_of(state: &ServerState, machines: &[RolloutMachine]) -> Vec<MachineView> {
     machines
         .iter()
         .map(|record| MachineView {
             record: record.clone(),
             live: live_of(state, record.machine_id),
+        })
+        .collect()
+}
+
+/// The views `controller::next` needs: live facts for the machines of the
+/// current wave and those in flight (every machine while rolling back);
+/// the others' decisions depend on their stored state only. This keeps a
+/// pass at O(wave) registry lookups on a fleet of 10 000.
+fn views_for_controller(
+    state: &ServerState,
+    rollout: &Rollout,
+    machines: &[RolloutMachine],
+) -> Vec<MachineView> {
+    if rollout.state == RolloutState::RollingBack {
+        return views_of(state, machines);
+    }
+    machines
+        .iter()
+        .map(|record| {
+            let looked_at = record.wave == rollout.current_wave || record.state.is_in_flight();
+            MachineView {
+                record: record.clone(),
+                live: if looked_at {
+                    live_of(state, record.machine_id)
+                } else {
+                    NOT_LOOKED_AT
+                },
+            }
         })
         .collect()
 }
@@ -246,7 +288,9 @@ fn apply_actions(active: &mut ActiveRollout, actions: &[Action], now: UnixSecond
             }),
         }
     }
-    rollout.updated_at = now;
+    if !actions.is_empty() {
+        rollout.updated_at = now;
+    }
     applied.changed.sort_unstable();
     applied.changed.dedup();
     applied
@@ -268,12 +312,15 @@ impl RolloutEngine {
             tracing::info!(rollout = %rollout.id, state = %rollout.state, "resuming rollout");
             active.insert(rollout.id, ActiveRollout { rollout, machines });
         }
+        let (audit, audit_events) = mpsc::unbounded_channel();
         Ok(RolloutEngine {
             store,
             active: Mutex::new(active),
             members: std::sync::Mutex::new(members),
             wake: Notify::new(),
             changes: broadcast::channel(1024).0,
+            audit,
+            audit_events: std::sync::Mutex::new(Some(audit_events)),
         })
     }
 
@@ -465,7 +512,7 @@ impl RolloutEngine {
                 held.insert(member.machine_id, rollout.id);
             }
         }
-        announce(
+        self.announce(
             state,
             &rollout,
             "rollout.created",
@@ -476,8 +523,7 @@ impl RolloutEngine {
                 rollout.wave_count()
             ),
             &request.actor,
-        )
-        .await;
+        );
         active.insert(
             rollout.id,
             ActiveRollout {
@@ -557,14 +603,13 @@ impl RolloutEngine {
         self.store
             .apply_rollout_pass(&current.rollout, &[], &[])
             .await?;
-        announce(
+        self.announce(
             state,
             &current.rollout,
             &format!("rollout.{}", command.as_str()),
             &detail,
             actor,
-        )
-        .await;
+        );
         self.keep_or_retire(&mut active, current.clone());
         drop(active);
         self.wake.notify_one();
@@ -631,28 +676,44 @@ impl RolloutEngine {
         let mut active = self.active.lock().await;
         let ids: Vec<Uuid> = active.keys().copied().collect();
         for id in ids {
-            let Some(mut current) = active.get(&id).cloned() else {
+            let Some(mut stored) = active.get(&id).cloned() else {
                 continue;
             };
             let mut changed = false;
-            for _ in 0..MAX_ROUNDS_PER_PASS {
+            // Rounds that send nothing (commits, a wave advancing) are
+            // gathered and stored together with the round that sends, in
+            // one transaction: one disk sync per wave transition.
+            let mut next = stored.clone();
+            let mut rows: std::collections::BTreeSet<usize> = Default::default();
+            let mut events: Vec<(String, String)> = Vec::new();
+            for round in 0..MAX_ROUNDS_PER_PASS {
                 let now = state.clock.now_unix();
-                let views = views_of(state, &current.machines);
-                let actions = controller::next(&current.rollout, &views, now);
-                if actions.is_empty() {
+                let views = views_for_controller(state, &next.rollout, &next.machines);
+                let actions = controller::next(&next.rollout, &views, now);
+                let applied = apply_actions(&mut next, &actions, now);
+                rows.extend(applied.changed.iter().copied());
+                events.extend(applied.events);
+                let last_round = actions.is_empty()
+                    || next.rollout.state.is_terminal()
+                    || round + 1 == MAX_ROUNDS_PER_PASS;
+                if applied.sends.is_empty() && !last_round {
+                    continue;
+                }
+                if rows.is_empty()
+                    && actions.is_empty()
+                    && events.is_empty()
+                    && next.rollout == stored.rollout
+                {
                     break;
                 }
-                let mut next = current.clone();
-                let applied = apply_actions(&mut next, &actions, now);
-                let rows: Vec<RolloutMachine> = applied
-                    .changed
+                let changed_rows: Vec<RolloutMachine> = rows
                     .iter()
                     .map(|&position| next.machines[position].clone())
                     .collect();
                 // Stored first, pushed second: see the module docs.
                 let updated = match self
                     .store
-                    .apply_rollout_pass(&next.rollout, &rows, &applied.sends)
+                    .apply_rollout_pass(&next.rollout, &changed_rows, &applied.sends)
                     .await
                 {
                     Ok(updated) => updated,
@@ -661,18 +722,19 @@ impl RolloutEngine {
                         break;
                     }
                 };
-                current = next;
+                stored = next.clone();
                 changed = true;
-                push_all(state, &updated, &current.rollout).await;
-                for (action, detail) in &applied.events {
-                    announce(state, &current.rollout, action, detail, CONTROLLER_ACTOR).await;
+                rows.clear();
+                push_all(state, &updated, &stored.rollout).await;
+                for (action, detail) in events.drain(..) {
+                    self.announce(state, &stored.rollout, &action, &detail, CONTROLLER_ACTOR);
                 }
-                if current.rollout.state.is_terminal() {
+                if last_round {
                     break;
                 }
             }
             if changed {
-                self.keep_or_retire(&mut active, current);
+                self.keep_or_retire(&mut active, stored);
                 let _ = self.changes.send(id);
             }
         }
@@ -715,7 +777,11 @@ fn detail_of(
     machines: Vec<RolloutMachine>,
 ) -> RolloutDetail {
     let now = state.clock.now_unix();
-    let waiting_for = controller::waiting_for(&rollout, &views_of(state, &machines), now);
+    let waiting_for = controller::waiting_for(
+        &rollout,
+        &views_for_controller(state, &rollout, &machines),
+        now,
+    );
     let failures = failures_of(&machines);
     let max_failures = controller::failure_threshold(&rollout, machines.len());
     RolloutDetail {
@@ -759,43 +825,68 @@ async fn push_all(
     }
 }
 
-/// Sends a rollout event to the webhooks and the audit log.
-async fn announce(state: &ServerState, rollout: &Rollout, action: &str, detail: &str, actor: &str) {
-    tracing::info!(rollout = %rollout.id, image = %rollout.image.reference(), state = %rollout.state, action, detail, actor, "rollout event");
-    state.alerts.publish(&Alert {
-        kind: "rollout",
-        event: json!({
-            "rollout": rollout.id.to_string(),
-            "image": rollout.image.reference(),
-            "action": action,
-            "state": rollout.state.as_str(),
-            "detail": detail,
-            "actor": actor,
-            "wave": rollout.current_wave + 1,
-            "waves": rollout.wave_count(),
-        }),
-    });
-    // Operators' commands are audited by the admin gate; the controller's
-    // own decisions are recorded here.
-    if actor == CONTROLLER_ACTOR {
-        let event = AuditEvent {
-            at: state.clock.now_unix(),
-            actor: CONTROLLER_ACTOR.to_owned(),
-            role: "server".to_owned(),
-            action: action.to_owned(),
-            arguments_json:
-                json!({ "rollout": rollout.id.to_string(), "image": rollout.image.reference() })
-                    .to_string(),
-            result: format!("ok: {detail}"),
-        };
+impl RolloutEngine {
+    /// Sends a rollout event to the webhooks at once, and queues the
+    /// controller's own decisions for the audit log (appended in order by
+    /// [`run`]'s writer, so a pass never waits on the audit log's disk sync;
+    /// operators' commands are audited by the admin gate).
+    fn announce(
+        &self,
+        state: &ServerState,
+        rollout: &Rollout,
+        action: &str,
+        detail: &str,
+        actor: &str,
+    ) {
+        tracing::info!(rollout = %rollout.id, image = %rollout.image.reference(), state = %rollout.state, action, detail, actor, "rollout event");
+        state.alerts.publish(&Alert {
+            kind: "rollout",
+            event: json!({
+                "rollout": rollout.id.to_string(),
+                "image": rollout.image.reference(),
+                "action": action,
+                "state": rollout.state.as_str(),
+                "detail": detail,
+                "actor": actor,
+                "wave": rollout.current_wave + 1,
+                "waves": rollout.wave_count(),
+            }),
+        });
+        if actor == CONTROLLER_ACTOR {
+            let _ = self.audit.send(AuditEvent {
+                at: state.clock.now_unix(),
+                actor: CONTROLLER_ACTOR.to_owned(),
+                role: "server".to_owned(),
+                action: action.to_owned(),
+                arguments_json:
+                    json!({ "rollout": rollout.id.to_string(), "image": rollout.image.reference() })
+                        .to_string(),
+                result: format!("ok: {detail}"),
+            });
+        }
+    }
+}
+
+/// Appends the controller's audit events in the order they were decided.
+async fn write_audit(state: Arc<ServerState>, mut events: mpsc::UnboundedReceiver<AuditEvent>) {
+    while let Some(event) = events.recv().await {
         if let Err(error) = state.store.append_audit(&event).await {
-            tracing::error!(%error, action, "cannot record a rollout event in the audit log");
+            tracing::error!(%error, action = %event.action, "cannot record a rollout event in the audit log");
         }
     }
 }
 
 /// Runs passes on wake-ups and every [`TICK`] until `shutdown`.
 pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
+    let audit_events = state
+        .rollouts
+        .audit_events
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(events) = audit_events {
+        tokio::spawn(write_audit(Arc::clone(&state), events));
+    }
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -805,5 +896,106 @@ pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
             _ = ticker.tick() => {}
         }
         state.rollouts.pass(&state).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::plan::parse_plan;
+
+    fn machine(rollout: Uuid, index: u128, wave: u32) -> RolloutMachine {
+        RolloutMachine {
+            rollout_id: rollout,
+            machine_id: Uuid::from_u128(index),
+            hostname: format!("m{index}"),
+            zone: "dc1".into(),
+            stage: 0,
+            wave,
+            state: MachineRolloutState::Pending,
+            previous_image: Some(DesiredImageRecord {
+                name: "app".into(),
+                version: "1.0.0".into(),
+                digest: "old".into(),
+                rollback: true,
+            }),
+            turn_at: None,
+            sent_at: None,
+            committed_at: None,
+            finished_at: None,
+            failure_reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn actions_change_a_copy_and_list_what_to_store_and_send() {
+        let id = Uuid::from_u128(7);
+        let mut active = ActiveRollout {
+            rollout: Rollout {
+                id,
+                image: RolloutImage {
+                    name: "app".into(),
+                    version: "2.0.0".into(),
+                    digest: "new".into(),
+                },
+                plan: parse_plan("[[stage]]\nname = \"all\"\nbatch = 1\n")
+                    .unwrap_or_else(|e| panic!("{e}")),
+                plan_toml: String::new(),
+                state: RolloutState::Running,
+                reason: String::new(),
+                created_at: 1,
+                created_by: "alice".into(),
+                updated_at: 1,
+                wave_stages: vec![0, 0],
+                current_wave: 0,
+                wave_started_at: None,
+                approved_stages: vec![],
+            },
+            machines: vec![machine(id, 1, 0), machine(id, 2, 1)],
+        };
+        let applied = apply_actions(
+            &mut active,
+            &[
+                Action::StartWave { wave: 0 },
+                Action::Send {
+                    machine: Uuid::from_u128(1),
+                },
+                Action::SendRollback {
+                    machine: Uuid::from_u128(2),
+                },
+                Action::Fail {
+                    machine: Uuid::from_u128(2),
+                    reason: "broken".into(),
+                },
+            ],
+            50,
+        );
+        assert_eq!(applied.changed, vec![0, 1]);
+        assert_eq!(active.rollout.wave_started_at, Some(50));
+        assert_eq!(active.machines[0].state, MachineRolloutState::Sent);
+        assert_eq!(active.machines[0].turn_at, Some(50));
+        assert_eq!(active.machines[0].sent_at, Some(50));
+        assert_eq!(active.machines[1].state, MachineRolloutState::Failed);
+        assert_eq!(active.machines[1].failure_reason, "broken");
+        assert_eq!(applied.sends.len(), 2);
+        assert_eq!(
+            applied.sends[0],
+            (Uuid::from_u128(1), active.rollout.image.desired())
+        );
+        assert_eq!(applied.sends[1].1.digest, "old");
+        assert!(
+            applied.sends[1].1.rollback,
+            "a rollback allows the lower version"
+        );
+        let events: Vec<&str> = applied
+            .events
+            .iter()
+            .map(|(action, _)| action.as_str())
+            .collect();
+        assert_eq!(
+            events,
+            vec!["rollout.wave-started", "rollout.machine-failed"]
+        );
+        assert_eq!(failures_of(&active.machines), 1);
     }
 }

@@ -42,7 +42,7 @@ macro_rules! say {
     }};
 }
 
-/// How long three agents may take to enroll and open their sessions. They
+/// How long the six agents may take to enroll and open their sessions. They
 /// need well under a second on a laptop; the margin covers a loaded machine.
 const SESSIONS_TIMEOUT: Duration = Duration::from_secs(60);
 const FLEET_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
@@ -143,7 +143,7 @@ on_failure = "rollback"
 #[derive(Debug, Parser)]
 #[command(
     name = "flotte-demo",
-    about = "Run a Flotte server and three agents on 127.0.0.1 until Ctrl-C"
+    about = "Run a Flotte server and six agents on 127.0.0.1, roll out images, until Ctrl-C"
 )]
 struct Cli {
     /// Keep the fleet's data dirs and logs in DIR (new or empty) after the
