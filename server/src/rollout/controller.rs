@@ -596,8 +596,9 @@ mod tests {
     use super::*;
     use crate::rollout::plan::parse_plan;
     use crate::rollout::waves::{assign_waves, wave_stages, Candidate};
-    use crate::rollout::{LiveMachine, RolloutImage, RolloutMachine, SwapView};
-    use crate::store::DesiredImageRecord;
+    use crate::rollout::{
+        pending_machine_for_tests, LiveMachine, RolloutImage, RolloutMachine, SwapView,
+    };
 
     const PLAN: &str = r#"
 [[stage]]
@@ -670,24 +671,15 @@ on_failure = "rollback"
             .iter()
             .map(|assignment| MachineView {
                 record: RolloutMachine {
-                    rollout_id,
-                    machine_id: assignment.machine,
-                    hostname: assignment.hostname.clone(),
                     zone: assignment.zone.clone(),
                     stage: assignment.stage,
-                    wave: assignment.wave,
-                    state: MachineRolloutState::Pending,
-                    previous_image: Some(DesiredImageRecord {
-                        name: "app".into(),
-                        version: "1.0.0".into(),
-                        digest: OLD.into(),
-                        rollback: true,
-                    }),
-                    turn_at: None,
-                    sent_at: None,
-                    committed_at: None,
-                    finished_at: None,
-                    failure_reason: String::new(),
+                    ..pending_machine_for_tests(
+                        rollout_id,
+                        assignment.machine,
+                        &assignment.hostname,
+                        assignment.wave,
+                        OLD,
+                    )
                 },
                 live: LiveMachine {
                     connected: true,

@@ -290,3 +290,34 @@ pub struct MachineView {
     pub record: RolloutMachine,
     pub live: LiveMachine,
 }
+
+/// A machine of a rollout as created, for the module's tests.
+#[cfg(test)]
+pub(crate) fn pending_machine_for_tests(
+    rollout_id: Uuid,
+    machine_id: Uuid,
+    hostname: &str,
+    wave: u32,
+    previous_digest: &str,
+) -> RolloutMachine {
+    RolloutMachine {
+        rollout_id,
+        machine_id,
+        hostname: hostname.to_owned(),
+        zone: "dc1".into(),
+        stage: 0,
+        wave,
+        state: MachineRolloutState::Pending,
+        previous_image: Some(DesiredImageRecord {
+            name: "app".into(),
+            version: "1.0.0".into(),
+            digest: previous_digest.to_owned(),
+            rollback: true,
+        }),
+        turn_at: None,
+        sent_at: None,
+        committed_at: None,
+        finished_at: None,
+        failure_reason: String::new(),
+    }
+}

@@ -905,26 +905,13 @@ mod tests {
     use crate::rollout::plan::parse_plan;
 
     fn machine(rollout: Uuid, index: u128, wave: u32) -> RolloutMachine {
-        RolloutMachine {
-            rollout_id: rollout,
-            machine_id: Uuid::from_u128(index),
-            hostname: format!("m{index}"),
-            zone: "dc1".into(),
-            stage: 0,
+        crate::rollout::pending_machine_for_tests(
+            rollout,
+            Uuid::from_u128(index),
+            &format!("m{index}"),
             wave,
-            state: MachineRolloutState::Pending,
-            previous_image: Some(DesiredImageRecord {
-                name: "app".into(),
-                version: "1.0.0".into(),
-                digest: "old".into(),
-                rollback: true,
-            }),
-            turn_at: None,
-            sent_at: None,
-            committed_at: None,
-            finished_at: None,
-            failure_reason: String::new(),
-        }
+            "old",
+        )
     }
 
     #[test]

@@ -351,26 +351,8 @@ mod tests {
             wave_started_at: None,
             approved_stages: vec![],
         };
-        let mut member = RolloutMachine {
-            rollout_id: rollout.id,
-            machine_id,
-            hostname: "web-1".into(),
-            zone: "dc1".into(),
-            stage: 0,
-            wave: 0,
-            state: MachineRolloutState::Pending,
-            previous_image: Some(DesiredImageRecord {
-                name: "app".into(),
-                version: "1.0.0".into(),
-                digest: "d1".into(),
-                rollback: true,
-            }),
-            turn_at: None,
-            sent_at: None,
-            committed_at: None,
-            finished_at: None,
-            failure_reason: String::new(),
-        };
+        let mut member =
+            crate::rollout::pending_machine_for_tests(rollout.id, machine_id, "web-1", 0, "d1");
         store
             .insert_rollout(&rollout, &[member.clone()])
             .await
