@@ -793,31 +793,27 @@ fn detail_of(
     }
 }
 
-/// Pushes the stored desired states of `machines` to their agents.
+/// Pushes the stored desired states of `machines` to their agents. The state
+/// is built by `session::desired_state_of`, the one place that knows every
+/// part of a desired state; the rollout only adds its id.
 async fn push_all(
     state: &ServerState,
     machines: &[crate::store::MachineRecord],
     rollout: &Rollout,
 ) {
-    let mut images: HashMap<(String, String), Option<crate::store::ImageRecord>> = HashMap::new();
     for machine in machines {
-        let Some(desired) = &machine.desired_image else {
+        if state.registry.sender(machine.id).is_none() {
+            // Offline: it gets the stored state when it reconnects.
             continue;
-        };
-        let key = (desired.name.clone(), desired.version.clone());
-        if !images.contains_key(&key) {
-            let record = match state.store.image(&desired.name, &desired.version).await {
-                Ok(record) => record,
-                Err(error) => {
-                    tracing::error!(%error, "cannot read an image record; agents get it on reconnect");
-                    None
-                }
-            };
-            images.insert(key.clone(), record);
         }
-        let image = images.get(&key).and_then(Option::as_ref);
-        let mut desired_state =
-            crate::api::session::desired_state(machine, image, state.config.report_interval);
+        let mut desired_state = match crate::api::session::desired_state_of(state, machine).await {
+            Ok(desired_state) => desired_state,
+            Err(error) => {
+                tracing::error!(machine = %machine.id, %error, "cannot build a desired state; the agent gets it on reconnect");
+                state.registry.end_session(machine.id);
+                continue;
+            }
+        };
         if let Some(image) = desired_state.image.as_mut() {
             image.rollout_id = rollout.id.to_string();
         }
