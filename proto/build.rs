@@ -9,6 +9,7 @@ const PROTO_FILES: &[&str] = &[
     "flotte/v1/admin.proto",
     "flotte/v1/trust.proto",
     "flotte/v1/repair.proto",
+    "flotte/v1/rollouts.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -31,6 +31,7 @@ use crate::roles::Role;
 mod governance;
 mod images;
 mod repair;
+mod rollouts;
 
 use governance::{run_audit, run_operator};
 
@@ -89,6 +90,9 @@ enum Command {
     /// Automatic remediation events.
     #[command(subcommand)]
     Remediation(repair::RemediationCommand),
+    /// Staged rollouts of an image: qualification → canary → waves.
+    #[command(subcommand, alias = "rollouts")]
+    Rollout(rollouts::RolloutCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -1211,6 +1215,7 @@ pub async fn main(cli: Cli) -> ExitCode {
             Command::Audit(command) => run_audit(&cli, command).await,
             Command::Dr(command) => repair::run_dr(&cli, command).await,
             Command::Remediation(command) => repair::run_remediation(&cli, command).await,
+            Command::Rollout(command) => rollouts::run_rollout(&cli, command).await,
         },
     };
     match result {

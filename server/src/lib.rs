@@ -30,6 +30,7 @@ pub mod registry;
 pub mod repair;
 pub mod revocation;
 pub mod roles;
+pub mod rollout;
 pub mod store;
 pub mod tls;
 pub mod transitions;
@@ -45,6 +46,7 @@ use flotte_proto::v1::images_server::ImagesServer;
 use flotte_proto::v1::machines_server::MachinesServer;
 use flotte_proto::v1::operators_server::OperatorsServer;
 use flotte_proto::v1::release_keys_server::ReleaseKeysServer;
+use flotte_proto::v1::rollouts_server::RolloutsServer;
 use flotte_proto::v1::tokens_server::TokensServer;
 use flotte_proto::v1::{
     disaster_recovery_server::DisasterRecoveryServer, repair_server::RepairServer,
@@ -59,6 +61,7 @@ use crate::api::enrollment::EnrollmentApi;
 use crate::api::images::ImagesApi;
 use crate::api::operators::OperatorsApi;
 use crate::api::repair::RepairApi;
+use crate::api::rollouts::RolloutsApi;
 use crate::api::session::SessionApi;
 use crate::api::trust::TrustApi;
 use crate::ca::{CaError, CertificateAuthority};
@@ -91,6 +94,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot load the active rollouts: {0}")]
+    Rollouts(String),
     #[error("cannot serve metrics on {address}: {source}")]
     MetricsListener {
         address: std::net::SocketAddr,
@@ -166,6 +171,8 @@ pub struct ServerState {
     pub alerts: AlertDispatcher,
     /// Quarantines, forensic bundles, remediation status (issue 8).
     pub repair: repair::RepairState,
+    /// Active rollouts and the means to wake their loop.
+    pub rollouts: Arc<rollout::runner::RolloutEngine>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -243,6 +250,11 @@ pub async fn run(
     let alerts = AlertDispatcher::start(config.webhooks.clone(), metrics.clone(), shutdown.clone());
     let metrics_listen = config.metrics_listen;
     let repair = repair::RepairState::new(Arc::new(store.clone()), &config.data_dir);
+    let rollouts = Arc::new(
+        rollout::runner::RolloutEngine::load(Arc::new(store.clone()))
+            .await
+            .map_err(|error| ServerError::Rollouts(error.to_string()))?,
+    );
     let state = Arc::new(ServerState {
         config,
         ca,
@@ -255,6 +267,7 @@ pub async fn run(
         metrics,
         alerts,
         repair,
+        rollouts,
     });
     tokio::spawn(transitions::apply_transitions(
         Arc::clone(&state),
@@ -265,6 +278,7 @@ pub async fn run(
         Arc::clone(&state),
         shutdown.clone(),
     ));
+    tokio::spawn(rollout::runner::run(Arc::clone(&state), shutdown.clone()));
     if let Some(address) = metrics_listen {
         serve_metrics(Arc::clone(&state), address, shutdown.clone()).await?;
     }
@@ -337,7 +351,8 @@ pub async fn run(
         .add_service(RepairServer::new(RepairApi::new(Arc::clone(&state))))
         .add_service(DisasterRecoveryServer::new(RepairApi::new(Arc::clone(
             &state,
-        ))));
+        ))))
+        .add_service(RolloutsServer::new(RolloutsApi::new(Arc::clone(&state))));
 
     tracing::info!(
         fingerprint = %state.ca.fingerprint(),

@@ -85,6 +85,16 @@ pub enum AdminRpc {
     RemediationStatus,
     ZoneLossImpact,
     SinglePointsOfFailure,
+    CreateRollout,
+    ListRollouts,
+    GetRollout,
+    WatchRollout,
+    PauseRollout,
+    ResumeRollout,
+    AbortRollout,
+    ApproveRollout,
+    RollbackRollout,
+    StopAllRollouts,
 }
 
 /// One row of the policy table.
@@ -114,7 +124,7 @@ const fn policy(
 }
 
 impl AdminRpc {
-    pub const ALL: [AdminRpc; 28] = [
+    pub const ALL: [AdminRpc; 38] = [
         AdminRpc::CreateToken,
         AdminRpc::ListTokens,
         AdminRpc::RevokeToken,
@@ -143,6 +153,16 @@ impl AdminRpc {
         AdminRpc::RemediationStatus,
         AdminRpc::ZoneLossImpact,
         AdminRpc::SinglePointsOfFailure,
+        AdminRpc::CreateRollout,
+        AdminRpc::ListRollouts,
+        AdminRpc::GetRollout,
+        AdminRpc::WatchRollout,
+        AdminRpc::PauseRollout,
+        AdminRpc::ResumeRollout,
+        AdminRpc::AbortRollout,
+        AdminRpc::ApproveRollout,
+        AdminRpc::RollbackRollout,
+        AdminRpc::StopAllRollouts,
     ];
 
     /// The policy of this RPC: the whole table, one row per RPC.
@@ -292,6 +312,66 @@ impl AdminRpc {
                 Viewer,
                 false,
             ),
+            AdminRpc::CreateRollout => policy(
+                "/flotte.v1.Rollouts/CreateRollout",
+                "rollout.create",
+                Operator,
+                true,
+            ),
+            AdminRpc::ListRollouts => policy(
+                "/flotte.v1.Rollouts/ListRollouts",
+                "rollout.list",
+                Viewer,
+                false,
+            ),
+            AdminRpc::GetRollout => policy(
+                "/flotte.v1.Rollouts/GetRollout",
+                "rollout.get",
+                Viewer,
+                false,
+            ),
+            AdminRpc::WatchRollout => policy(
+                "/flotte.v1.Rollouts/WatchRollout",
+                "rollout.watch",
+                Viewer,
+                false,
+            ),
+            AdminRpc::PauseRollout => policy(
+                "/flotte.v1.Rollouts/PauseRollout",
+                "rollout.pause",
+                Operator,
+                true,
+            ),
+            AdminRpc::ResumeRollout => policy(
+                "/flotte.v1.Rollouts/ResumeRollout",
+                "rollout.resume",
+                Operator,
+                true,
+            ),
+            AdminRpc::AbortRollout => policy(
+                "/flotte.v1.Rollouts/AbortRollout",
+                "rollout.abort",
+                Operator,
+                true,
+            ),
+            AdminRpc::ApproveRollout => policy(
+                "/flotte.v1.Rollouts/ApproveRollout",
+                "rollout.approve",
+                Operator,
+                true,
+            ),
+            AdminRpc::RollbackRollout => policy(
+                "/flotte.v1.Rollouts/RollbackRollout",
+                "rollout.rollback",
+                Operator,
+                true,
+            ),
+            AdminRpc::StopAllRollouts => policy(
+                "/flotte.v1.Rollouts/StopAllRollouts",
+                "rollout.stop-all",
+                Operator,
+                true,
+            ),
         }
     }
 }
@@ -345,6 +425,16 @@ mod tests {
         (AdminRpc::RemediationStatus, Role::Viewer, false),
         (AdminRpc::ZoneLossImpact, Role::Viewer, false),
         (AdminRpc::SinglePointsOfFailure, Role::Viewer, false),
+        (AdminRpc::CreateRollout, Role::Operator, true),
+        (AdminRpc::ListRollouts, Role::Viewer, false),
+        (AdminRpc::GetRollout, Role::Viewer, false),
+        (AdminRpc::WatchRollout, Role::Viewer, false),
+        (AdminRpc::PauseRollout, Role::Operator, true),
+        (AdminRpc::ResumeRollout, Role::Operator, true),
+        (AdminRpc::AbortRollout, Role::Operator, true),
+        (AdminRpc::ApproveRollout, Role::Operator, true),
+        (AdminRpc::RollbackRollout, Role::Operator, true),
+        (AdminRpc::StopAllRollouts, Role::Operator, true),
     ];
 
     #[test]

@@ -89,6 +89,7 @@ pub async fn apply_transitions(
             "machine state changed"
         );
         state.alerts.publish(&alert_for(&event));
+        state.rollouts.machine_changed(event.machine_id);
         // No watcher is not an error.
         let _ = state.events.send(event);
     }

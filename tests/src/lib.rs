@@ -746,3 +746,4 @@ impl Server {
         }
     }
 }
+pub mod sample_fleet;

@@ -10,23 +10,7 @@ use std::time::Duration;
 
 use flotte_tests::{binary, http_get, wait_until, Agent, Server, TempDir};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn ctl_ok(server: &Server, args: &[&str]) -> String {
-    let output = server.ctl(args);
-    assert!(
-        output.status.success(),
-        "flottectl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use flotte_tests::sample_fleet::{ctl_ok, free_port};
 
 /// Builds `app@version` from the sample service, serving on `port`.
 fn build_sample_image(

@@ -540,3 +540,30 @@ pub fn start(
         status: status_receiver,
     })
 }
+
+/// The two ends a simulated image manager holds (see [`simulated_handle`]).
+#[derive(Debug)]
+pub struct SimulatedImageManager {
+    /// The desired images the session hands over, as `(version, image)`.
+    pub desired: watch::Receiver<Option<(u64, DesiredImage)>>,
+    /// Publishing here reports a new status at once, as the real manager does.
+    pub status: watch::Sender<ImageStatus>,
+}
+
+/// A handle with no swap manager behind it, for *simulated* agents (the
+/// load generator): whoever holds the [`SimulatedImageManager`] decides what
+/// a swap does. Real agents use [`start`].
+pub fn simulated_handle(initial: ImageStatus) -> (ImageHandle, SimulatedImageManager) {
+    let (desired_sender, desired_receiver) = watch::channel(None);
+    let (status_sender, status_receiver) = watch::channel(initial);
+    (
+        ImageHandle {
+            desired: desired_sender,
+            status: status_receiver,
+        },
+        SimulatedImageManager {
+            desired: desired_receiver,
+            status: status_sender,
+        },
+    )
+}

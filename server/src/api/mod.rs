@@ -8,6 +8,7 @@ pub mod guard;
 pub mod images;
 pub mod operators;
 pub mod repair;
+pub mod rollouts;
 pub mod session;
 pub mod trust;
 

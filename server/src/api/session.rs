@@ -104,9 +104,9 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// A session whose queue stays full is ended instead: the agent reconnects
 /// and receives the whole state on connect, so a change is never lost.
 pub async fn push_desired_state(state: &ServerState, machine: &MachineRecord) {
-    let Some(sender) = state.registry.sender(machine.id) else {
+    if state.registry.sender(machine.id).is_none() {
         return;
-    };
+    }
     let desired = match desired_state_of(state, machine).await {
         Ok(desired) => desired,
         Err(error) => {
@@ -116,6 +116,15 @@ pub async fn push_desired_state(state: &ServerState, machine: &MachineRecord) {
             return;
         }
     };
+    send_desired_state(state, machine.id, desired).await;
+}
+
+/// Sends an already built desired state to a machine's live session, if it
+/// has one (see [`push_desired_state`] for a full queue).
+pub async fn send_desired_state(state: &ServerState, machine_id: Uuid, desired: DesiredState) {
+    let Some(sender) = state.registry.sender(machine_id) else {
+        return;
+    };
     let message = ServerMessage {
         kind: Some(ServerKind::DesiredState(desired)),
     };
@@ -123,8 +132,8 @@ pub async fn push_desired_state(state: &ServerState, machine: &MachineRecord) {
         Ok(Ok(())) => {}
         Ok(Err(_)) => {} // the session ended meanwhile; it gets the state on reconnect
         Err(_) => {
-            tracing::warn!(machine = %machine.id, "session queue full; ending the session so the agent resyncs");
-            state.registry.end_session(machine.id);
+            tracing::warn!(machine = %machine_id, "session queue full; ending the session so the agent resyncs");
+            state.registry.end_session(machine_id);
         }
     }
 }
@@ -335,6 +344,7 @@ async fn serve_session(
         match message.kind {
             Some(AgentKind::Report(report)) => {
                 state.health.observe_report(machine_id, report, now);
+                state.rollouts.machine_changed(machine_id);
             }
             None => {}
             Some(AgentKind::Hello(_)) => {

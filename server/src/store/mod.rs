@@ -8,11 +8,14 @@
 //! only transitions and batched last-seen times are persisted.
 
 pub mod repair;
+mod rollouts;
 mod sqlite;
 mod sqlite_repair;
+mod sqlite_rollouts;
 
 use std::collections::BTreeMap;
 
+pub use rollouts::RolloutStore;
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
 

@@ -359,6 +359,7 @@ impl SqliteStore {
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(SCHEMA)?;
         connection.execute_batch(super::sqlite_repair::REPAIR_SCHEMA)?;
+        connection.execute_batch(super::sqlite_rollouts::ROLLOUT_SCHEMA)?;
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
             metrics,

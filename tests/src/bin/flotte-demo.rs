@@ -1,10 +1,14 @@
 //! `flotte-demo`: a whole Flotte fleet on this machine in one command. It
 //! builds the release binaries (when started by cargo), initialises a server
-//! on 127.0.0.1, enrolls three agents with join tokens (web-1 in dc1, web-2 in
-//! dc2, db-1 in dc3), waits for their mutual-TLS sessions, prints the fleet
-//! and the `flottectl` command line to explore it from another terminal, then
-//! reprints the fleet every 10 s until Ctrl-C or SIGTERM, when it stops every
-//! process cleanly.
+//! on 127.0.0.1, signs and pushes the sample images (v1, v2, and a broken
+//! v3), enrolls six agents with join tokens across three zones (qa-1 for
+//! qualification, web-1…web-5 in production), waits for their mutual-TLS
+//! sessions, puts v1 everywhere, then runs a staged rollout of v2
+//! (qualification → canary → waves, progress shown live) and one of the
+//! broken v3, which halts at the canary and rolls back by itself. It then
+//! prints the `flottectl` command lines to explore the fleet from another
+//! terminal and reprints the fleet every 10 s until Ctrl-C or SIGTERM, when
+//! it stops every process cleanly.
 //!
 //! It runs the real binaries through the test harness (`flotte_tests`), so
 //! what the demo shows is what the product does. The demo is a list of steps
@@ -18,8 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::Parser;
+use flotte_tests::sample_fleet::{
+    fleet_runs, push_sample_image, set_image_on, start_sample_machine, trust_new_release_key,
+    Behaviour,
+};
 use flotte_tests::{
-    binaries_directory, binary, build_binaries_command, wait_until, Agent, Server, TempDir,
+    binaries_directory, binary, build_binaries_command, flottectl, wait_until, Agent, Server,
+    TempDir,
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -33,7 +42,7 @@ macro_rules! say {
     }};
 }
 
-/// How long three agents may take to enroll and open their sessions. They
+/// How long the six agents may take to enroll and open their sessions. They
 /// need well under a second on a laptop; the margin covers a loaded machine.
 const SESSIONS_TIMEOUT: Duration = Duration::from_secs(60);
 const FLEET_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
@@ -52,28 +61,89 @@ struct DemoMachine {
     labels: &'static str,
 }
 
-const DEMO_MACHINES: [DemoMachine; 3] = [
+const DEMO_MACHINES: [DemoMachine; 6] = [
+    DemoMachine {
+        hostname: "qa-1",
+        zone: "dc1",
+        labels: "env=qa,role=web",
+    },
     DemoMachine {
         hostname: "web-1",
         zone: "dc1",
-        labels: "env=demo,role=web",
+        labels: "env=prod,role=web",
     },
     DemoMachine {
         hostname: "web-2",
         zone: "dc2",
-        labels: "env=demo,role=web",
+        labels: "env=prod,role=web",
     },
     DemoMachine {
-        hostname: "db-1",
+        hostname: "web-3",
         zone: "dc3",
-        labels: "env=demo,role=db",
+        labels: "env=prod,role=web",
+    },
+    DemoMachine {
+        hostname: "web-4",
+        zone: "dc2",
+        labels: "env=prod,role=web",
+    },
+    DemoMachine {
+        hostname: "web-5",
+        zone: "dc3",
+        labels: "env=prod,role=web",
     },
 ];
+
+/// The staged rollout of v2, as an operator would write it.
+const ROLLOUT_PLAN: &str = r#"[[stage]]
+name = "qualification"
+selector = "env=qa"
+batch = "100%"
+bake = "2s"
+
+[[stage]]
+name = "canary"
+selector = "env=prod"
+batch = 1
+bake = "3s"
+
+[[stage]]
+name = "waves"
+selector = "env=prod"
+batch = "50%"
+max_unavailable_per_zone = 1
+bake = "1s"
+
+[policy]
+max_failures = 1
+machine_deadline = "60s"
+on_failure = "rollback"
+"#;
+
+/// The plan of the broken v3: straight to a canary that bakes long enough
+/// for the release to show its fault.
+const BROKEN_ROLLOUT_PLAN: &str = r#"[[stage]]
+name = "canary"
+selector = "env=prod"
+batch = 1
+bake = "8s"
+
+[[stage]]
+name = "waves"
+selector = "env=prod"
+batch = "50%"
+max_unavailable_per_zone = 1
+
+[policy]
+max_failures = 1
+machine_deadline = "60s"
+on_failure = "rollback"
+"#;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "flotte-demo",
-    about = "Run a Flotte server and three agents on 127.0.0.1 until Ctrl-C"
+    about = "Run a Flotte server and six agents on 127.0.0.1, roll out images, until Ctrl-C"
 )]
 struct Cli {
     /// Keep the fleet's data dirs and logs in DIR (new or empty) after the
@@ -227,21 +297,36 @@ struct Demo {
     stop: StopRequest,
     server: Option<Server>,
     agents: Vec<Agent>,
+    /// The release key pair signing the sample images.
+    keys: PathBuf,
 }
 
 type Step = fn(&mut Demo) -> Result<(), DemoError>;
 
 /// The demo, in order. Each step prints what it does; a failed or
 /// interrupted step ends the run (the fleet is then stopped).
-const STEPS: [(&str, Step); 6] = [
+const STEPS: [(&str, Step); 10] = [
     ("build the binaries", Demo::build_binaries),
     ("initialise the server", Demo::init_server),
     ("start the server", Demo::start_server),
+    (
+        "make a release key; sign and push the sample images",
+        Demo::push_images,
+    ),
     (
         "create join tokens and start the agents",
         Demo::start_agents,
     ),
     ("wait for the agents' sessions", Demo::wait_for_sessions),
+    ("put app@1.0.0 on every machine", Demo::install_first_image),
+    (
+        "roll out app@2.0.0: qualification → canary → waves",
+        Demo::roll_out_v2,
+    ),
+    (
+        "roll out the broken app@3.0.0: it halts at the canary and rolls back",
+        Demo::roll_out_broken_v3,
+    ),
     ("show the fleet", Demo::show_fleet),
 ];
 
@@ -347,9 +432,16 @@ impl Demo {
             ];
             say!("$ {}", self.flottectl_command_line(&token_arguments)?);
             let server = self.server()?;
-            let token = server.token(machine.labels, machine.zone, &["--ttl", "1h"]);
-            let mut agent = Agent::new(&self.root, machine.hostname, &server.address, &token);
-            agent.start();
+            // Each agent serves the sample image on its own port and checks it.
+            let agent = start_sample_machine(
+                server,
+                &self.root,
+                &self.keys,
+                machine.hostname,
+                machine.zone,
+                machine.labels,
+            )
+            .agent;
             say!(
                 "started agent {} (zone {}, labels {}); data dir {}",
                 machine.hostname,
@@ -359,6 +451,139 @@ impl Demo {
             );
             self.agents.push(agent);
         }
+        Ok(())
+    }
+
+    fn push_images(&mut self) -> Result<(), DemoError> {
+        let server = self.server()?;
+        self.keys = trust_new_release_key(server, &self.root);
+        say!(
+            "release key {} (trusted by the server and the agents)",
+            self.keys.display()
+        );
+        for (version, behaviour, note) in [
+            ("1.0.0", Behaviour::Healthy, "healthy"),
+            ("2.0.0", Behaviour::Healthy, "healthy"),
+            (
+                "3.0.0",
+                Behaviour::BreaksAfter(3.0),
+                "broken: fails its health check 3 s after starting",
+            ),
+        ] {
+            let server = self.server()?;
+            let file = push_sample_image(server, &self.root, &self.keys, version, behaviour);
+            say!("pushed app@{version} ({note}) from {}", file.display());
+        }
+        Ok(())
+    }
+
+    fn install_first_image(&mut self) -> Result<(), DemoError> {
+        say!(
+            "$ {}",
+            self.flottectl_command_line(&["machines", "set-image", "ID", "app@1.0.0"])?
+        );
+        let server = self.server()?;
+        let hostnames: Vec<&str> = DEMO_MACHINES
+            .iter()
+            .map(|machine| machine.hostname)
+            .collect();
+        set_image_on(server, &hostnames, "1.0.0").map_err(DemoError::Failed)?;
+        let stop = self.stop.clone();
+        let ready = wait_until(Duration::from_secs(120), || {
+            stop.is_requested() || fleet_runs(server, "1.0.0")
+        });
+        self.stop.check()?;
+        if !ready {
+            return Err(DemoError::Failed(format!(
+                "the fleet did not reach app@1.0.0\n{}",
+                self.all_logs()
+            )));
+        }
+        self.print_fleet()
+    }
+
+    /// Runs flottectl with its output on this terminal (live progress).
+    fn flottectl_live(&self, args: &[&str]) -> Result<ExitStatus, DemoError> {
+        let server = self.server()?;
+        say!("$ {}", self.flottectl_command_line(args)?);
+        Ok(Command::new(binary("flottectl"))
+            .arg("--profile")
+            .arg(server.admin_profile())
+            .args(["--server", &server.address])
+            .args(args)
+            .status()?)
+    }
+
+    /// Writes `plan`, shows its dry run, creates the rollout and follows it;
+    /// returns the rollout's final state.
+    fn roll_out(&mut self, image: &str, plan_name: &str, plan: &str) -> Result<String, DemoError> {
+        let plan_path = self.root.join(plan_name);
+        std::fs::write(&plan_path, plan)?;
+        say!("{}:\n{plan}", plan_path.display());
+        let plan_arg = plan_path.to_string_lossy().into_owned();
+        let create = [
+            "rollout",
+            "create",
+            "--image",
+            image,
+            "--plan",
+            plan_arg.as_str(),
+        ];
+        let mut dry_run = create.to_vec();
+        dry_run.push("--dry-run");
+        self.flottectl_live(&dry_run)?;
+        let server = self.server()?;
+        say!("$ {}", self.flottectl_command_line(&create)?);
+        let mut json = create.to_vec();
+        json.extend(["-o", "json"]);
+        let output = flottectl(&server.admin_profile(), &server.address, &json);
+        if !output.status.success() {
+            return Err(DemoError::Failed(format!(
+                "rollout create: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        let created: serde_json::Value =
+            serde_json::from_slice(&output.stdout).map_err(|error| {
+                DemoError::Failed(format!("rollout create printed no JSON: {error}"))
+            })?;
+        let id = created["id"].as_str().unwrap_or_default().to_owned();
+        say!("rollout {id} created");
+        self.stop.check()?;
+        self.flottectl_live(&["rollout", "watch", &id])?;
+        self.stop.check()?;
+        let shown = flottectl(
+            &server.admin_profile(),
+            &server.address,
+            &["rollout", "show", &id, "-o", "json"],
+        );
+        let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap_or_default();
+        Ok(shown["state"].as_str().unwrap_or("unknown").to_owned())
+    }
+
+    fn roll_out_v2(&mut self) -> Result<(), DemoError> {
+        let state = self.roll_out("app@2.0.0", "rollout-v2.toml", ROLLOUT_PLAN)?;
+        if state != "succeeded" {
+            return Err(DemoError::Failed(format!(
+                "the rollout of app@2.0.0 ended {state}\n{}",
+                self.all_logs()
+            )));
+        }
+        say!("every machine runs app@2.0.0");
+        Ok(())
+    }
+
+    fn roll_out_broken_v3(&mut self) -> Result<(), DemoError> {
+        let state = self.roll_out("app@3.0.0", "rollout-v3.toml", BROKEN_ROLLOUT_PLAN)?;
+        if state != "rolled_back" {
+            return Err(DemoError::Failed(format!(
+                "the broken rollout of app@3.0.0 ended {state}, not rolled_back\n{}",
+                self.all_logs()
+            )));
+        }
+        say!("app@3.0.0 halted at the canary and was rolled back; the fleet stays on app@2.0.0");
+        let listed = self.server()?.ctl(&["rollout", "list"]);
+        say!("{}", String::from_utf8_lossy(&listed.stdout).trim_end());
         Ok(())
     }
 
@@ -438,6 +663,8 @@ impl Demo {
             &["machines", "list"][..],
             &["machines", "show", DEMO_MACHINES[0].hostname],
             &["machines", "list", "--selector", "role=web", "-o", "json"],
+            &["rollout", "list"],
+            &["rollout", "show", "ID"],
             &["token", "list"],
             &["dr", "impact", "--zone", "dc1", "--by", "role"],
             &["dr", "report", "--by", "role"],
@@ -531,6 +758,7 @@ fn main() -> ExitCode {
         stop,
         server: None,
         agents: Vec::new(),
+        keys: PathBuf::new(),
     };
     let outcome = demo.run_steps().and_then(|()| demo.watch());
     let failure = match outcome {

@@ -11,7 +11,7 @@
 //! bounded in agents and time and meant for loopback; see BENCHMARKS.md for
 //! how the published figures were taken.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,17 +22,23 @@ use clap::Parser;
 use flotte_agent::backoff::Backoff;
 use flotte_agent::enroll::{enroll, EnrollError};
 use flotte_agent::identity::MachineIdentity;
+use flotte_agent::image::swap::{simulated_handle, SimulatedImageManager};
 use flotte_agent::session::{run_session, AgentState, SessionEnd, SessionStats};
 use flotte_agent::state::{AppliedState, Persistence, PersistenceError};
 use flotte_proto::join_token::{JoinToken, JoinTokenError};
 use flotte_proto::transport::{channel, client_config, explain_status, TransportError};
+use flotte_proto::v1::rollouts_client::RolloutsClient;
 use flotte_proto::v1::tokens_client::TokensClient;
-use flotte_proto::v1::CreateTokenRequest;
+use flotte_proto::v1::{
+    CreateRolloutRequest, CreateTokenRequest, ImageStatus, ListRolloutsRequest, RolloutRequest,
+    SwapStatus,
+};
 use flotte_server::limits::{raise_open_files_limit, LimitsError};
 use flotte_server::profile::{Profile, ProfileError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// Transient enrollment failures (a handshake that timed out while the
 /// server was saturated) are retried this many times before the run fails.
@@ -94,6 +100,15 @@ struct LoadgenArguments {
     /// token per zone.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     zones: u32,
+    /// After the window, run a staged rollout of this pushed image
+    /// (name@version) across the simulated fleet, whose agents answer every
+    /// swap at once (simulated swaps: nothing is downloaded); measures wave
+    /// transitions and the rollout's orchestration overhead.
+    #[arg(long)]
+    rollout_image: Option<String>,
+    /// Machines per wave of that rollout: a count or a percentage ("1%").
+    #[arg(long, default_value = "1%")]
+    rollout_batch: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +140,10 @@ enum LoadgenError {
     Proc { path: String, message: String },
     #[error("interrupted")]
     Interrupted,
+    #[error("the rollout benchmark failed: {}", explain_status(.0))]
+    Rollout(tonic::Status),
+    #[error("the rollout ended {state}: {reason}")]
+    RolloutEnded { state: String, reason: String },
 }
 
 /// In-memory stand-in for a simulated agent's data dir: it keeps what the
@@ -323,9 +342,20 @@ async fn run_simulated_agent(
     agent: SimulatedAgent,
     counters: Arc<FleetCounters>,
     connect_slots: Arc<Semaphore>,
+    swaps: Option<Arc<SimulatedSwapLog>>,
     shutdown: CancellationToken,
 ) -> SimulatedAgentOutcome {
     let memory = SimulatedAgentMemory::default();
+    let images = swaps.map(|log| {
+        let (handle, manager) = simulated_handle(ImageStatus::default());
+        tokio::spawn(answer_swaps_at_once(
+            manager,
+            agent.identity.machine_id,
+            log,
+            shutdown.clone(),
+        ));
+        handle
+    });
     let mut state = AgentState {
         quarantine: None,
         identity: agent.identity,
@@ -336,7 +366,7 @@ async fn run_simulated_agent(
         // agent without checks would.
         health: flotte_agent::health::idle_health(),
         metrics: flotte_agent::metrics::AgentMetrics::new(),
-        images: None,
+        images,
         identity_watch: None,
     };
     let mut stats = SessionStats::default();
@@ -389,6 +419,212 @@ async fn run_simulated_agent(
     SimulatedAgentOutcome {
         stats,
         report_interval_seconds: state.applied.report_interval_seconds,
+    }
+}
+
+/// When each simulated agent received its desired image and published the
+/// committed status (both on this process's clock, so they compare).
+#[derive(Debug, Default)]
+struct SimulatedSwapLog {
+    swaps: Mutex<HashMap<Uuid, (Instant, Instant)>>,
+}
+
+/// A *simulated* swap: the desired image is "committed" the moment it
+/// arrives (status published, which makes the session report at once).
+async fn answer_swaps_at_once(
+    mut manager: SimulatedImageManager,
+    machine: Uuid,
+    log: Arc<SimulatedSwapLog>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = manager.desired.changed() => if changed.is_err() { return },
+        }
+        let received = Instant::now();
+        let wanted = manager.desired.borrow_and_update().clone();
+        let Some(target) = wanted.and_then(|(_, image)| image.image) else {
+            continue;
+        };
+        let already = manager
+            .status
+            .borrow()
+            .current
+            .as_ref()
+            .is_some_and(|current| current.digest == target.digest);
+        if already {
+            continue;
+        }
+        manager.status.send_modify(|status| {
+            status.previous = status.current.take();
+            status.current = Some(target.clone());
+            status.swap = Some(SwapStatus {
+                target: Some(target.clone()),
+                step: "committed".to_owned(),
+                outcome: "committed".to_owned(),
+                updated_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(0)),
+                ..SwapStatus::default()
+            });
+        });
+        log.swaps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(machine, (received, Instant::now()));
+    }
+}
+
+/// The value at percentile `p` (0..=1) of sorted `values`.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One staged rollout across the simulated fleet, timed.
+struct RolloutBenchmark<'a> {
+    profile: &'a Profile,
+    address: &'a str,
+    image: &'a str,
+    batch: &'a str,
+    server_process: Option<&'a str>,
+}
+
+impl RolloutBenchmark<'_> {
+    async fn run(&self, log: &SimulatedSwapLog) -> Result<(), LoadgenError> {
+        let tls = client_config(
+            &self.profile.ca_pem,
+            Some((&self.profile.certificate_pem, &self.profile.key_pem)),
+        )?;
+        let mut client = RolloutsClient::new(channel(self.address, Arc::new(tls))?);
+        let batch = if self.batch.ends_with('%') {
+            format!("{:?}", self.batch)
+        } else {
+            self.batch.to_owned()
+        };
+        let plan_toml = format!(
+            "[[stage]]\nname = \"all\"\nselector = \"{TOKEN_LABEL_KEY}={TOKEN_LABEL_VALUE}\"\nbatch = {batch}\n\n[policy]\nmax_failures = \"1%\"\nmachine_deadline = \"10m\"\non_failure = \"halt\"\n"
+        );
+        let server_before = match self.server_process {
+            Some(pid) => Some(sample_process(pid)?),
+            None => None,
+        };
+        let started = Instant::now();
+        let created = client
+            .create_rollout(CreateRolloutRequest {
+                image: self.image.to_owned(),
+                plan_toml,
+                dry_run: false,
+            })
+            .await
+            .map_err(LoadgenError::Rollout)?
+            .into_inner();
+        let id = created
+            .rollout
+            .map(|rollout| rollout.id)
+            .unwrap_or_default();
+        let created_after = started.elapsed();
+        let (state, reason) = loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let listed = client
+                .list_rollouts(ListRolloutsRequest {})
+                .await
+                .map_err(LoadgenError::Rollout)?
+                .into_inner();
+            if let Some(rollout) = listed.rollouts.iter().find(|rollout| rollout.id == id) {
+                if matches!(
+                    rollout.state.as_str(),
+                    "succeeded" | "failed" | "aborted" | "rolled_back"
+                ) {
+                    break (rollout.state.clone(), rollout.reason.clone());
+                }
+            }
+        };
+        let total = started.elapsed();
+        let server_after = match self.server_process {
+            Some(pid) => Some(sample_process(pid)?),
+            None => None,
+        };
+        if state != "succeeded" {
+            return Err(LoadgenError::RolloutEnded { state, reason });
+        }
+        let detail = client
+            .get_rollout(RolloutRequest { id: id.clone() })
+            .await
+            .map_err(LoadgenError::Rollout)?
+            .into_inner();
+        let swaps = log.swaps.lock().unwrap_or_else(PoisonError::into_inner);
+        // Per wave: the first and last desired image received, the last commit.
+        let mut waves: BTreeMap<u32, (Instant, Instant, Instant)> = BTreeMap::new();
+        let mut missing = 0usize;
+        for machine in &detail.machines {
+            let Some(&(received, committed)) = Uuid::parse_str(&machine.machine_id)
+                .ok()
+                .and_then(|id| swaps.get(&id))
+            else {
+                missing += 1;
+                continue;
+            };
+            let entry = waves
+                .entry(machine.wave)
+                .or_insert((received, received, committed));
+            entry.0 = entry.0.min(received);
+            entry.1 = entry.1.max(received);
+            entry.2 = entry.2.max(committed);
+        }
+        let mut first_sent = Vec::new();
+        let mut whole_wave_sent = Vec::new();
+        let wave_list: Vec<&(Instant, Instant, Instant)> = waves.values().collect();
+        for pair in wave_list.windows(2) {
+            let (previous, next) = (pair[0], pair[1]);
+            first_sent.push(next.0.saturating_duration_since(previous.2).as_secs_f64() * 1000.0);
+            whole_wave_sent
+                .push(next.1.saturating_duration_since(previous.2).as_secs_f64() * 1000.0);
+        }
+        first_sent.sort_by(f64::total_cmp);
+        whole_wave_sent.sort_by(f64::total_cmp);
+        println!(
+            "rollout {} of {}: {} machines in {} waves of {}; {state} in {:.2} s (create answered in {:.0} ms); {missing} machine(s) without a recorded swap",
+            &id[..id.len().min(8)],
+            self.image,
+            detail.machine_count,
+            detail.wave_count,
+            self.batch,
+            total.as_secs_f64(),
+            created_after.as_secs_f64() * 1000.0,
+        );
+        println!(
+            "wave transition (last commit of wave N → first desired image of wave N+1 at an agent), {} transitions: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            first_sent.len(),
+            percentile(&first_sent, 0.5),
+            percentile(&first_sent, 0.9),
+            percentile(&first_sent, 0.99),
+            first_sent.last().copied().unwrap_or(0.0)
+        );
+        println!(
+            "whole next wave sent (last commit of wave N → last desired image of wave N+1): p50 {:.1} ms, p99 {:.1} ms",
+            percentile(&whole_wave_sent, 0.5),
+            percentile(&whole_wave_sent, 0.99)
+        );
+        let overhead_per_wave = total.as_secs_f64() * 1000.0 / f64::from(detail.wave_count.max(1));
+        println!(
+            "orchestration overhead (no bake, swaps answered at once): {:.2} s for the whole rollout, {overhead_per_wave:.1} ms per wave",
+            total.as_secs_f64()
+        );
+        if let (Some(before), Some(after)) = (server_before, server_after) {
+            let seconds =
+                after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / clock_ticks_per_second();
+            println!(
+                "server CPU during the rollout: {seconds:.2} s ({:.0}% of one core); RSS {:.1} MiB after",
+                100.0 * seconds / total.as_secs_f64().max(f64::EPSILON),
+                mebibytes(after.resident_kib)
+            );
+        }
+        Ok(())
     }
 }
 
@@ -596,6 +832,10 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
     // Dropping the guard on any early return ends every session.
     let shutdown_guard = shutdown.clone().drop_guard();
     let connect_started = Instant::now();
+    let swap_log = arguments
+        .rollout_image
+        .as_ref()
+        .map(|_| Arc::new(SimulatedSwapLog::default()));
     let mut sessions = JoinSet::new();
     for agent in fleet {
         sessions.spawn(run_simulated_agent(
@@ -603,6 +843,7 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
             agent,
             Arc::clone(&counters),
             Arc::clone(&connect_slots),
+            swap_log.clone(),
             shutdown.clone(),
         ));
     }
@@ -713,6 +954,17 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
             " (including the server: no --server-pid)"
         }
     );
+
+    if let (Some(image), Some(log)) = (&arguments.rollout_image, &swap_log) {
+        let rollout = RolloutBenchmark {
+            profile: &profile,
+            address: &address,
+            image,
+            batch: &arguments.rollout_batch,
+            server_process: server_process.as_deref(),
+        };
+        rollout.run(log).await?;
+    }
 
     drop(shutdown_guard);
     let mut reports_sent = 0u64;

@@ -1,7 +1,8 @@
 //! `flotte-sample-service`: the small HTTP service packaged into the sample
 //! images of the demo and the tests. `GET /` answers its version, `GET
 //! /health` answers 200 — or 500 when started with `--unhealthy`, which is how
-//! the broken sample image fails its health check.
+//! the broken sample image fails its health check (or only after
+//! `--unhealthy-after SECONDS`, a bad release that passes its swap).
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -16,12 +17,26 @@ fn main() -> ExitCode {
             .and_then(|index| arguments.get(index + 1))
             .cloned()
     };
-    let Some(port) = value_of("--port") else {
-        eprintln!("usage: flotte-sample-service --port PORT [--version TEXT] [--unhealthy]");
+    // `--port-file FILE` (relative to the working directory, which is the
+    // image) lets one image serve on a different port on each machine of a
+    // test fleet sharing one host.
+    let port = value_of("--port").or_else(|| {
+        value_of("--port-file")
+            .and_then(|file| std::fs::read_to_string(file).ok())
+            .map(|text| text.trim().to_owned())
+    });
+    let Some(port) = port else {
+        eprintln!("usage: flotte-sample-service (--port PORT | --port-file FILE) [--version TEXT] [--unhealthy]");
         return ExitCode::from(2);
     };
     let version = value_of("--version").unwrap_or_else(|| "unknown".into());
     let healthy = !arguments.iter().any(|argument| argument == "--unhealthy");
+    // `--unhealthy-after SECONDS`: healthy at first (so the swap commits),
+    // then failing — a bad release that only shows in production.
+    let started = std::time::Instant::now();
+    let unhealthy_after = value_of("--unhealthy-after")
+        .and_then(|seconds| seconds.parse::<f64>().ok())
+        .map(std::time::Duration::from_secs_f64);
     let listener = match TcpListener::bind(format!("127.0.0.1:{port}")) {
         Ok(listener) => listener,
         Err(error) => {
@@ -45,7 +60,11 @@ fn main() -> ExitCode {
         let text = String::from_utf8_lossy(&request);
         let path = text.split_whitespace().nth(1).unwrap_or("/");
         let (status, body) = match path {
-            "/health" if healthy => ("200 OK", "ok\n".to_owned()),
+            "/health"
+                if healthy && unhealthy_after.is_none_or(|after| started.elapsed() < after) =>
+            {
+                ("200 OK", "ok\n".to_owned())
+            }
             "/health" => (
                 "500 Internal Server Error",
                 "unhealthy on purpose\n".to_owned(),

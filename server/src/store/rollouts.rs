@@ -1,0 +1,33 @@
+//! The rollout part of the durable store: rollouts and each machine's place
+//! and progress in one, behind its own trait so that the main `Store` trait
+//! stays as it is.
+
+use uuid::Uuid;
+
+use super::{DesiredImageRecord, MachineRecord, StoreError};
+use crate::rollout::{Rollout, RolloutMachine};
+
+#[async_trait::async_trait]
+pub trait RolloutStore: Send + Sync + 'static {
+    /// Stores a new rollout with all its machines, atomically.
+    async fn insert_rollout(
+        &self,
+        rollout: &Rollout,
+        machines: &[RolloutMachine],
+    ) -> Result<(), StoreError>;
+    /// Every rollout, newest first.
+    async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+    async fn rollout(&self, id: Uuid) -> Result<Option<Rollout>, StoreError>;
+    /// The machines of a rollout, in wave order.
+    async fn rollout_machines(&self, id: Uuid) -> Result<Vec<RolloutMachine>, StoreError>;
+    /// Stores one pass of the controller atomically: the rollout row, the
+    /// machine rows that changed, and the desired images to set (each bumps
+    /// the machine's desired-state version). Returns the updated records of
+    /// the machines in `desired`, to push to their agents.
+    async fn apply_rollout_pass(
+        &self,
+        rollout: &Rollout,
+        machines: &[RolloutMachine],
+        desired: &[(Uuid, DesiredImageRecord)],
+    ) -> Result<Vec<MachineRecord>, StoreError>;
+}

@@ -1,0 +1,399 @@
+//! SQLite implementation of [`RolloutStore`]: tables `rollouts` and
+//! `rollout_machines` (one row per machine of a rollout, with its timings,
+//! failure reason and the image it ran before).
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use uuid::Uuid;
+
+use super::rollouts::RolloutStore;
+use super::sqlite::machine_from_row;
+use super::{DesiredImageRecord, MachineRecord, SqliteStore, StoreError};
+use crate::rollout::{
+    MachineRolloutState, Plan, Rollout, RolloutImage, RolloutMachine, RolloutState,
+};
+
+pub(super) const ROLLOUT_SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    image_name TEXT NOT NULL,
+    image_version TEXT NOT NULL,
+    image_digest TEXT NOT NULL,
+    plan_json TEXT NOT NULL,
+    plan_toml TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    wave_stages TEXT NOT NULL,
+    current_wave INTEGER NOT NULL,
+    wave_started_at INTEGER,
+    approved_stages TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_machines (
+    rollout_id TEXT NOT NULL,
+    machine_id TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    stage INTEGER NOT NULL,
+    wave INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    previous_image TEXT,
+    turn_at INTEGER,
+    sent_at INTEGER,
+    committed_at INTEGER,
+    finished_at INTEGER,
+    failure_reason TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, machine_id)
+);
+";
+
+fn corrupt(what: &str, error: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        Box::new(std::io::Error::other(format!("{what}: {error}"))),
+    )
+}
+
+fn uuid_column(row: &Row<'_>, column: &str) -> rusqlite::Result<Uuid> {
+    let text: String = row.get(column)?;
+    Uuid::parse_str(&text).map_err(|error| corrupt(column, error))
+}
+
+fn json_column<T: serde::de::DeserializeOwned>(row: &Row<'_>, column: &str) -> rusqlite::Result<T> {
+    let text: String = row.get(column)?;
+    serde_json::from_str(&text).map_err(|error| corrupt(column, error))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+fn rollout_from_row(row: &Row<'_>) -> rusqlite::Result<Rollout> {
+    let state: String = row.get("state")?;
+    let plan: Plan = json_column(row, "plan_json")?;
+    Ok(Rollout {
+        id: uuid_column(row, "id")?,
+        image: RolloutImage {
+            name: row.get("image_name")?,
+            version: row.get("image_version")?,
+            digest: row.get("image_digest")?,
+        },
+        plan,
+        plan_toml: row.get("plan_toml")?,
+        state: RolloutState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+        reason: row.get("reason")?,
+        created_at: row.get("created_at")?,
+        created_by: row.get("created_by")?,
+        updated_at: row.get("updated_at")?,
+        wave_stages: json_column(row, "wave_stages")?,
+        current_wave: row.get("current_wave")?,
+        wave_started_at: row.get("wave_started_at")?,
+        approved_stages: json_column(row, "approved_stages")?,
+    })
+}
+
+fn rollout_machine_from_row(row: &Row<'_>) -> rusqlite::Result<RolloutMachine> {
+    let state: String = row.get("state")?;
+    let previous: Option<String> = row.get("previous_image")?;
+    Ok(RolloutMachine {
+        rollout_id: uuid_column(row, "rollout_id")?,
+        machine_id: uuid_column(row, "machine_id")?,
+        hostname: row.get("hostname")?,
+        zone: row.get("zone")?,
+        stage: row.get("stage")?,
+        wave: row.get("wave")?,
+        state: MachineRolloutState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+        previous_image: previous
+            .map(|text| serde_json::from_str::<DesiredImageRecord>(&text))
+            .transpose()
+            .map_err(|error| corrupt("previous_image", error))?,
+        turn_at: row.get("turn_at")?,
+        sent_at: row.get("sent_at")?,
+        committed_at: row.get("committed_at")?,
+        finished_at: row.get("finished_at")?,
+        failure_reason: row.get("failure_reason")?,
+    })
+}
+
+/// The JSON columns of a rollout row, encoded before entering the blocking pool.
+struct RolloutRow {
+    rollout: Rollout,
+    plan_json: String,
+    wave_stages: String,
+    approved_stages: String,
+}
+
+impl RolloutRow {
+    fn new(rollout: &Rollout) -> Result<Self, StoreError> {
+        Ok(RolloutRow {
+            rollout: rollout.clone(),
+            plan_json: to_json(&rollout.plan)?,
+            wave_stages: to_json(&rollout.wave_stages)?,
+            approved_stages: to_json(&rollout.approved_stages)?,
+        })
+    }
+
+    fn upsert(&self, connection: &Connection) -> rusqlite::Result<()> {
+        let rollout = &self.rollout;
+        connection.execute(
+            "INSERT INTO rollouts (id, image_name, image_version, image_digest, plan_json, plan_toml,
+                state, reason, created_at, created_by, updated_at, wave_stages, current_wave,
+                wave_started_at, approved_stages)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+             ON CONFLICT (id) DO UPDATE SET state = ?7, reason = ?8, updated_at = ?11,
+                current_wave = ?13, wave_started_at = ?14, approved_stages = ?15",
+            params![
+                rollout.id.to_string(),
+                rollout.image.name,
+                rollout.image.version,
+                rollout.image.digest,
+                self.plan_json,
+                rollout.plan_toml,
+                rollout.state.as_str(),
+                rollout.reason,
+                rollout.created_at,
+                rollout.created_by,
+                rollout.updated_at,
+                self.wave_stages,
+                rollout.current_wave,
+                rollout.wave_started_at,
+                self.approved_stages,
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+fn upsert_machines(
+    connection: &Connection,
+    machines: &[(RolloutMachine, Option<String>)],
+) -> rusqlite::Result<()> {
+    let mut statement = connection.prepare_cached(
+        "INSERT INTO rollout_machines (rollout_id, machine_id, hostname, zone, stage, wave, state,
+            previous_image, turn_at, sent_at, committed_at, finished_at, failure_reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+         ON CONFLICT (rollout_id, machine_id) DO UPDATE SET state = ?7, turn_at = ?9,
+            sent_at = ?10, committed_at = ?11, finished_at = ?12, failure_reason = ?13",
+    )?;
+    for (machine, previous) in machines {
+        statement.execute(params![
+            machine.rollout_id.to_string(),
+            machine.machine_id.to_string(),
+            machine.hostname,
+            machine.zone,
+            machine.stage,
+            machine.wave,
+            machine.state.as_str(),
+            previous,
+            machine.turn_at,
+            machine.sent_at,
+            machine.committed_at,
+            machine.finished_at,
+            machine.failure_reason,
+        ])?;
+    }
+    Ok(())
+}
+
+fn encode_machines(
+    machines: &[RolloutMachine],
+) -> Result<Vec<(RolloutMachine, Option<String>)>, StoreError> {
+    machines
+        .iter()
+        .map(|machine| {
+            let previous = machine.previous_image.as_ref().map(to_json).transpose()?;
+            Ok((machine.clone(), previous))
+        })
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl RolloutStore for SqliteStore {
+    async fn insert_rollout(
+        &self,
+        rollout: &Rollout,
+        machines: &[RolloutMachine],
+    ) -> Result<(), StoreError> {
+        let row = RolloutRow::new(rollout)?;
+        let machines = encode_machines(machines)?;
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            row.upsert(&transaction)?;
+            upsert_machines(&transaction, &machines)?;
+            transaction.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        self.with_connection(|connection| {
+            let mut statement =
+                connection.prepare("SELECT * FROM rollouts ORDER BY created_at DESC, id")?;
+            let rows = statement.query_map([], rollout_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn rollout(&self, id: Uuid) -> Result<Option<Rollout>, StoreError> {
+        self.with_connection(move |connection| {
+            Ok(connection
+                .query_row(
+                    "SELECT * FROM rollouts WHERE id = ?1",
+                    [id.to_string()],
+                    rollout_from_row,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn rollout_machines(&self, id: Uuid) -> Result<Vec<RolloutMachine>, StoreError> {
+        self.with_connection(move |connection| {
+            let mut statement = connection.prepare(
+                "SELECT * FROM rollout_machines WHERE rollout_id = ?1 ORDER BY wave, zone, hostname",
+            )?;
+            let rows = statement.query_map([id.to_string()], rollout_machine_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn apply_rollout_pass(
+        &self,
+        rollout: &Rollout,
+        machines: &[RolloutMachine],
+        desired: &[(Uuid, DesiredImageRecord)],
+    ) -> Result<Vec<MachineRecord>, StoreError> {
+        let row = RolloutRow::new(rollout)?;
+        let machines = encode_machines(machines)?;
+        let desired: Vec<(String, String)> = desired
+            .iter()
+            .map(|(id, image)| Ok((id.to_string(), to_json(image)?)))
+            .collect::<Result<_, StoreError>>()?;
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            row.upsert(&transaction)?;
+            upsert_machines(&transaction, &machines)?;
+            let mut updated = Vec::with_capacity(desired.len());
+            {
+                let mut set = transaction.prepare_cached(
+                    "UPDATE machines SET desired_image = ?2, desired_version = desired_version + 1 WHERE id = ?1",
+                )?;
+                let mut read = transaction.prepare_cached("SELECT * FROM machines WHERE id = ?1")?;
+                for (id, image) in &desired {
+                    set.execute(params![id, image])?;
+                    if let Some(machine) = read.query_row([id], machine_from_row).optional()? {
+                        updated.push(machine);
+                    }
+                }
+            }
+            transaction.commit()?;
+            Ok(updated)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::rollout::plan::parse_plan;
+    use crate::store::Store;
+
+    #[tokio::test]
+    async fn rollouts_and_passes_round_trip() {
+        let directory =
+            std::env::temp_dir().join(format!("flotte-rollout-store-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let store = SqliteStore::open(&directory.join("flotte.db")).unwrap();
+        let machine_id = Uuid::new_v4();
+        let mut machine = MachineRecord {
+            id: machine_id,
+            labels: Default::default(),
+            zone: "dc1".into(),
+            enrolled_at: 1,
+            enrolled_with_token: "t".into(),
+            certificate_serial: "s".into(),
+            previous_certificate_serial: String::new(),
+            certificate_not_after: 2,
+            inventory: Default::default(),
+            last_seen: 1,
+            desired_version: 1,
+            state: "operational".into(),
+            state_reason: String::new(),
+            state_since: 1,
+            retired_at: None,
+            desired_image: None,
+        };
+        store.insert_machine(&machine).await.unwrap();
+        let plan_toml = "[[stage]]\nname = \"all\"\n";
+        let mut rollout = Rollout {
+            id: Uuid::new_v4(),
+            image: RolloutImage {
+                name: "app".into(),
+                version: "2.0.0".into(),
+                digest: "d2".into(),
+            },
+            plan: parse_plan(plan_toml).unwrap(),
+            plan_toml: plan_toml.into(),
+            state: RolloutState::Pending,
+            reason: String::new(),
+            created_at: 10,
+            created_by: "alice".into(),
+            updated_at: 10,
+            wave_stages: vec![0],
+            current_wave: 0,
+            wave_started_at: None,
+            approved_stages: vec![],
+        };
+        let mut member =
+            crate::rollout::pending_machine_for_tests(rollout.id, machine_id, "web-1", 0, "d1");
+        store
+            .insert_rollout(&rollout, &[member.clone()])
+            .await
+            .unwrap();
+        assert_eq!(store.rollout(rollout.id).await.unwrap().unwrap(), rollout);
+        assert_eq!(
+            store.rollout_machines(rollout.id).await.unwrap(),
+            vec![member.clone()]
+        );
+
+        rollout.state = RolloutState::Running;
+        rollout.wave_started_at = Some(11);
+        member.state = MachineRolloutState::Sent;
+        member.turn_at = Some(11);
+        member.sent_at = Some(11);
+        let updated = store
+            .apply_rollout_pass(
+                &rollout,
+                &[member.clone()],
+                &[(machine_id, rollout.image.desired())],
+            )
+            .await
+            .unwrap();
+        assert_eq!(updated.len(), 1);
+        assert_eq!(updated[0].desired_version, 2);
+        assert_eq!(updated[0].desired_image, Some(rollout.image.desired()));
+        machine.desired_version = 2;
+        assert_eq!(store.rollouts().await.unwrap(), vec![rollout.clone()]);
+        assert_eq!(
+            store.rollout_machines(rollout.id).await.unwrap(),
+            vec![member]
+        );
+        assert_eq!(
+            store
+                .machine(machine_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .desired_version,
+            machine.desired_version
+        );
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+}

@@ -1,0 +1,205 @@
+//! A fleet running the sample service, for rollout tests and the demo: a
+//! server trusting a fresh release key, sample images (`app@VERSION`,
+//! healthy, broken, or breaking some seconds after start), and agents that
+//! each serve the image on their own port and check it.
+//!
+//! Every machine shares one host, so the image's service reads its port
+//! from `<agent data dir>/service.port` (`--port-file ../../service.port`,
+//! relative to the unpacked image), and the health check lives in each
+//! agent's own config rather than in the image.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{binary, wait_until, Agent, Server};
+
+/// Runs flottectl and returns stdout; panics with stderr on failure.
+pub fn ctl_ok(server: &Server, args: &[&str]) -> String {
+    let output = server.ctl(args);
+    assert!(
+        output.status.success(),
+        "flottectl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+/// Makes a release key pair in `<root>/keys` and trusts it; returns the
+/// directory (`release.key`, `release.pub`).
+pub fn trust_new_release_key(server: &Server, root: &Path) -> PathBuf {
+    let keys = root.join("keys");
+    ctl_ok(
+        server,
+        &[
+            "image",
+            "keygen",
+            "--out",
+            keys.to_str().expect("UTF-8 path"),
+        ],
+    );
+    let public = keys.join("release.pub");
+    ctl_ok(
+        server,
+        &[
+            "image",
+            "trust",
+            "add",
+            public.to_str().expect("UTF-8 path"),
+        ],
+    );
+    keys
+}
+
+/// How a sample image behaves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Behaviour {
+    Healthy,
+    /// Healthy for this many seconds after start, failing afterwards.
+    BreaksAfter(f64),
+}
+
+/// Builds and pushes `app@version` (the sample service); returns its file.
+pub fn push_sample_image(
+    server: &Server,
+    root: &Path,
+    keys: &Path,
+    version: &str,
+    behaviour: Behaviour,
+) -> PathBuf {
+    let tree = root.join(format!("tree-{version}"));
+    std::fs::create_dir_all(tree.join("bin")).expect("image tree");
+    std::fs::copy(binary("flotte-sample-service"), tree.join("bin/app")).expect("copy service");
+    std::fs::write(tree.join("VERSION"), version).expect("VERSION");
+    let mut service = format!("bin/app --port-file ../../service.port --version v{version}");
+    if let Behaviour::BreaksAfter(seconds) = behaviour {
+        service.push_str(&format!(" --unhealthy-after {seconds}"));
+    }
+    let out = root.join(format!("app-{version}.flotte"));
+    let key = keys.join("release.key");
+    let path = |path: &Path| path.to_str().expect("UTF-8 path").to_owned();
+    ctl_ok(
+        server,
+        &[
+            "image",
+            "build",
+            &path(&tree),
+            "--name",
+            "app",
+            "--version",
+            version,
+            "--key",
+            &path(&key),
+            "--out",
+            &path(&out),
+            "--service",
+            &service,
+        ],
+    );
+    ctl_ok(server, &["image", "push", &path(&out)]);
+    out
+}
+
+/// One machine of the sample fleet.
+#[derive(Debug)]
+pub struct SampleMachine {
+    pub agent: Agent,
+    pub zone: String,
+    pub port: u16,
+}
+
+impl SampleMachine {
+    /// How many times the agent logged committing `app@version`: swaps as
+    /// the machine itself saw them.
+    pub fn commits_of(&self, version: &str) -> usize {
+        let wanted = format!("image=app@{version}");
+        self.agent
+            .log()
+            .lines()
+            .filter(|line| line.contains("swap committed") && line.contains(&wanted))
+            .count()
+    }
+
+    /// What the machine's service answers on `/` (its version), if anything.
+    pub fn serves(&self) -> Option<String> {
+        crate::http_get(&format!("127.0.0.1:{}", self.port), "/")
+            .ok()
+            .map(|(_, body)| body.trim().to_owned())
+    }
+}
+
+/// Enrolls and starts an agent `name` in `zone` with `labels`, serving the
+/// sample images on a port of its own and checking it.
+pub fn start_sample_machine(
+    server: &Server,
+    root: &Path,
+    keys: &Path,
+    name: &str,
+    zone: &str,
+    labels: &str,
+) -> SampleMachine {
+    let port = free_port();
+    let token = server.token(labels, zone, &[]);
+    let agent = Agent::new(root, name, &server.address, &token).with_config(&format!(
+        "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"20s\"\nsoak = \"500ms\"\n\n\
+         [[check]]\nname = \"service\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/health\"\n\
+         interval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\ncritical = true\n",
+        keys.join("release.pub").display()
+    ));
+    std::fs::write(agent.data_dir.join("service.port"), format!("{port}\n")).expect("port file");
+    let mut machine = SampleMachine {
+        agent,
+        zone: zone.to_owned(),
+        port,
+    };
+    machine.agent.start();
+    machine
+}
+
+/// Sets `app@version` on each of `hostnames` directly (`machines set-image`).
+pub fn set_image_on(server: &Server, hostnames: &[&str], version: &str) -> Result<(), String> {
+    let reference = format!("app@{version}");
+    for hostname in hostnames {
+        let output = server.ctl(&["machines", "set-image", hostname, &reference]);
+        if !output.status.success() {
+            return Err(format!(
+                "set-image {hostname} {reference}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether every machine runs `app@version` and is operational.
+pub fn fleet_runs(server: &Server, version: &str) -> bool {
+    let reference = format!("app@{version}");
+    server.machines().iter().all(|shown| {
+        shown["current_image"] == reference.as_str() && shown["state"] == "operational"
+    })
+}
+
+/// Sets `app@version` on every machine directly and waits until each runs
+/// it and is operational (the fleet's starting point before a rollout).
+pub fn set_image_everywhere(server: &Server, machines: &[SampleMachine], version: &str) {
+    let hostnames: Vec<&str> = machines
+        .iter()
+        .map(|machine| machine.agent.name.as_str())
+        .collect();
+    if let Err(error) = set_image_on(server, &hostnames, version) {
+        panic!("{error}");
+    }
+    let ready = wait_until(Duration::from_secs(120), || fleet_runs(server, version));
+    assert!(
+        ready,
+        "the fleet did not reach app@{version}: {:#?}",
+        server.machines()
+    );
+}
