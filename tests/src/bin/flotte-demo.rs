@@ -502,16 +502,28 @@ impl Demo {
         self.print_fleet()
     }
 
-    /// Runs flottectl with its output on this terminal (live progress).
+    /// Runs flottectl with its output on this terminal (live progress). A
+    /// stop request (SIGTERM reaches only the demo, unlike Ctrl-C) ends it.
     fn flottectl_live(&self, args: &[&str]) -> Result<ExitStatus, DemoError> {
         let server = self.server()?;
         say!("$ {}", self.flottectl_command_line(args)?);
-        Ok(Command::new(binary("flottectl"))
+        let mut child = Command::new(binary("flottectl"))
             .arg("--profile")
             .arg(server.admin_profile())
             .args(["--server", &server.address])
             .args(args)
-            .status()?)
+            .spawn()?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if self.stop.is_requested() {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(DemoError::Stopped);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Writes `plan`, shows its dry run, creates the rollout and follows it;
