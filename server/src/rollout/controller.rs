@@ -182,6 +182,13 @@ fn swap_towards<'a>(
     })
 }
 
+/// Only a connected, operational machine that is not quarantined is sent
+/// an image when its turn comes; the others are waited for until their
+/// deadline.
+fn may_be_swapped(view: &MachineView) -> bool {
+    view.live.connected && view.live.health == MachineState::Operational && !view.live.quarantined
+}
+
 fn swap_in_progress(view: &MachineView) -> bool {
     view.live
         .swap
@@ -343,9 +350,7 @@ pub fn waiting_for(rollout: &Rollout, machines: &[MachineView], now: UnixSeconds
             let waiting = members
                 .iter()
                 .filter(|view| view.record.state == MachineRolloutState::Pending)
-                .filter(|view| {
-                    !(view.live.connected && view.live.health == MachineState::Operational)
-                })
+                .filter(|view| !may_be_swapped(view))
                 .count();
             if waiting > 0 {
                 format!(
@@ -472,7 +477,7 @@ fn next_running(rollout: &Rollout, machines: &[MachineView], now: UnixSeconds) -
             // Already runs the image (set by hand, or a swap finished while
             // the server was down): nothing to send.
             actions.push(Action::Commit { machine });
-        } else if view.live.connected && view.live.health == MachineState::Operational {
+        } else if may_be_swapped(view) {
             actions.push(Action::Send { machine });
         }
     }
@@ -687,6 +692,7 @@ on_failure = "rollback"
                     health_since: T0 - 1000,
                     current_digest: Some(OLD.into()),
                     swap: None,
+                    quarantined: false,
                 },
             })
             .collect();
@@ -843,6 +849,14 @@ on_failure = "rollback"
                 base()
                     .start(0, T0)
                     .health("q1", MachineState::Degraded, T0 - 5),
+                now,
+                vec![],
+            ),
+            (
+                "a quarantined machine is not swapped",
+                base()
+                    .start(0, T0)
+                    .with(|f| f.view("q1").live.quarantined = true),
                 now,
                 vec![],
             ),

@@ -282,6 +282,8 @@ pub struct LiveMachine {
     pub health_since: UnixSeconds,
     pub current_digest: Option<String>,
     pub swap: Option<SwapView>,
+    /// Set aside for investigation (`machines quarantine`): never swapped.
+    pub quarantined: bool,
 }
 
 /// A machine as the controller sees it: stored progress + live facts.

@@ -14,6 +14,7 @@
 //! Operator commands and passes take the same lock, so a pass never
 //! overwrites a pause it did not see.
 
+use std::collections::HashSet;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +92,19 @@ impl std::fmt::Debug for RolloutEngine {
     }
 }
 
-fn live_of(state: &ServerState, machine: Uuid) -> LiveMachine {
+/// Machines set aside by `machines quarantine` (or remediation): a rollout
+/// never swaps them. A store error is logged and read as "none", the same
+/// as the store being unable to record anything else this pass.
+async fn quarantined_machines(state: &ServerState) -> HashSet<Uuid> {
+    crate::repair::quarantined_ids(state)
+        .await
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read quarantined machines");
+            HashSet::new()
+        })
+}
+
+fn live_of(state: &ServerState, machine: Uuid, quarantined: &HashSet<Uuid>) -> LiveMachine {
     let tracked = state.health.get(machine);
     let image = tracked
         .as_ref()
@@ -114,6 +127,7 @@ fn live_of(state: &ServerState, machine: Uuid) -> LiveMachine {
             message: swap.message,
             updated_at: swap.updated_at,
         }),
+        quarantined: quarantined.contains(&machine),
     }
 }
 
@@ -125,14 +139,19 @@ const NOT_LOOKED_AT: LiveMachine = LiveMachine {
     health_since: 0,
     current_digest: None,
     swap: None,
+    quarantined: false,
 };
 
-fn views_of(state: &ServerState, machines: &[RolloutMachine]) -> Vec<MachineView> {
+fn views_of(
+    state: &ServerState,
+    machines: &[RolloutMachine],
+    quarantined: &HashSet<Uuid>,
+) -> Vec<MachineView> {
     machines
         .iter()
         .map(|record| MachineView {
             record: record.clone(),
-            live: live_of(state, record.machine_id),
+            live: live_of(state, record.machine_id, quarantined),
         })
         .collect()
 }
@@ -145,9 +164,10 @@ fn views_for_controller(
     state: &ServerState,
     rollout: &Rollout,
     machines: &[RolloutMachine],
+    quarantined: &HashSet<Uuid>,
 ) -> Vec<MachineView> {
     if rollout.state == RolloutState::RollingBack {
-        return views_of(state, machines);
+        return views_of(state, machines, quarantined);
     }
     machines
         .iter()
@@ -156,7 +176,7 @@ fn views_for_controller(
             MachineView {
                 record: record.clone(),
                 live: if looked_at {
-                    live_of(state, record.machine_id)
+                    live_of(state, record.machine_id, quarantined)
                 } else {
                     NOT_LOOKED_AT
                 },
@@ -404,7 +424,7 @@ impl RolloutEngine {
                 (rollout, machines)
             }
         };
-        Ok(detail_of(state, rollout, machines))
+        Ok(detail_of(state, rollout, machines).await)
     }
 
     /// Validates, assigns waves and (unless a dry run) stores and starts a rollout.
@@ -427,9 +447,11 @@ impl RolloutEngine {
             .await?
             .ok_or_else(|| RolloutError::Refused(format!("no image {wanted}: push it first")))?;
         let machines = state.store.machines().await?;
+        // A machine set aside for investigation is not part of a new rollout.
+        let quarantined = quarantined_machines(state).await;
         let candidates: Vec<Candidate> = machines
             .iter()
-            .filter(|machine| machine.retired_at.is_none())
+            .filter(|machine| machine.retired_at.is_none() && !quarantined.contains(&machine.id))
             .map(|machine| Candidate {
                 id: machine.id,
                 hostname: machine.inventory.hostname.clone(),
@@ -503,7 +525,7 @@ impl RolloutEngine {
             });
         }
         if request.dry_run {
-            return Ok(detail_of(state, rollout, members));
+            return Ok(detail_of(state, rollout, members).await);
         }
         self.store.insert_rollout(&rollout, &members).await?;
         {
@@ -534,7 +556,7 @@ impl RolloutEngine {
         drop(active);
         self.wake.notify_one();
         let _ = self.changes.send(rollout.id);
-        Ok(detail_of(state, rollout, members))
+        Ok(detail_of(state, rollout, members).await)
     }
 
     /// An operator's command on one rollout.
@@ -614,7 +636,7 @@ impl RolloutEngine {
         drop(active);
         self.wake.notify_one();
         let _ = self.changes.send(id);
-        Ok(detail_of(state, current.rollout, current.machines))
+        Ok(detail_of(state, current.rollout, current.machines).await)
     }
 
     /// Pauses every pending or running rollout; returns those it paused.
@@ -675,6 +697,10 @@ impl RolloutEngine {
     pub async fn pass(&self, state: &ServerState) {
         let mut active = self.active.lock().await;
         let ids: Vec<Uuid> = active.keys().copied().collect();
+        if ids.is_empty() {
+            return;
+        }
+        let quarantined = quarantined_machines(state).await;
         for id in ids {
             let Some(mut stored) = active.get(&id).cloned() else {
                 continue;
@@ -688,7 +714,8 @@ impl RolloutEngine {
             let mut events: Vec<(String, String)> = Vec::new();
             for round in 0..MAX_ROUNDS_PER_PASS {
                 let now = state.clock.now_unix();
-                let views = views_for_controller(state, &next.rollout, &next.machines);
+                let views =
+                    views_for_controller(state, &next.rollout, &next.machines, &quarantined);
                 let actions = controller::next(&next.rollout, &views, now);
                 let applied = apply_actions(&mut next, &actions, now);
                 rows.extend(applied.changed.iter().copied());
@@ -771,15 +798,16 @@ fn previous_image(
     }
 }
 
-fn detail_of(
+async fn detail_of(
     state: &ServerState,
     rollout: Rollout,
     machines: Vec<RolloutMachine>,
 ) -> RolloutDetail {
     let now = state.clock.now_unix();
+    let quarantined = quarantined_machines(state).await;
     let waiting_for = controller::waiting_for(
         &rollout,
-        &views_for_controller(state, &rollout, &machines),
+        &views_for_controller(state, &rollout, &machines, &quarantined),
         now,
     );
     let failures = failures_of(&machines);
