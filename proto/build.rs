@@ -8,6 +8,7 @@ const PROTO_FILES: &[&str] = &[
     "flotte/v1/agent.proto",
     "flotte/v1/admin.proto",
     "flotte/v1/trust.proto",
+    "flotte/v1/access.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

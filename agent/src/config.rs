@@ -59,6 +59,9 @@ pub struct AgentConfigFile {
     /// The service images provide (`[service]`).
     #[serde(default)]
     pub service: ServiceConfigFile,
+    /// SSH access for people (`[access]`); absent: not managed here.
+    #[serde(default)]
+    pub access: Option<crate::access::settings::AccessConfigFile>,
 }
 
 /// The `[images]` table.
@@ -178,6 +181,7 @@ pub struct AgentConfig {
     pub verify_deadline: Duration,
     pub soak: Duration,
     pub service: ServiceMode,
+    pub access: Option<crate::access::AccessSettings>,
 }
 
 pub fn read_config_file(path: &Path) -> Result<AgentConfigFile, ConfigError> {
@@ -349,6 +353,10 @@ impl AgentConfigFile {
                 ServiceMode::Unmanaged
             }
         };
+        let access = self
+            .access
+            .as_ref()
+            .map(|access| access.validate(&mut problems));
         if reconnect_max_backoff < reconnect_initial_backoff {
             problems.push(
                 "reconnect_max_backoff must not be below reconnect_initial_backoff".to_owned(),
@@ -383,6 +391,7 @@ impl AgentConfigFile {
             verify_deadline,
             soak,
             service,
+            access,
         })
     }
 }

@@ -14,7 +14,8 @@ use flotte_proto::v1::agent_message::Kind as AgentKind;
 use flotte_proto::v1::agent_session_client::AgentSessionClient;
 use flotte_proto::v1::server_message::Kind as ServerKind;
 use flotte_proto::v1::{
-    AgentMessage, CertificateRenewal, DesiredState, DesiredStateAck, Hello, Report,
+    AccessPolicy, AccessState, AgentMessage, CertificateRenewal, DesiredState, DesiredStateAck,
+    Hello, Report,
 };
 
 use flotte_proto::v1::ImageStatus;
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{local_policy, unix_now as access_now, AccessEnforcer};
 use crate::health::{HealthReceiver, HealthSnapshot};
 use crate::identity::{csr_for, MachineIdentity};
 use crate::image::swap::ImageHandle;
@@ -77,6 +79,20 @@ pub struct AgentState {
     pub images: Option<ImageHandle>,
     /// Told about renewed certificates (image downloads use the identity too).
     pub identity_watch: Option<watch::Sender<MachineIdentity>>,
+    /// SSH access for people (see `access`).
+    pub access: AccessMode,
+}
+
+/// How this session handles access policies.
+#[derive(Debug, Clone)]
+pub enum AccessMode {
+    /// No `[access]` configured: policies are ignored and not acknowledged.
+    Unmanaged,
+    /// Policies are enforced on this machine, then acknowledged.
+    Enforced(std::sync::Arc<AccessEnforcer>),
+    /// Load generator only: the version is acknowledged as soon as it is
+    /// received, nothing is written anywhere.
+    SimulatedAck,
 }
 
 impl AgentState {
@@ -162,6 +178,28 @@ fn apply_desired(state: &mut AgentState, desired: &DesiredState) -> bool {
     true
 }
 
+/// Applies an access policy (before anything else in a desired state) and
+/// returns the acknowledgement to send, if any.
+fn apply_access(access: &AccessMode, policy: &AccessPolicy) -> Option<AccessState> {
+    match access {
+        AccessMode::Unmanaged => None,
+        AccessMode::SimulatedAck => Some(AccessState {
+            applied_version: policy.version,
+            ..AccessState::default()
+        }),
+        AccessMode::Enforced(enforcer) => {
+            match enforcer.receive(local_policy(policy), access_now()) {
+                Ok(true) => tracing::info!(version = policy.version, "access policy applied"),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::error!(%error, version = policy.version, "cannot apply the access policy")
+                }
+            }
+            enforcer.state_to_report(true)
+        }
+    }
+}
+
 /// Runs one session with `address` until it ends. `on_established` is called
 /// once the server has answered the hello with the desired state.
 pub async fn run_session(
@@ -225,6 +263,13 @@ pub async fn run_session(
                 };
                 match received.kind {
                     Some(ServerKind::DesiredState(desired)) => {
+                        // Access first: a machine back from a disconnection
+                        // must drop revoked keys before it starts an image swap.
+                        if let Some(access) = desired.access.as_ref().and_then(|policy| apply_access(&state.access, policy)) {
+                            if !send(AgentKind::AccessState(access)).await {
+                                return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                            }
+                        }
                         if let (Some(images), Some(image)) = (&state.images, &desired.image) {
                             images.desire(desired.version, image.clone());
                         }
@@ -245,6 +290,9 @@ pub async fn run_session(
                         }
                         if !established {
                             established = true;
+                            if let AccessMode::Enforced(enforcer) = &state.access {
+                                enforcer.set_contact(true, access_now());
+                            }
                             on_established();
                         }
                     }
@@ -260,6 +308,13 @@ pub async fn run_session(
                             stats.renewals += 1;
                             renew_at = instant_at(state.identity.renew_at(SystemTime::now()));
                             tracing::info!(not_after = issued.not_after, "certificate renewed");
+                        }
+                    }
+                    Some(ServerKind::AccessPolicy(policy)) => {
+                        if let Some(access) = apply_access(&state.access, &policy) {
+                            if !send(AgentKind::AccessState(access)).await {
+                                return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                            }
                         }
                     }
                     Some(ServerKind::Refused(refused)) => return Err(SessionError::Refused(refused.reason)),
@@ -298,6 +353,15 @@ pub async fn run_session(
                 }
                 stats.reports_sent += 1;
                 next_report = Instant::now() + report_interval;
+                if let AccessMode::Enforced(enforcer) = &state.access {
+                    enforcer.set_contact(true, access_now());
+                    // Drift (a hand-added key) is reported when it appears.
+                    if let Some(access) = enforcer.state_to_report(false) {
+                        if !send(AgentKind::AccessState(access)).await {
+                            return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                        }
+                    }
+                }
             }
             () = tokio::time::sleep_until(renew_at) => {
                 let csr_pem = csr_for(&state.identity.key_pem)?;

@@ -28,6 +28,7 @@ use tonic::transport::Channel;
 use crate::profile::Profile;
 use crate::roles::Role;
 
+mod access;
 mod governance;
 mod images;
 
@@ -82,6 +83,12 @@ enum Command {
     /// The hash-chained audit log of every mutating call.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// People who log into machines over SSH, and their keys.
+    #[command(subcommand, alias = "users")]
+    User(access::UserCommand),
+    /// SSH access grants, propagation status and the who-has-access report.
+    #[command(subcommand)]
+    Access(access::AccessCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -1167,6 +1174,8 @@ pub async fn main(cli: Cli) -> ExitCode {
             Command::Operator(command) => run_operator(&cli, command).await,
             Command::Image(command) => images::run_image(&cli, command).await,
             Command::Audit(command) => run_audit(&cli, command).await,
+            Command::User(command) => access::run_user(&cli, command).await,
+            Command::Access(command) => access::run_access(&cli, command).await,
         },
     };
     match result {

@@ -9,6 +9,7 @@
 //! become gRPC statuses. Nothing here blocks the async runtime on disk: the
 //! store runs on the blocking pool.
 
+pub mod access;
 pub mod alerts;
 pub mod api;
 pub mod audit;
@@ -49,6 +50,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::AlertDispatcher;
+use crate::api::access::AccessApi;
 use crate::api::admin::AdminApi;
 use crate::api::enrollment::EnrollmentApi;
 use crate::api::images::ImagesApi;
@@ -64,6 +66,8 @@ use crate::registry::Registry;
 use crate::revocation::Revocations;
 use crate::store::{SqliteStore, Store, StoreError};
 use crate::transitions::EventSender;
+use flotte_proto::v1::access_server::AccessServer;
+use flotte_proto::v1::users_server::UsersServer;
 
 /// The server's own certificate is re-issued at every start (so SAN changes
 /// in the config take effect on restart); this bounds how long one start lasts.
@@ -158,6 +162,8 @@ pub struct ServerState {
     pub events: EventSender,
     pub metrics: ServerMetrics,
     pub alerts: AlertDispatcher,
+    /// Access for people: compiled policy inputs and machines' acknowledgements.
+    pub access: Arc<access::AccessHub>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -234,6 +240,7 @@ pub async fn run(
     );
     let alerts = AlertDispatcher::start(config.webhooks.clone(), metrics.clone(), shutdown.clone());
     let metrics_listen = config.metrics_listen;
+    let access_hub = Arc::new(access::AccessHub::load(Arc::new(store.clone())).await?);
     let state = Arc::new(ServerState {
         config,
         ca,
@@ -245,7 +252,9 @@ pub async fn run(
         events: transitions::event_channel(),
         metrics,
         alerts,
+        access: Arc::clone(&access_hub),
     });
+    tokio::spawn(access_hub.run_flusher(shutdown.clone()));
     tokio::spawn(transitions::apply_transitions(
         Arc::clone(&state),
         transition_receiver,
@@ -319,7 +328,9 @@ pub async fn run(
         .add_service(ImagesServer::new(ImagesApi::new(Arc::clone(&state))))
         .add_service(OperatorsServer::new(OperatorsApi::new(Arc::clone(&state))))
         .add_service(ReleaseKeysServer::new(trust.clone()))
-        .add_service(AuditServer::new(trust));
+        .add_service(AuditServer::new(trust))
+        .add_service(UsersServer::new(AccessApi::new(Arc::clone(&state))))
+        .add_service(AccessServer::new(AccessApi::new(Arc::clone(&state))));
 
     tracing::info!(
         fingerprint = %state.ca.fingerprint(),

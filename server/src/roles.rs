@@ -78,6 +78,17 @@ pub enum AdminRpc {
     RemoveReleaseKey,
     ListReleaseKeys,
     ListAudit,
+    AddUser,
+    ListUsers,
+    GetUser,
+    AddUserKey,
+    RemoveUserKey,
+    RevokeUser,
+    Grant,
+    RevokeGrant,
+    ListGrants,
+    AccessStatus,
+    AccessReport,
 }
 
 /// One row of the policy table.
@@ -107,7 +118,7 @@ const fn policy(
 }
 
 impl AdminRpc {
-    pub const ALL: [AdminRpc; 21] = [
+    pub const ALL: [AdminRpc; 32] = [
         AdminRpc::CreateToken,
         AdminRpc::ListTokens,
         AdminRpc::RevokeToken,
@@ -129,6 +140,17 @@ impl AdminRpc {
         AdminRpc::RemoveReleaseKey,
         AdminRpc::ListReleaseKeys,
         AdminRpc::ListAudit,
+        AdminRpc::AddUser,
+        AdminRpc::ListUsers,
+        AdminRpc::GetUser,
+        AdminRpc::AddUserKey,
+        AdminRpc::RemoveUserKey,
+        AdminRpc::RevokeUser,
+        AdminRpc::Grant,
+        AdminRpc::RevokeGrant,
+        AdminRpc::ListGrants,
+        AdminRpc::AccessStatus,
+        AdminRpc::AccessReport,
     ];
 
     /// The policy of this RPC: the whole table, one row per RPC.
@@ -235,6 +257,43 @@ impl AdminRpc {
             AdminRpc::ListAudit => {
                 policy("/flotte.v1.Audit/ListAudit", "audit.list", Viewer, false)
             }
+            AdminRpc::AddUser => policy("/flotte.v1.Users/AddUser", "user.add", Admin, true),
+            AdminRpc::ListUsers => policy("/flotte.v1.Users/ListUsers", "user.list", Viewer, false),
+            AdminRpc::GetUser => policy("/flotte.v1.Users/GetUser", "user.get", Viewer, false),
+            AdminRpc::AddUserKey => {
+                policy("/flotte.v1.Users/AddUserKey", "user.key-add", Admin, true)
+            }
+            AdminRpc::RemoveUserKey => policy(
+                "/flotte.v1.Users/RemoveUserKey",
+                "user.key-remove",
+                Admin,
+                true,
+            ),
+            AdminRpc::RevokeUser => {
+                policy("/flotte.v1.Users/RevokeUser", "user.revoke", Admin, true)
+            }
+            AdminRpc::Grant => policy("/flotte.v1.Access/Grant", "access.grant", Admin, true),
+            AdminRpc::RevokeGrant => policy(
+                "/flotte.v1.Access/RevokeGrant",
+                "access.revoke",
+                Admin,
+                true,
+            ),
+            AdminRpc::ListGrants => {
+                policy("/flotte.v1.Access/ListGrants", "access.list", Viewer, false)
+            }
+            AdminRpc::AccessStatus => policy(
+                "/flotte.v1.Access/AccessStatus",
+                "access.status",
+                Viewer,
+                false,
+            ),
+            AdminRpc::AccessReport => policy(
+                "/flotte.v1.Access/AccessReport",
+                "access.report",
+                Viewer,
+                false,
+            ),
         }
     }
 }
@@ -281,6 +340,17 @@ mod tests {
         (AdminRpc::RemoveReleaseKey, Role::Admin, true),
         (AdminRpc::ListReleaseKeys, Role::Viewer, false),
         (AdminRpc::ListAudit, Role::Viewer, false),
+        (AdminRpc::AddUser, Role::Admin, true),
+        (AdminRpc::ListUsers, Role::Viewer, false),
+        (AdminRpc::GetUser, Role::Viewer, false),
+        (AdminRpc::AddUserKey, Role::Admin, true),
+        (AdminRpc::RemoveUserKey, Role::Admin, true),
+        (AdminRpc::RevokeUser, Role::Admin, true),
+        (AdminRpc::Grant, Role::Admin, true),
+        (AdminRpc::RevokeGrant, Role::Admin, true),
+        (AdminRpc::ListGrants, Role::Viewer, false),
+        (AdminRpc::AccessStatus, Role::Viewer, false),
+        (AdminRpc::AccessReport, Role::Viewer, false),
     ];
 
     #[test]

@@ -70,6 +70,7 @@ pub fn desired_state(
             rollback,
             rollout_id: String::new(),
         }),
+        access: None,
     }
 }
 
@@ -82,11 +83,11 @@ pub async fn desired_state_of(
         Some(desired) => state.store.image(&desired.name, &desired.version).await?,
         None => None,
     };
-    Ok(desired_state(
-        machine,
-        image.as_ref(),
-        state.config.report_interval,
-    ))
+    let mut desired = desired_state(machine, image.as_ref(), state.config.report_interval);
+    // Access travels with every desired state, so a machine that was away
+    // gets the current policy on reconnect, before anything else.
+    desired.access = Some(crate::api::access::access_policy_for(state, machine));
+    Ok(desired)
 }
 
 /// Bytes per image chunk sent to agents.
@@ -333,6 +334,9 @@ async fn serve_session(
             }
             Some(AgentKind::RenewCertificate(renewal)) => {
                 renew_certificate(&state, machine_id, &renewal.csr_pem, &sender).await;
+            }
+            Some(AgentKind::AccessState(access)) => {
+                crate::api::access::record_access_state(&state, machine_id, access, now);
             }
         }
     };

@@ -7,10 +7,16 @@
 //! Hot paths never write here per message: heartbeats stay in the registry and
 //! only transitions and batched last-seen times are persisted.
 
+mod access;
 mod sqlite;
+mod sqlite_access;
 
 use std::collections::BTreeMap;
 
+pub use access::{
+    AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord, UserKeyRecord,
+    UserRecord, UserRevocation,
+};
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
 

@@ -217,7 +217,7 @@ fn insert_denied(
 }
 
 /// Every row of a query without parameters, converted by `row`.
-fn query_all<T>(
+pub(super) fn query_all<T>(
     connection: &Connection,
     sql: &str,
     row: fn(&Row<'_>) -> rusqlite::Result<T>,
@@ -262,7 +262,7 @@ fn stamp_and_deny<T>(
 }
 
 /// A primary-key clash as the domain's `AlreadyExists`.
-fn already_exists(error: rusqlite::Error, what: String) -> StoreError {
+pub(super) fn already_exists(error: rusqlite::Error, what: String) -> StoreError {
     match error {
         rusqlite::Error::SqliteFailure(failure, _)
             if failure.code == rusqlite::ErrorCode::ConstraintViolation =>
@@ -356,6 +356,7 @@ impl SqliteStore {
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(SCHEMA)?;
+        connection.execute_batch(super::sqlite_access::ACCESS_SCHEMA)?;
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
             metrics,
@@ -363,7 +364,7 @@ impl SqliteStore {
     }
 
     /// Runs `operation` on the connection in the blocking pool.
-    async fn with_connection<T, F>(&self, operation: F) -> Result<T, StoreError>
+    pub(super) async fn with_connection<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -400,7 +401,7 @@ impl SqliteStore {
             .await
     }
 
-    async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
+    pub(super) async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,

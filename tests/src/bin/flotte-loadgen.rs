@@ -337,6 +337,7 @@ async fn run_simulated_agent(
         metrics: flotte_agent::metrics::AgentMetrics::new(),
         images: None,
         identity_watch: None,
+        access: flotte_agent::session::AccessMode::SimulatedAck,
     };
     let mut stats = SessionStats::default();
     let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);
