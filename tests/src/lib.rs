@@ -731,3 +731,9 @@ impl Agent {
         status
     }
 }
+
+/// Spawns any program (e.g. a test's own `sshd`) as a [`ManagedChild`]
+/// logging to `log_path`, killed when dropped.
+pub fn spawn_managed(command: Command, log_path: PathBuf) -> std::io::Result<ManagedChild> {
+    ManagedChild::spawn(command, log_path)
+}

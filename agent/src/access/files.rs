@@ -60,10 +60,7 @@ impl ManagedDirectory {
     /// Makes the files match `keys`: writes what differs, removes files of
     /// logins absent from it. Unsafe login names are skipped (and logged).
     pub fn sync(&self, keys: &BTreeMap<String, Vec<LocalKey>>) -> io::Result<SyncOutcome> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&self.directory)?;
+        create_traversable_dirs(&self.directory)?;
         // An existing directory keeps its mode otherwise; sshd refuses a
         // group- or world-writable one.
         fs::set_permissions(&self.directory, fs::Permissions::from_mode(0o755))?;
@@ -126,6 +123,24 @@ impl ManagedDirectory {
         }
         problems
     }
+}
+
+/// Creates `directory` and its missing parents as 0755 whatever the umask
+/// (the agent's unit sets `UMask=0077`): sshd reads the key files with the
+/// login's own uid, which must be able to traverse every parent.
+fn create_traversable_dirs(directory: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = directory
+        .ancestors()
+        .take_while(|ancestor| !ancestor.exists())
+        .collect();
+    for ancestor in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(0o755).create(ancestor) {
+            Ok(()) => fs::set_permissions(ancestor, fs::Permissions::from_mode(0o755))?,
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 fn keys_in_file(path: &Path) -> Option<Vec<String>> {

@@ -218,8 +218,7 @@ impl AccessEnforcer {
             path: path.clone(),
             message: error.to_string(),
         })?;
-        // 0644: the AuthorizedKeysCommand user (not root) may read it; it
-        // holds public keys only.
+        // Public keys only; read by `flotte-agent authorized-keys`.
         flotte_proto::files::write_atomically_with_mode(&path, &text, 0o644)
             .map_err(|source| AccessError::Persist { path, source })
     }
