@@ -91,8 +91,40 @@ pub enum AccessMode {
     /// Policies are enforced on this machine, then acknowledged.
     Enforced(std::sync::Arc<AccessEnforcer>),
     /// Load generator only: the version is acknowledged as soon as it is
-    /// received, nothing is written anywhere.
-    SimulatedAck,
+    /// received, nothing is written anywhere; the log (if any) records when.
+    SimulatedAck(Option<std::sync::Arc<SimulatedAckLog>>),
+}
+
+/// When a simulated agent acknowledged each access policy version (first
+/// time only), for the load generator's propagation figures.
+#[derive(Debug, Default)]
+pub struct SimulatedAckLog {
+    acks: std::sync::Mutex<Vec<(u64, std::time::Instant)>>,
+}
+
+impl SimulatedAckLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, std::time::Instant)>> {
+        // Every write is one push: a poisoned lock still holds whole entries.
+        self.acks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn record(&self, version: u64) {
+        let mut acks = self.lock();
+        if !acks.iter().any(|(known, _)| *known == version) {
+            acks.push((version, std::time::Instant::now()));
+        }
+    }
+
+    /// When a version at least `version` was first acknowledged.
+    pub fn first_ack_of_at_least(&self, version: u64) -> Option<std::time::Instant> {
+        self.lock()
+            .iter()
+            .filter(|(known, _)| *known >= version)
+            .map(|(_, at)| *at)
+            .min()
+    }
 }
 
 impl AgentState {
@@ -183,10 +215,15 @@ fn apply_desired(state: &mut AgentState, desired: &DesiredState) -> bool {
 fn apply_access(access: &AccessMode, policy: &AccessPolicy) -> Option<AccessState> {
     match access {
         AccessMode::Unmanaged => None,
-        AccessMode::SimulatedAck => Some(AccessState {
-            applied_version: policy.version,
-            ..AccessState::default()
-        }),
+        AccessMode::SimulatedAck(log) => {
+            if let Some(log) = log {
+                log.record(policy.version);
+            }
+            Some(AccessState {
+                applied_version: policy.version,
+                ..AccessState::default()
+            })
+        }
         AccessMode::Enforced(enforcer) => {
             match enforcer.receive(local_policy(policy), access_now()) {
                 Ok(true) => tracing::info!(version = policy.version, "access policy applied"),

@@ -22,7 +22,7 @@ use clap::Parser;
 use flotte_agent::backoff::Backoff;
 use flotte_agent::enroll::{enroll, EnrollError};
 use flotte_agent::identity::MachineIdentity;
-use flotte_agent::session::{run_session, AgentState, SessionEnd, SessionStats};
+use flotte_agent::session::{run_session, AgentState, SessionEnd, SessionStats, SimulatedAckLog};
 use flotte_agent::state::{AppliedState, Persistence, PersistenceError};
 use flotte_proto::join_token::{JoinToken, JoinTokenError};
 use flotte_proto::transport::{channel, client_config, explain_status, TransportError};
@@ -94,6 +94,11 @@ struct LoadgenArguments {
     /// token per zone.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     zones: u32,
+    /// Before the measurement window: add a user, grant it on every
+    /// simulated machine, then `user revoke` it and measure the time from the
+    /// revoke call returning to each agent's acknowledgement.
+    #[arg(long)]
+    revoke_access: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +130,14 @@ enum LoadgenError {
     Proc { path: String, message: String },
     #[error("interrupted")]
     Interrupted,
+    #[error("access revocation measurement: {0}")]
+    Access(String),
 }
+
+// Not a binary of its own: cargo treats only `src/bin/*.rs` and
+// `src/bin/*/main.rs` as binaries.
+#[path = "loadgen/access_revocation.rs"]
+mod access_revocation;
 
 /// In-memory stand-in for a simulated agent's data dir: it keeps what the
 /// session asks to persist (renewed certificate, applied desired state) so
@@ -321,6 +333,7 @@ struct SimulatedAgentOutcome {
 async fn run_simulated_agent(
     address: Arc<str>,
     agent: SimulatedAgent,
+    ack_log: Arc<SimulatedAckLog>,
     counters: Arc<FleetCounters>,
     connect_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -337,7 +350,7 @@ async fn run_simulated_agent(
         metrics: flotte_agent::metrics::AgentMetrics::new(),
         images: None,
         identity_watch: None,
-        access: flotte_agent::session::AccessMode::SimulatedAck,
+        access: flotte_agent::session::AccessMode::SimulatedAck(Some(ack_log)),
     };
     let mut stats = SessionStats::default();
     let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);
@@ -597,10 +610,14 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
     let shutdown_guard = shutdown.clone().drop_guard();
     let connect_started = Instant::now();
     let mut sessions = JoinSet::new();
-    for agent in fleet {
+    let ack_logs: Vec<Arc<SimulatedAckLog>> = (0..fleet.len())
+        .map(|_| Arc::new(SimulatedAckLog::default()))
+        .collect();
+    for (agent, ack_log) in fleet.into_iter().zip(&ack_logs) {
         sessions.spawn(run_simulated_agent(
             Arc::clone(&address),
             agent,
+            Arc::clone(ack_log),
             Arc::clone(&counters),
             Arc::clone(&connect_slots),
             shutdown.clone(),
@@ -638,6 +655,9 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
     );
 
     tokio::time::sleep(arguments.settle).await;
+    if arguments.revoke_access {
+        access_revocation::measure(&profile, &address, &ack_logs).await?;
+    }
     let failures_before_window = counters.session_failures.load(Ordering::Relaxed);
     let server_first = match &server_process {
         Some(pid) => Some(sample_process(pid)?),
