@@ -229,7 +229,10 @@ fn apply_access(access: &AccessMode, policy: &AccessPolicy) -> Option<AccessStat
                 Ok(true) => tracing::info!(version = policy.version, "access policy applied"),
                 Ok(false) => {}
                 Err(error) => {
-                    tracing::error!(%error, version = policy.version, "cannot apply the access policy")
+                    // Not acknowledged: the server keeps listing this
+                    // machine as pending, which is the truth.
+                    tracing::error!(%error, version = policy.version, "cannot apply the access policy");
+                    return None;
                 }
             }
             enforcer.state_to_report(true)

@@ -17,7 +17,8 @@ pub enum Role {
     Viewer,
     /// Also changes the fleet: relabelling (later rollouts, set-image, quarantine).
     Operator,
-    /// Also manages trust: tokens, operators, release keys, revocation.
+    /// Also manages trust: tokens, operators, release keys, revocation, and
+    /// people's SSH access (users, keys, grants).
     Admin,
 }
 

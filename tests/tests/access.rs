@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use flotte_tests::{binary, spawn_managed, wait_until, Agent, ManagedChild, Server, TempDir};
+use flotte_tests::{
+    assert_sshd_accepts, binary, spawn_managed, wait_until, Agent, ManagedChild, Server, TempDir,
+};
 
 const SSHD: &str = "/usr/sbin/sshd";
 /// Generous: a loaded 2-core machine, debug binaries.
@@ -147,17 +149,7 @@ impl Sshd {
             ),
         )
         .unwrap();
-        let check = Command::new(SSHD)
-            .arg("-t")
-            .arg("-f")
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(
-            check.status.success(),
-            "sshd -t refused the config: {}",
-            String::from_utf8_lossy(&check.stderr)
-        );
+        assert_sshd_accepts(Path::new(SSHD), &config, "the test's sshd config");
         let mut command = Command::new(SSHD);
         command.arg("-D").arg("-e").arg("-f").arg(&config);
         let process = spawn_managed(command, directory.join("sshd.log")).unwrap();
@@ -180,28 +172,40 @@ impl Sshd {
 /// `ssh -i KEY -p PORT LOGIN@127.0.0.1 true`: whether the login succeeded.
 fn ssh_succeeds(key: &Path, port: u16, login: &str) -> bool {
     Command::new("ssh")
-        .args(["-F", "/dev/null", "-i"])
-        .arg(key)
-        .args([
-            "-p",
-            &port.to_string(),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "ConnectTimeout=10",
-            "-o",
-            "LogLevel=ERROR",
-            &format!("{login}@127.0.0.1"),
-            "true",
-        ])
+        .args(ssh_arguments(key, port, login, "true"))
         .output()
         .is_ok_and(|output| output.status.success())
+}
+
+/// Arguments of a non-interactive ssh to LOGIN@127.0.0.1:PORT with KEY only.
+fn ssh_arguments(key: &Path, port: u16, login: &str, remote_command: &str) -> Vec<String> {
+    let port = port.to_string();
+    let destination = format!("{login}@127.0.0.1");
+    [
+        "-F",
+        "/dev/null",
+        "-i",
+        key.to_str().unwrap(),
+        "-p",
+        &port,
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "LogLevel=ERROR",
+        &destination,
+        remote_command,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect()
 }
 
 fn ssh_keygen(directory: &Path, name: &str) -> (PathBuf, PathBuf) {
@@ -221,16 +225,6 @@ fn access_config(managed: &Path) -> String {
         "[access]\nauthorized_keys_dir = \"{}\"\n",
         managed.display()
     )
-}
-
-fn ctl_ok(server: &Server, args: &[&str]) -> String {
-    let output = server.ctl(args);
-    assert!(
-        output.status.success(),
-        "flottectl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Waits until every machine applied the current access policy version.
@@ -258,7 +252,8 @@ fn grants_follow_selectors_revocation_ends_logins_and_drift_is_reported() {
     let mut server = Server::init(root.path(), "server", &[]);
     server.start();
 
-    // web-1: file mode; web-2: command mode; db-1: file mode.
+    // web-1: file mode, ends live sessions on revocation; web-2: command
+    // mode; db-1: file mode.
     let mut machines = Vec::new();
     for (name, labels) in [
         ("web-1", "role=web"),
@@ -267,8 +262,11 @@ fn grants_follow_selectors_revocation_ends_logins_and_drift_is_reported() {
     ] {
         let managed = keys_root.0.join(name).join("authorized_keys");
         let token = server.token(labels, "dc1", &[]);
-        let mut agent = Agent::new(root.path(), name, &server.address, &token)
-            .with_config(&access_config(&managed));
+        let mut config = access_config(&managed);
+        if name == "web-1" {
+            config.push_str("terminate_sessions = true\n");
+        }
+        let mut agent = Agent::new(root.path(), name, &server.address, &token).with_config(&config);
         agent.start();
         machines.push((name, agent, managed));
     }
@@ -414,6 +412,22 @@ fn grants_follow_selectors_revocation_ends_logins_and_drift_is_reported() {
     assert!(granted_found, "{report:#}");
     std::fs::remove_file(home.join(".ssh/authorized_keys")).unwrap();
 
+    // A live session on web-1, to be ended by the revocation.
+    let mut live_session = Command::new("ssh")
+        .args(ssh_arguments(&alice_key, web1.port, login, "sleep 600"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let session_is_live = wait_until(PATIENCE, || {
+        Command::new("pgrep")
+            .args(["-u", login, "-f", "sleep 600"])
+            .output()
+            .is_ok_and(|output| output.status.success())
+    });
+    assert!(session_is_live, "the live session did not start");
+
     // Off-boarding: one call, and the login is refused moments later.
     let revoke_output = server.ctl_json(&["user", "revoke", "alice"]);
     let returned = Instant::now();
@@ -432,6 +446,14 @@ fn grants_follow_selectors_revocation_ends_logins_and_drift_is_reported() {
     assert!(wait_until(PATIENCE, || !ssh_succeeds(
         &alice_key, web2.port, login
     )));
+    let ended = wait_until(PATIENCE, || live_session.try_wait().unwrap().is_some());
+    if !ended {
+        let _ = live_session.kill();
+    }
+    assert!(
+        ended,
+        "terminate_sessions did not end alice's live session on web-1"
+    );
     let status = server.ctl_json(&[
         "access",
         "status",
@@ -456,7 +478,7 @@ fn grants_follow_selectors_revocation_ends_logins_and_drift_is_reported() {
     );
 
     // Every change is in the audit log.
-    let audit = ctl_ok(&server, &["audit", "list"]);
+    let audit = server.ctl_ok(&["audit", "list"]);
     for action in ["user.add", "access.grant", "user.revoke"] {
         assert!(
             audit.contains(action),

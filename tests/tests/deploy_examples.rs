@@ -276,18 +276,7 @@ fn sshd_drop_ins_pass_sshd_config_test() {
             format!("HostKey {}\nUsePAM no\n{text}", host_key.display()),
         )
         .unwrap();
-        let output = Command::new(sshd)
-            .arg("-t")
-            .arg("-f")
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "sshd -t refused {}: {}",
-            drop_in.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        flotte_tests::assert_sshd_accepts(sshd, &config, &drop_in.display().to_string());
         assert!(text.contains("/etc/flotte/authorized_keys") || text.contains("authorized-keys"));
     }
     std::fs::remove_dir_all(&directory).unwrap();

@@ -144,3 +144,72 @@ impl AccessHub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::store::{SqliteStore, UserRecord};
+
+    #[tokio::test]
+    async fn acks_reach_the_store_in_batches_and_only_when_they_change() {
+        let directory = std::env::temp_dir().join(format!("flotte-hub-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let store = Arc::new(SqliteStore::open(&directory.join("flotte.db")).unwrap());
+        let hub = AccessHub::load(Arc::clone(&store) as Arc<dyn AccessStore>)
+            .await
+            .unwrap();
+        assert_eq!(hub.current().version, 0);
+        let machines: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        for machine_id in &machines {
+            hub.record(MachineAccessRecord {
+                machine_id: *machine_id,
+                applied_version: 1,
+                applied_at: 10,
+                ..MachineAccessRecord::default()
+            });
+        }
+        assert_eq!(hub.flush().await.unwrap(), 3);
+        // The same ack again, later: nothing to write.
+        hub.record(MachineAccessRecord {
+            machine_id: machines[0],
+            applied_version: 1,
+            applied_at: 20,
+            ..MachineAccessRecord::default()
+        });
+        assert_eq!(hub.flush().await.unwrap(), 0);
+        hub.record(MachineAccessRecord {
+            machine_id: machines[0],
+            applied_version: 2,
+            applied_at: 30,
+            ..MachineAccessRecord::default()
+        });
+        assert_eq!(hub.flush().await.unwrap(), 1);
+        let stored = store.machine_access().await.unwrap();
+        assert_eq!(stored.len(), 3);
+        assert!(stored
+            .iter()
+            .any(|record| record.machine_id == machines[0] && record.applied_version == 2));
+
+        // A committed change is visible after refresh; a reload sees the acks.
+        store
+            .insert_user(
+                &UserRecord {
+                    name: "alice".into(),
+                    created_at: 1,
+                    created_by: "admin".into(),
+                    revoked_at: None,
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(hub.refresh().await.unwrap().version, 1);
+        let reloaded = AccessHub::load(store as Arc<dyn AccessStore>)
+            .await
+            .unwrap();
+        assert_eq!(reloaded.machines().len(), 3);
+        assert_eq!(reloaded.current().version, 1);
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+}

@@ -101,21 +101,29 @@ pub fn access_policy_for(state: &ServerState, machine: &MachineRecord) -> Access
 /// After a committed change: refreshes the hub and pushes each connected
 /// machine its new policy. Returns the version pushed.
 pub async fn publish_access_change(state: &ServerState) -> Result<u64, Status> {
+    let started = std::time::Instant::now();
     let inputs = state.access.refresh().await?;
-    let machines = state.store.machines().await?;
-    fan_out(state, &inputs, &machines);
+    let read = started.elapsed();
+    fan_out(state, &inputs);
+    tracing::info!(
+        version = inputs.version,
+        read_ms = read.as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "access change published"
+    );
     Ok(inputs.version)
 }
 
-fn fan_out(state: &ServerState, inputs: &AccessInputs, machines: &[MachineRecord]) {
-    let by_id: HashMap<Uuid, &MachineRecord> = machines
-        .iter()
-        .map(|machine| (machine.id, machine))
-        .collect();
+/// Labels and zones come from the health tracker, which holds every
+/// connected machine (upserted at hello, enrollment and relabel): a fan-out
+/// reads nothing from the store. A relabel racing with it pushes its own
+/// desired state, with the policy compiled for the new labels.
+fn fan_out(state: &ServerState, inputs: &AccessInputs) {
+    let machines = state.health.snapshot();
     let now = state.clock.now_unix();
     let mut queued = 0usize;
     for (machine_id, sender, session_cancel) in state.registry.sessions_for_fan_out() {
-        let Some(machine) = by_id.get(&machine_id) else {
+        let Some(machine) = machines.get(&machine_id) else {
             continue;
         };
         let policy = compile_policy(inputs, &machine.labels, &machine.zone, now);

@@ -132,20 +132,32 @@ pub async fn measure(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before_return = acks.iter().filter(|ack| **ack < returned).count();
-    let mut latencies: Vec<Duration> = acks
-        .iter()
-        .map(|ack| ack.saturating_duration_since(returned))
-        .collect();
-    latencies.sort();
+    let distribution = |since: Instant| {
+        let mut latencies: Vec<Duration> = acks
+            .iter()
+            .map(|ack| ack.saturating_duration_since(since))
+            .collect();
+        latencies.sort();
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            milliseconds(quantile(&latencies, 0.50)),
+            milliseconds(quantile(&latencies, 0.99)),
+            milliseconds(quantile(&latencies, 1.0))
+        )
+    };
     println!(
-        "access revocation: revoke call took {:.1} ms; policy version {} acknowledged by {} agents; from the call returning to each ack: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} acks arrived before the answer did, counted as 0)",
+        "access revocation: revoke call took {:.1} ms; policy version {} acknowledged by {} agents",
         milliseconds(returned.duration_since(called)),
         revoked.policy_version,
-        latencies.len(),
-        milliseconds(quantile(&latencies, 0.50)),
-        milliseconds(quantile(&latencies, 0.99)),
-        milliseconds(quantile(&latencies, 1.0)),
-        before_return
+        acks.len()
+    );
+    println!(
+        "access revocation: from the revoke call being made to each ack: {}",
+        distribution(called)
+    );
+    println!(
+        "access revocation: from the revoke call returning to each ack: {} ({before_return} acks arrived before the answer did, counted as 0)",
+        distribution(returned)
     );
     match server_counted_all {
         Some(elapsed) => println!(
