@@ -292,6 +292,12 @@ pub async fn run_session(
     let mut image_status = state.images.as_ref().map(|images| images.status.clone());
     let mut image_open = image_status.is_some();
     let mut reported_verdict_version = u64::MAX;
+    // The server may queue a push built from a newer record ahead of the
+    // whole state it reads on connect (both race after registration), so
+    // within one session an older desired state is stale and dropped. Not
+    // across sessions: a server restored from an older backup must still be
+    // obeyed.
+    let mut newest_desired_in_session = 0u64;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -303,6 +309,11 @@ pub async fn run_session(
                 };
                 match received.kind {
                     Some(ServerKind::DesiredState(desired)) => {
+                        if desired.version < newest_desired_in_session {
+                            tracing::info!(version = desired.version, newest = newest_desired_in_session, "ignoring an older desired state that arrived after a newer one");
+                            continue;
+                        }
+                        newest_desired_in_session = desired.version;
                         // Access first: a machine back from a disconnection
                         // must drop revoked keys before it starts an image swap.
                         if let Some(access) = desired.access.as_ref().and_then(|policy| apply_access(&state.access, policy)) {
