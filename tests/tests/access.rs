@@ -531,6 +531,9 @@ fn a_grant_that_expires_while_the_server_is_down_is_refused_by_the_agent() {
         "bob cannot log in before expiry:\n{}",
         agent.log()
     );
+    // sshd itself is told the expiry too (defence in depth).
+    let managed_file = std::fs::read_to_string(managed.join(login)).unwrap();
+    assert!(managed_file.contains("expiry-time=\""), "{managed_file}");
     server.kill();
     // Still in force after the server is gone, until expiry.
     if SystemTime::now() + Duration::from_secs(5) < expires_at {

@@ -103,11 +103,29 @@ pub fn next_change_after(
         .min()
 }
 
+/// sshd's `expiry-time` value for a Unix time: `YYYYMMDDHHMMSSZ` (UTC).
+pub fn sshd_expiry_time(unix: i64) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0).unsigned_abs());
+    humantime::format_rfc3339_seconds(time)
+        .to_string()
+        .chars()
+        .filter(|character| !matches!(character, '-' | ':' | 'T'))
+        .collect()
+}
+
 /// The text of a managed `authorized_keys` file: one key per line, the
-/// comment naming the user and grant (so a human reading it knows why).
+/// comment naming the user and grant (so a human reading it knows why). A
+/// key with an expiry also carries sshd's own `expiry-time` option: sshd
+/// refuses it after that time even if the agent were not running to remove it.
 pub fn authorized_keys_text(keys: &[LocalKey]) -> String {
     let mut text = String::from("# Managed by flotte-agent: edits are overwritten.\n");
     for key in keys {
+        if let Some(expires_at) = key.expires_at {
+            text.push_str(&format!(
+                "expiry-time=\"{}\" ",
+                sshd_expiry_time(expires_at)
+            ));
+        }
         text.push_str(&format!(
             "{} flotte:user={},grant={}\n",
             key.public_key, key.user, key.grant_id
@@ -227,11 +245,13 @@ mod tests {
     }
 
     #[test]
-    fn managed_files_name_the_user_and_grant_of_each_key() {
-        let text = authorized_keys_text(&[key("A", None)]);
+    fn managed_files_name_the_user_and_grant_of_each_key_and_sshd_expiry() {
+        let text = authorized_keys_text(&[key("A", None), key("B", Some(1_801_353_600))]);
         assert_eq!(
             text,
-            "# Managed by flotte-agent: edits are overwritten.\nssh-ed25519 A flotte:user=alice,grant=g-1\n"
+            "# Managed by flotte-agent: edits are overwritten.\n\
+             ssh-ed25519 A flotte:user=alice,grant=g-1\n\
+             expiry-time=\"20270131000000Z\" ssh-ed25519 B flotte:user=alice,grant=g-1\n"
         );
     }
 }
