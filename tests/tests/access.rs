@@ -557,3 +557,77 @@ fn a_grant_that_expires_while_the_server_is_down_is_refused_by_the_agent() {
         "the agent must keep running without its server"
     );
 }
+
+#[test]
+fn fail_closed_removes_keys_after_the_server_is_gone_and_they_return_with_it() {
+    require_sshd!();
+    let login = "flottecarol";
+    ensure_login(login);
+    let root = TempDir::new("flotte-access").unwrap();
+    let keys_root = RootOwnedDir::new("flotte-access-keys");
+    let mut server = Server::init(root.path(), "server", &[]);
+    server.start();
+    let managed = keys_root.0.join("web").join("authorized_keys");
+    let token = server.token("role=web", "dc1", &[]);
+    let config = format!(
+        "{}on_disconnect = \"fail-closed\"\nfail_closed_after = \"5s\"\n",
+        access_config(&managed)
+    );
+    let mut agent = Agent::new(root.path(), "web", &server.address, &token).with_config(&config);
+    agent.start();
+    assert!(wait_until(PATIENCE, || server.connected_count() == 1));
+    let sshd_directory = keys_root.0.join("sshd");
+    std::fs::create_dir_all(&sshd_directory).unwrap();
+    let sshd = Sshd::start(
+        &sshd_directory,
+        &shipped_drop_in(
+            "flotte-authorized-keys-file.conf",
+            &[("/etc/flotte/authorized_keys", managed.to_str().unwrap())],
+        ),
+    );
+    let (carol_key, carol_pub) = ssh_keygen(root.path(), "carol_key");
+    server.ctl_json(&[
+        "user",
+        "add",
+        "carol",
+        "--ssh-key",
+        carol_pub.to_str().unwrap(),
+    ]);
+    server.ctl_json(&[
+        "access",
+        "grant",
+        "carol",
+        "--selector",
+        "role=web",
+        "--login",
+        login,
+    ]);
+    assert!(
+        wait_until(PATIENCE, || ssh_succeeds(&carol_key, sshd.port, login)),
+        "carol cannot log in:\n{}",
+        agent.log()
+    );
+
+    server.kill();
+    let killed = Instant::now();
+    assert!(
+        wait_until(PATIENCE, || !managed.join(login).exists()),
+        "the agent did not fail closed:\n{}",
+        agent.log()
+    );
+    let closed_after = killed.elapsed();
+    // Whole seconds of contact time: the deadline falls 4 to 6 s after the cut.
+    assert!(
+        closed_after >= Duration::from_secs(3),
+        "failed closed too early: {closed_after:?}"
+    );
+    assert!(!ssh_succeeds(&carol_key, sshd.port, login));
+    println!("server killed -> keys removed (fail-closed after 5s) in {closed_after:?}");
+
+    server.start();
+    assert!(
+        wait_until(PATIENCE, || ssh_succeeds(&carol_key, sshd.port, login)),
+        "carol's access did not come back with the server:\n{}",
+        agent.log()
+    );
+}

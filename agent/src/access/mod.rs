@@ -248,9 +248,7 @@ impl AccessEnforcer {
     /// Records contact with the server (`connected`) or its loss.
     pub fn set_contact(&self, connected: bool, now: i64) {
         let mut inner = self.lock();
-        let due = inner.persisted.connected != connected
-            || now.saturating_sub(inner.persisted.last_contact_at) >= CONTACT_PERSIST_EVERY;
-        if !due {
+        if !contact_update_due(&inner.persisted, connected, now) {
             return;
         }
         inner.persisted.connected = connected;
@@ -365,6 +363,15 @@ impl AccessEnforcer {
     }
 }
 
+/// Whether to record (and persist) contact news: a change of connection,
+/// or, while connected, a refresh at most every [`CONTACT_PERSIST_EVERY`].
+/// While disconnected the time of the last contact must stay put: failed
+/// reconnects are not contact, or fail-closed would never come.
+pub fn contact_update_due(persisted: &PersistedAccess, connected: bool, now: i64) -> bool {
+    persisted.connected != connected
+        || (connected && now.saturating_sub(persisted.last_contact_at) >= CONTACT_PERSIST_EVERY)
+}
+
 /// Logins whose set of keys in force lost at least one key.
 pub fn logins_that_lost_a_key(
     before: &BTreeMap<String, Vec<LocalKey>>,
@@ -439,6 +446,25 @@ mod tests {
             logins_that_lost_a_key(&before, &after),
             vec!["alice", "bob"]
         );
+    }
+
+    #[test]
+    fn failed_reconnects_never_refresh_the_last_contact() {
+        let away = PersistedAccess {
+            policy: LocalPolicy::default(),
+            connected: false,
+            last_contact_at: 1_000,
+        };
+        assert!(!contact_update_due(&away, false, 1_001));
+        assert!(!contact_update_due(&away, false, 100_000));
+        assert!(contact_update_due(&away, true, 1_001));
+        let here = PersistedAccess {
+            connected: true,
+            ..away
+        };
+        assert!(!contact_update_due(&here, true, 1_059));
+        assert!(contact_update_due(&here, true, 1_060));
+        assert!(contact_update_due(&here, false, 1_001));
     }
 
     #[test]
