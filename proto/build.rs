@@ -10,6 +10,7 @@ const PROTO_FILES: &[&str] = &[
     "flotte/v1/trust.proto",
     "flotte/v1/repair.proto",
     "flotte/v1/rollouts.proto",
+    "flotte/v1/access.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

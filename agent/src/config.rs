@@ -62,6 +62,9 @@ pub struct AgentConfigFile {
     /// What a quarantine does on this machine (`[quarantine]`).
     #[serde(default)]
     pub quarantine: QuarantineConfigFile,
+    /// SSH access for people (`[access]`); absent: not managed here.
+    #[serde(default)]
+    pub access: Option<crate::access::settings::AccessConfigFile>,
 }
 
 /// The `[quarantine]` table: hooks run when the server quarantines or
@@ -209,6 +212,7 @@ pub struct AgentConfig {
     pub soak: Duration,
     pub service: ServiceMode,
     pub quarantine: crate::repair::QuarantineSettings,
+    pub access: Option<crate::access::AccessSettings>,
 }
 
 pub fn read_config_file(path: &Path) -> Result<AgentConfigFile, ConfigError> {
@@ -394,6 +398,10 @@ impl AgentConfigFile {
                 problems.push(format!("quarantine.{name} must not be empty"));
             }
         }
+        let access = self
+            .access
+            .as_ref()
+            .map(|access| access.validate(&mut problems));
         if reconnect_max_backoff < reconnect_initial_backoff {
             problems.push(
                 "reconnect_max_backoff must not be below reconnect_initial_backoff".to_owned(),
@@ -434,6 +442,7 @@ impl AgentConfigFile {
                 stop_service: self.quarantine.stop_service,
                 hook_timeout,
             },
+            access,
         })
     }
 }

@@ -8,6 +8,7 @@
 //! load generator can reuse enrollment and sessions without touching disk.
 //! Nothing here may panic on bad input from the server or the disk.
 
+pub mod access;
 pub mod backoff;
 pub mod config;
 pub mod enroll;
@@ -54,6 +55,8 @@ pub enum AgentError {
     Identity(#[from] identity::IdentityError),
     #[error(transparent)]
     Persistence(#[from] PersistenceError),
+    #[error(transparent)]
+    Access(#[from] access::AccessError),
     #[error("cannot prepare the image directories: {0}")]
     Images(std::io::Error),
     #[error("cannot serve metrics on {address}: {source}")]
@@ -224,6 +227,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         shutdown.clone(),
     )
     .map_err(AgentError::Images)?;
+    let access = match &config.access {
+        Some(settings) => {
+            let enforcer = access::AccessEnforcer::open(settings.clone(), &config.data_dir)?;
+            tokio::spawn(Arc::clone(&enforcer).run(shutdown.clone()));
+            session::AccessMode::Enforced(enforcer)
+        }
+        None => session::AccessMode::Unmanaged,
+    };
     let mut state = AgentState {
         identity,
         applied: persistence.load_applied()?,
@@ -234,6 +245,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         images: Some(images),
         identity_watch: Some(identity_watch),
         quarantine: Some(quarantine),
+        access,
     };
     let mut backoff = Backoff::new(
         config.reconnect_initial_backoff,
@@ -279,6 +291,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         )
         .await;
         metrics.set_connected(false);
+        if let session::AccessMode::Enforced(enforcer) = &state.access {
+            enforcer.set_contact(false, access::unix_now());
+        }
         match outcome {
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Ok(SessionEnd::ClosedByServer(reason)) => {

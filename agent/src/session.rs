@@ -14,7 +14,8 @@ use flotte_proto::v1::agent_message::Kind as AgentKind;
 use flotte_proto::v1::agent_session_client::AgentSessionClient;
 use flotte_proto::v1::server_message::Kind as ServerKind;
 use flotte_proto::v1::{
-    AgentMessage, CertificateRenewal, DesiredState, DesiredStateAck, Hello, Report,
+    AccessPolicy, AccessState, AgentMessage, CertificateRenewal, DesiredState, DesiredStateAck,
+    Hello, Report,
 };
 
 use flotte_proto::v1::ImageStatus;
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{local_policy, unix_now as access_now, AccessEnforcer};
 use crate::health::{HealthReceiver, HealthSnapshot};
 use crate::identity::{csr_for, MachineIdentity};
 use crate::image::swap::ImageHandle;
@@ -79,6 +81,52 @@ pub struct AgentState {
     pub identity_watch: Option<watch::Sender<MachineIdentity>>,
     /// The quarantine manager (absent for simulated agents).
     pub quarantine: Option<crate::repair::QuarantineHandle>,
+    /// SSH access for people (see `access`).
+    pub access: AccessMode,
+}
+
+/// How this session handles access policies.
+#[derive(Debug, Clone)]
+pub enum AccessMode {
+    /// No `[access]` configured: policies are ignored and not acknowledged.
+    Unmanaged,
+    /// Policies are enforced on this machine, then acknowledged.
+    Enforced(std::sync::Arc<AccessEnforcer>),
+    /// Load generator only: the version is acknowledged as soon as it is
+    /// received, nothing is written anywhere; the log (if any) records when.
+    SimulatedAck(Option<std::sync::Arc<SimulatedAckLog>>),
+}
+
+/// When a simulated agent acknowledged each access policy version (first
+/// time only), for the load generator's propagation figures.
+#[derive(Debug, Default)]
+pub struct SimulatedAckLog {
+    acks: std::sync::Mutex<Vec<(u64, std::time::Instant)>>,
+}
+
+impl SimulatedAckLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, std::time::Instant)>> {
+        // Every write is one push: a poisoned lock still holds whole entries.
+        self.acks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn record(&self, version: u64) {
+        let mut acks = self.lock();
+        if !acks.iter().any(|(known, _)| *known == version) {
+            acks.push((version, std::time::Instant::now()));
+        }
+    }
+
+    /// When a version at least `version` was first acknowledged.
+    pub fn first_ack_of_at_least(&self, version: u64) -> Option<std::time::Instant> {
+        self.lock()
+            .iter()
+            .filter(|(known, _)| *known >= version)
+            .map(|(_, at)| *at)
+            .min()
+    }
 }
 
 impl AgentState {
@@ -164,6 +212,36 @@ fn apply_desired(state: &mut AgentState, desired: &DesiredState) -> bool {
     true
 }
 
+/// Applies an access policy (before anything else in a desired state) and
+/// returns the acknowledgement to send, if any.
+fn apply_access(access: &AccessMode, policy: &AccessPolicy) -> Option<AccessState> {
+    match access {
+        AccessMode::Unmanaged => None,
+        AccessMode::SimulatedAck(log) => {
+            if let Some(log) = log {
+                log.record(policy.version);
+            }
+            Some(AccessState {
+                applied_version: policy.version,
+                ..AccessState::default()
+            })
+        }
+        AccessMode::Enforced(enforcer) => {
+            match enforcer.receive(local_policy(policy), access_now()) {
+                Ok(true) => tracing::info!(version = policy.version, "access policy applied"),
+                Ok(false) => {}
+                Err(error) => {
+                    // Not acknowledged: the server keeps listing this
+                    // machine as pending, which is the truth.
+                    tracing::error!(%error, version = policy.version, "cannot apply the access policy");
+                    return None;
+                }
+            }
+            enforcer.state_to_report(true)
+        }
+    }
+}
+
 /// Runs one session with `address` until it ends. `on_established` is called
 /// once the server has answered the hello with the desired state.
 pub async fn run_session(
@@ -216,7 +294,12 @@ pub async fn run_session(
     let mut image_status = state.images.as_ref().map(|images| images.status.clone());
     let mut image_open = image_status.is_some();
     let mut reported_verdict_version = u64::MAX;
-    let mut newest_version_this_session = 0u64;
+    // The server may queue a push built from a newer record ahead of the
+    // whole state it reads on connect (both race after registration), so
+    // within one session an older desired state is stale and dropped. Not
+    // across sessions: a server restored from an older backup must still be
+    // obeyed.
+    let mut newest_desired_in_session = 0u64;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -228,14 +311,18 @@ pub async fn run_session(
                 };
                 match received.kind {
                     Some(ServerKind::DesiredState(desired)) => {
-                        // Within one session the server's versions only grow: a
-                        // lower one is the state sent on connect, overtaken by a
-                        // change pushed meanwhile, and must not undo it.
-                        if desired.version < newest_version_this_session {
-                            tracing::debug!(version = desired.version, newest = newest_version_this_session, "ignoring an overtaken desired state");
+                        if desired.version < newest_desired_in_session {
+                            tracing::info!(version = desired.version, newest = newest_desired_in_session, "ignoring an older desired state that arrived after a newer one");
                             continue;
                         }
-                        newest_version_this_session = desired.version;
+                        newest_desired_in_session = desired.version;
+                        // Access first: a machine back from a disconnection
+                        // must drop revoked keys before it starts an image swap.
+                        if let Some(access) = desired.access.as_ref().and_then(|policy| apply_access(&state.access, policy)) {
+                            if !send(AgentKind::AccessState(access)).await {
+                                return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                            }
+                        }
                         if let (Some(images), Some(image)) = (&state.images, &desired.image) {
                             images.desire(desired.version, image.clone());
                         }
@@ -259,6 +346,9 @@ pub async fn run_session(
                         }
                         if !established {
                             established = true;
+                            if let AccessMode::Enforced(enforcer) = &state.access {
+                                enforcer.set_contact(true, access_now());
+                            }
                             on_established();
                         }
                     }
@@ -274,6 +364,13 @@ pub async fn run_session(
                             stats.renewals += 1;
                             renew_at = instant_at(state.identity.renew_at(SystemTime::now()));
                             tracing::info!(not_after = issued.not_after, "certificate renewed");
+                        }
+                    }
+                    Some(ServerKind::AccessPolicy(policy)) => {
+                        if let Some(access) = apply_access(&state.access, &policy) {
+                            if !send(AgentKind::AccessState(access)).await {
+                                return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                            }
                         }
                     }
                     Some(ServerKind::Refused(refused)) => return Err(SessionError::Refused(refused.reason)),
@@ -312,6 +409,15 @@ pub async fn run_session(
                 }
                 stats.reports_sent += 1;
                 next_report = Instant::now() + report_interval;
+                if let AccessMode::Enforced(enforcer) = &state.access {
+                    enforcer.set_contact(true, access_now());
+                    // Drift (a hand-added key) is reported when it appears.
+                    if let Some(access) = enforcer.state_to_report(false) {
+                        if !send(AgentKind::AccessState(access)).await {
+                            return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                        }
+                    }
+                }
             }
             () = tokio::time::sleep_until(renew_at) => {
                 let csr_pem = csr_for(&state.identity.key_pem)?;

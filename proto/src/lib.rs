@@ -19,6 +19,7 @@ pub mod labels;
 pub mod release_keys;
 pub mod settings;
 pub mod signals;
+pub mod ssh_keys;
 pub mod transport;
 
 /// Generated code for the `flotte.v1` package.

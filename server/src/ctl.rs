@@ -28,6 +28,7 @@ use tonic::transport::Channel;
 use crate::profile::Profile;
 use crate::roles::Role;
 
+mod access;
 mod governance;
 mod images;
 mod repair;
@@ -93,6 +94,12 @@ enum Command {
     /// Staged rollouts of an image: qualification → canary → waves.
     #[command(subcommand, alias = "rollouts")]
     Rollout(rollouts::RolloutCommand),
+    /// People who log into machines over SSH, and their keys.
+    #[command(subcommand, alias = "users")]
+    User(access::UserCommand),
+    /// SSH access grants, propagation status and the who-has-access report.
+    #[command(subcommand)]
+    Access(access::AccessCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -1216,6 +1223,8 @@ pub async fn main(cli: Cli) -> ExitCode {
             Command::Dr(command) => repair::run_dr(&cli, command).await,
             Command::Remediation(command) => repair::run_remediation(&cli, command).await,
             Command::Rollout(command) => rollouts::run_rollout(&cli, command).await,
+            Command::User(command) => access::run_user(&cli, command).await,
+            Command::Access(command) => access::run_access(&cli, command).await,
         },
     };
     match result {

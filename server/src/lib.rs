@@ -9,6 +9,7 @@
 //! become gRPC statuses. Nothing here blocks the async runtime on disk: the
 //! store runs on the blocking pool.
 
+pub mod access;
 pub mod alerts;
 pub mod api;
 pub mod audit;
@@ -56,6 +57,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::AlertDispatcher;
+use crate::api::access::AccessApi;
 use crate::api::admin::AdminApi;
 use crate::api::enrollment::EnrollmentApi;
 use crate::api::images::ImagesApi;
@@ -73,6 +75,8 @@ use crate::registry::Registry;
 use crate::revocation::Revocations;
 use crate::store::{SqliteStore, Store, StoreError};
 use crate::transitions::EventSender;
+use flotte_proto::v1::access_server::AccessServer;
+use flotte_proto::v1::users_server::UsersServer;
 
 /// The server's own certificate is re-issued at every start (so SAN changes
 /// in the config take effect on restart); this bounds how long one start lasts.
@@ -173,6 +177,8 @@ pub struct ServerState {
     pub repair: repair::RepairState,
     /// Active rollouts and the means to wake their loop.
     pub rollouts: Arc<rollout::runner::RolloutEngine>,
+    /// Access for people: compiled policy inputs and machines' acknowledgements.
+    pub access: Arc<access::AccessHub>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -255,6 +261,7 @@ pub async fn run(
             .await
             .map_err(|error| ServerError::Rollouts(error.to_string()))?,
     );
+    let access_hub = Arc::new(access::AccessHub::load(Arc::new(store.clone())).await?);
     let state = Arc::new(ServerState {
         config,
         ca,
@@ -268,7 +275,9 @@ pub async fn run(
         alerts,
         repair,
         rollouts,
+        access: Arc::clone(&access_hub),
     });
+    tokio::spawn(access_hub.run_flusher(shutdown.clone()));
     tokio::spawn(transitions::apply_transitions(
         Arc::clone(&state),
         transition_receiver,
@@ -352,7 +361,9 @@ pub async fn run(
         .add_service(DisasterRecoveryServer::new(RepairApi::new(Arc::clone(
             &state,
         ))))
-        .add_service(RolloutsServer::new(RolloutsApi::new(Arc::clone(&state))));
+        .add_service(RolloutsServer::new(RolloutsApi::new(Arc::clone(&state))))
+        .add_service(UsersServer::new(AccessApi::new(Arc::clone(&state))))
+        .add_service(AccessServer::new(AccessApi::new(Arc::clone(&state))));
 
     tracing::info!(
         fingerprint = %state.ca.fingerprint(),

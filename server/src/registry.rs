@@ -129,6 +129,15 @@ impl Registry {
         }
     }
 
+    /// Every session's sender and cancel token, for one fan-out pass (access
+    /// policy pushes): cloned under the lock, used after it is released.
+    pub fn sessions_for_fan_out(&self) -> Vec<(Uuid, SessionSender, CancellationToken)> {
+        self.lock()
+            .iter()
+            .map(|(id, entry)| (*id, entry.sender.clone(), entry.cancel.clone()))
+            .collect()
+    }
+
     /// Last-seen times of every connected machine, for the batched flush.
     pub fn last_seen_batch(&self) -> Vec<(Uuid, UnixSeconds)> {
         self.lock()

@@ -17,7 +17,8 @@ pub enum Role {
     Viewer,
     /// Also changes the fleet: relabelling (later rollouts, set-image, quarantine).
     Operator,
-    /// Also manages trust: tokens, operators, release keys, revocation.
+    /// Also manages trust: tokens, operators, release keys, revocation, and
+    /// people's SSH access (users, keys, grants).
     Admin,
 }
 
@@ -95,6 +96,17 @@ pub enum AdminRpc {
     ApproveRollout,
     RollbackRollout,
     StopAllRollouts,
+    AddUser,
+    ListUsers,
+    GetUser,
+    AddUserKey,
+    RemoveUserKey,
+    RevokeUser,
+    Grant,
+    RevokeGrant,
+    ListGrants,
+    AccessStatus,
+    AccessReport,
 }
 
 /// One row of the policy table.
@@ -124,7 +136,7 @@ const fn policy(
 }
 
 impl AdminRpc {
-    pub const ALL: [AdminRpc; 38] = [
+    pub const ALL: [AdminRpc; 49] = [
         AdminRpc::CreateToken,
         AdminRpc::ListTokens,
         AdminRpc::RevokeToken,
@@ -163,6 +175,17 @@ impl AdminRpc {
         AdminRpc::ApproveRollout,
         AdminRpc::RollbackRollout,
         AdminRpc::StopAllRollouts,
+        AdminRpc::AddUser,
+        AdminRpc::ListUsers,
+        AdminRpc::GetUser,
+        AdminRpc::AddUserKey,
+        AdminRpc::RemoveUserKey,
+        AdminRpc::RevokeUser,
+        AdminRpc::Grant,
+        AdminRpc::RevokeGrant,
+        AdminRpc::ListGrants,
+        AdminRpc::AccessStatus,
+        AdminRpc::AccessReport,
     ];
 
     /// The policy of this RPC: the whole table, one row per RPC.
@@ -372,6 +395,43 @@ impl AdminRpc {
                 Operator,
                 true,
             ),
+            AdminRpc::AddUser => policy("/flotte.v1.Users/AddUser", "user.add", Admin, true),
+            AdminRpc::ListUsers => policy("/flotte.v1.Users/ListUsers", "user.list", Viewer, false),
+            AdminRpc::GetUser => policy("/flotte.v1.Users/GetUser", "user.get", Viewer, false),
+            AdminRpc::AddUserKey => {
+                policy("/flotte.v1.Users/AddUserKey", "user.key-add", Admin, true)
+            }
+            AdminRpc::RemoveUserKey => policy(
+                "/flotte.v1.Users/RemoveUserKey",
+                "user.key-remove",
+                Admin,
+                true,
+            ),
+            AdminRpc::RevokeUser => {
+                policy("/flotte.v1.Users/RevokeUser", "user.revoke", Admin, true)
+            }
+            AdminRpc::Grant => policy("/flotte.v1.Access/Grant", "access.grant", Admin, true),
+            AdminRpc::RevokeGrant => policy(
+                "/flotte.v1.Access/RevokeGrant",
+                "access.revoke",
+                Admin,
+                true,
+            ),
+            AdminRpc::ListGrants => {
+                policy("/flotte.v1.Access/ListGrants", "access.list", Viewer, false)
+            }
+            AdminRpc::AccessStatus => policy(
+                "/flotte.v1.Access/AccessStatus",
+                "access.status",
+                Viewer,
+                false,
+            ),
+            AdminRpc::AccessReport => policy(
+                "/flotte.v1.Access/AccessReport",
+                "access.report",
+                Viewer,
+                false,
+            ),
         }
     }
 }
@@ -435,6 +495,17 @@ mod tests {
         (AdminRpc::ApproveRollout, Role::Operator, true),
         (AdminRpc::RollbackRollout, Role::Operator, true),
         (AdminRpc::StopAllRollouts, Role::Operator, true),
+        (AdminRpc::AddUser, Role::Admin, true),
+        (AdminRpc::ListUsers, Role::Viewer, false),
+        (AdminRpc::GetUser, Role::Viewer, false),
+        (AdminRpc::AddUserKey, Role::Admin, true),
+        (AdminRpc::RemoveUserKey, Role::Admin, true),
+        (AdminRpc::RevokeUser, Role::Admin, true),
+        (AdminRpc::Grant, Role::Admin, true),
+        (AdminRpc::RevokeGrant, Role::Admin, true),
+        (AdminRpc::ListGrants, Role::Viewer, false),
+        (AdminRpc::AccessStatus, Role::Viewer, false),
+        (AdminRpc::AccessReport, Role::Viewer, false),
     ];
 
     #[test]

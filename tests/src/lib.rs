@@ -747,3 +747,38 @@ impl Server {
     }
 }
 pub mod sample_fleet;
+/// Spawns any program (e.g. a test's own `sshd`) as a [`ManagedChild`]
+/// logging to `log_path`, killed when dropped.
+pub fn spawn_managed(command: Command, log_path: PathBuf) -> std::io::Result<ManagedChild> {
+    ManagedChild::spawn(command, log_path)
+}
+
+impl Server {
+    /// Runs `flottectl` as the admin and returns its stdout; panics with
+    /// stderr if it failed.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let output = self.ctl(args);
+        assert!(
+            output.status.success(),
+            "flottectl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+/// `sshd -t -f CONFIG` (sshd's config test); panics with sshd's complaint
+/// naming `what` if it refuses the config.
+pub fn assert_sshd_accepts(sshd: &Path, config: &Path, what: &str) {
+    let output = Command::new(sshd)
+        .arg("-t")
+        .arg("-f")
+        .arg(config)
+        .output()
+        .expect("run sshd -t");
+    assert!(
+        output.status.success(),
+        "sshd -t refused {what}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -237,3 +237,47 @@ fn systemd_units_are_valid() {
         );
     }
 }
+
+/// Every sshd drop-in in `deploy/sshd/` passes `sshd -t` (the config test
+/// mode) on top of a minimal config with its own host key. Skipped, with a
+/// message, where sshd is not installed (`.ci/run` installs it).
+#[test]
+fn sshd_drop_ins_pass_sshd_config_test() {
+    let sshd = Path::new("/usr/sbin/sshd");
+    if !sshd.exists() {
+        println!("SKIPPED: /usr/sbin/sshd is missing (apt-get install openssh-server)");
+        return;
+    }
+    let directory = std::env::temp_dir().join(format!("flotte-sshd-t-{}", std::process::id()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let host_key = directory.join("host_key");
+    let _ = std::fs::remove_file(&host_key);
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&host_key)
+        .status()
+        .unwrap();
+    assert!(keygen.success());
+    let mut drop_ins: Vec<PathBuf> = std::fs::read_dir(deploy_dir().join("sshd"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    drop_ins.sort();
+    assert_eq!(
+        drop_ins.len(),
+        2,
+        "file mode and command mode: {drop_ins:?}"
+    );
+    for drop_in in drop_ins {
+        let text = std::fs::read_to_string(&drop_in).unwrap();
+        let config = directory.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!("HostKey {}\nUsePAM no\n{text}", host_key.display()),
+        )
+        .unwrap();
+        flotte_tests::assert_sshd_accepts(sshd, &config, &drop_in.display().to_string());
+        assert!(text.contains("/etc/flotte/authorized_keys") || text.contains("authorized-keys"));
+    }
+    std::fs::remove_dir_all(&directory).unwrap();
+}

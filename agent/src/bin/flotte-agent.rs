@@ -40,9 +40,82 @@ enum Command {
         #[arg(long)]
         reconnect_max_backoff: Option<String>,
     },
+    /// Prints the SSH keys in force for LOGIN from the agent's local state,
+    /// for sshd's `AuthorizedKeysCommand /usr/local/bin/flotte-agent
+    /// authorized-keys %u`. Prints nothing (and succeeds) for a login
+    /// without keys; works while the agent or the server is down.
+    AuthorizedKeys {
+        /// Agent settings file (its data_dir and [access] table are used).
+        #[arg(long, default_value = "/etc/flotte/agent.toml")]
+        config: PathBuf,
+        /// Overrides the config's data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        login: String,
+    },
+}
+
+/// `authorized-keys`: reads only what it needs from the config (sshd calls
+/// it for every login attempt; the agent's other settings are irrelevant).
+fn print_authorized_keys(
+    config: &std::path::Path,
+    data_dir: Option<PathBuf>,
+    login: &str,
+) -> ExitCode {
+    use flotte_agent::access::policy::OnDisconnect;
+    let (file_data_dir, on_disconnect) = match read_config_file(config) {
+        Ok(file) => {
+            let mut problems = Vec::new();
+            let on_disconnect = file.access.as_ref().map_or(OnDisconnect::Keep, |access| {
+                access.validate(&mut problems).on_disconnect
+            });
+            if !problems.is_empty() {
+                eprintln!(
+                    "flotte-agent: {}: {}",
+                    config.display(),
+                    problems.join("; ")
+                );
+                return ExitCode::from(2);
+            }
+            (file.data_dir, on_disconnect)
+        }
+        Err(error) if data_dir.is_some() => {
+            tracing::debug!(%error, "no usable config; using --data-dir");
+            (PathBuf::new(), OnDisconnect::Keep)
+        }
+        Err(error) => {
+            eprintln!("flotte-agent: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let data_dir = data_dir.unwrap_or(file_data_dir);
+    match flotte_agent::access::authorized_keys_for(
+        &data_dir,
+        on_disconnect,
+        login,
+        flotte_agent::access::unix_now(),
+    ) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("flotte-agent: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
+    let command = Cli::parse().command;
+    if let Command::AuthorizedKeys {
+        config,
+        data_dir,
+        login,
+    } = &command
+    {
+        return print_authorized_keys(config, data_dir.clone(), login);
+    }
     let Command::Run {
         config,
         data_dir,
@@ -51,7 +124,10 @@ fn main() -> ExitCode {
         hostname,
         report_interval,
         reconnect_max_backoff,
-    } = Cli::parse().command;
+    } = command
+    else {
+        return ExitCode::FAILURE; // every other command returned above
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

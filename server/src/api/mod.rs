@@ -2,6 +2,7 @@
 //! proto ↔ domain types and call the domain. The only place where domain
 //! errors become `tonic::Status`.
 
+pub mod access;
 pub mod admin;
 pub mod enrollment;
 pub mod guard;

@@ -160,7 +160,12 @@ async fn set_role(
     Ok(operator_info(&updated, &state.config.trust_domain))
 }
 
-async fn revoke(state: &ServerState, name: &str, revoked_by: &str) -> Result<OperatorInfo, Status> {
+/// Revokes the operator `name` (also used by user off-boarding).
+pub(crate) async fn revoke(
+    state: &ServerState,
+    name: &str,
+    revoked_by: &str,
+) -> Result<OperatorInfo, Status> {
     let operator = active_operator(state, name).await?;
     keep_an_admin(state, &operator).await?;
     let now = state.clock.now_unix();

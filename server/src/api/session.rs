@@ -71,6 +71,7 @@ pub fn desired_state(
             rollout_id: String::new(),
         }),
         quarantine: None,
+        access: None,
     }
 }
 
@@ -91,6 +92,9 @@ pub async fn desired_state_of(
         .await?
         .as_ref()
         .map(crate::api::repair::quarantine_to_proto);
+    // Access travels with every desired state, so a machine that was away
+    // gets the current policy on reconnect, before anything else.
+    desired.access = Some(crate::api::access::access_policy_for(state, machine));
     Ok(desired)
 }
 
@@ -357,6 +361,9 @@ async fn serve_session(
             }
             Some(AgentKind::RenewCertificate(renewal)) => {
                 renew_certificate(&state, machine_id, &renewal.csr_pem, &sender).await;
+            }
+            Some(AgentKind::AccessState(access)) => {
+                crate::api::access::record_access_state(&state, machine_id, access, now);
             }
         }
     };

@@ -7,15 +7,22 @@
 //! Hot paths never write here per message: heartbeats stay in the registry and
 //! only transitions and batched last-seen times are persisted.
 
+mod access;
 pub mod repair;
 mod rollouts;
 mod sqlite;
+mod sqlite_access;
 mod sqlite_repair;
 mod sqlite_rollouts;
 
 use std::collections::BTreeMap;
 
 pub use rollouts::RolloutStore;
+
+pub use access::{
+    AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord, UserKeyRecord,
+    UserRecord, UserRevocation,
+};
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
 

@@ -219,7 +219,7 @@ fn insert_denied(
 }
 
 /// Every row of a query without parameters, converted by `row`.
-fn query_all<T>(
+pub(super) fn query_all<T>(
     connection: &Connection,
     sql: &str,
     row: fn(&Row<'_>) -> rusqlite::Result<T>,
@@ -264,7 +264,7 @@ fn stamp_and_deny<T>(
 }
 
 /// A primary-key clash as the domain's `AlreadyExists`.
-fn already_exists(error: rusqlite::Error, what: String) -> StoreError {
+pub(super) fn already_exists(error: rusqlite::Error, what: String) -> StoreError {
     match error {
         rusqlite::Error::SqliteFailure(failure, _)
             if failure.code == rusqlite::ErrorCode::ConstraintViolation =>
@@ -360,6 +360,7 @@ impl SqliteStore {
         connection.execute_batch(SCHEMA)?;
         connection.execute_batch(super::sqlite_repair::REPAIR_SCHEMA)?;
         connection.execute_batch(super::sqlite_rollouts::ROLLOUT_SCHEMA)?;
+        connection.execute_batch(super::sqlite_access::ACCESS_SCHEMA)?;
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
             metrics,

@@ -23,7 +23,7 @@ use flotte_agent::backoff::Backoff;
 use flotte_agent::enroll::{enroll, EnrollError};
 use flotte_agent::identity::MachineIdentity;
 use flotte_agent::image::swap::{simulated_handle, SimulatedImageManager};
-use flotte_agent::session::{run_session, AgentState, SessionEnd, SessionStats};
+use flotte_agent::session::{run_session, AgentState, SessionEnd, SessionStats, SimulatedAckLog};
 use flotte_agent::state::{AppliedState, Persistence, PersistenceError};
 use flotte_proto::join_token::{JoinToken, JoinTokenError};
 use flotte_proto::transport::{channel, client_config, explain_status, TransportError};
@@ -109,6 +109,11 @@ struct LoadgenArguments {
     /// Machines per wave of that rollout: a count or a percentage ("1%").
     #[arg(long, default_value = "1%")]
     rollout_batch: String,
+    /// Before the measurement window: add a user, grant it on every
+    /// simulated machine, then `user revoke` it and measure the time from the
+    /// revoke call returning to each agent's acknowledgement.
+    #[arg(long)]
+    revoke_access: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +149,14 @@ enum LoadgenError {
     Rollout(tonic::Status),
     #[error("the rollout ended {state}: {reason}")]
     RolloutEnded { state: String, reason: String },
+    #[error("access revocation measurement: {0}")]
+    Access(String),
 }
+
+// Not a binary of its own: cargo treats only `src/bin/*.rs` and
+// `src/bin/*/main.rs` as binaries.
+#[path = "loadgen/access_revocation.rs"]
+mod access_revocation;
 
 /// In-memory stand-in for a simulated agent's data dir: it keeps what the
 /// session asks to persist (renewed certificate, applied desired state) so
@@ -340,6 +352,7 @@ struct SimulatedAgentOutcome {
 async fn run_simulated_agent(
     address: Arc<str>,
     agent: SimulatedAgent,
+    ack_log: Arc<SimulatedAckLog>,
     counters: Arc<FleetCounters>,
     connect_slots: Arc<Semaphore>,
     swaps: Option<Arc<SimulatedSwapLog>>,
@@ -368,6 +381,7 @@ async fn run_simulated_agent(
         metrics: flotte_agent::metrics::AgentMetrics::new(),
         images,
         identity_watch: None,
+        access: flotte_agent::session::AccessMode::SimulatedAck(Some(ack_log)),
     };
     let mut stats = SessionStats::default();
     let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);
@@ -837,10 +851,14 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
         .as_ref()
         .map(|_| Arc::new(SimulatedSwapLog::default()));
     let mut sessions = JoinSet::new();
-    for agent in fleet {
+    let ack_logs: Vec<Arc<SimulatedAckLog>> = (0..fleet.len())
+        .map(|_| Arc::new(SimulatedAckLog::default()))
+        .collect();
+    for (agent, ack_log) in fleet.into_iter().zip(&ack_logs) {
         sessions.spawn(run_simulated_agent(
             Arc::clone(&address),
             agent,
+            Arc::clone(ack_log),
             Arc::clone(&counters),
             Arc::clone(&connect_slots),
             swap_log.clone(),
@@ -879,6 +897,9 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
     );
 
     tokio::time::sleep(arguments.settle).await;
+    if arguments.revoke_access {
+        access_revocation::measure(&profile, &address, &ack_logs).await?;
+    }
     let failures_before_window = counters.session_failures.load(Ordering::Relaxed);
     let server_first = match &server_process {
         Some(pid) => Some(sample_process(pid)?),

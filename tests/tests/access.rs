@@ -1,0 +1,633 @@
+//! End-to-end tests of access for people, with a REAL `sshd` on a loopback
+//! port configured with the drop-ins shipped in `deploy/sshd/`: grants reach
+//! the machines their selector names (and no others), a `user revoke` ends
+//! logins within moments (the time is measured and printed), a grant that
+//! expires while the server is down is refused by the agent on its own, and
+//! a hand-planted key shows up as drift in `access report`.
+//!
+//! These tests need root (they create Unix logins with `useradd` and run
+//! sshd) and `openssh-server`/`openssh-client` (installed by `.ci/run`).
+//! Without them they print why and return.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use flotte_tests::{
+    assert_sshd_accepts, binary, spawn_managed, wait_until, Agent, ManagedChild, Server, TempDir,
+};
+
+const SSHD: &str = "/usr/sbin/sshd";
+/// Generous: a loaded 2-core machine, debug binaries.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Why these tests cannot run here, if they cannot.
+fn missing_prerequisite() -> Option<String> {
+    if !Path::new(SSHD).exists() {
+        return Some(format!(
+            "{SSHD} is missing (apt-get install openssh-server)"
+        ));
+    }
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Some("not running as root (needed for useradd and sshd)".into());
+    }
+    for tool in ["ssh", "ssh-keygen", "useradd"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if !found {
+            return Some(format!("{tool} is missing (openssh-client / passwd)"));
+        }
+    }
+    None
+}
+
+macro_rules! require_sshd {
+    () => {
+        if let Some(reason) = missing_prerequisite() {
+            println!("SKIPPED: access tests need a real sshd: {reason}");
+            return;
+        }
+    };
+}
+
+/// Creates the Unix login if missing: not locked (`-p '*'`: no password,
+/// which sshd without PAM would otherwise treat as a locked account).
+fn ensure_login(login: &str) -> PathBuf {
+    let exists = Command::new("id")
+        .arg(login)
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !exists {
+        let status = Command::new("useradd")
+            .args(["--create-home", "--shell", "/bin/sh", "-p", "*", login])
+            .status()
+            .unwrap();
+        assert!(status.success(), "useradd {login}");
+    }
+    PathBuf::from(format!("/home/{login}"))
+}
+
+/// A directory under /run (root-owned 0755 all the way up): sshd's
+/// StrictModes refuses key files below /tmp (mode 1777).
+struct RootOwnedDir(PathBuf);
+
+impl RootOwnedDir {
+    fn new(prefix: &str) -> Self {
+        let path = PathBuf::from(format!("/run/{prefix}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path).unwrap();
+        RootOwnedDir(path)
+    }
+}
+
+impl Drop for RootOwnedDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The shipped drop-in with its paths pointed at this test's directories.
+fn shipped_drop_in(name: &str, replacements: &[(&str, &str)]) -> String {
+    let mut text =
+        std::fs::read_to_string(workspace_root().join("deploy/sshd").join(name)).unwrap();
+    for (from, to) in replacements {
+        assert!(text.contains(from), "{name} no longer contains {from}");
+        text = text.replace(from, to);
+    }
+    text
+}
+
+struct Sshd {
+    port: u16,
+    _process: ManagedChild,
+}
+
+impl Sshd {
+    /// sshd -D -e -f CONFIG on a loopback port: its own host key, no PAM,
+    /// public keys only, then `drop_in` (a shipped sshd drop-in).
+    fn start(directory: &Path, drop_in: &str) -> Self {
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let host_key = directory.join("host_key");
+        if !host_key.exists() {
+            let status = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&host_key)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let port = free_port();
+        let config = directory.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nUsePAM no\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+                 LogLevel VERBOSE\n{drop_in}\n",
+                host_key.display(),
+                directory.join("sshd.pid").display()
+            ),
+        )
+        .unwrap();
+        assert_sshd_accepts(Path::new(SSHD), &config, "the test's sshd config");
+        let mut command = Command::new(SSHD);
+        command.arg("-D").arg("-e").arg("-f").arg(&config);
+        let process = spawn_managed(command, directory.join("sshd.log")).unwrap();
+        assert!(
+            wait_until(PATIENCE, || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "sshd did not listen: {}",
+            process.log()
+        );
+        Sshd {
+            port,
+            _process: process,
+        }
+    }
+}
+
+/// `ssh -i KEY -p PORT LOGIN@127.0.0.1 true`: whether the login succeeded.
+fn ssh_succeeds(key: &Path, port: u16, login: &str) -> bool {
+    Command::new("ssh")
+        .args(ssh_arguments(key, port, login, "true"))
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// Arguments of a non-interactive ssh to LOGIN@127.0.0.1:PORT with KEY only.
+fn ssh_arguments(key: &Path, port: u16, login: &str, remote_command: &str) -> Vec<String> {
+    let port = port.to_string();
+    let destination = format!("{login}@127.0.0.1");
+    [
+        "-F",
+        "/dev/null",
+        "-i",
+        key.to_str().unwrap(),
+        "-p",
+        &port,
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "LogLevel=ERROR",
+        &destination,
+        remote_command,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect()
+}
+
+fn ssh_keygen(directory: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let private = directory.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&private)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let public = directory.join(format!("{name}.pub"));
+    (private, public)
+}
+
+fn access_config(managed: &Path) -> String {
+    format!(
+        "[access]\nauthorized_keys_dir = \"{}\"\n",
+        managed.display()
+    )
+}
+
+/// Waits until every machine applied the current access policy version.
+fn wait_all_applied(server: &Server, machines: usize) -> serde_json::Value {
+    let mut status = serde_json::Value::Null;
+    let applied = wait_until(PATIENCE, || {
+        status = server.ctl_json(&["access", "status"]);
+        status["applied"].as_u64() == Some(machines as u64)
+    });
+    assert!(applied, "not every machine applied the policy: {status:#}");
+    status
+}
+
+fn rfc3339_in(seconds: u64) -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(seconds)).to_string()
+}
+
+#[test]
+fn grants_follow_selectors_revocation_ends_logins_and_drift_is_reported() {
+    require_sshd!();
+    let login = "flottealice";
+    let home = ensure_login(login);
+    let root = TempDir::new("flotte-access").unwrap();
+    let keys_root = RootOwnedDir::new("flotte-access-keys");
+    let mut server = Server::init(root.path(), "server", &[]);
+    server.start();
+
+    // web-1: file mode, ends live sessions on revocation; web-2: command
+    // mode; db-1: file mode.
+    let mut machines = Vec::new();
+    for (name, labels) in [
+        ("web-1", "role=web"),
+        ("web-2", "role=web"),
+        ("db-1", "role=db"),
+    ] {
+        let managed = keys_root.0.join(name).join("authorized_keys");
+        let token = server.token(labels, "dc1", &[]);
+        let mut config = access_config(&managed);
+        if name == "web-1" {
+            config.push_str("terminate_sessions = true\n");
+        }
+        let mut agent = Agent::new(root.path(), name, &server.address, &token).with_config(&config);
+        agent.start();
+        machines.push((name, agent, managed));
+    }
+    assert!(
+        wait_until(PATIENCE, || server.connected_count() == 3),
+        "{}",
+        server.log()
+    );
+    let sshd_dir = |name: &str| {
+        let directory = keys_root.0.join(format!("sshd-{name}"));
+        std::fs::create_dir_all(&directory).unwrap();
+        directory
+    };
+    let web1 = Sshd::start(
+        &sshd_dir("web-1"),
+        &shipped_drop_in(
+            "flotte-authorized-keys-file.conf",
+            &[(
+                "/etc/flotte/authorized_keys",
+                machines[0].2.to_str().unwrap(),
+            )],
+        ),
+    );
+    let agent_binary = binary("flotte-agent");
+    let command = format!(
+        "{} authorized-keys --data-dir {}",
+        agent_binary.display(),
+        machines[1].1.data_dir.display()
+    );
+    let web2 = Sshd::start(
+        &sshd_dir("web-2"),
+        &shipped_drop_in(
+            "flotte-authorized-keys-command.conf",
+            &[(
+                "/usr/local/bin/flotte-agent authorized-keys --config /etc/flotte/agent.toml",
+                &command,
+            )],
+        ),
+    );
+    let db1 = Sshd::start(
+        &sshd_dir("db-1"),
+        &shipped_drop_in(
+            "flotte-authorized-keys-file.conf",
+            &[(
+                "/etc/flotte/authorized_keys",
+                machines[2].2.to_str().unwrap(),
+            )],
+        ),
+    );
+
+    let (alice_key, alice_pub) = ssh_keygen(root.path(), "alice_key");
+    let garbage = root.path().join("garbage.pub");
+    std::fs::write(&garbage, "ssh-ed25519 bm90IGEga2V5 alice\n").unwrap();
+    let refused = server.ctl(&[
+        "user",
+        "add",
+        "alice",
+        "--ssh-key",
+        garbage.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("garbage.pub"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let user = server.ctl_json(&[
+        "user",
+        "add",
+        "alice",
+        "--ssh-key",
+        alice_pub.to_str().unwrap(),
+    ]);
+    assert!(user["keys"][0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .starts_with("SHA256:"));
+    // An operator named alice too: off-boarding must revoke her as well.
+    server.create_operator(root.path(), "alice", "viewer");
+
+    let grant = server.ctl_json(&[
+        "access",
+        "grant",
+        "alice",
+        "--selector",
+        "role=web",
+        "--login",
+        login,
+    ]);
+    assert_eq!(grant[0]["machines_matching"], 2);
+    let status = wait_all_applied(&server, 3);
+    let version = status["version"].as_u64().unwrap();
+
+    assert!(
+        wait_until(PATIENCE, || ssh_succeeds(&alice_key, web1.port, login)),
+        "alice cannot log into web-1 (file mode):\n{}",
+        machines[0].1.log()
+    );
+    assert!(
+        wait_until(PATIENCE, || ssh_succeeds(&alice_key, web2.port, login)),
+        "alice cannot log into web-2 (command mode):\n{}",
+        machines[1].1.log()
+    );
+    // db-1 applied the same version and got nothing.
+    assert!(!ssh_succeeds(&alice_key, db1.port, login));
+    assert!(!machines[2].2.join(login).exists());
+    let managed_file = std::fs::read_to_string(machines[0].2.join(login)).unwrap();
+    assert!(managed_file.contains("flotte:user=alice"), "{managed_file}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(machines[0].2.join(login))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o644);
+
+    // Drift: a key planted by hand in the login's own authorized_keys.
+    let (_, stranger_pub) = ssh_keygen(root.path(), "stranger_key");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::copy(&stranger_pub, home.join(".ssh/authorized_keys")).unwrap();
+    let stranger_fingerprint = String::from_utf8_lossy(
+        &Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(&stranger_pub)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .split_whitespace()
+    .nth(1)
+    .unwrap()
+    .to_owned();
+    let mut report = serde_json::Value::Null;
+    let flagged = wait_until(PATIENCE, || {
+        report = server.ctl_json(&["access", "report", "--machine", "web-1"]);
+        report["entries"].as_array().unwrap().iter().any(|entry| {
+            entry["drift"] == true && entry["fingerprint"] == stranger_fingerprint.as_str()
+        })
+    });
+    assert!(flagged, "the planted key is not flagged: {report:#}");
+    let granted_found = report["entries"].as_array().unwrap().iter().any(|entry| {
+        entry["user"] == "alice" && entry["granted"] == true && entry["found"] == true
+    });
+    assert!(granted_found, "{report:#}");
+    std::fs::remove_file(home.join(".ssh/authorized_keys")).unwrap();
+
+    // A live session on web-1, to be ended by the revocation.
+    let mut live_session = Command::new("ssh")
+        .args(ssh_arguments(&alice_key, web1.port, login, "sleep 600"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let session_is_live = wait_until(PATIENCE, || {
+        Command::new("pgrep")
+            .args(["-u", login, "-f", "sleep 600"])
+            .output()
+            .is_ok_and(|output| output.status.success())
+    });
+    assert!(session_is_live, "the live session did not start");
+
+    // Off-boarding: one call, and the login is refused moments later.
+    let revoke_output = server.ctl_json(&["user", "revoke", "alice"]);
+    let returned = Instant::now();
+    assert_eq!(revoke_output["grants_removed"], 1);
+    assert_eq!(revoke_output["keys_removed"], 1);
+    assert_eq!(revoke_output["operator"], "revoked");
+    let revoked_version = revoke_output["policy_version"].as_u64().unwrap();
+    assert!(revoked_version > version);
+    let refused_in_time = wait_until(PATIENCE, || !ssh_succeeds(&alice_key, web1.port, login));
+    let elapsed = returned.elapsed();
+    assert!(refused_in_time, "alice can still log into web-1");
+    println!(
+        "user revoke returned -> ssh refused on web-1 after {} ms (includes one ssh attempt of the poll)",
+        elapsed.as_millis()
+    );
+    assert!(wait_until(PATIENCE, || !ssh_succeeds(
+        &alice_key, web2.port, login
+    )));
+    let ended = wait_until(PATIENCE, || live_session.try_wait().unwrap().is_some());
+    if !ended {
+        let _ = live_session.kill();
+    }
+    assert!(
+        ended,
+        "terminate_sessions did not end alice's live session on web-1"
+    );
+    let status = server.ctl_json(&[
+        "access",
+        "status",
+        "--version",
+        &revoked_version.to_string(),
+    ]);
+    assert!(
+        status["applied"].as_u64().unwrap() + status["pending"].as_u64().unwrap() == 3,
+        "{status:#}"
+    );
+    wait_all_applied(&server, 3);
+    let operators = server.ctl_json(&["operator", "list"]);
+    let alice_operator = operators
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|operator| operator["name"] == "alice")
+        .unwrap();
+    assert!(
+        !alice_operator["revoked_at"].is_null(),
+        "{alice_operator:#}"
+    );
+
+    // Every change is in the audit log.
+    let audit = server.ctl_ok(&["audit", "list"]);
+    for action in ["user.add", "access.grant", "user.revoke"] {
+        assert!(
+            audit.contains(action),
+            "{action} missing from the audit log:\n{audit}"
+        );
+    }
+}
+
+#[test]
+fn a_grant_that_expires_while_the_server_is_down_is_refused_by_the_agent() {
+    require_sshd!();
+    let login = "flottebob";
+    ensure_login(login);
+    let root = TempDir::new("flotte-access").unwrap();
+    let keys_root = RootOwnedDir::new("flotte-access-keys");
+    let mut server = Server::init(root.path(), "server", &[]);
+    server.start();
+    let managed = keys_root.0.join("web").join("authorized_keys");
+    let token = server.token("role=web", "dc1", &[]);
+    let mut agent = Agent::new(root.path(), "web", &server.address, &token)
+        .with_config(&access_config(&managed));
+    agent.start();
+    assert!(wait_until(PATIENCE, || server.connected_count() == 1));
+    let sshd_directory = keys_root.0.join("sshd");
+    std::fs::create_dir_all(&sshd_directory).unwrap();
+    let sshd = Sshd::start(
+        &sshd_directory,
+        &shipped_drop_in(
+            "flotte-authorized-keys-file.conf",
+            &[("/etc/flotte/authorized_keys", managed.to_str().unwrap())],
+        ),
+    );
+    let (bob_key, bob_pub) = ssh_keygen(root.path(), "bob_key");
+    server.ctl_json(&["user", "add", "bob", "--ssh-key", bob_pub.to_str().unwrap()]);
+    let expires = rfc3339_in(40);
+    let expires_at = humantime::parse_rfc3339(&expires).unwrap();
+    server.ctl_json(&[
+        "access",
+        "grant",
+        "bob",
+        "--selector",
+        "role=web",
+        "--login",
+        login,
+        "--expires",
+        &expires,
+    ]);
+    assert!(
+        wait_until(PATIENCE, || ssh_succeeds(&bob_key, sshd.port, login)),
+        "bob cannot log in before expiry:\n{}",
+        agent.log()
+    );
+    // sshd itself is told the expiry too (defence in depth).
+    let managed_file = std::fs::read_to_string(managed.join(login)).unwrap();
+    assert!(managed_file.contains("expiry-time=\""), "{managed_file}");
+    server.kill();
+    // Still in force after the server is gone, until expiry.
+    if SystemTime::now() + Duration::from_secs(5) < expires_at {
+        assert!(ssh_succeeds(&bob_key, sshd.port, login));
+    }
+    let refused = wait_until(Duration::from_secs(40) + PATIENCE, || {
+        !ssh_succeeds(&bob_key, sshd.port, login)
+    });
+    assert!(
+        refused,
+        "bob can still log in after expiry:\n{}",
+        agent.log()
+    );
+    assert!(
+        SystemTime::now() >= expires_at,
+        "refused before the grant expired"
+    );
+    assert!(!managed.join(login).exists());
+    assert!(
+        agent.is_running(),
+        "the agent must keep running without its server"
+    );
+}
+
+#[test]
+fn fail_closed_removes_keys_after_the_server_is_gone_and_they_return_with_it() {
+    require_sshd!();
+    let login = "flottecarol";
+    ensure_login(login);
+    let root = TempDir::new("flotte-access").unwrap();
+    let keys_root = RootOwnedDir::new("flotte-access-keys");
+    let mut server = Server::init(root.path(), "server", &[]);
+    server.start();
+    let managed = keys_root.0.join("web").join("authorized_keys");
+    let token = server.token("role=web", "dc1", &[]);
+    let config = format!(
+        "{}on_disconnect = \"fail-closed\"\nfail_closed_after = \"5s\"\n",
+        access_config(&managed)
+    );
+    let mut agent = Agent::new(root.path(), "web", &server.address, &token).with_config(&config);
+    agent.start();
+    assert!(wait_until(PATIENCE, || server.connected_count() == 1));
+    let sshd_directory = keys_root.0.join("sshd");
+    std::fs::create_dir_all(&sshd_directory).unwrap();
+    let sshd = Sshd::start(
+        &sshd_directory,
+        &shipped_drop_in(
+            "flotte-authorized-keys-file.conf",
+            &[("/etc/flotte/authorized_keys", managed.to_str().unwrap())],
+        ),
+    );
+    let (carol_key, carol_pub) = ssh_keygen(root.path(), "carol_key");
+    server.ctl_json(&[
+        "user",
+        "add",
+        "carol",
+        "--ssh-key",
+        carol_pub.to_str().unwrap(),
+    ]);
+    server.ctl_json(&[
+        "access",
+        "grant",
+        "carol",
+        "--selector",
+        "role=web",
+        "--login",
+        login,
+    ]);
+    assert!(
+        wait_until(PATIENCE, || ssh_succeeds(&carol_key, sshd.port, login)),
+        "carol cannot log in:\n{}",
+        agent.log()
+    );
+
+    server.kill();
+    let killed = Instant::now();
+    assert!(
+        wait_until(PATIENCE, || !managed.join(login).exists()),
+        "the agent did not fail closed:\n{}",
+        agent.log()
+    );
+    let closed_after = killed.elapsed();
+    // Whole seconds of contact time: the deadline falls 4 to 6 s after the cut.
+    assert!(
+        closed_after >= Duration::from_secs(3),
+        "failed closed too early: {closed_after:?}"
+    );
+    assert!(!ssh_succeeds(&carol_key, sshd.port, login));
+    println!("server killed -> keys removed (fail-closed after 5s) in {closed_after:?}");
+
+    server.start();
+    assert!(
+        wait_until(PATIENCE, || ssh_succeeds(&carol_key, sshd.port, login)),
+        "carol's access did not come back with the server:\n{}",
+        agent.log()
+    );
+}
