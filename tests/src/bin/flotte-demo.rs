@@ -680,7 +680,14 @@ impl Demo {
             &["token", "list"],
             &["dr", "impact", "--zone", "dc1", "--by", "role"],
             &["dr", "report", "--by", "role"],
-            &["machines", "quarantine", "db-1", "--reason", "demo"],
+            &[
+                "machines",
+                "quarantine",
+                DEMO_MACHINES[DEMO_MACHINES.len() - 1].hostname,
+                "--reason",
+                "demo",
+            ],
+            &["access", "status"],
             &["status"],
         ] {
             say!("  {}", self.flottectl_command_line(args)?);
