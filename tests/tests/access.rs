@@ -227,6 +227,51 @@ fn access_config(managed: &Path) -> String {
     )
 }
 
+/// One machine `web` (role=web, dc1) whose agent manages SSH keys with
+/// `[access]` plus `extra_access_config`, and a real sshd reading them
+/// through the shipped file-mode drop-in.
+struct OneManagedMachine {
+    root: TempDir,
+    _keys_root: RootOwnedDir,
+    server: Server,
+    agent: Agent,
+    managed: PathBuf,
+    sshd: Sshd,
+}
+
+impl OneManagedMachine {
+    fn start(extra_access_config: &str) -> Self {
+        let root = TempDir::new("flotte-access").unwrap();
+        let keys_root = RootOwnedDir::new("flotte-access-keys");
+        let mut server = Server::init(root.path(), "server", &[]);
+        server.start();
+        let managed = keys_root.0.join("web").join("authorized_keys");
+        let token = server.token("role=web", "dc1", &[]);
+        let config = format!("{}{extra_access_config}", access_config(&managed));
+        let mut agent =
+            Agent::new(root.path(), "web", &server.address, &token).with_config(&config);
+        agent.start();
+        assert!(wait_until(PATIENCE, || server.connected_count() == 1));
+        let sshd_directory = keys_root.0.join("sshd");
+        std::fs::create_dir_all(&sshd_directory).unwrap();
+        let sshd = Sshd::start(
+            &sshd_directory,
+            &shipped_drop_in(
+                "flotte-authorized-keys-file.conf",
+                &[("/etc/flotte/authorized_keys", managed.to_str().unwrap())],
+            ),
+        );
+        OneManagedMachine {
+            root,
+            _keys_root: keys_root,
+            server,
+            agent,
+            managed,
+            sshd,
+        }
+    }
+}
+
 /// Waits until every machine applied the current access policy version.
 fn wait_all_applied(server: &Server, machines: usize) -> serde_json::Value {
     let mut status = serde_json::Value::Null;
@@ -492,25 +537,14 @@ fn a_grant_that_expires_while_the_server_is_down_is_refused_by_the_agent() {
     require_sshd!();
     let login = "flottebob";
     ensure_login(login);
-    let root = TempDir::new("flotte-access").unwrap();
-    let keys_root = RootOwnedDir::new("flotte-access-keys");
-    let mut server = Server::init(root.path(), "server", &[]);
-    server.start();
-    let managed = keys_root.0.join("web").join("authorized_keys");
-    let token = server.token("role=web", "dc1", &[]);
-    let mut agent = Agent::new(root.path(), "web", &server.address, &token)
-        .with_config(&access_config(&managed));
-    agent.start();
-    assert!(wait_until(PATIENCE, || server.connected_count() == 1));
-    let sshd_directory = keys_root.0.join("sshd");
-    std::fs::create_dir_all(&sshd_directory).unwrap();
-    let sshd = Sshd::start(
-        &sshd_directory,
-        &shipped_drop_in(
-            "flotte-authorized-keys-file.conf",
-            &[("/etc/flotte/authorized_keys", managed.to_str().unwrap())],
-        ),
-    );
+    let OneManagedMachine {
+        root,
+        _keys_root,
+        mut server,
+        mut agent,
+        managed,
+        sshd,
+    } = OneManagedMachine::start("");
     let (bob_key, bob_pub) = ssh_keygen(root.path(), "bob_key");
     server.ctl_json(&["user", "add", "bob", "--ssh-key", bob_pub.to_str().unwrap()]);
     let expires = rfc3339_in(40);
@@ -563,28 +597,14 @@ fn fail_closed_removes_keys_after_the_server_is_gone_and_they_return_with_it() {
     require_sshd!();
     let login = "flottecarol";
     ensure_login(login);
-    let root = TempDir::new("flotte-access").unwrap();
-    let keys_root = RootOwnedDir::new("flotte-access-keys");
-    let mut server = Server::init(root.path(), "server", &[]);
-    server.start();
-    let managed = keys_root.0.join("web").join("authorized_keys");
-    let token = server.token("role=web", "dc1", &[]);
-    let config = format!(
-        "{}on_disconnect = \"fail-closed\"\nfail_closed_after = \"5s\"\n",
-        access_config(&managed)
-    );
-    let mut agent = Agent::new(root.path(), "web", &server.address, &token).with_config(&config);
-    agent.start();
-    assert!(wait_until(PATIENCE, || server.connected_count() == 1));
-    let sshd_directory = keys_root.0.join("sshd");
-    std::fs::create_dir_all(&sshd_directory).unwrap();
-    let sshd = Sshd::start(
-        &sshd_directory,
-        &shipped_drop_in(
-            "flotte-authorized-keys-file.conf",
-            &[("/etc/flotte/authorized_keys", managed.to_str().unwrap())],
-        ),
-    );
+    let OneManagedMachine {
+        root,
+        _keys_root,
+        mut server,
+        agent,
+        managed,
+        sshd,
+    } = OneManagedMachine::start("on_disconnect = \"fail-closed\"\nfail_closed_after = \"5s\"\n");
     let (carol_key, carol_pub) = ssh_keygen(root.path(), "carol_key");
     server.ctl_json(&[
         "user",

@@ -358,6 +358,22 @@ pub fn find_machine<'a>(
     }
 }
 
+/// [`find_machine`], refusing a decommissioned machine: what every call that
+/// changes a machine needs (a retired machine never comes back).
+pub fn find_machine_in_service<'a>(
+    machines: &'a [MachineRecord],
+    key: &str,
+) -> Result<&'a MachineRecord, Status> {
+    let machine = find_machine(machines, key)?;
+    if machine.retired_at.is_some() {
+        return Err(Status::failed_precondition(format!(
+            "machine {} was decommissioned",
+            machine.id
+        )));
+    }
+    Ok(machine)
+}
+
 #[tonic::async_trait]
 impl Tokens for AdminApi {
     async fn create_token(
@@ -592,13 +608,7 @@ impl Machines for AdminApi {
                     .await?
                     .ok_or_else(|| Status::not_found(format!("no image {wanted}: push it first")))?;
                 let machines = state.store.machines().await?;
-                let machine = find_machine(&machines, &request.id)?;
-                if machine.retired_at.is_some() {
-                    return Err(Status::failed_precondition(format!(
-                        "machine {} was decommissioned",
-                        machine.id
-                    )));
-                }
+                let machine = find_machine_in_service(&machines, &request.id)?;
                 let desired = crate::store::DesiredImageRecord {
                     name: image.name.clone(),
                     version: image.version.clone(),
@@ -663,13 +673,7 @@ impl Machines for AdminApi {
         call.run(
             async move {
                 let machines = state.store.machines().await?;
-                let machine = find_machine(&machines, &request.id)?;
-                if machine.retired_at.is_some() {
-                    return Err(Status::failed_precondition(format!(
-                        "machine {} was decommissioned",
-                        machine.id
-                    )));
-                }
+                let machine = find_machine_in_service(&machines, &request.id)?;
                 let labels = relabel(&machine.labels, &request.set, &request.remove)?;
                 let updated = state
                     .store

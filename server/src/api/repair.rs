@@ -21,7 +21,7 @@ use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::admin::find_machine;
+use crate::api::admin::{find_machine, find_machine_in_service};
 use crate::api::guard::admit;
 use crate::auth::{require_machine, require_not_revoked};
 use crate::repair::dr::{single_points_of_failure, zone_loss_impact, DrMachine, NO_GROUP};
@@ -145,13 +145,7 @@ impl Repair for RepairApi {
         call.run(
             async move {
                 let machines = state.store.machines().await?;
-                let machine = find_machine(&machines, &request.id)?;
-                if machine.retired_at.is_some() {
-                    return Err(Status::failed_precondition(format!(
-                        "machine {} was decommissioned",
-                        machine.id
-                    )));
-                }
+                let machine = find_machine_in_service(&machines, &request.id)?;
                 let record = match state.repair.store.quarantine(machine.id).await? {
                     // Already quarantined: the first quarantine stands.
                     Some(existing) => existing,
