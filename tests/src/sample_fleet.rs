@@ -13,17 +13,6 @@ use std::time::Duration;
 
 use crate::{binary, wait_until, Agent, Server};
 
-/// Runs flottectl and returns stdout; panics with stderr on failure.
-pub fn ctl_ok(server: &Server, args: &[&str]) -> String {
-    let output = server.ctl(args);
-    assert!(
-        output.status.success(),
-        "flottectl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -36,25 +25,19 @@ pub fn free_port() -> u16 {
 /// directory (`release.key`, `release.pub`).
 pub fn trust_new_release_key(server: &Server, root: &Path) -> PathBuf {
     let keys = root.join("keys");
-    ctl_ok(
-        server,
-        &[
-            "image",
-            "keygen",
-            "--out",
-            keys.to_str().expect("UTF-8 path"),
-        ],
-    );
+    server.ctl_ok(&[
+        "image",
+        "keygen",
+        "--out",
+        keys.to_str().expect("UTF-8 path"),
+    ]);
     let public = keys.join("release.pub");
-    ctl_ok(
-        server,
-        &[
-            "image",
-            "trust",
-            "add",
-            public.to_str().expect("UTF-8 path"),
-        ],
-    );
+    server.ctl_ok(&[
+        "image",
+        "trust",
+        "add",
+        public.to_str().expect("UTF-8 path"),
+    ]);
     keys
 }
 
@@ -85,25 +68,68 @@ pub fn push_sample_image(
     let out = root.join(format!("app-{version}.flotte"));
     let key = keys.join("release.key");
     let path = |path: &Path| path.to_str().expect("UTF-8 path").to_owned();
-    ctl_ok(
-        server,
-        &[
-            "image",
-            "build",
-            &path(&tree),
-            "--name",
-            "app",
-            "--version",
-            version,
-            "--key",
-            &path(&key),
-            "--out",
-            &path(&out),
-            "--service",
-            &service,
-        ],
-    );
-    ctl_ok(server, &["image", "push", &path(&out)]);
+    server.ctl_ok(&[
+        "image",
+        "build",
+        &path(&tree),
+        "--name",
+        "app",
+        "--version",
+        version,
+        "--key",
+        &path(&key),
+        "--out",
+        &path(&out),
+        "--service",
+        &service,
+    ]);
+    server.ctl_ok(&["image", "push", &path(&out)]);
+    out
+}
+
+/// Builds (does not push) `app@version`: the sample service listening on a
+/// fixed `port`, with `extra_service_args` (e.g. ` --unhealthy`), an http
+/// check of its own in the manifest, and whatever `<root>/tree-VERSION`
+/// already holds. For single-machine tests and benchmarks; the fleet above
+/// uses `push_sample_image` (a port per machine).
+pub fn build_sample_image_on_port(
+    server: &Server,
+    root: &Path,
+    keys: &Path,
+    version: &str,
+    port: u16,
+    extra_service_args: &str,
+) -> PathBuf {
+    let tree = root.join(format!("tree-{version}"));
+    std::fs::create_dir_all(tree.join("bin")).expect("image tree");
+    std::fs::copy(binary("flotte-sample-service"), tree.join("bin/app")).expect("copy service");
+    std::fs::write(tree.join("VERSION"), version).expect("VERSION");
+    let checks = root.join("checks.toml");
+    std::fs::write(
+        &checks,
+        format!("[[check]]\nname = \"http\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/health\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"),
+    )
+    .expect("checks file");
+    let service = format!("bin/app --port {port} --version v{version}{extra_service_args}");
+    let out = root.join(format!("app-{version}.flotte"));
+    let path = |path: &Path| path.to_str().expect("UTF-8 path").to_owned();
+    server.ctl_ok(&[
+        "image",
+        "build",
+        &path(&tree),
+        "--name",
+        "app",
+        "--version",
+        version,
+        "--key",
+        &path(&keys.join("release.key")),
+        "-o",
+        &path(&out),
+        "--service",
+        &service,
+        "--checks",
+        &path(&checks),
+    ]);
     out
 }
 

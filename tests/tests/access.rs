@@ -11,11 +11,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
+use flotte_tests::sample_fleet::free_port;
 use flotte_tests::{
     assert_sshd_accepts, binary, spawn_managed, wait_until, Agent, ManagedChild, Server, TempDir,
 };
@@ -96,14 +96,6 @@ impl Drop for RootOwnedDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The shipped drop-in with its paths pointed at this test's directories.

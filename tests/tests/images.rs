@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flotte_tests::{binary, http_get, wait_until, Agent, Server, TempDir};
+use flotte_tests::{http_get, wait_until, Agent, Server, TempDir};
 
-use flotte_tests::sample_fleet::{ctl_ok, free_port};
+use flotte_tests::sample_fleet::{build_sample_image_on_port, free_port};
 
 /// Builds `app@version` from the sample service, serving on `port`.
 fn build_sample_image(
@@ -20,43 +20,8 @@ fn build_sample_image(
     port: u16,
     healthy: bool,
 ) -> PathBuf {
-    let tree = root.join(format!("tree-{version}"));
-    std::fs::create_dir_all(tree.join("bin")).unwrap();
-    std::fs::copy(binary("flotte-sample-service"), tree.join("bin/app")).unwrap();
-    std::fs::write(tree.join("VERSION"), version).unwrap();
-    let checks = root.join("checks.toml");
-    std::fs::write(
-        &checks,
-        format!("[[check]]\nname = \"http\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/health\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"),
-    )
-    .unwrap();
-    let mut service = format!("bin/app --port {port} --version v{version}");
-    if !healthy {
-        service.push_str(" --unhealthy");
-    }
-    let out = root.join(format!("app-{version}.flotte"));
-    let key = root.join("keys/release.key");
-    ctl_ok(
-        server,
-        &[
-            "image",
-            "build",
-            tree.to_str().unwrap(),
-            "--name",
-            "app",
-            "--version",
-            version,
-            "--key",
-            key.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--service",
-            &service,
-            "--checks",
-            checks.to_str().unwrap(),
-        ],
-    );
-    out
+    let extra = if healthy { "" } else { " --unhealthy" };
+    build_sample_image_on_port(server, root, &root.join("keys"), version, port, extra)
 }
 
 fn machine(server: &Server, hostname: &str) -> serde_json::Value {
@@ -83,15 +48,9 @@ fn server_trusting_a_new_release_key() -> (TempDir, Server, PathBuf) {
     ]);
     server.start();
     let keys = root.path().join("keys");
-    ctl_ok(
-        &server,
-        &["image", "keygen", "--out", keys.to_str().unwrap()],
-    );
+    server.ctl_ok(&["image", "keygen", "--out", keys.to_str().unwrap()]);
     let public = keys.join("release.pub");
-    ctl_ok(
-        &server,
-        &["image", "trust", "add", public.to_str().unwrap()],
-    );
+    server.ctl_ok(&["image", "trust", "add", public.to_str().unwrap()]);
     (root, server, keys)
 }
 
@@ -121,10 +80,7 @@ fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
 
     // v1 then v2: committed, the service answers the new version.
     for version in ["1.0.0", "2.0.0"] {
-        ctl_ok(
-            &server,
-            &["machines", "set-image", "web-1", &format!("app@{version}")],
-        );
+        server.ctl_ok(&["machines", "set-image", "web-1", &format!("app@{version}")]);
         assert!(
             wait_for(&server, "web-1", Duration::from_secs(60), |m| m
                 ["current_image"]
@@ -141,7 +97,7 @@ fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
     assert_eq!(after_v2["last_swap"]["outcome"], "committed");
 
     // v3 fails its health check: the agent rolls back to v2 by itself.
-    ctl_ok(&server, &["machines", "set-image", "web-1", "app@3.0.0"]);
+    server.ctl_ok(&["machines", "set-image", "web-1", "app@3.0.0"]);
     assert!(
         wait_for(&server, "web-1", Duration::from_secs(60), |m| m
             ["last_swap"]["target"]
@@ -165,7 +121,7 @@ fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
     assert_eq!(body.trim(), "v2.0.0");
 
     // A downgrade is refused unless marked as a rollback.
-    ctl_ok(&server, &["machines", "set-image", "web-1", "app@1.0.0"]);
+    server.ctl_ok(&["machines", "set-image", "web-1", "app@1.0.0"]);
     assert!(wait_for(&server, "web-1", Duration::from_secs(30), |m| m
         ["last_swap"]["target"]
         == "app@1.0.0"
@@ -179,10 +135,7 @@ fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
         "{refused}"
     );
     assert_eq!(refused["current_image"], "app@2.0.0");
-    ctl_ok(
-        &server,
-        &["machines", "set-image", "web-1", "app@1.0.0", "--rollback"],
-    );
+    server.ctl_ok(&["machines", "set-image", "web-1", "app@1.0.0", "--rollback"]);
     assert!(wait_for(&server, "web-1", Duration::from_secs(60), |m| m
         ["current_image"]
         == "app@1.0.0"));
@@ -218,10 +171,7 @@ fn unsigned_or_untrusted_images_are_refused_by_the_server_and_the_agent() {
         Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
     server.start();
     let keys = root.path().join("keys");
-    ctl_ok(
-        &server,
-        &["image", "keygen", "--out", keys.to_str().unwrap()],
-    );
+    server.ctl_ok(&["image", "keygen", "--out", keys.to_str().unwrap()]);
     let port = free_port();
     let file = build_sample_image(root.path(), &server, "1.0.0", port, true);
     // Not trusted yet: the server refuses the push, naming the key.
@@ -229,25 +179,19 @@ fn unsigned_or_untrusted_images_are_refused_by_the_server_and_the_agent() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("not trusted here"), "{stderr}");
-    ctl_ok(
-        &server,
-        &[
-            "image",
-            "trust",
-            "add",
-            keys.join("release.pub").to_str().unwrap(),
-        ],
-    );
-    ctl_ok(&server, &["image", "push", file.to_str().unwrap()]);
+    server.ctl_ok(&[
+        "image",
+        "trust",
+        "add",
+        keys.join("release.pub").to_str().unwrap(),
+    ]);
+    server.ctl_ok(&["image", "push", file.to_str().unwrap()]);
 
     // An agent trusting another key refuses the image before touching anything.
     let other_keys = root.path().join("other-keys");
-    ctl_ok(
-        &server,
-        &["image", "keygen", "--out", other_keys.to_str().unwrap()],
-    );
+    server.ctl_ok(&["image", "keygen", "--out", other_keys.to_str().unwrap()]);
     let agent = start_connected_agent(root.path(), &server, &other_keys, "");
-    ctl_ok(&server, &["machines", "set-image", "web-1", "app@1.0.0"]);
+    server.ctl_ok(&["machines", "set-image", "web-1", "app@1.0.0"]);
     assert!(
         wait_for(&server, "web-1", Duration::from_secs(30), |m| m
             ["last_swap"]["outcome"]
@@ -283,7 +227,7 @@ fn an_agent_killed_at_any_swap_step_ends_on_a_committed_image() {
     let port = free_port();
     for version in ["1.0.0", "2.0.0"] {
         let file = build_sample_image(root.path(), &server, version, port, true);
-        ctl_ok(&server, &["image", "push", file.to_str().unwrap()]);
+        server.ctl_ok(&["image", "push", file.to_str().unwrap()]);
     }
     let hold_binary = flotte_tests::swap_hold_agent_binary();
     let service = format!("127.0.0.1:{port}");
@@ -313,7 +257,7 @@ fn an_agent_killed_at_any_swap_step_ends_on_a_committed_image() {
             "{}",
             agent.log()
         );
-        ctl_ok(&server, &["machines", "set-image", &name, "app@1.0.0"]);
+        server.ctl_ok(&["machines", "set-image", &name, "app@1.0.0"]);
         assert!(
             wait_for(&server, &name, Duration::from_secs(60), |m| m
                 ["current_image"]
@@ -325,7 +269,7 @@ fn an_agent_killed_at_any_swap_step_ends_on_a_committed_image() {
         agent.kill();
         agent.environment = vec![("FLOTTE_HOLD_AT_STEP".into(), (*step).into())];
         agent.start();
-        ctl_ok(&server, &["machines", "set-image", &name, "app@2.0.0"]);
+        server.ctl_ok(&["machines", "set-image", &name, "app@2.0.0"]);
         assert!(
             wait_until(Duration::from_secs(60), || agent
                 .log()
@@ -393,7 +337,7 @@ fn push_sealed_payload(
         &out,
     )
     .unwrap();
-    ctl_ok(server, &["image", "push", out.to_str().unwrap()]);
+    server.ctl_ok(&["image", "push", out.to_str().unwrap()]);
     out
 }
 
@@ -438,9 +382,9 @@ fn agent_committed_on_v1(
     extra_images_config: &str,
 ) -> Agent {
     let file = build_sample_image(root, server, "1.0.0", port, true);
-    ctl_ok(server, &["image", "push", file.to_str().unwrap()]);
+    server.ctl_ok(&["image", "push", file.to_str().unwrap()]);
     let agent = start_connected_agent(root, server, keys, extra_images_config);
-    ctl_ok(server, &["machines", "set-image", "web-1", "app@1.0.0"]);
+    server.ctl_ok(&["machines", "set-image", "web-1", "app@1.0.0"]);
     assert!(
         wait_for(server, "web-1", Duration::from_secs(60), |m| m
             ["current_image"]
@@ -462,7 +406,7 @@ fn swap_refused_with(
     expected: &str,
 ) -> String {
     let target = format!("app@{version}");
-    ctl_ok(server, &["machines", "set-image", "web-1", &target]);
+    server.ctl_ok(&["machines", "set-image", "web-1", &target]);
     assert!(
         wait_for(server, "web-1", Duration::from_secs(60), |m| m["last_swap"]
             ["target"]
@@ -566,7 +510,7 @@ fn tampered_or_truncated_blobs_are_refused_and_a_cut_download_resumes_after_a_re
     )
     .unwrap();
     let file = build_sample_image(root.path(), &server, "2.0.0", port, true);
-    ctl_ok(&server, &["image", "push", file.to_str().unwrap()]);
+    server.ctl_ok(&["image", "push", file.to_str().unwrap()]);
     let digest = server.ctl_json(&["image", "show", "app@2.0.0"])["digest"]
         .as_str()
         .unwrap()

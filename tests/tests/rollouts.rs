@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotte_tests::sample_fleet::{
-    ctl_ok, push_sample_image, set_image_everywhere, start_sample_machine, trust_new_release_key,
+    push_sample_image, set_image_everywhere, start_sample_machine, trust_new_release_key,
     Behaviour, SampleMachine,
 };
 use flotte_tests::{wait_until, Server, TempDir, WebhookReceiver};
@@ -237,7 +237,7 @@ fn staged_rollout_succeeds_then_a_broken_release_halts_at_the_canary_and_rolls_b
         "{refusal}"
     );
 
-    ctl_ok(&fleet.server, &["rollout", "approve", &id]);
+    fleet.server.ctl_ok(&["rollout", "approve", &id]);
     // `watch` follows it to the end and exits 0 on success.
     let watched = fleet.server.ctl(&["rollout", "watch", &id]);
     let progress = String::from_utf8_lossy(&watched.stdout);
@@ -408,7 +408,7 @@ fn a_server_killed_mid_wave_resumes_and_swaps_every_machine_once_and_stop_all_pa
         .collect();
     assert_eq!(states, vec!["paused", "succeeded"], "newest first");
     // Paused: approving opens the gate but nothing moves.
-    ctl_ok(&fleet.server, &["rollout", "approve", &held]);
+    fleet.server.ctl_ok(&["rollout", "approve", &held]);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(fleet.current_image("web-1"), "app@2.0.0");
     let aborted = fleet.server.ctl_json(&["rollout", "abort", &held]);

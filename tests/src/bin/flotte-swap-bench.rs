@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flotte_tests::{binary, http_get, wait_until, Agent, Server, TempDir};
+use flotte_tests::sample_fleet::build_sample_image_on_port;
+use flotte_tests::{http_get, wait_until, Agent, Server, TempDir};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -94,7 +95,8 @@ fn write_incompressible_tree(directory: &Path, total_bytes: u64, files: u64) -> 
     Ok(())
 }
 
-/// Builds `app@version`: the sample service on `port`, plus `extra` files.
+/// Builds and pushes `app@version`: the sample service on `port`, plus
+/// `extra` = (bytes, files) of incompressible data.
 fn build_image(
     root: &Path,
     server: &Server,
@@ -102,45 +104,13 @@ fn build_image(
     port: u16,
     extra: Option<(u64, u64)>,
 ) -> Result<PathBuf, String> {
-    let tree = root.join(format!("tree-{version}"));
-    std::fs::create_dir_all(tree.join("bin")).map_err(|error| error.to_string())?;
-    std::fs::copy(binary("flotte-sample-service"), tree.join("bin/app"))
-        .map_err(|error| error.to_string())?;
     if let Some((bytes, files)) = extra {
-        write_incompressible_tree(&tree.join("data"), bytes, files)?;
+        write_incompressible_tree(&root.join(format!("tree-{version}/data")), bytes, files)?;
     }
-    let checks = root.join("checks.toml");
-    std::fs::write(
-        &checks,
-        format!("[[check]]\nname = \"http\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/health\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"),
-    )
-    .map_err(|error| error.to_string())?;
-    let out = root.join(format!("app-{version}.flotte"));
-    let service = format!("bin/app --port {port} --version v{version}");
-    let path_text = |path: &Path| path.to_string_lossy().into_owned();
-    ctl(
-        server,
-        &[
-            "image",
-            "build",
-            &path_text(&tree),
-            "--name",
-            "app",
-            "--version",
-            version,
-            "--key",
-            &path_text(&root.join("keys/release.key")),
-            "-o",
-            &path_text(&out),
-            "--service",
-            &service,
-            "--checks",
-            &path_text(&checks),
-        ],
-    )?;
-    ctl(server, &["image", "push", &path_text(&out)])?;
+    let out = build_sample_image_on_port(server, root, &root.join("keys"), version, port, "");
+    ctl(server, &["image", "push", &out.to_string_lossy()])?;
     // The unpacked tree is not needed any more; the disk may be small.
-    let _ = std::fs::remove_dir_all(&tree);
+    let _ = std::fs::remove_dir_all(root.join(format!("tree-{version}")));
     Ok(out)
 }
 
