@@ -14,7 +14,7 @@ pub use flotte_proto::settings::{read_toml, ConfigError};
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::WebhookTarget;
-use crate::repair::settings::{
+use crate::domain::repair::settings::{
     validate_minimums, GroupMinimumFile, GroupMinimums, RemediationConfigFile, RemediationSettings,
 };
 

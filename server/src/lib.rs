@@ -9,32 +9,25 @@
 //! become gRPC statuses. Nothing here blocks the async runtime on disk: the
 //! store runs on the blocking pool.
 
-pub mod access;
 pub mod alerts;
-pub mod api;
 pub mod audit;
-pub mod auth;
 pub mod backup;
 pub mod ca;
 pub mod clock;
 pub mod config;
 pub mod ctl;
-pub mod enrollment;
-pub mod health;
+pub mod domain;
+pub mod edge;
 pub mod image_build;
 pub mod images;
 pub mod init;
 pub mod limits;
+pub mod live;
 pub mod metrics;
 pub mod profile;
-pub mod registry;
-pub mod repair;
-pub mod revocation;
 pub mod roles;
-pub mod rollout;
+pub mod services;
 pub mod store;
-pub mod tls;
-pub mod transitions;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,24 +50,24 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::AlertDispatcher;
-use crate::api::access::AccessApi;
-use crate::api::admin::AdminApi;
-use crate::api::enrollment::EnrollmentApi;
-use crate::api::images::ImagesApi;
-use crate::api::operators::OperatorsApi;
-use crate::api::repair::RepairApi;
-use crate::api::rollouts::RolloutsApi;
-use crate::api::session::SessionApi;
-use crate::api::trust::TrustApi;
+use crate::edge::access::AccessApi;
+use crate::edge::admin::AdminApi;
+use crate::edge::enrollment::EnrollmentApi;
+use crate::edge::images::ImagesApi;
+use crate::edge::operators::OperatorsApi;
+use crate::edge::repair::RepairApi;
+use crate::edge::rollouts::RolloutsApi;
+use crate::edge::session::SessionApi;
+use crate::edge::trust::TrustApi;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ServerConfig;
-use crate::health::HealthTracker;
+use crate::live::health::HealthTracker;
 use crate::metrics::{RpcMetricsLayer, ServerMetrics};
-use crate::registry::Registry;
-use crate::revocation::Revocations;
+use crate::live::registry::Registry;
+use crate::live::revocation::Revocations;
 use crate::store::{SqliteStore, Store, StoreError};
-use crate::transitions::EventSender;
+use crate::live::transitions::EventSender;
 use flotte_proto::v1::access_server::AccessServer;
 use flotte_proto::v1::users_server::UsersServer;
 
@@ -93,7 +86,7 @@ pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Tls(#[from] tls::TlsSetupError),
+    Tls(#[from] edge::tls::TlsSetupError),
     #[error("gRPC reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
@@ -174,11 +167,11 @@ pub struct ServerState {
     pub metrics: ServerMetrics,
     pub alerts: AlertDispatcher,
     /// Quarantines, forensic bundles, remediation status (issue 8).
-    pub repair: repair::RepairState,
+    pub repair: services::quarantine::RepairState,
     /// Active rollouts and the means to wake their loop.
-    pub rollouts: Arc<rollout::runner::RolloutEngine>,
+    pub rollouts: Arc<live::rollout_engine::RolloutEngine>,
     /// Access for people: compiled policy inputs and machines' acknowledgements.
-    pub access: Arc<access::AccessHub>,
+    pub access: Arc<live::access_hub::AccessHub>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -232,19 +225,19 @@ pub async fn run(
         "server certificate",
         &server_certificate.certificate_pem,
     )
-    .map_err(tls::TlsSetupError::from)?;
+    .map_err(edge::tls::TlsSetupError::from)?;
     chain.push(rustls::pki_types::CertificateDer::from(
         ca.certificate_der().to_vec(),
     ));
     let key =
         flotte_proto::transport::private_key_from_pem("server key", &server_key.serialize_pem())
-            .map_err(tls::TlsSetupError::from)?;
+            .map_err(edge::tls::TlsSetupError::from)?;
     let metrics = ServerMetrics::new();
     let store =
         SqliteStore::open_with_metrics(&store_path(&config.data_dir), metrics.store.clone())?;
     let revocations = Revocations::new(&store.denied_entries().await?);
     let tls_config =
-        tls::server_config(ca.certificate_der(), chain, key, Arc::clone(&revocations))?;
+        edge::tls::server_config(ca.certificate_der(), chain, key, Arc::clone(&revocations))?;
     let clock = SystemClock;
     let (transition_sender, transition_receiver) = tokio::sync::mpsc::unbounded_channel();
     let health = HealthTracker::new(
@@ -255,13 +248,13 @@ pub async fn run(
     );
     let alerts = AlertDispatcher::start(config.webhooks.clone(), metrics.clone(), shutdown.clone());
     let metrics_listen = config.metrics_listen;
-    let repair = repair::RepairState::new(Arc::new(store.clone()), &config.data_dir);
+    let repair = services::quarantine::RepairState::new(Arc::new(store.clone()), &config.data_dir);
     let rollouts = Arc::new(
-        rollout::runner::RolloutEngine::load(Arc::new(store.clone()))
+        live::rollout_engine::RolloutEngine::load(Arc::new(store.clone()))
             .await
             .map_err(|error| ServerError::Rollouts(error.to_string()))?,
     );
-    let access_hub = Arc::new(access::AccessHub::load(Arc::new(store.clone())).await?);
+    let access_hub = Arc::new(live::access_hub::AccessHub::load(Arc::new(store.clone())).await?);
     let state = Arc::new(ServerState {
         config,
         ca,
@@ -270,7 +263,7 @@ pub async fn run(
         revocations,
         clock: Arc::new(clock),
         health,
-        events: transitions::event_channel(),
+        events: live::transitions::event_channel(),
         metrics,
         alerts,
         repair,
@@ -278,16 +271,16 @@ pub async fn run(
         access: Arc::clone(&access_hub),
     });
     tokio::spawn(access_hub.run_flusher(shutdown.clone()));
-    tokio::spawn(transitions::apply_transitions(
+    tokio::spawn(live::transitions::apply_transitions(
         Arc::clone(&state),
         transition_receiver,
     ));
     tokio::spawn(watch_liveness(Arc::clone(&state), shutdown.clone()));
-    let remediation = tokio::spawn(repair::controller::run_remediation(
+    let remediation = tokio::spawn(live::remediation::run_remediation(
         Arc::clone(&state),
         shutdown.clone(),
     ));
-    tokio::spawn(rollout::runner::run(Arc::clone(&state), shutdown.clone()));
+    tokio::spawn(live::rollout_engine::run(Arc::clone(&state), shutdown.clone()));
     if let Some(address) = metrics_listen {
         serve_metrics(Arc::clone(&state), address, shutdown.clone()).await?;
     }
@@ -312,12 +305,12 @@ pub async fn run(
     let reflection_revocations = Arc::clone(&state.revocations);
     let require_identity =
         move |request: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
-            let caller = auth::require_any_identity(&request)?;
-            auth::require_not_revoked(&caller, &reflection_revocations)?;
+            let caller = edge::auth::require_any_identity(&request)?;
+            edge::auth::require_not_revoked(&caller, &reflection_revocations)?;
             Ok(request)
         };
 
-    let incoming = tls::accept_loop(
+    let incoming = edge::tls::accept_loop(
         listener,
         tokio_rustls::TlsAcceptor::from(Arc::new(tls_config)),
         state.config.trust_domain.clone(),

@@ -5,7 +5,7 @@
 use uuid::Uuid;
 
 use super::{DesiredImageRecord, MachineRecord, StoreError};
-use crate::rollout::{Rollout, RolloutMachine};
+use crate::domain::rollout::{Rollout, RolloutMachine};
 
 #[async_trait::async_trait]
 pub trait RolloutStore: Send + Sync + 'static {

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::rollouts::RolloutStore;
 use super::sqlite::machine_from_row;
 use super::{DesiredImageRecord, MachineRecord, SqliteStore, StoreError};
-use crate::rollout::{
+use crate::domain::rollout::{
     MachineRolloutState, Plan, Rollout, RolloutImage, RolloutMachine, RolloutState,
 };
 
@@ -302,7 +302,7 @@ impl RolloutStore for SqliteStore {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::rollout::plan::parse_plan;
+    use crate::domain::rollout::plan::parse_plan;
     use crate::store::Store;
 
     #[tokio::test]
@@ -352,7 +352,7 @@ mod tests {
             approved_stages: vec![],
         };
         let mut member =
-            crate::rollout::pending_machine_for_tests(rollout.id, machine_id, "web-1", 0, "d1");
+            crate::domain::rollout::pending_machine_for_tests(rollout.id, machine_id, "web-1", 0, "d1");
         store
             .insert_rollout(&rollout, &[member.clone()])
             .await

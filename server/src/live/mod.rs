@@ -1,0 +1,17 @@
+//! The live layer: what one server process holds in memory and the loops it
+//! runs — the registry of agent sessions, the desired-state publisher, the
+//! deny list with the connections it closes, the health tracker and its
+//! transitions, the access hub, the rollout engine and the remediation loop.
+//!
+//! What must never live here: a tonic or generated proto type (the edge
+//! converts), or a decision (those are pure functions in `domain`; the loops
+//! here read state, call the decision and apply its actions).
+
+pub mod access_hub;
+pub mod health;
+pub mod providers;
+pub mod registry;
+pub mod remediation;
+pub mod revocation;
+pub mod rollout_engine;
+pub mod transitions;
