@@ -50,6 +50,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::AlertDispatcher;
+use crate::ca::{CaError, CertificateAuthority};
+use crate::clock::{Clock, SystemClock};
+use crate::config::ServerConfig;
 use crate::edge::access::AccessApi;
 use crate::edge::admin::AdminApi;
 use crate::edge::enrollment::EnrollmentApi;
@@ -59,15 +62,12 @@ use crate::edge::repair::RepairApi;
 use crate::edge::rollouts::RolloutsApi;
 use crate::edge::session::SessionApi;
 use crate::edge::trust::TrustApi;
-use crate::ca::{CaError, CertificateAuthority};
-use crate::clock::{Clock, SystemClock};
-use crate::config::ServerConfig;
 use crate::live::health::HealthTracker;
-use crate::metrics::{RpcMetricsLayer, ServerMetrics};
 use crate::live::registry::Registry;
 use crate::live::revocation::Revocations;
-use crate::store::{SqliteStore, Store, StoreError};
 use crate::live::transitions::EventSender;
+use crate::metrics::{RpcMetricsLayer, ServerMetrics};
+use crate::store::{SqliteStore, Store, StoreError};
 use flotte_proto::v1::access_server::AccessServer;
 use flotte_proto::v1::users_server::UsersServer;
 
@@ -158,11 +158,13 @@ pub struct ServerState {
     pub config: ServerConfig,
     pub ca: CertificateAuthority,
     pub store: Arc<dyn Store>,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    /// The only builder and sender of desired states.
+    pub publisher: Arc<live::publisher::Publisher>,
     /// The deny list and live connections by identity (shared with `tls`).
     pub revocations: Arc<Revocations>,
     pub clock: Arc<dyn Clock>,
-    pub health: HealthTracker,
+    pub health: Arc<HealthTracker>,
     pub events: EventSender,
     pub metrics: ServerMetrics,
     pub alerts: AlertDispatcher,
@@ -240,12 +242,12 @@ pub async fn run(
         edge::tls::server_config(ca.certificate_der(), chain, key, Arc::clone(&revocations))?;
     let clock = SystemClock;
     let (transition_sender, transition_receiver) = tokio::sync::mpsc::unbounded_channel();
-    let health = HealthTracker::new(
+    let health = Arc::new(HealthTracker::new(
         &store.machines().await?,
         clock.now_unix(),
         config.unreachable_after,
         transition_sender,
-    );
+    ));
     let alerts = AlertDispatcher::start(config.webhooks.clone(), metrics.clone(), shutdown.clone());
     let metrics_listen = config.metrics_listen;
     let repair = services::quarantine::RepairState::new(Arc::new(store.clone()), &config.data_dir);
@@ -255,11 +257,25 @@ pub async fn run(
             .map_err(|error| ServerError::Rollouts(error.to_string()))?,
     );
     let access_hub = Arc::new(live::access_hub::AccessHub::load(Arc::new(store.clone())).await?);
+    let store: Arc<dyn Store> = Arc::new(store);
+    let registry = Arc::new(Registry::new());
+    let publisher = Arc::new(live::publisher::Publisher::new(
+        Arc::clone(&registry) as Arc<dyn live::publisher::SessionFanOut>,
+        live::publisher::PublisherSources {
+            store: Arc::clone(&store),
+            quarantines: Arc::clone(&repair.store),
+            access: Arc::clone(&access_hub),
+            health: Arc::clone(&health),
+            clock: Arc::new(clock),
+            report_interval: config.report_interval,
+        },
+    ));
     let state = Arc::new(ServerState {
         config,
         ca,
-        store: Arc::new(store),
-        registry: Registry::new(),
+        store,
+        registry,
+        publisher,
         revocations,
         clock: Arc::new(clock),
         health,
@@ -280,7 +296,10 @@ pub async fn run(
         Arc::clone(&state),
         shutdown.clone(),
     ));
-    tokio::spawn(live::rollout_engine::run(Arc::clone(&state), shutdown.clone()));
+    tokio::spawn(live::rollout_engine::run(
+        Arc::clone(&state),
+        shutdown.clone(),
+    ));
     if let Some(address) = metrics_listen {
         serve_metrics(Arc::clone(&state), address, shutdown.clone()).await?;
     }

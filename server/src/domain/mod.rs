@@ -9,5 +9,6 @@
 
 pub mod access;
 pub mod access_policy;
+pub mod desired_state;
 pub mod repair;
 pub mod rollout;

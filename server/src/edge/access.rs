@@ -9,28 +9,25 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use flotte_proto::labels::Selector;
 use flotte_proto::ssh_keys::{fingerprint_of_key_text, parse_public_key, SshPublicKey};
 use flotte_proto::v1::access_server::Access;
-use flotte_proto::v1::server_message::Kind as ServerKind;
 use flotte_proto::v1::users_server::Users;
 use flotte_proto::v1::{
     AccessPolicy, AccessReportEntry, AccessReportRequest, AccessReportResponse, AccessState,
     AccessStatusRequest, AccessStatusResponse, AddUserKeyRequest, AddUserRequest, AuthorizedKey,
     GetUserRequest, GrantInfo, GrantRequest, ListGrantsRequest, ListGrantsResponse,
     ListUsersRequest, ListUsersResponse, LoginKeys, MachineAccessStatus, RemoveUserKeyRequest,
-    RevokeGrantRequest, RevokeUserRequest, RevokeUserResponse, ServerMessage, SshKeyInfo, UserInfo,
+    RevokeGrantRequest, RevokeUserRequest, RevokeUserResponse, SshKeyInfo, UserInfo,
 };
 use serde_json::json;
-use tokio::sync::mpsc::error::TrySendError;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::domain::access::{
     access_report, compile_policy, delivery_status, parse_expiry, validate_login,
-    validate_user_name, AccessError, AccessInputs, DeliveryStatus, MachinePolicy,
+    validate_user_name, AccessError, DeliveryStatus, MachinePolicy,
 };
 use crate::edge::admin::find_machine;
 use crate::edge::guard::admit;
@@ -40,9 +37,6 @@ use crate::store::{
 };
 use crate::ServerState;
 
-/// How long a fan-out waits for room in a full session queue before ending
-/// the session (the agent then gets the whole state on reconnect).
-const FAN_OUT_PUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bounds on what one agent may report (its message is bounded too).
 const MAX_REPORTED_LOGINS: usize = 1024;
 const MAX_REPORTED_KEYS_PER_FILE: usize = 1024;
@@ -85,69 +79,6 @@ pub fn policy_to_proto(policy: &MachinePolicy) -> AccessPolicy {
             })
             .collect(),
     }
-}
-
-/// The access policy `machine` must apply now (sent with its desired state).
-pub fn access_policy_for(state: &ServerState, machine: &MachineRecord) -> AccessPolicy {
-    let inputs = state.access.current();
-    policy_to_proto(&compile_policy(
-        &inputs,
-        &machine.labels,
-        &machine.zone,
-        state.clock.now_unix(),
-    ))
-}
-
-/// After a committed change: refreshes the hub and pushes each connected
-/// machine its new policy. Returns the version pushed.
-pub async fn publish_access_change(state: &ServerState) -> Result<u64, Status> {
-    let started = std::time::Instant::now();
-    let inputs = state.access.refresh().await?;
-    let read = started.elapsed();
-    fan_out(state, &inputs);
-    tracing::info!(
-        version = inputs.version,
-        read_ms = read.as_millis() as u64,
-        total_ms = started.elapsed().as_millis() as u64,
-        "access change published"
-    );
-    Ok(inputs.version)
-}
-
-/// Labels and zones come from the health tracker, which holds every
-/// connected machine (upserted at hello, enrollment and relabel): a fan-out
-/// reads nothing from the store. A relabel racing with it pushes its own
-/// desired state, with the policy compiled for the new labels.
-fn fan_out(state: &ServerState, inputs: &AccessInputs) {
-    let machines = state.health.snapshot();
-    let now = state.clock.now_unix();
-    let mut queued = 0usize;
-    for (machine_id, sender, session_cancel) in state.registry.sessions_for_fan_out() {
-        let Some(machine) = machines.get(&machine_id) else {
-            continue;
-        };
-        let policy = compile_policy(inputs, &machine.labels, &machine.zone, now);
-        let message = ServerMessage {
-            kind: Some(ServerKind::AccessPolicy(policy_to_proto(&policy))),
-        };
-        match sender.try_send(Ok(message)) {
-            Ok(()) => queued += 1,
-            Err(TrySendError::Closed(_)) => {} // it gets the policy on reconnect
-            Err(TrySendError::Full(message)) => {
-                // A slow session gets a moment; then it is ended so that the
-                // agent reconnects and receives the policy first thing.
-                tokio::spawn(async move {
-                    let sent =
-                        tokio::time::timeout(FAN_OUT_PUSH_TIMEOUT, sender.send(message)).await;
-                    if sent.is_err() {
-                        tracing::warn!(machine = %machine_id, "session queue full during access fan-out; ending the session so the agent resyncs");
-                        session_cancel.cancel();
-                    }
-                });
-            }
-        }
-    }
-    tracing::info!(version = inputs.version, queued, "access policy pushed");
 }
 
 /// An agent's access acknowledgement and findings, kept in memory (flushed
@@ -328,7 +259,7 @@ async fn add_user(
         revoked_at: None,
     };
     state.access.store().insert_user(&user, &keys).await?;
-    publish_access_change(state).await?;
+    state.publisher.access_changed().await?;
     one_user(state, &request.name).await
 }
 
@@ -340,7 +271,7 @@ async fn add_user_key(state: &ServerState, request: AddUserKeyRequest) -> Result
         .store()
         .insert_user_key(&key_record(&request.name, &key, state.clock.now_unix()))
         .await?;
-    publish_access_change(state).await?;
+    state.publisher.access_changed().await?;
     one_user(state, &request.name).await
 }
 
@@ -361,7 +292,7 @@ async fn remove_user_key(
         .ok_or_else(|| {
             Status::not_found(format!("user {} has no key {fingerprint}", request.name))
         })?;
-    publish_access_change(state).await?;
+    state.publisher.access_changed().await?;
     one_user(state, &request.name).await
 }
 
@@ -378,7 +309,7 @@ async fn revoke_user(
         .await?
         .ok_or_else(|| Status::not_found(format!("no user named {name}")))?;
     // Access first: it is what must reach every machine within a second.
-    let policy_version = publish_access_change(state).await?;
+    let policy_version = state.publisher.access_changed().await?;
     let operator = match state.store.operator(name).await? {
         None => "none".to_owned(),
         Some(operator) if operator.revoked_at.is_some() => "already revoked".to_owned(),
@@ -434,7 +365,7 @@ async fn grant(
         created_by: created_by.to_owned(),
     };
     state.access.store().insert_grant(&record).await?;
-    publish_access_change(state).await?;
+    state.publisher.access_changed().await?;
     let machines = state.store.machines().await?;
     Ok(grant_info(&record, &machines))
 }
@@ -446,7 +377,7 @@ async fn revoke_grant(state: &ServerState, id: &str) -> Result<GrantInfo, Status
         .remove_grant(id)
         .await?
         .ok_or_else(|| Status::not_found(format!("no grant with id {id}")))?;
-    publish_access_change(state).await?;
+    state.publisher.access_changed().await?;
     let machines = state.store.machines().await?;
     Ok(grant_info(&grant, &machines))
 }

@@ -10,14 +10,13 @@ use flotte_proto::identity::Identity;
 use flotte_proto::join_token::JoinToken;
 use flotte_proto::labels::{validate_label, Selector};
 use flotte_proto::v1::machines_server::Machines;
-use flotte_proto::v1::server_message::Kind as ServerKind;
 use flotte_proto::v1::tokens_server::Tokens;
 use flotte_proto::v1::{
     CreateTokenRequest, CreateTokenResponse, DecommissionMachineRequest, FleetStatusRequest,
     FleetStatusResponse, GetMachineRequest, GroupStatus, ListMachinesRequest, ListMachinesResponse,
     ListTokensRequest, ListTokensResponse, Machine, MachineEvent as ProtoMachineEvent,
-    RevokeTokenRequest, RevokeTokenResponse, ServerMessage, SessionRefused, SetLabelsRequest,
-    StateCount, StateTransition, TokenInfo, WatchMachinesRequest,
+    RevokeTokenRequest, RevokeTokenResponse, SetLabelsRequest, StateCount, StateTransition,
+    TokenInfo, WatchMachinesRequest,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::json;
@@ -27,14 +26,13 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::edge::guard::admit;
-use crate::edge::session::push_desired_state;
-use crate::services::enrollment::hash_secret;
 use crate::live::health::{MachineState, TrackedMachine};
 use crate::live::registry::ConnectedView;
 use crate::live::revocation::denial;
-use crate::roles::AdminRpc;
-use crate::store::{DeniedKind, JoinTokenRecord, MachineRecord};
 use crate::live::transitions::MachineEvent;
+use crate::roles::AdminRpc;
+use crate::services::enrollment::hash_secret;
+use crate::store::{DeniedKind, JoinTokenRecord, MachineRecord};
 use crate::ServerState;
 
 /// Transitions shown by `machines show`.
@@ -621,7 +619,7 @@ impl Machines for AdminApi {
                     .await?
                     .ok_or_else(|| Status::not_found(format!("machine {} was removed", machine.id)))?;
                 tracing::info!(machine = %updated.id, image = %wanted, version = updated.desired_version, "desired image set");
-                push_desired_state(&state, &updated).await;
+                state.publisher.machine_changed(&updated).await;
                 let view = state.registry.view(updated.id);
                 let tracked = state.health.get(updated.id);
                 Ok(machine_to_proto(
@@ -684,7 +682,7 @@ impl Machines for AdminApi {
                     })?;
                 tracing::info!(machine = %updated.id, %operator, version = updated.desired_version, "labels changed");
                 state.health.upsert(&updated, state.clock.now_unix());
-                push_desired_state(&state, &updated).await;
+                state.publisher.machine_changed(&updated).await;
                 let view = state.registry.view(updated.id);
                 let tracked = state.health.get(updated.id);
                 Ok(machine_to_proto(
@@ -761,14 +759,10 @@ async fn decommission(state: &ServerState, key: &str, operator: &str) -> Result<
     state
         .revocations
         .enforce(&denied, &identity_uri, REVOCATION_GRACE);
-    if let Some(sender) = state.registry.sender(machine.id) {
-        let _ = sender.try_send(Ok(ServerMessage {
-            kind: Some(ServerKind::Refused(SessionRefused {
-                reason: reason.clone(),
-            })),
-        }));
-    }
-    state.registry.end_session(machine.id);
+    state
+        .publisher
+        .refuse_session(machine.id, reason.clone())
+        .await;
     state.health.retire(machine.id, &reason, now);
     tracing::warn!(machine = %machine.id, %operator, "machine decommissioned");
     let tracked = state.health.get(machine.id);

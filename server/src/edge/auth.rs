@@ -11,10 +11,10 @@
 use flotte_proto::identity::{Identity, IdentityKind};
 use uuid::Uuid;
 
+use crate::edge::tls::{PeerCertificate, PeerInfo};
 use crate::live::revocation::Revocations;
 use crate::roles::{may_call, required_role, AdminRpc, Role};
 use crate::store::OperatorRecord;
-use crate::edge::tls::{PeerCertificate, PeerInfo};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::audit::AuditEvent;
-use crate::edge::auth::{authorize_operator, require_not_revoked, require_operator, AuthError, Caller};
+use crate::edge::auth::{
+    authorize_operator, require_not_revoked, require_operator, AuthError, Caller,
+};
 use crate::roles::{AdminRpc, Role};
 use crate::ServerState;
 

@@ -3,8 +3,8 @@
 //! errors become `tonic::Status`.
 
 pub mod access;
-pub mod auth;
 pub mod admin;
+pub mod auth;
 pub mod enrollment;
 pub mod guard;
 pub mod images;

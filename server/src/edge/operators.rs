@@ -15,10 +15,10 @@ use flotte_proto::v1::{
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
-use crate::edge::admin::REVOCATION_GRACE;
-use crate::edge::guard::admit;
 use crate::ca::CaError;
 use crate::clock::to_unix;
+use crate::edge::admin::REVOCATION_GRACE;
+use crate::edge::guard::admit;
 use crate::live::revocation::denial;
 use crate::roles::{AdminRpc, Role};
 use crate::store::{DeniedKind, OperatorRecord};

@@ -21,13 +21,13 @@ use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::edge::admin::{find_machine, find_machine_in_service};
-use crate::edge::guard::admit;
-use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::domain::repair::dr::{single_points_of_failure, zone_loss_impact, DrMachine, NO_GROUP};
+use crate::edge::admin::{find_machine, find_machine_in_service};
+use crate::edge::auth::{require_machine, require_not_revoked};
+use crate::edge::guard::admit;
+use crate::roles::AdminRpc;
 use crate::services::forensics::ForensicsError;
 use crate::services::quarantine::{new_quarantine, set_quarantine};
-use crate::roles::AdminRpc;
 use crate::store::repair::{QuarantineRecord, RemediationEventRecord};
 use crate::ServerState;
 
@@ -115,7 +115,9 @@ async fn dr_machines(state: &ServerState, by: &str) -> Result<Vec<DrMachine>, St
                 .unwrap_or_else(|| NO_GROUP.to_owned()),
             state: tracked
                 .get(&machine.id)
-                .map_or(crate::live::health::MachineState::Unknown, |health| health.state),
+                .map_or(crate::live::health::MachineState::Unknown, |health| {
+                    health.state
+                }),
             quarantined: quarantined.contains(&machine.id),
         })
         .collect())

@@ -18,11 +18,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::edge::guard::admit;
-use crate::roles::AdminRpc;
 use crate::domain::rollout::controller::Command;
-use crate::live::rollout_engine::{CreateRequest, RolloutDetail};
 use crate::domain::rollout::{MachineRolloutState, RolloutError};
+use crate::edge::guard::admit;
+use crate::live::rollout_engine::{CreateRequest, RolloutDetail};
+use crate::roles::AdminRpc;
 use crate::ServerState;
 
 /// A watch sends at most one update per this interval (a wave of thousands

@@ -12,21 +12,23 @@ use flotte_proto::v1::agent_message::Kind as AgentKind;
 use flotte_proto::v1::agent_session_server::AgentSession;
 use flotte_proto::v1::server_message::Kind as ServerKind;
 use flotte_proto::v1::{
-    AgentMessage, CertificateIssued, DesiredImage, DesiredState, FetchImageRequest, ForensicsChunk,
-    Hello, ImageChunk, ImageRef, ServerMessage, UploadForensicsResponse,
+    AgentMessage, CertificateIssued, DesiredImage, DesiredState as ProtoDesiredState,
+    FetchImageRequest, ForensicsChunk, Hello, ImageChunk, ImageRef, ServerMessage, SessionRefused,
+    UploadForensicsResponse,
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::clock::to_unix;
+use crate::domain::desired_state::DesiredState;
+use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::images::BlobStore;
-use crate::live::registry::{SessionEntry, SessionSender, SESSION_QUEUE_DEPTH};
-use crate::store::{ImageRecord, Inventory, MachineRecord, StoreError};
+use crate::live::registry::{SessionEntry, SessionMessage, SessionSender, SESSION_QUEUE_DEPTH};
+use crate::store::{Inventory, MachineRecord};
 use crate::ServerState;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,104 +44,63 @@ impl SessionApi {
     }
 }
 
-/// The desired state of a machine as the agent must see it; `image` is the
-/// record of its desired image, if it has one.
-pub fn desired_state(
-    machine: &MachineRecord,
-    image: Option<&ImageRecord>,
-    report_interval: Duration,
-) -> DesiredState {
-    let rollback = machine
-        .desired_image
-        .as_ref()
-        .is_some_and(|desired| desired.rollback);
-    DesiredState {
-        version: machine.desired_version,
-        labels: machine.labels.clone().into_iter().collect(),
-        zone: machine.zone.clone(),
-        report_interval_seconds: u32::try_from(report_interval.as_secs()).unwrap_or(u32::MAX),
-        image: image.map(|image| DesiredImage {
-            image: Some(ImageRef {
-                name: image.name.clone(),
-                version: image.version.clone(),
-                digest: image.digest.clone(),
-            }),
-            size: image.size,
-            manifest_json: image.manifest_json.clone(),
-            signature: image.signature.clone(),
-            rollback,
-            rollout_id: String::new(),
-        }),
-        quarantine: None,
-        access: None,
-    }
-}
-
-/// [`desired_state`] with the machine's desired image read from the store.
-pub async fn desired_state_of(
-    state: &ServerState,
-    machine: &MachineRecord,
-) -> Result<DesiredState, StoreError> {
-    let image = match &machine.desired_image {
-        Some(desired) => state.store.image(&desired.name, &desired.version).await?,
-        None => None,
-    };
-    let mut desired = desired_state(machine, image.as_ref(), state.config.report_interval);
-    desired.quarantine = state
-        .repair
-        .store
-        .quarantine(machine.id)
-        .await?
-        .as_ref()
-        .map(crate::edge::repair::quarantine_to_proto);
-    // Access travels with every desired state, so a machine that was away
-    // gets the current policy on reconnect, before anything else.
-    desired.access = Some(crate::edge::access::access_policy_for(state, machine));
-    Ok(desired)
-}
-
 /// Bytes per image chunk sent to agents.
 const IMAGE_CHUNK_BYTES: usize = 256 * 1024;
 
-/// How long a push may wait for room in a session's queue.
-const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Sends a machine's whole desired state to its live session, if it has one.
-/// A session whose queue stays full is ended instead: the agent reconnects
-/// and receives the whole state on connect, so a change is never lost.
-pub async fn push_desired_state(state: &ServerState, machine: &MachineRecord) {
-    if state.registry.sender(machine.id).is_none() {
-        return;
+/// The wire form of a desired state.
+pub fn desired_state_to_proto(desired: &DesiredState) -> ProtoDesiredState {
+    ProtoDesiredState {
+        version: desired.version,
+        labels: desired.labels.clone().into_iter().collect(),
+        zone: desired.zone.clone(),
+        report_interval_seconds: u32::try_from(desired.report_interval.as_secs())
+            .unwrap_or(u32::MAX),
+        image: desired.image.as_ref().map(|desired| DesiredImage {
+            image: Some(ImageRef {
+                name: desired.image.name.clone(),
+                version: desired.image.version.clone(),
+                digest: desired.image.digest.clone(),
+            }),
+            size: desired.image.size,
+            manifest_json: desired.image.manifest_json.clone(),
+            signature: desired.image.signature.clone(),
+            rollback: desired.rollback,
+            rollout_id: desired
+                .rollout_id
+                .map(|rollout| rollout.to_string())
+                .unwrap_or_default(),
+        }),
+        quarantine: desired
+            .quarantine
+            .as_ref()
+            .map(crate::edge::repair::quarantine_to_proto),
+        access: desired
+            .access
+            .as_ref()
+            .map(crate::edge::access::policy_to_proto),
     }
-    let desired = match desired_state_of(state, machine).await {
-        Ok(desired) => desired,
-        Err(error) => {
-            // The agent gets the whole state when it reconnects.
-            tracing::error!(machine = %machine.id, %error, "cannot build desired state; ending the session");
-            state.registry.end_session(machine.id);
-            return;
-        }
-    };
-    send_desired_state(state, machine.id, desired).await;
 }
 
-/// Sends an already built desired state to a machine's live session, if it
-/// has one (see [`push_desired_state`] for a full queue).
-pub async fn send_desired_state(state: &ServerState, machine_id: Uuid, desired: DesiredState) {
-    let Some(sender) = state.registry.sender(machine_id) else {
-        return;
-    };
-    let message = ServerMessage {
-        kind: Some(ServerKind::DesiredState(desired)),
-    };
-    match tokio::time::timeout(PUSH_TIMEOUT, sender.send(Ok(message))).await {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => {} // the session ended meanwhile; it gets the state on reconnect
-        Err(_) => {
-            tracing::warn!(machine = %machine_id, "session queue full; ending the session so the agent resyncs");
-            state.registry.end_session(machine_id);
+/// The wire form of what the server says on a session.
+fn session_message_to_proto(message: SessionMessage) -> Result<ServerMessage, Status> {
+    let kind = match message {
+        SessionMessage::DesiredState(desired) => {
+            ServerKind::DesiredState(desired_state_to_proto(&desired))
         }
-    }
+        SessionMessage::AccessPolicy(policy) => {
+            ServerKind::AccessPolicy(crate::edge::access::policy_to_proto(&policy))
+        }
+        SessionMessage::CertificateIssued {
+            certificate_pem,
+            not_after,
+        } => ServerKind::CertificateIssued(CertificateIssued {
+            certificate_pem,
+            not_after,
+        }),
+        SessionMessage::Refused(reason) => ServerKind::Refused(SessionRefused { reason }),
+        SessionMessage::Ended(reason) => return Err(Status::aborted(reason)),
+    };
+    Ok(ServerMessage { kind: Some(kind) })
 }
 
 fn inventory_from_hello(hello: &Hello) -> Inventory {
@@ -303,18 +264,18 @@ impl AgentSession for SessionApi {
         // is in the state sent now, and one committed after it is pushed
         // through the registry. Reading before registering could miss both.
         let fresh = state.store.machine(machine_id).await?.unwrap_or(machine);
-        let desired = desired_state_of(&state, &fresh).await?;
+        let desired = state.publisher.desired_state_of(&fresh).await?;
         sender
-            .send(Ok(ServerMessage {
-                kind: Some(ServerKind::DesiredState(desired)),
-            }))
+            .send(SessionMessage::DesiredState(Box::new(desired)))
             .await
             .map_err(|_| Status::cancelled("session closed"))?;
 
         tokio::spawn(serve_session(
             state, machine_id, session_id, inbound, sender, cancel,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(receiver).map(session_message_to_proto),
+        )))
     }
 }
 
@@ -330,7 +291,7 @@ async fn serve_session(
     let end_reason = loop {
         let message = tokio::select! {
             () = cancel.cancelled() => {
-                let _ = sender.try_send(Err(Status::aborted("session closed by the server (replaced by a newer session, or server shutdown)")));
+                let _ = sender.try_send(SessionMessage::Ended("session closed by the server (replaced by a newer session, or server shutdown)".to_owned()));
                 break "closed by the server";
             }
             message = inbound.message() => message,
@@ -411,11 +372,9 @@ async fn renew_certificate(
     }
     tracing::info!(machine = %machine_id, serial = %issued.serial_hex, not_after, "machine certificate renewed");
     let _ = sender
-        .send(Ok(ServerMessage {
-            kind: Some(ServerKind::CertificateIssued(CertificateIssued {
-                certificate_pem: issued.certificate_pem,
-                not_after,
-            })),
-        }))
+        .send(SessionMessage::CertificateIssued {
+            certificate_pem: issued.certificate_pem,
+            not_after,
+        })
         .await;
 }

@@ -13,8 +13,8 @@ use flotte_proto::v1::{
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
-use crate::edge::guard::admit;
 use crate::audit::{AuditFilter, AuditRecord};
+use crate::edge::guard::admit;
 use crate::roles::AdminRpc;
 use crate::store::ReleaseKeyRecord;
 use crate::ServerState;

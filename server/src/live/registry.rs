@@ -9,17 +9,37 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use flotte_proto::v1::ServerMessage;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::domain::access_policy::MachinePolicy;
+use crate::domain::desired_state::DesiredState;
 use crate::store::UnixSeconds;
 
 /// Messages queued to one agent; bounded so a stuck agent cannot grow memory.
 pub const SESSION_QUEUE_DEPTH: usize = 16;
 
-pub type SessionSender = mpsc::Sender<Result<ServerMessage, tonic::Status>>;
+/// What the server says to one agent on its session, in domain terms (the
+/// session edge turns each into its wire form as it is sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionMessage {
+    DesiredState(Box<DesiredState>),
+    /// A new access policy alone (a fan-out after an access change).
+    AccessPolicy(MachinePolicy),
+    CertificateIssued {
+        certificate_pem: String,
+        not_after: UnixSeconds,
+    },
+    /// The machine may not have a session (decommissioned): said once, then
+    /// the session ends.
+    Refused(String),
+    /// The server ends this session (replaced by a newer one, or shutdown);
+    /// the stream closes with this reason.
+    Ended(String),
+}
+
+pub type SessionSender = mpsc::Sender<SessionMessage>;
 
 #[derive(Debug, Clone)]
 pub struct SessionEntry {
@@ -160,12 +180,7 @@ fn view_of(entry: &SessionEntry) -> ConnectedView {
 mod tests {
     use super::*;
 
-    fn entry(
-        registry: &Registry,
-    ) -> (
-        SessionEntry,
-        mpsc::Receiver<Result<ServerMessage, tonic::Status>>,
-    ) {
+    fn entry(registry: &Registry) -> (SessionEntry, mpsc::Receiver<SessionMessage>) {
         let (sender, receiver) = mpsc::channel(1);
         (
             SessionEntry {

@@ -24,6 +24,8 @@ use tokio::sync::{broadcast, mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::alerts::Alert;
+use crate::audit::AuditEvent;
 use crate::domain::rollout::controller::{self, apply_command, Action, Command, CommandEffect};
 use crate::domain::rollout::plan::parse_plan;
 use crate::domain::rollout::waves::{assign_waves, wave_stages, Candidate};
@@ -31,8 +33,6 @@ use crate::domain::rollout::{
     LiveMachine, MachineRolloutState, MachineView, Rollout, RolloutError, RolloutImage,
     RolloutMachine, RolloutState, SwapView,
 };
-use crate::alerts::Alert;
-use crate::audit::AuditEvent;
 use crate::live::health::MachineState;
 use crate::store::{DesiredImageRecord, RolloutStore, UnixSeconds};
 use crate::ServerState;
@@ -752,7 +752,10 @@ impl RolloutEngine {
                 stored = next.clone();
                 changed = true;
                 rows.clear();
-                push_all(state, &updated, &stored.rollout).await;
+                state
+                    .publisher
+                    .rollout_changed(&updated, stored.rollout.id)
+                    .await;
                 for (action, detail) in events.drain(..) {
                     self.announce(state, &stored.rollout, &action, &detail, CONTROLLER_ACTOR);
                 }
@@ -818,34 +821,6 @@ async fn detail_of(
         waiting_for,
         failures,
         max_failures,
-    }
-}
-
-/// Pushes the stored desired states of `machines` to their agents. The state
-/// is built by `session::desired_state_of`, the one place that knows every
-/// part of a desired state; the rollout only adds its id.
-async fn push_all(
-    state: &ServerState,
-    machines: &[crate::store::MachineRecord],
-    rollout: &Rollout,
-) {
-    for machine in machines {
-        if state.registry.sender(machine.id).is_none() {
-            // Offline: it gets the stored state when it reconnects.
-            continue;
-        }
-        let mut desired_state = match crate::edge::session::desired_state_of(state, machine).await {
-            Ok(desired_state) => desired_state,
-            Err(error) => {
-                tracing::error!(machine = %machine.id, %error, "cannot build a desired state; the agent gets it on reconnect");
-                state.registry.end_session(machine.id);
-                continue;
-            }
-        };
-        if let Some(image) = desired_state.image.as_mut() {
-            image.rollout_id = rollout.id.to_string();
-        }
-        crate::edge::session::send_desired_state(state, machine.id, desired_state).await;
     }
 }
 

@@ -113,7 +113,9 @@ impl Enroller<'_> {
             },
             last_seen: now,
             desired_version: 1,
-            state: crate::live::health::MachineState::Unknown.as_str().to_owned(),
+            state: crate::live::health::MachineState::Unknown
+                .as_str()
+                .to_owned(),
             state_reason: "enrolled; no report yet".to_owned(),
             state_since: now,
             retired_at: None,

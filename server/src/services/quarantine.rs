@@ -8,7 +8,6 @@
 //! machine or touches its disks: a quarantined agent only runs its
 //! configured hooks. Nothing here knows tonic: `api::repair` converts.
 
-
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
@@ -82,7 +81,7 @@ pub fn new_quarantine(machine_id: Uuid, reason: String, by: &str, now: i64) -> Q
 /// machine's agent, if connected; otherwise it gets it on reconnect.
 pub async fn announce(state: &ServerState, machine: Option<MachineRecord>) {
     if let Some(machine) = machine {
-        crate::edge::session::push_desired_state(state, &machine).await;
+        state.publisher.machine_changed(&machine).await;
     }
 }
 

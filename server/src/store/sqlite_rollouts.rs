@@ -351,8 +351,9 @@ mod tests {
             wave_started_at: None,
             approved_stages: vec![],
         };
-        let mut member =
-            crate::domain::rollout::pending_machine_for_tests(rollout.id, machine_id, "web-1", 0, "d1");
+        let mut member = crate::domain::rollout::pending_machine_for_tests(
+            rollout.id, machine_id, "web-1", 0, "d1",
+        );
         store
             .insert_rollout(&rollout, &[member.clone()])
             .await

@@ -1,0 +1,255 @@
+//! The desired-state publisher: the only code that builds a machine's desired
+//! state and sends it, and the only code that fans an access change out to
+//! every session.
+//!
+//! Services change stored rows and then tell the publisher what changed
+//! (`machine_changed`, `access_changed`, `refuse_session`); the publisher
+//! rebuilds from the store and hands messages to a [`SessionFanOut`]. On one
+//! server the fan-out is the local [`Registry`]; a cross-replica fan-out can
+//! sit behind the same trait without any service changing.
+//!
+//! What must never happen here: a decision about *what* a machine should run
+//! (services and controllers decide and store it first), or a wire type.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::error::TrySendError;
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::domain::access_policy::{compile_policy, AccessInputs, MachinePolicy};
+use crate::domain::desired_state::{desired_state, DesiredState};
+use crate::live::access_hub::AccessHub;
+use crate::live::health::HealthTracker;
+use crate::live::registry::{Registry, SessionMessage};
+use crate::store::repair::RepairStore;
+use crate::store::{MachineRecord, Store, StoreError};
+
+/// How long a push may wait for room in a session's queue before the session
+/// is ended (the agent reconnects and gets the whole state on connect, so a
+/// change is never lost).
+const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where sessions live: delivers messages to the sessions this process (or,
+/// behind another implementation, the replica set) holds.
+#[async_trait::async_trait]
+pub trait SessionFanOut: Send + Sync + 'static {
+    /// Whether a live session of `machine` is held here.
+    fn holds_session(&self, machine: Uuid) -> bool;
+    /// Queues `message` to the session of `machine`, if there is one; a
+    /// session whose queue stays full is ended instead.
+    async fn send(&self, machine: Uuid, message: SessionMessage);
+    /// Queues to every held session the message `message_for` gives it
+    /// (`None` skips it), without waiting on any one session. Returns how many
+    /// were queued at once.
+    fn send_to_every_session(
+        &self,
+        message_for: &mut dyn FnMut(Uuid) -> Option<SessionMessage>,
+    ) -> usize;
+    /// Ends the session of `machine`, if there is one (the agent reconnects).
+    fn end_session(&self, machine: Uuid);
+}
+
+#[async_trait::async_trait]
+impl SessionFanOut for Registry {
+    fn holds_session(&self, machine: Uuid) -> bool {
+        self.sender(machine).is_some()
+    }
+
+    async fn send(&self, machine: Uuid, message: SessionMessage) {
+        let Some(sender) = self.sender(machine) else {
+            return;
+        };
+        match tokio::time::timeout(PUSH_TIMEOUT, sender.send(message)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {} // the session ended meanwhile; it gets the state on reconnect
+            Err(_) => {
+                tracing::warn!(machine = %machine, "session queue full; ending the session so the agent resyncs");
+                self.end_session(machine);
+            }
+        }
+    }
+
+    fn send_to_every_session(
+        &self,
+        message_for: &mut dyn FnMut(Uuid) -> Option<SessionMessage>,
+    ) -> usize {
+        let mut queued = 0usize;
+        for (machine, sender, session_cancel) in self.sessions_for_fan_out() {
+            let Some(message) = message_for(machine) else {
+                continue;
+            };
+            match sender.try_send(message) {
+                Ok(()) => queued += 1,
+                Err(TrySendError::Closed(_)) => {} // it gets the state on reconnect
+                Err(TrySendError::Full(message)) => {
+                    // A slow session gets a moment; then it is ended so that
+                    // the agent reconnects and receives the state first thing.
+                    tokio::spawn(async move {
+                        let sent = tokio::time::timeout(PUSH_TIMEOUT, sender.send(message)).await;
+                        if sent.is_err() {
+                            tracing::warn!(machine = %machine, "session queue full during a fan-out; ending the session so the agent resyncs");
+                            session_cancel.cancel();
+                        }
+                    });
+                }
+            }
+        }
+        queued
+    }
+
+    fn end_session(&self, machine: Uuid) {
+        Registry::end_session(self, machine);
+    }
+}
+
+/// Builds desired states from the store and sends them through a fan-out.
+pub struct Publisher {
+    fan_out: Arc<dyn SessionFanOut>,
+    store: Arc<dyn Store>,
+    quarantines: Arc<dyn RepairStore>,
+    access: Arc<AccessHub>,
+    health: Arc<HealthTracker>,
+    clock: Arc<dyn Clock>,
+    report_interval: Duration,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").finish_non_exhaustive()
+    }
+}
+
+/// What the publisher reads from: the stores, the live access inputs and
+/// health (labels of connected machines), the clock.
+#[derive(Clone)]
+pub struct PublisherSources {
+    pub store: Arc<dyn Store>,
+    pub quarantines: Arc<dyn RepairStore>,
+    pub access: Arc<AccessHub>,
+    pub health: Arc<HealthTracker>,
+    pub clock: Arc<dyn Clock>,
+    pub report_interval: Duration,
+}
+
+impl Publisher {
+    pub fn new(fan_out: Arc<dyn SessionFanOut>, sources: PublisherSources) -> Self {
+        Publisher {
+            fan_out,
+            store: sources.store,
+            quarantines: sources.quarantines,
+            access: sources.access,
+            health: sources.health,
+            clock: sources.clock,
+            report_interval: sources.report_interval,
+        }
+    }
+
+    /// The access policy `machine` must apply now.
+    fn access_policy_for(&self, machine: &MachineRecord) -> MachinePolicy {
+        compile_policy(
+            &self.access.current(),
+            &machine.labels,
+            &machine.zone,
+            self.clock.now_unix(),
+        )
+    }
+
+    /// The whole desired state of `machine`, read from the store: what a
+    /// session receives on connect and after every change.
+    pub async fn desired_state_of(
+        &self,
+        machine: &MachineRecord,
+    ) -> Result<DesiredState, StoreError> {
+        let image = match &machine.desired_image {
+            Some(desired) => self.store.image(&desired.name, &desired.version).await?,
+            None => None,
+        };
+        let mut desired = desired_state(machine, image.as_ref(), self.report_interval);
+        desired.quarantine = self.quarantines.quarantine(machine.id).await?;
+        desired.access = Some(self.access_policy_for(machine));
+        Ok(desired)
+    }
+
+    /// Sends `machine`'s whole desired state to its live session, if it has
+    /// one. `rollout` names the rollout that changed it, if one did.
+    async fn push(&self, machine: &MachineRecord, rollout: Option<Uuid>) {
+        if !self.fan_out.holds_session(machine.id) {
+            // Offline: it gets the stored state when it reconnects.
+            return;
+        }
+        let mut desired = match self.desired_state_of(machine).await {
+            Ok(desired) => desired,
+            Err(error) => {
+                // The agent gets the whole state when it reconnects.
+                tracing::error!(machine = %machine.id, %error, "cannot build desired state; ending the session");
+                self.fan_out.end_session(machine.id);
+                return;
+            }
+        };
+        if let Some(image) = desired.image.as_mut() {
+            image.rollout_id = rollout;
+        }
+        self.fan_out
+            .send(machine.id, SessionMessage::DesiredState(Box::new(desired)))
+            .await;
+    }
+
+    /// A machine's stored row changed (labels, image, quarantine): its
+    /// session gets the new whole state.
+    pub async fn machine_changed(&self, machine: &MachineRecord) {
+        self.push(machine, None).await;
+    }
+
+    /// A rollout stored new desired images for `machines`.
+    pub async fn rollout_changed(&self, machines: &[MachineRecord], rollout: Uuid) {
+        for machine in machines {
+            self.push(machine, Some(rollout)).await;
+        }
+    }
+
+    /// Access inputs changed and were committed: refreshes them and pushes
+    /// each connected machine its recompiled policy. Returns the version.
+    ///
+    /// Labels and zones come from the health tracker, which holds every
+    /// connected machine (upserted at hello, enrollment and relabel): a
+    /// fan-out reads nothing per machine from the store. A relabel racing
+    /// with it pushes its own desired state, compiled for the new labels.
+    pub async fn access_changed(&self) -> Result<u64, StoreError> {
+        let started = std::time::Instant::now();
+        let inputs = self.access.refresh().await?;
+        let read = started.elapsed();
+        let queued = self.fan_out_access(&inputs);
+        tracing::info!(
+            version = inputs.version,
+            queued,
+            read_ms = read.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "access change published"
+        );
+        Ok(inputs.version)
+    }
+
+    fn fan_out_access(&self, inputs: &AccessInputs) -> usize {
+        let machines = self.health.snapshot();
+        let now = self.clock.now_unix();
+        self.fan_out.send_to_every_session(&mut |machine_id| {
+            let machine = machines.get(&machine_id)?;
+            Some(SessionMessage::AccessPolicy(compile_policy(
+                inputs,
+                &machine.labels,
+                &machine.zone,
+                now,
+            )))
+        })
+    }
+
+    /// Tells a machine's session why it may not continue, then ends it.
+    pub async fn refuse_session(&self, machine: Uuid, reason: String) {
+        self.fan_out
+            .send(machine, SessionMessage::Refused(reason))
+            .await;
+        self.fan_out.end_session(machine);
+    }
+}
