@@ -54,13 +54,14 @@ use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ServerConfig;
 use crate::edge::access::AccessApi;
-use crate::edge::admin::AdminApi;
 use crate::edge::enrollment::EnrollmentApi;
 use crate::edge::images::ImagesApi;
+use crate::edge::machines::MachinesApi;
 use crate::edge::operators::OperatorsApi;
 use crate::edge::repair::RepairApi;
 use crate::edge::rollouts::RolloutsApi;
 use crate::edge::session::SessionApi;
+use crate::edge::tokens::TokensApi;
 use crate::edge::trust::TrustApi;
 use crate::live::health::HealthTracker;
 use crate::live::registry::Registry;
@@ -309,7 +310,7 @@ pub async fn run(
         .set_serving::<AgentSessionServer<SessionApi>>()
         .await;
     health_reporter
-        .set_serving::<MachinesServer<AdminApi>>()
+        .set_serving::<MachinesServer<MachinesApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotte_proto::FILE_DESCRIPTOR_SET)
@@ -337,7 +338,6 @@ pub async fn run(
         shutdown.clone(),
     );
     let flusher = tokio::spawn(flush_last_seen(Arc::clone(&state), shutdown.clone()));
-    let admin = AdminApi::new(Arc::clone(&state));
     let trust = TrustApi::new(Arc::clone(&state));
     let router = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer {
@@ -363,8 +363,8 @@ pub async fn run(
                 // output); anything near this limit is not a real agent.
                 .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES),
         )
-        .add_service(TokensServer::new(admin.clone()))
-        .add_service(MachinesServer::new(admin))
+        .add_service(TokensServer::new(TokensApi::new(Arc::clone(&state))))
+        .add_service(MachinesServer::new(MachinesApi::new(Arc::clone(&state))))
         .add_service(ImagesServer::new(ImagesApi::new(Arc::clone(&state))))
         .add_service(OperatorsServer::new(OperatorsApi::new(Arc::clone(&state))))
         .add_service(ReleaseKeysServer::new(trust.clone()))

@@ -29,9 +29,10 @@ use crate::domain::access::{
     access_report, compile_policy, delivery_status, parse_expiry, validate_login,
     validate_user_name, AccessError, DeliveryStatus, MachinePolicy,
 };
-use crate::edge::admin::find_machine;
 use crate::edge::guard::admit;
 use crate::roles::AdminRpc;
+use crate::services::access::{self, AccessServiceError};
+use crate::services::machines::find_machine;
 use crate::store::{
     FoundKeysRecord, GrantRecord, MachineAccessRecord, MachineRecord, UserKeyRecord, UserRecord,
 };
@@ -40,6 +41,15 @@ use crate::ServerState;
 /// Bounds on what one agent may report (its message is bounded too).
 const MAX_REPORTED_LOGINS: usize = 1024;
 const MAX_REPORTED_KEYS_PER_FILE: usize = 1024;
+
+impl From<AccessServiceError> for Status {
+    fn from(error: AccessServiceError) -> Self {
+        match error {
+            AccessServiceError::NoSuchUser(_) => Status::not_found(error.to_string()),
+            AccessServiceError::Store(error) => error.into(),
+        }
+    }
+}
 
 impl From<AccessError> for Status {
     fn from(error: AccessError) -> Self {
@@ -301,30 +311,13 @@ async fn revoke_user(
     name: &str,
     revoked_by: &str,
 ) -> Result<RevokeUserResponse, Status> {
-    let now = state.clock.now_unix();
-    let revocation = state
-        .access
-        .store()
-        .revoke_user(name, now)
-        .await?
-        .ok_or_else(|| Status::not_found(format!("no user named {name}")))?;
-    // Access first: it is what must reach every machine within a second.
-    let policy_version = state.publisher.access_changed().await?;
-    let operator = match state.store.operator(name).await? {
-        None => "none".to_owned(),
-        Some(operator) if operator.revoked_at.is_some() => "already revoked".to_owned(),
-        Some(_) => match crate::edge::operators::revoke(state, name, revoked_by).await {
-            Ok(_) => "revoked".to_owned(),
-            Err(status) => format!("not revoked: {}", status.message()),
-        },
-    };
-    tracing::warn!(user = name, %revoked_by, grants = revocation.grants_removed, keys = revocation.keys_removed, %operator, policy_version, "user off-boarded");
+    let offboarded = access::offboard_user(state, name, revoked_by).await?;
     Ok(RevokeUserResponse {
         user: Some(one_user(state, name).await?),
-        grants_removed: revocation.grants_removed,
-        keys_removed: revocation.keys_removed,
-        operator,
-        policy_version,
+        grants_removed: offboarded.revocation.grants_removed,
+        keys_removed: offboarded.revocation.keys_removed,
+        operator: offboarded.operator,
+        policy_version: offboarded.policy_version,
     })
 }
 

@@ -3,16 +3,17 @@
 //! errors become `tonic::Status`.
 
 pub mod access;
-pub mod admin;
 pub mod auth;
 pub mod enrollment;
 pub mod guard;
 pub mod images;
+pub mod machines;
 pub mod operators;
 pub mod repair;
 pub mod rollouts;
 pub mod session;
 pub mod tls;
+pub mod tokens;
 pub mod trust;
 
 use tonic::Status;

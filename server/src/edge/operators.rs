@@ -4,9 +4,8 @@
 //! their connections at once.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use flotte_proto::identity::{is_valid_segment, Identity};
+use flotte_proto::identity::Identity;
 use flotte_proto::v1::operators_server::Operators;
 use flotte_proto::v1::{
     CreateOperatorRequest, CreateOperatorResponse, ListOperatorsRequest, ListOperatorsResponse,
@@ -15,18 +14,11 @@ use flotte_proto::v1::{
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
-use crate::ca::CaError;
-use crate::clock::to_unix;
-use crate::edge::admin::REVOCATION_GRACE;
 use crate::edge::guard::admit;
-use crate::live::revocation::denial;
-use crate::roles::{AdminRpc, Role};
-use crate::store::{DeniedKind, OperatorRecord};
+use crate::roles::AdminRpc;
+use crate::services::operators::{self, NewOperator, OperatorError};
+use crate::store::OperatorRecord;
 use crate::ServerState;
-
-/// Operator certificates are long-lived credentials of people; revocation,
-/// not expiry, is what ends them early.
-pub const OPERATOR_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 
 #[derive(Debug, Clone)]
 pub struct OperatorsApi {
@@ -52,143 +44,21 @@ fn operator_info(record: &OperatorRecord, trust_domain: &str) -> OperatorInfo {
     }
 }
 
-fn parse_role(text: &str) -> Result<Role, Status> {
-    text.parse::<Role>()
-        .map_err(|error| Status::invalid_argument(error.to_string()))
-}
-
-/// The stored operator `name`, refusing unknown and revoked ones.
-async fn active_operator(state: &ServerState, name: &str) -> Result<OperatorRecord, Status> {
-    let operator = state
-        .store
-        .operator(name)
-        .await?
-        .ok_or_else(|| Status::not_found(format!("no operator named {name}")))?;
-    if let Some(revoked_at) = operator.revoked_at {
-        return Err(Status::failed_precondition(format!(
-            "operator {name} was revoked at {revoked_at} (unix)"
-        )));
+impl From<OperatorError> for Status {
+    fn from(error: OperatorError) -> Self {
+        match error {
+            OperatorError::InvalidName(_)
+            | OperatorError::InvalidRole(_)
+            | OperatorError::BadCsr(_) => Status::invalid_argument(error.to_string()),
+            OperatorError::NotFound(_) => Status::not_found(error.to_string()),
+            OperatorError::Revoked { .. } | OperatorError::LastAdmin(_) => {
+                Status::failed_precondition(error.to_string())
+            }
+            OperatorError::AlreadyExists(_) => Status::already_exists(error.to_string()),
+            OperatorError::Ca(_) => Status::internal(error.to_string()),
+            OperatorError::Store(error) => error.into(),
+        }
     }
-    Ok(operator)
-}
-
-/// Refuses a change that would leave no active admin: nobody could then
-/// manage operators, tokens or revocation without a new `init`.
-async fn keep_an_admin(state: &ServerState, changed: &OperatorRecord) -> Result<(), Status> {
-    if changed.role != Role::Admin {
-        return Ok(());
-    }
-    let other_admins = state
-        .store
-        .operators()
-        .await?
-        .iter()
-        .filter(|operator| {
-            operator.role == Role::Admin
-                && operator.revoked_at.is_none()
-                && operator.name != changed.name
-        })
-        .count();
-    if other_admins == 0 {
-        return Err(Status::failed_precondition(format!(
-            "{} is the last admin: create or promote another admin first",
-            changed.name
-        )));
-    }
-    Ok(())
-}
-
-async fn create_operator(
-    state: &ServerState,
-    request: CreateOperatorRequest,
-    created_by: &str,
-) -> Result<CreateOperatorResponse, Status> {
-    if !is_valid_segment(&request.name) {
-        return Err(Status::invalid_argument(format!(
-            "operator name {:?} must be non-empty letters, digits, '.', '_' or '-'",
-            request.name
-        )));
-    }
-    let role = parse_role(&request.role)?;
-    if state.store.operator(&request.name).await?.is_some() {
-        return Err(Status::already_exists(format!(
-            "operator {} already exists (names of revoked operators are not reused)",
-            request.name
-        )));
-    }
-    let identity = Identity::operator(&state.config.trust_domain, &request.name);
-    let issued = state
-        .ca
-        .issue_client_from_csr(&request.csr_pem, &identity, OPERATOR_CERTIFICATE_LIFETIME)
-        .map_err(|error| match error {
-            CaError::BadCsr(_) => Status::invalid_argument(error.to_string()),
-            other => Status::internal(other.to_string()),
-        })?;
-    let record = OperatorRecord {
-        name: request.name,
-        role,
-        created_at: state.clock.now_unix(),
-        created_by: created_by.to_owned(),
-        certificate_serial: issued.serial_hex,
-        certificate_not_after: to_unix(issued.not_after),
-        revoked_at: None,
-    };
-    state.store.insert_operator(&record).await?;
-    tracing::info!(operator = %identity, %role, %created_by, "operator created");
-    Ok(CreateOperatorResponse {
-        operator: Some(operator_info(&record, &state.config.trust_domain)),
-        certificate_pem: issued.certificate_pem,
-        ca_certificate_pem: state.ca.certificate_pem().to_owned(),
-        identity_uri: identity.uri(),
-    })
-}
-
-async fn set_role(
-    state: &ServerState,
-    request: SetOperatorRoleRequest,
-) -> Result<OperatorInfo, Status> {
-    let role = parse_role(&request.role)?;
-    let operator = active_operator(state, &request.name).await?;
-    if role != Role::Admin {
-        keep_an_admin(state, &operator).await?;
-    }
-    let updated = state
-        .store
-        .set_operator_role(&request.name, role)
-        .await?
-        .ok_or_else(|| Status::not_found(format!("no operator named {}", request.name)))?;
-    Ok(operator_info(&updated, &state.config.trust_domain))
-}
-
-/// Revokes the operator `name` (also used by user off-boarding).
-pub(crate) async fn revoke(
-    state: &ServerState,
-    name: &str,
-    revoked_by: &str,
-) -> Result<OperatorInfo, Status> {
-    let operator = active_operator(state, name).await?;
-    keep_an_admin(state, &operator).await?;
-    let now = state.clock.now_unix();
-    let identity_uri = Identity::operator(&state.config.trust_domain, name).uri();
-    let reason = format!("operator {name} was revoked by {revoked_by}");
-    let denied = denial(
-        &reason,
-        now,
-        [
-            (DeniedKind::Identity, identity_uri.clone()),
-            (DeniedKind::Serial, operator.certificate_serial.clone()),
-        ],
-    );
-    let revoked = state
-        .store
-        .revoke_operator(name, now, &denied)
-        .await?
-        .ok_or_else(|| Status::not_found(format!("no operator named {name}")))?;
-    state
-        .revocations
-        .enforce(&denied, &identity_uri, REVOCATION_GRACE);
-    tracing::warn!(operator = %identity_uri, %revoked_by, "operator revoked");
-    Ok(operator_info(&revoked, &state.config.trust_domain))
 }
 
 #[tonic::async_trait]
@@ -203,7 +73,22 @@ impl Operators for OperatorsApi {
         let created_by = call.actor().to_owned();
         let request = request.into_inner();
         call.run(
-            async move { create_operator(&state, request, &created_by).await },
+            async move {
+                let new_operator = NewOperator {
+                    name: request.name,
+                    role: request.role,
+                    csr_pem: request.csr_pem,
+                };
+                let (record, certificate_pem) =
+                    operators::create_operator(&state, new_operator, &created_by).await?;
+                Ok(CreateOperatorResponse {
+                    operator: Some(operator_info(&record, &state.config.trust_domain)),
+                    certificate_pem,
+                    ca_certificate_pem: state.ca.certificate_pem().to_owned(),
+                    identity_uri: Identity::operator(&state.config.trust_domain, &record.name)
+                        .uri(),
+                })
+            },
             |response| {
                 response
                     .operator
@@ -238,9 +123,13 @@ impl Operators for OperatorsApi {
         let call = admit(&self.state, &request, AdminRpc::SetOperatorRole, arguments).await?;
         let state = Arc::clone(&self.state);
         let request = request.into_inner();
-        call.run(async move { set_role(&state, request).await }, |_| {
-            String::new()
-        })
+        call.run(
+            async move {
+                let updated = operators::set_role(&state, &request.name, &request.role).await?;
+                Ok(operator_info(&updated, &state.config.trust_domain))
+            },
+            |_| String::new(),
+        )
         .await
     }
 
@@ -259,7 +148,10 @@ impl Operators for OperatorsApi {
         let state = Arc::clone(&self.state);
         let revoked_by = call.actor().to_owned();
         call.run(
-            async move { revoke(&state, &name, &revoked_by).await },
+            async move {
+                let revoked = operators::revoke(&state, &name, &revoked_by).await?;
+                Ok(operator_info(&revoked, &state.config.trust_domain))
+            },
             |_| String::new(),
         )
         .await

@@ -22,11 +22,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::domain::repair::dr::{single_points_of_failure, zone_loss_impact, DrMachine, NO_GROUP};
-use crate::edge::admin::{find_machine, find_machine_in_service};
 use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::edge::guard::admit;
 use crate::roles::AdminRpc;
 use crate::services::forensics::ForensicsError;
+use crate::services::machines::{find_machine, find_machine_in_service};
 use crate::services::quarantine::{new_quarantine, set_quarantine};
 use crate::store::repair::{QuarantineRecord, RemediationEventRecord};
 use crate::ServerState;

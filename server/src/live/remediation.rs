@@ -181,16 +181,17 @@ async fn remediate(
         .replacement_timeout
         .as_secs()
         .max(60);
-    let (token_record, token) = match crate::edge::admin::new_join_token(
-        state,
-        machine.labels.clone(),
-        machine.zone.clone(),
-        ttl,
-        1,
-    ) {
+    let token_request = crate::services::tokens::TokenRequest {
+        labels: machine.labels.clone(),
+        zone: machine.zone.clone(),
+        ttl_seconds: ttl,
+        uses: 1,
+    };
+    let (token_record, token) = match crate::services::tokens::new_join_token(state, token_request)
+    {
         Ok(minted) => minted,
-        Err(status) => {
-            tracing::error!(%status, "cannot make a join token for a replacement");
+        Err(error) => {
+            tracing::error!(%error, "cannot make a join token for a replacement");
             return Ok(());
         }
     };

@@ -13,6 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+/// How long a revoked peer's connections stay open after the revocation, so
+/// that the answer to the revoking call (and a refused session's reason)
+/// reach their peers first. Every RPC is refused from the instant of the
+/// revocation; this only delays closing the sockets.
+pub const REVOCATION_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{DeniedEntry, DeniedKind, UnixSeconds};

@@ -7,6 +7,10 @@
 //! converts both ways and maps errors to statuses), and no service calls up
 //! into the edge.
 
+pub mod access;
 pub mod enrollment;
 pub mod forensics;
+pub mod machines;
+pub mod operators;
 pub mod quarantine;
+pub mod tokens;

@@ -1,0 +1,178 @@
+//! Operators: people with a role, created from a CSR (the private key is made
+//! where `flottectl` runs and never reaches the server), re-roled and revoked
+//! — which denies their identity and closes their connections at once. The
+//! fleet is never left without an active admin.
+
+use std::time::Duration;
+
+use flotte_proto::identity::{is_valid_segment, Identity};
+
+use crate::ca::CaError;
+use crate::clock::to_unix;
+use crate::live::revocation::{denial, REVOCATION_GRACE};
+use crate::roles::Role;
+use crate::store::{DeniedKind, OperatorRecord, StoreError};
+use crate::ServerState;
+
+/// Operator certificates are long-lived credentials of people; revocation,
+/// not expiry, is what ends them early.
+pub const OPERATOR_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("operator name {0:?} must be non-empty letters, digits, '.', '_' or '-'")]
+    InvalidName(String),
+    #[error("{0}")]
+    InvalidRole(String),
+    #[error("no operator named {0}")]
+    NotFound(String),
+    #[error("operator {name} was revoked at {at} (unix)")]
+    Revoked { name: String, at: i64 },
+    #[error("operator {0} already exists (names of revoked operators are not reused)")]
+    AlreadyExists(String),
+    #[error("{0} is the last admin: create or promote another admin first")]
+    LastAdmin(String),
+    #[error("{0}")]
+    BadCsr(String),
+    #[error(transparent)]
+    Ca(CaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An operator to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOperator {
+    pub name: String,
+    pub role: String,
+    pub csr_pem: String,
+}
+
+fn parse_role(text: &str) -> Result<Role, OperatorError> {
+    text.parse::<Role>()
+        .map_err(|error| OperatorError::InvalidRole(error.to_string()))
+}
+
+/// The stored operator `name`, refusing unknown and revoked ones.
+async fn active_operator(state: &ServerState, name: &str) -> Result<OperatorRecord, OperatorError> {
+    let operator = state
+        .store
+        .operator(name)
+        .await?
+        .ok_or_else(|| OperatorError::NotFound(name.to_owned()))?;
+    if let Some(revoked_at) = operator.revoked_at {
+        return Err(OperatorError::Revoked {
+            name: name.to_owned(),
+            at: revoked_at,
+        });
+    }
+    Ok(operator)
+}
+
+/// Refuses a change that would leave no active admin: nobody could then
+/// manage operators, tokens or revocation without a new `init`.
+async fn keep_an_admin(state: &ServerState, changed: &OperatorRecord) -> Result<(), OperatorError> {
+    if changed.role != Role::Admin {
+        return Ok(());
+    }
+    let other_admins = state
+        .store
+        .operators()
+        .await?
+        .iter()
+        .filter(|operator| {
+            operator.role == Role::Admin
+                && operator.revoked_at.is_none()
+                && operator.name != changed.name
+        })
+        .count();
+    if other_admins == 0 {
+        return Err(OperatorError::LastAdmin(changed.name.clone()));
+    }
+    Ok(())
+}
+
+/// Creates an operator from a CSR; returns the record and the certificate.
+pub async fn create_operator(
+    state: &ServerState,
+    request: NewOperator,
+    created_by: &str,
+) -> Result<(OperatorRecord, String), OperatorError> {
+    if !is_valid_segment(&request.name) {
+        return Err(OperatorError::InvalidName(request.name));
+    }
+    let role = parse_role(&request.role)?;
+    if state.store.operator(&request.name).await?.is_some() {
+        return Err(OperatorError::AlreadyExists(request.name));
+    }
+    let identity = Identity::operator(&state.config.trust_domain, &request.name);
+    let issued = state
+        .ca
+        .issue_client_from_csr(&request.csr_pem, &identity, OPERATOR_CERTIFICATE_LIFETIME)
+        .map_err(|error| match error {
+            CaError::BadCsr(_) => OperatorError::BadCsr(error.to_string()),
+            other => OperatorError::Ca(other),
+        })?;
+    let record = OperatorRecord {
+        name: request.name,
+        role,
+        created_at: state.clock.now_unix(),
+        created_by: created_by.to_owned(),
+        certificate_serial: issued.serial_hex,
+        certificate_not_after: to_unix(issued.not_after),
+        revoked_at: None,
+    };
+    state.store.insert_operator(&record).await?;
+    tracing::info!(operator = %identity, %role, %created_by, "operator created");
+    Ok((record, issued.certificate_pem))
+}
+
+/// Changes an operator's role, never leaving the fleet without an admin.
+pub async fn set_role(
+    state: &ServerState,
+    name: &str,
+    role: &str,
+) -> Result<OperatorRecord, OperatorError> {
+    let role = parse_role(role)?;
+    let operator = active_operator(state, name).await?;
+    if role != Role::Admin {
+        keep_an_admin(state, &operator).await?;
+    }
+    let updated = state
+        .store
+        .set_operator_role(name, role)
+        .await?
+        .ok_or_else(|| OperatorError::NotFound(name.to_owned()))?;
+    Ok(updated)
+}
+
+/// Revokes the operator `name` (also used by user off-boarding).
+pub async fn revoke(
+    state: &ServerState,
+    name: &str,
+    revoked_by: &str,
+) -> Result<OperatorRecord, OperatorError> {
+    let operator = active_operator(state, name).await?;
+    keep_an_admin(state, &operator).await?;
+    let now = state.clock.now_unix();
+    let identity_uri = Identity::operator(&state.config.trust_domain, name).uri();
+    let reason = format!("operator {name} was revoked by {revoked_by}");
+    let denied = denial(
+        &reason,
+        now,
+        [
+            (DeniedKind::Identity, identity_uri.clone()),
+            (DeniedKind::Serial, operator.certificate_serial.clone()),
+        ],
+    );
+    let revoked = state
+        .store
+        .revoke_operator(name, now, &denied)
+        .await?
+        .ok_or_else(|| OperatorError::NotFound(name.to_owned()))?;
+    state
+        .revocations
+        .enforce(&denied, &identity_uri, REVOCATION_GRACE);
+    tracing::warn!(operator = %identity_uri, %revoked_by, "operator revoked");
+    Ok(revoked)
+}
