@@ -18,9 +18,11 @@ pub mod config;
 pub mod ctl;
 pub mod domain;
 pub mod edge;
+pub mod forensics;
 pub mod image_build;
 pub mod images;
 pub mod init;
+pub mod join_tokens;
 pub mod limits;
 pub mod live;
 pub mod metrics;
@@ -170,7 +172,7 @@ pub struct ServerState {
     pub metrics: ServerMetrics,
     pub alerts: AlertDispatcher,
     /// Quarantines, forensic bundles, remediation status (issue 8).
-    pub repair: services::quarantine::RepairState,
+    pub repair: live::repair_state::RepairState,
     /// Active rollouts and the means to wake their loop.
     pub rollouts: Arc<live::rollout_engine::RolloutEngine>,
     /// Access for people: compiled policy inputs and machines' acknowledgements.
@@ -251,7 +253,7 @@ pub async fn run(
     ));
     let alerts = AlertDispatcher::start(config.webhooks.clone(), metrics.clone(), shutdown.clone());
     let metrics_listen = config.metrics_listen;
-    let repair = services::quarantine::RepairState::new(Arc::new(store.clone()), &config.data_dir);
+    let repair = live::repair_state::RepairState::new(Arc::new(store.clone()), &config.data_dir);
     let rollouts = Arc::new(
         live::rollout_engine::RolloutEngine::load(Arc::new(store.clone()))
             .await

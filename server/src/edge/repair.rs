@@ -22,12 +22,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::domain::repair::dr::{single_points_of_failure, zone_loss_impact, DrMachine, NO_GROUP};
+use crate::domain::repair::new_quarantine;
 use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::edge::guard::admit;
+use crate::forensics::ForensicsError;
 use crate::roles::AdminRpc;
-use crate::services::forensics::ForensicsError;
 use crate::services::machines::{find_machine, find_machine_in_service};
-use crate::services::quarantine::{new_quarantine, set_quarantine};
+use crate::services::quarantine::set_quarantine;
 use crate::store::repair::{QuarantineRecord, RemediationEventRecord};
 use crate::ServerState;
 
@@ -101,7 +102,7 @@ fn group_label(by: &str) -> Result<String, Status> {
 /// computations see it, grouped by the value of `by`.
 async fn dr_machines(state: &ServerState, by: &str) -> Result<Vec<DrMachine>, Status> {
     let machines = state.store.machines().await?;
-    let quarantined = crate::services::quarantine::quarantined_ids(state).await?;
+    let quarantined = crate::live::repair_state::quarantined_ids(state).await?;
     let tracked = state.health.snapshot();
     Ok(machines
         .iter()

@@ -13,6 +13,7 @@ pub mod providers;
 pub mod publisher;
 pub mod registry;
 pub mod remediation;
+pub mod repair_state;
 pub mod revocation;
 pub mod rollout_engine;
 pub mod transitions;

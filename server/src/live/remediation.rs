@@ -9,10 +9,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::alerts::Alert;
+use crate::domain::repair::new_quarantine;
 use crate::domain::repair::remediation::{next, Action, Decision, MachineView};
 use crate::live::health::MachineState;
 use crate::live::providers::{Providers, ReplacementRequest};
-use crate::services::quarantine::{announce, new_quarantine, RemediationStatus};
+use crate::live::repair_state::RemediationStatus;
 use crate::store::repair::{RemediationEventRecord, RemediationState};
 use crate::store::StoreError;
 use crate::ServerState;
@@ -46,7 +47,7 @@ async fn decide_and_apply(
     providers: &Arc<Providers>,
 ) -> Result<(), StoreError> {
     let machines = state.store.machines().await?;
-    let quarantined = crate::services::quarantine::quarantined_ids(state).await?;
+    let quarantined = crate::live::repair_state::quarantined_ids(state).await?;
     let events = state.repair.store.remediations().await?;
     let tracked = state.health.snapshot();
     let views: Vec<MachineView> = machines
@@ -181,14 +182,14 @@ async fn remediate(
         .replacement_timeout
         .as_secs()
         .max(60);
-    let token_request = crate::services::tokens::TokenRequest {
-        labels: machine.labels.clone(),
-        zone: machine.zone.clone(),
-        ttl_seconds: ttl,
-        uses: 1,
-    };
-    let (token_record, token) = match crate::services::tokens::new_join_token(state, token_request)
-    {
+    let (token_record, token) = match crate::join_tokens::mint_join_token(
+        now,
+        &state.ca.fingerprint(),
+        &machine.labels,
+        &machine.zone,
+        ttl,
+        1,
+    ) {
         Ok(minted) => minted,
         Err(error) => {
             tracing::error!(%error, "cannot make a join token for a replacement");
@@ -223,7 +224,9 @@ async fn remediate(
         .open_remediation(&quarantine, &event)
         .await?;
     tracing::warn!(machine = %machine.id, hostname = %machine.hostname, event = %event.id, %provider, %reason, "remediation: machine quarantined, replacement requested");
-    announce(state, updated).await;
+    if let Some(machine) = &updated {
+        state.publisher.machine_changed(machine).await;
+    }
     publish_event(state, &event);
     let request = ReplacementRequest {
         event_id: event.id.clone(),

@@ -96,7 +96,7 @@ impl std::fmt::Debug for RolloutEngine {
 /// never swaps them. A store error is logged and read as "none", the same
 /// as the store being unable to record anything else this pass.
 async fn quarantined_machines(state: &ServerState) -> HashSet<Uuid> {
-    crate::services::quarantine::quarantined_ids(state)
+    crate::live::repair_state::quarantined_ids(state)
         .await
         .unwrap_or_else(|error| {
             tracing::warn!(%error, "cannot read quarantined machines");

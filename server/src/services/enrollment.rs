@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use flotte_proto::identity::{Identity, IdentityKind};
 use flotte_proto::join_token::JoinToken;
-use ring::digest;
 use uuid::Uuid;
 
 use crate::ca::{CaError, CertificateAuthority, IssuedCertificate};
 use crate::clock::{to_unix, Clock};
+use crate::join_tokens::hash_secret;
 use crate::store::{Inventory, MachineRecord, Store, StoreError, TokenRedemption, TokenRefusal};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,11 +34,6 @@ pub enum EnrollmentError {
     Ca(CaError),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// SHA-256 of a token secret, as stored.
-pub fn hash_secret(secret: &str) -> String {
-    hex::encode(digest::digest(&digest::SHA256, secret.as_bytes()))
 }
 
 #[derive(Debug, Clone)]

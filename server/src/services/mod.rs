@@ -9,7 +9,6 @@
 
 pub mod access;
 pub mod enrollment;
-pub mod forensics;
 pub mod machines;
 pub mod operators;
 pub mod quarantine;

@@ -1,101 +1,13 @@
-//! Repair and disaster recovery on the server: quarantine (a machine taken
-//! out of service but kept, enrolled and reachable, for investigation),
-//! forensic bundles, automatic remediation through replacement providers
-//! behind a breaker, and zone-loss impact reports.
-//!
-//! Decisions are pure functions (`remediation::next`, `dr::*`) over stored
-//! state; `controller` is the thin loop applying them. Nothing here wipes a
-//! machine or touches its disks: a quarantined agent only runs its
-//! configured hooks. Nothing here knows tonic: `api::repair` converts.
-
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+//! Quarantine by hand: a machine taken out of service but kept, enrolled and
+//! reachable, for investigation. Stored first, then the machine's agent is
+//! sent its new desired state by the publisher. Nothing here wipes a machine
+//! or touches its disks: a quarantined agent only runs its configured hooks.
 
 use uuid::Uuid;
 
-use crate::store::repair::{QuarantineRecord, RepairStore};
+use crate::store::repair::QuarantineRecord;
 use crate::store::{MachineRecord, StoreError};
 use crate::ServerState;
-
-/// What remediation is doing now, for `flottectl status` (set by the loop).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RemediationStatus {
-    pub breaker_open: bool,
-    pub breaker_reasons: Vec<String>,
-    pub in_progress: u32,
-}
-
-/// The repair parts of the server state.
-pub struct RepairState {
-    pub store: Arc<dyn RepairStore>,
-    pub forensics: crate::services::forensics::ForensicStore,
-    pub status: Mutex<RemediationStatus>,
-}
-
-impl std::fmt::Debug for RepairState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RepairState").finish_non_exhaustive()
-    }
-}
-
-impl RepairState {
-    pub fn new(store: Arc<dyn RepairStore>, data_dir: &std::path::Path) -> Self {
-        RepairState {
-            store,
-            forensics: crate::services::forensics::ForensicStore::new(data_dir),
-            status: Mutex::new(RemediationStatus::default()),
-        }
-    }
-
-    pub fn status(&self) -> RemediationStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    pub(crate) fn set_status(&self, status: RemediationStatus) -> RemediationStatus {
-        std::mem::replace(
-            &mut *self
-                .status
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            status,
-        )
-    }
-}
-
-/// A fresh quarantine of `machine_id` (its id is what the agent collects a
-/// bundle for, once).
-pub fn new_quarantine(machine_id: Uuid, reason: String, by: &str, now: i64) -> QuarantineRecord {
-    QuarantineRecord {
-        machine_id,
-        id: Uuid::new_v4().simple().to_string(),
-        reason,
-        since: now,
-        by: by.to_owned(),
-    }
-}
-
-/// Sends the new desired state (with or without the quarantine) to the
-/// machine's agent, if connected; otherwise it gets it on reconnect.
-pub async fn announce(state: &ServerState, machine: Option<MachineRecord>) {
-    if let Some(machine) = machine {
-        state.publisher.machine_changed(&machine).await;
-    }
-}
-
-/// The ids of every quarantined machine (what a rollout must skip).
-pub async fn quarantined_ids(state: &ServerState) -> Result<HashSet<Uuid>, StoreError> {
-    Ok(state
-        .repair
-        .store
-        .quarantines()
-        .await?
-        .into_iter()
-        .map(|quarantine| quarantine.machine_id)
-        .collect())
-}
 
 /// Quarantines (Some) or releases (None) by hand; the machine as it is now.
 pub async fn set_quarantine(
@@ -108,6 +20,8 @@ pub async fn set_quarantine(
         .store
         .set_quarantine(machine_id, quarantine)
         .await?;
-    announce(state, machine.clone()).await;
+    if let Some(machine) = &machine {
+        state.publisher.machine_changed(machine).await;
+    }
     Ok(machine)
 }

@@ -7,9 +7,8 @@ use std::collections::BTreeMap;
 use flotte_proto::identity::is_valid_segment;
 use flotte_proto::join_token::JoinToken;
 use flotte_proto::labels::validate_label;
-use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::services::enrollment::hash_secret;
+use crate::join_tokens::mint_join_token;
 use crate::store::{JoinTokenRecord, StoreError};
 use crate::ServerState;
 
@@ -36,14 +35,6 @@ pub struct TokenRequest {
     pub zone: String,
     pub ttl_seconds: u64,
     pub uses: u32,
-}
-
-fn random_hex(bytes: usize) -> Result<String, TokenError> {
-    let mut buffer = vec![0u8; bytes];
-    SystemRandom::new()
-        .fill(&mut buffer)
-        .map_err(|_| TokenError::Random)?;
-    Ok(hex::encode(buffer))
 }
 
 /// Checks a token request, listing every problem together.
@@ -75,41 +66,21 @@ pub fn validate_token_request(request: &TokenRequest) -> Result<(), TokenError> 
     }
 }
 
-/// A new join token (not stored yet): its record, with only the secret's
-/// hash, and the token text to hand out. Used by operators' requests and by
-/// remediation (a replacement machine enrolls with one).
-pub fn new_join_token(
-    state: &ServerState,
-    request: TokenRequest,
-) -> Result<(JoinTokenRecord, JoinToken), TokenError> {
-    let now = state.clock.now_unix();
-    let secret = random_hex(16)?;
-    let record = JoinTokenRecord {
-        id: random_hex(6)?,
-        secret_hash: hash_secret(&secret),
-        labels: request.labels,
-        zone: request.zone,
-        created_at: now,
-        expires_at: now.saturating_add(i64::try_from(request.ttl_seconds).unwrap_or(i64::MAX)),
-        uses_allowed: request.uses.max(1),
-        uses_done: 0,
-        revoked: false,
-    };
-    let token = JoinToken {
-        id: record.id.clone(),
-        secret,
-        ca_fingerprint: state.ca.fingerprint(),
-    };
-    Ok((record, token))
-}
-
 /// Validates, mints and stores a token; returns its record and its text.
 pub async fn create_token(
     state: &ServerState,
     request: TokenRequest,
 ) -> Result<(JoinTokenRecord, JoinToken), TokenError> {
     validate_token_request(&request)?;
-    let (record, token) = new_join_token(state, request)?;
+    let (record, token) = mint_join_token(
+        state.clock.now_unix(),
+        &state.ca.fingerprint(),
+        &request.labels,
+        &request.zone,
+        request.ttl_seconds,
+        request.uses,
+    )
+    .map_err(|_| TokenError::Random)?;
     state.store.insert_token(&record).await?;
     Ok((record, token))
 }
