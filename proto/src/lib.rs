@@ -4,7 +4,7 @@
 //! every certificate.
 //!
 //! It also holds what every process must agree on to talk at all: the join
-//! token format, the label/selector grammar, and how a client dials the server
+//! token format, the label/selector grammar, the hostname grammar (`names`), and how a client dials the server
 //! (TCP + rustls + HTTP/2). Nothing here knows about storage or business rules:
 //! the agent and the server convert these wire types into their own domain
 //! types at their edges.
@@ -16,6 +16,7 @@ pub mod identity;
 pub mod image;
 pub mod join_token;
 pub mod labels;
+pub mod names;
 pub mod release_keys;
 pub mod settings;
 pub mod signals;

@@ -14,6 +14,7 @@ pub use flotte_proto::settings::{read_toml, ConfigError};
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::WebhookTarget;
+use crate::limits::{LimitSettings, LimitsConfigFile};
 use crate::domain::repair::settings::{
     validate_minimums, GroupMinimumFile, GroupMinimums, RemediationConfigFile, RemediationSettings,
 };
@@ -53,6 +54,10 @@ pub struct ServerConfigFile {
     /// Least operational machines per group, for `flottectl dr impact`.
     #[serde(rename = "minimum", skip_serializing_if = "Vec::is_empty")]
     pub minimums: Vec<GroupMinimumFile>,
+    /// Bounds on what unauthenticated callers can make the server hold.
+    /// Left out of the file `init` writes while it is the default.
+    #[serde(skip_serializing_if = "LimitsConfigFile::is_default")]
+    pub limits: LimitsConfigFile,
 }
 
 /// One `[[webhook]]` table.
@@ -90,6 +95,7 @@ impl Default for ServerConfigFile {
             webhooks: Vec::new(),
             remediation: RemediationConfigFile::default(),
             minimums: Vec::new(),
+            limits: LimitsConfigFile::default(),
         }
     }
 }
@@ -111,6 +117,7 @@ pub struct ServerConfig {
     pub webhooks: Vec<WebhookTarget>,
     pub remediation: RemediationSettings,
     pub minimums: GroupMinimums,
+    pub limits: LimitSettings,
 }
 
 impl ServerConfigFile {
@@ -217,6 +224,7 @@ impl ServerConfigFile {
         }
         let remediation = self.remediation.validate(&mut problems);
         let minimums = validate_minimums(&self.minimums, &mut problems);
+        let limits = self.limits.validate(&mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -245,6 +253,7 @@ impl ServerConfigFile {
             webhooks,
             remediation,
             minimums,
+            limits,
         })
     }
 }
@@ -276,6 +285,10 @@ mod tests {
                 max_concurrent: 0,
                 ..RemediationConfigFile::default()
             },
+            limits: LimitsConfigFile {
+                max_requests_per_connection: 0,
+                ..LimitsConfigFile::default()
+            },
             ..ServerConfigFile::default()
         };
         let error = file
@@ -292,6 +305,7 @@ mod tests {
             "max_attempts must be at least 1",
             "URL \"https://x/\" is not http://",
             "remediation.max_concurrent must be at least 1",
+            "limits.max_requests_per_connection must be at least 1",
         ] {
             assert!(error.contains(expected), "{expected} missing from {error}");
         }

@@ -69,7 +69,8 @@ use crate::live::health::HealthTracker;
 use crate::live::registry::Registry;
 use crate::live::revocation::Revocations;
 use crate::live::transitions::EventSender;
-use crate::metrics::{RpcMetricsLayer, ServerMetrics};
+use crate::limits::methods::{CallHookLayer, MethodCatalog, MethodCatalogError, UnaryTimeout};
+use crate::metrics::{RpcMetrics, ServerMetrics};
 use crate::store::{SqliteStore, Store, StoreError};
 use flotte_proto::v1::access_server::AccessServer;
 use flotte_proto::v1::users_server::UsersServer;
@@ -77,8 +78,6 @@ use flotte_proto::v1::users_server::UsersServer;
 /// The server's own certificate is re-issued at every start (so SAN changes
 /// in the config take effect on restart); this bounds how long one start lasts.
 const SERVER_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
-/// Largest message accepted from an agent.
-const MAX_AGENT_MESSAGE_BYTES: usize = 1024 * 1024;
 /// After shutdown is requested, connections get this long to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -90,6 +89,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] edge::tls::TlsSetupError),
+    #[error(transparent)]
+    MethodCatalog(#[from] MethodCatalogError),
     #[error("gRPC reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
@@ -332,52 +333,92 @@ pub async fn run(
             Ok(request)
         };
 
+    let limits = &state.config.limits;
     let incoming = edge::tls::accept_loop(
         listener,
         tokio_rustls::TlsAcceptor::from(Arc::new(tls_config)),
         state.config.trust_domain.clone(),
         Arc::clone(&state.revocations),
+        edge::tls::ConnectionLimits::from_settings(limits),
         shutdown.clone(),
     );
     let flusher = tokio::spawn(flush_last_seen(Arc::clone(&state), shutdown.clone()));
     let trust = TrustApi::new(Arc::clone(&state));
+    let catalog = MethodCatalog::of_this_server()?;
+    // Callers without a certificate reach health and enrollment only: both
+    // get the small enrollment bound. Agents get theirs; admin calls theirs.
+    let anonymous_bytes = limits.max_enrollment_message_bytes;
+    let agent_bytes = limits.max_agent_message_bytes;
+    let admin_bytes = limits.max_admin_message_bytes;
     let router = tonic::transport::Server::builder()
-        .layer(RpcMetricsLayer {
-            metrics: state.metrics.clone(),
+        .layer(CallHookLayer {
+            hook: RpcMetrics {
+                metrics: state.metrics.clone(),
+                catalog: catalog.clone(),
+            },
         })
+        .layer(CallHookLayer {
+            hook: UnaryTimeout {
+                catalog,
+                timeout: limits.unary_call_timeout,
+            },
+        })
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .concurrency_limit_per_connection(limits.max_requests_per_connection)
+        .http2_max_header_list_size(limits.max_header_list_bytes)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(health_service)
+        .add_service(health_service.max_decoding_message_size(anonymous_bytes))
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection,
+            reflection.max_decoding_message_size(admin_bytes),
             require_identity.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection_v1alpha,
+            reflection_v1alpha.max_decoding_message_size(admin_bytes),
             require_identity,
         ))
-        .add_service(EnrollmentServer::new(EnrollmentApi::new(Arc::clone(
-            &state,
-        ))))
         .add_service(
-            AgentSessionServer::new(SessionApi::new(Arc::clone(&state)))
-                // Reports are bounded by the agent (64 checks × 4 KiB of
-                // output); anything near this limit is not a real agent.
-                .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES),
+            EnrollmentServer::new(EnrollmentApi::new(Arc::clone(&state)))
+                .max_decoding_message_size(anonymous_bytes),
         )
-        .add_service(TokensServer::new(TokensApi::new(Arc::clone(&state))))
-        .add_service(MachinesServer::new(MachinesApi::new(Arc::clone(&state))))
-        .add_service(ImagesServer::new(ImagesApi::new(Arc::clone(&state))))
-        .add_service(OperatorsServer::new(OperatorsApi::new(Arc::clone(&state))))
-        .add_service(ReleaseKeysServer::new(trust.clone()))
-        .add_service(AuditServer::new(trust))
-        .add_service(RepairServer::new(RepairApi::new(Arc::clone(&state))))
-        .add_service(DisasterRecoveryServer::new(RepairApi::new(Arc::clone(
-            &state,
-        ))))
-        .add_service(RolloutsServer::new(RolloutsApi::new(Arc::clone(&state))))
-        .add_service(UsersServer::new(AccessApi::new(Arc::clone(&state))))
-        .add_service(AccessServer::new(AccessApi::new(Arc::clone(&state))));
+        .add_service(
+            // Reports are bounded by the agent (64 checks × 4 KiB of output);
+            // anything near the default limit (1 MiB) is not a real agent.
+            AgentSessionServer::new(SessionApi::new(Arc::clone(&state)))
+                .max_decoding_message_size(agent_bytes),
+        )
+        .add_service(TokensServer::new(TokensApi::new(Arc::clone(&state))).max_decoding_message_size(admin_bytes))
+        .add_service(MachinesServer::new(MachinesApi::new(Arc::clone(&state))).max_decoding_message_size(admin_bytes))
+        .add_service(
+            ImagesServer::new(ImagesApi::new(Arc::clone(&state)))
+                .max_decoding_message_size(admin_bytes),
+        )
+        .add_service(
+            OperatorsServer::new(OperatorsApi::new(Arc::clone(&state)))
+                .max_decoding_message_size(admin_bytes),
+        )
+        .add_service(ReleaseKeysServer::new(trust.clone()).max_decoding_message_size(admin_bytes))
+        .add_service(AuditServer::new(trust).max_decoding_message_size(admin_bytes))
+        .add_service(
+            RepairServer::new(RepairApi::new(Arc::clone(&state)))
+                .max_decoding_message_size(admin_bytes),
+        )
+        .add_service(
+            DisasterRecoveryServer::new(RepairApi::new(Arc::clone(&state)))
+                .max_decoding_message_size(admin_bytes),
+        )
+        .add_service(
+            RolloutsServer::new(RolloutsApi::new(Arc::clone(&state)))
+                .max_decoding_message_size(admin_bytes),
+        )
+        .add_service(
+            UsersServer::new(AccessApi::new(Arc::clone(&state)))
+                .max_decoding_message_size(admin_bytes),
+        )
+        .add_service(
+            AccessServer::new(AccessApi::new(Arc::clone(&state)))
+                .max_decoding_message_size(admin_bytes),
+        );
 
     tracing::info!(
         fingerprint = %state.ca.fingerprint(),

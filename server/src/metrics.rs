@@ -4,10 +4,7 @@
 //! Gauges derived from live state are refreshed when scraped, so no hot path
 //! pays for them.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -17,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use tonic::codegen::http;
+
+use crate::limits::methods::{CallFuture, CallHook, MethodCatalog};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateZoneLabels {
@@ -220,53 +219,32 @@ impl ServerMetrics {
     }
 }
 
-/// A tower layer counting gRPC requests and timing them to their response
-/// headers (for streams, the time to open). The status code is the
+/// Counts gRPC requests and times them to their response headers (for
+/// streams, the time to open), as a [`CallHook`]. The status code is the
 /// `grpc-status` header when the call failed before any message (a
-/// "trailers-only" answer), otherwise `0`.
+/// "trailers-only" answer), otherwise `0`. It wraps every request, before
+/// authentication, so the method label is the path only when `catalog`
+/// knows it and `unknown` otherwise: a label per raw path would let anyone
+/// grow the registry without bound.
 #[derive(Clone, Debug)]
-pub struct RpcMetricsLayer {
+pub struct RpcMetrics {
     pub metrics: ServerMetrics,
+    pub catalog: MethodCatalog,
 }
 
-impl<S> tower::Layer<S> for RpcMetricsLayer {
-    type Service = RpcMetricsService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RpcMetricsService {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct RpcMetricsService<S> {
-    inner: S,
-    metrics: ServerMetrics,
-}
-
-impl<S, RequestBody, ResponseBody> tower::Service<http::Request<RequestBody>>
-    for RpcMetricsService<S>
-where
-    S: tower::Service<http::Request<RequestBody>, Response = http::Response<ResponseBody>>,
-    S::Future: Send + 'static,
+impl<ResponseBody: 'static, Error: 'static> CallHook<http::Response<ResponseBody>, Error>
+    for RpcMetrics
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
-        let method = request.uri().path().to_owned();
+    fn around(
+        &self,
+        path: &str,
+        call: CallFuture<http::Response<ResponseBody>, Error>,
+    ) -> CallFuture<http::Response<ResponseBody>, Error> {
+        let method = self.catalog.label(path).to_owned();
         let metrics = self.metrics.clone();
         let started = Instant::now();
-        let response = self.inner.call(request);
         Box::pin(async move {
-            let response = response.await;
+            let response = call.await;
             let code = match &response {
                 Ok(response) => response
                     .headers()
@@ -305,5 +283,48 @@ mod tests {
             "stale series must go: {second}"
         );
         assert!(second.contains("flotte_connected_agents 0"));
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_share_one_label() {
+        use tower::{Layer, ServiceExt};
+        let metrics = ServerMetrics::new();
+        let layer = crate::limits::methods::CallHookLayer {
+            hook: RpcMetrics {
+                metrics: metrics.clone(),
+                catalog: MethodCatalog::of_this_server().unwrap(),
+            },
+        };
+        let answer = tower::service_fn(|_request: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        });
+        let paths = (0..2000)
+            .map(|index| format!("/random.{index}/{}", "x".repeat(index % 97)))
+            .chain(["/flotte.v1.Machines/ListMachines".to_owned()]);
+        for path in paths {
+            let request = http::Request::builder()
+                .uri(format!("http://server{path}"))
+                .body(())
+                .unwrap();
+            layer.layer(answer).oneshot(request).await.unwrap();
+        }
+        let text = metrics.encode(&[], 0);
+        let mut request_series: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("flotte_rpc_requests_total{"))
+            .collect();
+        request_series.sort_unstable();
+        assert_eq!(
+            request_series,
+            [
+                "flotte_rpc_requests_total{method=\"/flotte.v1.Machines/ListMachines\",code=\"0\"} 1",
+                "flotte_rpc_requests_total{method=\"unknown\",code=\"0\"} 2000",
+            ]
+        );
+        let duration_series = text
+            .lines()
+            .filter(|line| line.starts_with("flotte_rpc_duration_seconds_count{"))
+            .count();
+        assert_eq!(duration_series, 2, "{text}");
     }
 }

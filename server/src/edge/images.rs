@@ -96,6 +96,16 @@ impl Images for ImagesApi {
         &self,
         mut request: Request<Streaming<PushImageChunk>>,
     ) -> Result<Response<ImageInfo>, Status> {
+        // The caller's role is checked before a byte of the push is read (a
+        // refusal is audited without the image, which was not read); the
+        // call is admitted again below with the image for the audit entry.
+        admit(
+            &self.state,
+            &request,
+            AdminRpc::PushImage,
+            json!({ "image": null }),
+        )
+        .await?;
         let first = request.get_mut().message().await?.ok_or_else(|| {
             Status::invalid_argument("empty push: the first message must carry the manifest")
         })?;

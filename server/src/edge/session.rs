@@ -230,6 +230,12 @@ impl AgentSession for SessionApi {
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no hello within 30 s")),
         };
+        crate::edge::enrollment::require_valid_hostname(
+            hello
+                .inventory
+                .as_ref()
+                .map_or("", |inventory| &inventory.hostname),
+        )?;
         let now = state.clock.now_unix();
         let inventory = inventory_from_hello(&hello);
         state

@@ -10,6 +10,12 @@
 //! identified connection is registered with `revocation` so that revoking its
 //! identity closes it, and session resumption is off so that every
 //! connection's certificate goes through that check.
+//!
+//! Everything before authentication is bounded here ([`ConnectionLimits`]):
+//! handshakes in flight and their duration, connections without a client
+//! certificate (how many, and how long they may stay silent), and
+//! unauthenticated connections per source address. Nobody gets a task, a
+//! buffer or a slot for free just by opening a socket.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,18 +32,21 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use crate::ca::certificate_facts_from_der;
+use crate::limits::rate::{PerSourceCounter, SourceSlot};
+use crate::limits::LimitSettings;
 use crate::live::revocation::{ConnectionTicket, Revocations};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections waiting for tonic to pick them up; beyond this, accept pauses.
 const ACCEPT_BACKLOG: usize = 1024;
 
@@ -72,18 +81,81 @@ pub struct PeerInfo {
     pub certificate: PeerCertificate,
 }
 
+/// The accept loop's bounds (see `[limits]` in the settings).
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// TLS handshakes in progress; the loop stops accepting while none is free.
+    pub handshakes: Arc<Semaphore>,
+    pub handshake_timeout: Duration,
+    /// Open connections without a usable client certificate.
+    pub anonymous: Arc<Semaphore>,
+    pub anonymous_idle_timeout: Duration,
+    /// Handshaking or anonymous connections per source address.
+    pub per_source: PerSourceCounter,
+}
+
+impl ConnectionLimits {
+    pub fn from_settings(settings: &LimitSettings) -> Self {
+        ConnectionLimits {
+            handshakes: Arc::new(Semaphore::new(settings.max_handshakes_in_flight)),
+            handshake_timeout: settings.handshake_timeout,
+            anonymous: Arc::new(Semaphore::new(settings.max_anonymous_connections)),
+            anonymous_idle_timeout: settings.anonymous_idle_timeout,
+            per_source: PerSourceCounter::new(settings.max_unauthenticated_connections_per_source),
+        }
+    }
+}
+
+/// Closes a connection that received nothing for `timeout`.
+struct IdleDeadline {
+    timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+}
+
+/// What an anonymous connection holds while it lives: its place under the
+/// anonymous cap and under its source address's cap, and its idle deadline.
+struct AnonymousAllowance {
+    _permit: OwnedSemaphorePermit,
+    _source_slot: SourceSlot,
+    idle: IdleDeadline,
+}
+
 /// A TLS connection with the facts of its peer, handed to tonic. An
 /// identified connection ends (reads and writes fail) as soon as its identity
-/// is revoked, which makes hyper drop it with every stream it carries.
+/// is revoked, which makes hyper drop it with every stream it carries; an
+/// anonymous one ends when it stays silent past its idle timeout.
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
     /// Keeps the connection registered under its identity while it lives.
     _ticket: Option<ConnectionTicket>,
     revoked: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    anonymous: Option<AnonymousAllowance>,
 }
 
 impl TlsConnection {
+    /// An error once an anonymous connection was silent for too long. Polling
+    /// the deadline registers this task's waker, so an idle connection wakes.
+    fn idle_error(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let idle = &mut self.anonymous.as_mut()?.idle;
+        idle.deadline.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection without a client certificate was idle too long",
+            )
+        })
+    }
+
+    /// Pushes the idle deadline back after bytes were received.
+    fn received_bytes(&mut self) {
+        if let Some(anonymous) = self.anonymous.as_mut() {
+            let idle = &mut anonymous.idle;
+            idle.deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + idle.timeout);
+        }
+    }
+
     /// An error once the identity was revoked. Polling the cancellation also
     /// registers this task's waker, so a revocation wakes an idle connection.
     fn revocation_error(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
@@ -111,10 +183,15 @@ impl AsyncRead for TlsConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(error) = self.revocation_error(cx) {
+        if let Some(error) = self.revocation_error(cx).or_else(|| self.idle_error(cx)) {
             return Poll::Ready(Err(error));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let filled_before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > filled_before {
+            self.received_bytes();
+        }
+        read
     }
 }
 
@@ -279,14 +356,47 @@ fn peer_certificate(stream: &TlsStream<TcpStream>, trust_domain: &str) -> PeerCe
     }
 }
 
+/// Admits a connection without a usable client certificate if the anonymous
+/// cap has room; it keeps its source slot and gets an idle deadline.
+fn admit_anonymous(
+    stream: TlsStream<TcpStream>,
+    peer: PeerInfo,
+    limits: &ConnectionLimits,
+    source_slot: SourceSlot,
+) -> Option<TlsConnection> {
+    let Ok(permit) = Arc::clone(&limits.anonymous).try_acquire_owned() else {
+        // Logged at debug level only: a flood must not become a log flood.
+        tracing::debug!(remote = %peer.remote_address, "connection without a client certificate closed: too many open");
+        return None;
+    };
+    let timeout = limits.anonymous_idle_timeout;
+    Some(TlsConnection {
+        stream,
+        peer,
+        _ticket: None,
+        revoked: None,
+        anonymous: Some(AnonymousAllowance {
+            _permit: permit,
+            _source_slot: source_slot,
+            idle: IdleDeadline {
+                timeout,
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+            },
+        }),
+    })
+}
+
 /// Registers an identified connection for revocation, then checks the deny
 /// list once more: an identity revoked between the verifier and the
 /// registration would otherwise slip through (registering first means a
 /// revocation after this check still finds and cuts the connection).
+/// Connections without an identity go through [`admit_anonymous`].
 fn admit(
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
     revocations: &Arc<Revocations>,
+    limits: &ConnectionLimits,
+    source_slot: SourceSlot,
 ) -> Option<TlsConnection> {
     let PeerCertificate::Verified {
         identity,
@@ -294,13 +404,10 @@ fn admit(
         ..
     } = &peer.certificate
     else {
-        return Some(TlsConnection {
-            stream,
-            peer,
-            _ticket: None,
-            revoked: None,
-        });
+        return admit_anonymous(stream, peer, limits, source_slot);
     };
+    // An authenticated connection no longer counts against its address.
+    drop(source_slot);
     let identity_uri = identity.uri();
     let ticket = revocations.track(&identity_uri);
     if let Some(reason) = revocations.refusal(&identity_uri, serial_hex) {
@@ -313,6 +420,7 @@ fn admit(
         peer,
         _ticket: Some(ticket),
         revoked: Some(revoked),
+        anonymous: None,
     })
 }
 
@@ -338,16 +446,27 @@ async fn close_gently(mut tcp: TcpStream) {
 /// Accepts TCP connections, runs each TLS handshake in its own task (a slow
 /// client never delays others) and yields finished connections. Handshake
 /// failures are logged and dropped: an error yielded here would stop tonic.
+/// Accepting waits while `limits.handshakes` are all taken (new connections
+/// then wait in the kernel's backlog); a source address over its cap is
+/// closed at once.
 pub fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     trust_domain: String,
     revocations: Arc<Revocations>,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> mpsc::Receiver<Result<TlsConnection, io::Error>> {
     let (sender, receiver) = mpsc::channel(ACCEPT_BACKLOG);
     tokio::spawn(async move {
         loop {
+            let handshake_permit = tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = Arc::clone(&limits.handshakes).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break, // never closed; nothing left to do if it were
+                },
+            };
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => accepted,
@@ -361,26 +480,36 @@ pub fn accept_loop(
                     continue;
                 }
             };
+            let Some(source_slot) = limits.per_source.try_acquire(remote_address.ip()) else {
+                tracing::debug!(%remote_address, limit = limits.per_source.limit(), "connection closed: too many unauthenticated connections from this address");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let sender = sender.clone();
             let trust_domain = trust_domain.clone();
             let revocations = Arc::clone(&revocations);
+            let limits = limits.clone();
             tokio::spawn(async move {
                 let handshake = acceptor.accept(tcp).into_fallible();
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                let finished = tokio::time::timeout(limits.handshake_timeout, handshake).await;
+                drop(handshake_permit);
+                match finished {
                     Ok(Ok(stream)) => {
                         let certificate = peer_certificate(&stream, &trust_domain);
                         let peer = PeerInfo {
                             remote_address,
                             certificate,
                         };
-                        if let Some(connection) = admit(stream, peer, &revocations) {
+                        if let Some(connection) =
+                            admit(stream, peer, &revocations, &limits, source_slot)
+                        {
                             let _ = sender.send(Ok(connection)).await;
                         }
                     }
                     Ok(Err((error, tcp))) => {
                         tracing::info!(%remote_address, %error, "TLS handshake refused");
+                        drop(source_slot);
                         close_gently(tcp).await;
                     }
                     Err(_) => {
