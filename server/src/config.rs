@@ -14,10 +14,10 @@ pub use flotte_proto::settings::{read_toml, ConfigError};
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::WebhookTarget;
-use crate::limits::{LimitSettings, LimitsConfigFile};
 use crate::domain::repair::settings::{
     validate_minimums, GroupMinimumFile, GroupMinimums, RemediationConfigFile, RemediationSettings,
 };
+use crate::limits::{LimitSettings, LimitsConfigFile};
 
 /// Settings as written in the TOML file. Durations are humantime strings
 /// ("24h", "10s") so that every bad value can be reported, not just the first.

@@ -2,12 +2,18 @@
 //! live registry of agent sessions, the durable store, and the admin API that
 //! `flottectl` and integrations call — all on one gRPC port over mutual TLS.
 //!
-//! Shape: `run(config, listener, shutdown)` wires the pieces and serves until
+//! Shape: `run(config, listener, shutdown)` wires the layers and serves until
 //! `shutdown` is cancelled, so tests start a real server on `127.0.0.1:0`.
-//! Domain modules (`ca`, `enrollment`, `store`, `registry`) never see proto
-//! or tonic types except through `api`, which is the only place where errors
-//! become gRPC statuses. Nothing here blocks the async runtime on disk: the
-//! store runs on the blocking pool.
+//! The layers point one way — `edge` (gRPC: guard, proto ↔ domain, one
+//! service call, typed error → status) → `services` (the rules, one per
+//! aggregate) → `live` (what this process holds: sessions, the publisher,
+//! health, the loops) → `domain` (pure decisions) → `store` (traits over
+//! domain types and their backends); `tests/layering.rs` fails when an import
+//! points the wrong way or the wire leaks out of the edge. Root modules
+//! (`ca`, `clock`, `config`, `metrics`, `alerts`, `audit`, `images`,
+//! `forensics`, `join_tokens`, `limits`) are infrastructure any layer below
+//! the edge may use. Nothing here blocks the async runtime on disk: the store
+//! runs on the blocking pool.
 
 pub mod alerts;
 pub mod audit;
@@ -35,51 +41,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotte_proto::identity::Identity;
-use flotte_proto::v1::agent_session_server::AgentSessionServer;
-use flotte_proto::v1::audit_server::AuditServer;
-use flotte_proto::v1::enrollment_server::EnrollmentServer;
-use flotte_proto::v1::images_server::ImagesServer;
-use flotte_proto::v1::machines_server::MachinesServer;
-use flotte_proto::v1::operators_server::OperatorsServer;
-use flotte_proto::v1::release_keys_server::ReleaseKeysServer;
-use flotte_proto::v1::rollouts_server::RolloutsServer;
-use flotte_proto::v1::tokens_server::TokensServer;
-use flotte_proto::v1::{
-    disaster_recovery_server::DisasterRecoveryServer, repair_server::RepairServer,
-};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::AlertDispatcher;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ServerConfig;
-use crate::edge::access::AccessApi;
-use crate::edge::enrollment::EnrollmentApi;
-use crate::edge::images::ImagesApi;
-use crate::edge::machines::MachinesApi;
-use crate::edge::operators::OperatorsApi;
-use crate::edge::repair::RepairApi;
-use crate::edge::rollouts::RolloutsApi;
-use crate::edge::session::SessionApi;
-use crate::edge::tokens::TokensApi;
-use crate::edge::trust::TrustApi;
 use crate::live::health::HealthTracker;
 use crate::live::registry::Registry;
 use crate::live::revocation::Revocations;
 use crate::live::transitions::EventSender;
-use crate::limits::methods::{CallHookLayer, MethodCatalog, MethodCatalogError, UnaryTimeout};
-use crate::metrics::{RpcMetrics, ServerMetrics};
+use crate::metrics::ServerMetrics;
 use crate::store::{SqliteStore, Store, StoreError};
-use flotte_proto::v1::access_server::AccessServer;
-use flotte_proto::v1::users_server::UsersServer;
 
 /// The server's own certificate is re-issued at every start (so SAN changes
 /// in the config take effect on restart); this bounds how long one start lasts.
 const SERVER_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
-/// After shutdown is requested, connections get this long to close.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -90,11 +68,7 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] edge::tls::TlsSetupError),
     #[error(transparent)]
-    MethodCatalog(#[from] MethodCatalogError),
-    #[error("gRPC reflection setup failed: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    #[error("gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    Serve(#[from] edge::ServeError),
     #[error("cannot load the active rollouts: {0}")]
     Rollouts(String),
     #[error("cannot serve metrics on {address}: {source}")]
@@ -308,141 +282,13 @@ pub async fn run(
         serve_metrics(Arc::clone(&state), address, shutdown.clone()).await?;
     }
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<AgentSessionServer<SessionApi>>()
-        .await;
-    health_reporter
-        .set_serving::<MachinesServer<MachinesApi>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(flotte_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(flotte_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    // Reflection reveals only the schema, but there is no reason to show it to
-    // callers without an identity, or to revoked ones.
-    let reflection_revocations = Arc::clone(&state.revocations);
-    let require_identity =
-        move |request: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
-            let caller = edge::auth::require_any_identity(&request)?;
-            edge::auth::require_not_revoked(&caller, &reflection_revocations)?;
-            Ok(request)
-        };
-
-    let limits = &state.config.limits;
-    let incoming = edge::tls::accept_loop(
-        listener,
-        tokio_rustls::TlsAcceptor::from(Arc::new(tls_config)),
-        state.config.trust_domain.clone(),
-        Arc::clone(&state.revocations),
-        edge::tls::ConnectionLimits::from_settings(limits),
-        shutdown.clone(),
-    );
     let flusher = tokio::spawn(flush_last_seen(Arc::clone(&state), shutdown.clone()));
-    let trust = TrustApi::new(Arc::clone(&state));
-    let catalog = MethodCatalog::of_this_server()?;
-    // Callers without a certificate reach health and enrollment only: both
-    // get the small enrollment bound. Agents get theirs; admin calls theirs.
-    let anonymous_bytes = limits.max_enrollment_message_bytes;
-    let agent_bytes = limits.max_agent_message_bytes;
-    let admin_bytes = limits.max_admin_message_bytes;
-    let router = tonic::transport::Server::builder()
-        .layer(CallHookLayer {
-            hook: RpcMetrics {
-                metrics: state.metrics.clone(),
-                catalog: catalog.clone(),
-            },
-        })
-        .layer(CallHookLayer {
-            hook: UnaryTimeout {
-                catalog,
-                timeout: limits.unary_call_timeout,
-            },
-        })
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .concurrency_limit_per_connection(limits.max_requests_per_connection)
-        .http2_max_header_list_size(limits.max_header_list_bytes)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(health_service.max_decoding_message_size(anonymous_bytes))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection.max_decoding_message_size(admin_bytes),
-            require_identity.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection_v1alpha.max_decoding_message_size(admin_bytes),
-            require_identity,
-        ))
-        .add_service(
-            EnrollmentServer::new(EnrollmentApi::new(Arc::clone(&state)))
-                .max_decoding_message_size(anonymous_bytes),
-        )
-        .add_service(
-            // Reports are bounded by the agent (64 checks × 4 KiB of output);
-            // anything near the default limit (1 MiB) is not a real agent.
-            AgentSessionServer::new(SessionApi::new(Arc::clone(&state)))
-                .max_decoding_message_size(agent_bytes),
-        )
-        .add_service(TokensServer::new(TokensApi::new(Arc::clone(&state))).max_decoding_message_size(admin_bytes))
-        .add_service(MachinesServer::new(MachinesApi::new(Arc::clone(&state))).max_decoding_message_size(admin_bytes))
-        .add_service(
-            ImagesServer::new(ImagesApi::new(Arc::clone(&state)))
-                .max_decoding_message_size(admin_bytes),
-        )
-        .add_service(
-            OperatorsServer::new(OperatorsApi::new(Arc::clone(&state)))
-                .max_decoding_message_size(admin_bytes),
-        )
-        .add_service(ReleaseKeysServer::new(trust.clone()).max_decoding_message_size(admin_bytes))
-        .add_service(AuditServer::new(trust).max_decoding_message_size(admin_bytes))
-        .add_service(
-            RepairServer::new(RepairApi::new(Arc::clone(&state)))
-                .max_decoding_message_size(admin_bytes),
-        )
-        .add_service(
-            DisasterRecoveryServer::new(RepairApi::new(Arc::clone(&state)))
-                .max_decoding_message_size(admin_bytes),
-        )
-        .add_service(
-            RolloutsServer::new(RolloutsApi::new(Arc::clone(&state)))
-                .max_decoding_message_size(admin_bytes),
-        )
-        .add_service(
-            UsersServer::new(AccessApi::new(Arc::clone(&state)))
-                .max_decoding_message_size(admin_bytes),
-        )
-        .add_service(
-            AccessServer::new(AccessApi::new(Arc::clone(&state)))
-                .max_decoding_message_size(admin_bytes),
-        );
-
     tracing::info!(
         fingerprint = %state.ca.fingerprint(),
         identity = %server_identity,
         "flotte-server serving"
     );
-    let shutdown_signal = shutdown.clone();
-    let state_for_shutdown = Arc::clone(&state);
-    let serve = router.serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
-        shutdown_signal.cancelled().await;
-        // Long-lived agent streams would hold a graceful shutdown open forever.
-        state_for_shutdown.registry.cancel_all();
-    });
-    tokio::pin!(serve);
-    let result = tokio::select! {
-        result = &mut serve => result,
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            tracing::warn!("connections did not close within the shutdown grace period");
-            Ok(())
-        }
-    };
+    let result = edge::serve(Arc::clone(&state), listener, tls_config, shutdown.clone()).await;
     shutdown.cancel();
     let _ = flusher.await;
     // Stops the replacement agents a `local` provider started.

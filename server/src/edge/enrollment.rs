@@ -12,8 +12,8 @@ use flotte_proto::v1::{EnrollRequest, EnrollResponse, ReenrollRequest};
 use tonic::{Request, Response, Status};
 
 use crate::edge::auth::peer_info;
-use crate::services::enrollment::{Enrolled, Enroller};
 use crate::limits::rate::EnrollmentRateLimiter;
+use crate::services::enrollment::{Enrolled, Enroller};
 use crate::ServerState;
 
 #[derive(Debug, Clone)]

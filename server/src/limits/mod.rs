@@ -15,7 +15,6 @@
 //! the unary call timeout); the TLS accept loop (`tls`) applies the
 //! connection limits. Nothing here authorises anybody.
 
-pub mod methods;
 pub mod rate;
 
 use std::time::Duration;

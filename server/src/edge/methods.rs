@@ -13,11 +13,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tonic::body::Body;
 use tonic::codegen::http;
+
+use crate::metrics::ServerMetrics;
 
 /// The metrics label of a path no registered service serves.
 pub const UNKNOWN_METHOD: &str = "unknown";
@@ -198,6 +200,47 @@ impl<Error: Send + 'static> CallHook<http::Response<Body>, Error> for UnaryTimeo
     }
 }
 
+/// Counts gRPC requests and times them to their response headers (for
+/// streams, the time to open), as a [`CallHook`]. The status code is the
+/// `grpc-status` header when the call failed before any message (a
+/// "trailers-only" answer), otherwise `0`. It wraps every request, before
+/// authentication, so the method label is the path only when `catalog`
+/// knows it and `unknown` otherwise: a label per raw path would let anyone
+/// grow the registry without bound.
+#[derive(Clone, Debug)]
+pub struct RpcMetrics {
+    pub metrics: ServerMetrics,
+    pub catalog: MethodCatalog,
+}
+
+impl<ResponseBody: 'static, Error: 'static> CallHook<http::Response<ResponseBody>, Error>
+    for RpcMetrics
+{
+    fn around(
+        &self,
+        path: &str,
+        call: CallFuture<http::Response<ResponseBody>, Error>,
+    ) -> CallFuture<http::Response<ResponseBody>, Error> {
+        let method = self.catalog.label(path).to_owned();
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
+        Box::pin(async move {
+            let response = call.await;
+            let code = match &response {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("0")
+                    .to_owned(),
+                Err(_) => "transport".to_owned(),
+            };
+            metrics.record_rpc(&method, &code, started.elapsed().as_secs_f64());
+            response
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
@@ -286,5 +329,47 @@ mod tests {
             waited.is_err(),
             "a stream must not be cut by the unary timeout"
         );
+    }
+    #[tokio::test]
+    async fn unknown_paths_share_one_label() {
+        use tower::{Layer, ServiceExt};
+        let metrics = ServerMetrics::new();
+        let layer = CallHookLayer {
+            hook: RpcMetrics {
+                metrics: metrics.clone(),
+                catalog: MethodCatalog::of_this_server().unwrap(),
+            },
+        };
+        let answer = tower::service_fn(|_request: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        });
+        let paths = (0..2000)
+            .map(|index| format!("/random.{index}/{}", "x".repeat(index % 97)))
+            .chain(["/flotte.v1.Machines/ListMachines".to_owned()]);
+        for path in paths {
+            let request = http::Request::builder()
+                .uri(format!("http://server{path}"))
+                .body(())
+                .unwrap();
+            layer.layer(answer).oneshot(request).await.unwrap();
+        }
+        let text = metrics.encode(&[], 0);
+        let mut request_series: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("flotte_rpc_requests_total{"))
+            .collect();
+        request_series.sort_unstable();
+        assert_eq!(
+            request_series,
+            [
+                "flotte_rpc_requests_total{method=\"/flotte.v1.Machines/ListMachines\",code=\"0\"} 1",
+                "flotte_rpc_requests_total{method=\"unknown\",code=\"0\"} 2000",
+            ]
+        );
+        let duration_series = text
+            .lines()
+            .filter(|line| line.starts_with("flotte_rpc_duration_seconds_count{"))
+            .count();
+        assert_eq!(duration_series, 2, "{text}");
     }
 }
