@@ -7,7 +7,8 @@
 //!
 //! These tests need root (they create Unix logins with `useradd` and run
 //! sshd) and `openssh-server`/`openssh-client` (installed by `.ci/run`).
-//! Without them they print why and return.
+//! Without them they fail and say why, unless `FLOTTE_TEST_SKIP_SSHD=1`
+//! asks to skip them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -54,13 +55,48 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
+/// Set to `1` to skip these tests where sshd or root cannot be had; without
+/// it a missing prerequisite fails the test (it must never pass silently).
+const SKIP_VARIABLE: &str = "FLOTTE_TEST_SKIP_SSHD";
+
+/// Whether a missing prerequisite (`reason`) skips the test (only when
+/// [`SKIP_VARIABLE`] is `1`); panics naming it otherwise.
+fn skip_for_missing(reason: &str, skip_asked: Option<&str>) -> bool {
+    assert!(
+        skip_asked == Some("1"),
+        "the access tests need a real sshd and root: {reason}. \
+         Install what is missing, or set {SKIP_VARIABLE}=1 to skip them explicitly"
+    );
+    println!("SKIPPED ({SKIP_VARIABLE}=1): access tests need a real sshd: {reason}");
+    true
+}
+
 macro_rules! require_sshd {
     () => {
         if let Some(reason) = missing_prerequisite() {
-            println!("SKIPPED: access tests need a real sshd: {reason}");
-            return;
+            if skip_for_missing(&reason, std::env::var(SKIP_VARIABLE).ok().as_deref()) {
+                return;
+            }
         }
     };
+}
+
+#[test]
+fn a_missing_sshd_fails_unless_skipping_is_asked_for_explicitly() {
+    let reason = "/usr/sbin/sshd is missing";
+    for not_asked in [None, Some("0"), Some(""), Some("yes")] {
+        let outcome = std::panic::catch_unwind(|| skip_for_missing(reason, not_asked));
+        let message = outcome.expect_err("a missing sshd must fail the test");
+        let message = message
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            message.contains(reason) && message.contains(SKIP_VARIABLE),
+            "{message}"
+        );
+    }
+    assert!(skip_for_missing(reason, Some("1")));
 }
 
 /// Creates the Unix login if missing: not locked (`-p '*'`: no password,
