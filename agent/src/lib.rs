@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod backoff;
+pub mod clock;
 pub mod config;
 pub mod enroll;
 pub mod health;
@@ -21,6 +22,7 @@ pub mod repair;
 pub mod session;
 pub mod state;
 pub mod system;
+pub mod user_files;
 
 use std::time::{Duration, SystemTime};
 

@@ -188,11 +188,12 @@ pub fn report_from(snapshot: &HealthSnapshot, image: Option<ImageStatus>, sequen
     }
 }
 
-async fn image_status_changed(
-    status: &mut Option<watch::Receiver<ImageStatus>>,
+/// The next change of an optional watch; never, when there is none.
+async fn changed_if_any<T>(
+    receiver: &mut Option<watch::Receiver<T>>,
 ) -> Result<(), watch::error::RecvError> {
-    match status {
-        Some(status) => status.changed().await,
+    match receiver {
+        Some(receiver) => receiver.changed().await,
         None => std::future::pending().await,
     }
 }
@@ -293,6 +294,11 @@ pub async fn run_session(
     let mut health_open = true;
     let mut image_status = state.images.as_ref().map(|images| images.status.clone());
     let mut image_open = image_status.is_some();
+    let mut access_scans = match &state.access {
+        AccessMode::Enforced(enforcer) => Some(enforcer.scans_done()),
+        _ => None,
+    };
+    let mut access_scans_open = access_scans.is_some();
     let mut reported_verdict_version = u64::MAX;
     // The server may queue a push built from a newer record ahead of the
     // whole state it reads on connect (both race after registration), so
@@ -390,7 +396,7 @@ pub async fn run_session(
                 // A verdict changed: report now rather than at the next tick.
                 next_report = Instant::now();
             }
-            changed = image_status_changed(&mut image_status), if image_open => {
+            changed = changed_if_any(&mut image_status), if image_open => {
                 if changed.is_err() {
                     image_open = false;
                     continue;
@@ -411,7 +417,17 @@ pub async fn run_session(
                 next_report = Instant::now() + report_interval;
                 if let AccessMode::Enforced(enforcer) = &state.access {
                     enforcer.set_contact(true, access_now());
-                    // Drift (a hand-added key) is reported when it appears.
+                    // Drift (a hand-added key) is reported when a scan
+                    // finds it; the scan runs elsewhere (see below).
+                    enforcer.request_scan();
+                }
+            }
+            changed = changed_if_any(&mut access_scans), if access_scans_open => {
+                if changed.is_err() {
+                    access_scans_open = false;
+                    continue;
+                }
+                if let AccessMode::Enforced(enforcer) = &state.access {
                     if let Some(access) = enforcer.state_to_report(false) {
                         if !send(AgentKind::AccessState(access)).await {
                             return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));

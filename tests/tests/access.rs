@@ -7,7 +7,8 @@
 //!
 //! These tests need root (they create Unix logins with `useradd` and run
 //! sshd) and `openssh-server`/`openssh-client` (installed by `.ci/run`).
-//! Without them they print why and return.
+//! Without them they fail and say why, unless `FLOTTE_TEST_SKIP_SSHD=1`
+//! asks to skip them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -54,13 +55,48 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
+/// Set to `1` to skip these tests where sshd or root cannot be had; without
+/// it a missing prerequisite fails the test (it must never pass silently).
+const SKIP_VARIABLE: &str = "FLOTTE_TEST_SKIP_SSHD";
+
+/// Whether a missing prerequisite (`reason`) skips the test (only when
+/// [`SKIP_VARIABLE`] is `1`); panics naming it otherwise.
+fn skip_for_missing(reason: &str, skip_asked: Option<&str>) -> bool {
+    assert!(
+        skip_asked == Some("1"),
+        "the access tests need a real sshd and root: {reason}. \
+         Install what is missing, or set {SKIP_VARIABLE}=1 to skip them explicitly"
+    );
+    println!("SKIPPED ({SKIP_VARIABLE}=1): access tests need a real sshd: {reason}");
+    true
+}
+
 macro_rules! require_sshd {
     () => {
         if let Some(reason) = missing_prerequisite() {
-            println!("SKIPPED: access tests need a real sshd: {reason}");
-            return;
+            if skip_for_missing(&reason, std::env::var(SKIP_VARIABLE).ok().as_deref()) {
+                return;
+            }
         }
     };
+}
+
+#[test]
+fn a_missing_sshd_fails_unless_skipping_is_asked_for_explicitly() {
+    let reason = "/usr/sbin/sshd is missing";
+    for not_asked in [None, Some("0"), Some(""), Some("yes")] {
+        let outcome = std::panic::catch_unwind(|| skip_for_missing(reason, not_asked));
+        let message = outcome.expect_err("a missing sshd must fail the test");
+        let message = message
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            message.contains(reason) && message.contains(SKIP_VARIABLE),
+            "{message}"
+        );
+    }
+    assert!(skip_for_missing(reason, Some("1")));
 }
 
 /// Creates the Unix login if missing: not locked (`-p '*'`: no password,
@@ -275,6 +311,21 @@ fn wait_all_applied(server: &Server, machines: usize) -> serde_json::Value {
     status
 }
 
+/// `access grant USER --selector role=web --login LOGIN EXTRA…`.
+fn grant_on_web(server: &Server, user: &str, login: &str, extra: &[&str]) -> serde_json::Value {
+    let mut arguments = vec![
+        "access",
+        "grant",
+        user,
+        "--selector",
+        "role=web",
+        "--login",
+        login,
+    ];
+    arguments.extend_from_slice(extra);
+    server.ctl_json(&arguments)
+}
+
 fn rfc3339_in(seconds: u64) -> String {
     humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(seconds)).to_string()
 }
@@ -384,15 +435,7 @@ fn grants_follow_selectors_revocation_ends_logins_and_drift_is_reported() {
     // An operator named alice too: off-boarding must revoke her as well.
     server.create_operator(root.path(), "alice", "viewer");
 
-    let grant = server.ctl_json(&[
-        "access",
-        "grant",
-        "alice",
-        "--selector",
-        "role=web",
-        "--login",
-        login,
-    ]);
+    let grant = grant_on_web(&server, "alice", login, &[]);
     assert_eq!(grant[0]["machines_matching"], 2);
     let status = wait_all_applied(&server, 3);
     let version = status["version"].as_u64().unwrap();
@@ -541,17 +584,7 @@ fn a_grant_that_expires_while_the_server_is_down_is_refused_by_the_agent() {
     server.ctl_json(&["user", "add", "bob", "--ssh-key", bob_pub.to_str().unwrap()]);
     let expires = rfc3339_in(40);
     let expires_at = humantime::parse_rfc3339(&expires).unwrap();
-    server.ctl_json(&[
-        "access",
-        "grant",
-        "bob",
-        "--selector",
-        "role=web",
-        "--login",
-        login,
-        "--expires",
-        &expires,
-    ]);
+    grant_on_web(&server, "bob", login, &["--expires", &expires]);
     assert!(
         wait_until(PATIENCE, || ssh_succeeds(&bob_key, sshd.port, login)),
         "bob cannot log in before expiry:\n{}",
@@ -605,15 +638,7 @@ fn fail_closed_removes_keys_after_the_server_is_gone_and_they_return_with_it() {
         "--ssh-key",
         carol_pub.to_str().unwrap(),
     ]);
-    server.ctl_json(&[
-        "access",
-        "grant",
-        "carol",
-        "--selector",
-        "role=web",
-        "--login",
-        login,
-    ]);
+    grant_on_web(&server, "carol", login, &[]);
     assert!(
         wait_until(PATIENCE, || ssh_succeeds(&carol_key, sshd.port, login)),
         "carol cannot log in:\n{}",
@@ -642,4 +667,183 @@ fn fail_closed_removes_keys_after_the_server_is_gone_and_they_return_with_it() {
         "carol's access did not come back with the server:\n{}",
         agent.log()
     );
+}
+
+/// What a hostile login plants as its own `~/.ssh/authorized_keys`.
+enum HostileKeysFile {
+    Fifo,
+    LinkTo(PathBuf),
+}
+
+impl HostileKeysFile {
+    fn plant(&self, keys_file: &Path) {
+        let _ = std::fs::remove_file(keys_file);
+        match self {
+            HostileKeysFile::Fifo => {
+                let status = Command::new("mkfifo").arg(keys_file).status().unwrap();
+                assert!(status.success(), "mkfifo {}", keys_file.display());
+            }
+            HostileKeysFile::LinkTo(target) => {
+                std::os::unix::fs::symlink(target, keys_file).unwrap();
+            }
+        }
+    }
+
+    /// The words the agent's refusal uses for this file.
+    fn refusal(&self) -> &'static str {
+        match self {
+            HostileKeysFile::Fifo => "is a FIFO, not a regular file",
+            HostileKeysFile::LinkTo(_) => "is a symbolic link, never followed",
+        }
+    }
+}
+
+/// Whether the managed file sshd reads for `login` holds the key of
+/// `public_key_line` (a cheap poll; sshd itself is asked once after).
+fn managed_file_holds(managed: &Path, login: &str, public_key_line: &str) -> bool {
+    let key = public_key_line
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::read_to_string(managed.join(login)).is_ok_and(|text| text.contains(&key))
+}
+
+#[test]
+fn a_hostile_authorized_keys_file_never_delays_a_revocation_nor_leaks_a_file() {
+    require_sshd!();
+    let login = "flottemallory";
+    let home = ensure_login(login);
+    let OneManagedMachine {
+        root,
+        _keys_root,
+        server,
+        mut agent,
+        managed,
+        sshd,
+    } = OneManagedMachine::start("");
+    let ssh_directory = home.join(".ssh");
+    std::fs::create_dir_all(&ssh_directory).unwrap();
+    let status = Command::new("chown")
+        .arg(format!("{login}:"))
+        .arg(&ssh_directory)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let keys_file = ssh_directory.join("authorized_keys");
+    // A root-only file holding a key line: with symbolic links followed,
+    // the agent (root) would send its key to the server.
+    let secret_key_line = "ssh-ed25519 AAAAsecretlyplantedbyroot root-only";
+    let secret = root.path().join("root-only-keys");
+    std::fs::write(&secret, format!("{secret_key_line}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let rounds = [
+        ("fifo", HostileKeysFile::Fifo),
+        ("zero", HostileKeysFile::LinkTo(PathBuf::from("/dev/zero"))),
+        (
+            "shadow",
+            HostileKeysFile::LinkTo(PathBuf::from("/etc/shadow")),
+        ),
+        ("rootonly", HostileKeysFile::LinkTo(secret.clone())),
+    ];
+    for (round, hostile) in &rounds {
+        let user = format!("mallory-{round}");
+        let (private_key, public_key) = ssh_keygen(root.path(), &user);
+        let public_key_line = std::fs::read_to_string(&public_key).unwrap();
+        server.ctl_json(&[
+            "user",
+            "add",
+            &user,
+            "--ssh-key",
+            public_key.to_str().unwrap(),
+        ]);
+        grant_on_web(&server, &user, login, &[]);
+        assert!(
+            wait_until(PATIENCE, || ssh_succeeds(&private_key, sshd.port, login)),
+            "{user} cannot log in before the test starts:\n{}",
+            agent.log()
+        );
+
+        // The agent scans the planted file (at each report) and says why
+        // it did not read it: the refusal reaches `access report`.
+        hostile.plant(&keys_file);
+        let mut report = serde_json::Value::Null;
+        let refusal_reported = wait_until(PATIENCE, || {
+            report = server.ctl_json(&["access", "report", "--machine", "web"]);
+            report["entries"].as_array().unwrap().iter().any(|entry| {
+                entry["login"] == login
+                    && entry["drift"] == true
+                    && entry["sources"].as_array().unwrap().iter().any(|source| {
+                        let source = source.as_str().unwrap();
+                        source.starts_with(keys_file.to_str().unwrap())
+                            && source.contains(hostile.refusal())
+                    })
+            })
+        });
+        assert!(
+            refusal_reported,
+            "{round}: the refused file is not reported: {report:#}\n{}",
+            agent.log()
+        );
+
+        // Off-boarding still takes effect on this machine within a second.
+        let revoked = server.ctl_json(&["user", "revoke", &user]);
+        let returned = Instant::now();
+        let revoked_version = revoked["policy_version"].as_u64().unwrap();
+        let removed = wait_until(Duration::from_secs(1), || {
+            !managed_file_holds(&managed, login, &public_key_line)
+        });
+        let elapsed = returned.elapsed();
+        assert!(
+            removed,
+            "{round}: {user}'s key is still in force 1 s after the revocation:\n{}",
+            agent.log()
+        );
+        assert!(
+            !ssh_succeeds(&private_key, sshd.port, login),
+            "{round}: sshd still accepts {user}'s key"
+        );
+        println!(
+            "{round}: user revoke returned -> key gone from the managed file in {} ms",
+            elapsed.as_millis()
+        );
+        // The agent stays responsive: it acknowledges the revocation and
+        // keeps running.
+        let mut status = serde_json::Value::Null;
+        let acknowledged = wait_until(PATIENCE, || {
+            status = server.ctl_json(&[
+                "access",
+                "status",
+                "--version",
+                &revoked_version.to_string(),
+            ]);
+            status["applied"].as_u64() == Some(1)
+        });
+        assert!(
+            acknowledged,
+            "{round}: the agent did not acknowledge: {status:#}"
+        );
+        assert!(
+            agent.is_running(),
+            "{round}: the agent died:\n{}",
+            agent.log()
+        );
+    }
+
+    // Nothing of the root-only files reached the server.
+    let report = server.ctl_json(&["access", "report"]).to_string();
+    assert!(
+        !report.contains("secretlyplantedbyroot"),
+        "a root-only file reached the server: {report}"
+    );
+    let shadow = std::fs::read_to_string("/etc/shadow").unwrap();
+    for line in shadow.lines() {
+        let hash = line.split(':').nth(1).unwrap_or_default();
+        assert!(
+            hash.len() < 3 || !report.contains(hash),
+            "/etc/shadow reached the server: {report}"
+        );
+        assert!(!report.contains(line), "/etc/shadow reached the server");
+    }
+    let _ = std::fs::remove_file(&keys_file);
 }

@@ -2,7 +2,10 @@
 //! one file per login, replaced atomically, root-owned 0644 in 0755
 //! directories so that sshd's `StrictModes` accepts them; files of logins
 //! no longer granted are removed. Also reads what is actually on disk for
-//! the report: the managed file and the login's own `~/.ssh/authorized_keys`.
+//! the report: the managed file and the login's own `~/.ssh/authorized_keys`
+//! — the latter only through `user_files` (no symbolic link below the home
+//! directory, regular files owned by the login or root, 256 KiB at most).
+//! Those reads block; `scan` runs them off the session loop.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -14,6 +17,11 @@ use flotte_proto::files::write_atomically_with_mode;
 use flotte_proto::ssh_keys::key_in_authorized_keys_line;
 
 use super::policy::{authorized_keys_text, LocalKey};
+use crate::user_files::{read_checked, Owner, UserFileError, USER_FILE_MAX_BYTES};
+
+/// The managed files are the agent's own (root's, in a root directory): a
+/// larger cap than a user's file, for a login many people share.
+const MANAGED_FILE_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
 /// What one sync changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -22,12 +30,22 @@ pub struct SyncOutcome {
     pub removed: Vec<String>,
 }
 
-/// Keys found in one file for one login.
+/// What one file of one login holds, or why it was not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileContents {
+    /// `type base64` of each key line.
+    Keys(Vec<String>),
+    /// Refused (a link, a FIFO, too large, another owner…) or no answer in
+    /// time: the reason, which never quotes the file.
+    NotRead(String),
+}
+
+/// One file for one login.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoundFile {
     pub login: String,
     pub source: String,
-    pub public_keys: Vec<String>,
+    pub contents: FileContents,
 }
 
 /// A login as sshd passes it in `%u`: never a path, never a dotfile.
@@ -143,19 +161,48 @@ fn create_traversable_dirs(directory: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn keys_in_file(path: &Path) -> Option<Vec<String>> {
-    let text = fs::read_to_string(path).ok()?;
-    Some(
-        text.lines()
-            .filter_map(key_in_authorized_keys_line)
-            .collect(),
-    )
+/// The keys of `base/relative` read under the rules of `user_files`;
+/// `None` when the file is not there.
+fn keys_in_file(
+    login: &str,
+    base: &Path,
+    relative: &Path,
+    owner: Owner,
+    max_bytes: u64,
+) -> Option<FoundFile> {
+    let contents = match read_checked(base, relative, owner, max_bytes) {
+        Ok(bytes) => FileContents::Keys(
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .filter_map(key_in_authorized_keys_line)
+                .collect(),
+        ),
+        Err(error) if error.is_not_found() => return None,
+        Err(error) => FileContents::NotRead(describe_refusal(&error)),
+    };
+    Some(FoundFile {
+        login: login.to_owned(),
+        source: base.join(relative).display().to_string(),
+        contents,
+    })
 }
 
-/// How logins are looked up on this machine (a seam for tests).
+fn describe_refusal(error: &UserFileError) -> String {
+    format!("not read: {error}")
+}
+
+/// A login of this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginAccount {
+    pub home: PathBuf,
+    pub uid: u32,
+}
+
+/// How logins are looked up on this machine (a seam for tests). Lookups
+/// may block (NSS over the network): called off the session loop only.
 pub trait LoginDirectory: Send + Sync {
-    /// The login's home directory, `None` if the login does not exist.
-    fn home_of(&self, login: &str) -> Option<PathBuf>;
+    /// The login's account, `None` if the login does not exist.
+    fn account_of(&self, login: &str) -> Option<LoginAccount>;
 }
 
 /// The system's user database (`getpwnam`).
@@ -163,62 +210,70 @@ pub trait LoginDirectory: Send + Sync {
 pub struct SystemLogins;
 
 impl LoginDirectory for SystemLogins {
-    fn home_of(&self, login: &str) -> Option<PathBuf> {
+    fn account_of(&self, login: &str) -> Option<LoginAccount> {
         nix::unistd::User::from_name(login)
             .ok()
             .flatten()
-            .map(|user| user.dir)
+            .map(|user| LoginAccount {
+                home: user.dir,
+                uid: user.uid.as_raw(),
+            })
     }
 }
 
-/// The keys on disk for each of `logins` (managed file and
-/// `~/.ssh/authorized_keys`), and the logins that do not exist here.
-pub fn scan(
+/// What is on disk for one login.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoginFindings {
+    pub files: Vec<FoundFile>,
+    /// The login does not exist on this machine.
+    pub missing: bool,
+}
+
+/// Reads the managed file and `~/.ssh/authorized_keys` of one login
+/// (blocking: run it off the session loop).
+pub fn read_login(
     managed: &ManagedDirectory,
-    logins: impl IntoIterator<Item = String>,
+    login: &str,
     directory: &dyn LoginDirectory,
-) -> (Vec<FoundFile>, Vec<String>) {
-    let mut found = Vec::new();
-    let mut missing = Vec::new();
-    for login in logins {
-        if !is_safe_login(&login) {
-            continue;
-        }
-        let managed_file = managed.file_of(&login);
-        if let Some(public_keys) = keys_in_file(&managed_file) {
-            found.push(FoundFile {
-                login: login.clone(),
-                source: managed_file.display().to_string(),
-                public_keys,
-            });
-        }
-        match directory.home_of(&login) {
-            Some(home) => {
-                let own = home.join(".ssh").join("authorized_keys");
-                if let Some(public_keys) = keys_in_file(&own) {
-                    found.push(FoundFile {
-                        login: login.clone(),
-                        source: own.display().to_string(),
-                        public_keys,
-                    });
-                }
-            }
-            None => missing.push(login),
-        }
+) -> LoginFindings {
+    let mut findings = LoginFindings::default();
+    if !is_safe_login(login) {
+        return findings;
     }
-    (found, missing)
+    findings.files.extend(keys_in_file(
+        login,
+        &managed.directory,
+        Path::new(login),
+        Owner::agent_itself(),
+        MANAGED_FILE_MAX_BYTES,
+    ));
+    match directory.account_of(login) {
+        Some(account) => findings.files.extend(keys_in_file(
+            login,
+            &account.home,
+            &Path::new(".ssh").join("authorized_keys"),
+            Owner::UidOrRoot(account.uid),
+            USER_FILE_MAX_BYTES,
+        )),
+        None => findings.missing = true,
+    }
+    findings
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    struct FakeLogins(BTreeMap<String, PathBuf>);
+    /// Logins with their home directories, all of this process's uid.
+    pub(in crate::access) struct FakeLogins(pub BTreeMap<String, PathBuf>);
 
     impl LoginDirectory for FakeLogins {
-        fn home_of(&self, login: &str) -> Option<PathBuf> {
-            self.0.get(login).cloned()
+        fn account_of(&self, login: &str) -> Option<LoginAccount> {
+            self.0.get(login).map(|home| LoginAccount {
+                home: home.clone(),
+                uid: nix::unistd::getuid().as_raw(),
+            })
         }
     }
 
@@ -270,24 +325,43 @@ mod tests {
         )
         .unwrap();
         let logins = FakeLogins(BTreeMap::from([("alice".to_owned(), home.clone())]));
-        let (found, missing) = scan(&managed, ["alice".to_owned(), "carol".to_owned()], &logins);
-        assert_eq!(missing, vec!["carol"]);
-        let found: Vec<(String, Vec<String>)> = found
-            .into_iter()
-            .map(|file| (file.source, file.public_keys))
-            .collect();
         assert_eq!(
-            found,
-            vec![
-                (
-                    managed.file_of("alice").display().to_string(),
-                    vec!["ssh-ed25519 A".to_owned()]
-                ),
-                (
-                    home.join(".ssh/authorized_keys").display().to_string(),
-                    vec!["ssh-ed25519 HAND".to_owned()]
-                ),
-            ]
+            read_login(&managed, "alice", &logins),
+            LoginFindings {
+                files: vec![
+                    FoundFile {
+                        login: "alice".into(),
+                        source: managed.file_of("alice").display().to_string(),
+                        contents: FileContents::Keys(vec!["ssh-ed25519 A".to_owned()]),
+                    },
+                    FoundFile {
+                        login: "alice".into(),
+                        source: home.join(".ssh/authorized_keys").display().to_string(),
+                        contents: FileContents::Keys(vec!["ssh-ed25519 HAND".to_owned()]),
+                    },
+                ],
+                missing: false,
+            }
+        );
+        assert_eq!(
+            read_login(&managed, "carol", &logins),
+            LoginFindings {
+                files: Vec::new(),
+                missing: true
+            }
+        );
+
+        // A FIFO in the login's place: refused with its reason, at once.
+        fs::remove_file(home.join(".ssh/authorized_keys")).unwrap();
+        nix::unistd::mkfifo(
+            &home.join(".ssh/authorized_keys"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        let findings = read_login(&managed, "alice", &logins);
+        assert!(
+            matches!(&findings.files[1].contents, FileContents::NotRead(reason) if reason.contains("is a FIFO, not a regular file")),
+            "{findings:?}"
         );
         fs::remove_dir_all(&root).unwrap();
     }

@@ -10,10 +10,14 @@
 //! `files`. This module never talks to the server: the session hands it
 //! policies and sends what it reports. It must never write outside its
 //! managed directory and its state file, and never follow a login name that
-//! could be a path.
+//! could be a path. What users control (their `~/.ssh/authorized_keys`) is
+//! read by `scan`, on the blocking pool with a timeout, never on the
+//! session loop: the session only asks for a scan and is told when one is
+//! done, so no file can stop a revocation from being applied.
 
 pub mod files;
 pub mod policy;
+pub mod scan;
 pub mod settings;
 
 use std::collections::BTreeMap;
@@ -23,13 +27,15 @@ use std::time::{Duration, SystemTime};
 
 use flotte_proto::v1::{AccessPolicy, AccessState, FoundKeys};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use self::files::{scan, LoginDirectory, ManagedDirectory, SystemLogins};
+use self::files::{FileContents, LoginDirectory, ManagedDirectory, SystemLogins};
 use self::policy::{
     authorized_keys_text, keys_in_force, next_change_after, should_apply, Contact, LocalKey,
     LocalPolicy, OnDisconnect,
 };
+use self::scan::{DiskScanner, Findings, READ_TIMEOUT};
 
 /// While connected, the last-contact time is persisted at most this often;
 /// a "connected" state older than [`CONTACT_STALE_AFTER`] is not believed
@@ -40,6 +46,9 @@ const CONTACT_STALE_AFTER: i64 = 180;
 const ENFORCER_MAX_SLEEP: Duration = Duration::from_secs(60);
 /// Name of the persisted policy in the agent's data dir.
 pub const ACCESS_STATE_FILE: &str = "access-policy.json";
+/// The only "key" of a file that was not read: it is shown, with the reason
+/// in the file's source, as drift in `access report`.
+pub const NOT_READ_MARKER: &str = "file-not-read";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
@@ -162,6 +171,8 @@ struct Inner {
     persisted: PersistedAccess,
     in_force: Option<BTreeMap<String, Vec<LocalKey>>>,
     last_sent: Option<AccessState>,
+    /// The latest scan of the files on disk.
+    findings: Findings,
 }
 
 /// The running enforcement: one per agent, shared by the session (which
@@ -173,6 +184,9 @@ pub struct AccessEnforcer {
     logins: Arc<dyn LoginDirectory>,
     inner: Mutex<Inner>,
     wake: tokio::sync::Notify,
+    scan_wanted: tokio::sync::Notify,
+    /// Counts finished scans; the session waits on it for news to report.
+    scans_done: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for AccessEnforcer {
@@ -197,13 +211,17 @@ impl AccessEnforcer {
                 persisted,
                 in_force: None,
                 last_sent: None,
+                findings: Findings::new(),
             }),
             wake: tokio::sync::Notify::new(),
+            scan_wanted: tokio::sync::Notify::new(),
+            scans_done: watch::Sender::new(0),
         });
         for problem in enforcer.managed.strict_modes_problems() {
             tracing::warn!(%problem, "sshd StrictModes would refuse the managed authorized_keys files");
         }
         enforcer.enforce(unix_now())?;
+        enforcer.request_scan();
         Ok(enforcer)
     }
 
@@ -242,6 +260,7 @@ impl AccessEnforcer {
         }
         self.enforce(now)?;
         self.wake.notify_one();
+        self.request_scan();
         Ok(true)
     }
 
@@ -287,7 +306,14 @@ impl AccessEnforcer {
         if self.settings.terminate_sessions {
             if let Some(previous) = &inner.in_force {
                 for login in logins_that_lost_a_key(previous, &in_force) {
-                    terminate_sessions_of(&login);
+                    // Running `loginctl` and `pkill` blocks: never on the
+                    // caller's task (the session loop applies policies).
+                    match tokio::runtime::Handle::try_current() {
+                        Ok(runtime) => {
+                            runtime.spawn_blocking(move || terminate_sessions_of(&login));
+                        }
+                        Err(_) => terminate_sessions_of(&login),
+                    }
                 }
             }
         }
@@ -295,37 +321,37 @@ impl AccessEnforcer {
         Ok(())
     }
 
-    /// What to tell the server: the applied version, and what is on disk
-    /// for the managed logins. `None` when unchanged since the last call
-    /// (unless `always`).
+    /// Asks for a scan of the files on disk (at most one runs at a time;
+    /// requests made meanwhile are served by one more scan).
+    pub fn request_scan(&self) {
+        self.scan_wanted.notify_one();
+    }
+
+    /// Changes after each finished scan.
+    pub fn scans_done(&self) -> watch::Receiver<u64> {
+        self.scans_done.subscribe()
+    }
+
+    /// What to tell the server: the applied version, and what the latest
+    /// scan found for the logins of that version. Never reads a file.
+    /// `None` when unchanged since the last call (unless `always`).
     pub fn state_to_report(&self, always: bool) -> Option<AccessState> {
-        let (version, logins) = {
-            let inner = self.lock();
-            (
-                inner.persisted.policy.version,
-                inner
-                    .persisted
-                    .policy
-                    .logins
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            )
-        };
-        let (found, missing_logins) = scan(&self.managed, logins, self.logins.as_ref());
-        let state = AccessState {
-            applied_version: version,
-            missing_logins,
-            found: found
-                .into_iter()
-                .map(|file| FoundKeys {
-                    login: file.login,
-                    source: file.source,
-                    public_keys: file.public_keys,
-                })
-                .collect(),
-        };
         let mut inner = self.lock();
+        let mut state = AccessState {
+            applied_version: inner.persisted.policy.version,
+            ..AccessState::default()
+        };
+        for login in inner.persisted.policy.logins.keys() {
+            let Some(login_findings) = inner.findings.get(login) else {
+                continue;
+            };
+            if login_findings.missing {
+                state.missing_logins.push(login.clone());
+            }
+            state
+                .found
+                .extend(login_findings.files.iter().map(found_keys));
+        }
         if !always && inner.last_sent.as_ref() == Some(&state) {
             return None;
         }
@@ -333,9 +359,45 @@ impl AccessEnforcer {
         Some(state)
     }
 
-    /// Enforces at every expiry and fail-closed deadline until shutdown,
-    /// whether or not the server is reachable.
+    /// Scans whenever asked, until shutdown.
+    async fn scan_when_asked(&self, shutdown: &CancellationToken) {
+        let mut scanner =
+            DiskScanner::new(self.managed.clone(), Arc::clone(&self.logins), READ_TIMEOUT);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.scan_wanted.notified() => {}
+            }
+            let logins: Vec<String> = self
+                .lock()
+                .persisted
+                .policy
+                .logins
+                .keys()
+                .cloned()
+                .collect();
+            let findings = scanner.scan(logins).await;
+            {
+                let mut inner = self.lock();
+                log_new_refusals(&inner.findings, &findings);
+                inner.findings = findings;
+            }
+            self.scans_done
+                .send_modify(|done| *done = done.wrapping_add(1));
+        }
+    }
+
+    /// Enforces at every expiry and fail-closed deadline, whether or not
+    /// the server is reachable, and scans the files when asked, until
+    /// shutdown.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        tokio::join!(
+            self.enforce_at_deadlines(&shutdown),
+            self.scan_when_asked(&shutdown)
+        );
+    }
+
+    async fn enforce_at_deadlines(&self, shutdown: &CancellationToken) {
         loop {
             let now = unix_now();
             let next = {
@@ -359,6 +421,45 @@ impl AccessEnforcer {
             if let Err(error) = self.enforce(unix_now()) {
                 tracing::error!(%error, "access enforcement failed");
             }
+        }
+    }
+}
+
+/// One file as the server sees it. A file that was not read carries
+/// [`NOT_READ_MARKER`] as its one key and the reason in its source, so
+/// that `access report` lists it as drift with why.
+fn found_keys(file: &files::FoundFile) -> FoundKeys {
+    match &file.contents {
+        FileContents::Keys(public_keys) => FoundKeys {
+            login: file.login.clone(),
+            source: file.source.clone(),
+            public_keys: public_keys.clone(),
+        },
+        FileContents::NotRead(reason) => FoundKeys {
+            login: file.login.clone(),
+            source: format!("{} ({reason})", file.source),
+            public_keys: vec![NOT_READ_MARKER.to_owned()],
+        },
+    }
+}
+
+/// Logs each file refused now that was not refused (for the same reason)
+/// at the previous scan: once per change, not at every report.
+fn log_new_refusals(before: &Findings, after: &Findings) {
+    let refusals = |findings: &Findings| -> Vec<(String, String)> {
+        findings
+            .values()
+            .flat_map(|login| &login.files)
+            .filter_map(|file| match &file.contents {
+                FileContents::NotRead(reason) => Some((file.source.clone(), reason.clone())),
+                FileContents::Keys(_) => None,
+            })
+            .collect()
+    };
+    let known = refusals(before);
+    for (source, reason) in refusals(after) {
+        if !known.contains(&(source.clone(), reason.clone())) {
+            tracing::warn!(%source, %reason, "a key file of a managed login was not read");
         }
     }
 }

@@ -5,6 +5,11 @@
 //! that cannot be read says why instead of failing the bundle.
 //!
 //! Collection reads only: nothing on the machine is changed or removed.
+//! Every read is bounded before it costs memory (processes choose their
+//! command lines, and a user can start thousands), and the service log is
+//! opened under the rules of `user_files` (no symbolic link, no FIFO,
+//! regular files of the agent or root only). Collection blocks: it runs on
+//! the blocking pool, with a timeout, never on the quarantine manager's task.
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -14,6 +19,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::health::HealthSnapshot;
+use crate::user_files::{open_checked, split_base, Owner};
 
 /// Bytes kept from the end of the service log.
 pub const SERVICE_LOG_TAIL_BYTES: u64 = 256 * 1024;
@@ -23,6 +29,10 @@ const KERNEL_MESSAGES_BYTES: usize = 256 * 1024;
 const MAX_PROCESSES: usize = 4096;
 /// Any one part is cut at this size.
 const MAX_PART_BYTES: usize = 1024 * 1024;
+/// Bytes of one process's command line kept (the kernel allows megabytes).
+const MAX_COMMAND_LINE_BYTES: u64 = 4096;
+/// `/proc/<pid>/stat` is one short line.
+const MAX_STAT_BYTES: u64 = 4096;
 
 /// One file of the bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,14 +60,29 @@ pub struct CollectionSources {
     pub proc_root: PathBuf,
 }
 
-/// The end of a file (all of it if shorter than `limit`).
-pub fn file_tail(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+/// The end of a file the agent writes (all of it if shorter than
+/// `limit`), opened under the rules of `user_files`.
+pub fn file_tail(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
     use std::io::{Seek, SeekFrom};
-    let mut file = std::fs::File::open(path)?;
-    let length = file.metadata()?.len();
-    file.seek(SeekFrom::Start(length.saturating_sub(limit)))?;
+    let (base, name) =
+        split_base(path).ok_or_else(|| format!("{}: not a file path", path.display()))?;
+    let (mut file, metadata) =
+        open_checked(base, name, Owner::agent_itself()).map_err(|error| error.to_string())?;
+    let explain = |error: std::io::Error| format!("{}: {error}", path.display());
+    file.seek(SeekFrom::Start(metadata.len().saturating_sub(limit)))
+        .map_err(explain)?;
     let mut bytes = Vec::new();
-    file.take(limit).read_to_end(&mut bytes)?;
+    file.take(limit).read_to_end(&mut bytes).map_err(explain)?;
+    Ok(bytes)
+}
+
+/// At most `limit` bytes of a file of the kernel or the agent (`/proc`,
+/// the data dir).
+fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit)
+        .read_to_end(&mut bytes)?;
     Ok(bytes)
 }
 
@@ -96,12 +121,16 @@ pub fn process_list(proc_root: &Path) -> String {
         })
         .unwrap_or_default();
     pids.sort_unstable();
-    let mut lines = vec!["PID PPID STATE COMMAND".to_owned()];
+    let mut listing = String::from("PID PPID STATE COMMAND\n");
     for pid in pids.into_iter().take(MAX_PROCESSES) {
+        if listing.len() >= MAX_PART_BYTES {
+            break;
+        }
         let directory = proc_root.join(pid.to_string());
-        let Ok(stat) = std::fs::read_to_string(directory.join("stat")) else {
+        let Ok(stat) = read_bounded(&directory.join("stat"), MAX_STAT_BYTES) else {
             continue;
         };
+        let stat = String::from_utf8_lossy(&stat);
         // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
         let Some((name_part, rest)) = stat.rsplit_once(')') else {
             continue;
@@ -110,7 +139,7 @@ pub fn process_list(proc_root: &Path) -> String {
         let mut fields = rest.split_whitespace();
         let state = fields.next().unwrap_or("?");
         let ppid = fields.next().unwrap_or("?");
-        let command = std::fs::read(directory.join("cmdline"))
+        let command = read_bounded(&directory.join("cmdline"), MAX_COMMAND_LINE_BYTES)
             .map(|bytes| {
                 String::from_utf8_lossy(&bytes)
                     .split('\0')
@@ -124,9 +153,9 @@ pub fn process_list(proc_root: &Path) -> String {
         } else {
             command
         };
-        lines.push(format!("{pid} {ppid} {state} {shown}"));
+        listing.push_str(&format!("{pid} {ppid} {state} {shown}\n"));
     }
-    lines.join("\n") + "\n"
+    listing
 }
 
 /// Kernel messages from `/dev/kmsg` (non-blocking: it ends where the ring
@@ -187,7 +216,7 @@ fn keep_newest(mut bytes: Vec<u8>) -> Vec<u8> {
 }
 
 fn read_or_explain(path: &Path) -> Vec<u8> {
-    std::fs::read(path)
+    read_bounded(path, MAX_PART_BYTES as u64)
         .unwrap_or_else(|error| format!("{}: {error}\n", path.display()).into_bytes())
 }
 
@@ -209,7 +238,7 @@ pub fn collect(
         "service.log",
         match &sources.service_log {
             Some(path) => file_tail(path, SERVICE_LOG_TAIL_BYTES)
-                .unwrap_or_else(|error| format!("{}: {error}\n", path.display()).into_bytes()),
+                .unwrap_or_else(|error| format!("{error}\n").into_bytes()),
             None => b"the agent supervises no service on this machine\n".to_vec(),
         },
     ));
@@ -351,11 +380,47 @@ mod tests {
     }
 
     #[test]
-    fn process_names_with_spaces_and_parentheses_parse() {
+    fn a_service_log_replaced_by_a_link_or_a_fifo_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("flotte-forensics-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "root:$6$secret-hash\n").unwrap();
+        let log = dir.join("service.log");
+        std::os::unix::fs::symlink(&secret, &log).unwrap();
+        let refused = file_tail(&log, SERVICE_LOG_TAIL_BYTES).unwrap_err();
+        assert!(refused.contains("symbolic link"), "{refused}");
+        assert!(!refused.contains("secret-hash"));
+        std::fs::remove_file(&log).unwrap();
+        nix::unistd::mkfifo(&log, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let refused = file_tail(&log, SERVICE_LOG_TAIL_BYTES).unwrap_err();
+        assert!(refused.contains("FIFO"), "{refused}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A `/proc` look-alike holding process 42 only.
+    fn fake_proc_with_process_42(stat: &str, cmdline: &[u8]) -> PathBuf {
         let root = std::env::temp_dir().join(format!("flotte-proc-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(root.join("42")).unwrap();
-        std::fs::write(root.join("42/stat"), "42 (my (odd) name) S 7 42 42 0").unwrap();
-        std::fs::write(root.join("42/cmdline"), b"").unwrap();
+        std::fs::write(root.join("42/stat"), stat).unwrap();
+        std::fs::write(root.join("42/cmdline"), cmdline).unwrap();
+        root
+    }
+
+    #[test]
+    fn huge_command_lines_are_cut_before_they_cost_memory() {
+        let root = fake_proc_with_process_42("42 (big) S 1 42 42 0", &[b'a'; 1024 * 1024]);
+        let listing = process_list(&root);
+        let line = listing.lines().nth(1).unwrap();
+        assert_eq!(
+            line.len(),
+            "42 1 S ".len() + MAX_COMMAND_LINE_BYTES as usize
+        );
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn process_names_with_spaces_and_parentheses_parse() {
+        let root = fake_proc_with_process_42("42 (my (odd) name) S 7 42 42 0", b"");
         std::fs::create_dir_all(root.join("self")).unwrap();
         let listing = process_list(&root);
         assert!(listing.contains("42 7 S [my (odd) name]"), "{listing}");

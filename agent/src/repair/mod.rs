@@ -32,6 +32,16 @@ use forensics::CollectionSources;
 const UPLOAD_CHUNK_BYTES: usize = 256 * 1024;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(60);
+/// Longest the manager waits for a collection before it retries the
+/// upload later (a read under /proc can hang with a process stuck on a
+/// dead mount).
+const COLLECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A collection running on the blocking pool, for one quarantine.
+struct Collection {
+    quarantine_id: String,
+    bundle: tokio::task::JoinHandle<std::io::Result<Vec<u8>>>,
+}
 
 /// Validated `[quarantine]` settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -255,6 +265,7 @@ impl QuarantineManager {
             known = desired.wait_for(Option::is_some) => if known.is_err() { return },
         }
         let mut retry = FIRST_RETRY;
+        let mut collecting = None;
         loop {
             let wanted = desired.borrow_and_update().clone().flatten();
             let step = next_step(wanted.as_ref(), &progress, &self.settings);
@@ -291,7 +302,7 @@ impl QuarantineManager {
                     let Some(quarantine) = wanted.as_ref() else {
                         continue;
                     };
-                    match self.collect_and_upload(quarantine).await {
+                    match self.collect_and_upload(quarantine, &mut collecting).await {
                         Ok(()) => {
                             progress.bundle_uploaded = true;
                             save_progress(&self.data_dir, &progress);
@@ -338,12 +349,38 @@ impl QuarantineManager {
         }
     }
 
-    async fn collect_and_upload(&self, quarantine: &Quarantine) -> Result<(), String> {
+    /// Collects (on the blocking pool) and uploads the bundle. A collection
+    /// that outlives [`COLLECTION_TIMEOUT`] is kept in `collecting` and
+    /// waited for again at the next attempt, never started twice.
+    async fn collect_and_upload(
+        &self,
+        quarantine: &Quarantine,
+        collecting: &mut Option<Collection>,
+    ) -> Result<(), String> {
+        let mut collection = match collecting.take() {
+            Some(running) if running.quarantine_id == quarantine.id => running,
+            _ => self.start_collection(quarantine),
+        };
+        let bundle = match tokio::time::timeout(COLLECTION_TIMEOUT, &mut collection.bundle).await {
+            Ok(collected) => collected
+                .map_err(|error| error.to_string())?
+                .map_err(|error| error.to_string())?,
+            Err(_) => {
+                *collecting = Some(collection);
+                return Err(format!(
+                    "the forensic collection did not finish within {} s (a read is blocked); still waiting for it",
+                    COLLECTION_TIMEOUT.as_secs()
+                ));
+            }
+        };
+        tracing::info!(size = bundle.len(), "forensic bundle collected");
+        self.sink.upload(&quarantine.id, bundle).await
+    }
+
+    fn start_collection(&self, quarantine: &Quarantine) -> Collection {
         let snapshot = Arc::clone(&self.health.borrow());
         let sources = self.sources.clone();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |duration| duration.as_secs());
+        let now = u64::try_from(crate::clock::unix_now()).unwrap_or(0);
         let about = serde_json::json!({
             "quarantine_id": quarantine.id,
             "reason": quarantine.reason,
@@ -353,15 +390,13 @@ impl QuarantineManager {
             "collected_at": now,
             "agent_version": env!("CARGO_PKG_VERSION"),
         });
-        // Reading /proc and files is blocking work.
-        let bundle = tokio::task::spawn_blocking(move || {
-            forensics::to_tar(&forensics::collect(&sources, &snapshot, about), now)
-        })
-        .await
-        .map_err(|error| error.to_string())?
-        .map_err(|error| error.to_string())?;
-        tracing::info!(size = bundle.len(), "forensic bundle collected");
-        self.sink.upload(&quarantine.id, bundle).await
+        Collection {
+            quarantine_id: quarantine.id.clone(),
+            // Reading /proc and files is blocking work.
+            bundle: tokio::task::spawn_blocking(move || {
+                forensics::to_tar(&forensics::collect(&sources, &snapshot, about), now)
+            }),
+        }
     }
 }
 
