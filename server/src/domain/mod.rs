@@ -10,5 +10,6 @@
 pub mod access;
 pub mod access_policy;
 pub mod desired_state;
+pub mod health;
 pub mod repair;
 pub mod rollout;

@@ -82,8 +82,7 @@ fn machines_running(state: &ServerState, digest: &str) -> u32 {
             machine
                 .last_report
                 .as_ref()
-                .and_then(|report| report.image.as_ref())
-                .and_then(|image| image.current.as_ref())
+                .and_then(|report| report.current_image())
                 .is_some_and(|current| current.digest == digest)
         })
         .count();

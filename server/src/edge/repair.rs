@@ -116,7 +116,7 @@ async fn dr_machines(state: &ServerState, by: &str) -> Result<Vec<DrMachine>, St
                 .unwrap_or_else(|| NO_GROUP.to_owned()),
             state: tracked
                 .get(&machine.id)
-                .map_or(crate::live::health::MachineState::Unknown, |health| {
+                .map_or(crate::domain::health::MachineState::Unknown, |health| {
                     health.state
                 }),
             quarantined: quarantined.contains(&machine.id),

@@ -1,8 +1,7 @@
-//! Machine state on the server: `operational`, `degraded`, `down`,
-//! `unreachable` (or `unknown` before the first report), and the
-//! administrative `retired` (decommissioned: final), decided by pure
-//! functions from the agent's reports and from silence, and the in-memory
-//! tracker that remembers each machine's current state and last report.
+//! The in-memory health tracker: each machine's current state and last
+//! report. The decisions (the state a report describes, who has been silent
+//! too long) are pure functions in `domain::health`; this module applies
+//! them under one lock.
 //!
 //! Only *transitions* leave this module (through an ordered channel to the
 //! applier in `transitions`); a report that changes nothing costs a map
@@ -12,56 +11,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotte_proto::v1::Report;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use crate::domain::health::{
+    silent_machines, state_from_report, HealthReport, LastHeard, MachineState,
+};
 use crate::store::{MachineRecord, UnixSeconds};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum MachineState {
-    Unknown,
-    Operational,
-    Degraded,
-    Down,
-    Unreachable,
-    /// Decommissioned: final, never left, never reported on again.
-    Retired,
-}
-
-impl MachineState {
-    pub const ALL: [MachineState; 6] = [
-        MachineState::Operational,
-        MachineState::Degraded,
-        MachineState::Down,
-        MachineState::Unreachable,
-        MachineState::Unknown,
-        MachineState::Retired,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MachineState::Unknown => "unknown",
-            MachineState::Operational => "operational",
-            MachineState::Degraded => "degraded",
-            MachineState::Down => "down",
-            MachineState::Unreachable => "unreachable",
-            MachineState::Retired => "retired",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        MachineState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == text)
-    }
-}
-
-impl std::fmt::Display for MachineState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A change of state, as stored and announced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,53 +27,6 @@ pub struct Transition {
     pub from: MachineState,
     pub to: MachineState,
     pub reason: String,
-}
-
-fn first_line(text: &str) -> &str {
-    let line = text
-        .lines()
-        .find(|line| !line.trim().is_empty())
-        .unwrap_or("");
-    line.char_indices()
-        .nth(120)
-        .map_or(line, |(index, _)| &line[..index])
-}
-
-/// The state a report describes, with a reason naming what is wrong.
-///
-/// A failing critical check makes the machine `down`; a failing non-critical
-/// check or an exceeded metric threshold makes it `degraded`.
-pub fn state_from_report(report: &Report) -> (MachineState, String) {
-    let failing = |critical: bool| {
-        report
-            .checks
-            .iter()
-            .filter(move |check| check.critical == critical && !check.healthy)
-            .map(|check| format!("{} failing: {}", check.name, first_line(&check.last_output)))
-            .collect::<Vec<_>>()
-    };
-    let critical = failing(true);
-    if !critical.is_empty() {
-        return (
-            MachineState::Down,
-            format!("critical check {}", critical.join("; ")),
-        );
-    }
-    let mut problems: Vec<String> = failing(false)
-        .into_iter()
-        .map(|problem| format!("check {problem}"))
-        .collect();
-    problems.extend(report.metric_breaches.iter().cloned());
-    if problems.is_empty() {
-        let reason = if report.checks.is_empty() {
-            "reporting; no checks configured".to_owned()
-        } else {
-            format!("all {} checks pass", report.checks.len())
-        };
-        (MachineState::Operational, reason)
-    } else {
-        (MachineState::Degraded, problems.join("; "))
-    }
 }
 
 /// What the tracker knows of one machine.
@@ -132,28 +41,7 @@ pub struct TrackedMachine {
     /// Last report time (server clock); starts at tracker creation for
     /// machines loaded from the store, so silence is measured from then.
     pub last_report_at: UnixSeconds,
-    pub last_report: Option<Arc<Report>>,
-}
-
-/// Which tracked machines have been silent longer than `grace` at `now`.
-pub fn silent_machines(
-    machines: &HashMap<Uuid, TrackedMachine>,
-    now: UnixSeconds,
-    grace: Duration,
-) -> Vec<Uuid> {
-    let grace = i64::try_from(grace.as_secs()).unwrap_or(i64::MAX);
-    let mut silent: Vec<Uuid> = machines
-        .iter()
-        .filter(|(_, machine)| {
-            !matches!(
-                machine.state,
-                MachineState::Unreachable | MachineState::Retired
-            ) && now.saturating_sub(machine.last_report_at) > grace
-        })
-        .map(|(id, _)| *id)
-        .collect();
-    silent.sort();
-    silent
+    pub last_report: Option<Arc<HealthReport>>,
 }
 
 /// In-memory current state of every machine; decisions are made under its
@@ -226,7 +114,7 @@ impl HealthTracker {
     }
 
     /// Records a report; a change of state becomes a transition.
-    pub fn observe_report(&self, machine_id: Uuid, report: Report, now: UnixSeconds) {
+    pub fn observe_report(&self, machine_id: Uuid, report: HealthReport, now: UnixSeconds) {
         let (state, reason) = state_from_report(&report);
         let mut machines = self.lock();
         let Some(machine) = machines.get_mut(&machine_id) else {
@@ -248,7 +136,12 @@ impl HealthTracker {
     /// Marks machines silent for longer than the grace period unreachable.
     pub fn check_liveness(&self, now: UnixSeconds) {
         let mut machines = self.lock();
-        for machine_id in silent_machines(&machines, now, self.grace) {
+        let last_heard = machines.iter().map(|(machine_id, machine)| LastHeard {
+            machine_id: *machine_id,
+            state: machine.state,
+            last_report_at: machine.last_report_at,
+        });
+        for machine_id in silent_machines(last_heard, now, self.grace) {
             if let Some(machine) = machines.get_mut(&machine_id) {
                 let silence = now.saturating_sub(machine.last_report_at);
                 let reason = format!(
@@ -302,74 +195,22 @@ fn tracked_from_record(machine: &MachineRecord, now: UnixSeconds) -> TrackedMach
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotte_proto::v1::CheckResult;
+    use crate::domain::health::CheckReport;
 
-    fn check(name: &str, critical: bool, healthy: bool) -> CheckResult {
-        CheckResult {
-            name: name.into(),
-            critical,
-            healthy,
-            last_output: if healthy {
-                String::new()
-            } else {
-                format!("\n{name} broke\nmore")
-            },
-            ..CheckResult::default()
-        }
-    }
-
-    #[test]
-    fn reports_map_to_states_with_reasons() {
-        let cases = [
-            (
-                vec![],
-                vec![],
-                MachineState::Operational,
-                "no checks configured",
-            ),
-            (
-                vec![check("web", true, true)],
-                vec![],
-                MachineState::Operational,
-                "all 1 checks pass",
-            ),
-            (
-                vec![check("web", true, false)],
-                vec![],
-                MachineState::Down,
-                "critical check web failing: web broke",
-            ),
-            (
-                vec![check("cache", false, false)],
-                vec![],
-                MachineState::Degraded,
-                "check cache failing: cache broke",
-            ),
-            (
-                vec![],
-                vec!["disk /: 95.0% used (max 90%)".to_owned()],
-                MachineState::Degraded,
-                "disk /: 95.0% used",
-            ),
-            (
-                vec![check("web", true, false), check("cache", false, false)],
-                vec!["load: 9 (max 8)".to_owned()],
-                MachineState::Down,
-                "critical check web failing",
-            ),
-        ];
-        for (checks, breaches, expected_state, expected_reason) in cases {
-            let report = Report {
-                checks,
-                metric_breaches: breaches,
-                ..Report::default()
-            };
-            let (state, reason) = state_from_report(&report);
-            assert_eq!(state, expected_state, "{reason}");
-            assert!(
-                reason.contains(expected_reason),
-                "{reason:?} lacks {expected_reason:?}"
-            );
+    fn report_with_web_check(healthy: bool) -> HealthReport {
+        HealthReport {
+            checks: vec![CheckReport {
+                name: "web".into(),
+                critical: true,
+                healthy,
+                last_output: if healthy {
+                    String::new()
+                } else {
+                    "web broke".into()
+                },
+                ..CheckReport::default()
+            }],
+            ..HealthReport::default()
         }
     }
 
@@ -394,39 +235,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn only_changes_become_transitions_in_order() {
-        let (sender, mut receiver) = mpsc::unbounded_channel();
+    /// A tracker of one machine stored in `state`, started at `now` with a
+    /// 30 s grace, and the receiving end of its transitions.
+    fn tracker_of_one(
+        state: &str,
+        now: UnixSeconds,
+    ) -> (HealthTracker, Uuid, mpsc::UnboundedReceiver<Transition>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
         let id = Uuid::new_v4();
-        let tracker = HealthTracker::new(
-            &[record(id, "unknown")],
-            100,
-            Duration::from_secs(30),
-            sender,
-        );
-        let healthy = Report {
-            checks: vec![check("web", true, true)],
-            ..Report::default()
-        };
-        let broken = Report {
-            checks: vec![check("web", true, false)],
-            ..Report::default()
-        };
-        tracker.observe_report(id, healthy.clone(), 101);
-        tracker.observe_report(id, healthy.clone(), 102);
-        tracker.observe_report(id, broken, 103);
-        tracker.observe_report(id, healthy, 104);
-        // Silence shorter than the grace period changes nothing; longer does.
-        tracker.check_liveness(120);
-        tracker.check_liveness(135);
-        tracker.check_liveness(140);
+        let tracker =
+            HealthTracker::new(&[record(id, state)], now, Duration::from_secs(30), sender);
+        (tracker, id, receiver)
+    }
+
+    /// The transitions sent so far, as (from, to, at).
+    fn drain(
+        receiver: &mut mpsc::UnboundedReceiver<Transition>,
+    ) -> Vec<(MachineState, MachineState, UnixSeconds)> {
         let mut seen = Vec::new();
         while let Ok(transition) = receiver.try_recv() {
             seen.push((transition.from, transition.to, transition.at));
         }
+        seen
+    }
+
+    #[test]
+    fn only_changes_become_transitions_in_order() {
+        let (tracker, id, mut receiver) = tracker_of_one("unknown", 100);
+        tracker.observe_report(id, report_with_web_check(true), 101);
+        tracker.observe_report(id, report_with_web_check(true), 102);
+        tracker.observe_report(id, report_with_web_check(false), 103);
+        tracker.observe_report(id, report_with_web_check(true), 104);
+        // Silence shorter than the grace period changes nothing; longer does.
+        tracker.check_liveness(120);
+        tracker.check_liveness(135);
+        tracker.check_liveness(140);
         use MachineState::*;
         assert_eq!(
-            seen,
+            drain(&mut receiver),
             vec![
                 (Unknown, Operational, 101),
                 (Operational, Down, 103),
@@ -434,19 +280,32 @@ mod tests {
                 (Operational, Unreachable, 135),
             ]
         );
-        assert_eq!(tracker.get(id).unwrap().state, Unreachable);
+        let tracked = tracker.get(id).unwrap();
+        assert_eq!(tracked.state, Unreachable);
+        assert_eq!(
+            tracked.last_report.as_deref(),
+            Some(&report_with_web_check(true))
+        );
     }
 
     #[test]
     fn silence_is_measured_from_start_for_machines_that_never_report() {
-        let id = Uuid::new_v4();
-        let mut machines = HashMap::new();
-        let tracked = tracked_from_record(&record(id, "operational"), 1000);
-        machines.insert(id, tracked);
-        assert!(silent_machines(&machines, 1029, Duration::from_secs(30)).is_empty());
+        let (tracker, _, mut receiver) = tracker_of_one("operational", 1000);
+        tracker.check_liveness(1029);
+        assert!(drain(&mut receiver).is_empty());
+        tracker.check_liveness(1031);
         assert_eq!(
-            silent_machines(&machines, 1031, Duration::from_secs(30)),
-            vec![id]
+            drain(&mut receiver),
+            vec![(MachineState::Operational, MachineState::Unreachable, 1031)]
         );
+    }
+
+    #[test]
+    fn a_retired_machine_ignores_reports_and_silence() {
+        let (tracker, id, mut receiver) = tracker_of_one("retired", 1000);
+        tracker.observe_report(id, report_with_web_check(false), 1001);
+        tracker.check_liveness(2000);
+        assert!(drain(&mut receiver).is_empty());
+        assert!(tracker.get(id).unwrap().last_report.is_none());
     }
 }

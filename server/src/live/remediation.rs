@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::alerts::Alert;
+use crate::domain::health::MachineState;
 use crate::domain::repair::new_quarantine;
 use crate::domain::repair::remediation::{next, Action, Decision, MachineView};
-use crate::live::health::MachineState;
 use crate::live::providers::{Providers, ReplacementRequest};
 use crate::live::repair_state::RemediationStatus;
 use crate::store::repair::{RemediationEventRecord, RemediationState};

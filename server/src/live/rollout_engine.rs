@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::alerts::Alert;
 use crate::audit::AuditEvent;
+use crate::domain::health::MachineState;
 use crate::domain::rollout::controller::{self, apply_command, Action, Command, CommandEffect};
 use crate::domain::rollout::plan::parse_plan;
 use crate::domain::rollout::waves::{assign_waves, wave_stages, Candidate};
@@ -33,7 +34,6 @@ use crate::domain::rollout::{
     LiveMachine, MachineRolloutState, MachineView, Rollout, RolloutError, RolloutImage,
     RolloutMachine, RolloutState, SwapView,
 };
-use crate::live::health::MachineState;
 use crate::store::{DesiredImageRecord, RolloutStore, UnixSeconds};
 use crate::ServerState;
 
@@ -109,7 +109,7 @@ fn live_of(state: &ServerState, machine: Uuid, quarantined: &HashSet<Uuid>) -> L
     let image = tracked
         .as_ref()
         .and_then(|tracked| tracked.last_report.as_ref())
-        .and_then(|report| report.image.clone());
+        .and_then(|report| report.image.as_ref());
     LiveMachine {
         connected: state.registry.view(machine).is_some(),
         health: tracked
@@ -117,16 +117,21 @@ fn live_of(state: &ServerState, machine: Uuid, quarantined: &HashSet<Uuid>) -> L
             .map_or(MachineState::Unknown, |tracked| tracked.state),
         health_since: tracked.as_ref().map_or(0, |tracked| tracked.since),
         current_digest: image
-            .as_ref()
             .and_then(|image| image.current.as_ref())
             .map(|current| current.digest.clone()),
-        swap: image.and_then(|image| image.swap).map(|swap| SwapView {
-            target_digest: swap.target.map(|target| target.digest).unwrap_or_default(),
-            step: swap.step,
-            outcome: swap.outcome,
-            message: swap.message,
-            updated_at: swap.updated_at,
-        }),
+        swap: image
+            .and_then(|image| image.swap.as_ref())
+            .map(|swap| SwapView {
+                target_digest: swap
+                    .target
+                    .as_ref()
+                    .map(|target| target.digest.clone())
+                    .unwrap_or_default(),
+                step: swap.step.clone(),
+                outcome: swap.outcome.clone(),
+                message: swap.message.clone(),
+                updated_at: swap.updated_at,
+            }),
         quarantined: quarantined.contains(&machine),
     }
 }
@@ -781,9 +786,8 @@ fn previous_image(
     let reported = state
         .health
         .get(machine.id)
-        .and_then(|tracked| tracked.last_report.clone())
-        .and_then(|report| report.image.clone())
-        .and_then(|image| image.current);
+        .and_then(|tracked| tracked.last_report)
+        .and_then(|report| report.current_image().cloned());
     match reported {
         Some(current) if !current.digest.is_empty() => Some(DesiredImageRecord {
             name: current.name,

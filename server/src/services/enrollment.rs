@@ -108,7 +108,7 @@ impl Enroller<'_> {
             },
             last_seen: now,
             desired_version: 1,
-            state: crate::live::health::MachineState::Unknown
+            state: crate::domain::health::MachineState::Unknown
                 .as_str()
                 .to_owned(),
             state_reason: "enrolled; no report yet".to_owned(),

@@ -10,7 +10,8 @@ use flotte_proto::image::ImageReference;
 use flotte_proto::labels::validate_label;
 use uuid::Uuid;
 
-use crate::live::health::{MachineState, TrackedMachine};
+use crate::domain::health::MachineState;
+use crate::live::health::TrackedMachine;
 use crate::live::revocation::{denial, REVOCATION_GRACE};
 use crate::store::{DeniedKind, DesiredImageRecord, MachineRecord, StoreError};
 use crate::ServerState;

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::live::health::MachineState;
+use crate::domain::health::MachineState;
 
 /// A machine as the impact computation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

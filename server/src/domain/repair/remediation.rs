@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use uuid::Uuid;
 
+use crate::domain::health::MachineState;
 use crate::domain::repair::settings::RemediationSettings;
-use crate::live::health::MachineState;
 use crate::store::repair::{RemediationEventRecord, RemediationState};
 use crate::store::UnixSeconds;
 

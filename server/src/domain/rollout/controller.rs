@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use super::plan::OnFailure;
 use super::{MachineRolloutState, MachineView, Rollout, RolloutState};
-use crate::live::health::MachineState;
+use crate::domain::health::MachineState;
 use crate::store::UnixSeconds;
 
 /// A machine whose health was already bad when it committed (a stale report)

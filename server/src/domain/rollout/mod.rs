@@ -20,7 +20,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::live::health::MachineState;
+use crate::domain::health::MachineState;
 use crate::store::{DesiredImageRecord, UnixSeconds};
 
 pub use plan::{Amount, OnFailure, Plan, PlanError, Policy, Stage};
