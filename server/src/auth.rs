@@ -12,9 +12,9 @@ use flotte_proto::identity::{Identity, IdentityKind};
 use uuid::Uuid;
 
 use crate::revocation::Revocations;
-use crate::roles::{may_call, required_role, AdminRpc, Role};
 use crate::store::OperatorRecord;
 use crate::tls::{PeerCertificate, PeerInfo};
+use flotte_common::roles::{may_call, required_role, AdminRpc, Role};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {

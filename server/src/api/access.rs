@@ -34,11 +34,11 @@ use crate::access::{
 };
 use crate::api::admin::find_machine;
 use crate::api::guard::admit;
-use crate::roles::AdminRpc;
 use crate::store::{
     FoundKeysRecord, GrantRecord, MachineAccessRecord, MachineRecord, UserKeyRecord, UserRecord,
 };
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 /// How long a fan-out waits for room in a full session queue before ending
 /// the session (the agent then gets the whole state on reconnect).

@@ -32,10 +32,10 @@ use crate::enrollment::hash_secret;
 use crate::health::{MachineState, TrackedMachine};
 use crate::registry::ConnectedView;
 use crate::revocation::denial;
-use crate::roles::AdminRpc;
 use crate::store::{DeniedKind, JoinTokenRecord, MachineRecord};
 use crate::transitions::MachineEvent;
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 /// Transitions shown by `machines show`.
 const TRANSITIONS_SHOWN: u32 = 50;

@@ -20,9 +20,9 @@ use crate::api::guard::admit;
 use crate::ca::CaError;
 use crate::clock::to_unix;
 use crate::revocation::denial;
-use crate::roles::{AdminRpc, Role};
 use crate::store::{DeniedKind, OperatorRecord};
 use crate::ServerState;
+use flotte_common::roles::{AdminRpc, Role};
 
 /// Operator certificates are long-lived credentials of people; revocation,
 /// not expiry, is what ends them early.

@@ -27,9 +27,9 @@ use crate::auth::{require_machine, require_not_revoked};
 use crate::repair::dr::{single_points_of_failure, zone_loss_impact, DrMachine, NO_GROUP};
 use crate::repair::forensics::ForensicsError;
 use crate::repair::{new_quarantine, set_quarantine};
-use crate::roles::AdminRpc;
 use crate::store::repair::{QuarantineRecord, RemediationEventRecord};
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 /// Bytes per forensic download chunk.
 const DOWNLOAD_CHUNK_BYTES: usize = 256 * 1024;

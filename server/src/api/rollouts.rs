@@ -19,11 +19,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::api::guard::admit;
-use crate::roles::AdminRpc;
 use crate::rollout::controller::Command;
 use crate::rollout::runner::{CreateRequest, RolloutDetail};
 use crate::rollout::{MachineRolloutState, RolloutError};
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 /// A watch sends at most one update per this interval (a wave of thousands
 /// of machines changes many times a second).

@@ -32,10 +32,10 @@ use super::{
     RolloutMachine, RolloutState, SwapView,
 };
 use crate::alerts::Alert;
-use crate::audit::AuditEvent;
 use crate::health::MachineState;
 use crate::store::{DesiredImageRecord, RolloutStore, UnixSeconds};
 use crate::ServerState;
+use flotte_common::audit::AuditEvent;
 
 /// Bake timers and deadlines are checked at least this often.
 const TICK: Duration = Duration::from_secs(1);

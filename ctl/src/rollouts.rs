@@ -11,13 +11,12 @@ use flotte_proto::v1::{
 };
 use serde::Serialize;
 
-use super::{
-    connect, format_time, optional_time, print_json, read_file, render_table, rpc_error, Cli,
-    CtlError, Output,
-};
+use crate::cli::{read_file, rpc_error, Cli};
+use crate::error::CtlError;
+use crate::output::{format_time, optional_time, print_json, print_table, Output};
 
 #[derive(Debug, Subcommand)]
-pub(super) enum RolloutCommand {
+pub enum RolloutCommand {
     /// Start a rollout of an image across the fleet by a plan of stages.
     Create {
         /// The image, name@version (pushed already).
@@ -350,31 +349,27 @@ fn print_rollout(output: Output, info: &RolloutInfo, dry_run: bool) -> Result<()
         })
         .collect();
     println!();
-    print!(
-        "{}",
-        render_table(
-            &[
-                "STAGE",
-                "SELECTOR",
-                "BATCH",
-                "BAKE",
-                "APPROVAL",
-                "MAX/ZONE",
-                "MACHINES",
-                "WAVES",
-                "COMMITTED",
-                "FAILED"
-            ],
-            &stage_rows
-        )
+    print_table(
+        &[
+            "STAGE",
+            "SELECTOR",
+            "BATCH",
+            "BAKE",
+            "APPROVAL",
+            "MAX/ZONE",
+            "MACHINES",
+            "WAVES",
+            "COMMITTED",
+            "FAILED",
+        ],
+        &stage_rows,
     );
     println!();
-    print!(
-        "{}",
-        render_table(
-            &["WAVE", "STAGE", "MACHINE", "ZONE", "STATE", "PREVIOUS", "TOOK", "REASON"],
-            &wave_rows(&view)
-        )
+    print_table(
+        &[
+            "WAVE", "STAGE", "MACHINE", "ZONE", "STATE", "PREVIOUS", "TOOK", "REASON",
+        ],
+        &wave_rows(&view),
     );
     Ok(())
 }
@@ -388,7 +383,7 @@ async fn client(
     ),
     CtlError,
 > {
-    let (channel, diagnostics) = connect(cli)?;
+    let (channel, diagnostics) = cli.connect()?;
     Ok((RolloutsClient::new(channel), diagnostics))
 }
 
@@ -443,7 +438,7 @@ async fn watch(cli: &Cli, id: &str) -> Result<(), CtlError> {
     }
 }
 
-pub(super) async fn run_rollout(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
+pub async fn run(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
     if let RolloutCommand::Watch { id } = command {
         return watch(cli, id).await;
     }
@@ -500,15 +495,12 @@ pub(super) async fn run_rollout(cli: &Cli, command: &RolloutCommand) -> Result<(
                     ]
                 })
                 .collect();
-            print!(
-                "{}",
-                render_table(
-                    &[
-                        "ID", "IMAGE", "STATE", "WAVE", "MACHINES", "FAILURES", "CREATED", "BY",
-                        "REASON"
-                    ],
-                    &rows
-                )
+            print_table(
+                &[
+                    "ID", "IMAGE", "STATE", "WAVE", "MACHINES", "FAILURES", "CREATED", "BY",
+                    "REASON",
+                ],
+                &rows,
             );
             return Ok(());
         }
