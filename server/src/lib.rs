@@ -8,6 +8,10 @@
 //! or tonic types except through `api`, which is the only place where errors
 //! become gRPC statuses. Nothing here blocks the async runtime on disk: the
 //! store runs on the blocking pool.
+//!
+//! No CLI code lives here: `flottectl` is its own crate and never links this
+//! one. What both need (operator profiles, the role table, the audit chain,
+//! image files) comes from `flotte-common`.
 
 pub mod access;
 pub mod alerts;
