@@ -296,17 +296,6 @@ impl CertificateAuthority {
     }
 }
 
-/// A new ECDSA P-256 key and a CSR for it, both PEM: what a client that wants
-/// a certificate sends (the CSR) and keeps (the key). Used by `flottectl
-/// operator create`, so that an operator's key is made where flottectl runs.
-pub fn generate_key_and_csr() -> Result<(String, String), CaError> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = CertificateParams::default()
-        .serialize_request(&key)?
-        .pem()?;
-    Ok((key.serialize_pem(), csr))
-}
-
 fn truncate_to_seconds(time: SystemTime) -> SystemTime {
     let seconds = time
         .duration_since(SystemTime::UNIX_EPOCH)

@@ -10,13 +10,13 @@ use std::time::Duration;
 use flotte_proto::files;
 use flotte_proto::identity::Identity;
 
-use crate::audit::AuditEvent;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::{to_unix, Clock, SystemClock};
 use crate::config::{default_config_path, ConfigError, ServerConfigFile};
-use crate::profile::{Profile, ProfileError, ProfileSettings};
-use crate::roles::{AdminRpc, Role};
 use crate::store::{OperatorRecord, SqliteStore, Store, StoreError};
+use flotte_common::audit::AuditEvent;
+use flotte_common::profile::{Profile, ProfileError, ProfileSettings};
+use flotte_common::roles::{AdminRpc, Role};
 
 /// The first admin's profile is meant to bootstrap; it lasts a year.
 const ADMIN_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);

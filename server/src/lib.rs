@@ -16,24 +16,19 @@
 //! runs on the blocking pool.
 
 pub mod alerts;
-pub mod audit;
 pub mod backup;
 pub mod ca;
 pub mod clock;
 pub mod config;
-pub mod ctl;
 pub mod domain;
 pub mod edge;
 pub mod forensics;
-pub mod image_build;
 pub mod images;
 pub mod init;
 pub mod join_tokens;
 pub mod limits;
 pub mod live;
 pub mod metrics;
-pub mod profile;
-pub mod roles;
 pub mod services;
 pub mod store;
 

@@ -200,10 +200,10 @@ fn wrong_identities_are_refused_with_their_cause() {
     );
 
     // An operator certificate from a foreign CA, trusting the right server.
-    let foreign_profile = flotte_server::profile::Profile::load(&other.admin_profile()).unwrap();
+    let foreign_profile = flotte_common::profile::Profile::load(&other.admin_profile()).unwrap();
     // The same through flottectl: a profile mixing our CA with a foreign certificate.
     let mixed = root.path().join("mixed-profile");
-    flotte_server::profile::Profile {
+    flotte_common::profile::Profile {
         ca_pem: ca_pem.clone(),
         ..foreign_profile
     }
@@ -435,7 +435,7 @@ fn reflection_serves_identified_callers_and_health_is_open() {
     let root = TempDir::new("flotte-e2e").unwrap();
     let mut server = Server::init(root.path(), "server", &[]);
     server.start();
-    let profile = flotte_server::profile::Profile::load(&server.admin_profile()).unwrap();
+    let profile = flotte_common::profile::Profile::load(&server.admin_profile()).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

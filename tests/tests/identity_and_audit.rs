@@ -10,10 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flotte_common::profile::Profile;
 use flotte_proto::transport::{channel, client_config};
 use flotte_proto::v1::tokens_client::TokensClient;
 use flotte_proto::v1::CreateTokenRequest;
-use flotte_server::profile::Profile;
 use flotte_tests::{flottectl, wait_until, Agent, Server, TempDir};
 
 /// What the issue promises: revocation closes open streams within a second.
@@ -224,7 +224,7 @@ fn roles_are_checked_on_every_admin_rpc_and_refusals_name_the_role_needed() {
 fn an_operator_key_made_on_their_own_machine_never_reaches_the_server() {
     let root = TempDir::new("flotte-e2e").unwrap();
     let server = started_server(&root);
-    let (key_pem, csr_pem) = flotte_server::ca::generate_key_and_csr().unwrap();
+    let (key_pem, csr_pem) = flotte_common::key_request::generate_key_and_csr().unwrap();
     let csr_file = root.path().join("erin.csr");
     std::fs::write(&csr_file, csr_pem).unwrap();
     let profile = root.path().join("erin");

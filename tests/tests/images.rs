@@ -325,9 +325,9 @@ fn push_sealed_payload(
     let payload = root.join(format!("payload-{version}.tar.zst"));
     std::fs::write(&payload, zstd::encode_all(tar_bytes, 3).unwrap()).unwrap();
     let out = root.join(format!("app-{version}.flotte"));
-    flotte_server::image_build::seal_payload(
+    flotte_common::image_build::seal_payload(
         &payload,
-        &flotte_server::image_build::SealOptions {
+        &flotte_common::image_build::SealOptions {
             name: "app".into(),
             version: version.into(),
             key_pem: std::fs::read_to_string(keys.join("release.key")).unwrap(),

@@ -30,13 +30,13 @@ use crate::domain::access::{
     validate_user_name, AccessError, DeliveryStatus, MachinePolicy,
 };
 use crate::edge::guard::admit;
-use crate::roles::AdminRpc;
 use crate::services::access::{self, AccessServiceError};
 use crate::services::machines::find_machine;
 use crate::store::{
     FoundKeysRecord, GrantRecord, MachineAccessRecord, MachineRecord, UserKeyRecord, UserRecord,
 };
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 /// Bounds on what one agent may report (its message is bounded too).
 const MAX_REPORTED_LOGINS: usize = 1024;

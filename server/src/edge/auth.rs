@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use crate::edge::tls::{PeerCertificate, PeerInfo};
 use crate::live::revocation::Revocations;
-use crate::roles::{may_call, required_role, AdminRpc, Role};
 use crate::store::OperatorRecord;
+use flotte_common::roles::{may_call, required_role, AdminRpc, Role};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {

@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::audit::AuditEvent;
 use crate::edge::auth::{
     authorize_operator, require_not_revoked, require_operator, AuthError, Caller,
 };
-use crate::roles::{AdminRpc, Role};
 use crate::ServerState;
+use flotte_common::audit::AuditEvent;
+use flotte_common::roles::{AdminRpc, Role};
 
 /// An admitted admin call: who made it, with which role.
 #[derive(Debug)]

@@ -14,9 +14,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::edge::guard::admit;
 use crate::images::{BlobError, BlobStore};
-use crate::roles::AdminRpc;
 use crate::store::ImageRecord;
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 #[derive(Debug, Clone)]
 pub struct ImagesApi {

@@ -25,10 +25,10 @@ use crate::edge::guard::admit;
 use crate::live::health::TrackedMachine;
 use crate::live::registry::ConnectedView;
 use crate::live::transitions::MachineEvent;
-use crate::roles::AdminRpc;
 use crate::services::machines::{self, FleetCounts, GroupCounts, MachineError};
 use crate::store::MachineRecord;
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 /// Transitions shown by `machines show`.
 const TRANSITIONS_SHOWN: u32 = 50;

@@ -15,10 +15,10 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use crate::edge::guard::admit;
-use crate::roles::AdminRpc;
 use crate::services::operators::{self, NewOperator, OperatorError};
 use crate::store::OperatorRecord;
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 #[derive(Debug, Clone)]
 pub struct OperatorsApi {

@@ -26,11 +26,11 @@ use crate::domain::repair::new_quarantine;
 use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::edge::guard::admit;
 use crate::forensics::ForensicsError;
-use crate::roles::AdminRpc;
 use crate::services::machines::{find_machine, find_machine_in_service};
 use crate::services::quarantine::set_quarantine;
 use crate::store::repair::{QuarantineRecord, RemediationEventRecord};
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 /// Bytes per forensic download chunk.
 const DOWNLOAD_CHUNK_BYTES: usize = 256 * 1024;

@@ -22,8 +22,8 @@ use crate::domain::rollout::controller::Command;
 use crate::domain::rollout::{MachineRolloutState, RolloutError};
 use crate::edge::guard::admit;
 use crate::live::rollout_engine::{CreateRequest, RolloutDetail};
-use crate::roles::AdminRpc;
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 /// A watch sends at most one update per this interval (a wave of thousands
 /// of machines changes many times a second).

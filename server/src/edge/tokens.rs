@@ -12,10 +12,10 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use crate::edge::guard::admit;
-use crate::roles::AdminRpc;
 use crate::services::tokens::{self, TokenError, TokenRequest};
 use crate::store::JoinTokenRecord;
 use crate::ServerState;
+use flotte_common::roles::AdminRpc;
 
 #[derive(Debug, Clone)]
 pub struct TokensApi {

@@ -13,11 +13,11 @@ use flotte_proto::v1::{
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
-use crate::audit::{AuditFilter, AuditRecord};
 use crate::edge::guard::admit;
-use crate::roles::AdminRpc;
 use crate::store::ReleaseKeyRecord;
 use crate::ServerState;
+use flotte_common::audit::{AuditFilter, AuditRecord};
+use flotte_common::roles::AdminRpc;
 use flotte_proto::release_keys::parse_release_key;
 
 /// Release key names are labels for people; keep them short.

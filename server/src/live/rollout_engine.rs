@@ -25,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::alerts::Alert;
-use crate::audit::AuditEvent;
 use crate::domain::health::MachineState;
 use crate::domain::rollout::controller::{self, apply_command, Action, Command, CommandEffect};
 use crate::domain::rollout::plan::parse_plan;
@@ -36,6 +35,7 @@ use crate::domain::rollout::{
 };
 use crate::store::{DesiredImageRecord, RolloutStore, UnixSeconds};
 use crate::ServerState;
+use flotte_common::audit::AuditEvent;
 
 /// Bake timers and deadlines are checked at least this often.
 const TICK: Duration = Duration::from_secs(1);

@@ -10,9 +10,9 @@ use flotte_proto::identity::{is_valid_segment, Identity};
 use crate::ca::CaError;
 use crate::clock::to_unix;
 use crate::live::revocation::{denial, REVOCATION_GRACE};
-use crate::roles::Role;
 use crate::store::{DeniedKind, OperatorRecord, StoreError};
 use crate::ServerState;
+use flotte_common::roles::Role;
 
 /// Operator certificates are long-lived credentials of people; revocation,
 /// not expiry, is what ends them early.

@@ -26,8 +26,8 @@ pub use access::{
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
 
-use crate::audit::{AuditEvent, AuditFilter, AuditRecord};
-use crate::roles::Role;
+use flotte_common::audit::{AuditEvent, AuditFilter, AuditRecord};
+use flotte_common::roles::Role;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

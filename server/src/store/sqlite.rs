@@ -16,8 +16,8 @@ use super::{
     JoinTokenRecord, MachineRecord, OperatorRecord, ReleaseKeyRecord, StateTransitionRecord, Store,
     StoreError, TokenRedemption, UnixSeconds,
 };
-use crate::audit::{seal, AuditEvent, AuditFilter, AuditRecord};
-use crate::roles::Role;
+use flotte_common::audit::{seal, AuditEvent, AuditFilter, AuditRecord};
+use flotte_common::roles::Role;
 
 const SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS join_tokens (
@@ -1181,7 +1181,7 @@ mod tests {
                 .unwrap();
         }
         let all = store.audit_entries(&AuditFilter::default()).await.unwrap();
-        assert_eq!(crate::audit::verify_chain(&all).unwrap().entries, 3);
+        assert_eq!(flotte_common::audit::verify_chain(&all).unwrap().entries, 3);
         let filtered = store
             .audit_entries(&AuditFilter {
                 since: Some(15),

@@ -25,6 +25,7 @@ use flotte_agent::identity::MachineIdentity;
 use flotte_agent::image::swap::{simulated_handle, SimulatedImageManager};
 use flotte_agent::session::{run_session, AgentState, SessionEnd, SessionStats, SimulatedAckLog};
 use flotte_agent::state::{AppliedState, Persistence, PersistenceError};
+use flotte_common::profile::{Profile, ProfileError};
 use flotte_proto::join_token::{JoinToken, JoinTokenError};
 use flotte_proto::transport::{channel, client_config, explain_status, TransportError};
 use flotte_proto::v1::rollouts_client::RolloutsClient;
@@ -34,7 +35,6 @@ use flotte_proto::v1::{
     SwapStatus,
 };
 use flotte_server::limits::{raise_open_files_limit, LimitsError};
-use flotte_server::profile::{Profile, ProfileError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;

@@ -278,10 +278,10 @@ fn run(cli: &Cli) -> Result<(), String> {
 
     // The baseline: the same payload bytes, checked and unpacked by the tools.
     let image_file =
-        flotte_server::image_build::read_image_file(&big).map_err(|e| e.to_string())?;
+        flotte_common::image_build::read_image_file(&big).map_err(|e| e.to_string())?;
     let payload_path = root.join("baseline-payload.tar.zst");
     {
-        let mut payload = flotte_server::image_build::open_payload(&big, &image_file)
+        let mut payload = flotte_common::image_build::open_payload(&big, &image_file)
             .map_err(|error| error.to_string())?;
         let mut out = std::fs::File::create(&payload_path).map_err(|error| error.to_string())?;
         std::io::copy(&mut payload, &mut out).map_err(|error| error.to_string())?;

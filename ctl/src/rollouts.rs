@@ -1,6 +1,6 @@
 //! `flottectl rollout create | list | show | watch | pause | resume | abort |
 //! approve | rollback | stop-all`: staged rollouts, rendered as tables and
-//! progress bars for people or JSON (`-o json`) for scripts.
+//! progress bars (`progress`) for people or JSON (`-o json`) for scripts.
 
 use std::io::IsTerminal;
 
@@ -9,15 +9,19 @@ use flotte_proto::v1::rollouts_client::RolloutsClient;
 use flotte_proto::v1::{
     CreateRolloutRequest, ListRolloutsRequest, RolloutInfo, RolloutRequest, StopAllRolloutsRequest,
 };
+use indicatif::ProgressDrawTarget;
 use serde::Serialize;
 
-use super::{
-    connect, format_time, optional_time, print_json, read_file, render_table, rpc_error, Cli,
-    CtlError, Output,
-};
+use crate::cli::{read_file, rpc_error, Cli};
+use crate::error::CtlError;
+use crate::output::{format_time, optional_time, print_json, print_table, Output};
+
+mod progress;
+
+use progress::{frame_lines, LiveDisplay};
 
 #[derive(Debug, Subcommand)]
-pub(super) enum RolloutCommand {
+pub enum RolloutCommand {
     /// Start a rollout of an image across the fleet by a plan of stages.
     Create {
         /// The image, name@version (pushed already).
@@ -198,84 +202,6 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(8)]
 }
 
-const BAR_WIDTH: usize = 24;
-
-/// `[#####>-----]` for `done` of `total` with `busy` in flight.
-fn progress_bar(done: u32, busy: u32, total: u32) -> String {
-    if total == 0 {
-        return format!("[{}]", " ".repeat(BAR_WIDTH));
-    }
-    let cells = |count: u32| {
-        (count as usize * BAR_WIDTH)
-            .div_ceil(total as usize)
-            .min(BAR_WIDTH)
-    };
-    let full = cells(done);
-    let busy = cells(done + busy).saturating_sub(full);
-    format!(
-        "[{}{}{}]",
-        "#".repeat(full),
-        ">".repeat(busy),
-        "-".repeat(BAR_WIDTH - full - busy)
-    )
-}
-
-/// The lines of a watch frame: a header and one progress bar per stage.
-fn progress_lines(view: &RolloutView) -> Vec<String> {
-    let mut lines = vec![format!(
-        "rollout {} {}  {}  wave {}/{}  failures {}/{}{}",
-        short(&view.id),
-        view.image,
-        view.state,
-        view.wave,
-        view.waves,
-        view.failures,
-        view.max_failures,
-        if view.waiting_for.is_empty() {
-            String::new()
-        } else {
-            format!("  waiting for {}", view.waiting_for)
-        }
-    )];
-    let width = view
-        .stages
-        .iter()
-        .map(|stage| stage.name.len())
-        .max()
-        .unwrap_or(0);
-    for stage in &view.stages {
-        let mut notes = Vec::new();
-        if stage.in_flight > 0 {
-            notes.push(format!("{} in flight", stage.in_flight));
-        }
-        if stage.failed > 0 {
-            notes.push(format!("{} failed", stage.failed));
-        }
-        if stage.rolled_back > 0 {
-            notes.push(format!("{} rolled back", stage.rolled_back));
-        }
-        if stage.approval && !stage.approved {
-            notes.push("needs approval".to_owned());
-        }
-        lines.push(format!(
-            "  {:<width$}  {} {}/{} committed{}",
-            stage.name,
-            progress_bar(stage.committed, stage.in_flight, stage.machines),
-            stage.committed,
-            stage.machines,
-            if notes.is_empty() {
-                String::new()
-            } else {
-                format!("  ({})", notes.join(", "))
-            }
-        ));
-    }
-    if !view.reason.is_empty() {
-        lines.push(format!("  {}", view.reason));
-    }
-    lines
-}
-
 fn wave_rows(view: &RolloutView) -> Vec<Vec<String>> {
     view.machine_states
         .iter()
@@ -350,31 +276,27 @@ fn print_rollout(output: Output, info: &RolloutInfo, dry_run: bool) -> Result<()
         })
         .collect();
     println!();
-    print!(
-        "{}",
-        render_table(
-            &[
-                "STAGE",
-                "SELECTOR",
-                "BATCH",
-                "BAKE",
-                "APPROVAL",
-                "MAX/ZONE",
-                "MACHINES",
-                "WAVES",
-                "COMMITTED",
-                "FAILED"
-            ],
-            &stage_rows
-        )
+    print_table(
+        &[
+            "STAGE",
+            "SELECTOR",
+            "BATCH",
+            "BAKE",
+            "APPROVAL",
+            "MAX/ZONE",
+            "MACHINES",
+            "WAVES",
+            "COMMITTED",
+            "FAILED",
+        ],
+        &stage_rows,
     );
     println!();
-    print!(
-        "{}",
-        render_table(
-            &["WAVE", "STAGE", "MACHINE", "ZONE", "STATE", "PREVIOUS", "TOOK", "REASON"],
-            &wave_rows(&view)
-        )
+    print_table(
+        &[
+            "WAVE", "STAGE", "MACHINE", "ZONE", "STATE", "PREVIOUS", "TOOK", "REASON",
+        ],
+        &wave_rows(&view),
     );
     Ok(())
 }
@@ -388,7 +310,7 @@ async fn client(
     ),
     CtlError,
 > {
-    let (channel, diagnostics) = connect(cli)?;
+    let (channel, diagnostics) = cli.connect()?;
     Ok((RolloutsClient::new(channel), diagnostics))
 }
 
@@ -400,25 +322,24 @@ async fn watch(cli: &Cli, id: &str) -> Result<(), CtlError> {
         .await
         .map_err(rpc_error(&diagnostics))?
         .into_inner();
-    let redraw = cli.output() == Output::Table && std::io::stdout().is_terminal();
-    let mut drawn = 0usize;
+    let mut live = (cli.output() == Output::Table && std::io::stdout().is_terminal())
+        .then(|| LiveDisplay::new(ProgressDrawTarget::stdout()));
     let mut last: Option<RolloutInfo> = None;
     while let Some(info) = stream.message().await.map_err(rpc_error(&diagnostics))? {
         let view = RolloutView::from(&info);
-        if cli.output() == Output::Json {
-            println!("{}", serde_json::to_string(&view)?);
-        } else {
-            let lines = progress_lines(&view);
-            if redraw && drawn > 0 {
-                // Back over the previous frame, and clear it.
-                print!("\x1b[{drawn}A\x1b[J");
+        match (&mut live, cli.output()) {
+            (_, Output::Json) => println!("{}", serde_json::to_string(&view)?),
+            (Some(live), Output::Table) => live.show(&view),
+            (None, Output::Table) => {
+                for line in frame_lines(&view) {
+                    println!("{line}");
+                }
             }
-            for line in &lines {
-                println!("{line}");
-            }
-            drawn = lines.len();
         }
         last = Some(info);
+    }
+    if let Some(live) = live {
+        live.finish();
     }
     let Some(last) = last else {
         return Err(CtlError::Rpc(format!(
@@ -443,7 +364,7 @@ async fn watch(cli: &Cli, id: &str) -> Result<(), CtlError> {
     }
 }
 
-pub(super) async fn run_rollout(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
+pub async fn run(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
     if let RolloutCommand::Watch { id } = command {
         return watch(cli, id).await;
     }
@@ -500,15 +421,12 @@ pub(super) async fn run_rollout(cli: &Cli, command: &RolloutCommand) -> Result<(
                     ]
                 })
                 .collect();
-            print!(
-                "{}",
-                render_table(
-                    &[
-                        "ID", "IMAGE", "STATE", "WAVE", "MACHINES", "FAILURES", "CREATED", "BY",
-                        "REASON"
-                    ],
-                    &rows
-                )
+            print_table(
+                &[
+                    "ID", "IMAGE", "STATE", "WAVE", "MACHINES", "FAILURES", "CREATED", "BY",
+                    "REASON",
+                ],
+                &rows,
             );
             return Ok(());
         }
@@ -539,19 +457,4 @@ pub(super) async fn run_rollout(cli: &Cli, command: &RolloutCommand) -> Result<(
 /// `watch` is handled before a unary call is made.
 fn unreachable_watch() -> Result<tonic::Response<RolloutInfo>, tonic::Status> {
     Err(tonic::Status::internal("watch is not a unary call"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_bars_fill_with_done_then_in_flight() {
-        assert_eq!(progress_bar(0, 0, 4), format!("[{}]", "-".repeat(24)));
-        assert_eq!(
-            progress_bar(2, 1, 4),
-            format!("[{}{}{}]", "#".repeat(12), ">".repeat(6), "-".repeat(6))
-        );
-        assert_eq!(progress_bar(4, 0, 4), format!("[{}]", "#".repeat(24)));
-    }
 }

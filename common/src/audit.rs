@@ -11,7 +11,8 @@
 use ring::digest;
 use serde::Serialize;
 
-use crate::store::UnixSeconds;
+/// Seconds since the Unix epoch, as the store keeps times.
+pub type UnixSeconds = i64;
 
 /// The `previous_hash` of the first entry.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";

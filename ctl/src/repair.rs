@@ -1,21 +1,23 @@
-//! `flottectl machines quarantine | release | forensics`, `flottectl dr
-//! impact | report`, `flottectl remediation list`, and the remediation line
-//! of `flottectl status`.
+//! `flottectl machines quarantine | release | forensics`, `flottectl
+//! remediation list`, and the remediation line of `flottectl status`: taking
+//! sick machines out of service (kept for forensics) and what automatic
+//! remediation did.
 
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
 use clap::Subcommand;
-use flotte_proto::v1::disaster_recovery_client::DisasterRecoveryClient;
 use flotte_proto::v1::repair_client::RepairClient;
 use flotte_proto::v1::{
     GetForensicsRequest, ListRemediationsRequest, Quarantine, QuarantineMachineRequest,
     ReleaseMachineRequest, RemediationStatusRequest, RemediationStatusResponse,
-    SinglePointsRequest, ZoneLossImpactRequest,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use super::{connect, format_time, print_json, render_table, rpc_error, Cli, CtlError, Output};
+use crate::cli::{rpc_error, Cli};
+use crate::error::CtlError;
+use crate::output::{format_time, print_json, print_list, Output};
 
 /// The repair subcommands of `flottectl machines`.
 #[derive(Debug, Clone, Subcommand)]
@@ -35,25 +37,6 @@ pub enum MachineRepairCommand {
         id: String,
         #[arg(long)]
         out: PathBuf,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum DrCommand {
-    /// What if these zones were lost: per group, machines and operational
-    /// capacity before and after, and the group's state.
-    Impact {
-        /// A zone to lose (repeatable).
-        #[arg(long = "zone", required = true)]
-        zones: Vec<String>,
-        /// Label whose values make the groups.
-        #[arg(long, default_value = "role")]
-        by: String,
-    },
-    /// Single points of failure: groups whose operational machines all sit in one zone.
-    Report {
-        #[arg(long, default_value = "role")]
-        by: String,
     },
 }
 
@@ -85,7 +68,7 @@ impl From<&Quarantine> for QuarantineView {
 fn repair_client(
     cli: &Cli,
 ) -> Result<(RepairClient<Channel>, impl Fn(tonic::Status) -> CtlError), CtlError> {
-    let (channel, diagnostics) = connect(cli)?;
+    let (channel, diagnostics) = cli.connect()?;
     let rpc = move |status| rpc_error(&diagnostics)(status);
     Ok((RepairClient::new(channel), rpc))
 }
@@ -239,128 +222,6 @@ fn unpack_bundle(bytes: &[u8], directory: &Path) -> Result<Vec<String>, CtlError
     Ok(files)
 }
 
-pub async fn run_dr(cli: &Cli, command: &DrCommand) -> Result<(), CtlError> {
-    let (channel, diagnostics) = connect(cli)?;
-    let rpc = rpc_error(&diagnostics);
-    let mut client = DisasterRecoveryClient::new(channel);
-    match command {
-        DrCommand::Impact { zones, by } => {
-            let impact = client
-                .zone_loss_impact(ZoneLossImpactRequest {
-                    zones: zones.clone(),
-                    by: by.clone(),
-                })
-                .await
-                .map_err(&rpc)?
-                .into_inner();
-            #[derive(Serialize)]
-            struct Row {
-                group: String,
-                machines_before: u32,
-                machines_after: u32,
-                operational_before: u32,
-                operational_after: u32,
-                minimum: Option<u32>,
-                state_after: String,
-            }
-            let rows: Vec<Row> = impact
-                .groups
-                .iter()
-                .map(|group| Row {
-                    group: group.group.clone(),
-                    machines_before: group.machines_before,
-                    machines_after: group.machines_after,
-                    operational_before: group.operational_before,
-                    operational_after: group.operational_after,
-                    minimum: (group.minimum > 0).then_some(group.minimum),
-                    state_after: group.state_after.clone(),
-                })
-                .collect();
-            if cli.output() == Output::Json {
-                return print_json(&serde_json::json!({
-                    "lost_zones": impact.zones,
-                    "by": impact.by,
-                    "groups": rows,
-                }));
-            }
-            println!("if zone(s) {} were lost:", impact.zones.join(", "));
-            let table: Vec<Vec<String>> = rows
-                .iter()
-                .map(|row| {
-                    vec![
-                        format!("{}={}", impact.by, row.group),
-                        format!("{} -> {}", row.machines_before, row.machines_after),
-                        format!("{} -> {}", row.operational_before, row.operational_after),
-                        row.minimum
-                            .map_or("-".to_owned(), |minimum| minimum.to_string()),
-                        row.state_after.clone(),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                render_table(
-                    &["GROUP", "MACHINES", "OPERATIONAL", "MINIMUM", "STATE AFTER"],
-                    &table
-                )
-            );
-        }
-        DrCommand::Report { by } => {
-            let report = client
-                .single_points_of_failure(SinglePointsRequest { by: by.clone() })
-                .await
-                .map_err(&rpc)?
-                .into_inner();
-            #[derive(Serialize)]
-            struct Row {
-                group: String,
-                zone: String,
-                operational: u32,
-                machines: u32,
-            }
-            let rows: Vec<Row> = report
-                .groups
-                .iter()
-                .map(|point| Row {
-                    group: point.group.clone(),
-                    zone: point.zone.clone(),
-                    operational: point.operational,
-                    machines: point.machines,
-                })
-                .collect();
-            if cli.output() == Output::Json {
-                return print_json(&serde_json::json!({
-                    "by": report.by,
-                    "single_points_of_failure": rows,
-                }));
-            }
-            if rows.is_empty() {
-                println!(
-                    "no single point of failure: every {} group serves from two zones or more",
-                    report.by
-                );
-                return Ok(());
-            }
-            println!("single points of failure (all operational machines in one zone):");
-            let table: Vec<Vec<String>> = rows
-                .iter()
-                .map(|row| {
-                    vec![
-                        format!("{}={}", report.by, row.group),
-                        row.zone.clone(),
-                        format!("{} of {}", row.operational, row.machines),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                render_table(&["GROUP", "ONLY ZONE", "OPERATIONAL"], &table)
-            );
-        }
-    }
-    Ok(())
-}
-
 pub async fn run_remediation(cli: &Cli, command: &RemediationCommand) -> Result<(), CtlError> {
     let (mut client, rpc) = repair_client(cli)?;
     match command {
@@ -377,7 +238,7 @@ pub async fn run_remediation(cli: &Cli, command: &RemediationCommand) -> Result<
                 machine_id: String,
                 hostname: String,
                 zone: String,
-                labels: std::collections::BTreeMap<String, String>,
+                labels: BTreeMap<String, String>,
                 provider: String,
                 state: String,
                 reason: String,
@@ -404,12 +265,19 @@ pub async fn run_remediation(cli: &Cli, command: &RemediationCommand) -> Result<
                     detail: event.detail,
                 })
                 .collect();
-            if cli.output() == Output::Json {
-                return print_json(&rows);
-            }
-            let table: Vec<Vec<String>> = rows
-                .iter()
-                .map(|row| {
+            print_list(
+                cli.output(),
+                &rows,
+                &[
+                    "OPENED",
+                    "MACHINE",
+                    "ZONE",
+                    "STATE",
+                    "PROVIDER",
+                    "REPLACEMENT",
+                    "REASON",
+                ],
+                |row| {
                     vec![
                         row.opened_at.clone(),
                         row.hostname.clone(),
@@ -419,26 +287,10 @@ pub async fn run_remediation(cli: &Cli, command: &RemediationCommand) -> Result<
                         row.replacement_machine_id.clone().unwrap_or_default(),
                         row.reason.clone(),
                     ]
-                })
-                .collect();
-            print!(
-                "{}",
-                render_table(
-                    &[
-                        "OPENED",
-                        "MACHINE",
-                        "ZONE",
-                        "STATE",
-                        "PROVIDER",
-                        "REPLACEMENT",
-                        "REASON"
-                    ],
-                    &table
-                )
-            );
+                },
+            )
         }
     }
-    Ok(())
 }
 
 /// The remediation part of `flottectl status`, as JSON.

@@ -2,16 +2,62 @@
 //! signed image files, and the server's image store.
 
 use std::io::Read;
+use std::path::PathBuf;
 
+use clap::Subcommand;
+use flotte_common::image_build::{
+    build_image, open_payload, read_image_file, BuildOptions, SealOptions,
+};
 use flotte_proto::v1::images_client::ImagesClient;
 use flotte_proto::v1::{GetImageRequest, ImageInfo, ListImagesRequest, PushImageChunk};
 use serde::Serialize;
 
-use super::{
-    connect, format_time, print_json, read_file, render_table, rpc_error, Cli, CtlError,
-    ImageCommand, Output,
-};
-use crate::image_build::{build_image, open_payload, read_image_file, BuildOptions, SealOptions};
+use crate::cli::{read_file, rpc_error, Cli};
+use crate::error::CtlError;
+use crate::output::{format_time, print_fields, print_json, print_list, Output};
+use crate::trust;
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Release public keys (ed25519) trusted to sign images.
+    #[command(subcommand)]
+    Trust(trust::TrustCommand),
+    /// Make a release key pair: DIR/release.key (secret, 0600) and DIR/release.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Pack and sign a directory as an image file.
+    Build {
+        directory: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// Private release key (from `image keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Output file, e.g. app-1.2.0.flotte (also accepted as `-o FILE`).
+        #[arg(long = "out")]
+        out: Option<PathBuf>,
+        /// Service command, words separated by spaces; a relative program
+        /// path is taken inside the image (e.g. "bin/app --port 8080").
+        #[arg(long)]
+        service: Option<String>,
+        /// TOML file with `[[check]]` tables declared by the image.
+        #[arg(long)]
+        checks: Option<PathBuf>,
+    },
+    /// Upload an image file (its signature must verify on the server).
+    Push { file: PathBuf },
+    /// List pushed images.
+    List {
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Show one image: name@version.
+    Show { reference: String },
+}
 
 /// Payload bytes per push message.
 const PUSH_CHUNK_BYTES: usize = 256 * 1024;
@@ -50,12 +96,11 @@ impl From<&ImageInfo> for ImageView {
 
 fn print_images(output: Output, images: &[ImageInfo]) -> Result<(), CtlError> {
     let views: Vec<ImageView> = images.iter().map(ImageView::from).collect();
-    if output == Output::Json {
-        return print_json(&views);
-    }
-    let rows: Vec<Vec<String>> = views
-        .iter()
-        .map(|view| {
+    print_list(
+        output,
+        &views,
+        &["IMAGE", "DIGEST", "BYTES", "MACHINES", "PUSHED", "BY"],
+        |view| {
             vec![
                 format!("{}@{}", view.name, view.version),
                 view.digest[..view.digest.len().min(16)].to_owned(),
@@ -64,16 +109,8 @@ fn print_images(output: Output, images: &[ImageInfo]) -> Result<(), CtlError> {
                 view.pushed_at.clone(),
                 view.pushed_by.clone(),
             ]
-        })
-        .collect();
-    print!(
-        "{}",
-        render_table(
-            &["IMAGE", "DIGEST", "BYTES", "MACHINES", "PUSHED", "BY"],
-            &rows
-        )
-    );
-    Ok(())
+        },
+    )
 }
 
 #[derive(serde::Deserialize)]
@@ -83,9 +120,9 @@ struct ChecksFile {
     checks: Vec<flotte_proto::checks::CheckDefinition>,
 }
 
-pub(super) async fn run_image(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
+pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
     match command {
-        ImageCommand::Trust(command) => super::governance::run_trust(cli, command).await,
+        ImageCommand::Trust(command) => trust::run(cli, command).await,
         ImageCommand::Keygen { out } => {
             let (private_pem, public) = flotte_proto::release_keys::generate_signing_key()
                 .map_err(|error| CtlError::Usage(error.to_string()))?;
@@ -145,7 +182,7 @@ pub(super) async fn run_image(cli: &Cli, command: &ImageCommand) -> Result<(), C
             let out = match out {
                 Some(out) => out.clone(),
                 None if !matches!(cli.output_flag.as_str(), "table" | "json") => {
-                    std::path::PathBuf::from(&cli.output_flag)
+                    PathBuf::from(&cli.output_flag)
                 }
                 None => {
                     return Err(CtlError::Usage(
@@ -173,7 +210,7 @@ pub(super) async fn run_image(cli: &Cli, command: &ImageCommand) -> Result<(), C
                 read_image_file(file).map_err(|error| CtlError::Usage(error.to_string()))?;
             let mut payload =
                 open_payload(file, &image).map_err(|error| CtlError::Usage(error.to_string()))?;
-            let (channel, diagnostics) = connect(cli)?;
+            let (channel, diagnostics) = cli.connect()?;
             let rpc = rpc_error(&diagnostics);
             let (sender, receiver) = tokio::sync::mpsc::channel(4);
             let manifest_json = image.manifest_json.clone();
@@ -210,7 +247,7 @@ pub(super) async fn run_image(cli: &Cli, command: &ImageCommand) -> Result<(), C
             print_images(cli.output(), &[info])
         }
         ImageCommand::List { name } => {
-            let (channel, diagnostics) = connect(cli)?;
+            let (channel, diagnostics) = cli.connect()?;
             let rpc = rpc_error(&diagnostics);
             let images = ImagesClient::new(channel)
                 .list_images(ListImagesRequest { name: name.clone() })
@@ -221,7 +258,7 @@ pub(super) async fn run_image(cli: &Cli, command: &ImageCommand) -> Result<(), C
             print_images(cli.output(), &images)
         }
         ImageCommand::Show { reference } => {
-            let (channel, diagnostics) = connect(cli)?;
+            let (channel, diagnostics) = cli.connect()?;
             let rpc = rpc_error(&diagnostics);
             let info = ImagesClient::new(channel)
                 .get_image(GetImageRequest {
@@ -234,13 +271,21 @@ pub(super) async fn run_image(cli: &Cli, command: &ImageCommand) -> Result<(), C
             if cli.output() == Output::Json {
                 return print_json(&view);
             }
-            println!("image:       {}@{}", view.name, view.version);
-            println!("digest:      sha256:{}", view.digest);
-            println!("size:        {} bytes", view.size);
-            println!("signed by:   {}", view.signing_key);
-            println!("created:     {}", view.created_at);
-            println!("pushed:      {} by {}", view.pushed_at, view.pushed_by);
-            println!("machines:    {}", view.machines);
+            print_fields(
+                12,
+                &[
+                    ("image", format!("{}@{}", view.name, view.version)),
+                    ("digest", format!("sha256:{}", view.digest)),
+                    ("size", format!("{} bytes", view.size)),
+                    ("signed by", view.signing_key.clone()),
+                    ("created", view.created_at.clone()),
+                    (
+                        "pushed",
+                        format!("{} by {}", view.pushed_at, view.pushed_by),
+                    ),
+                    ("machines", view.machines.to_string()),
+                ],
+            );
             println!(
                 "manifest:\n{}",
                 serde_json::to_string_pretty(&view.manifest)?

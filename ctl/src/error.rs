@@ -1,0 +1,42 @@
+//! Every way a flottectl command fails, and the exit code of each: 2 for a
+//! usage mistake (nothing was sent), 1 for everything else. Handlers return
+//! these; only `main` turns them into a message and an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("no profile: pass --profile DIR or set FLOTTE_PROFILE")]
+    NoProfile,
+    #[error(transparent)]
+    Profile(#[from] flotte_common::profile::ProfileError),
+    #[error(transparent)]
+    Transport(#[from] flotte_proto::transport::TransportError),
+    #[error("{0}")]
+    Usage(String),
+    /// A failed RPC, already explained (see `transport::explain_status_with`).
+    #[error("{0}")]
+    Rpc(String),
+    #[error("cannot encode output: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot generate the operator's key: {0}")]
+    Key(#[from] flotte_common::key_request::KeyRequestError),
+    /// The audit log failed verification (already explained).
+    #[error("{0}")]
+    AuditBroken(String),
+}
+
+impl CtlError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CtlError::Usage(_) | CtlError::NoProfile => ExitCode::from(2),
+            _ => ExitCode::FAILURE,
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! `flottectl`: the Flotte admin CLI. Each command is one admin RPC (or a
+//! stream of them, for `watch`), rendered as a table for people or as JSON
+//! (`-o json`) for scripts.
+//!
+//! Layout: `cli` parses the global flags and dials the server; each noun
+//! (`tokens`, `machines`, `status`, `images`, `trust`, `rollouts`,
+//! `access`, `users`, `operators`, `audit`, `repair`, `dr`) owns its
+//! subcommand enum, its handler and its views; `output` is the one place
+//! that renders tables and JSON; `error` maps every failure to an exit code.
+//!
+//! It holds no rule the server does not also enforce: validation here only
+//! gives earlier, clearer errors. It must never link the server crate (nor
+//! its SQLite): what it shares with the server comes from `flotte-common`
+//! and `flotte-proto` (`cargo tree -p flottectl` shows neither rusqlite nor
+//! flotte-server).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod access;
+mod audit;
+mod cli;
+mod dr;
+mod error;
+mod images;
+mod machines;
+mod operators;
+mod output;
+mod repair;
+mod rollouts;
+mod status;
+mod tokens;
+mod trust;
+mod users;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(error) => {
+            eprintln!("flottectl: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one flottectl invocation and returns the process exit code.
+async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.check_output_flag() {
+        Err(error) => Err(error),
+        Ok(()) => match &cli.command {
+            Command::Token(command) => tokens::run(&cli, command).await,
+            Command::Machines(command) => machines::run(&cli, command).await,
+            Command::Status(arguments) => status::run(&cli, arguments).await,
+            Command::Operator(command) => operators::run(&cli, command).await,
+            Command::Image(command) => images::run(&cli, command).await,
+            Command::Audit(command) => audit::run(&cli, command).await,
+            Command::Dr(command) => dr::run(&cli, command).await,
+            Command::Remediation(command) => repair::run_remediation(&cli, command).await,
+            Command::Rollout(command) => rollouts::run(&cli, command).await,
+            Command::User(command) => users::run(&cli, command).await,
+            Command::Access(command) => access::run(&cli, command).await,
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flottectl: {error}");
+            error.exit_code()
+        }
+    }
+}

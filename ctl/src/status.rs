@@ -1,0 +1,114 @@
+//! `flottectl status`: machines per state for the whole fleet, per zone and
+//! per value of a label, with the remediation line (on, in progress,
+//! breaker).
+
+use std::collections::BTreeMap;
+
+use clap::Args;
+use flotte_proto::v1::machines_client::MachinesClient;
+use flotte_proto::v1::{FleetStatusRequest, FleetStatusResponse, GroupStatus};
+use serde::Serialize;
+
+use crate::cli::{rpc_error, Cli};
+use crate::error::CtlError;
+use crate::output::{print_json, print_table, Output};
+use crate::repair::{print_remediation_status, remediation_status, RemediationStatusView};
+
+// The arguments of `status` (its help text is the subcommand's, in `cli`).
+#[derive(Debug, Args)]
+pub struct StatusArguments {
+    /// Label whose values to group by, e.g. role.
+    #[arg(long, default_value = "")]
+    by: String,
+    #[arg(long, default_value = "")]
+    selector: String,
+}
+
+#[derive(Debug, Serialize)]
+struct GroupView {
+    name: String,
+    machines: u32,
+    states: BTreeMap<String, u32>,
+}
+
+impl From<&GroupStatus> for GroupView {
+    fn from(group: &GroupStatus) -> Self {
+        GroupView {
+            name: group.name.clone(),
+            machines: group.machines,
+            states: group
+                .states
+                .iter()
+                .map(|count| (count.state.clone(), count.machines))
+                .collect(),
+        }
+    }
+}
+
+fn print_status(
+    output: Output,
+    status: &FleetStatusResponse,
+    remediation: &RemediationStatusView,
+) -> Result<(), CtlError> {
+    let fleet = status.fleet.as_ref().map(GroupView::from);
+    let zones: Vec<GroupView> = status.zones.iter().map(GroupView::from).collect();
+    let groups: Vec<GroupView> = status.groups.iter().map(GroupView::from).collect();
+    if output == Output::Json {
+        #[derive(Serialize)]
+        struct StatusView<'a> {
+            fleet: Option<GroupView>,
+            zones: Vec<GroupView>,
+            by: &'a str,
+            groups: Vec<GroupView>,
+            remediation: &'a RemediationStatusView,
+        }
+        return print_json(&StatusView {
+            fleet,
+            zones,
+            by: &status.by,
+            groups,
+            remediation,
+        });
+    }
+    let states = ["operational", "degraded", "down", "unreachable", "unknown"];
+    let row = |group: &GroupView| {
+        let mut cells = vec![group.name.clone(), group.machines.to_string()];
+        cells.extend(
+            states
+                .iter()
+                .map(|state| group.states.get(*state).copied().unwrap_or(0).to_string()),
+        );
+        cells
+    };
+    let mut headers = vec!["GROUP", "MACHINES"];
+    headers.extend(states.iter().copied());
+    let mut rows: Vec<Vec<String>> = fleet.iter().map(row).collect();
+    rows.extend(zones.iter().map(|zone| {
+        let mut cells = row(zone);
+        cells[0] = format!("zone={}", zone.name);
+        cells
+    }));
+    rows.extend(groups.iter().map(|group| {
+        let mut cells = row(group);
+        cells[0] = format!("{}={}", status.by, group.name);
+        cells
+    }));
+    print_table(&headers, &rows);
+    print_remediation_status(remediation);
+    Ok(())
+}
+
+pub async fn run(cli: &Cli, arguments: &StatusArguments) -> Result<(), CtlError> {
+    let (channel, diagnostics) = cli.connect()?;
+    let rpc = rpc_error(&diagnostics);
+    let status = MachinesClient::new(channel.clone())
+        .fleet_status(FleetStatusRequest {
+            by: arguments.by.clone(),
+            selector: arguments.selector.clone(),
+        })
+        .await
+        .map_err(&rpc)?
+        .into_inner();
+    let remediation = remediation_status(channel, &rpc).await?;
+    print_status(cli.output(), &status, &remediation)
+}
