@@ -11,9 +11,6 @@ mod access;
 pub mod repair;
 mod rollouts;
 mod sqlite;
-mod sqlite_access;
-mod sqlite_repair;
-mod sqlite_rollouts;
 
 use std::collections::BTreeMap;
 

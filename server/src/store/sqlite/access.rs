@@ -5,12 +5,13 @@
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use uuid::Uuid;
 
-use super::access::{
+use super::SqliteStore;
+use super::{already_exists, query_all};
+use crate::store::access::{
     AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord, UserKeyRecord,
     UserRecord, UserRevocation,
 };
-use super::sqlite::{already_exists, query_all};
-use super::{SqliteStore, StoreError, UnixSeconds};
+use crate::store::{StoreError, UnixSeconds};
 
 pub(super) const ACCESS_SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS users (

@@ -4,11 +4,12 @@
 use rusqlite::{params, Connection, Row};
 use uuid::Uuid;
 
-use super::repair::{QuarantineRecord, RemediationEventRecord, RemediationState, RepairStore};
-use super::sqlite::{
-    conversion_error, labels_from_json, labels_to_json, machine_from_row, select_one,
+use super::SqliteStore;
+use super::{conversion_error, labels_from_json, labels_to_json, machine_from_row, select_one};
+use crate::store::repair::{
+    QuarantineRecord, RemediationEventRecord, RemediationState, RepairStore,
 };
-use super::{MachineRecord, SqliteStore, StoreError, UnixSeconds};
+use crate::store::{MachineRecord, StoreError, UnixSeconds};
 
 pub(super) const REPAIR_SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS quarantines (

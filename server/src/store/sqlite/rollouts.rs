@@ -5,12 +5,13 @@
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use uuid::Uuid;
 
-use super::rollouts::RolloutStore;
-use super::sqlite::machine_from_row;
-use super::{DesiredImageRecord, MachineRecord, SqliteStore, StoreError};
+use super::machine_from_row;
+use super::SqliteStore;
 use crate::rollout::{
     MachineRolloutState, Plan, Rollout, RolloutImage, RolloutMachine, RolloutState,
 };
+use crate::store::RolloutStore;
+use crate::store::{DesiredImageRecord, MachineRecord, StoreError};
 
 pub(super) const ROLLOUT_SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS rollouts (
