@@ -26,16 +26,32 @@ use uuid::Uuid;
 use crate::audit::{AuditEvent, AuditFilter, AuditRecord};
 use crate::roles::Role;
 
+/// Why a store operation failed, in terms every backend shares: each
+/// backend maps its driver's errors into these inside its own module, so
+/// that nothing above the store depends on a driver.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
     #[error("{0} already exists")]
     AlreadyExists(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A concurrent writer won (serialization failure, lock held past the
+    /// busy timeout): nothing was written, and the same call may succeed
+    /// if made again.
+    #[error("store conflict with a concurrent change (retry): {0}")]
+    Conflict(String),
+    /// The backend failed or cannot be reached (I/O, disk full, connection lost…).
+    #[error("database error: {0}")]
+    Backend(String),
     #[error("store task failed: {0}")]
     Task(String),
+}
+
+impl StoreError {
+    /// Whether making the same call again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Conflict(_))
+    }
 }
 
 /// Seconds since the Unix epoch: the store's only notion of time.

@@ -147,9 +147,7 @@ fn labels_to_json(labels: &BTreeMap<String, String>) -> String {
 }
 
 /// A stored text that does not parse as the domain type it holds.
-fn conversion_error(
-    error: impl std::error::Error + Send + Sync + 'static,
-) -> rusqlite::Error {
+fn conversion_error(error: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
 }
 
@@ -188,7 +186,33 @@ fn already_exists(error: rusqlite::Error, what: String) -> StoreError {
         {
             StoreError::AlreadyExists(what)
         }
-        other => StoreError::Database(other),
+        other => other.into(),
+    }
+}
+
+/// Every `rusqlite` error becomes a domain [`StoreError`] here, at the edge
+/// of the SQLite backend: a lock held past the busy timeout is a retryable
+/// conflict, unreadable stored values are corruption, the rest is the
+/// backend failing.
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode;
+        match &error {
+            rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+                    StoreError::Conflict(error.to_string())
+                }
+                ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                    StoreError::Corrupt(error.to_string())
+                }
+                _ => StoreError::Backend(error.to_string()),
+            },
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::Utf8Error(..) => StoreError::Corrupt(error.to_string()),
+            _ => StoreError::Backend(error.to_string()),
+        }
     }
 }
 
@@ -438,6 +462,30 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use crate::store::DeniedKind;
+
+    #[test]
+    fn sqlite_errors_become_domain_errors() {
+        let failure = |code| {
+            StoreError::from(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        assert!(failure(rusqlite::ffi::SQLITE_BUSY).is_retryable());
+        assert!(failure(rusqlite::ffi::SQLITE_LOCKED).is_retryable());
+        assert!(matches!(
+            failure(rusqlite::ffi::SQLITE_CORRUPT),
+            StoreError::Corrupt(_)
+        ));
+        assert!(matches!(
+            failure(rusqlite::ffi::SQLITE_FULL),
+            StoreError::Backend(_)
+        ));
+        assert!(matches!(
+            StoreError::from(conversion_error(std::fmt::Error)),
+            StoreError::Corrupt(_)
+        ));
+    }
 
     fn temp_store() -> (SqliteStore, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("flotte-store-test-{}", Uuid::new_v4()));
