@@ -45,6 +45,13 @@ pub enum StoreError {
     Backend(String),
     #[error("store task failed: {0}")]
     Task(String),
+    /// The store was migrated by a newer release: writing into a schema
+    /// this binary does not know could lose or corrupt data.
+    #[error(
+        "the store's schema is version {found}, newer than version {supported}, the newest this \
+         binary knows: run a release at least as new as the one that last opened this store"
+    )]
+    SchemaTooNew { found: i64, supported: i64 },
 }
 
 impl StoreError {

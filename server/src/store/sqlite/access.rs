@@ -1,5 +1,5 @@
-//! SQLite implementation of [`AccessStore`]: its tables are created with the
-//! rest of the schema at open (`ACCESS_SCHEMA`), and every mutation bumps
+//! SQLite implementation of [`AccessStore`]: its tables come with the rest
+//! of the schema (see `migrations`), and every mutation bumps
 //! the single-row policy version inside its own transaction.
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
@@ -12,45 +12,6 @@ use crate::store::access::{
     UserRecord, UserRevocation,
 };
 use crate::store::{StoreError, UnixSeconds};
-
-pub(super) const ACCESS_SCHEMA: &str = r"
-CREATE TABLE IF NOT EXISTS users (
-    name TEXT PRIMARY KEY,
-    created_at INTEGER NOT NULL,
-    created_by TEXT NOT NULL,
-    revoked_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS user_keys (
-    user TEXT NOT NULL REFERENCES users (name),
-    fingerprint TEXT NOT NULL,
-    key_type TEXT NOT NULL,
-    public_key TEXT NOT NULL,
-    comment TEXT NOT NULL,
-    added_at INTEGER NOT NULL,
-    PRIMARY KEY (user, fingerprint)
-);
-CREATE TABLE IF NOT EXISTS grants (
-    id TEXT PRIMARY KEY,
-    user TEXT NOT NULL REFERENCES users (name),
-    selector TEXT NOT NULL,
-    login TEXT NOT NULL,
-    expires_at INTEGER,
-    created_at INTEGER NOT NULL,
-    created_by TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS access_policy_version (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    version INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO access_policy_version (id, version) VALUES (1, 0);
-CREATE TABLE IF NOT EXISTS machine_access (
-    machine_id TEXT PRIMARY KEY,
-    applied_version INTEGER NOT NULL,
-    applied_at INTEGER NOT NULL,
-    missing_logins TEXT NOT NULL,
-    found TEXT NOT NULL
-);
-";
 
 /// Bumps the policy version inside `transaction`; returns the new version.
 fn bump_version(transaction: &Transaction<'_>) -> rusqlite::Result<u64> {

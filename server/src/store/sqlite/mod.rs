@@ -13,6 +13,7 @@ mod access;
 mod audit;
 mod images;
 mod machines;
+mod migrations;
 mod operators;
 mod repair;
 mod rollouts;
@@ -36,99 +37,6 @@ use crate::audit::{AuditEvent, AuditFilter, AuditRecord};
 use crate::roles::Role;
 
 use machines::machine_from_row;
-
-const SCHEMA: &str = r"
-CREATE TABLE IF NOT EXISTS join_tokens (
-    id TEXT PRIMARY KEY,
-    secret_hash TEXT NOT NULL UNIQUE,
-    labels TEXT NOT NULL,
-    zone TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    uses_allowed INTEGER NOT NULL,
-    uses_done INTEGER NOT NULL,
-    revoked INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS machines (
-    id TEXT PRIMARY KEY,
-    labels TEXT NOT NULL,
-    zone TEXT NOT NULL,
-    enrolled_at INTEGER NOT NULL,
-    enrolled_with_token TEXT NOT NULL,
-    certificate_serial TEXT NOT NULL,
-    previous_certificate_serial TEXT NOT NULL DEFAULT '',
-    certificate_not_after INTEGER NOT NULL,
-    hostname TEXT NOT NULL,
-    os TEXT NOT NULL,
-    kernel TEXT NOT NULL,
-    arch TEXT NOT NULL,
-    agent_version TEXT NOT NULL,
-    boot_time INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL,
-    desired_version INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'unknown',
-    state_reason TEXT NOT NULL DEFAULT '',
-    state_since INTEGER NOT NULL DEFAULT 0,
-    retired_at INTEGER,
-    desired_image TEXT
-);
-CREATE TABLE IF NOT EXISTS images (
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    manifest_json BLOB NOT NULL,
-    signature BLOB NOT NULL,
-    signing_key TEXT NOT NULL,
-    pushed_at INTEGER NOT NULL,
-    pushed_by TEXT NOT NULL,
-    PRIMARY KEY (name, version)
-);
-CREATE TABLE IF NOT EXISTS machine_transitions (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    machine_id TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    from_state TEXT NOT NULL,
-    to_state TEXT NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS machine_transitions_by_machine ON machine_transitions (machine_id, seq);
-CREATE TABLE IF NOT EXISTS operators (
-    name TEXT PRIMARY KEY,
-    role TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    created_by TEXT NOT NULL,
-    certificate_serial TEXT NOT NULL,
-    certificate_not_after INTEGER NOT NULL,
-    revoked_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS deny_list (
-    kind TEXT NOT NULL,
-    value TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    denied_at INTEGER NOT NULL,
-    PRIMARY KEY (kind, value)
-);
-CREATE TABLE IF NOT EXISTS release_keys (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    public_key_base64 TEXT NOT NULL,
-    added_at INTEGER NOT NULL,
-    added_by TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit_log (
-    seq INTEGER PRIMARY KEY,
-    at INTEGER NOT NULL,
-    actor TEXT NOT NULL,
-    role TEXT NOT NULL,
-    action TEXT NOT NULL,
-    arguments_json TEXT NOT NULL,
-    result TEXT NOT NULL,
-    previous_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
-";
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -217,22 +125,20 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the store file and applies the schema.
+    /// Opens (creating if needed) the store file and brings its schema to
+    /// the latest version (see [`migrations`]).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with_metrics(path, StoreMetrics::default())
     }
 
     /// [`SqliteStore::open`], counting writes into `metrics`.
     pub fn open_with_metrics(path: &Path, metrics: StoreMetrics) -> Result<Self, StoreError> {
-        let connection = Connection::open(path)?;
+        let mut connection = Connection::open(path)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
-        connection.execute_batch(SCHEMA)?;
-        connection.execute_batch(repair::REPAIR_SCHEMA)?;
-        connection.execute_batch(rollouts::ROLLOUT_SCHEMA)?;
-        connection.execute_batch(access::ACCESS_SCHEMA)?;
+        migrations::migrate(&mut connection)?;
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
             metrics,

@@ -1,5 +1,5 @@
 //! SQLite implementation of [`RepairStore`]: tables `quarantines` and
-//! `remediation_events`, created next to the main schema.
+//! `remediation_events` (see `migrations`).
 
 use rusqlite::{params, Connection, Row};
 use uuid::Uuid;
@@ -10,31 +10,6 @@ use crate::store::repair::{
     QuarantineRecord, RemediationEventRecord, RemediationState, RepairStore,
 };
 use crate::store::{MachineRecord, StoreError, UnixSeconds};
-
-pub(super) const REPAIR_SCHEMA: &str = r"
-CREATE TABLE IF NOT EXISTS quarantines (
-    machine_id TEXT PRIMARY KEY,
-    id TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    since INTEGER NOT NULL,
-    quarantined_by TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS remediation_events (
-    id TEXT PRIMARY KEY,
-    machine_id TEXT NOT NULL,
-    hostname TEXT NOT NULL,
-    zone TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    opened_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    token_id TEXT NOT NULL,
-    replacement_machine_id TEXT,
-    detail TEXT NOT NULL
-);
-";
 
 fn uuid_from_text(text: &str) -> rusqlite::Result<Uuid> {
     Uuid::parse_str(text).map_err(conversion_error)

@@ -13,42 +13,6 @@ use crate::rollout::{
 use crate::store::RolloutStore;
 use crate::store::{DesiredImageRecord, MachineRecord, StoreError};
 
-pub(super) const ROLLOUT_SCHEMA: &str = r"
-CREATE TABLE IF NOT EXISTS rollouts (
-    id TEXT PRIMARY KEY,
-    image_name TEXT NOT NULL,
-    image_version TEXT NOT NULL,
-    image_digest TEXT NOT NULL,
-    plan_json TEXT NOT NULL,
-    plan_toml TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    created_by TEXT NOT NULL,
-    updated_at INTEGER NOT NULL,
-    wave_stages TEXT NOT NULL,
-    current_wave INTEGER NOT NULL,
-    wave_started_at INTEGER,
-    approved_stages TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rollout_machines (
-    rollout_id TEXT NOT NULL,
-    machine_id TEXT NOT NULL,
-    hostname TEXT NOT NULL,
-    zone TEXT NOT NULL,
-    stage INTEGER NOT NULL,
-    wave INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    previous_image TEXT,
-    turn_at INTEGER,
-    sent_at INTEGER,
-    committed_at INTEGER,
-    finished_at INTEGER,
-    failure_reason TEXT NOT NULL,
-    PRIMARY KEY (rollout_id, machine_id)
-);
-";
-
 fn corrupt(what: &str, error: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
         0,
