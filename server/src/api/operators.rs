@@ -21,7 +21,7 @@ use crate::ca::CaError;
 use crate::clock::to_unix;
 use crate::revocation::denial;
 use crate::roles::{AdminRpc, Role};
-use crate::store::{DeniedKind, OperatorRecord};
+use crate::store::{DeniedKind, OperatorChange, OperatorRecord};
 use crate::ServerState;
 
 /// Operator certificates are long-lived credentials of people; revocation,
@@ -72,30 +72,17 @@ async fn active_operator(state: &ServerState, name: &str) -> Result<OperatorReco
     Ok(operator)
 }
 
-/// Refuses a change that would leave no active admin: nobody could then
-/// manage operators, tokens or revocation without a new `init`.
-async fn keep_an_admin(state: &ServerState, changed: &OperatorRecord) -> Result<(), Status> {
-    if changed.role != Role::Admin {
-        return Ok(());
+/// The operator a store change left, or why there is none. The store
+/// refuses to remove the last active admin: nobody could then manage
+/// operators, tokens or revocation without a new `init`.
+fn changed_operator(change: OperatorChange, name: &str) -> Result<OperatorRecord, Status> {
+    match change {
+        OperatorChange::Changed(operator) => Ok(operator),
+        OperatorChange::NotFound => Err(Status::not_found(format!("no operator named {name}"))),
+        OperatorChange::LastAdmin(_) => Err(Status::failed_precondition(format!(
+            "{name} is the last admin: create or promote another admin first"
+        ))),
     }
-    let other_admins = state
-        .store
-        .operators()
-        .await?
-        .iter()
-        .filter(|operator| {
-            operator.role == Role::Admin
-                && operator.revoked_at.is_none()
-                && operator.name != changed.name
-        })
-        .count();
-    if other_admins == 0 {
-        return Err(Status::failed_precondition(format!(
-            "{} is the last admin: create or promote another admin first",
-            changed.name
-        )));
-    }
-    Ok(())
 }
 
 async fn create_operator(
@@ -148,15 +135,9 @@ async fn set_role(
     request: SetOperatorRoleRequest,
 ) -> Result<OperatorInfo, Status> {
     let role = parse_role(&request.role)?;
-    let operator = active_operator(state, &request.name).await?;
-    if role != Role::Admin {
-        keep_an_admin(state, &operator).await?;
-    }
-    let updated = state
-        .store
-        .set_operator_role(&request.name, role)
-        .await?
-        .ok_or_else(|| Status::not_found(format!("no operator named {}", request.name)))?;
+    active_operator(state, &request.name).await?;
+    let change = state.store.set_operator_role(&request.name, role).await?;
+    let updated = changed_operator(change, &request.name)?;
     Ok(operator_info(&updated, &state.config.trust_domain))
 }
 
@@ -167,7 +148,6 @@ pub(crate) async fn revoke(
     revoked_by: &str,
 ) -> Result<OperatorInfo, Status> {
     let operator = active_operator(state, name).await?;
-    keep_an_admin(state, &operator).await?;
     let now = state.clock.now_unix();
     let identity_uri = Identity::operator(&state.config.trust_domain, name).uri();
     let reason = format!("operator {name} was revoked by {revoked_by}");
@@ -179,11 +159,8 @@ pub(crate) async fn revoke(
             (DeniedKind::Serial, operator.certificate_serial.clone()),
         ],
     );
-    let revoked = state
-        .store
-        .revoke_operator(name, now, &denied)
-        .await?
-        .ok_or_else(|| Status::not_found(format!("no operator named {name}")))?;
+    let change = state.store.revoke_operator(name, now, &denied).await?;
+    let revoked = changed_operator(change, name)?;
     state
         .revocations
         .enforce(&denied, &identity_uri, REVOCATION_GRACE);

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use crate::store::repair::{QuarantineRecord, RepairStore};
+use crate::store::repair::{QuarantineOutcome, QuarantineRecord, ReleaseOutcome, RepairStore};
 use crate::store::{MachineRecord, StoreError};
 use crate::ServerState;
 
@@ -104,17 +104,25 @@ pub async fn quarantined_ids(state: &ServerState) -> Result<HashSet<Uuid>, Store
         .collect())
 }
 
-/// Quarantines (Some) or releases (None) by hand; the machine as it is now.
-pub async fn set_quarantine(
+/// Quarantines a machine by hand unless it is quarantined already (one
+/// conditional store operation), and tells its agent.
+pub async fn quarantine(
     state: &ServerState,
-    machine_id: Uuid,
-    quarantine: Option<&QuarantineRecord>,
-) -> Result<Option<MachineRecord>, StoreError> {
-    let machine = state
-        .repair
-        .store
-        .set_quarantine(machine_id, quarantine)
-        .await?;
-    announce(state, machine.clone()).await;
-    Ok(machine)
+    quarantine: &QuarantineRecord,
+) -> Result<QuarantineOutcome, StoreError> {
+    let outcome = state.repair.store.quarantine_machine(quarantine).await?;
+    if let QuarantineOutcome::Quarantined(machine) = &outcome {
+        announce(state, Some(machine.as_ref().clone())).await;
+    }
+    Ok(outcome)
+}
+
+/// Releases a quarantined machine (one conditional store operation), and
+/// tells its agent.
+pub async fn release(state: &ServerState, machine_id: Uuid) -> Result<ReleaseOutcome, StoreError> {
+    let outcome = state.repair.store.release_machine(machine_id).await?;
+    if let ReleaseOutcome::Released(machine) = &outcome {
+        announce(state, Some(machine.as_ref().clone())).await;
+    }
+    Ok(outcome)
 }

@@ -34,7 +34,7 @@ use super::{
 use crate::alerts::Alert;
 use crate::audit::AuditEvent;
 use crate::health::MachineState;
-use crate::store::{DesiredImageRecord, RolloutStore, UnixSeconds};
+use crate::store::{DesiredImageRecord, RolloutCreation, RolloutStore, UnixSeconds};
 use crate::ServerState;
 
 /// Bake timers and deadlines are checked at least this often.
@@ -527,7 +527,23 @@ impl RolloutEngine {
         if request.dry_run {
             return Ok(detail_of(state, rollout, members).await);
         }
-        self.store.insert_rollout(&rollout, &members).await?;
+        // The store checks again, in the insert's transaction: the map above
+        // is this process's view, the store is every writer's.
+        if let RolloutCreation::Overlap {
+            rollout: other,
+            machines,
+        } = self.store.insert_rollout(&rollout, &members).await?
+        {
+            let hostnames: Vec<&str> = members
+                .iter()
+                .filter(|member| machines.contains(&member.machine_id))
+                .map(|member| member.hostname.as_str())
+                .collect();
+            return Err(RolloutError::Conflict {
+                rollout: other,
+                machines: hostnames.join(", "),
+            });
+        }
         {
             let mut held = self.members();
             for member in &members {

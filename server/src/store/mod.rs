@@ -8,13 +8,15 @@
 //! only transitions and batched last-seen times are persisted.
 
 mod access;
+#[cfg(test)]
+mod contract;
 pub mod repair;
 mod rollouts;
 mod sqlite;
 
 use std::collections::BTreeMap;
 
-pub use rollouts::RolloutStore;
+pub use rollouts::{RolloutCreation, RolloutStore};
 
 pub use access::{
     AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord, UserKeyRecord,
@@ -128,6 +130,18 @@ pub struct OperatorRecord {
     pub certificate_not_after: UnixSeconds,
     /// When the operator was revoked; a revoked name is never reused.
     pub revoked_at: Option<UnixSeconds>,
+}
+
+/// The outcome of a change to an operator that must keep an admin: without
+/// an active admin nobody could manage operators, tokens or revocation
+/// short of a new `init`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorChange {
+    /// Done; the operator as it is now.
+    Changed(OperatorRecord),
+    NotFound,
+    /// Refused, nothing written: the operator is the last active admin.
+    LastAdmin(OperatorRecord),
 }
 
 /// What a deny-list entry names.
@@ -322,20 +336,19 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError>;
     async fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError>;
     async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError>;
-    /// `None` if no such operator.
-    async fn set_operator_role(
-        &self,
-        name: &str,
-        role: Role,
-    ) -> Result<Option<OperatorRecord>, StoreError>;
-    /// Marks an operator revoked and adds `denied` to the deny list, together;
-    /// `None` if no such operator.
+    /// Changes an operator's role, unless that would leave no active admin
+    /// (checked and written in one transaction).
+    async fn set_operator_role(&self, name: &str, role: Role)
+        -> Result<OperatorChange, StoreError>;
+    /// Marks an operator revoked and adds `denied` to the deny list, together,
+    /// unless that would leave no active admin (checked in the same
+    /// transaction). Revoking a revoked operator keeps the first stamp.
     async fn revoke_operator(
         &self,
         name: &str,
         at: UnixSeconds,
         denied: &[DeniedEntry],
-    ) -> Result<Option<OperatorRecord>, StoreError>;
+    ) -> Result<OperatorChange, StoreError>;
 
     /// The whole deny list (loaded into memory at start).
     async fn denied_entries(&self) -> Result<Vec<DeniedEntry>, StoreError>;

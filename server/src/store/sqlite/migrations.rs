@@ -16,7 +16,13 @@ use crate::store::StoreError;
 
 /// Every migration this binary knows, in order. Never edit an applied one
 /// (its checksum is recorded): add the next file.
-const MIGRATIONS: [(&str, &str); 1] = [("V1__initial", include_str!("migrations/V1__initial.sql"))];
+const MIGRATIONS: [(&str, &str); 2] = [
+    ("V1__initial", include_str!("migrations/V1__initial.sql")),
+    (
+        "V2__rollout_machines_by_machine",
+        include_str!("migrations/V2__rollout_machines_by_machine.sql"),
+    ),
+];
 
 /// The table `refinery` records applied migrations in.
 const HISTORY_TABLE: &str = "refinery_schema_history";
@@ -174,12 +180,13 @@ mod tests {
 
     use uuid::Uuid;
 
+    use super::super::tests::TemporaryDirectory;
     use super::*;
     use crate::audit::{AuditEvent, AuditFilter};
     use crate::roles::Role;
-    use crate::rollout::plan::parse_plan;
-    use crate::rollout::{
-        MachineRolloutState, Rollout, RolloutImage, RolloutMachine, RolloutState,
+    use crate::rollout::{MachineRolloutState, Rollout, RolloutMachine, RolloutState};
+    use crate::store::contract::{
+        audit_event, labels, machine, operator, rollout, rollout_machine, token,
     };
     use crate::store::repair::{
         QuarantineRecord, RemediationEventRecord, RemediationState, RepairStore,
@@ -223,67 +230,12 @@ mod tests {
         let web = fixture_uuid("6f1c0a52-7d43-4b8e-9a51-1f2d3c4b5a60");
         let old = fixture_uuid("0b9e8d7c-6a5b-4c3d-8e2f-a1b2c3d4e5f6");
         let rollout_id = fixture_uuid("a7c3e9d1-2b4f-4a6c-8d0e-f1a2b3c4d5e6");
-        let labels: BTreeMap<String, String> = [
-            ("role".to_owned(), "web".to_owned()),
-            ("env".to_owned(), "prod".to_owned()),
-        ]
-        .into();
-        let token = |id: &str, hash: &str, uses_allowed| JoinTokenRecord {
-            id: id.into(),
-            secret_hash: hash.into(),
-            labels: labels.clone(),
-            zone: "dc1".into(),
-            created_at: 1_700_000_000,
-            expires_at: 1_900_000_000,
-            uses_allowed,
-            uses_done: 0,
-            revoked: false,
-        };
-        let machine = |id: Uuid, hostname: &str| MachineRecord {
-            id,
-            labels: labels.clone(),
-            zone: "dc1".into(),
-            enrolled_at: 1_700_000_100,
-            enrolled_with_token: "tok1".into(),
-            certificate_serial: "0a01".into(),
-            previous_certificate_serial: String::new(),
-            certificate_not_after: 1_750_000_000,
-            inventory: Inventory {
-                hostname: hostname.into(),
-                ..Inventory::default()
-            },
-            last_seen: 1_700_000_100,
-            desired_version: 1,
-            state: "unknown".into(),
-            state_reason: String::new(),
-            state_since: 0,
-            retired_at: None,
-            desired_image: None,
-        };
         let denied = |kind, value: &str, reason: &str, at| DeniedEntry {
             kind,
             value: value.into(),
             reason: reason.into(),
             denied_at: at,
         };
-        let operator = |name: &str, role| OperatorRecord {
-            name: name.into(),
-            role,
-            created_at: 1_700_000_000,
-            created_by: "init".into(),
-            certificate_serial: format!("0c{name}"),
-            certificate_not_after: 1_800_000_000,
-            revoked_at: None,
-        };
-        let audit_event = |at, actor: &str, action: &str| AuditEvent {
-            at,
-            actor: actor.into(),
-            role: "admin".into(),
-            action: action.into(),
-            arguments_json: "{\"name\":\"bob\"}".into(),
-            result: "ok".into(),
-        };
-        let plan_toml = "[[stage]]\nname = \"all\"\n";
         let desired = DesiredImageRecord {
             name: "app".into(),
             version: "2.0.0".into(),
@@ -350,32 +302,8 @@ mod tests {
                 audit_event(1_700_000_020, "alice", "token.create"),
                 audit_event(1_700_000_600, "alice", "operator.revoke"),
             ],
-            rollout: Rollout {
-                id: rollout_id,
-                image: RolloutImage {
-                    name: "app".into(),
-                    version: "2.0.0".into(),
-                    digest: "d2".into(),
-                },
-                plan: parse_plan(plan_toml).unwrap(),
-                plan_toml: plan_toml.into(),
-                state: RolloutState::Running,
-                reason: "created by alice".into(),
-                created_at: 1_700_000_700,
-                created_by: "alice".into(),
-                updated_at: 1_700_000_710,
-                wave_stages: vec![0],
-                current_wave: 0,
-                wave_started_at: Some(1_700_000_710),
-                approved_stages: vec![],
-            },
+            rollout: rollout(rollout_id, RolloutState::Running),
             rollout_machines: vec![RolloutMachine {
-                rollout_id,
-                machine_id: web,
-                hostname: "web-1".into(),
-                zone: "dc1".into(),
-                stage: 0,
-                wave: 0,
                 state: MachineRolloutState::Sent,
                 previous_image: Some(DesiredImageRecord {
                     name: "app".into(),
@@ -385,9 +313,7 @@ mod tests {
                 }),
                 turn_at: Some(1_700_000_710),
                 sent_at: Some(1_700_000_711),
-                committed_at: None,
-                finished_at: None,
-                failure_reason: String::new(),
+                ..rollout_machine(rollout_id, web, "web-1")
             }],
             user: UserRecord {
                 name: "dave".into(),
@@ -435,7 +361,7 @@ mod tests {
                 machine_id: old,
                 hostname: "old-1".into(),
                 zone: "dc1".into(),
-                labels: labels.clone(),
+                labels: labels(),
                 provider: "local".into(),
                 state: RemediationState::Closed,
                 reason: "unreachable".into(),
@@ -449,10 +375,9 @@ mod tests {
     }
 
     /// A private copy of the committed fixture (opening migrates it in place).
-    fn copy_of_fixture() -> (PathBuf, PathBuf) {
-        let directory = std::env::temp_dir().join(format!("flotte-migration-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&directory).unwrap();
-        let path = directory.join("flotte.db");
+    fn copy_of_fixture() -> (TemporaryDirectory, PathBuf) {
+        let directory = TemporaryDirectory::new();
+        let path = directory.0.join("flotte.db");
         std::fs::copy(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-before-migrations.db"),
             &path,
@@ -463,7 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_made_before_migrations_is_adopted_with_nothing_lost() {
-        let (directory, path) = copy_of_fixture();
+        let (_directory, path) = copy_of_fixture();
         let store = SqliteStore::open(&path).unwrap();
         let written = records();
         let [web, old] = [written.machines[0].id, written.machines[1].id];
@@ -591,20 +516,21 @@ mod tests {
                 .len(),
             3
         );
-        std::fs::remove_dir_all(directory).unwrap();
     }
 
     #[test]
     fn a_store_migrated_by_a_newer_release_is_refused_naming_both_versions() {
-        let directory = std::env::temp_dir().join(format!("flotte-migration-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&directory).unwrap();
-        let path = directory.join("flotte.db");
+        let directory = TemporaryDirectory::new();
+        let path = directory.0.join("flotte.db");
         {
             let mut connection = Connection::open(&path).unwrap();
             let mut newer = known_migrations().unwrap();
             newer.push(
-                refinery::Migration::unapplied("V2__future", "CREATE TABLE future (id TEXT);")
-                    .unwrap(),
+                refinery::Migration::unapplied(
+                    &format!("V{}__future", latest_version() + 1),
+                    "CREATE TABLE future (id TEXT);",
+                )
+                .unwrap(),
             );
             refinery::Runner::new(&newer)
                 .set_grouped(true)
@@ -612,29 +538,24 @@ mod tests {
                 .unwrap();
         }
         let error = SqliteStore::open(&path).unwrap_err();
+        let (newer_version, known_version) = (latest_version() + 1, latest_version());
         assert!(
-            matches!(
-                error,
-                StoreError::SchemaTooNew {
-                    found: 2,
-                    supported: 1
-                }
-            ),
+            matches!(error, StoreError::SchemaTooNew { found, supported }
+                if found == newer_version && supported == known_version),
             "{error}"
         );
         let message = error.to_string();
         assert!(
-            message.contains("version 2") && message.contains("version 1"),
+            message.contains(&format!("version {newer_version}"))
+                && message.contains(&format!("version {known_version}")),
             "{message}"
         );
-        std::fs::remove_dir_all(directory).unwrap();
     }
 
     #[tokio::test]
     async fn columns_that_older_builds_never_added_are_added_on_adoption() {
-        let directory = std::env::temp_dir().join(format!("flotte-migration-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&directory).unwrap();
-        let path = directory.join("flotte.db");
+        let directory = TemporaryDirectory::new();
+        let path = directory.0.join("flotte.db");
         let id = Uuid::new_v4();
         {
             // The machines table as an early build made it.
@@ -680,6 +601,5 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        std::fs::remove_dir_all(directory).unwrap();
     }
 }

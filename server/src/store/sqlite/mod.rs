@@ -30,8 +30,8 @@ use crate::metrics::StoreMetrics;
 
 use super::{
     DeniedEntry, DesiredImageRecord, ImageRecord, Inventory, JoinTokenRecord, MachineRecord,
-    OperatorRecord, ReleaseKeyRecord, StateTransitionRecord, Store, StoreError, TokenRedemption,
-    UnixSeconds,
+    OperatorChange, OperatorRecord, ReleaseKeyRecord, StateTransitionRecord, Store, StoreError,
+    TokenRedemption, UnixSeconds,
 };
 use crate::audit::{AuditEvent, AuditFilter, AuditRecord};
 use crate::roles::Role;
@@ -322,7 +322,7 @@ impl Store for SqliteStore {
         &self,
         name: &str,
         role: Role,
-    ) -> Result<Option<OperatorRecord>, StoreError> {
+    ) -> Result<OperatorChange, StoreError> {
         operators::set_operator_role(self, name, role).await
     }
 
@@ -331,7 +331,7 @@ impl Store for SqliteStore {
         name: &str,
         at: UnixSeconds,
         denied: &[DeniedEntry],
-    ) -> Result<Option<OperatorRecord>, StoreError> {
+    ) -> Result<OperatorChange, StoreError> {
         operators::revoke_operator(self, name, at, denied).await
     }
 
@@ -365,9 +365,35 @@ impl Store for SqliteStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::store::DeniedKind;
+    use crate::store::contract::store_contract_suite;
+
+    /// Removes a test's data dir when dropped.
+    pub(crate) struct TemporaryDirectory(pub(crate) std::path::PathBuf);
+
+    impl Drop for TemporaryDirectory {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    impl TemporaryDirectory {
+        pub(crate) fn new() -> Self {
+            let path = std::env::temp_dir().join(format!("flotte-store-test-{}", Uuid::new_v4()));
+            std::fs::create_dir_all(&path).expect("create a temporary directory");
+            TemporaryDirectory(path)
+        }
+    }
+
+    /// The contract suite's factory: an empty store in a directory of its own.
+    async fn fresh_sqlite_store() -> (SqliteStore, TemporaryDirectory) {
+        let directory = TemporaryDirectory::new();
+        let store = SqliteStore::open(&directory.0.join("flotte.db")).expect("open a new store");
+        (store, directory)
+    }
+
+    store_contract_suite!(fresh_sqlite_store);
 
     #[test]
     fn sqlite_errors_become_domain_errors() {
@@ -391,203 +417,5 @@ mod tests {
             StoreError::from(conversion_error(std::fmt::Error)),
             StoreError::Corrupt(_)
         ));
-    }
-
-    fn temp_store() -> (SqliteStore, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("flotte-store-test-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        (SqliteStore::open(&dir.join("flotte.db")).unwrap(), dir)
-    }
-
-    fn token(uses_allowed: u32, expires_at: i64) -> JoinTokenRecord {
-        JoinTokenRecord {
-            id: "abcd".into(),
-            secret_hash: "hash".into(),
-            labels: [("env".to_owned(), "prod".to_owned())].into(),
-            zone: "dc1".into(),
-            created_at: 10,
-            expires_at,
-            uses_allowed,
-            uses_done: 0,
-            revoked: false,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_single_use_token_is_redeemed_once() {
-        let (store, dir) = temp_store();
-        store.insert_token(&token(1, 1000)).await.unwrap();
-        let first = store.redeem_token("hash", 100).await.unwrap();
-        assert!(
-            matches!(first, TokenRedemption::Redeemed(ref t) if t.uses_done == 1 && t.labels["env"] == "prod")
-        );
-        let second = store.redeem_token("hash", 100).await.unwrap();
-        assert!(matches!(
-            second,
-            TokenRedemption::Refused(super::super::TokenRefusal::UsedUp { .. })
-        ));
-        let unknown = store.redeem_token("other", 100).await.unwrap();
-        assert_eq!(
-            unknown,
-            TokenRedemption::Refused(super::super::TokenRefusal::Unknown)
-        );
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[tokio::test]
-    async fn expired_and_revoked_tokens_are_refused() {
-        let (store, dir) = temp_store();
-        store.insert_token(&token(5, 50)).await.unwrap();
-        assert!(matches!(
-            store.redeem_token("hash", 100).await.unwrap(),
-            TokenRedemption::Refused(super::super::TokenRefusal::Expired { .. })
-        ));
-        let revoked = store.revoke_token("abcd").await.unwrap().unwrap();
-        assert!(revoked.revoked);
-        assert!(store.revoke_token("nope").await.unwrap().is_none());
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[tokio::test]
-    async fn machines_round_trip_and_last_seen_batches() {
-        let (store, dir) = temp_store();
-        let machine = MachineRecord {
-            id: Uuid::new_v4(),
-            labels: [("role".to_owned(), "web".to_owned())].into(),
-            zone: "dc2".into(),
-            enrolled_at: 5,
-            enrolled_with_token: "abcd".into(),
-            certificate_serial: "01".into(),
-            previous_certificate_serial: String::new(),
-            certificate_not_after: 99,
-            inventory: Inventory::default(),
-            last_seen: 5,
-            desired_version: 1,
-            state: "unknown".into(),
-            state_reason: String::new(),
-            state_since: 0,
-            retired_at: None,
-            desired_image: None,
-        };
-        store.insert_machine(&machine).await.unwrap();
-        let writes_before = store.write_count();
-        store.record_last_seen(&[(machine.id, 42)]).await.unwrap();
-        store.record_last_seen(&[(machine.id, 7)]).await.unwrap();
-        assert_eq!(store.write_count(), writes_before + 2);
-        store
-            .record_certificate(machine.id, "02", 200)
-            .await
-            .unwrap();
-        let relabelled = store
-            .update_labels(machine.id, &[("role".to_owned(), "db".to_owned())].into())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(relabelled.desired_version, 2);
-        assert_eq!(relabelled.labels["role"], "db");
-        assert!(store
-            .update_labels(Uuid::new_v4(), &BTreeMap::new())
-            .await
-            .unwrap()
-            .is_none());
-        let loaded = store.machine(machine.id).await.unwrap().unwrap();
-        assert_eq!(loaded.last_seen, 42, "last_seen never goes backwards");
-        assert_eq!(
-            (
-                loaded.certificate_serial.as_str(),
-                loaded.previous_certificate_serial.as_str()
-            ),
-            ("02", "01")
-        );
-        assert_eq!(loaded.labels["role"], "db");
-        assert_eq!(store.machines().await.unwrap().len(), 1);
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[tokio::test]
-    async fn operators_deny_list_release_keys_and_audit_round_trip() {
-        let (store, dir) = temp_store();
-        let bob = OperatorRecord {
-            name: "bob".into(),
-            role: Role::Viewer,
-            created_at: 1,
-            created_by: "admin".into(),
-            certificate_serial: "0b".into(),
-            certificate_not_after: 100,
-            revoked_at: None,
-        };
-        store.insert_operator(&bob).await.unwrap();
-        assert!(matches!(
-            store.insert_operator(&bob).await,
-            Err(StoreError::AlreadyExists(_))
-        ));
-        let promoted = store
-            .set_operator_role("bob", Role::Operator)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(promoted.role, Role::Operator);
-        let denied = [DeniedEntry {
-            kind: DeniedKind::Identity,
-            value: "spiffe://td/operator/bob".into(),
-            reason: "operator bob was revoked".into(),
-            denied_at: 5,
-        }];
-        let revoked = store
-            .revoke_operator("bob", 5, &denied)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(revoked.revoked_at, Some(5));
-        assert!(store
-            .revoke_operator("nobody", 5, &denied)
-            .await
-            .unwrap()
-            .is_none());
-        assert_eq!(store.denied_entries().await.unwrap(), denied.to_vec());
-
-        let key = ReleaseKeyRecord {
-            id: "abc".into(),
-            name: "ci".into(),
-            public_key_base64: "AAAA".into(),
-            added_at: 3,
-            added_by: "admin".into(),
-        };
-        store.insert_release_key(&key).await.unwrap();
-        assert!(matches!(
-            store.insert_release_key(&key).await,
-            Err(StoreError::AlreadyExists(_))
-        ));
-        assert_eq!(store.release_keys().await.unwrap(), vec![key.clone()]);
-        assert_eq!(store.remove_release_key("abc").await.unwrap(), Some(key));
-        assert!(store.release_keys().await.unwrap().is_empty());
-
-        for (at, actor) in [(10, "admin"), (20, "bob"), (30, "admin")] {
-            store
-                .append_audit(&AuditEvent {
-                    at,
-                    actor: actor.into(),
-                    role: "admin".into(),
-                    action: "token.create".into(),
-                    arguments_json: "{}".into(),
-                    result: "ok".into(),
-                })
-                .await
-                .unwrap();
-        }
-        let all = store.audit_entries(&AuditFilter::default()).await.unwrap();
-        assert_eq!(crate::audit::verify_chain(&all).unwrap().entries, 3);
-        let filtered = store
-            .audit_entries(&AuditFilter {
-                since: Some(15),
-                actor: Some("admin".into()),
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            filtered.iter().map(|entry| entry.seq).collect::<Vec<_>>(),
-            vec![3]
-        );
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,11 +1,13 @@
 //! Operators and the deny list in SQLite: a revocation stamps the row and
 //! denies its identity and serial in the same transaction.
 
-use rusqlite::{params, Connection, Row};
+use rusqlite::{params, Connection, Row, Transaction, TransactionBehavior};
 
 use super::{already_exists, conversion_error, select_one, SqliteStore};
 use crate::roles::Role;
-use crate::store::{DeniedEntry, DeniedKind, OperatorRecord, StoreError, UnixSeconds};
+use crate::store::{
+    DeniedEntry, DeniedKind, OperatorChange, OperatorRecord, StoreError, UnixSeconds,
+};
 
 fn operator_from_row(row: &Row<'_>) -> rusqlite::Result<OperatorRecord> {
     Ok(OperatorRecord {
@@ -128,27 +130,52 @@ pub(super) async fn operators(store: &SqliteStore) -> Result<Vec<OperatorRecord>
         .await
 }
 
+const SELECT_OPERATOR: &str = "SELECT * FROM operators WHERE name = ?1";
+
+/// Applies `change` to the operator `name` in one IMMEDIATE transaction
+/// (the admin count cannot change under it), unless `ends_admin` and the
+/// operator is the last active admin: then nothing is written.
+fn change_keeping_an_admin(
+    connection: &mut Connection,
+    name: &str,
+    ends_admin: bool,
+    change: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<()>,
+) -> Result<OperatorChange, StoreError> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let Some(current) = select_one(&transaction, SELECT_OPERATOR, name, operator_from_row)? else {
+        return Ok(OperatorChange::NotFound);
+    };
+    if ends_admin && current.role == Role::Admin && current.revoked_at.is_none() {
+        let other_admins: i64 = transaction.query_row(
+            "SELECT COUNT(*) FROM operators WHERE role = ?1 AND revoked_at IS NULL AND name <> ?2",
+            params![Role::Admin.as_str(), name],
+            |row| row.get(0),
+        )?;
+        if other_admins == 0 {
+            return Ok(OperatorChange::LastAdmin(current));
+        }
+    }
+    change(&transaction)?;
+    let changed = transaction.query_row(SELECT_OPERATOR, [name], operator_from_row)?;
+    transaction.commit()?;
+    Ok(OperatorChange::Changed(changed))
+}
+
 pub(super) async fn set_operator_role(
     store: &SqliteStore,
     name: &str,
     role: Role,
-) -> Result<Option<OperatorRecord>, StoreError> {
+) -> Result<OperatorChange, StoreError> {
     let name = name.to_owned();
     store
         .write(move |connection| {
-            let transaction = connection.transaction()?;
-            transaction.execute(
-                "UPDATE operators SET role = ?2 WHERE name = ?1",
-                params![name, role.as_str()],
-            )?;
-            let operator = select_one(
-                &transaction,
-                "SELECT * FROM operators WHERE name = ?1",
-                &name,
-                operator_from_row,
-            )?;
-            transaction.commit()?;
-            Ok(operator)
+            change_keeping_an_admin(connection, &name, role != Role::Admin, |transaction| {
+                transaction.execute(
+                    "UPDATE operators SET role = ?2 WHERE name = ?1",
+                    params![name, role.as_str()],
+                )?;
+                Ok(())
+            })
         })
         .await
 }
@@ -158,20 +185,18 @@ pub(super) async fn revoke_operator(
     name: &str,
     at: UnixSeconds,
     denied: &[DeniedEntry],
-) -> Result<Option<OperatorRecord>, StoreError> {
+) -> Result<OperatorChange, StoreError> {
     let name = name.to_owned();
     let denied = denied.to_vec();
     store
         .write(move |connection| {
-            stamp_and_deny(
-                connection,
-                "UPDATE operators SET revoked_at = COALESCE(revoked_at, ?2) WHERE name = ?1",
-                "SELECT * FROM operators WHERE name = ?1",
-                &name,
-                at,
-                &denied,
-                operator_from_row,
-            )
+            change_keeping_an_admin(connection, &name, true, |transaction| {
+                transaction.execute(
+                    "UPDATE operators SET revoked_at = COALESCE(revoked_at, ?2) WHERE name = ?1",
+                    params![name, at],
+                )?;
+                insert_denied(transaction, &denied)
+            })
         })
         .await
 }

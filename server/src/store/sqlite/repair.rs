@@ -1,13 +1,14 @@
 //! SQLite implementation of [`RepairStore`]: tables `quarantines` and
 //! `remediation_events` (see `migrations`).
 
-use rusqlite::{params, Connection, Row};
+use rusqlite::{params, Connection, Row, Transaction, TransactionBehavior};
 use uuid::Uuid;
 
 use super::SqliteStore;
 use super::{conversion_error, labels_from_json, labels_to_json, machine_from_row, select_one};
 use crate::store::repair::{
-    QuarantineRecord, RemediationEventRecord, RemediationState, RepairStore,
+    QuarantineOutcome, QuarantineRecord, ReleaseOutcome, RemediationEventRecord, RemediationState,
+    RepairStore,
 };
 use crate::store::{MachineRecord, StoreError, UnixSeconds};
 
@@ -51,35 +52,41 @@ fn remediation_from_row(row: &Row<'_>) -> rusqlite::Result<RemediationEventRecor
     })
 }
 
-/// Writes (or removes) a quarantine and bumps the machine's desired-state
-/// version inside an open transaction; the machine as it is now, if any.
-fn write_quarantine(
-    transaction: &rusqlite::Transaction<'_>,
-    machine_id: Uuid,
-    quarantine: Option<&QuarantineRecord>,
+const SELECT_QUARANTINE: &str = "SELECT * FROM quarantines WHERE machine_id = ?1";
+const SELECT_MACHINE: &str = "SELECT * FROM machines WHERE id = ?1";
+
+/// Bumps a machine's desired-state version inside an open transaction (its
+/// agent must be told); the machine as it is now, if any.
+fn bump_desired_version(
+    transaction: &Transaction<'_>,
+    key: &str,
 ) -> rusqlite::Result<Option<MachineRecord>> {
-    let key = machine_id.to_string();
     let bumped = transaction.execute(
         "UPDATE machines SET desired_version = desired_version + 1 WHERE id = ?1",
-        [&key],
+        [key],
     )?;
     if bumped == 0 {
         return Ok(None);
     }
-    match quarantine {
-        Some(record) => transaction.execute(
-            "INSERT OR REPLACE INTO quarantines (machine_id, id, reason, since, quarantined_by)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![key, record.id, record.reason, record.since, record.by],
-        )?,
-        None => transaction.execute("DELETE FROM quarantines WHERE machine_id = ?1", [&key])?,
+    select_one(transaction, SELECT_MACHINE, key, machine_from_row)
+}
+
+/// Writes a quarantine and bumps the machine's desired-state version inside
+/// an open transaction; the machine as it is now, if any.
+fn write_quarantine(
+    transaction: &Transaction<'_>,
+    record: &QuarantineRecord,
+) -> rusqlite::Result<Option<MachineRecord>> {
+    let key = record.machine_id.to_string();
+    let Some(machine) = bump_desired_version(transaction, &key)? else {
+        return Ok(None);
     };
-    select_one(
-        transaction,
-        "SELECT * FROM machines WHERE id = ?1",
-        &key,
-        machine_from_row,
-    )
+    transaction.execute(
+        "INSERT OR REPLACE INTO quarantines (machine_id, id, reason, since, quarantined_by)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![key, record.id, record.reason, record.since, record.by],
+    )?;
+    Ok(Some(machine))
 }
 
 fn upsert_remediation(
@@ -123,7 +130,7 @@ impl RepairStore for SqliteStore {
         self.with_connection(move |connection| {
             Ok(select_one(
                 connection,
-                "SELECT * FROM quarantines WHERE machine_id = ?1",
+                SELECT_QUARANTINE,
                 &machine_id.to_string(),
                 quarantine_from_row,
             )?)
@@ -131,17 +138,48 @@ impl RepairStore for SqliteStore {
         .await
     }
 
-    async fn set_quarantine(
+    async fn quarantine_machine(
         &self,
-        machine_id: Uuid,
-        quarantine: Option<&QuarantineRecord>,
-    ) -> Result<Option<MachineRecord>, StoreError> {
-        let quarantine = quarantine.cloned();
+        quarantine: &QuarantineRecord,
+    ) -> Result<QuarantineOutcome, StoreError> {
+        let quarantine = quarantine.clone();
         self.write(move |connection| {
-            let transaction = connection.transaction()?;
-            let machine = write_quarantine(&transaction, machine_id, quarantine.as_ref())?;
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let key = quarantine.machine_id.to_string();
+            if let Some(existing) =
+                select_one(&transaction, SELECT_QUARANTINE, &key, quarantine_from_row)?
+            {
+                return Ok(QuarantineOutcome::AlreadyQuarantined(existing));
+            }
+            let Some(machine) = write_quarantine(&transaction, &quarantine)? else {
+                return Ok(QuarantineOutcome::NoSuchMachine);
+            };
             transaction.commit()?;
-            Ok(machine)
+            Ok(QuarantineOutcome::Quarantined(Box::new(machine)))
+        })
+        .await
+    }
+
+    async fn release_machine(&self, machine_id: Uuid) -> Result<ReleaseOutcome, StoreError> {
+        self.write(move |connection| {
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let key = machine_id.to_string();
+            let removed =
+                transaction.execute("DELETE FROM quarantines WHERE machine_id = ?1", [&key])?;
+            if removed == 0 {
+                let exists = select_one(&transaction, SELECT_MACHINE, &key, |_| Ok(()))?;
+                return Ok(match exists {
+                    Some(()) => ReleaseOutcome::NotQuarantined,
+                    None => ReleaseOutcome::NoSuchMachine,
+                });
+            }
+            let Some(machine) = bump_desired_version(&transaction, &key)? else {
+                return Ok(ReleaseOutcome::NoSuchMachine);
+            };
+            transaction.commit()?;
+            Ok(ReleaseOutcome::Released(Box::new(machine)))
         })
         .await
     }
@@ -155,7 +193,7 @@ impl RepairStore for SqliteStore {
         let event = event.clone();
         self.write(move |connection| {
             let transaction = connection.transaction()?;
-            let machine = write_quarantine(&transaction, event.machine_id, Some(&quarantine))?;
+            let machine = write_quarantine(&transaction, &quarantine)?;
             if machine.is_some() {
                 upsert_remediation(&transaction, &event)?;
             }
@@ -207,128 +245,5 @@ impl RepairStore for SqliteStore {
             remediation_from_row,
         )
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use std::collections::BTreeMap;
-
-    use super::*;
-    use crate::store::{Inventory, Store};
-
-    fn machine(id: Uuid) -> MachineRecord {
-        MachineRecord {
-            id,
-            labels: [("role".to_owned(), "web".to_owned())].into(),
-            zone: "dc1".into(),
-            enrolled_at: 1,
-            enrolled_with_token: "t".into(),
-            certificate_serial: "01".into(),
-            previous_certificate_serial: String::new(),
-            certificate_not_after: 9,
-            inventory: Inventory::default(),
-            last_seen: 1,
-            desired_version: 1,
-            state: "unknown".into(),
-            state_reason: String::new(),
-            state_since: 0,
-            retired_at: None,
-            desired_image: None,
-        }
-    }
-
-    fn event(id: &str, machine_id: Uuid, opened_at: i64) -> RemediationEventRecord {
-        RemediationEventRecord {
-            id: id.into(),
-            machine_id,
-            hostname: "web-1".into(),
-            zone: "dc1".into(),
-            labels: BTreeMap::new(),
-            provider: "local".into(),
-            state: RemediationState::Requested,
-            reason: "down".into(),
-            opened_at,
-            updated_at: opened_at,
-            token_id: "tok".into(),
-            replacement_machine_id: None,
-            detail: String::new(),
-        }
-    }
-
-    #[tokio::test]
-    async fn quarantines_and_remediation_events_round_trip() {
-        let dir = std::env::temp_dir().join(format!("flotte-repair-store-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = SqliteStore::open(&dir.join("flotte.db")).unwrap();
-        let id = Uuid::new_v4();
-        store.insert_machine(&machine(id)).await.unwrap();
-        let quarantine = QuarantineRecord {
-            machine_id: id,
-            id: "q1".into(),
-            reason: "disk".into(),
-            since: 10,
-            by: "bob".into(),
-        };
-        let updated = store
-            .set_quarantine(id, Some(&quarantine))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(updated.desired_version, 2, "the agent must be told");
-        assert_eq!(
-            store.quarantine(id).await.unwrap(),
-            Some(quarantine.clone())
-        );
-        assert!(store
-            .set_quarantine(Uuid::new_v4(), Some(&quarantine))
-            .await
-            .unwrap()
-            .is_none());
-        let released = store.set_quarantine(id, None).await.unwrap().unwrap();
-        assert_eq!(released.desired_version, 3);
-        assert!(store.quarantines().await.unwrap().is_empty());
-
-        // Opening a remediation quarantines and records together.
-        store
-            .open_remediation(&quarantine, &event("e1", id, 100))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(store.quarantines().await.unwrap().len(), 1);
-        store
-            .open_remediation(&quarantine, &event("e2", id, 200))
-            .await
-            .unwrap();
-        let events = store.remediations().await.unwrap();
-        assert_eq!(
-            events
-                .iter()
-                .map(|event| event.id.as_str())
-                .collect::<Vec<_>>(),
-            ["e2", "e1"],
-            "newest first"
-        );
-        // A provider's late answer never reopens a closed event.
-        let closed = RemediationEventRecord {
-            state: RemediationState::Closed,
-            replacement_machine_id: Some(Uuid::new_v4()),
-            ..event("e1", id, 100)
-        };
-        store.update_remediation(&closed).await.unwrap();
-        assert!(!store
-            .annotate_open_remediation("e1", "late", true, 300)
-            .await
-            .unwrap());
-        assert!(store
-            .annotate_open_remediation("e2", "quota exceeded", true, 300)
-            .await
-            .unwrap());
-        let events = store.remediations().await.unwrap();
-        assert_eq!(events[0].state, RemediationState::Failed);
-        assert_eq!(events[0].detail, "quota exceeded");
-        assert_eq!(events[1], closed);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }
