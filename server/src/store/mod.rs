@@ -6,6 +6,13 @@
 //! so that a PostgreSQL implementation can sit behind it for server replicas.
 //! Hot paths never write here per message: heartbeats stay in the registry and
 //! only transitions and batched last-seen times are persisted.
+//!
+//! Rules that must hold under concurrency are single conditional operations
+//! with typed outcomes (a token use, the last admin, one quarantine, one
+//! active rollout per machine), never a read followed by a write in the
+//! caller. Errors are domain terms ([`StoreError`]); each backend maps its
+//! driver's errors in its own module. Backends: `sqlite` (numbered schema
+//! migrations at open). Every backend passes the test-only `contract` suite.
 
 mod access;
 #[cfg(test)]

@@ -2,12 +2,13 @@
 //! mode, one connection behind a mutex, every call run on the blocking pool
 //! so that the async runtime never waits on disk.
 //!
-//! This file holds opening (pragmas, schema), the connection and the write
-//! metrics, the row helpers shared by every aggregate, and the `Store`
+//! This file holds opening (pragmas, then the numbered schema migrations of
+//! `migrations`), the connection and the write metrics, the row helpers
+//! shared by every aggregate, the mapping of `rusqlite` errors to
+//! [`StoreError`] (no driver type crosses the trait), and the `Store`
 //! trait's dispatch to one file per aggregate (tokens, machines, operators
 //! and the deny list, images and release keys, audit); access, repair and
-//! rollouts implement their own traits in their own files. Nothing outside
-//! `store` sees `rusqlite`.
+//! rollouts implement their own traits in their own files.
 
 mod access;
 mod audit;

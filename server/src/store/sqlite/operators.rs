@@ -1,5 +1,7 @@
 //! Operators and the deny list in SQLite: a revocation stamps the row and
-//! denies its identity and serial in the same transaction.
+//! denies its identity and serial in the same transaction, and a revocation
+//! or demotion that would leave no active admin is refused inside that
+//! transaction (never checked beforehand by the caller).
 
 use rusqlite::{params, Connection, Row, Transaction, TransactionBehavior};
 
@@ -8,6 +10,8 @@ use crate::roles::Role;
 use crate::store::{
     DeniedEntry, DeniedKind, OperatorChange, OperatorRecord, StoreError, UnixSeconds,
 };
+
+const SELECT_OPERATOR: &str = "SELECT * FROM operators WHERE name = ?1";
 
 fn operator_from_row(row: &Row<'_>) -> rusqlite::Result<OperatorRecord> {
     Ok(OperatorRecord {
@@ -116,11 +120,7 @@ pub(super) async fn operator(
     name: &str,
 ) -> Result<Option<OperatorRecord>, StoreError> {
     store
-        .read_one(
-            "SELECT * FROM operators WHERE name = ?1",
-            name.to_owned(),
-            operator_from_row,
-        )
+        .read_one(SELECT_OPERATOR, name.to_owned(), operator_from_row)
         .await
 }
 
@@ -129,8 +129,6 @@ pub(super) async fn operators(store: &SqliteStore) -> Result<Vec<OperatorRecord>
         .read_all("SELECT * FROM operators ORDER BY name", operator_from_row)
         .await
 }
-
-const SELECT_OPERATOR: &str = "SELECT * FROM operators WHERE name = ?1";
 
 /// Applies `change` to the operator `name` in one IMMEDIATE transaction
 /// (the admin count cannot change under it), unless `ends_admin` and the
