@@ -27,8 +27,10 @@ use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::edge::guard::admit;
 use crate::forensics::ForensicsError;
 use crate::services::machines::{find_machine, find_machine_in_service};
-use crate::services::quarantine::set_quarantine;
-use crate::store::repair::{QuarantineRecord, RemediationEventRecord};
+use crate::services::quarantine::{quarantine, release};
+use crate::store::repair::{
+    QuarantineOutcome, QuarantineRecord, ReleaseOutcome, RemediationEventRecord,
+};
 use crate::ServerState;
 use flotte_common::roles::AdminRpc;
 
@@ -149,20 +151,21 @@ impl Repair for RepairApi {
             async move {
                 let machines = state.store.machines().await?;
                 let machine = find_machine_in_service(&machines, &request.id)?;
-                let record = match state.repair.store.quarantine(machine.id).await? {
-                    // Already quarantined: the first quarantine stands.
-                    Some(existing) => existing,
-                    None => {
-                        let reason = if request.reason.trim().is_empty() {
-                            format!("quarantined by {actor}")
-                        } else {
-                            request.reason.trim().to_owned()
-                        };
-                        let record =
-                            new_quarantine(machine.id, reason, &actor, state.clock.now_unix());
-                        set_quarantine(&state, machine.id, Some(&record)).await?;
+                let reason = if request.reason.trim().is_empty() {
+                    format!("quarantined by {actor}")
+                } else {
+                    request.reason.trim().to_owned()
+                };
+                let record = new_quarantine(machine.id, reason, &actor, state.clock.now_unix());
+                let record = match quarantine(&state, &record).await? {
+                    QuarantineOutcome::Quarantined(_) => {
                         tracing::warn!(machine = %machine.id, %actor, reason = %record.reason, "machine quarantined");
                         record
+                    }
+                    // Already quarantined: the first quarantine stands.
+                    QuarantineOutcome::AlreadyQuarantined(existing) => existing,
+                    QuarantineOutcome::NoSuchMachine => {
+                        return Err(Status::not_found(format!("no machine {}", machine.id)))
                     }
                 };
                 Ok(QuarantineInfo {
@@ -194,13 +197,15 @@ impl Repair for RepairApi {
             async move {
                 let machines = state.store.machines().await?;
                 let machine = find_machine(&machines, &request.id)?;
-                if state.repair.store.quarantine(machine.id).await?.is_none() {
+                if !matches!(
+                    release(&state, machine.id).await?,
+                    ReleaseOutcome::Released(_)
+                ) {
                     return Err(Status::failed_precondition(format!(
                         "machine {} is not quarantined",
                         machine.inventory.hostname
                     )));
                 }
-                set_quarantine(&state, machine.id, None).await?;
                 tracing::info!(machine = %machine.id, %actor, "machine released from quarantine");
                 Ok(QuarantineInfo {
                     machine_id: machine.id.to_string(),

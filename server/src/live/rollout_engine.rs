@@ -33,7 +33,7 @@ use crate::domain::rollout::{
     LiveMachine, MachineRolloutState, MachineView, Rollout, RolloutError, RolloutImage,
     RolloutMachine, RolloutState, SwapView,
 };
-use crate::store::{DesiredImageRecord, RolloutStore, UnixSeconds};
+use crate::store::{DesiredImageRecord, RolloutCreation, RolloutStore, UnixSeconds};
 use crate::ServerState;
 use flotte_common::audit::AuditEvent;
 
@@ -532,7 +532,23 @@ impl RolloutEngine {
         if request.dry_run {
             return Ok(detail_of(state, rollout, members).await);
         }
-        self.store.insert_rollout(&rollout, &members).await?;
+        // The store checks again, in the insert's transaction: the map above
+        // is this process's view, the store is every writer's.
+        if let RolloutCreation::Overlap {
+            rollout: other,
+            machines,
+        } = self.store.insert_rollout(&rollout, &members).await?
+        {
+            let hostnames: Vec<&str> = members
+                .iter()
+                .filter(|member| machines.contains(&member.machine_id))
+                .map(|member| member.hostname.as_str())
+                .collect();
+            return Err(RolloutError::Conflict {
+                rollout: other,
+                machines: hostnames.join(", "),
+            });
+        }
         {
             let mut held = self.members();
             for member in &members {

@@ -10,7 +10,7 @@ use flotte_proto::identity::{is_valid_segment, Identity};
 use crate::ca::CaError;
 use crate::clock::to_unix;
 use crate::live::revocation::{denial, REVOCATION_GRACE};
-use crate::store::{DeniedKind, OperatorRecord, StoreError};
+use crate::store::{DeniedKind, OperatorChange, OperatorRecord, StoreError};
 use crate::ServerState;
 use flotte_common::roles::Role;
 
@@ -69,27 +69,15 @@ async fn active_operator(state: &ServerState, name: &str) -> Result<OperatorReco
     Ok(operator)
 }
 
-/// Refuses a change that would leave no active admin: nobody could then
-/// manage operators, tokens or revocation without a new `init`.
-async fn keep_an_admin(state: &ServerState, changed: &OperatorRecord) -> Result<(), OperatorError> {
-    if changed.role != Role::Admin {
-        return Ok(());
+/// The operator a store change left, or why there is none. The store
+/// refuses, in the same transaction, to remove the last active admin: nobody
+/// could then manage operators, tokens or revocation without a new `init`.
+fn changed_operator(change: OperatorChange, name: &str) -> Result<OperatorRecord, OperatorError> {
+    match change {
+        OperatorChange::Changed(operator) => Ok(operator),
+        OperatorChange::NotFound => Err(OperatorError::NotFound(name.to_owned())),
+        OperatorChange::LastAdmin(_) => Err(OperatorError::LastAdmin(name.to_owned())),
     }
-    let other_admins = state
-        .store
-        .operators()
-        .await?
-        .iter()
-        .filter(|operator| {
-            operator.role == Role::Admin
-                && operator.revoked_at.is_none()
-                && operator.name != changed.name
-        })
-        .count();
-    if other_admins == 0 {
-        return Err(OperatorError::LastAdmin(changed.name.clone()));
-    }
-    Ok(())
 }
 
 /// Creates an operator from a CSR; returns the record and the certificate.
@@ -134,15 +122,9 @@ pub async fn set_role(
     role: &str,
 ) -> Result<OperatorRecord, OperatorError> {
     let role = parse_role(role)?;
-    let operator = active_operator(state, name).await?;
-    if role != Role::Admin {
-        keep_an_admin(state, &operator).await?;
-    }
-    let updated = state
-        .store
-        .set_operator_role(name, role)
-        .await?
-        .ok_or_else(|| OperatorError::NotFound(name.to_owned()))?;
+    active_operator(state, name).await?;
+    let change = state.store.set_operator_role(name, role).await?;
+    let updated = changed_operator(change, name)?;
     Ok(updated)
 }
 
@@ -153,7 +135,6 @@ pub async fn revoke(
     revoked_by: &str,
 ) -> Result<OperatorRecord, OperatorError> {
     let operator = active_operator(state, name).await?;
-    keep_an_admin(state, &operator).await?;
     let now = state.clock.now_unix();
     let identity_uri = Identity::operator(&state.config.trust_domain, name).uri();
     let reason = format!("operator {name} was revoked by {revoked_by}");
@@ -165,11 +146,8 @@ pub async fn revoke(
             (DeniedKind::Serial, operator.certificate_serial.clone()),
         ],
     );
-    let revoked = state
-        .store
-        .revoke_operator(name, now, &denied)
-        .await?
-        .ok_or_else(|| OperatorError::NotFound(name.to_owned()))?;
+    let change = state.store.revoke_operator(name, now, &denied).await?;
+    let revoked = changed_operator(change, name)?;
     state
         .revocations
         .enforce(&denied, &identity_uri, REVOCATION_GRACE);

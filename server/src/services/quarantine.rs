@@ -5,23 +5,29 @@
 
 use uuid::Uuid;
 
-use crate::store::repair::QuarantineRecord;
-use crate::store::{MachineRecord, StoreError};
+use crate::store::repair::{QuarantineOutcome, QuarantineRecord, ReleaseOutcome};
+use crate::store::StoreError;
 use crate::ServerState;
 
-/// Quarantines (Some) or releases (None) by hand; the machine as it is now.
-pub async fn set_quarantine(
+/// Quarantines a machine by hand unless it is quarantined already (one
+/// conditional store operation), and sends its agent the new desired state.
+pub async fn quarantine(
     state: &ServerState,
-    machine_id: Uuid,
-    quarantine: Option<&QuarantineRecord>,
-) -> Result<Option<MachineRecord>, StoreError> {
-    let machine = state
-        .repair
-        .store
-        .set_quarantine(machine_id, quarantine)
-        .await?;
-    if let Some(machine) = &machine {
+    quarantine: &QuarantineRecord,
+) -> Result<QuarantineOutcome, StoreError> {
+    let outcome = state.repair.store.quarantine_machine(quarantine).await?;
+    if let QuarantineOutcome::Quarantined(machine) = &outcome {
         state.publisher.machine_changed(machine).await;
     }
-    Ok(machine)
+    Ok(outcome)
+}
+
+/// Releases a quarantined machine (one conditional store operation), and
+/// sends its agent the new desired state.
+pub async fn release(state: &ServerState, machine_id: Uuid) -> Result<ReleaseOutcome, StoreError> {
+    let outcome = state.repair.store.release_machine(machine_id).await?;
+    if let ReleaseOutcome::Released(machine) = &outcome {
+        state.publisher.machine_changed(machine).await;
+    }
+    Ok(outcome)
 }

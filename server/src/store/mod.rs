@@ -6,18 +6,24 @@
 //! so that a PostgreSQL implementation can sit behind it for server replicas.
 //! Hot paths never write here per message: heartbeats stay in the registry and
 //! only transitions and batched last-seen times are persisted.
+//!
+//! Rules that must hold under concurrency are single conditional operations
+//! with typed outcomes (a token use, the last admin, one quarantine, one
+//! active rollout per machine), never a read followed by a write in the
+//! caller. Errors are domain terms ([`StoreError`]); each backend maps its
+//! driver's errors in its own module. Backends: `sqlite` (numbered schema
+//! migrations at open). Every backend passes the test-only `contract` suite.
 
 mod access;
+#[cfg(test)]
+mod contract;
 pub mod repair;
 mod rollouts;
 mod sqlite;
-mod sqlite_access;
-mod sqlite_repair;
-mod sqlite_rollouts;
 
 use std::collections::BTreeMap;
 
-pub use rollouts::RolloutStore;
+pub use rollouts::{RolloutCreation, RolloutStore};
 
 pub use access::{
     AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord, UserKeyRecord,
@@ -29,16 +35,39 @@ use uuid::Uuid;
 use flotte_common::audit::{AuditEvent, AuditFilter, AuditRecord};
 use flotte_common::roles::Role;
 
+/// Why a store operation failed, in terms every backend shares: each
+/// backend maps its driver's errors into these inside its own module, so
+/// that nothing above the store depends on a driver.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
     #[error("{0} already exists")]
     AlreadyExists(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A concurrent writer won (serialization failure, lock held past the
+    /// busy timeout): nothing was written, and the same call may succeed
+    /// if made again.
+    #[error("store conflict with a concurrent change (retry): {0}")]
+    Conflict(String),
+    /// The backend failed or cannot be reached (I/O, disk full, connection lost…).
+    #[error("database error: {0}")]
+    Backend(String),
     #[error("store task failed: {0}")]
     Task(String),
+    /// The store was migrated by a newer release: writing into a schema
+    /// this binary does not know could lose or corrupt data.
+    #[error(
+        "the store's schema is version {found}, newer than version {supported}, the newest this \
+         binary knows: run a release at least as new as the one that last opened this store"
+    )]
+    SchemaTooNew { found: i64, supported: i64 },
+}
+
+impl StoreError {
+    /// Whether making the same call again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Conflict(_))
+    }
 }
 
 /// Seconds since the Unix epoch: the store's only notion of time.
@@ -108,6 +137,18 @@ pub struct OperatorRecord {
     pub certificate_not_after: UnixSeconds,
     /// When the operator was revoked; a revoked name is never reused.
     pub revoked_at: Option<UnixSeconds>,
+}
+
+/// The outcome of a change to an operator that must keep an admin: without
+/// an active admin nobody could manage operators, tokens or revocation
+/// short of a new `init`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorChange {
+    /// Done; the operator as it is now.
+    Changed(OperatorRecord),
+    NotFound,
+    /// Refused, nothing written: the operator is the last active admin.
+    LastAdmin(OperatorRecord),
 }
 
 /// What a deny-list entry names.
@@ -302,20 +343,19 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError>;
     async fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError>;
     async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError>;
-    /// `None` if no such operator.
-    async fn set_operator_role(
-        &self,
-        name: &str,
-        role: Role,
-    ) -> Result<Option<OperatorRecord>, StoreError>;
-    /// Marks an operator revoked and adds `denied` to the deny list, together;
-    /// `None` if no such operator.
+    /// Changes an operator's role, unless that would leave no active admin
+    /// (checked and written in one transaction).
+    async fn set_operator_role(&self, name: &str, role: Role)
+        -> Result<OperatorChange, StoreError>;
+    /// Marks an operator revoked and adds `denied` to the deny list, together,
+    /// unless that would leave no active admin (checked in the same
+    /// transaction). Revoking a revoked operator keeps the first stamp.
     async fn revoke_operator(
         &self,
         name: &str,
         at: UnixSeconds,
         denied: &[DeniedEntry],
-    ) -> Result<Option<OperatorRecord>, StoreError>;
+    ) -> Result<OperatorChange, StoreError>;
 
     /// The whole deny list (loaded into memory at start).
     async fn denied_entries(&self) -> Result<Vec<DeniedEntry>, StoreError>;

@@ -72,17 +72,39 @@ pub struct RemediationEventRecord {
     pub detail: String,
 }
 
+/// The outcome of [`RepairStore::quarantine_machine`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuarantineOutcome {
+    /// Quarantined now; the machine as it is now, to push to its agent.
+    Quarantined(Box<MachineRecord>),
+    /// Nothing written: this quarantine was there first.
+    AlreadyQuarantined(QuarantineRecord),
+    NoSuchMachine,
+}
+
+/// The outcome of [`RepairStore::release_machine`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// Released now; the machine as it is now, to push to its agent.
+    Released(Box<MachineRecord>),
+    NotQuarantined,
+    NoSuchMachine,
+}
+
 #[async_trait::async_trait]
 pub trait RepairStore: Send + Sync + 'static {
     async fn quarantines(&self) -> Result<Vec<QuarantineRecord>, StoreError>;
     async fn quarantine(&self, machine_id: Uuid) -> Result<Option<QuarantineRecord>, StoreError>;
-    /// Quarantines (`Some`) or releases (`None`) a machine and bumps its
-    /// desired-state version, atomically; `None` if no such machine.
-    async fn set_quarantine(
+    /// Quarantines a machine unless it is quarantined already (the first
+    /// quarantine stands), bumping its desired-state version: one
+    /// conditional operation, so that two concurrent calls quarantine once.
+    async fn quarantine_machine(
         &self,
-        machine_id: Uuid,
-        quarantine: Option<&QuarantineRecord>,
-    ) -> Result<Option<MachineRecord>, StoreError>;
+        quarantine: &QuarantineRecord,
+    ) -> Result<QuarantineOutcome, StoreError>;
+    /// Releases a quarantined machine and bumps its desired-state version,
+    /// in one conditional operation.
+    async fn release_machine(&self, machine_id: Uuid) -> Result<ReleaseOutcome, StoreError>;
     /// Quarantines the event's machine and records the event, atomically;
     /// `None` if no such machine.
     async fn open_remediation(

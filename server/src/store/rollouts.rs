@@ -7,14 +7,28 @@ use uuid::Uuid;
 use super::{DesiredImageRecord, MachineRecord, StoreError};
 use crate::domain::rollout::{Rollout, RolloutMachine};
 
+/// The outcome of storing a new rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RolloutCreation {
+    Inserted,
+    /// Refused, nothing written: `machines` (in the order given) are held
+    /// by the active rollout `rollout` (the lowest id if several).
+    Overlap {
+        rollout: Uuid,
+        machines: Vec<Uuid>,
+    },
+}
+
 #[async_trait::async_trait]
 pub trait RolloutStore: Send + Sync + 'static {
-    /// Stores a new rollout with all its machines, atomically.
+    /// Stores a new rollout with all its machines, atomically, unless one
+    /// of its machines is in an active (not finished) rollout: checked in
+    /// the same transaction, so two creations cannot both take a machine.
     async fn insert_rollout(
         &self,
         rollout: &Rollout,
         machines: &[RolloutMachine],
-    ) -> Result<(), StoreError>;
+    ) -> Result<RolloutCreation, StoreError>;
     /// Every rollout, newest first.
     async fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
     async fn rollout(&self, id: Uuid) -> Result<Option<Rollout>, StoreError>;

@@ -1,55 +1,17 @@
-//! SQLite implementation of [`AccessStore`]: its tables are created with the
-//! rest of the schema at open (`ACCESS_SCHEMA`), and every mutation bumps
+//! SQLite implementation of [`AccessStore`]: its tables come with the rest
+//! of the schema (see `migrations`), and every mutation bumps
 //! the single-row policy version inside its own transaction.
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use uuid::Uuid;
 
-use super::access::{
+use super::SqliteStore;
+use super::{already_exists, query_all};
+use crate::store::access::{
     AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord, UserKeyRecord,
     UserRecord, UserRevocation,
 };
-use super::sqlite::{already_exists, query_all};
-use super::{SqliteStore, StoreError, UnixSeconds};
-
-pub(super) const ACCESS_SCHEMA: &str = r"
-CREATE TABLE IF NOT EXISTS users (
-    name TEXT PRIMARY KEY,
-    created_at INTEGER NOT NULL,
-    created_by TEXT NOT NULL,
-    revoked_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS user_keys (
-    user TEXT NOT NULL REFERENCES users (name),
-    fingerprint TEXT NOT NULL,
-    key_type TEXT NOT NULL,
-    public_key TEXT NOT NULL,
-    comment TEXT NOT NULL,
-    added_at INTEGER NOT NULL,
-    PRIMARY KEY (user, fingerprint)
-);
-CREATE TABLE IF NOT EXISTS grants (
-    id TEXT PRIMARY KEY,
-    user TEXT NOT NULL REFERENCES users (name),
-    selector TEXT NOT NULL,
-    login TEXT NOT NULL,
-    expires_at INTEGER,
-    created_at INTEGER NOT NULL,
-    created_by TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS access_policy_version (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    version INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO access_policy_version (id, version) VALUES (1, 0);
-CREATE TABLE IF NOT EXISTS machine_access (
-    machine_id TEXT PRIMARY KEY,
-    applied_version INTEGER NOT NULL,
-    applied_at INTEGER NOT NULL,
-    missing_logins TEXT NOT NULL,
-    found TEXT NOT NULL
-);
-";
+use crate::store::{StoreError, UnixSeconds};
 
 /// Bumps the policy version inside `transaction`; returns the new version.
 fn bump_version(transaction: &Transaction<'_>) -> rusqlite::Result<u64> {
@@ -373,113 +335,5 @@ impl AccessStore for SqliteStore {
             )
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-
-    fn user(name: &str) -> UserRecord {
-        UserRecord {
-            name: name.into(),
-            created_at: 1,
-            created_by: "admin".into(),
-            revoked_at: None,
-        }
-    }
-
-    fn key(user: &str, fingerprint: &str) -> UserKeyRecord {
-        UserKeyRecord {
-            user: user.into(),
-            fingerprint: fingerprint.into(),
-            key_type: "ssh-ed25519".into(),
-            public_key: format!("ssh-ed25519 {fingerprint}"),
-            comment: String::new(),
-            added_at: 2,
-        }
-    }
-
-    fn grant(id: &str, user: &str) -> GrantRecord {
-        GrantRecord {
-            id: id.into(),
-            user: user.into(),
-            selector: "role=web".into(),
-            login: user.into(),
-            expires_at: None,
-            created_at: 3,
-            created_by: "admin".into(),
-        }
-    }
-
-    #[tokio::test]
-    async fn every_change_bumps_the_version_and_revoking_a_user_removes_everything() {
-        let directory = std::env::temp_dir().join(format!("flotte-access-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&directory).unwrap();
-        let store = SqliteStore::open(&directory.join("flotte.db")).unwrap();
-        assert_eq!(store.access_snapshot().await.unwrap().version, 0);
-        assert_eq!(
-            store
-                .insert_user(&user("alice"), &[key("alice", "A")])
-                .await
-                .unwrap(),
-            1
-        );
-        assert!(matches!(
-            store.insert_user(&user("alice"), &[]).await,
-            Err(StoreError::AlreadyExists(_))
-        ));
-        assert_eq!(store.insert_user(&user("bob"), &[]).await.unwrap(), 2);
-        assert_eq!(store.insert_user_key(&key("alice", "B")).await.unwrap(), 3);
-        assert_eq!(store.insert_grant(&grant("g1", "alice")).await.unwrap(), 4);
-        assert_eq!(store.insert_grant(&grant("g2", "bob")).await.unwrap(), 5);
-        let (removed, version) = store.remove_user_key("alice", "B").await.unwrap().unwrap();
-        assert_eq!((removed.fingerprint.as_str(), version), ("B", 6));
-        assert!(store.remove_user_key("alice", "B").await.unwrap().is_none());
-
-        let revocation = store.revoke_user("alice", 99).await.unwrap().unwrap();
-        assert_eq!(
-            (
-                revocation.grants_removed,
-                revocation.keys_removed,
-                revocation.version
-            ),
-            (1, 1, 7)
-        );
-        assert_eq!(revocation.user.revoked_at, Some(99));
-        let snapshot = store.access_snapshot().await.unwrap();
-        assert_eq!(snapshot.version, 7);
-        assert!(snapshot.keys.is_empty());
-        assert_eq!(snapshot.grants.len(), 1);
-        assert_eq!(snapshot.grants[0].user, "bob");
-        assert!(store.revoke_user("nobody", 1).await.unwrap().is_none());
-
-        let machine = Uuid::new_v4();
-        let record = MachineAccessRecord {
-            machine_id: machine,
-            applied_version: 7,
-            applied_at: 100,
-            missing_logins: vec!["carol".into()],
-            found: vec![FoundKeysRecord {
-                login: "bob".into(),
-                source: "/etc/flotte/authorized_keys/bob".into(),
-                public_keys: vec!["ssh-ed25519 X".into()],
-            }],
-        };
-        store
-            .record_machine_access(std::slice::from_ref(&record))
-            .await
-            .unwrap();
-        let updated = MachineAccessRecord {
-            applied_version: 8,
-            ..record
-        };
-        store
-            .record_machine_access(std::slice::from_ref(&updated))
-            .await
-            .unwrap();
-        assert_eq!(store.machine_access().await.unwrap(), vec![updated]);
-        std::fs::remove_dir_all(&directory).unwrap();
     }
 }

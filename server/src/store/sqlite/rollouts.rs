@@ -2,51 +2,18 @@
 //! `rollout_machines` (one row per machine of a rollout, with its timings,
 //! failure reason and the image it ran before).
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::collections::BTreeMap;
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use uuid::Uuid;
 
-use super::rollouts::RolloutStore;
-use super::sqlite::machine_from_row;
-use super::{DesiredImageRecord, MachineRecord, SqliteStore, StoreError};
+use super::machine_from_row;
+use super::SqliteStore;
 use crate::domain::rollout::{
     MachineRolloutState, Plan, Rollout, RolloutImage, RolloutMachine, RolloutState,
 };
-
-pub(super) const ROLLOUT_SCHEMA: &str = r"
-CREATE TABLE IF NOT EXISTS rollouts (
-    id TEXT PRIMARY KEY,
-    image_name TEXT NOT NULL,
-    image_version TEXT NOT NULL,
-    image_digest TEXT NOT NULL,
-    plan_json TEXT NOT NULL,
-    plan_toml TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    created_by TEXT NOT NULL,
-    updated_at INTEGER NOT NULL,
-    wave_stages TEXT NOT NULL,
-    current_wave INTEGER NOT NULL,
-    wave_started_at INTEGER,
-    approved_stages TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rollout_machines (
-    rollout_id TEXT NOT NULL,
-    machine_id TEXT NOT NULL,
-    hostname TEXT NOT NULL,
-    zone TEXT NOT NULL,
-    stage INTEGER NOT NULL,
-    wave INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    previous_image TEXT,
-    turn_at INTEGER,
-    sent_at INTEGER,
-    committed_at INTEGER,
-    finished_at INTEGER,
-    failure_reason TEXT NOT NULL,
-    PRIMARY KEY (rollout_id, machine_id)
-);
-";
+use crate::store::{DesiredImageRecord, MachineRecord, StoreError};
+use crate::store::{RolloutCreation, RolloutStore};
 
 fn corrupt(what: &str, error: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -209,21 +176,54 @@ fn encode_machines(
         .collect()
 }
 
+/// The active (unfinished) rollouts holding any of `machines`, each with
+/// the machines it holds in the order given, inside an open transaction.
+fn active_holders(
+    transaction: &Transaction<'_>,
+    machines: &[(RolloutMachine, Option<String>)],
+) -> Result<BTreeMap<Uuid, Vec<Uuid>>, StoreError> {
+    let mut holders: BTreeMap<Uuid, Vec<Uuid>> = BTreeMap::new();
+    let mut statement = transaction.prepare_cached(
+        "SELECT rollouts.id, rollouts.state FROM rollout_machines
+         JOIN rollouts ON rollouts.id = rollout_machines.rollout_id
+         WHERE rollout_machines.machine_id = ?1",
+    )?;
+    for (machine, _) in machines {
+        let rows = statement.query_map([machine.machine_id.to_string()], |row| {
+            Ok((uuid_column(row, "id")?, row.get::<_, String>("state")?))
+        })?;
+        for row in rows {
+            let (rollout, state) = row?;
+            let state = RolloutState::parse(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown rollout state {state:?}")))?;
+            if !state.is_terminal() {
+                holders.entry(rollout).or_default().push(machine.machine_id);
+            }
+        }
+    }
+    Ok(holders)
+}
+
 #[async_trait::async_trait]
 impl RolloutStore for SqliteStore {
     async fn insert_rollout(
         &self,
         rollout: &Rollout,
         machines: &[RolloutMachine],
-    ) -> Result<(), StoreError> {
+    ) -> Result<RolloutCreation, StoreError> {
         let row = RolloutRow::new(rollout)?;
         let machines = encode_machines(machines)?;
         self.write(move |connection| {
-            let transaction = connection.transaction()?;
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let overlaps = active_holders(&transaction, &machines)?;
+            if let Some((rollout, machines)) = overlaps.into_iter().next() {
+                return Ok(RolloutCreation::Overlap { rollout, machines });
+            }
             row.upsert(&transaction)?;
             upsert_machines(&transaction, &machines)?;
             transaction.commit()?;
-            Ok(())
+            Ok(RolloutCreation::Inserted)
         })
         .await
     }
@@ -295,106 +295,5 @@ impl RolloutStore for SqliteStore {
             Ok(updated)
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-    use crate::domain::rollout::plan::parse_plan;
-    use crate::store::Store;
-
-    #[tokio::test]
-    async fn rollouts_and_passes_round_trip() {
-        let directory =
-            std::env::temp_dir().join(format!("flotte-rollout-store-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&directory).unwrap();
-        let store = SqliteStore::open(&directory.join("flotte.db")).unwrap();
-        let machine_id = Uuid::new_v4();
-        let mut machine = MachineRecord {
-            id: machine_id,
-            labels: Default::default(),
-            zone: "dc1".into(),
-            enrolled_at: 1,
-            enrolled_with_token: "t".into(),
-            certificate_serial: "s".into(),
-            previous_certificate_serial: String::new(),
-            certificate_not_after: 2,
-            inventory: Default::default(),
-            last_seen: 1,
-            desired_version: 1,
-            state: "operational".into(),
-            state_reason: String::new(),
-            state_since: 1,
-            retired_at: None,
-            desired_image: None,
-        };
-        store.insert_machine(&machine).await.unwrap();
-        let plan_toml = "[[stage]]\nname = \"all\"\n";
-        let mut rollout = Rollout {
-            id: Uuid::new_v4(),
-            image: RolloutImage {
-                name: "app".into(),
-                version: "2.0.0".into(),
-                digest: "d2".into(),
-            },
-            plan: parse_plan(plan_toml).unwrap(),
-            plan_toml: plan_toml.into(),
-            state: RolloutState::Pending,
-            reason: String::new(),
-            created_at: 10,
-            created_by: "alice".into(),
-            updated_at: 10,
-            wave_stages: vec![0],
-            current_wave: 0,
-            wave_started_at: None,
-            approved_stages: vec![],
-        };
-        let mut member = crate::domain::rollout::pending_machine_for_tests(
-            rollout.id, machine_id, "web-1", 0, "d1",
-        );
-        store
-            .insert_rollout(&rollout, &[member.clone()])
-            .await
-            .unwrap();
-        assert_eq!(store.rollout(rollout.id).await.unwrap().unwrap(), rollout);
-        assert_eq!(
-            store.rollout_machines(rollout.id).await.unwrap(),
-            vec![member.clone()]
-        );
-
-        rollout.state = RolloutState::Running;
-        rollout.wave_started_at = Some(11);
-        member.state = MachineRolloutState::Sent;
-        member.turn_at = Some(11);
-        member.sent_at = Some(11);
-        let updated = store
-            .apply_rollout_pass(
-                &rollout,
-                &[member.clone()],
-                &[(machine_id, rollout.image.desired())],
-            )
-            .await
-            .unwrap();
-        assert_eq!(updated.len(), 1);
-        assert_eq!(updated[0].desired_version, 2);
-        assert_eq!(updated[0].desired_image, Some(rollout.image.desired()));
-        machine.desired_version = 2;
-        assert_eq!(store.rollouts().await.unwrap(), vec![rollout.clone()]);
-        assert_eq!(
-            store.rollout_machines(rollout.id).await.unwrap(),
-            vec![member]
-        );
-        assert_eq!(
-            store
-                .machine(machine_id)
-                .await
-                .unwrap()
-                .unwrap()
-                .desired_version,
-            machine.desired_version
-        );
-        let _ = std::fs::remove_dir_all(&directory);
     }
 }

@@ -1,0 +1,166 @@
+//! Operators and the deny list, and the rule that at least one active admin
+//! remains whatever concurrent revocations and demotions do.
+
+use super::{operator, race, ContractBackend};
+use crate::store::{DeniedEntry, DeniedKind, OperatorChange, StoreError};
+use flotte_common::roles::Role;
+
+fn denial(name: &str, at: i64) -> Vec<DeniedEntry> {
+    vec![DeniedEntry {
+        kind: DeniedKind::Identity,
+        value: format!("spiffe://td/operator/{name}"),
+        reason: format!("operator {name} was revoked"),
+        denied_at: at,
+    }]
+}
+
+pub(crate) async fn operators_and_the_deny_list_round_trip<B: ContractBackend>(store: B) {
+    store
+        .insert_operator(&operator("alice", Role::Admin))
+        .await
+        .unwrap();
+    let bob = operator("bob", Role::Viewer);
+    store.insert_operator(&bob).await.unwrap();
+    assert!(matches!(
+        store.insert_operator(&bob).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let promoted = store
+        .set_operator_role("bob", Role::Operator)
+        .await
+        .unwrap();
+    assert!(
+        matches!(promoted, OperatorChange::Changed(ref record) if record.role == Role::Operator)
+    );
+    assert_eq!(
+        store
+            .set_operator_role("nobody", Role::Viewer)
+            .await
+            .unwrap(),
+        OperatorChange::NotFound
+    );
+    let revoked = store
+        .revoke_operator("bob", 5, &denial("bob", 5))
+        .await
+        .unwrap();
+    assert!(matches!(revoked, OperatorChange::Changed(ref record) if record.revoked_at == Some(5)));
+    let again = store
+        .revoke_operator("bob", 9, &denial("bob", 9))
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, OperatorChange::Changed(ref record) if record.revoked_at == Some(5)),
+        "the first revocation stands"
+    );
+    assert_eq!(
+        store
+            .revoke_operator("nobody", 5, &denial("nobody", 5))
+            .await
+            .unwrap(),
+        OperatorChange::NotFound
+    );
+    assert_eq!(store.denied_entries().await.unwrap(), denial("bob", 5));
+    assert_eq!(
+        store.operator("bob").await.unwrap().unwrap().revoked_at,
+        Some(5)
+    );
+    let names: Vec<String> = store
+        .operators()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|operator| operator.name)
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+
+    // The last admin stays an admin, and is not revoked.
+    assert!(matches!(
+        store.set_operator_role("alice", Role::Viewer).await.unwrap(),
+        OperatorChange::LastAdmin(ref record) if record.name == "alice"
+    ));
+    assert!(matches!(
+        store.set_operator_role("alice", Role::Admin).await.unwrap(),
+        OperatorChange::Changed(_)
+    ));
+    assert!(matches!(
+        store
+            .revoke_operator("alice", 6, &denial("alice", 6))
+            .await
+            .unwrap(),
+        OperatorChange::LastAdmin(_)
+    ));
+    assert_eq!(
+        store.denied_entries().await.unwrap(),
+        denial("bob", 5),
+        "nothing written"
+    );
+}
+
+/// The active admins left, by name.
+async fn active_admins<B: ContractBackend>(store: &B) -> Vec<String> {
+    store
+        .operators()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|operator| operator.role == Role::Admin && operator.revoked_at.is_none())
+        .map(|operator| operator.name)
+        .collect()
+}
+
+fn refused_and_changed(changes: &[OperatorChange]) -> (usize, usize) {
+    let refused = changes
+        .iter()
+        .filter(|change| matches!(change, OperatorChange::LastAdmin(_)))
+        .count();
+    let changed = changes
+        .iter()
+        .filter(|change| matches!(change, OperatorChange::Changed(_)))
+        .count();
+    (refused, changed)
+}
+
+async fn insert_two_admins<B: ContractBackend>(store: &B) {
+    for name in ["alice", "bob"] {
+        store
+            .insert_operator(&operator(name, Role::Admin))
+            .await
+            .unwrap();
+    }
+}
+
+pub(crate) async fn two_admins_revoked_at_once_leave_one<B: ContractBackend>(store: B) {
+    insert_two_admins(&store).await;
+    let changes = race(&store, 2, |store, index| async move {
+        let name = ["alice", "bob"][index];
+        store
+            .revoke_operator(name, 10, &denial(name, 10))
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(refused_and_changed(&changes), (1, 1), "{changes:?}");
+    let survivors = active_admins(&store).await;
+    assert_eq!(survivors.len(), 1);
+    let revoked = if survivors[0] == "alice" {
+        "bob"
+    } else {
+        "alice"
+    };
+    assert_eq!(
+        store.denied_entries().await.unwrap(),
+        denial(revoked, 10),
+        "the refused revocation denied nothing"
+    );
+}
+
+pub(crate) async fn two_admins_demoted_at_once_leave_one<B: ContractBackend>(store: B) {
+    insert_two_admins(&store).await;
+    let changes = race(&store, 2, |store, index| async move {
+        let (name, role) = [("alice", Role::Viewer), ("bob", Role::Operator)][index];
+        store.set_operator_role(name, role).await.unwrap()
+    })
+    .await;
+    assert_eq!(refused_and_changed(&changes), (1, 1), "{changes:?}");
+    assert_eq!(active_admins(&store).await.len(), 1);
+}

@@ -1,0 +1,422 @@
+//! SQLite implementation of the store traits: one file in the data dir, WAL
+//! mode, one connection behind a mutex, every call run on the blocking pool
+//! so that the async runtime never waits on disk.
+//!
+//! This file holds opening (pragmas, then the numbered schema migrations of
+//! `migrations`), the connection and the write metrics, the row helpers
+//! shared by every aggregate, the mapping of `rusqlite` errors to
+//! [`StoreError`] (no driver type crosses the trait), and the `Store`
+//! trait's dispatch to one file per aggregate (tokens, machines, operators
+//! and the deny list, images and release keys, audit); access, repair and
+//! rollouts implement their own traits in their own files.
+
+mod access;
+mod audit;
+mod images;
+mod machines;
+mod migrations;
+mod operators;
+mod repair;
+mod rollouts;
+mod tokens;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, Row};
+use uuid::Uuid;
+
+use crate::metrics::StoreMetrics;
+
+use super::{
+    DeniedEntry, DesiredImageRecord, ImageRecord, Inventory, JoinTokenRecord, MachineRecord,
+    OperatorChange, OperatorRecord, ReleaseKeyRecord, StateTransitionRecord, Store, StoreError,
+    TokenRedemption, UnixSeconds,
+};
+use flotte_common::audit::{AuditEvent, AuditFilter, AuditRecord};
+use flotte_common::roles::Role;
+
+use machines::machine_from_row;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    connection: Arc<Mutex<Connection>>,
+    metrics: StoreMetrics,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn labels_to_json(labels: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(labels).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// A stored text that does not parse as the domain type it holds.
+fn conversion_error(error: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
+}
+
+fn labels_from_json(text: &str) -> rusqlite::Result<BTreeMap<String, String>> {
+    serde_json::from_str(text).map_err(conversion_error)
+}
+
+/// Every row of a query without parameters, converted by `row`.
+fn query_all<T>(
+    connection: &Connection,
+    sql: &str,
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut statement = connection.prepare(sql)?;
+    let rows = statement
+        .query_map([], row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// The one row of `sql` (which selects by `?1 = key`), if any.
+fn select_one<T>(
+    connection: &Connection,
+    sql: &str,
+    key: &str,
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Option<T>> {
+    connection.query_row(sql, [key], row).optional()
+}
+
+/// A primary-key clash as the domain's `AlreadyExists`.
+fn already_exists(error: rusqlite::Error, what: String) -> StoreError {
+    match error {
+        rusqlite::Error::SqliteFailure(failure, _)
+            if failure.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::AlreadyExists(what)
+        }
+        other => other.into(),
+    }
+}
+
+/// Every `rusqlite` error becomes a domain [`StoreError`] here, at the edge
+/// of the SQLite backend: a lock held past the busy timeout is a retryable
+/// conflict, unreadable stored values are corruption, the rest is the
+/// backend failing.
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode;
+        match &error {
+            rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+                    StoreError::Conflict(error.to_string())
+                }
+                ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                    StoreError::Corrupt(error.to_string())
+                }
+                _ => StoreError::Backend(error.to_string()),
+            },
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::Utf8Error(..) => StoreError::Corrupt(error.to_string()),
+            _ => StoreError::Backend(error.to_string()),
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store file and brings its schema to
+    /// the latest version (see [`migrations`]).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_metrics(path, StoreMetrics::default())
+    }
+
+    /// [`SqliteStore::open`], counting writes into `metrics`.
+    pub fn open_with_metrics(path: &Path, metrics: StoreMetrics) -> Result<Self, StoreError> {
+        let mut connection = Connection::open(path)?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "FULL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrations::migrate(&mut connection)?;
+        Ok(SqliteStore {
+            connection: Arc::new(Mutex::new(connection)),
+            metrics,
+        })
+    }
+
+    /// Runs `operation` on the connection in the blocking pool.
+    async fn with_connection<T, F>(&self, operation: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let connection = Arc::clone(&self.connection);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = connection
+                .lock()
+                .map_err(|_| StoreError::Task("store mutex poisoned".into()))?;
+            operation(&mut guard)
+        })
+        .await
+        .map_err(|error| StoreError::Task(error.to_string()))?
+    }
+
+    /// Every row of a parameterless query.
+    async fn read_all<T: Send + 'static>(
+        &self,
+        sql: &'static str,
+        row: fn(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        self.with_connection(move |connection| query_all(connection, sql, row))
+            .await
+    }
+
+    /// The row of a query selecting by `?1 = key`, if any.
+    async fn read_one<T: Send + 'static>(
+        &self,
+        sql: &'static str,
+        key: String,
+        row: fn(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>, StoreError> {
+        self.with_connection(move |connection| Ok(select_one(connection, sql, &key, row)?))
+            .await
+    }
+
+    async fn write<T, F>(&self, operation: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let started = std::time::Instant::now();
+        let result = self.with_connection(operation).await;
+        self.metrics.writes.inc();
+        self.metrics
+            .write_duration
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn insert_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {
+        tokens::insert_token(self, token).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        tokens::list_tokens(self).await
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+        tokens::revoke_token(self, id).await
+    }
+
+    async fn redeem_token(
+        &self,
+        secret_hash: &str,
+        now: UnixSeconds,
+    ) -> Result<TokenRedemption, StoreError> {
+        tokens::redeem_token(self, secret_hash, now).await
+    }
+
+    async fn insert_machine(&self, machine: &MachineRecord) -> Result<(), StoreError> {
+        machines::insert_machine(self, machine).await
+    }
+
+    async fn machine(&self, id: Uuid) -> Result<Option<MachineRecord>, StoreError> {
+        machines::machine(self, id).await
+    }
+
+    async fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        machines::machines(self).await
+    }
+
+    async fn record_certificate(
+        &self,
+        id: Uuid,
+        serial: &str,
+        not_after: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        machines::record_certificate(self, id, serial, not_after).await
+    }
+
+    async fn record_inventory(
+        &self,
+        id: Uuid,
+        inventory: &Inventory,
+        seen_at: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        machines::record_inventory(self, id, inventory, seen_at).await
+    }
+
+    async fn update_labels(
+        &self,
+        id: Uuid,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        machines::update_labels(self, id, labels).await
+    }
+
+    async fn record_transition(
+        &self,
+        transition: &StateTransitionRecord,
+    ) -> Result<(), StoreError> {
+        machines::record_transition(self, transition).await
+    }
+
+    async fn transitions(
+        &self,
+        machine_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<StateTransitionRecord>, StoreError> {
+        machines::transitions(self, machine_id, limit).await
+    }
+
+    async fn insert_image(&self, image: &ImageRecord) -> Result<bool, StoreError> {
+        images::insert_image(self, image).await
+    }
+
+    async fn images(&self, name: Option<&str>) -> Result<Vec<ImageRecord>, StoreError> {
+        images::images(self, name).await
+    }
+
+    async fn image(&self, name: &str, version: &str) -> Result<Option<ImageRecord>, StoreError> {
+        images::image(self, name, version).await
+    }
+
+    async fn set_desired_image(
+        &self,
+        id: Uuid,
+        image: Option<&DesiredImageRecord>,
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        machines::set_desired_image(self, id, image).await
+    }
+
+    async fn record_last_seen(&self, seen: &[(Uuid, UnixSeconds)]) -> Result<(), StoreError> {
+        machines::record_last_seen(self, seen).await
+    }
+
+    async fn retire_machine(
+        &self,
+        id: Uuid,
+        at: UnixSeconds,
+        denied: &[DeniedEntry],
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        machines::retire_machine(self, id, at, denied).await
+    }
+
+    async fn insert_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError> {
+        operators::insert_operator(self, operator).await
+    }
+
+    async fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
+        operators::operator(self, name).await
+    }
+
+    async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+        operators::operators(self).await
+    }
+
+    async fn set_operator_role(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<OperatorChange, StoreError> {
+        operators::set_operator_role(self, name, role).await
+    }
+
+    async fn revoke_operator(
+        &self,
+        name: &str,
+        at: UnixSeconds,
+        denied: &[DeniedEntry],
+    ) -> Result<OperatorChange, StoreError> {
+        operators::revoke_operator(self, name, at, denied).await
+    }
+
+    async fn denied_entries(&self) -> Result<Vec<DeniedEntry>, StoreError> {
+        operators::denied_entries(self).await
+    }
+
+    async fn insert_release_key(&self, key: &ReleaseKeyRecord) -> Result<(), StoreError> {
+        images::insert_release_key(self, key).await
+    }
+
+    async fn remove_release_key(&self, id: &str) -> Result<Option<ReleaseKeyRecord>, StoreError> {
+        images::remove_release_key(self, id).await
+    }
+
+    async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>, StoreError> {
+        images::release_keys(self).await
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
+        audit::append_audit(self, event).await
+    }
+
+    async fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        audit::audit_entries(self, filter).await
+    }
+
+    fn write_count(&self) -> u64 {
+        self.metrics.writes.get()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::store::contract::store_contract_suite;
+
+    /// Removes a test's data dir when dropped.
+    pub(crate) struct TemporaryDirectory(pub(crate) std::path::PathBuf);
+
+    impl Drop for TemporaryDirectory {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    impl TemporaryDirectory {
+        pub(crate) fn new() -> Self {
+            let path = std::env::temp_dir().join(format!("flotte-store-test-{}", Uuid::new_v4()));
+            std::fs::create_dir_all(&path).expect("create a temporary directory");
+            TemporaryDirectory(path)
+        }
+    }
+
+    /// The contract suite's factory: an empty store in a directory of its own.
+    async fn fresh_sqlite_store() -> (SqliteStore, TemporaryDirectory) {
+        let directory = TemporaryDirectory::new();
+        let store = SqliteStore::open(&directory.0.join("flotte.db")).expect("open a new store");
+        (store, directory)
+    }
+
+    store_contract_suite!(fresh_sqlite_store);
+
+    #[test]
+    fn sqlite_errors_become_domain_errors() {
+        let failure = |code| {
+            StoreError::from(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        assert!(failure(rusqlite::ffi::SQLITE_BUSY).is_retryable());
+        assert!(failure(rusqlite::ffi::SQLITE_LOCKED).is_retryable());
+        assert!(matches!(
+            failure(rusqlite::ffi::SQLITE_CORRUPT),
+            StoreError::Corrupt(_)
+        ));
+        assert!(matches!(
+            failure(rusqlite::ffi::SQLITE_FULL),
+            StoreError::Backend(_)
+        ));
+        assert!(matches!(
+            StoreError::from(conversion_error(std::fmt::Error)),
+            StoreError::Corrupt(_)
+        ));
+    }
+}
