@@ -108,9 +108,9 @@ pub async fn quarantined_ids(state: &ServerState) -> Result<HashSet<Uuid>, Store
 /// conditional store operation), and tells its agent.
 pub async fn quarantine(
     state: &ServerState,
-    quarantine: &QuarantineRecord,
+    record: &QuarantineRecord,
 ) -> Result<QuarantineOutcome, StoreError> {
-    let outcome = state.repair.store.quarantine_machine(quarantine).await?;
+    let outcome = state.repair.store.quarantine_machine(record).await?;
     if let QuarantineOutcome::Quarantined(machine) = &outcome {
         announce(state, Some(machine.as_ref().clone())).await;
     }
