@@ -13,9 +13,9 @@ use crate::ServerState;
 /// conditional store operation), and sends its agent the new desired state.
 pub async fn quarantine(
     state: &ServerState,
-    quarantine: &QuarantineRecord,
+    record: &QuarantineRecord,
 ) -> Result<QuarantineOutcome, StoreError> {
-    let outcome = state.repair.store.quarantine_machine(quarantine).await?;
+    let outcome = state.repair.store.quarantine_machine(record).await?;
     if let QuarantineOutcome::Quarantined(machine) = &outcome {
         state.publisher.machine_changed(machine).await;
     }
