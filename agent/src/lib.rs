@@ -233,9 +233,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         Some(settings) => {
             let enforcer = access::AccessEnforcer::open(settings.clone(), &config.data_dir)?;
             tokio::spawn(Arc::clone(&enforcer).run(shutdown.clone()));
-            session::AccessMode::Enforced(enforcer)
+            Some(enforcer as Arc<dyn session::AccessHandler>)
         }
-        None => session::AccessMode::Unmanaged,
+        None => None,
     };
     let mut state = AgentState {
         identity,
@@ -244,7 +244,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         default_report_interval: config.report_interval,
         health,
         metrics: metrics.clone(),
-        images: Some(images),
+        images: Some(Arc::new(images)),
         identity_watch: Some(identity_watch),
         quarantine: Some(quarantine),
         access,
@@ -293,8 +293,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         )
         .await;
         metrics.set_connected(false);
-        if let session::AccessMode::Enforced(enforcer) = &state.access {
-            enforcer.set_contact(false, access::unix_now());
+        if let Some(access) = &state.access {
+            access.set_contact(false);
         }
         match outcome {
             Ok(SessionEnd::Shutdown) => return Ok(()),

@@ -3,8 +3,13 @@
 //!
 //! Reconnecting, backoff and server rotation belong to the caller (`run`);
 //! this module handles exactly one stream so that the load generator can
-//! drive thousands of them from one process.
+//! drive thousands of them from one process. What a session needs of the
+//! image manager and of access enforcement are traits ([`ImageManager`],
+//! [`AccessHandler`]): the load generator brings its own stand-ins, and no
+//! simulation lives in the agent.
 
+use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flotte_proto::transport::{
@@ -14,20 +19,17 @@ use flotte_proto::v1::agent_message::Kind as AgentKind;
 use flotte_proto::v1::agent_session_client::AgentSessionClient;
 use flotte_proto::v1::server_message::Kind as ServerKind;
 use flotte_proto::v1::{
-    AccessPolicy, AccessState, AgentMessage, CertificateRenewal, DesiredState, DesiredStateAck,
-    Hello, Report,
+    AccessPolicy, AccessState, AgentMessage, CertificateRenewal, DesiredImage, DesiredState,
+    DesiredStateAck, Hello, ImageStatus, Report,
 };
-
-use flotte_proto::v1::ImageStatus;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::{local_policy, unix_now as access_now, AccessEnforcer};
+use crate::clock::unix_now;
 use crate::health::{HealthReceiver, HealthSnapshot};
 use crate::identity::{csr_for, MachineIdentity};
-use crate::image::swap::ImageHandle;
 use crate::metrics::AgentMetrics;
 use crate::state::{AppliedState, Persistence};
 
@@ -64,6 +66,38 @@ pub enum SessionEnd {
     ClosedByServer(String),
 }
 
+/// What a session needs of the machine's image manager: it hands over each
+/// desired image and reports the status. The real one is
+/// `image::swap::ImageHandle`; the load generator brings its own.
+pub trait ImageManager: Send + Sync + std::fmt::Debug {
+    /// Hands over the desired image of desired-state `version`.
+    fn desire(&self, version: u64, image: DesiredImage);
+    /// The manager's status, which changes as a swap progresses.
+    fn status(&self) -> watch::Receiver<ImageStatus>;
+}
+
+/// What a session needs of SSH access enforcement. The real one is
+/// `access::AccessEnforcer`; the load generator's only acknowledges.
+pub trait AccessHandler: Send + Sync + std::fmt::Debug {
+    /// Applies `policy` if it is newer; the acknowledgement to send, if any
+    /// (none when it could not be applied: the server keeps listing this
+    /// machine as pending, which is the truth).
+    fn apply(&self, policy: &AccessPolicy) -> Option<AccessState>;
+    /// The session was established (`true`) or ended (`false`).
+    fn set_contact(&self, _connected: bool) {}
+    /// A report went out: a moment to look at the disk again (elsewhere:
+    /// the session never waits on a user's files).
+    fn on_report(&self) {}
+    /// Changes when [`AccessHandler::news`] may have something to send.
+    fn news_signal(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+    /// What changed since the last state sent, if anything (drift).
+    fn news(&self) -> Option<AccessState> {
+        None
+    }
+}
+
 /// What one machine carries from session to session.
 #[derive(Debug, Clone)]
 pub struct AgentState {
@@ -75,66 +109,15 @@ pub struct AgentState {
     /// Latest health checks and system metrics (see `health`).
     pub health: HealthReceiver,
     pub metrics: AgentMetrics,
-    /// The image manager (absent for simulated agents).
-    pub images: Option<ImageHandle>,
+    /// The image manager (none: desired images are ignored).
+    pub images: Option<Arc<dyn ImageManager>>,
     /// Told about renewed certificates (image downloads use the identity too).
     pub identity_watch: Option<watch::Sender<MachineIdentity>>,
     /// The quarantine manager (absent for simulated agents).
     pub quarantine: Option<crate::repair::QuarantineHandle>,
-    /// SSH access for people (see `access`).
-    pub access: AccessMode,
-}
-
-/// How this session handles access policies.
-#[derive(Debug, Clone)]
-pub enum AccessMode {
-    /// No `[access]` configured: policies are ignored and not acknowledged.
-    Unmanaged,
-    /// Policies are enforced on this machine, then acknowledged.
-    Enforced(std::sync::Arc<AccessEnforcer>),
-    /// Load generator only: the version is acknowledged as soon as it is
-    /// received, nothing is written anywhere; the log (if any) records when.
-    SimulatedAck(Option<std::sync::Arc<SimulatedAckLog>>),
-}
-
-/// When a simulated agent acknowledged each access policy version (first
-/// time only), for the load generator's propagation figures.
-#[derive(Debug, Default)]
-pub struct SimulatedAckLog {
-    acks: std::sync::Mutex<Vec<(u64, std::time::Instant)>>,
-}
-
-impl SimulatedAckLog {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, std::time::Instant)>> {
-        // Every write is one push: a poisoned lock still holds whole entries.
-        self.acks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub fn record(&self, version: u64) {
-        let mut acks = self.lock();
-        if !acks.iter().any(|(known, _)| *known == version) {
-            acks.push((version, std::time::Instant::now()));
-        }
-    }
-
-    /// When a version at least `version` was first acknowledged.
-    pub fn first_ack_of_at_least(&self, version: u64) -> Option<std::time::Instant> {
-        self.lock()
-            .iter()
-            .filter(|(known, _)| *known >= version)
-            .map(|(_, at)| *at)
-            .min()
-    }
-}
-
-impl AgentState {
-    fn image_status(&self) -> Option<ImageStatus> {
-        self.images
-            .as_ref()
-            .map(|images| images.status.borrow().clone())
-    }
+    /// SSH access for people (none: no `[access]`, so policies are ignored
+    /// and not acknowledged).
+    pub access: Option<Arc<dyn AccessHandler>>,
 }
 
 impl AgentState {
@@ -159,12 +142,35 @@ fn message(kind: AgentKind) -> AgentMessage {
     AgentMessage { kind: Some(kind) }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |duration| {
-            i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
-        })
+/// Why the session loop stopped: an end (not an error) or a failure.
+enum Stop {
+    End(SessionEnd),
+    Failed(SessionError),
+}
+
+impl From<SessionError> for Stop {
+    fn from(error: SessionError) -> Self {
+        Stop::Failed(error)
+    }
+}
+
+impl From<crate::identity::IdentityError> for Stop {
+    fn from(error: crate::identity::IdentityError) -> Self {
+        Stop::Failed(error.into())
+    }
+}
+
+/// The session's outbound queue.
+struct Outbound(mpsc::Sender<AgentMessage>);
+
+impl Outbound {
+    /// Queues `kind`; a closed stream ends the session.
+    async fn send(&self, kind: AgentKind) -> Result<(), Stop> {
+        self.0
+            .send(message(kind))
+            .await
+            .map_err(|_| Stop::End(SessionEnd::ClosedByServer("outbound stream closed".into())))
+    }
 }
 
 /// Tokio instant corresponding to a wall-clock time (now if in the past).
@@ -213,36 +219,6 @@ fn apply_desired(state: &mut AgentState, desired: &DesiredState) -> bool {
     true
 }
 
-/// Applies an access policy (before anything else in a desired state) and
-/// returns the acknowledgement to send, if any.
-fn apply_access(access: &AccessMode, policy: &AccessPolicy) -> Option<AccessState> {
-    match access {
-        AccessMode::Unmanaged => None,
-        AccessMode::SimulatedAck(log) => {
-            if let Some(log) = log {
-                log.record(policy.version);
-            }
-            Some(AccessState {
-                applied_version: policy.version,
-                ..AccessState::default()
-            })
-        }
-        AccessMode::Enforced(enforcer) => {
-            match enforcer.receive(local_policy(policy), access_now()) {
-                Ok(true) => tracing::info!(version = policy.version, "access policy applied"),
-                Ok(false) => {}
-                Err(error) => {
-                    // Not acknowledged: the server keeps listing this
-                    // machine as pending, which is the truth.
-                    tracing::error!(%error, version = policy.version, "cannot apply the access policy");
-                    return None;
-                }
-            }
-            enforcer.state_to_report(true)
-        }
-    }
-}
-
 /// Runs one session with `address` until it ends. `on_established` is called
 /// once the server has answered the hello with the desired state.
 pub async fn run_session(
@@ -260,18 +236,20 @@ pub async fn run_session(
     let (channel, diagnostics) = channel_with_diagnostics(address, std::sync::Arc::new(tls))?;
     let mut client = AgentSessionClient::new(channel);
     let (outbound, outbound_receiver) = mpsc::channel(OUTBOUND_QUEUE_DEPTH);
+    let outbound = Outbound(outbound);
     let mut inventory = crate::inventory::collect(
         state.hostname.as_deref(),
         &state.applied.labels,
         &state.applied.zone,
     );
-    inventory.image = state.image_status();
+    let mut image_status = state.images.as_ref().map(|images| images.status());
+    inventory.image = image_status.as_ref().map(|status| status.borrow().clone());
     // The channel is fresh and larger than one message: this cannot block.
     let _ = outbound
-        .send(message(AgentKind::Hello(Hello {
+        .send(AgentKind::Hello(Hello {
             inventory: Some(inventory),
             applied_desired_version: state.applied.version,
-        })))
+        }))
         .await;
     let mut inbound = tokio::select! {
         () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -281,10 +259,6 @@ pub async fn run_session(
         },
     };
 
-    let send = |kind: AgentKind| {
-        let outbound = outbound.clone();
-        async move { outbound.send(message(kind)).await.is_ok() }
-    };
     let mut report_interval = state.report_interval();
     // The first report goes out at once so the server learns health on connect.
     let mut next_report = Instant::now();
@@ -292,13 +266,10 @@ pub async fn run_session(
     let mut sequence = 0u64;
     let mut established = false;
     let mut health_open = true;
-    let mut image_status = state.images.as_ref().map(|images| images.status.clone());
     let mut image_open = image_status.is_some();
-    let mut access_scans = match &state.access {
-        AccessMode::Enforced(enforcer) => Some(enforcer.scans_done()),
-        _ => None,
-    };
-    let mut access_scans_open = access_scans.is_some();
+    let access = state.access.clone();
+    let mut access_news = access.as_ref().and_then(|access| access.news_signal());
+    let mut access_news_open = access_news.is_some();
     let mut reported_verdict_version = u64::MAX;
     // The server may queue a push built from a newer record ahead of the
     // whole state it reads on connect (both race after registration), so
@@ -306,143 +277,139 @@ pub async fn run_session(
     // across sessions: a server restored from an older backup must still be
     // obeyed.
     let mut newest_desired_in_session = 0u64;
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            received = inbound.message() => {
-                let received = match received {
-                    Ok(Some(received)) => received,
-                    Ok(None) => return Ok(SessionEnd::ClosedByServer("stream ended".into())),
-                    Err(status) => return Err(classify(address, &status, &diagnostics, !established)),
-                };
-                match received.kind {
-                    Some(ServerKind::DesiredState(desired)) => {
-                        if desired.version < newest_desired_in_session {
-                            tracing::info!(version = desired.version, newest = newest_desired_in_session, "ignoring an older desired state that arrived after a newer one");
-                            continue;
-                        }
-                        newest_desired_in_session = desired.version;
-                        // Access first: a machine back from a disconnection
-                        // must drop revoked keys before it starts an image swap.
-                        if let Some(access) = desired.access.as_ref().and_then(|policy| apply_access(&state.access, policy)) {
-                            if !send(AgentKind::AccessState(access)).await {
-                                return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+    let stopped: Result<Infallible, Stop> = async {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(Stop::End(SessionEnd::Shutdown)),
+                received = inbound.message() => {
+                    let received = match received {
+                        Ok(Some(received)) => received,
+                        Ok(None) => return Err(Stop::End(SessionEnd::ClosedByServer("stream ended".into()))),
+                        Err(status) => return Err(classify(address, &status, &diagnostics, !established).into()),
+                    };
+                    match received.kind {
+                        Some(ServerKind::DesiredState(desired)) => {
+                            if desired.version < newest_desired_in_session {
+                                tracing::info!(version = desired.version, newest = newest_desired_in_session, "ignoring an older desired state that arrived after a newer one");
+                                continue;
+                            }
+                            newest_desired_in_session = desired.version;
+                            // Access first: a machine back from a disconnection
+                            // must drop revoked keys before it starts an image swap.
+                            if let (Some(access), Some(policy)) = (&access, &desired.access) {
+                                if let Some(acknowledgement) = access.apply(policy) {
+                                    outbound.send(AgentKind::AccessState(acknowledgement)).await?;
+                                }
+                            }
+                            if let (Some(images), Some(image)) = (&state.images, &desired.image) {
+                                images.desire(desired.version, image.clone());
+                            }
+                            if let Some(quarantine) = &state.quarantine {
+                                quarantine.desire(desired.quarantine.clone());
+                            }
+                            if apply_desired(state, &desired) {
+                                if let Err(error) = persistence.save_applied(&state.applied) {
+                                    tracing::error!(%error, "cannot persist applied desired state");
+                                }
+                                stats.desired_states_applied += 1;
+                                tracing::info!(version = desired.version, zone = %desired.zone, "desired state applied");
+                            }
+                            let interval = state.report_interval();
+                            if interval != report_interval {
+                                report_interval = interval;
+                                next_report = Instant::now() + report_interval;
+                            }
+                            outbound.send(AgentKind::Ack(DesiredStateAck { version: desired.version })).await?;
+                            if !established {
+                                established = true;
+                                if let Some(access) = &access {
+                                    access.set_contact(true);
+                                }
+                                on_established();
                             }
                         }
-                        if let (Some(images), Some(image)) = (&state.images, &desired.image) {
-                            images.desire(desired.version, image.clone());
-                        }
-                        if let Some(quarantine) = &state.quarantine {
-                            quarantine.desire(desired.quarantine.clone());
-                        }
-                        if apply_desired(state, &desired) {
-                            if let Err(error) = persistence.save_applied(&state.applied) {
-                                tracing::error!(%error, "cannot persist applied desired state");
-                            }
-                            stats.desired_states_applied += 1;
-                            tracing::info!(version = desired.version, zone = %desired.zone, "desired state applied");
-                        }
-                        let interval = state.report_interval();
-                        if interval != report_interval {
-                            report_interval = interval;
-                            next_report = Instant::now() + report_interval;
-                        }
-                        if !send(AgentKind::Ack(DesiredStateAck { version: desired.version })).await {
-                            return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
-                        }
-                        if !established {
-                            established = true;
-                            if let AccessMode::Enforced(enforcer) = &state.access {
-                                enforcer.set_contact(true, access_now());
-                            }
-                            on_established();
-                        }
-                    }
-                    Some(ServerKind::CertificateIssued(issued)) => {
-                        let renewed = state.identity.with_certificate(issued.certificate_pem)?;
-                        if let Err(error) = persistence.save_certificate(&renewed) {
-                            tracing::error!(%error, "cannot persist renewed certificate; keeping the old one");
-                        } else {
-                            if let Some(identity_watch) = &state.identity_watch {
-                                identity_watch.send_replace(renewed.clone());
-                            }
-                            state.identity = renewed;
-                            stats.renewals += 1;
-                            renew_at = instant_at(state.identity.renew_at(SystemTime::now()));
-                            tracing::info!(not_after = issued.not_after, "certificate renewed");
-                        }
-                    }
-                    Some(ServerKind::AccessPolicy(policy)) => {
-                        if let Some(access) = apply_access(&state.access, &policy) {
-                            if !send(AgentKind::AccessState(access)).await {
-                                return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                        Some(ServerKind::CertificateIssued(issued)) => {
+                            let renewed = state.identity.with_certificate(issued.certificate_pem)?;
+                            if let Err(error) = persistence.save_certificate(&renewed) {
+                                tracing::error!(%error, "cannot persist renewed certificate; keeping the old one");
+                            } else {
+                                if let Some(identity_watch) = &state.identity_watch {
+                                    identity_watch.send_replace(renewed.clone());
+                                }
+                                state.identity = renewed;
+                                stats.renewals += 1;
+                                renew_at = instant_at(state.identity.renew_at(SystemTime::now()));
+                                tracing::info!(not_after = issued.not_after, "certificate renewed");
                             }
                         }
-                    }
-                    Some(ServerKind::Refused(refused)) => return Err(SessionError::Refused(refused.reason)),
-                    None => {}
-                }
-            }
-            changed = state.health.changed(), if health_open => {
-                if changed.is_err() {
-                    // The monitor is gone (or never existed): report on the timer only.
-                    health_open = false;
-                    continue;
-                }
-                let verdict_version = state.health.borrow().verdict_version;
-                if verdict_version == reported_verdict_version {
-                    continue;
-                }
-                // A verdict changed: report now rather than at the next tick.
-                next_report = Instant::now();
-            }
-            changed = changed_if_any(&mut image_status), if image_open => {
-                if changed.is_err() {
-                    image_open = false;
-                    continue;
-                }
-                // Swap progress is reported as it happens.
-                next_report = Instant::now();
-            }
-            () = tokio::time::sleep_until(next_report) => {
-                sequence += 1;
-                let snapshot = std::sync::Arc::clone(&state.health.borrow());
-                reported_verdict_version = snapshot.verdict_version;
-                let image = state.image_status();
-                if !send(AgentKind::Report(report_from(&snapshot, image, sequence))).await {
-                    state.metrics.record_report_failure();
-                    return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
-                }
-                stats.reports_sent += 1;
-                next_report = Instant::now() + report_interval;
-                if let AccessMode::Enforced(enforcer) = &state.access {
-                    enforcer.set_contact(true, access_now());
-                    // Drift (a hand-added key) is reported when a scan
-                    // finds it; the scan runs elsewhere (see below).
-                    enforcer.request_scan();
-                }
-            }
-            changed = changed_if_any(&mut access_scans), if access_scans_open => {
-                if changed.is_err() {
-                    access_scans_open = false;
-                    continue;
-                }
-                if let AccessMode::Enforced(enforcer) = &state.access {
-                    if let Some(access) = enforcer.state_to_report(false) {
-                        if !send(AgentKind::AccessState(access)).await {
-                            return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                        Some(ServerKind::AccessPolicy(policy)) => {
+                            if let Some(acknowledgement) = access.as_ref().and_then(|access| access.apply(&policy)) {
+                                outbound.send(AgentKind::AccessState(acknowledgement)).await?;
+                            }
                         }
+                        Some(ServerKind::Refused(refused)) => return Err(SessionError::Refused(refused.reason).into()),
+                        None => {}
                     }
                 }
-            }
-            () = tokio::time::sleep_until(renew_at) => {
-                let csr_pem = csr_for(&state.identity.key_pem)?;
-                if !send(AgentKind::RenewCertificate(CertificateRenewal { csr_pem })).await {
-                    return Ok(SessionEnd::ClosedByServer("outbound stream closed".into()));
+                changed = state.health.changed(), if health_open => {
+                    if changed.is_err() {
+                        // The monitor is gone (or never existed): report on the timer only.
+                        health_open = false;
+                        continue;
+                    }
+                    let verdict_version = state.health.borrow().verdict_version;
+                    if verdict_version == reported_verdict_version {
+                        continue;
+                    }
+                    // A verdict changed: report now rather than at the next tick.
+                    next_report = Instant::now();
                 }
-                renew_at = Instant::now() + RENEWAL_RETRY;
+                changed = changed_if_any(&mut image_status), if image_open => {
+                    if changed.is_err() {
+                        image_open = false;
+                        continue;
+                    }
+                    // Swap progress is reported as it happens.
+                    next_report = Instant::now();
+                }
+                () = tokio::time::sleep_until(next_report) => {
+                    sequence += 1;
+                    let snapshot = std::sync::Arc::clone(&state.health.borrow());
+                    reported_verdict_version = snapshot.verdict_version;
+                    let image = image_status.as_ref().map(|status| status.borrow().clone());
+                    if let Err(stop) = outbound.send(AgentKind::Report(report_from(&snapshot, image, sequence))).await {
+                        state.metrics.record_report_failure();
+                        return Err(stop);
+                    }
+                    stats.reports_sent += 1;
+                    next_report = Instant::now() + report_interval;
+                    if let Some(access) = &access {
+                        access.on_report();
+                    }
+                }
+                changed = changed_if_any(&mut access_news), if access_news_open => {
+                    if changed.is_err() {
+                        access_news_open = false;
+                        continue;
+                    }
+                    // Drift (a hand-added key) is sent when a scan finds it.
+                    if let Some(news) = access.as_ref().and_then(|access| access.news()) {
+                        outbound.send(AgentKind::AccessState(news)).await?;
+                    }
+                }
+                () = tokio::time::sleep_until(renew_at) => {
+                    let csr_pem = csr_for(&state.identity.key_pem)?;
+                    outbound.send(AgentKind::RenewCertificate(CertificateRenewal { csr_pem })).await?;
+                    renew_at = Instant::now() + RENEWAL_RETRY;
+                }
             }
         }
+    }
+    .await;
+    match stopped {
+        Err(Stop::End(end)) => Ok(end),
+        Err(Stop::Failed(error)) => Err(error),
+        Ok(never) => match never {},
     }
 }
 

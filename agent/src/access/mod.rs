@@ -23,7 +23,7 @@ pub mod settings;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use flotte_proto::v1::{AccessPolicy, AccessState, FoundKeys};
 use serde::{Deserialize, Serialize};
@@ -36,6 +36,8 @@ use self::policy::{
     LocalPolicy, OnDisconnect,
 };
 use self::scan::{DiskScanner, Findings, READ_TIMEOUT};
+use crate::clock::unix_now;
+use crate::session::AccessHandler;
 
 /// While connected, the last-contact time is persisted at most this often;
 /// a "connected" state older than [`CONTACT_STALE_AFTER`] is not believed
@@ -92,14 +94,6 @@ impl PersistedAccess {
             disconnected_since: (!believed_connected).then_some(self.last_contact_at),
         }
     }
-}
-
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |duration| {
-            i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
-        })
 }
 
 pub fn state_path(data_dir: &Path) -> PathBuf {
@@ -265,7 +259,7 @@ impl AccessEnforcer {
     }
 
     /// Records contact with the server (`connected`) or its loss.
-    pub fn set_contact(&self, connected: bool, now: i64) {
+    pub fn record_contact(&self, connected: bool, now: i64) {
         let mut inner = self.lock();
         if !contact_update_due(&inner.persisted, connected, now) {
             return;
@@ -422,6 +416,37 @@ impl AccessEnforcer {
                 tracing::error!(%error, "access enforcement failed");
             }
         }
+    }
+}
+
+impl AccessHandler for AccessEnforcer {
+    fn apply(&self, policy: &AccessPolicy) -> Option<AccessState> {
+        match self.receive(local_policy(policy), unix_now()) {
+            Ok(true) => tracing::info!(version = policy.version, "access policy applied"),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::error!(%error, version = policy.version, "cannot apply the access policy");
+                return None;
+            }
+        }
+        self.state_to_report(true)
+    }
+
+    fn set_contact(&self, connected: bool) {
+        self.record_contact(connected, unix_now());
+    }
+
+    fn on_report(&self) {
+        self.record_contact(true, unix_now());
+        self.request_scan();
+    }
+
+    fn news_signal(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.scans_done())
+    }
+
+    fn news(&self) -> Option<AccessState> {
+        self.state_to_report(false)
     }
 }
 

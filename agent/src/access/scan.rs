@@ -1,16 +1,17 @@
 //! What is on disk for the managed logins, read off the session loop: one
-//! blocking read per login on tokio's blocking pool, all bounded by one
-//! deadline. A login whose read has not answered by then (a hung network
-//! or FUSE mount under a home directory) is reported as not read and is not
-//! read again while that read is still blocked, so a user can cost the
-//! agent at most one blocked thread, never the session.
+//! blocking read per login on tokio's blocking pool (a few at a time), each
+//! waited for at most [`READ_TIMEOUT`]. A login whose read has not answered
+//! by then (a hung network or FUSE mount under a home directory) is
+//! reported as not read and is not read again while that read is still
+//! blocked, so a user can cost the agent at most one blocked thread, never
+//! the session.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use futures::StreamExt;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use super::files::{
     is_safe_login, read_login, FileContents, FoundFile, LoginDirectory, LoginFindings,
@@ -19,13 +20,23 @@ use super::files::{
 
 /// Longest one scan waits for the files of a login.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Logins read at once: many logins never fill the blocking pool, and a
+/// queued read is never mistaken for a blocked one.
+const PARALLEL_READS: usize = 16;
 
 /// What one scan found, per login.
 pub type Findings = BTreeMap<String, LoginFindings>;
 
 struct BlockedRead {
     read: JoinHandle<LoginFindings>,
-    since: Instant,
+    /// When the read started (wall clock: it is shown, and stays the same
+    /// from scan to scan so that the report does not change while blocked).
+    since: SystemTime,
+}
+
+enum ReadOutcome {
+    Answered(LoginFindings),
+    Blocked(BlockedRead),
 }
 
 /// Reads the files of the managed logins; keeps the reads still blocked.
@@ -50,12 +61,11 @@ impl DiskScanner {
         }
     }
 
-    /// The files of each of `logins`; returns within the timeout whatever
-    /// the files do.
+    /// The files of each of `logins`. Each read is waited for at most the
+    /// timeout, whatever the files do.
     pub async fn scan(&mut self, logins: impl IntoIterator<Item = String>) -> Findings {
-        let deadline = Instant::now() + self.timeout;
         let mut findings = Findings::new();
-        let mut reading = Vec::new();
+        let mut to_read = Vec::new();
         for login in logins {
             if !is_safe_login(&login) {
                 continue;
@@ -68,23 +78,42 @@ impl DiskScanner {
                 }
                 // Answered at last, but late: read again for a fresh view.
             }
-            let managed = self.managed.clone();
-            let directory = Arc::clone(&self.logins);
-            let read_of = login.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                read_login(&managed, &read_of, directory.as_ref())
-            });
-            reading.push((login, read));
+            to_read.push(login);
         }
-        for (login, mut read) in reading {
-            let login_findings = match tokio::time::timeout_at(deadline, &mut read).await {
-                Ok(Ok(login_findings)) => login_findings,
-                Ok(Err(error)) => not_read(&login, format!("the read failed: {error}")),
-                Err(_) => {
-                    let since = Instant::now();
-                    self.blocked
-                        .insert(login.clone(), BlockedRead { read, since });
-                    still_blocked(&login, since)
+        let managed = &self.managed;
+        let directory = &self.logins;
+        let timeout = self.timeout;
+        let outcomes: Vec<(String, ReadOutcome)> = futures::stream::iter(to_read)
+            .map(|login| {
+                let managed = managed.clone();
+                let directory = Arc::clone(directory);
+                async move {
+                    let read_of = login.clone();
+                    let since = SystemTime::now();
+                    let mut read = tokio::task::spawn_blocking(move || {
+                        read_login(&managed, &read_of, directory.as_ref())
+                    });
+                    let outcome = match tokio::time::timeout(timeout, &mut read).await {
+                        Ok(Ok(login_findings)) => ReadOutcome::Answered(login_findings),
+                        Ok(Err(error)) => ReadOutcome::Answered(not_read(
+                            &login,
+                            format!("not read: the read failed: {error}"),
+                        )),
+                        Err(_) => ReadOutcome::Blocked(BlockedRead { read, since }),
+                    };
+                    (login, outcome)
+                }
+            })
+            .buffer_unordered(PARALLEL_READS)
+            .collect()
+            .await;
+        for (login, outcome) in outcomes {
+            let login_findings = match outcome {
+                ReadOutcome::Answered(login_findings) => login_findings,
+                ReadOutcome::Blocked(blocked) => {
+                    let reported = still_blocked(&login, blocked.since);
+                    self.blocked.insert(login.clone(), blocked);
+                    reported
                 }
             };
             findings.insert(login, login_findings);
@@ -104,12 +133,12 @@ fn not_read(login: &str, reason: String) -> LoginFindings {
     }
 }
 
-fn still_blocked(login: &str, since: Instant) -> LoginFindings {
+fn still_blocked(login: &str, since: SystemTime) -> LoginFindings {
     not_read(
         login,
         format!(
-            "not read: no answer from the filesystem (blocked for {} s)",
-            since.elapsed().as_secs()
+            "not read: no answer from the filesystem since {}",
+            humantime::format_rfc3339_seconds(since)
         ),
     )
 }
@@ -176,12 +205,11 @@ mod tests {
             "{findings:?}"
         );
 
-        // Still blocked: reported again, and not read a second time.
+        // Still blocked: reported again in the same words (no news for the
+        // server at every report), and not read a second time.
+        let first_report = findings["mallory"].clone();
         let findings = scanner.scan(both()).await;
-        assert!(matches!(
-            &findings["mallory"].files[0].contents,
-            FileContents::NotRead(_)
-        ));
+        assert_eq!(findings["mallory"], first_report);
         assert_eq!(logins.lookups_of_hung.load(Ordering::SeqCst), 1);
 
         // Once it answers, the next scan reads it again.

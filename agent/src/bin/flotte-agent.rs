@@ -93,7 +93,7 @@ fn print_authorized_keys(
         &data_dir,
         on_disconnect,
         login,
-        flotte_agent::access::unix_now(),
+        flotte_agent::clock::unix_now(),
     ) {
         Ok(text) => {
             print!("{text}");

@@ -11,7 +11,7 @@ pub mod probes;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use flotte_proto::http1::HttpUrl;
 use flotte_proto::settings::parse_duration_field;
@@ -19,6 +19,7 @@ use flotte_proto::v1::{CheckResult, SystemMetrics};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::unix_now;
 use crate::metrics::AgentMetrics;
 use crate::system::{breaches, read_metrics, SystemThresholds};
 use probes::{ExecProbe, HttpProbe, Probe, ProbeOutcome, TcpProbe};
@@ -274,14 +275,6 @@ impl Publisher {
         }
         self.sender.send_replace(Arc::new(snapshot.clone()));
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |duration| {
-            i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
-        })
 }
 
 async fn run_check(

@@ -19,7 +19,9 @@ use super::journal::{self, recovery_action, RecoveryAction, SwapJournal, SwapSte
 use super::layout::{Committed, ImageLayout, LocalImage};
 use super::service::Service;
 use super::unpack::{sync_tree, unpack_payload, UnpackPolicy};
+use crate::clock::unix_now;
 use crate::health::{validate_checks, CheckSpec};
+use crate::session::ImageManager;
 
 /// The signed manifest, kept inside the unpacked image (service and checks
 /// of the previous image are needed again after a rollback or a restart).
@@ -45,12 +47,15 @@ pub struct ImageSettings {
 #[derive(Debug, Clone)]
 pub struct ImageHandle {
     desired: watch::Sender<Option<(u64, DesiredImage)>>,
-    pub status: watch::Receiver<ImageStatus>,
+    status: watch::Receiver<ImageStatus>,
 }
 
-impl ImageHandle {
-    /// Hands over the desired image of desired-state `version`.
-    pub fn desire(&self, version: u64, image: DesiredImage) {
+impl ImageManager for ImageHandle {
+    fn status(&self) -> watch::Receiver<ImageStatus> {
+        self.status.clone()
+    }
+
+    fn desire(&self, version: u64, image: DesiredImage) {
         self.desired.send_if_modified(|current| {
             let changed = current.as_ref().is_none_or(|(known_version, known)| {
                 *known_version != version || known.image != image.image
@@ -80,14 +85,6 @@ struct Manager {
     service: Service,
     status: watch::Sender<ImageStatus>,
     committed: Committed,
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map_or(0, |duration| {
-            i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
-        })
 }
 
 fn io_step(step: SwapStep) -> impl Fn(std::io::Error) -> SwapError {
@@ -539,31 +536,4 @@ pub fn start(
         desired: desired_sender,
         status: status_receiver,
     })
-}
-
-/// The two ends a simulated image manager holds (see [`simulated_handle`]).
-#[derive(Debug)]
-pub struct SimulatedImageManager {
-    /// The desired images the session hands over, as `(version, image)`.
-    pub desired: watch::Receiver<Option<(u64, DesiredImage)>>,
-    /// Publishing here reports a new status at once, as the real manager does.
-    pub status: watch::Sender<ImageStatus>,
-}
-
-/// A handle with no swap manager behind it, for *simulated* agents (the
-/// load generator): whoever holds the [`SimulatedImageManager`] decides what
-/// a swap does. Real agents use [`start`].
-pub fn simulated_handle(initial: ImageStatus) -> (ImageHandle, SimulatedImageManager) {
-    let (desired_sender, desired_receiver) = watch::channel(None);
-    let (status_sender, status_receiver) = watch::channel(initial);
-    (
-        ImageHandle {
-            desired: desired_sender,
-            status: status_receiver,
-        },
-        SimulatedImageManager {
-            desired: desired_receiver,
-            status: status_sender,
-        },
-    )
 }

@@ -11,7 +11,7 @@
 //! bounded in agents and time and meant for loopback; see BENCHMARKS.md for
 //! how the published figures were taken.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,8 +22,7 @@ use clap::Parser;
 use flotte_agent::backoff::Backoff;
 use flotte_agent::enroll::{enroll, EnrollError};
 use flotte_agent::identity::MachineIdentity;
-use flotte_agent::image::swap::{simulated_handle, SimulatedImageManager};
-use flotte_agent::session::{run_session, AgentState, SessionEnd, SessionStats, SimulatedAckLog};
+use flotte_agent::session::{run_session, AgentState, ImageManager, SessionEnd, SessionStats};
 use flotte_agent::state::{AppliedState, Persistence, PersistenceError};
 use flotte_common::profile::{Profile, ProfileError};
 use flotte_proto::join_token::{JoinToken, JoinTokenError};
@@ -31,8 +30,7 @@ use flotte_proto::transport::{channel, client_config, explain_status, TransportE
 use flotte_proto::v1::rollouts_client::RolloutsClient;
 use flotte_proto::v1::tokens_client::TokensClient;
 use flotte_proto::v1::{
-    CreateRolloutRequest, CreateTokenRequest, ImageStatus, ListRolloutsRequest, RolloutRequest,
-    SwapStatus,
+    CreateRolloutRequest, CreateTokenRequest, ListRolloutsRequest, RolloutRequest,
 };
 use flotte_server::limits::{raise_open_files_limit, LimitsError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -157,6 +155,10 @@ enum LoadgenError {
 // `src/bin/*/main.rs` as binaries.
 #[path = "loadgen/access_revocation.rs"]
 mod access_revocation;
+#[path = "loadgen/simulated.rs"]
+mod simulated;
+
+use simulated::{SimulatedAckLog, SimulatedImages, SimulatedSwapLog};
 
 /// In-memory stand-in for a simulated agent's data dir: it keeps what the
 /// session asks to persist (renewed certificate, applied desired state) so
@@ -360,14 +362,7 @@ async fn run_simulated_agent(
 ) -> SimulatedAgentOutcome {
     let memory = SimulatedAgentMemory::default();
     let images = swaps.map(|log| {
-        let (handle, manager) = simulated_handle(ImageStatus::default());
-        tokio::spawn(answer_swaps_at_once(
-            manager,
-            agent.identity.machine_id,
-            log,
-            shutdown.clone(),
-        ));
-        handle
+        Arc::new(SimulatedImages::new(agent.identity.machine_id, log)) as Arc<dyn ImageManager>
     });
     let mut state = AgentState {
         quarantine: None,
@@ -381,7 +376,7 @@ async fn run_simulated_agent(
         metrics: flotte_agent::metrics::AgentMetrics::new(),
         images,
         identity_watch: None,
-        access: flotte_agent::session::AccessMode::SimulatedAck(Some(ack_log)),
+        access: Some(ack_log),
     };
     let mut stats = SessionStats::default();
     let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);
@@ -433,60 +428,6 @@ async fn run_simulated_agent(
     SimulatedAgentOutcome {
         stats,
         report_interval_seconds: state.applied.report_interval_seconds,
-    }
-}
-
-/// When each simulated agent received its desired image and published the
-/// committed status (both on this process's clock, so they compare).
-#[derive(Debug, Default)]
-struct SimulatedSwapLog {
-    swaps: Mutex<HashMap<Uuid, (Instant, Instant)>>,
-}
-
-/// A *simulated* swap: the desired image is "committed" the moment it
-/// arrives (status published, which makes the session report at once).
-async fn answer_swaps_at_once(
-    mut manager: SimulatedImageManager,
-    machine: Uuid,
-    log: Arc<SimulatedSwapLog>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            changed = manager.desired.changed() => if changed.is_err() { return },
-        }
-        let received = Instant::now();
-        let wanted = manager.desired.borrow_and_update().clone();
-        let Some(target) = wanted.and_then(|(_, image)| image.image) else {
-            continue;
-        };
-        let already = manager
-            .status
-            .borrow()
-            .current
-            .as_ref()
-            .is_some_and(|current| current.digest == target.digest);
-        if already {
-            continue;
-        }
-        manager.status.send_modify(|status| {
-            status.previous = status.current.take();
-            status.current = Some(target.clone());
-            status.swap = Some(SwapStatus {
-                target: Some(target.clone()),
-                step: "committed".to_owned(),
-                outcome: "committed".to_owned(),
-                updated_at: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(0)),
-                ..SwapStatus::default()
-            });
-        });
-        log.swaps
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(machine, (received, Instant::now()));
     }
 }
 
@@ -571,7 +512,7 @@ impl RolloutBenchmark<'_> {
             .await
             .map_err(LoadgenError::Rollout)?
             .into_inner();
-        let swaps = log.swaps.lock().unwrap_or_else(PoisonError::into_inner);
+        let swaps = log.swaps();
         // Per wave: the first and last desired image received, the last commit.
         let mut waves: BTreeMap<u32, (Instant, Instant, Instant)> = BTreeMap::new();
         let mut missing = 0usize;

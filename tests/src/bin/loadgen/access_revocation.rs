@@ -8,13 +8,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotte_agent::session::SimulatedAckLog;
 use flotte_common::profile::Profile;
 use flotte_proto::transport::{channel, client_config};
 use flotte_proto::v1::access_client::AccessClient;
 use flotte_proto::v1::users_client::UsersClient;
 use flotte_proto::v1::{AccessStatusRequest, AddUserRequest, GrantRequest, RevokeUserRequest};
 
+use super::simulated::SimulatedAckLog;
 use super::{LoadgenError, TOKEN_LABEL_KEY, TOKEN_LABEL_VALUE};
 
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
