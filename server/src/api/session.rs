@@ -353,6 +353,7 @@ async fn serve_session(
         state.registry.touch(machine_id, now);
         match message.kind {
             Some(AgentKind::Report(report)) => {
+                state.metrics.agent_reports.inc();
                 state.health.observe_report(machine_id, report, now);
                 state.rollouts.machine_changed(machine_id);
             }
