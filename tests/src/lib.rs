@@ -437,6 +437,17 @@ pub fn sample_value(
         })
 }
 
+/// A gRPC channel presenting the operator certificate of a profile directory.
+pub fn channel_as(profile: &Path, address: &str) -> tonic::transport::Channel {
+    let profile = flotte_server::profile::Profile::load(profile).expect("load the profile");
+    let tls = flotte_proto::transport::client_config(
+        &profile.ca_pem,
+        Some((&profile.certificate_pem, &profile.key_pem)),
+    )
+    .expect("TLS client settings of the profile");
+    flotte_proto::transport::channel(address, std::sync::Arc::new(tls)).expect("a channel")
+}
+
 /// A multi-threaded tokio runtime for the async parts of a test.
 pub fn test_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -3,7 +3,8 @@
 //! anonymous requests with random paths do not grow the metrics, connections
 //! without a certificate beyond the cap are closed (and idle ones time out)
 //! while an enrolled agent keeps its session, and an `Enroll` flood gets
-//! `RESOURCE_EXHAUSTED` while a real enrollment still succeeds after it.
+//! `RESOURCE_EXHAUSTED` while a real enrollment still succeeds after it, and
+//! a viewer's image push is refused before the server reads any of it.
 
 // Helpers shared by tests panic on failure, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,8 +15,11 @@ use std::time::{Duration, Instant};
 
 use flotte_proto::transport::{channel, client_config};
 use flotte_proto::v1::enrollment_client::EnrollmentClient;
+use flotte_proto::v1::images_client::ImagesClient;
 use flotte_proto::v1::EnrollRequest;
-use flotte_tests::{sample_value, scrape, test_runtime, wait_until, Agent, Server, TempDir};
+use flotte_tests::{
+    channel_as, sample_value, scrape, test_runtime, wait_until, Agent, Server, TempDir,
+};
 use tokio::io::AsyncReadExt;
 
 /// A started server with `limits` as its `[limits]` table and `/metrics` on.
@@ -290,4 +294,23 @@ fn an_enroll_flood_is_refused_with_resource_exhausted_and_a_real_enrollment_foll
         agent.log()
     );
     agent.kill();
+}
+
+#[test]
+fn an_image_push_by_a_viewer_is_refused_before_the_server_reads_it() {
+    let root = TempDir::new("flotte-edge").unwrap();
+    let server = server_with_limits(&root, "");
+    let viewer = server.create_operator(root.path(), "vera", "viewer");
+    let status = test_runtime().block_on(async {
+        let mut images = ImagesClient::new(channel_as(&viewer, &server.address));
+        // A push whose first message never comes: a server that reads
+        // before checking the role would wait on it forever.
+        let never_sends = tokio_stream::pending();
+        tokio::time::timeout(Duration::from_secs(10), images.push_image(never_sends))
+            .await
+            .expect("the refusal must not wait for the first message")
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("viewer"), "{status}");
 }

@@ -7,14 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotte_proto::transport::{channel, client_config};
 use flotte_proto::v1::tokens_client::TokensClient;
 use flotte_proto::v1::CreateTokenRequest;
 use flotte_server::profile::Profile;
-use flotte_tests::{flottectl, test_runtime, wait_until, Agent, Server, TempDir};
+use flotte_tests::{channel_as, flottectl, test_runtime, wait_until, Agent, Server, TempDir};
 
 /// What the issue promises: revocation closes open streams within a second.
 const CUT_WITHIN: Duration = Duration::from_secs(1);
@@ -49,17 +47,6 @@ fn started_server(root: &TempDir) -> Server {
     let mut server = Server::init(root.path(), "server", &[]);
     server.start();
     server
-}
-
-/// A gRPC channel presenting the operator certificate of a profile directory.
-fn channel_as(profile: &Path, address: &str) -> tonic::transport::Channel {
-    let profile = Profile::load(profile).unwrap();
-    let tls = client_config(
-        &profile.ca_pem,
-        Some((&profile.certificate_pem, &profile.key_pem)),
-    )
-    .unwrap();
-    channel(address, Arc::new(tls)).unwrap()
 }
 
 /// `Tokens.CreateToken` called directly (not through flottectl) with a profile.
