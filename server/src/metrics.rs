@@ -74,6 +74,12 @@ pub struct ServerMetrics {
     pub store: StoreMetrics,
     /// Image payload bytes sent to agents: shows whether downloads resume.
     pub image_bytes_served: Counter,
+    /// Reports received on agent sessions: shows that reports flow (and,
+    /// beside `store_writes`, that they cost no store write).
+    pub agent_reports: Counter,
+    /// Passes of the rollout loop: lets a test wait for the loop to have
+    /// looked, instead of sleeping and hoping it did.
+    pub rollout_passes: Counter,
 }
 
 impl std::fmt::Debug for ServerMetrics {
@@ -146,6 +152,18 @@ impl ServerMetrics {
             Unit::Bytes,
             image_bytes_served.clone(),
         );
+        let agent_reports = Counter::default();
+        registry.register(
+            "agent_reports",
+            "Reports received from agents",
+            agent_reports.clone(),
+        );
+        let rollout_passes = Counter::default();
+        registry.register(
+            "rollout_passes",
+            "Passes of the rollout loop",
+            rollout_passes.clone(),
+        );
         ServerMetrics {
             registry: Arc::new(Mutex::new(registry)),
             machines,
@@ -156,6 +174,8 @@ impl ServerMetrics {
             alerts,
             store,
             image_bytes_served,
+            agent_reports,
+            rollout_passes,
         }
     }
 

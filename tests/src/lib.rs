@@ -407,6 +407,56 @@ pub fn http_get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// `GET /metrics` from `address`, parsed.
+pub fn scrape(address: &str) -> prometheus_parse::Scrape {
+    let (status, body) = http_get(address, "/metrics").unwrap();
+    assert_eq!(status, 200, "{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_owned()))).unwrap()
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+pub fn sample_value(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|sample| {
+            sample.metric == name
+                && labels
+                    .iter()
+                    .all(|(key, value)| sample.labels.get(key) == Some(*value))
+        })
+        .and_then(|sample| match sample.value {
+            prometheus_parse::Value::Counter(value)
+            | prometheus_parse::Value::Gauge(value)
+            | prometheus_parse::Value::Untyped(value) => Some(value),
+            _ => None,
+        })
+}
+
+/// A gRPC channel presenting the operator certificate of a profile directory.
+pub fn channel_as(profile: &Path, address: &str) -> tonic::transport::Channel {
+    let profile = flotte_common::profile::Profile::load(profile).expect("load the profile");
+    let tls = flotte_proto::transport::client_config(
+        &profile.ca_pem,
+        Some((&profile.certificate_pem, &profile.key_pem)),
+    )
+    .expect("TLS client settings of the profile");
+    flotte_proto::transport::channel(address, std::sync::Arc::new(tls)).expect("a channel")
+}
+
+/// A multi-threaded tokio runtime for the async parts of a test.
+pub fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// A real HTTP service for checks to watch: answers every request with 200
 /// and `body` until stopped; can be restarted on the same port.
 #[derive(Debug)]
@@ -603,6 +653,13 @@ impl Agent {
             .env_remove("FLOTTE_JOIN_TOKEN");
         let log_path = self.data_dir.join("agent.log");
         self.process = Some(ManagedChild::spawn(command, log_path).expect("spawn flotte-agent"));
+    }
+
+    /// Starts the agent and waits until it is the server's only session.
+    pub fn start_and_wait_for_session(&mut self, server: &Server) {
+        self.start();
+        let connected = wait_until(Duration::from_secs(30), || server.connected_count() == 1);
+        assert!(connected, "no session:\n{}", self.log());
     }
 
     pub fn kill(&mut self) {

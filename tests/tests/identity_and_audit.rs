@@ -7,14 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotte_common::profile::Profile;
-use flotte_proto::transport::{channel, client_config};
 use flotte_proto::v1::tokens_client::TokensClient;
 use flotte_proto::v1::CreateTokenRequest;
-use flotte_tests::{flottectl, wait_until, Agent, Server, TempDir};
+use flotte_tests::{channel_as, flottectl, test_runtime, wait_until, Agent, Server, TempDir};
 
 /// What the issue promises: revocation closes open streams within a second.
 const CUT_WITHIN: Duration = Duration::from_secs(1);
@@ -44,14 +42,6 @@ fn succeeds(server: &Server, profile: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A started server in `root`, with its admin profile.
 fn started_server(root: &TempDir) -> Server {
     let mut server = Server::init(root.path(), "server", &[]);
@@ -59,20 +49,9 @@ fn started_server(root: &TempDir) -> Server {
     server
 }
 
-/// A gRPC channel presenting the operator certificate of a profile directory.
-fn channel_as(profile: &Path, address: &str) -> tonic::transport::Channel {
-    let profile = Profile::load(profile).unwrap();
-    let tls = client_config(
-        &profile.ca_pem,
-        Some((&profile.certificate_pem, &profile.key_pem)),
-    )
-    .unwrap();
-    channel(address, Arc::new(tls)).unwrap()
-}
-
 /// `Tokens.CreateToken` called directly (not through flottectl) with a profile.
 fn create_token_as(profile: &Path, address: &str) -> Result<(), tonic::Status> {
-    runtime().block_on(async {
+    test_runtime().block_on(async {
         TokensClient::new(channel_as(profile, address))
             .create_token(CreateTokenRequest {
                 labels: Default::default(),
@@ -274,7 +253,7 @@ fn a_revoked_operator_is_refused_and_its_open_watch_stream_is_cut() {
     succeeds(&server, &bob, &["machines", "list"]);
 
     // Bob holds a `machines watch` stream open.
-    let runtime = runtime();
+    let runtime = test_runtime();
     let (ended_sender, ended) = tokio::sync::oneshot::channel();
     runtime.block_on(async {
         let mut events = MachinesClient::new(channel_as(&bob, &server.address))
@@ -393,10 +372,23 @@ fn a_decommissioned_machine_is_cut_within_a_second_and_its_reconnect_refused() {
     assert!(server
         .log()
         .contains("revoked certificate refused at the handshake"));
-    // Restarting the agent does not help; the machine stays listed as retired.
+    // Restarting the agent does not help: its next handshake is refused too
+    // (one more refusal in the server's log), and the machine stays retired.
+    let refusals = || {
+        server
+            .log()
+            .matches("revoked certificate refused at the handshake")
+            .count()
+    };
     agent.kill();
+    let refusals_before_restart = refusals();
     agent.start();
-    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        wait_until(Duration::from_secs(10), || refusals()
+            > refusals_before_restart),
+        "the restarted agent's handshake was not refused: {}",
+        agent.log()
+    );
     assert_eq!(server.connected_count(), 0, "{}", agent.log());
     let shown = server.ctl_json(&["machines", "show", "web-1"]);
     assert_eq!(shown["connected"], false);

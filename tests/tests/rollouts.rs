@@ -13,7 +13,7 @@ use flotte_tests::sample_fleet::{
     push_sample_image, set_image_everywhere, start_sample_machine, trust_new_release_key,
     Behaviour, SampleMachine,
 };
-use flotte_tests::{wait_until, Server, TempDir, WebhookReceiver};
+use flotte_tests::{sample_value, scrape, wait_until, Server, TempDir, WebhookReceiver};
 
 /// (name, zone, labels): one qualification machine and five in production.
 const FLEET: [(&str, &str, &str); 6] = [
@@ -38,8 +38,12 @@ impl Fleet {
     /// (breaks 3 s after starting), and the six machines on v1.
     fn start() -> Self {
         let root = TempDir::new("flotte-rollouts").unwrap();
-        let mut server =
-            Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
+        let mut server = Server::init(root.path(), "server", &[]).with_run_args(&[
+            "--report-interval",
+            "1s",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]);
         let webhook = WebhookReceiver::start();
         server.append_config(&format!(
             "[[webhook]]\nurl = \"{}\"\ntimeout = \"2s\"\n",
@@ -104,7 +108,7 @@ impl Fleet {
         id: &str,
         timeout: Duration,
         condition: impl Fn(&serde_json::Value) -> bool,
-    ) {
+    ) -> serde_json::Value {
         let mut last = serde_json::Value::Null;
         let reached = wait_until(timeout, || {
             last = self.show(id);
@@ -115,6 +119,21 @@ impl Fleet {
             "rollout {id} never got there: {last:#}\n{}",
             self.server.log()
         );
+        last
+    }
+
+    /// Passes of the server's rollout loop so far (its own metric).
+    fn rollout_passes(&self) -> f64 {
+        let address = self.server.metrics_address().expect("metrics listener");
+        sample_value(&scrape(&address), "flotte_rollout_passes_total", &[])
+            .expect("flotte_rollout_passes_total")
+    }
+
+    fn machine(&self, hostname: &str) -> &SampleMachine {
+        self.machines
+            .iter()
+            .find(|machine| machine.agent.name == hostname)
+            .expect("a machine of the fleet")
     }
 
     fn current_image(&self, name: &str) -> String {
@@ -344,7 +363,7 @@ fn a_server_killed_mid_wave_resumes_and_swaps_every_machine_once_and_stop_all_pa
     );
     let id = fleet.create("app@2.0.0", &plan);
     // In the middle of the second wave: its machines were sent v2.
-    fleet.wait_rollout(&id, Duration::from_secs(90), |shown| {
+    let shown = fleet.wait_rollout(&id, Duration::from_secs(90), |shown| {
         shown["wave"] == 2
             && shown["machine_states"]
                 .as_array()
@@ -352,9 +371,22 @@ fn a_server_killed_mid_wave_resumes_and_swaps_every_machine_once_and_stop_all_pa
                 .iter()
                 .any(|m| m["wave"] == 2 && m["state"] != "pending")
     });
+    let in_flight: Vec<&str> = shown["machine_states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["wave"] == 2 && m["state"] != "pending" && m["state"] != "committed")
+        .map(|m| m["hostname"].as_str().unwrap())
+        .collect();
     fleet.server.kill();
-    // The agents go on with their swaps while the server is away.
-    std::thread::sleep(Duration::from_secs(2));
+    // The agents go on with their swaps while the server is away: the ones
+    // that were sent v2 commit it.
+    assert!(
+        wait_until(Duration::from_secs(60), || in_flight
+            .iter()
+            .all(|hostname| fleet.machine(hostname).commits_of("2.0.0") == 1)),
+        "{in_flight:?} did not commit v2 while the server was away"
+    );
     fleet.server.start();
     let watched = fleet.server.ctl(&["rollout", "watch", &id]);
     assert!(
@@ -407,9 +439,18 @@ fn a_server_killed_mid_wave_resumes_and_swaps_every_machine_once_and_stop_all_pa
         .map(|r| r["state"].as_str().unwrap())
         .collect();
     assert_eq!(states, vec!["paused", "succeeded"], "newest first");
-    // Paused: approving opens the gate but nothing moves.
+    // Paused: approving opens the gate but nothing moves, however many
+    // passes the rollout loop makes (waiting for two full ones after the
+    // approval answered).
     fleet.server.ctl_ok(&["rollout", "approve", &held]);
-    std::thread::sleep(Duration::from_secs(2));
+    let passes_after_approval = fleet.rollout_passes();
+    assert!(
+        wait_until(Duration::from_secs(10), || fleet.rollout_passes()
+            >= passes_after_approval + 2.0),
+        "the rollout loop made no passes: {}",
+        fleet.server.log()
+    );
+    assert_eq!(fleet.show(&held)["state"], "paused");
     assert_eq!(fleet.current_image("web-1"), "app@2.0.0");
     let aborted = fleet.server.ctl_json(&["rollout", "abort", &held]);
     assert_eq!(aborted["state"], "aborted");

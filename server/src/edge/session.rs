@@ -383,6 +383,7 @@ async fn serve_session(
         state.registry.touch(machine_id, now);
         match message.kind {
             Some(AgentKind::Report(report)) => {
+                state.metrics.agent_reports.inc();
                 state
                     .health
                     .observe_report(machine_id, health_report_from_proto(report), now);

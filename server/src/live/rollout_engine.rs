@@ -915,6 +915,7 @@ pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
             _ = ticker.tick() => {}
         }
         state.rollouts.pass(&state).await;
+        state.metrics.rollout_passes.inc();
     }
 }
 
