@@ -143,9 +143,14 @@ fn save_progress(data_dir: &Path, progress: &QuarantineProgress) {
     }
 }
 
-/// Runs a hook with the quarantine in its environment; its output goes to
-/// the agent's log. A failing hook is logged, not retried: hooks act on
-/// other systems, and running one twice may do harm.
+/// Bytes of a hook's standard error kept for the log; the rest is read and
+/// dropped, so that a chatty hook neither fills the agent's memory nor
+/// blocks on a full pipe.
+const HOOK_STDERR_KEPT_BYTES: u64 = 16 * 1024;
+
+/// Runs a hook with the quarantine in its environment; the start of its
+/// standard error goes to the agent's log. A failing hook is logged, not
+/// retried: hooks act on other systems, and running one twice may do harm.
 async fn run_hook(
     name: &str,
     command: &[String],
@@ -156,26 +161,50 @@ async fn run_hook(
         return;
     };
     let mut process = tokio::process::Command::new(program);
-    process.args(args).kill_on_drop(true);
+    process.args(args);
     if let Some(quarantine) = quarantine {
         process
             .env("FLOTTE_QUARANTINE_ID", &quarantine.id)
             .env("FLOTTE_QUARANTINE_REASON", &quarantine.reason)
             .env("FLOTTE_QUARANTINE_BY", &quarantine.by);
     }
-    match tokio::time::timeout(timeout, process.output()).await {
-        Ok(Ok(output)) if output.status.success() => {
+    match tokio::time::timeout(timeout, run_keeping_stderr_start(process)).await {
+        Ok(Ok((status, _))) if status.success() => {
             tracing::info!(hook = name, "hook ran");
         }
-        Ok(Ok(output)) => tracing::error!(
+        Ok(Ok((status, stderr))) => tracing::error!(
             hook = name,
-            status = %output.status,
-            stderr = %String::from_utf8_lossy(&output.stderr).trim(),
+            %status,
+            stderr = %String::from_utf8_lossy(&stderr).trim(),
             "hook failed"
         ),
         Ok(Err(error)) => tracing::error!(hook = name, %error, "cannot run hook"),
         Err(_) => tracing::error!(hook = name, ?timeout, "hook timed out and was killed"),
     }
+}
+
+/// Runs `process` to its end with no input and its output dropped but for
+/// the first [`HOOK_STDERR_KEPT_BYTES`] of standard error. Killed if the
+/// returned future is dropped (a timeout).
+async fn run_keeping_stderr_start(
+    mut process: tokio::process::Command,
+) -> std::io::Result<(std::process::ExitStatus, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut child = process
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut kept = Vec::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        (&mut stderr)
+            .take(HOOK_STDERR_KEPT_BYTES)
+            .read_to_end(&mut kept)
+            .await?;
+        tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await?;
+    }
+    Ok((child.wait().await?, kept))
 }
 
 /// Where the bundle goes: the server's `UploadForensics`.
@@ -426,6 +455,23 @@ mod tests {
             since: 1,
             by: "bob".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_hook_flooding_its_stderr_costs_a_bounded_buffer_and_still_ends() {
+        let mut process = tokio::process::Command::new("sh");
+        process.args([
+            "-c",
+            "echo first words >&2; head -c 8000000 /dev/zero >&2; exit 3",
+        ]);
+        let (status, stderr) =
+            tokio::time::timeout(Duration::from_secs(60), run_keeping_stderr_start(process))
+                .await
+                .expect("the hook must not block on a full pipe")
+                .expect("sh runs");
+        assert_eq!(status.code(), Some(3));
+        assert_eq!(stderr.len() as u64, HOOK_STDERR_KEPT_BYTES);
+        assert!(stderr.starts_with(b"first words\n"));
     }
 
     #[test]
