@@ -15,22 +15,22 @@
 //! the edge may use. Nothing here blocks the async runtime on disk: the store
 //! runs on the blocking pool.
 
-pub mod alerts;
+mod alerts;
 pub mod backup;
 pub mod ca;
 pub mod clock;
 pub mod config;
-pub mod domain;
-pub mod edge;
-pub mod forensics;
-pub mod images;
+mod domain;
+mod edge;
+mod forensics;
+mod images;
 pub mod init;
-pub mod join_tokens;
+mod join_tokens;
 pub mod limits;
-pub mod live;
-pub mod metrics;
-pub mod services;
-pub mod store;
+mod live;
+mod metrics;
+mod services;
+mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,25 +128,25 @@ async fn serve_metrics(
 
 /// Everything the API handlers and background tasks share.
 pub struct ServerState {
-    pub config: ServerConfig,
-    pub ca: CertificateAuthority,
-    pub store: Arc<dyn Store>,
-    pub registry: Arc<Registry>,
+    pub(crate) config: ServerConfig,
+    pub(crate) ca: CertificateAuthority,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) registry: Arc<Registry>,
     /// The only builder and sender of desired states.
-    pub publisher: Arc<live::publisher::Publisher>,
+    pub(crate) publisher: Arc<live::publisher::Publisher>,
     /// The deny list and live connections by identity (shared with `tls`).
-    pub revocations: Arc<Revocations>,
-    pub clock: Arc<dyn Clock>,
-    pub health: Arc<HealthTracker>,
-    pub events: EventSender,
-    pub metrics: ServerMetrics,
-    pub alerts: AlertDispatcher,
+    pub(crate) revocations: Arc<Revocations>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) health: Arc<HealthTracker>,
+    pub(crate) events: EventSender,
+    pub(crate) metrics: ServerMetrics,
+    pub(crate) alerts: AlertDispatcher,
     /// Quarantines, forensic bundles, remediation status (issue 8).
-    pub repair: live::repair_state::RepairState,
+    pub(crate) repair: live::repair_state::RepairState,
     /// Active rollouts and the means to wake their loop.
-    pub rollouts: Arc<live::rollout_engine::RolloutEngine>,
+    pub(crate) rollouts: Arc<live::rollout_engine::RolloutEngine>,
     /// Access for people: compiled policy inputs and machines' acknowledgements.
-    pub access: Arc<live::access_hub::AccessHub>,
+    pub(crate) access: Arc<live::access_hub::AccessHub>,
 }
 
 impl std::fmt::Debug for ServerState {

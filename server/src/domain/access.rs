@@ -8,8 +8,7 @@
 //! agent message: acknowledgements are batched by the hub's flusher.
 
 pub use crate::domain::access_policy::{
-    access_report, compile_policy, delivery_status, AccessInputs, DeliveryStatus, GrantedKey,
-    MachinePolicy, ReportRow,
+    access_report, compile_policy, delivery_status, DeliveryStatus, MachinePolicy,
 };
 
 /// What can go wrong validating access requests (turned into statuses by the API).

@@ -48,7 +48,6 @@ pub enum AuthError {
 pub struct Caller {
     pub identity: Identity,
     pub serial_hex: String,
-    pub not_after_unix: i64,
     pub peer: PeerInfo,
 }
 
@@ -67,11 +66,10 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, AuthError> {
         PeerCertificate::Verified {
             identity,
             serial_hex,
-            not_after_unix,
+            ..
         } => Ok(Caller {
             identity: identity.clone(),
             serial_hex: serial_hex.clone(),
-            not_after_unix: *not_after_unix,
             peer: peer.clone(),
         }),
     }

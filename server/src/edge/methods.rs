@@ -101,14 +101,6 @@ impl MethodCatalog {
     pub fn shape(&self, path: &str) -> Option<CallShape> {
         self.methods.get(path).copied()
     }
-
-    pub fn len(&self) -> usize {
-        self.methods.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.methods.is_empty()
-    }
 }
 
 /// A call's response future, boxed.

@@ -140,7 +140,8 @@ impl Revocations {
         self.cut_after(identity_uri, grace);
     }
 
-    /// Live connections of `identity_uri` (for tests and diagnostics).
+    /// Live connections of `identity_uri`.
+    #[cfg(test)]
     pub fn connection_count(&self, identity_uri: &str) -> usize {
         self.lock_connections()
             .get(identity_uri)

@@ -23,7 +23,7 @@ use uuid::Uuid;
 use crate::domain::health::MachineState;
 use crate::store::{DesiredImageRecord, UnixSeconds};
 
-pub use plan::{Amount, OnFailure, Plan, PlanError, Policy, Stage};
+pub use plan::{OnFailure, Plan, PlanError};
 
 /// Why a rollout request was refused; converted to a gRPC status in `api`.
 #[derive(Debug, thiserror::Error)]
@@ -226,15 +226,6 @@ impl Rollout {
 
     pub fn stage_of_wave(&self, wave: u32) -> Option<u32> {
         self.wave_stages.get(wave as usize).copied()
-    }
-
-    /// Whether `wave` is the first wave of its stage.
-    pub fn opens_stage(&self, wave: u32) -> bool {
-        match (wave.checked_sub(1), self.stage_of_wave(wave)) {
-            (_, None) => false,
-            (None, Some(_)) => true,
-            (Some(before), Some(stage)) => self.stage_of_wave(before) != Some(stage),
-        }
     }
 }
 

@@ -360,6 +360,7 @@ impl Store for SqliteStore {
         audit::audit_entries(self, filter).await
     }
 
+    #[cfg(test)]
     fn write_count(&self) -> u64 {
         self.metrics.writes.get()
     }
