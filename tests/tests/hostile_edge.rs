@@ -314,3 +314,34 @@ fn an_image_push_by_a_viewer_is_refused_before_the_server_reads_it() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
     assert!(status.message().contains("viewer"), "{status}");
 }
+
+#[test]
+fn a_hello_with_a_hostname_outside_the_grammar_opens_no_session() {
+    let root = TempDir::new("flotte-edge").unwrap();
+    let server = server_with_limits(&root, "");
+    let token = server.token("role=web", "dc1", &[]);
+    let mut enrolled = Agent::new(root.path(), "web-1", &server.address, &token);
+    enrolled.start_and_wait_for_session(&server);
+    enrolled.kill();
+    assert!(wait_until(Duration::from_secs(10), || server
+        .connected_count()
+        == 0));
+    // The same identity, now reporting a hostname with an underscore.
+    let mut renamed = Agent::new(root.path(), "web_1", &server.address, "");
+    let identity = renamed.data_dir.join("identity");
+    std::fs::create_dir_all(&identity).unwrap();
+    for entry in std::fs::read_dir(enrolled.data_dir.join("identity")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), identity.join(entry.file_name())).unwrap();
+    }
+    renamed.start();
+    assert!(
+        wait_until(Duration::from_secs(20), || renamed
+            .log()
+            .contains("hostname \"web_1\" contains '_'")),
+        "{}",
+        renamed.log()
+    );
+    assert_eq!(server.connected_count(), 0);
+    renamed.kill();
+}

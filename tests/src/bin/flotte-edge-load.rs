@@ -167,6 +167,41 @@ fn server_memory_kib(pid: u32) -> Result<(u64, u64), EdgeLoadError> {
     }
 }
 
+/// One anonymous call to a new random path; its outcome (a status code).
+async fn random_path_call(channel: tonic::transport::Channel, index: u32) -> String {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let path = format!("/flood{index}.{}/{}", uuid::Uuid::new_v4(), "x".repeat(512));
+    match (grpc.ready().await, path.try_into()) {
+        (Ok(()), Ok(path)) => grpc
+            .unary::<(), (), _>(
+                tonic::Request::new(()),
+                path,
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .map_or_else(|status| format!("{:?}", status.code()), |_| "OK".into()),
+        _ => "not sent".into(),
+    }
+}
+
+/// One `Enroll` with a well-formed join token the server never issued.
+async fn bad_enrollment_call(mut client: EnrollmentClient<tonic::transport::Channel>) -> String {
+    let request = EnrollRequest {
+        join_token: format!(
+            "flotte1.{}.{}.{}",
+            "0".repeat(16),
+            "0".repeat(32),
+            "0".repeat(64)
+        ),
+        csr_pem: String::new(),
+        hostname: "flood".into(),
+    };
+    client
+        .enroll(request)
+        .await
+        .map_or_else(|status| format!("{:?}", status.code()), |_| "OK".into())
+}
+
 /// Opens one TLS connection without a client certificate, sends nothing,
 /// and reports whether the server closed it before `stop`.
 async fn idle_connection(
@@ -266,6 +301,17 @@ async fn measure(arguments: EdgeLoadArguments) -> Result<(), EdgeLoadError> {
         })
     };
 
+    // The floods' own connections are anonymous too: open them (one call
+    // each) before the idle connections fill the anonymous cap, which would
+    // otherwise shut them out.
+    let paths_channel = channel(&address, Arc::clone(&anonymous_tls))?;
+    let enroll_client = EnrollmentClient::new(channel(&address, Arc::clone(&anonymous_tls))?);
+    println!(
+        "warm-up: a random path answers {}, a bad enrollment {}",
+        random_path_call(paths_channel.clone(), u32::MAX).await,
+        bad_enrollment_call(enroll_client.clone()).await
+    );
+
     let started = Instant::now();
     let paths = Arc::new(Tally::default());
     let enrollments = Arc::new(Tally::default());
@@ -290,57 +336,23 @@ async fn measure(arguments: EdgeLoadArguments) -> Result<(), EdgeLoadError> {
         tokio::spawn(async move { while connections.join_next().await.is_some() {} })
     };
     let random_paths = {
-        let channel = channel(&address, Arc::clone(&anonymous_tls))?;
         let tally = Arc::clone(&paths);
         flood(
             arguments.random_paths,
             arguments.concurrency,
             move |index| {
-                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                let channel = paths_channel.clone();
                 let tally = Arc::clone(&tally);
-                async move {
-                    let path =
-                        format!("/flood{index}.{}/{}", uuid::Uuid::new_v4(), "x".repeat(512));
-                    let outcome = match (grpc.ready().await, path.try_into()) {
-                        (Ok(()), Ok(path)) => grpc
-                            .unary::<(), (), _>(
-                                tonic::Request::new(()),
-                                path,
-                                tonic_prost::ProstCodec::default(),
-                            )
-                            .await
-                            .map_or_else(|status| format!("{:?}", status.code()), |_| "OK".into()),
-                        _ => "not sent".into(),
-                    };
-                    tally.add(outcome);
-                }
+                async move { tally.add(random_path_call(channel, index).await) }
             },
         )
     };
     let enroll_flood = {
-        let client = EnrollmentClient::new(channel(&address, Arc::clone(&anonymous_tls))?);
-        let bad_token = format!(
-            "flotte1.{}.{}.{}",
-            "0".repeat(16),
-            "0".repeat(32),
-            "0".repeat(64)
-        );
         let tally = Arc::clone(&enrollments);
         flood(arguments.enroll_flood, arguments.concurrency, move |_| {
-            let mut client = client.clone();
-            let request = EnrollRequest {
-                join_token: bad_token.clone(),
-                csr_pem: String::new(),
-                hostname: "flood".into(),
-            };
+            let client = enroll_client.clone();
             let tally = Arc::clone(&tally);
-            async move {
-                let outcome = client
-                    .enroll(request)
-                    .await
-                    .map_or_else(|status| format!("{:?}", status.code()), |_| "OK".into());
-                tally.add(outcome);
-            }
+            async move { tally.add(bad_enrollment_call(client).await) }
         })
     };
     tokio::join!(random_paths, enroll_flood);
