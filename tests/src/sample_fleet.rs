@@ -13,12 +13,15 @@ use std::time::Duration;
 
 use crate::{binary, wait_until, Agent, Server};
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
+/// A TCP port on 127.0.0.1 that was free a moment ago. Only for what must
+/// be told its port before it starts and cannot report a port it bound
+/// itself: sshd's `Port`, and a health check's URL written into an agent's
+/// config before the service it checks exists. Everything else binds
+/// `127.0.0.1:0` and reads back the address it got.
+pub fn free_port() -> std::io::Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
-        .expect("a free port")
 }
 
 /// Makes a release key pair in `<root>/keys` and trusts it; returns the
@@ -171,7 +174,7 @@ pub fn start_sample_machine(
     zone: &str,
     labels: &str,
 ) -> SampleMachine {
-    let port = free_port();
+    let port = free_port().expect("a free port");
     let token = server.token(labels, zone, &[]);
     let agent = Agent::new(root, name, &server.address, &token).with_config(&format!(
         "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"20s\"\nsoak = \"500ms\"\n\n\

@@ -164,7 +164,7 @@ impl Sshd {
                 .unwrap();
             assert!(status.success());
         }
-        let port = free_port();
+        let port = free_port().unwrap();
         let config = directory.join("sshd_config");
         std::fs::write(
             &config,

@@ -57,7 +57,7 @@ fn server_trusting_a_new_release_key() -> (TempDir, Server, PathBuf) {
 #[test]
 fn swaps_commit_when_healthy_roll_back_when_not_and_refuse_downgrades() {
     let (root, server, keys) = server_trusting_a_new_release_key();
-    let port = free_port();
+    let port = free_port().unwrap();
     for (version, healthy) in [("1.0.0", true), ("2.0.0", true), ("3.0.0", false)] {
         let file = build_sample_image(root.path(), &server, version, port, healthy);
         let pushed = server.ctl_json(&["image", "push", file.to_str().unwrap()]);
@@ -172,7 +172,7 @@ fn unsigned_or_untrusted_images_are_refused_by_the_server_and_the_agent() {
     server.start();
     let keys = root.path().join("keys");
     server.ctl_ok(&["image", "keygen", "--out", keys.to_str().unwrap()]);
-    let port = free_port();
+    let port = free_port().unwrap();
     let file = build_sample_image(root.path(), &server, "1.0.0", port, true);
     // Not trusted yet: the server refuses the push, naming the key.
     let refused = server.ctl(&["image", "push", file.to_str().unwrap()]);
@@ -224,7 +224,7 @@ fn unsigned_or_untrusted_images_are_refused_by_the_server_and_the_agent() {
 #[test]
 fn an_agent_killed_at_any_swap_step_ends_on_a_committed_image() {
     let (root, server, keys) = server_trusting_a_new_release_key();
-    let port = free_port();
+    let port = free_port().unwrap();
     for version in ["1.0.0", "2.0.0"] {
         let file = build_sample_image(root.path(), &server, version, port, true);
         server.ctl_ok(&["image", "push", file.to_str().unwrap()]);
@@ -429,7 +429,7 @@ fn swap_refused_with(
 #[test]
 fn hostile_payloads_are_refused_by_name_and_the_running_image_is_untouched() {
     let (root, server, keys) = server_trusting_a_new_release_key();
-    let port = free_port();
+    let port = free_port().unwrap();
     // Above the sample service binary of v1, which must still fit.
     let size_limit = 64 << 20;
     let agent = agent_committed_on_v1(
@@ -498,7 +498,7 @@ fn incompressible_bytes(length: usize) -> Vec<u8> {
 #[test]
 fn tampered_or_truncated_blobs_are_refused_and_a_cut_download_resumes_after_a_restart() {
     let (root, server, keys) = server_trusting_a_new_release_key();
-    let port = free_port();
+    let port = free_port().unwrap();
     let service = format!("127.0.0.1:{port}");
     let mut agent = agent_committed_on_v1(root.path(), &server, &keys, port, "");
 

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flotte_tests::sample_fleet::build_sample_image_on_port;
+use flotte_tests::sample_fleet::{build_sample_image_on_port, free_port};
 use flotte_tests::{http_get, wait_until, Agent, Server, TempDir};
 
 #[derive(Debug, Parser)]
@@ -44,13 +44,6 @@ struct Cli {
 
 const SWAP_TIMEOUT: Duration = Duration::from_secs(900);
 const PROBE_INTERVAL: Duration = Duration::from_millis(1);
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|error| format!("no free port: {error}"))
-}
 
 fn ctl(server: &Server, args: &[&str]) -> Result<String, String> {
     let output = server.ctl(args);
@@ -230,7 +223,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             &path_text(&keys.join("release.pub")),
         ],
     )?;
-    let port = free_port()?;
+    let port = free_port().map_err(|error| format!("no free port: {error}"))?;
     println!(
         "building app@1.0.0 (small) and app@2.0.0 ({} MiB in {} files)…",
         cli.size_mib, cli.files
