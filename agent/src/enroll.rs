@@ -265,3 +265,19 @@ pub async fn reenroll(
     }
     Ok(renewed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limited_enrollment_is_retried_and_a_refused_one_is_not() {
+        let diagnostics = TlsDiagnostics::default();
+        let busy = tonic::Status::resource_exhausted("enrollment rate limit: try again later");
+        assert!(classify_status("server:1", &busy, &diagnostics).is_transient());
+        let refused = tonic::Status::permission_denied("join token expired");
+        let error = classify_status("server:1", &refused, &diagnostics);
+        assert!(!error.is_transient());
+        assert!(error.to_string().contains("join token expired"), "{error}");
+    }
+}
