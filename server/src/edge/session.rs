@@ -30,7 +30,8 @@ use crate::domain::health::{
 use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::images::BlobStore;
 use crate::live::registry::{SessionEntry, SessionMessage, SessionSender, SESSION_QUEUE_DEPTH};
-use crate::services::renewal::{RenewalError, Renewer};
+use crate::services::enrollment::Enroller;
+use crate::services::renewal::RenewalError;
 use crate::store::{Inventory, MachineRecord};
 use crate::ServerState;
 
@@ -427,7 +428,7 @@ async fn renew_certificate(
 ) {
     // A refused or unrecorded renewal is logged, not fatal: the session
     // goes on and the agent asks again later.
-    match Renewer::of(state).renew(machine_id, csr_pem).await {
+    match Enroller::of(state).renew(machine_id, csr_pem).await {
         Ok(renewed) => {
             let _ = sender
                 .send(SessionMessage::CertificateIssued {

@@ -603,31 +603,17 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::store::Inventory;
 
     const ALICE_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKvkDk0qYpGPzoRl3X27cRHkeu9MS8y63dSFMpU6xIuH alice@laptop";
 
     fn machine(labels: &[(&str, &str)], retired_at: Option<i64>) -> MachineRecord {
         MachineRecord {
-            id: Uuid::new_v4(),
             labels: labels
                 .iter()
                 .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
                 .collect::<BTreeMap<_, _>>(),
-            zone: "dc1".into(),
-            enrolled_at: 0,
-            enrolled_with_token: "aa".into(),
-            certificate_serial: "01".into(),
-            previous_certificate_serial: String::new(),
-            certificate_not_after: 0,
-            inventory: Inventory::default(),
-            last_seen: 0,
-            desired_version: 0,
-            state: "healthy".into(),
-            state_reason: String::new(),
-            state_since: 0,
             retired_at,
-            desired_image: None,
+            ..crate::store::contract::machine(Uuid::new_v4(), "web-1")
         }
     }
 

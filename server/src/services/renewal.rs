@@ -1,18 +1,17 @@
-//! Certificate renewal for a connected machine: the CA issues a certificate
-//! for the machine's own identity from the CSR the agent sent on its
-//! session, and the serial is recorded before the answer leaves (the serial
-//! on file is what re-enrollment trusts). What must never happen here:
-//! answering with a certificate whose serial was not recorded.
-
-use std::time::Duration;
+//! Certificate renewal for a connected machine, part of the enrollment
+//! service: the CA issues a certificate for the machine's own identity from
+//! the CSR the agent sent on its session, and the serial is recorded before
+//! the answer leaves (the serial on file is what re-enrollment trusts).
+//! What must never happen here: answering with a certificate whose serial
+//! was not recorded.
 
 use flotte_proto::identity::Identity;
 use uuid::Uuid;
 
-use crate::ca::{CaError, CertificateAuthority};
+use crate::ca::CaError;
 use crate::clock::to_unix;
-use crate::store::{Store, StoreError, UnixSeconds};
-use crate::ServerState;
+use crate::services::enrollment::Enroller;
+use crate::store::{StoreError, UnixSeconds};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenewalError {
@@ -32,25 +31,7 @@ pub struct RenewedCertificate {
     pub not_after: UnixSeconds,
 }
 
-/// What renewal needs from the server: the CA, the store, and the policy of
-/// what it issues.
-pub struct Renewer<'a> {
-    pub ca: &'a CertificateAuthority,
-    pub store: &'a dyn Store,
-    pub trust_domain: &'a str,
-    pub certificate_ttl: Duration,
-}
-
-impl<'a> Renewer<'a> {
-    pub fn of(state: &'a ServerState) -> Self {
-        Renewer {
-            ca: &state.ca,
-            store: state.store.as_ref(),
-            trust_domain: &state.config.trust_domain,
-            certificate_ttl: state.config.machine_certificate_ttl,
-        }
-    }
-
+impl Enroller<'_> {
     /// Issues `machine_id` a new certificate from `csr_pem` and records its
     /// serial; the certificate is returned only once recorded.
     pub async fn renew(
@@ -78,113 +59,45 @@ impl<'a> Renewer<'a> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
-    use crate::store::{Inventory, MachineRecord, SqliteStore};
-
-    struct Fixture {
-        dir: PathBuf,
-        ca: CertificateAuthority,
-        store: SqliteStore,
-        machine_id: Uuid,
-    }
-
-    impl Fixture {
-        async fn with_enrolled_machine() -> Self {
-            let dir = std::env::temp_dir().join(format!("flotte-renew-test-{}", Uuid::new_v4()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let store = SqliteStore::open(&dir.join("db")).unwrap();
-            let machine_id = Uuid::new_v4();
-            store
-                .insert_machine(&MachineRecord {
-                    id: machine_id,
-                    labels: Default::default(),
-                    zone: "dc1".into(),
-                    enrolled_at: 0,
-                    enrolled_with_token: "aa".into(),
-                    certificate_serial: "01".into(),
-                    previous_certificate_serial: String::new(),
-                    certificate_not_after: 0,
-                    inventory: Inventory::default(),
-                    last_seen: 0,
-                    desired_version: 0,
-                    state: "healthy".into(),
-                    state_reason: String::new(),
-                    state_since: 0,
-                    retired_at: None,
-                    desired_image: None,
-                })
-                .await
-                .unwrap();
-            Fixture {
-                ca: CertificateAuthority::create(&dir, "td").unwrap(),
-                store,
-                machine_id,
-                dir,
-            }
-        }
-
-        fn renewer(&self) -> Renewer<'_> {
-            Renewer {
-                ca: &self.ca,
-                store: &self.store,
-                trust_domain: "td",
-                certificate_ttl: Duration::from_secs(60),
-            }
-        }
-    }
-
-    impl Drop for Fixture {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
+    use crate::services::enrollment::tests::{key_and_csr, Fixture};
+    use crate::store::Store;
 
     #[tokio::test]
-    async fn a_renewal_is_recorded_before_it_is_returned() {
-        let fixture = Fixture::with_enrolled_machine().await;
-        let key = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap();
-        let renewed = fixture
-            .renewer()
-            .renew(fixture.machine_id, &csr)
+    async fn a_renewal_is_recorded_before_it_is_returned_and_a_bad_csr_changes_nothing() {
+        let fixture = Fixture::new();
+        let token = fixture.token("beef").await;
+        let (_, csr) = key_and_csr();
+        let enrolled = fixture
+            .enroller()
+            .enroll(&token, &csr, "web-1")
             .await
             .unwrap();
-        assert!(renewed.certificate_pem.contains("BEGIN CERTIFICATE"));
-        let machine = fixture
-            .store
-            .machine(fixture.machine_id)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(machine.certificate_serial, renewed.serial_hex);
-        assert_eq!(machine.previous_certificate_serial, "01");
-        assert_eq!(machine.certificate_not_after, renewed.not_after);
-    }
+        let machine_id = enrolled.machine_id;
 
-    #[tokio::test]
-    async fn a_bad_csr_is_refused_and_nothing_is_recorded() {
-        let fixture = Fixture::with_enrolled_machine().await;
-        let error = fixture
-            .renewer()
-            .renew(fixture.machine_id, "not a CSR")
+        let refused = fixture
+            .enroller()
+            .renew(machine_id, "not a CSR")
             .await
             .unwrap_err();
         assert!(
-            matches!(error, RenewalError::Refused(CaError::BadCsr(_))),
-            "{error}"
+            matches!(refused, RenewalError::Refused(CaError::BadCsr(_))),
+            "{refused}"
         );
-        let machine = fixture
-            .store
-            .machine(fixture.machine_id)
+        let (_, new_csr) = key_and_csr();
+        let renewed = fixture
+            .enroller()
+            .renew(machine_id, &new_csr)
             .await
-            .unwrap()
             .unwrap();
-        assert_eq!(machine.certificate_serial, "01");
+
+        let machine = fixture.store.machine(machine_id).await.unwrap().unwrap();
+        assert!(renewed.certificate_pem.contains("BEGIN CERTIFICATE"));
+        assert_eq!(machine.certificate_serial, renewed.serial_hex);
+        assert_eq!(
+            machine.previous_certificate_serial, enrolled.certificate.serial_hex,
+            "the refused renewal recorded nothing; the enrolled serial became the previous one"
+        );
+        assert_eq!(machine.certificate_not_after, renewed.not_after);
     }
 }
