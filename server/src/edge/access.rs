@@ -232,7 +232,7 @@ impl Users for AccessApi {
             async move {
                 let added =
                     access::add_user(&state, &request.name, &request.ssh_keys, &created_by).await?;
-                Ok::<_, Status>(user_info(added))
+                Ok(user_info(added))
             },
             |user| format!("{} key(s)", user.keys.len()),
         )
@@ -273,7 +273,7 @@ impl Users for AccessApi {
         call.run(
             async move {
                 let user = access::add_user_key(&state, &request.name, &request.ssh_key).await?;
-                Ok::<_, Status>(user_info(user))
+                Ok(user_info(user))
             },
             |_| String::new(),
         )
@@ -291,7 +291,7 @@ impl Users for AccessApi {
         call.run(
             async move {
                 let user = access::remove_user_key(&state, &request.name, &request.key).await?;
-                Ok::<_, Status>(user_info(user))
+                Ok(user_info(user))
             },
             |_| String::new(),
         )
@@ -313,7 +313,7 @@ impl Users for AccessApi {
         let state = Arc::clone(&self.state);
         let revoked_by = call.actor().to_owned();
         call.run(
-            async move { Ok::<_, Status>(revoke_user(&state, &name, &revoked_by).await?) },
+            async move { Ok(revoke_user(&state, &name, &revoked_by).await?) },
             |response| {
                 format!(
                     "{} grant(s), {} key(s) removed; operator: {}; policy version {}",
@@ -343,17 +343,22 @@ impl Access for AccessApi {
         let call = admit(&self.state, &request, AdminRpc::Grant, arguments).await?;
         let state = Arc::clone(&self.state);
         let created_by = call.actor().to_owned();
-        let request = request.into_inner();
+        let GrantRequest {
+            user,
+            selector,
+            login,
+            expires,
+        } = request.into_inner();
         let request = NewGrant {
-            user: request.user,
-            selector: request.selector,
-            login: request.login,
-            expires: request.expires,
+            user,
+            selector,
+            login,
+            expires,
         };
         call.run(
             async move {
                 let granted = access::grant(&state, request, &created_by).await?;
-                Ok::<_, Status>(grant_info(granted))
+                Ok(grant_info(granted))
             },
             |grant| {
                 format!(
@@ -381,7 +386,7 @@ impl Access for AccessApi {
         call.run(
             async move {
                 let revoked = access::revoke_grant(&state, &id).await?;
-                Ok::<_, Status>(grant_info(revoked))
+                Ok(grant_info(revoked))
             },
             |_| String::new(),
         )
