@@ -312,16 +312,21 @@ pub(crate) mod tests {
         (key, csr)
     }
 
+    impl Fixture {
+        /// Enrolls `web-1` with a single-use token; returns the spent token
+        /// and the CSR with what enrollment issued.
+        pub(crate) async fn enroll_web_1(&self) -> (String, String, Enrolled) {
+            let token = self.token("beef").await;
+            let (_, csr) = key_and_csr();
+            let enrolled = self.enroller().enroll(&token, &csr, "web-1").await.unwrap();
+            (token, csr, enrolled)
+        }
+    }
+
     #[tokio::test]
     async fn enrollment_takes_labels_from_the_token_and_refuses_reuse() {
         let fixture = Fixture::new();
-        let token = fixture.token("beef").await;
-        let (_, csr) = key_and_csr();
-        let enrolled = fixture
-            .enroller()
-            .enroll(&token, &csr, "web-1")
-            .await
-            .unwrap();
+        let (token, csr, enrolled) = fixture.enroll_web_1().await;
         let machine = fixture
             .store
             .machine(enrolled.machine_id)

@@ -66,13 +66,7 @@ mod tests {
     #[tokio::test]
     async fn a_renewal_is_recorded_before_it_is_returned_and_a_bad_csr_changes_nothing() {
         let fixture = Fixture::new();
-        let token = fixture.token("beef").await;
-        let (_, csr) = key_and_csr();
-        let enrolled = fixture
-            .enroller()
-            .enroll(&token, &csr, "web-1")
-            .await
-            .unwrap();
+        let (_, _, enrolled) = fixture.enroll_web_1().await;
         let machine_id = enrolled.machine_id;
 
         let refused = fixture
