@@ -7,11 +7,9 @@
 //! refreshes the hub, then pushes the new policy on every live session with
 //! `try_send` — one pass over the fleet per change, never per message.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use flotte_proto::labels::Selector;
-use flotte_proto::ssh_keys::{fingerprint_of_key_text, parse_public_key, SshPublicKey};
+use flotte_proto::ssh_keys::fingerprint_of_key_text;
 use flotte_proto::v1::access_server::Access;
 use flotte_proto::v1::users_server::Users;
 use flotte_proto::v1::{
@@ -25,35 +23,32 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::domain::access::{
-    access_report, compile_policy, delivery_status, parse_expiry, validate_login,
-    validate_user_name, AccessError, DeliveryStatus, MachinePolicy,
-};
+use crate::domain::access::MachinePolicy;
 use crate::edge::guard::admit;
-use crate::services::access::{self, AccessServiceError};
-use crate::services::machines::find_machine;
-use crate::store::{
-    FoundKeysRecord, GrantRecord, MachineAccessRecord, MachineRecord, UserKeyRecord, UserRecord,
+use crate::services::access::{
+    self, AccessReport, AccessServiceError, AccessStatus, MatchedGrant, NewGrant, ReportedAccess,
+    UserAccess,
 };
+use crate::store::{FoundKeysRecord, UserKeyRecord};
 use crate::ServerState;
 use flotte_common::roles::AdminRpc;
-
-/// Bounds on what one agent may report (its message is bounded too).
-const MAX_REPORTED_LOGINS: usize = 1024;
-const MAX_REPORTED_KEYS_PER_FILE: usize = 1024;
 
 impl From<AccessServiceError> for Status {
     fn from(error: AccessServiceError) -> Self {
         match error {
-            AccessServiceError::NoSuchUser(_) => Status::not_found(error.to_string()),
+            AccessServiceError::Invalid(_)
+            | AccessServiceError::KeyRefused(_)
+            | AccessServiceError::KeysRefused(_) => Status::invalid_argument(error.to_string()),
+            AccessServiceError::NoSuchUser(_)
+            | AccessServiceError::NoSuchKey { .. }
+            | AccessServiceError::NoSuchGrant(_) => Status::not_found(error.to_string()),
+            AccessServiceError::UserRevoked { .. } => {
+                Status::failed_precondition(error.to_string())
+            }
+            AccessServiceError::AlreadyExists(_) => Status::already_exists(error.to_string()),
+            AccessServiceError::Machine(error) => error.into(),
             AccessServiceError::Store(error) => error.into(),
         }
-    }
-}
-
-impl From<AccessError> for Status {
-    fn from(error: AccessError) -> Self {
-        Status::invalid_argument(error.to_string())
     }
 }
 
@@ -91,50 +86,23 @@ pub fn policy_to_proto(policy: &MachinePolicy) -> AccessPolicy {
     }
 }
 
-/// An agent's access acknowledgement and findings, kept in memory (flushed
-/// to the store in batches).
+/// An agent's access acknowledgement and findings, handed to the access
+/// service (which bounds them) as read from the wire.
 pub fn record_access_state(state: &ServerState, machine_id: Uuid, access: AccessState, now: i64) {
-    let mut missing_logins = access.missing_logins;
-    missing_logins.truncate(MAX_REPORTED_LOGINS);
-    missing_logins.sort();
-    let mut found: Vec<FoundKeysRecord> = access
-        .found
-        .into_iter()
-        .take(MAX_REPORTED_LOGINS)
-        .map(|file| FoundKeysRecord {
-            login: file.login,
-            source: file.source,
-            public_keys: file
-                .public_keys
-                .into_iter()
-                .take(MAX_REPORTED_KEYS_PER_FILE)
-                .collect(),
-        })
-        .collect();
-    found.sort_by(|a, b| (&a.login, &a.source).cmp(&(&b.login, &b.source)));
-    state.access.record(MachineAccessRecord {
-        machine_id,
+    let reported = ReportedAccess {
         applied_version: access.applied_version,
-        applied_at: now,
-        missing_logins,
-        found,
-    });
-}
-
-fn parse_key(text: &str) -> Result<SshPublicKey, Status> {
-    parse_public_key(text)
-        .map_err(|error| Status::invalid_argument(format!("SSH public key refused: {error}")))
-}
-
-fn key_record(user: &str, key: &SshPublicKey, now: i64) -> UserKeyRecord {
-    UserKeyRecord {
-        user: user.to_owned(),
-        fingerprint: key.fingerprint(),
-        key_type: key.key_type.clone(),
-        public_key: key.key_text(),
-        comment: key.comment.clone(),
-        added_at: now,
-    }
+        missing_logins: access.missing_logins,
+        found: access
+            .found
+            .into_iter()
+            .map(|file| FoundKeysRecord {
+                login: file.login,
+                source: file.source,
+                public_keys: file.public_keys,
+            })
+            .collect(),
+    };
+    access::record_access_state(state, machine_id, reported, now);
 }
 
 fn key_info(key: &UserKeyRecord) -> SshKeyInfo {
@@ -151,169 +119,44 @@ fn key_info(key: &UserKeyRecord) -> SshKeyInfo {
     }
 }
 
-fn machines_matching(selector: &str, machines: &[MachineRecord]) -> u32 {
-    let Ok(selector) = Selector::parse(selector) else {
-        return 0;
-    };
-    let count = machines
-        .iter()
-        .filter(|machine| machine.retired_at.is_none())
-        .filter(|machine| {
-            selector.matches(
-                |key| machine.labels.get(key).map(String::as_str),
-                &machine.zone,
-            )
-        })
-        .count();
-    u32::try_from(count).unwrap_or(u32::MAX)
-}
-
-fn grant_info(grant: &GrantRecord, machines: &[MachineRecord]) -> GrantInfo {
+fn grant_info(matched: MatchedGrant) -> GrantInfo {
+    let grant = matched.grant;
     GrantInfo {
-        id: grant.id.clone(),
-        user: grant.user.clone(),
-        selector: grant.selector.clone(),
-        login: grant.login.clone(),
+        id: grant.id,
+        user: grant.user,
+        selector: grant.selector,
+        login: grant.login,
         expires_at: grant.expires_at.unwrap_or(0),
         created_at: grant.created_at,
-        created_by: grant.created_by.clone(),
-        machines: machines_matching(&grant.selector, machines),
+        created_by: grant.created_by,
+        machines: matched.machines,
     }
 }
 
-/// Every user (or only `only`) with keys and grants, from one snapshot.
-async fn user_infos(state: &ServerState, only: Option<&str>) -> Result<Vec<UserInfo>, Status> {
-    let snapshot = state.access.store().access_snapshot().await?;
-    let machines = state.store.machines().await?;
-    Ok(snapshot
-        .users
-        .iter()
-        .filter(|user| only.is_none_or(|name| user.name == name))
-        .map(|user| UserInfo {
-            name: user.name.clone(),
-            keys: snapshot
-                .keys
-                .iter()
-                .filter(|key| key.user == user.name)
-                .map(key_info)
-                .collect(),
-            created_at: user.created_at,
-            created_by: user.created_by.clone(),
-            revoked_at: user.revoked_at.unwrap_or(0),
-            grants: snapshot
-                .grants
-                .iter()
-                .filter(|grant| grant.user == user.name)
-                .map(|grant| grant_info(grant, &machines))
-                .collect(),
-        })
-        .collect())
-}
-
-async fn one_user(state: &ServerState, name: &str) -> Result<UserInfo, Status> {
-    user_infos(state, Some(name))
-        .await?
-        .into_iter()
-        .next()
-        .ok_or_else(|| Status::not_found(format!("no user named {name}")))
-}
-
-/// The user `name`, refusing unknown and off-boarded ones.
-async fn active_user(state: &ServerState, name: &str) -> Result<UserRecord, Status> {
-    let snapshot = state.access.store().access_snapshot().await?;
-    let user = snapshot
-        .users
-        .into_iter()
-        .find(|user| user.name == name)
-        .ok_or_else(|| Status::not_found(format!("no user named {name}")))?;
-    if let Some(revoked_at) = user.revoked_at {
-        return Err(Status::failed_precondition(format!(
-            "user {name} was revoked at {revoked_at} (unix); names are not reused"
-        )));
+fn user_info(access: UserAccess) -> UserInfo {
+    UserInfo {
+        name: access.user.name,
+        keys: access.keys.iter().map(key_info).collect(),
+        created_at: access.user.created_at,
+        created_by: access.user.created_by,
+        revoked_at: access.user.revoked_at.unwrap_or(0),
+        grants: access.grants.into_iter().map(grant_info).collect(),
     }
-    Ok(user)
 }
 
-async fn add_user(
-    state: &ServerState,
-    request: AddUserRequest,
-    created_by: &str,
-) -> Result<UserInfo, Status> {
-    validate_user_name(&request.name)?;
-    let now = state.clock.now_unix();
-    let mut keys: Vec<UserKeyRecord> = Vec::new();
-    let mut problems = Vec::new();
-    for (index, text) in request.ssh_keys.iter().enumerate() {
-        match parse_public_key(text) {
-            Ok(key)
-                if keys
-                    .iter()
-                    .any(|known| known.fingerprint == key.fingerprint()) =>
-            {
-                problems.push(format!("key {}: the same key is given twice", index + 1));
-            }
-            Ok(key) => keys.push(key_record(&request.name, &key, now)),
-            Err(error) => problems.push(format!("key {}: {error}", index + 1)),
-        }
-    }
-    if !problems.is_empty() {
-        return Err(Status::invalid_argument(format!(
-            "SSH public keys refused: {}",
-            problems.join("; ")
-        )));
-    }
-    let user = UserRecord {
-        name: request.name.clone(),
-        created_at: now,
-        created_by: created_by.to_owned(),
-        revoked_at: None,
-    };
-    state.access.store().insert_user(&user, &keys).await?;
-    state.publisher.access_changed().await?;
-    one_user(state, &request.name).await
-}
-
-async fn add_user_key(state: &ServerState, request: AddUserKeyRequest) -> Result<UserInfo, Status> {
-    active_user(state, &request.name).await?;
-    let key = parse_key(&request.ssh_key)?;
-    state
-        .access
-        .store()
-        .insert_user_key(&key_record(&request.name, &key, state.clock.now_unix()))
-        .await?;
-    state.publisher.access_changed().await?;
-    one_user(state, &request.name).await
-}
-
-async fn remove_user_key(
-    state: &ServerState,
-    request: RemoveUserKeyRequest,
-) -> Result<UserInfo, Status> {
-    let fingerprint = if request.key.trim().starts_with("SHA256:") {
-        request.key.trim().to_owned()
-    } else {
-        parse_key(&request.key)?.fingerprint()
-    };
-    state
-        .access
-        .store()
-        .remove_user_key(&request.name, &fingerprint)
-        .await?
-        .ok_or_else(|| {
-            Status::not_found(format!("user {} has no key {fingerprint}", request.name))
-        })?;
-    state.publisher.access_changed().await?;
-    one_user(state, &request.name).await
+/// An empty string on the wire means "not given".
+fn given(text: &str) -> Option<&str> {
+    (!text.is_empty()).then_some(text)
 }
 
 async fn revoke_user(
     state: &ServerState,
     name: &str,
     revoked_by: &str,
-) -> Result<RevokeUserResponse, Status> {
+) -> Result<RevokeUserResponse, AccessServiceError> {
     let offboarded = access::offboard_user(state, name, revoked_by).await?;
     Ok(RevokeUserResponse {
-        user: Some(one_user(state, name).await?),
+        user: Some(user_info(access::user(state, name).await?)),
         grants_removed: offboarded.revocation.grants_removed,
         keys_removed: offboarded.revocation.keys_removed,
         operator: offboarded.operator,
@@ -321,168 +164,49 @@ async fn revoke_user(
     })
 }
 
-async fn grant(
-    state: &ServerState,
-    request: GrantRequest,
-    created_by: &str,
-) -> Result<GrantInfo, Status> {
-    let now = state.clock.now_unix();
-    let mut problems = Vec::new();
-    if let Err(error) = validate_login(&request.login) {
-        problems.push(error.to_string());
+fn access_status_response(status: AccessStatus) -> AccessStatusResponse {
+    AccessStatusResponse {
+        version: status.version,
+        current_version: status.current_version,
+        applied: status.applied,
+        pending: status.pending,
+        unreachable: status.unreachable,
+        machines: status
+            .machines
+            .into_iter()
+            .map(|machine| MachineAccessStatus {
+                machine_id: machine.machine_id.to_string(),
+                hostname: machine.hostname,
+                status: machine.status.as_str().to_owned(),
+                applied_version: machine.applied_version,
+                applied_at: machine.applied_at,
+            })
+            .collect(),
     }
-    if let Err(error) = Selector::parse(&request.selector) {
-        problems.push(
-            AccessError::InvalidSelector {
-                selector: request.selector.clone(),
-                reason: error.to_string(),
-            }
-            .to_string(),
-        );
-    }
-    let expires_at = parse_expiry(&request.expires, now).unwrap_or_else(|error| {
-        problems.push(error.to_string());
-        None
-    });
-    if !problems.is_empty() {
-        return Err(Status::invalid_argument(problems.join("; ")));
-    }
-    active_user(state, &request.user).await?;
-    let record = GrantRecord {
-        id: format!("g-{}", &Uuid::new_v4().simple().to_string()[..10]),
-        user: request.user,
-        selector: request.selector.trim().to_owned(),
-        login: request.login,
-        expires_at,
-        created_at: now,
-        created_by: created_by.to_owned(),
-    };
-    state.access.store().insert_grant(&record).await?;
-    state.publisher.access_changed().await?;
-    let machines = state.store.machines().await?;
-    Ok(grant_info(&record, &machines))
 }
 
-async fn revoke_grant(state: &ServerState, id: &str) -> Result<GrantInfo, Status> {
-    let (grant, _version) = state
-        .access
-        .store()
-        .remove_grant(id)
-        .await?
-        .ok_or_else(|| Status::not_found(format!("no grant with id {id}")))?;
-    state.publisher.access_changed().await?;
-    let machines = state.store.machines().await?;
-    Ok(grant_info(&grant, &machines))
-}
-
-async fn access_status(
-    state: &ServerState,
-    request: AccessStatusRequest,
-) -> Result<AccessStatusResponse, Status> {
-    let current_version = state.access.current().version;
-    let version = match request.version {
-        0 => current_version,
-        version => version,
-    };
-    let acks = state.access.machines();
-    let connected = state.registry.views();
-    let mut response = AccessStatusResponse {
-        version,
-        current_version,
-        ..AccessStatusResponse::default()
-    };
-    let mut machines = state.store.machines().await?;
-    machines.retain(|machine| machine.retired_at.is_none());
-    machines.sort_by(|a, b| a.inventory.hostname.cmp(&b.inventory.hostname));
-    for machine in &machines {
-        let ack = acks.get(&machine.id);
-        let applied_version = ack.map_or(0, |ack| ack.applied_version);
-        let status = delivery_status(
-            applied_version,
-            version,
-            connected.contains_key(&machine.id),
-        );
-        match status {
-            DeliveryStatus::Applied => response.applied += 1,
-            DeliveryStatus::Pending => response.pending += 1,
-            DeliveryStatus::Unreachable => response.unreachable += 1,
-        }
-        response.machines.push(MachineAccessStatus {
-            machine_id: machine.id.to_string(),
-            hostname: machine.inventory.hostname.clone(),
-            status: status.as_str().to_owned(),
-            applied_version,
-            applied_at: ack.map_or(0, |ack| ack.applied_at),
-        });
+fn access_report_response(report: AccessReport) -> AccessReportResponse {
+    AccessReportResponse {
+        entries: report
+            .rows
+            .into_iter()
+            .map(|entry| AccessReportEntry {
+                machine_id: entry.machine_id.to_string(),
+                hostname: entry.hostname,
+                login: entry.row.login,
+                user: entry.row.user.unwrap_or_default(),
+                fingerprint: entry.fingerprint,
+                key_type: entry.key_type,
+                granted: entry.row.granted,
+                found: entry.row.found,
+                sources: entry.row.sources,
+                grant_id: entry.row.grant_id.unwrap_or_default(),
+                expires_at: entry.row.expires_at.unwrap_or(0),
+                drift: entry.row.drift,
+            })
+            .collect(),
+        missing_logins: report.missing_logins,
     }
-    Ok(response)
-}
-
-fn key_type_of(public_key: &str) -> String {
-    public_key
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-async fn report(
-    state: &ServerState,
-    request: AccessReportRequest,
-) -> Result<AccessReportResponse, Status> {
-    let inputs = state.access.current();
-    let all_machines = state.store.machines().await?;
-    let machines: Vec<&MachineRecord> = if request.machine.is_empty() {
-        all_machines
-            .iter()
-            .filter(|machine| machine.retired_at.is_none())
-            .collect()
-    } else {
-        vec![find_machine(&all_machines, &request.machine)?]
-    };
-    let now = state.clock.now_unix();
-    let mut response = AccessReportResponse::default();
-    for machine in machines {
-        let policy = compile_policy(&inputs, &machine.labels, &machine.zone, now);
-        let record = state.access.machine(machine.id).unwrap_or_default();
-        let granted_fingerprints: HashMap<&str, &str> = policy
-            .logins
-            .values()
-            .flatten()
-            .map(|key| (key.public_key.as_str(), key.fingerprint.as_str()))
-            .collect();
-        for row in access_report(&policy, &record.found, &inputs.owner_by_key) {
-            if !request.user.is_empty() && row.user.as_deref() != Some(request.user.as_str()) {
-                continue;
-            }
-            let fingerprint = granted_fingerprints
-                .get(row.public_key.as_str())
-                .map(|fingerprint| (*fingerprint).to_owned())
-                .or_else(|| fingerprint_of_key_text(&row.public_key))
-                .unwrap_or_else(|| "(unparseable key)".to_owned());
-            response.entries.push(AccessReportEntry {
-                machine_id: machine.id.to_string(),
-                hostname: machine.inventory.hostname.clone(),
-                login: row.login,
-                user: row.user.unwrap_or_default(),
-                fingerprint,
-                key_type: key_type_of(&row.public_key),
-                granted: row.granted,
-                found: row.found,
-                sources: row.sources,
-                grant_id: row.grant_id.unwrap_or_default(),
-                expires_at: row.expires_at.unwrap_or(0),
-                drift: row.drift,
-            });
-        }
-        response.missing_logins.extend(
-            record
-                .missing_logins
-                .iter()
-                .map(|login| format!("{}: {login}", machine.inventory.hostname)),
-        );
-    }
-    Ok(response)
 }
 
 #[tonic::async_trait]
@@ -505,7 +229,11 @@ impl Users for AccessApi {
         let created_by = call.actor().to_owned();
         let request = request.into_inner();
         call.run(
-            async move { add_user(&state, request, &created_by).await },
+            async move {
+                let added =
+                    access::add_user(&state, &request.name, &request.ssh_keys, &created_by).await?;
+                Ok(user_info(added))
+            },
             |user| format!("{} key(s)", user.keys.len()),
         )
         .await
@@ -516,8 +244,9 @@ impl Users for AccessApi {
         request: Request<ListUsersRequest>,
     ) -> Result<Response<ListUsersResponse>, Status> {
         admit(&self.state, &request, AdminRpc::ListUsers, json!({})).await?;
+        let users = access::users(&self.state, None).await?;
         Ok(Response::new(ListUsersResponse {
-            users: user_infos(&self.state, None).await?,
+            users: users.into_iter().map(user_info).collect(),
         }))
     }
 
@@ -526,9 +255,8 @@ impl Users for AccessApi {
         request: Request<GetUserRequest>,
     ) -> Result<Response<UserInfo>, Status> {
         admit(&self.state, &request, AdminRpc::GetUser, json!({})).await?;
-        Ok(Response::new(
-            one_user(&self.state, &request.get_ref().name).await?,
-        ))
+        let user = access::user(&self.state, &request.get_ref().name).await?;
+        Ok(Response::new(user_info(user)))
     }
 
     async fn add_user_key(
@@ -542,9 +270,13 @@ impl Users for AccessApi {
         let call = admit(&self.state, &request, AdminRpc::AddUserKey, arguments).await?;
         let state = Arc::clone(&self.state);
         let request = request.into_inner();
-        call.run(async move { add_user_key(&state, request).await }, |_| {
-            String::new()
-        })
+        call.run(
+            async move {
+                let user = access::add_user_key(&state, &request.name, &request.ssh_key).await?;
+                Ok(user_info(user))
+            },
+            |_| String::new(),
+        )
         .await
     }
 
@@ -557,7 +289,10 @@ impl Users for AccessApi {
         let state = Arc::clone(&self.state);
         let request = request.into_inner();
         call.run(
-            async move { remove_user_key(&state, request).await },
+            async move {
+                let user = access::remove_user_key(&state, &request.name, &request.key).await?;
+                Ok(user_info(user))
+            },
             |_| String::new(),
         )
         .await
@@ -578,7 +313,7 @@ impl Users for AccessApi {
         let state = Arc::clone(&self.state);
         let revoked_by = call.actor().to_owned();
         call.run(
-            async move { revoke_user(&state, &name, &revoked_by).await },
+            async move { Ok(revoke_user(&state, &name, &revoked_by).await?) },
             |response| {
                 format!(
                     "{} grant(s), {} key(s) removed; operator: {}; policy version {}",
@@ -608,9 +343,23 @@ impl Access for AccessApi {
         let call = admit(&self.state, &request, AdminRpc::Grant, arguments).await?;
         let state = Arc::clone(&self.state);
         let created_by = call.actor().to_owned();
-        let request = request.into_inner();
+        let GrantRequest {
+            user,
+            selector,
+            login,
+            expires,
+        } = request.into_inner();
+        let request = NewGrant {
+            user,
+            selector,
+            login,
+            expires,
+        };
         call.run(
-            async move { grant(&state, request, &created_by).await },
+            async move {
+                let granted = access::grant(&state, request, &created_by).await?;
+                Ok(grant_info(granted))
+            },
             |grant| {
                 format!(
                     "grant {} ({} machine(s) match now)",
@@ -634,9 +383,13 @@ impl Access for AccessApi {
         )
         .await?;
         let state = Arc::clone(&self.state);
-        call.run(async move { revoke_grant(&state, &id).await }, |_| {
-            String::new()
-        })
+        call.run(
+            async move {
+                let revoked = access::revoke_grant(&state, &id).await?;
+                Ok(grant_info(revoked))
+            },
+            |_| String::new(),
+        )
         .await
     }
 
@@ -646,15 +399,9 @@ impl Access for AccessApi {
     ) -> Result<Response<ListGrantsResponse>, Status> {
         admit(&self.state, &request, AdminRpc::ListGrants, json!({})).await?;
         let user = request.into_inner().user;
-        let snapshot = self.state.access.store().access_snapshot().await?;
-        let machines = self.state.store.machines().await?;
+        let grants = access::grants(&self.state, given(&user)).await?;
         Ok(Response::new(ListGrantsResponse {
-            grants: snapshot
-                .grants
-                .iter()
-                .filter(|grant| user.is_empty() || grant.user == user)
-                .map(|grant| grant_info(grant, &machines))
-                .collect(),
+            grants: grants.into_iter().map(grant_info).collect(),
         }))
     }
 
@@ -663,9 +410,10 @@ impl Access for AccessApi {
         request: Request<AccessStatusRequest>,
     ) -> Result<Response<AccessStatusResponse>, Status> {
         admit(&self.state, &request, AdminRpc::AccessStatus, json!({})).await?;
-        Ok(Response::new(
-            access_status(&self.state, request.into_inner()).await?,
-        ))
+        // Version 0 on the wire asks for the current version.
+        let version = Some(request.into_inner().version).filter(|version| *version != 0);
+        let status = access::access_status(&self.state, version).await?;
+        Ok(Response::new(access_status_response(status)))
     }
 
     async fn access_report(
@@ -673,8 +421,9 @@ impl Access for AccessApi {
         request: Request<AccessReportRequest>,
     ) -> Result<Response<AccessReportResponse>, Status> {
         admit(&self.state, &request, AdminRpc::AccessReport, json!({})).await?;
-        Ok(Response::new(
-            report(&self.state, request.into_inner()).await?,
-        ))
+        let request = request.into_inner();
+        let report =
+            access::report(&self.state, given(&request.machine), given(&request.user)).await?;
+        Ok(Response::new(access_report_response(report)))
     }
 }

@@ -60,15 +60,7 @@ impl EnrollmentApi {
     }
 
     fn enroller(&self) -> Enroller<'_> {
-        let state = &self.state;
-        Enroller {
-            ca: &state.ca,
-            store: state.store.as_ref(),
-            clock: state.clock.as_ref(),
-            trust_domain: &state.config.trust_domain,
-            certificate_ttl: state.config.machine_certificate_ttl,
-            reenroll_expired_within: state.config.reenroll_expired_within,
-        }
+        Enroller::of(&self.state)
     }
 
     fn response(&self, enrolled: Enrolled) -> Response<EnrollResponse> {

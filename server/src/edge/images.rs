@@ -3,8 +3,7 @@
 
 use std::sync::Arc;
 
-use flotte_proto::image::{verify_manifest, ImageReference, Manifest};
-use flotte_proto::release_keys::{parse_release_key, ReleasePublicKey};
+use flotte_proto::image::Manifest;
 use flotte_proto::v1::images_server::Images;
 use flotte_proto::v1::{
     GetImageRequest, ImageInfo, ImageRef, ListImagesRequest, ListImagesResponse, PushImageChunk,
@@ -13,10 +12,27 @@ use serde_json::json;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::edge::guard::admit;
-use crate::images::{BlobError, BlobStore};
+use crate::services::images::{self, ImageError, ImageInUse, PushStart, PushedManifest};
 use crate::store::ImageRecord;
 use crate::ServerState;
 use flotte_common::roles::AdminRpc;
+
+impl From<ImageError> for Status {
+    fn from(error: ImageError) -> Self {
+        match error {
+            ImageError::Refused(_) => Status::permission_denied(error.to_string()),
+            ImageError::OtherPayloadExists { .. } | ImageError::PushedConcurrently(_) => {
+                Status::already_exists(error.to_string())
+            }
+            ImageError::PayloadRefused(_) | ImageError::InvalidReference(_) => {
+                Status::invalid_argument(error.to_string())
+            }
+            ImageError::BlobStorage(_) => Status::internal(error.to_string()),
+            ImageError::NoSuchImage(_) => Status::not_found(error.to_string()),
+            ImageError::Store(error) => error.into(),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ImagesApi {
@@ -29,17 +45,6 @@ impl ImagesApi {
     }
 }
 
-/// The release keys the server trusts now.
-pub async fn trusted_release_keys(state: &ServerState) -> Result<Vec<ReleasePublicKey>, Status> {
-    Ok(state
-        .store
-        .release_keys()
-        .await?
-        .iter()
-        .filter_map(|record| parse_release_key(&record.public_key_base64).ok())
-        .collect())
-}
-
 fn created_at(manifest_json: &[u8]) -> i64 {
     serde_json::from_slice::<Manifest>(manifest_json)
         .ok()
@@ -48,7 +53,7 @@ fn created_at(manifest_json: &[u8]) -> i64 {
         .map_or(0, |duration| i64::try_from(duration.as_secs()).unwrap_or(0))
 }
 
-pub fn image_info(record: &ImageRecord, machines: u32) -> ImageInfo {
+fn image_info(record: &ImageRecord, machines: u32) -> ImageInfo {
     ImageInfo {
         image: Some(ImageRef {
             name: record.name.clone(),
@@ -65,28 +70,34 @@ pub fn image_info(record: &ImageRecord, machines: u32) -> ImageInfo {
     }
 }
 
-fn blob_status(error: BlobError) -> Status {
-    match error {
-        BlobError::Io { .. } => Status::internal(error.to_string()),
-        _ => Status::invalid_argument(format!("payload refused: {error}")),
-    }
+fn image_in_use_info(image: &ImageInUse) -> ImageInfo {
+    image_info(&image.record, image.machines)
 }
 
-/// Machines currently running `digest`, as last reported.
-fn machines_running(state: &ServerState, digest: &str) -> u32 {
-    let count = state
-        .health
-        .snapshot()
-        .values()
-        .filter(|machine| {
-            machine
-                .last_report
-                .as_ref()
-                .and_then(|report| report.current_image())
-                .is_some_and(|current| current.digest == digest)
-        })
-        .count();
-    u32::try_from(count).unwrap_or(u32::MAX)
+/// Reads the rest of a push into `upload` and finishes it; the upload is
+/// abandoned on any error, the stream's own included.
+async fn upload_rest(
+    state: &ServerState,
+    mut upload: Box<images::ImageUpload>,
+    stream: &mut Streaming<PushImageChunk>,
+    pushed_by: &str,
+) -> Result<ImageRecord, Status> {
+    loop {
+        match stream.message().await {
+            Ok(Some(chunk)) => {
+                if let Err(error) = upload.write(&chunk.payload).await {
+                    upload.abandon().await;
+                    return Err(error.into());
+                }
+            }
+            Ok(None) => break,
+            Err(status) => {
+                upload.abandon().await;
+                return Err(status);
+            }
+        }
+    }
+    Ok(upload.finish(state, pushed_by).await?)
 }
 
 #[tonic::async_trait]
@@ -123,65 +134,18 @@ impl Images for ImagesApi {
         let mut stream = request.into_inner();
         call.run(
             async move {
-                let trusted = trusted_release_keys(&state).await?;
-                let manifest = verify_manifest(&first.manifest_json, &first.signature, &trusted)
-                    .map_err(|error| Status::permission_denied(format!("image refused: {error}")))?;
-                if let Some(existing) = state.store.image(&manifest.name, &manifest.version).await? {
-                    return if existing.digest == manifest.payload_sha256 {
-                        // Pushing the same image again is harmless.
-                        Ok(image_info(&existing, machines_running(&state, &existing.digest)))
-                    } else {
-                        Err(Status::already_exists(format!(
-                            "{} already exists with another payload ({}); publish a new version",
-                            manifest.reference(),
-                            existing.digest
-                        )))
-                    };
-                }
-                let blobs = BlobStore::new(&state.config.data_dir);
-                let mut writer = blobs.begin(manifest.payload_size).await.map_err(blob_status)?;
-                if let Err(error) = writer.write(&first.payload).await {
-                    writer.abandon().await;
-                    return Err(blob_status(error));
-                }
-                loop {
-                    match stream.message().await {
-                        Ok(Some(chunk)) => {
-                            if let Err(error) = writer.write(&chunk.payload).await {
-                                writer.abandon().await;
-                                return Err(blob_status(error));
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(status) => {
-                            writer.abandon().await;
-                            return Err(status);
-                        }
-                    }
-                }
-                writer
-                    .finish(&blobs, &manifest.payload_sha256)
-                    .await
-                    .map_err(blob_status)?;
-                let record = ImageRecord {
-                    name: manifest.name.clone(),
-                    version: manifest.version.clone(),
-                    digest: manifest.payload_sha256.clone(),
-                    size: manifest.payload_size,
+                let pushed = PushedManifest {
                     manifest_json: first.manifest_json,
                     signature: first.signature,
-                    signing_key: manifest.signing_key.clone(),
-                    pushed_at: state.clock.now_unix(),
-                    pushed_by,
+                    first_payload: first.payload,
                 };
-                if !state.store.insert_image(&record).await? {
-                    return Err(Status::already_exists(format!(
-                        "{} was pushed concurrently",
-                        manifest.reference()
-                    )));
+                match images::begin_push(&state, pushed).await? {
+                    PushStart::AlreadyPublished(existing) => Ok(image_in_use_info(&existing)),
+                    PushStart::Upload(upload) => {
+                        let record = upload_rest(&state, upload, &mut stream, &pushed_by).await?;
+                        Ok(image_info(&record, 0))
+                    }
                 }
-                tracing::info!(image = %manifest.reference(), digest = %record.digest, size = record.size, "image pushed");
-                Ok(image_info(&record, 0))
             },
             |info: &ImageInfo| {
                 info.image
@@ -202,15 +166,10 @@ impl Images for ImagesApi {
         let name = request.into_inner().name;
         call.run(
             async move {
-                let records = state
-                    .store
-                    .images((!name.is_empty()).then_some(name.as_str()))
-                    .await?;
+                let found =
+                    images::images(&state, (!name.is_empty()).then_some(name.as_str())).await?;
                 Ok(ListImagesResponse {
-                    images: records
-                        .iter()
-                        .map(|record| image_info(record, machines_running(&state, &record.digest)))
-                        .collect(),
+                    images: found.iter().map(image_in_use_info).collect(),
                 })
             },
             |_| String::new(),
@@ -227,21 +186,8 @@ impl Images for ImagesApi {
         let reference = request.into_inner().reference;
         call.run(
             async move {
-                let wanted: ImageReference =
-                    reference
-                        .parse()
-                        .map_err(|error: flotte_proto::image::ImageError| {
-                            Status::invalid_argument(error.to_string())
-                        })?;
-                let record = state
-                    .store
-                    .image(&wanted.name, &wanted.version.to_string())
-                    .await?
-                    .ok_or_else(|| Status::not_found(format!("no image {wanted}")))?;
-                Ok(image_info(
-                    &record,
-                    machines_running(&state, &record.digest),
-                ))
+                let image = images::image(&state, &reference).await?;
+                Ok(image_in_use_info(&image))
             },
             |_| String::new(),
         )

@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::clock::to_unix;
 use crate::domain::desired_state::DesiredState;
 use crate::domain::health::{
     CheckReport, DiskUsage, HealthReport, ImageStatus, ReportedImage, SwapStatus, SystemMetrics,
@@ -31,6 +30,8 @@ use crate::domain::health::{
 use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::images::BlobStore;
 use crate::live::registry::{SessionEntry, SessionMessage, SessionSender, SESSION_QUEUE_DEPTH};
+use crate::services::enrollment::Enroller;
+use crate::services::renewal::RenewalError;
 use crate::store::{Inventory, MachineRecord};
 use crate::ServerState;
 
@@ -425,34 +426,22 @@ async fn renew_certificate(
     csr_pem: &str,
     sender: &SessionSender,
 ) {
-    let identity =
-        flotte_proto::identity::Identity::machine(&state.config.trust_domain, machine_id);
-    let issued = match state.ca.issue_client_from_csr(
-        csr_pem,
-        &identity,
-        state.config.machine_certificate_ttl,
-    ) {
-        Ok(issued) => issued,
-        Err(error) => {
-            tracing::warn!(machine = %machine_id, %error, "certificate renewal refused");
-            return;
+    // A refused or unrecorded renewal is logged, not fatal: the session
+    // goes on and the agent asks again later.
+    match Enroller::of(state).renew(machine_id, csr_pem).await {
+        Ok(renewed) => {
+            let _ = sender
+                .send(SessionMessage::CertificateIssued {
+                    certificate_pem: renewed.certificate_pem,
+                    not_after: renewed.not_after,
+                })
+                .await;
         }
-    };
-    let not_after = to_unix(issued.not_after);
-    // Record before answering: the serial on file is what re-enrollment trusts.
-    if let Err(error) = state
-        .store
-        .record_certificate(machine_id, &issued.serial_hex, not_after)
-        .await
-    {
-        tracing::error!(machine = %machine_id, %error, "cannot record renewed certificate");
-        return;
+        Err(RenewalError::Refused(error)) => {
+            tracing::warn!(machine = %machine_id, %error, "certificate renewal refused");
+        }
+        Err(RenewalError::Store(error)) => {
+            tracing::error!(machine = %machine_id, %error, "cannot record renewed certificate");
+        }
     }
-    tracing::info!(machine = %machine_id, serial = %issued.serial_hex, not_after, "machine certificate renewed");
-    let _ = sender
-        .send(SessionMessage::CertificateIssued {
-            certificate_pem: issued.certificate_pem,
-            not_after,
-        })
-        .await;
 }

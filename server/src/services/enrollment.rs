@@ -14,6 +14,7 @@ use crate::ca::{CaError, CertificateAuthority, IssuedCertificate};
 use crate::clock::{to_unix, Clock};
 use crate::join_tokens::hash_secret;
 use crate::store::{Inventory, MachineRecord, Store, StoreError, TokenRedemption, TokenRefusal};
+use crate::ServerState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollmentError {
@@ -56,6 +57,21 @@ fn csr_error(error: CaError) -> EnrollmentError {
     match error {
         CaError::BadCsr(_) => EnrollmentError::BadCsr(error),
         other => EnrollmentError::Ca(other),
+    }
+}
+
+impl<'a> Enroller<'a> {
+    /// The enroller of a running server: its CA, store and clock, and the
+    /// certificate policy of its configuration.
+    pub fn of(state: &'a ServerState) -> Self {
+        Enroller {
+            ca: &state.ca,
+            store: state.store.as_ref(),
+            clock: state.clock.as_ref(),
+            trust_domain: &state.config.trust_domain,
+            certificate_ttl: state.config.machine_certificate_ttl,
+            reenroll_expired_within: state.config.reenroll_expired_within,
+        }
     }
 }
 
@@ -203,8 +219,10 @@ impl Enroller<'_> {
     }
 }
 
+/// The fixture is shared with the renewal tests (`services::renewal`),
+/// which renew certificates of machines enrolled here.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::PathBuf;
     use std::sync::Mutex;
     use std::time::SystemTime;
@@ -220,15 +238,15 @@ mod tests {
         }
     }
 
-    struct Fixture {
+    pub(crate) struct Fixture {
         dir: PathBuf,
         ca: CertificateAuthority,
-        store: SqliteStore,
+        pub(crate) store: SqliteStore,
         clock: FixedClock,
     }
 
     impl Fixture {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let dir = std::env::temp_dir().join(format!("flotte-enroll-test-{}", Uuid::new_v4()));
             std::fs::create_dir_all(&dir).unwrap();
             Fixture {
@@ -239,7 +257,7 @@ mod tests {
             }
         }
 
-        fn enroller(&self) -> Enroller<'_> {
+        pub(crate) fn enroller(&self) -> Enroller<'_> {
             Enroller {
                 ca: &self.ca,
                 store: &self.store,
@@ -250,7 +268,7 @@ mod tests {
             }
         }
 
-        async fn token(&self, secret: &str) -> String {
+        pub(crate) async fn token(&self, secret: &str) -> String {
             self.store
                 .insert_token(&JoinTokenRecord {
                     id: "aa".into(),
@@ -284,7 +302,7 @@ mod tests {
         }
     }
 
-    fn key_and_csr() -> (rcgen::KeyPair, String) {
+    pub(crate) fn key_and_csr() -> (rcgen::KeyPair, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let csr = rcgen::CertificateParams::default()
             .serialize_request(&key)
@@ -294,16 +312,21 @@ mod tests {
         (key, csr)
     }
 
+    impl Fixture {
+        /// Enrolls `web-1` with a single-use token; returns the spent token
+        /// and the CSR with what enrollment issued.
+        pub(crate) async fn enroll_web_1(&self) -> (String, String, Enrolled) {
+            let token = self.token("beef").await;
+            let (_, csr) = key_and_csr();
+            let enrolled = self.enroller().enroll(&token, &csr, "web-1").await.unwrap();
+            (token, csr, enrolled)
+        }
+    }
+
     #[tokio::test]
     async fn enrollment_takes_labels_from_the_token_and_refuses_reuse() {
         let fixture = Fixture::new();
-        let token = fixture.token("beef").await;
-        let (_, csr) = key_and_csr();
-        let enrolled = fixture
-            .enroller()
-            .enroll(&token, &csr, "web-1")
-            .await
-            .unwrap();
+        let (token, csr, enrolled) = fixture.enroll_web_1().await;
         let machine = fixture
             .store
             .machine(enrolled.machine_id)

@@ -9,7 +9,9 @@
 
 pub mod access;
 pub mod enrollment;
+pub mod images;
 pub mod machines;
 pub mod operators;
 pub mod quarantine;
+pub mod renewal;
 pub mod tokens;

@@ -16,7 +16,7 @@
 
 mod access;
 #[cfg(test)]
-mod contract;
+pub(crate) mod contract;
 pub mod repair;
 mod rollouts;
 mod sqlite;
