@@ -8,7 +8,7 @@
 //! agent message: acknowledgements are batched by the hub's flusher.
 
 pub use crate::domain::access_policy::{
-    access_report, compile_policy, delivery_status, DeliveryStatus, MachinePolicy,
+    access_report, compile_policy, delivery_status, DeliveryStatus, MachinePolicy, ReportRow,
 };
 
 /// What can go wrong validating access requests (turned into statuses by the API).
