@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::pass::previous_image;
 use super::{detail_of, quarantined_machines, ActiveRollout, RolloutDetail, RolloutEngine};
 use crate::domain::rollout::plan::parse_plan;
-use crate::domain::rollout::waves::{assign_waves, wave_stages, Candidate};
+use crate::domain::rollout::waves::{assign_waves, candidates, wave_stages};
 use crate::domain::rollout::{
     MachineRolloutState, Rollout, RolloutError, RolloutImage, RolloutMachine, RolloutState,
 };
@@ -48,17 +48,7 @@ impl RolloutEngine {
         let machines = state.store.machines().await?;
         // A machine set aside for investigation is not part of a new rollout.
         let quarantined = quarantined_machines(state).await;
-        let candidates: Vec<Candidate> = machines
-            .iter()
-            .filter(|machine| machine.retired_at.is_none() && !quarantined.contains(&machine.id))
-            .map(|machine| Candidate {
-                id: machine.id,
-                hostname: machine.inventory.hostname.clone(),
-                zone: machine.zone.clone(),
-                labels: machine.labels.clone(),
-            })
-            .collect();
-        let assignments = assign_waves(&plan, &candidates);
+        let assignments = assign_waves(&plan, &candidates(&machines, &quarantined));
         if assignments.is_empty() {
             return Err(RolloutError::NoMachines);
         }

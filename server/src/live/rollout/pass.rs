@@ -12,7 +12,8 @@ use super::{quarantined_machines, ActiveRollout, RolloutEngine, CONTROLLER_ACTOR
 use crate::domain::health::MachineState;
 use crate::domain::rollout::controller::{self, Action};
 use crate::domain::rollout::{
-    LiveMachine, MachineRolloutState, MachineView, Rollout, RolloutMachine, RolloutState, SwapView,
+    rollback_image, LiveMachine, MachineRolloutState, MachineView, Rollout, RolloutMachine,
+    RolloutState, SwapView,
 };
 use crate::store::{DesiredImageRecord, UnixSeconds};
 use crate::ServerState;
@@ -308,32 +309,20 @@ impl RolloutEngine {
 }
 
 /// The image a machine runs now (as last reported), else the one it was told
-/// to run: what a rollback restores.
+/// to run: what a rollback restores (the choice is `rollback_image`).
 pub(super) fn previous_image(
     state: &ServerState,
     machine: Option<&crate::store::MachineRecord>,
 ) -> Option<DesiredImageRecord> {
     let machine = machine?;
-    let reported = state
+    let report = state
         .health
         .get(machine.id)
-        .and_then(|tracked| tracked.last_report)
-        .and_then(|report| report.current_image().cloned());
-    match reported {
-        Some(current) if !current.digest.is_empty() => Some(DesiredImageRecord {
-            name: current.name,
-            version: current.version,
-            digest: current.digest,
-            rollback: true,
-        }),
-        _ => machine
-            .desired_image
-            .clone()
-            .map(|image| DesiredImageRecord {
-                rollback: true,
-                ..image
-            }),
-    }
+        .and_then(|tracked| tracked.last_report);
+    rollback_image(
+        report.as_ref().and_then(|report| report.current_image()),
+        machine.desired_image.as_ref(),
+    )
 }
 
 #[cfg(test)]
