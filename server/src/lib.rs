@@ -144,7 +144,7 @@ pub struct ServerState {
     /// Quarantines, forensic bundles, remediation status (issue 8).
     pub(crate) repair: live::repair_state::RepairState,
     /// Active rollouts and the means to wake their loop.
-    pub(crate) rollouts: Arc<live::rollout_engine::RolloutEngine>,
+    pub(crate) rollouts: Arc<live::rollout::RolloutEngine>,
     /// Access for people: compiled policy inputs and machines' acknowledgements.
     pub(crate) access: Arc<live::access_hub::AccessHub>,
 }
@@ -225,7 +225,7 @@ pub async fn run(
     let metrics_listen = config.metrics_listen;
     let repair = live::repair_state::RepairState::new(Arc::new(store.clone()), &config.data_dir);
     let rollouts = Arc::new(
-        live::rollout_engine::RolloutEngine::load(Arc::new(store.clone()))
+        live::rollout::RolloutEngine::load(Arc::new(store.clone()))
             .await
             .map_err(|error| ServerError::Rollouts(error.to_string()))?,
     );
@@ -269,10 +269,7 @@ pub async fn run(
         Arc::clone(&state),
         shutdown.clone(),
     ));
-    tokio::spawn(live::rollout_engine::run(
-        Arc::clone(&state),
-        shutdown.clone(),
-    ));
+    tokio::spawn(live::rollout::run(Arc::clone(&state), shutdown.clone()));
     if let Some(address) = metrics_listen {
         serve_metrics(Arc::clone(&state), address, shutdown.clone()).await?;
     }

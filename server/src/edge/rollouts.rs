@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::domain::rollout::controller::Command;
 use crate::domain::rollout::{MachineRolloutState, RolloutError};
 use crate::edge::guard::admit;
-use crate::live::rollout_engine::{CreateRequest, RolloutDetail};
+use crate::live::rollout::{CreateRequest, RolloutDetail};
 use crate::ServerState;
 use flotte_common::roles::AdminRpc;
 

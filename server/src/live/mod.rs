@@ -1,7 +1,8 @@
 //! The live layer: what one server process holds in memory and the loops it
 //! runs — the registry of agent sessions, the desired-state publisher, the
 //! deny list with the connections it closes, the health tracker and its
-//! transitions, the access hub, the rollout engine and the remediation loop.
+//! transitions, the access hub, the rollout engine (`rollout`: create,
+//! operator commands, controller passes) and the remediation loop.
 //!
 //! What must never live here: a tonic or generated proto type (the edge
 //! converts), or a decision (those are pure functions in `domain`; the loops
@@ -15,5 +16,5 @@ pub mod registry;
 pub mod remediation;
 pub mod repair_state;
 pub mod revocation;
-pub mod rollout_engine;
+pub mod rollout;
 pub mod transitions;

@@ -4,10 +4,11 @@
 //!
 //! What lives here: the plan file (`plan`), the wave assignment made once at
 //! creation (`waves`), the pure decision function over stored state
-//! (`controller::next`) and the thin loop that applies its decisions
-//! (`runner`). What must never live here: tonic or proto types (the API
-//! converts at its edge), or a decision taken outside `controller` — the
-//! runner only persists, pushes and wakes. Every change of a machine's
+//! (`controller::next`), with the small rules creation uses (`rollback_image`,
+//! `waves::candidates`); the thin loop that applies the decisions is the
+//! live layer's rollout engine. What must never live here: tonic or proto
+//! types (the API converts at its edge), or I/O — the engine only persists,
+//! pushes and wakes. Every change of a machine's
 //! rollout state is stored *before* the desired state is pushed, so a server
 //! killed at any moment resumes without swapping a machine twice.
 
@@ -20,7 +21,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::health::MachineState;
+use crate::domain::health::{MachineState, ReportedImage};
 use crate::store::{DesiredImageRecord, UnixSeconds};
 
 pub use plan::{OnFailure, Plan, PlanError};
@@ -196,6 +197,28 @@ impl RolloutImage {
     }
 }
 
+/// What a rollback restores on a machine, chosen at creation: the image it
+/// reports running (a report without a digest names nothing), else the one
+/// it was told to run; marked as a rollback so the agent accepts a lower
+/// version.
+pub fn rollback_image(
+    reported_current: Option<&ReportedImage>,
+    desired: Option<&DesiredImageRecord>,
+) -> Option<DesiredImageRecord> {
+    match reported_current {
+        Some(current) if !current.digest.is_empty() => Some(DesiredImageRecord {
+            name: current.name.clone(),
+            version: current.version.clone(),
+            digest: current.digest.clone(),
+            rollback: true,
+        }),
+        _ => desired.map(|image| DesiredImageRecord {
+            rollback: true,
+            ..image.clone()
+        }),
+    }
+}
+
 /// A stored rollout (its machines are stored apart, one row each).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rollout {
@@ -311,5 +334,66 @@ pub(crate) fn pending_machine_for_tests(
         committed_at: None,
         finished_at: None,
         failure_reason: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reported(digest: &str) -> ReportedImage {
+        ReportedImage {
+            name: "app".into(),
+            version: "1.2.0".into(),
+            digest: digest.into(),
+        }
+    }
+
+    fn image(version: &str, digest: &str, rollback: bool) -> DesiredImageRecord {
+        DesiredImageRecord {
+            name: "app".into(),
+            version: version.into(),
+            digest: digest.into(),
+            rollback,
+        }
+    }
+
+    #[test]
+    fn a_rollback_restores_the_reported_image_else_the_desired_one() {
+        let told = image("1.1.0", "told", false);
+        let table = [
+            (
+                "the reported image wins over the desired one",
+                Some(reported("running")),
+                Some(&told),
+                Some(image("1.2.0", "running", true)),
+            ),
+            (
+                "a report without a digest names nothing",
+                Some(reported("")),
+                Some(&told),
+                Some(image("1.1.0", "told", true)),
+            ),
+            (
+                "no report: the desired image",
+                None,
+                Some(&told),
+                Some(image("1.1.0", "told", true)),
+            ),
+            (
+                "reported, never told",
+                Some(reported("running")),
+                None,
+                Some(image("1.2.0", "running", true)),
+            ),
+            ("nothing known: nothing to restore", None, None, None),
+        ];
+        for (case, reported_current, desired, expected) in table {
+            assert_eq!(
+                rollback_image(reported_current.as_ref(), desired),
+                expected,
+                "{case}"
+            );
+        }
     }
 }

@@ -9,11 +9,12 @@
 //! from wave to wave) and no wave takes more than `max_unavailable_per_zone`
 //! machines of one zone. Pure: no store, no clock.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use uuid::Uuid;
 
 use super::plan::Plan;
+use crate::store::MachineRecord;
 
 /// A machine that may take part in a rollout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +23,21 @@ pub struct Candidate {
     pub hostname: String,
     pub zone: String,
     pub labels: BTreeMap<String, String>,
+}
+
+/// The machines a new rollout may take: neither retired (a retired machine
+/// never comes back) nor quarantined (set aside for investigation).
+pub fn candidates(machines: &[MachineRecord], quarantined: &HashSet<Uuid>) -> Vec<Candidate> {
+    machines
+        .iter()
+        .filter(|machine| machine.retired_at.is_none() && !quarantined.contains(&machine.id))
+        .map(|machine| Candidate {
+            id: machine.id,
+            hostname: machine.inventory.hostname.clone(),
+            zone: machine.zone.clone(),
+            labels: machine.labels.clone(),
+        })
+        .collect()
 }
 
 /// Where a machine goes: its stage and its (global) wave number.
@@ -148,6 +164,56 @@ mod tests {
             hostname: format!("m{index:02}"),
             zone: zone.to_owned(),
             labels: flotte_proto::labels::parse_labels(labels).unwrap(),
+        }
+    }
+
+    fn record(index: u128, retired_at: Option<crate::store::UnixSeconds>) -> MachineRecord {
+        MachineRecord {
+            id: Uuid::from_u128(index),
+            labels: flotte_proto::labels::parse_labels("env=prod").unwrap(),
+            zone: "dc1".into(),
+            enrolled_at: 1,
+            enrolled_with_token: "token".into(),
+            certificate_serial: "01".into(),
+            previous_certificate_serial: String::new(),
+            certificate_not_after: 2,
+            inventory: crate::store::Inventory {
+                hostname: format!("m{index:02}"),
+                ..Default::default()
+            },
+            last_seen: 1,
+            desired_version: 1,
+            state: "healthy".into(),
+            state_reason: String::new(),
+            state_since: 1,
+            retired_at,
+            desired_image: None,
+        }
+    }
+
+    #[test]
+    fn retired_and_quarantined_machines_are_not_candidates() {
+        // (case, retired, quarantined, a candidate)
+        let table = [
+            ("in service", false, false, true),
+            ("retired", true, false, false),
+            ("quarantined", false, true, false),
+            ("retired and quarantined", true, true, false),
+        ];
+        for (index, (case, retired, quarantined, expected)) in table.into_iter().enumerate() {
+            let stored = record(index as u128, retired.then_some(5));
+            let set_aside: HashSet<Uuid> = if quarantined {
+                HashSet::from([stored.id])
+            } else {
+                HashSet::new()
+            };
+            let found = candidates(std::slice::from_ref(&stored), &set_aside);
+            let wanted: Vec<Candidate> = if expected {
+                vec![machine(index as u128, "dc1", "env=prod")]
+            } else {
+                Vec::new()
+            };
+            assert_eq!(found, wanted, "{case}");
         }
     }
 

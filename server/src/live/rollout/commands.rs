@@ -1,0 +1,145 @@
+//! Operator commands on rollouts (pause, resume, abort, approve, rollback,
+//! stop-all): each decided by `controller::apply_command`, stored, announced,
+//! and the loop woken. They take the same lock as a pass, so a pass never
+//! overwrites a pause it did not see.
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use super::{detail_of, ActiveRollout, RolloutDetail, RolloutEngine};
+use crate::domain::rollout::controller::{apply_command, Command, CommandEffect};
+use crate::domain::rollout::{RolloutError, RolloutState};
+use crate::ServerState;
+
+impl RolloutEngine {
+    /// An operator's command on one rollout.
+    pub async fn command(
+        &self,
+        state: &ServerState,
+        id: Uuid,
+        command: Command,
+        actor: &str,
+    ) -> Result<RolloutDetail, RolloutError> {
+        let mut active = self.active.lock().await;
+        let mut current = match active.get(&id) {
+            Some(current) => current.clone(),
+            None => self.stored(id).await?,
+        };
+        let effect = apply_command(&current.rollout, &command).map_err(RolloutError::Refused)?;
+        if effect == CommandEffect::State(RolloutState::RollingBack) && !active.contains_key(&id) {
+            // A finished rollout comes back to life to revert its machines:
+            // refuse if another active rollout holds some of them now.
+            let held = self.members();
+            let taken: Vec<String> = current
+                .machines
+                .iter()
+                .filter(|machine| held.contains_key(&machine.machine_id))
+                .map(|machine| machine.hostname.clone())
+                .collect();
+            if let Some(first) = current
+                .machines
+                .iter()
+                .find(|m| held.contains_key(&m.machine_id))
+            {
+                return Err(RolloutError::Conflict {
+                    rollout: held.get(&first.machine_id).copied().unwrap_or_default(),
+                    machines: taken.join(", "),
+                });
+            }
+        }
+        let now = state.clock.now_unix();
+        let detail = match &effect {
+            CommandEffect::State(new_state) => {
+                current.rollout.state = *new_state;
+                current.rollout.reason = format!("{} by {actor}", command.as_str());
+                format!("{} → {new_state}", command.as_str())
+            }
+            CommandEffect::ApproveStage(stage) => {
+                current.rollout.approved_stages.push(*stage);
+                let name = current
+                    .rollout
+                    .plan
+                    .stages
+                    .get(*stage as usize)
+                    .map(|stage| stage.name.clone())
+                    .unwrap_or_default();
+                format!("stage {name} approved")
+            }
+        };
+        current.rollout.updated_at = now;
+        self.store
+            .apply_rollout_pass(&current.rollout, &[], &[])
+            .await?;
+        self.announce(
+            state,
+            &current.rollout,
+            &format!("rollout.{}", command.as_str()),
+            &detail,
+            actor,
+        );
+        self.keep_or_retire(&mut active, current.clone());
+        drop(active);
+        self.wake.notify_one();
+        let _ = self.changes.send(id);
+        Ok(detail_of(state, current.rollout, current.machines).await)
+    }
+
+    /// Pauses every pending or running rollout; returns those it paused.
+    pub async fn stop_all(
+        &self,
+        state: &ServerState,
+        actor: &str,
+    ) -> Result<Vec<RolloutDetail>, RolloutError> {
+        let ids: Vec<Uuid> = self
+            .active
+            .lock()
+            .await
+            .values()
+            .filter(|active| {
+                matches!(
+                    active.rollout.state,
+                    RolloutState::Pending | RolloutState::Running
+                )
+            })
+            .map(|active| active.rollout.id)
+            .collect();
+        let mut stopped = Vec::new();
+        for id in ids {
+            match self.command(state, id, Command::Pause, actor).await {
+                Ok(detail) => stopped.push(detail),
+                // Finished or paused meanwhile: nothing to stop.
+                Err(RolloutError::Refused(reason)) => {
+                    tracing::info!(%reason, "stop-all skipped a rollout")
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(stopped)
+    }
+
+    pub(super) fn keep_or_retire(
+        &self,
+        active: &mut BTreeMap<Uuid, ActiveRollout>,
+        current: ActiveRollout,
+    ) {
+        let id = current.rollout.id;
+        if current.rollout.state.is_terminal() {
+            active.remove(&id);
+            let mut held = self.members();
+            for machine in &current.machines {
+                if held.get(&machine.machine_id) == Some(&id) {
+                    held.remove(&machine.machine_id);
+                }
+            }
+        } else {
+            {
+                let mut held = self.members();
+                for machine in &current.machines {
+                    held.insert(machine.machine_id, id);
+                }
+            }
+            active.insert(id, current);
+        }
+    }
+}
