@@ -839,3 +839,19 @@ pub fn assert_sshd_accepts(sshd: &Path, config: &Path, what: &str) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Set to `1` to skip these tests where sshd or root cannot be had; without
+/// it a missing prerequisite fails the test (it must never pass silently).
+pub const SKIP_SSHD_VARIABLE: &str = "FLOTTE_TEST_SKIP_SSHD";
+
+/// Whether a missing prerequisite (`reason`) skips the test (only when
+/// [`SKIP_SSHD_VARIABLE`] is `1`); panics naming it otherwise.
+pub fn skip_for_missing_sshd(reason: &str, skip_asked: Option<&str>) -> bool {
+    assert!(
+        skip_asked == Some("1"),
+        "this test needs a real sshd (and root for the access tests): {reason}. \
+         Install what is missing, or set {SKIP_SSHD_VARIABLE}=1 to skip them explicitly"
+    );
+    println!("SKIPPED ({SKIP_SSHD_VARIABLE}=1): needs a real sshd: {reason}");
+    true
+}

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use flotte_tests::sample_fleet::free_port;
 use flotte_tests::{
-    assert_sshd_accepts, binary, spawn_managed, wait_until, Agent, ManagedChild, Server, TempDir,
+    assert_sshd_accepts, binary, skip_for_missing_sshd, spawn_managed, wait_until, Agent,
+    ManagedChild, Server, TempDir, SKIP_SSHD_VARIABLE,
 };
 
 const SSHD: &str = "/usr/sbin/sshd";
@@ -55,26 +56,10 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
-/// Set to `1` to skip these tests where sshd or root cannot be had; without
-/// it a missing prerequisite fails the test (it must never pass silently).
-const SKIP_VARIABLE: &str = "FLOTTE_TEST_SKIP_SSHD";
-
-/// Whether a missing prerequisite (`reason`) skips the test (only when
-/// [`SKIP_VARIABLE`] is `1`); panics naming it otherwise.
-fn skip_for_missing(reason: &str, skip_asked: Option<&str>) -> bool {
-    assert!(
-        skip_asked == Some("1"),
-        "the access tests need a real sshd and root: {reason}. \
-         Install what is missing, or set {SKIP_VARIABLE}=1 to skip them explicitly"
-    );
-    println!("SKIPPED ({SKIP_VARIABLE}=1): access tests need a real sshd: {reason}");
-    true
-}
-
 macro_rules! require_sshd {
     () => {
         if let Some(reason) = missing_prerequisite() {
-            if skip_for_missing(&reason, std::env::var(SKIP_VARIABLE).ok().as_deref()) {
+            if skip_for_missing_sshd(&reason, std::env::var(SKIP_SSHD_VARIABLE).ok().as_deref()) {
                 return;
             }
         }
@@ -85,18 +70,18 @@ macro_rules! require_sshd {
 fn a_missing_sshd_fails_unless_skipping_is_asked_for_explicitly() {
     let reason = "/usr/sbin/sshd is missing";
     for not_asked in [None, Some("0"), Some(""), Some("yes")] {
-        let outcome = std::panic::catch_unwind(|| skip_for_missing(reason, not_asked));
+        let outcome = std::panic::catch_unwind(|| skip_for_missing_sshd(reason, not_asked));
         let message = outcome.expect_err("a missing sshd must fail the test");
         let message = message
             .downcast_ref::<String>()
             .cloned()
             .unwrap_or_default();
         assert!(
-            message.contains(reason) && message.contains(SKIP_VARIABLE),
+            message.contains(reason) && message.contains(SKIP_SSHD_VARIABLE),
             "{message}"
         );
     }
-    assert!(skip_for_missing(reason, Some("1")));
+    assert!(skip_for_missing_sshd(reason, Some("1")));
 }
 
 /// Creates the Unix login if missing: not locked (`-p '*'`: no password,

@@ -589,3 +589,91 @@ fn audit_verify_passes_untouched_and_names_edited_and_deleted_entries() {
     verify(false, "audit log broken at entry 3");
     verify(false, "deleted or reordered");
 }
+
+/// Relabelling is an operator's right; moving a machine into (or out of) a
+/// grant's selector is granting (or revoking) SSH access, an admin's. The
+/// refusal names the grant, and both attempts are in the audit log.
+#[test]
+fn an_operator_cannot_relabel_a_machine_into_a_grant_and_an_admin_can() {
+    let root = TempDir::new("flotte-e2e").unwrap();
+    let server = started_server(&root);
+    let operator = server.create_operator(root.path(), "carol", "operator");
+    let token = server.token("role=db", "dc1", &[]);
+    let mut agent = Agent::new(root.path(), "db-1", &server.address, &token);
+    agent.start();
+    assert!(
+        wait_until(Duration::from_secs(30), || server.connected_count() == 1),
+        "{}",
+        agent.log()
+    );
+    let key = root.path().join("carol-ssh");
+    let generated = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "carol", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen (openssh-client) runs");
+    assert!(generated.success());
+    let public = key.with_extension("pub");
+    server.ctl_json(&[
+        "user",
+        "add",
+        "carol",
+        "--ssh-key",
+        public.to_str().unwrap(),
+    ]);
+    let grant = server.ctl_json(&[
+        "access",
+        "grant",
+        "carol",
+        "--selector",
+        "role=web",
+        "--login",
+        "carol",
+    ]);
+    let grant_id = grant[0]["id"].as_str().unwrap().to_owned();
+
+    // A label no grant looks at: an operator may.
+    succeeds(
+        &server,
+        &operator,
+        &["machines", "label", "db-1", "--set", "team=a"],
+    );
+    // Into carol's own grant: refused, naming it; the machine keeps its labels.
+    refused(
+        &server,
+        &operator,
+        &["machines", "label", "db-1", "--set", "role=web"],
+        &format!(
+            "would change who can log in to it (grants {grant_id}): only an admin may do that"
+        ),
+    );
+    let shown = server.ctl_json(&["machines", "show", "db-1"]);
+    assert_eq!(shown["labels"]["role"], "db", "{shown}");
+    // The same change by an admin goes through.
+    server.ctl_ok(&["machines", "label", "db-1", "--set", "role=web"]);
+    let shown = server.ctl_json(&["machines", "show", "db-1"]);
+    assert_eq!(shown["labels"]["role"], "web", "{shown}");
+
+    let relabels: Vec<(String, String)> = audit_entries(&server, &[])
+        .iter()
+        .filter(|entry| entry["action"] == "machine.label")
+        .map(|entry| {
+            (
+                entry["actor"].as_str().unwrap().to_owned(),
+                entry["result"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(relabels.len(), 3, "{relabels:?}");
+    let has = |actor: &str, result: &dyn Fn(&str) -> bool| {
+        relabels
+            .iter()
+            .any(|(who, what)| who == actor && result(what))
+    };
+    assert!(has("carol", &|what| what.starts_with("ok")), "{relabels:?}");
+    assert!(
+        has("carol", &|what| what.contains("only an admin may do that")),
+        "{relabels:?}"
+    );
+    assert!(has("admin", &|what| what.starts_with("ok")), "{relabels:?}");
+}

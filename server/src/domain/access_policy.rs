@@ -79,6 +79,29 @@ pub struct MachinePolicy {
     pub logins: BTreeMap<String, Vec<GrantedKey>>,
 }
 
+/// The grants (ids, sorted) whose reach over one machine changes when its
+/// labels go from `before` to `after`: those that apply on one side only.
+/// A relabel that changes any needs the role that may grant access.
+pub fn grants_changed_by_relabel(
+    inputs: &AccessInputs,
+    zone: &str,
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+    now: UnixSeconds,
+) -> Vec<String> {
+    let mut changed: Vec<String> = inputs
+        .grants
+        .iter()
+        .filter(|(grant, selector)| {
+            grant_applies(grant, selector, before, zone, now)
+                != grant_applies(grant, selector, after, zone, now)
+        })
+        .map(|(grant, _)| grant.id.clone())
+        .collect();
+    changed.sort();
+    changed
+}
+
 /// Whether a grant gives access on a machine with these labels at `now`.
 pub fn grant_applies(
     grant: &GrantRecord,
@@ -317,6 +340,28 @@ mod tests {
                 grant("g5", "alice", "role=web,env=prod", "alice", Some(50)),
             ],
         })
+    }
+
+    #[test]
+    fn a_relabel_names_the_grants_it_moves_the_machine_into_or_out_of() {
+        // (zone, labels before, labels after, now, grants changed)
+        let cases: [(&str, &str, &str, i64, &[&str]); 7] = [
+            ("dc2", "role=db", "role=db,team=a", 0, &[]),
+            ("dc2", "role=db", "role=web", 0, &["g1", "g2"]),
+            ("dc2", "role=web", "role=web,env=prod", 0, &["g5"]),
+            ("dc2", "role=web", "role=web,env=prod", 60, &[]), // g5 expired at 50
+            ("dc2", "role=db", "role=db", 200, &[]),           // no change, g2 long expired
+            ("dc1", "role=db", "role=web", 200, &["g1"]),      // g3 follows the zone, not labels
+            ("dc2", "", "role=web,env=prod", 0, &["g1", "g5"]),
+        ];
+        let inputs = inputs();
+        for (zone, before, after, now, expected) in cases {
+            assert_eq!(
+                grants_changed_by_relabel(&inputs, zone, &labels(before), &labels(after), now),
+                expected.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+                "{zone} {before:?} → {after:?} at {now}"
+            );
+        }
     }
 
     fn summary(policy: &MachinePolicy) -> Vec<(String, Vec<(String, String)>)> {

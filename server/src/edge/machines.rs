@@ -56,6 +56,9 @@ impl From<MachineError> for Status {
             MachineError::Ambiguous { .. }
             | MachineError::InvalidLabels(_)
             | MachineError::InvalidImage(_) => Status::invalid_argument(error.to_string()),
+            MachineError::RelabelChangesAccess { .. } => {
+                Status::permission_denied(error.to_string())
+            }
             MachineError::Retired(_) | MachineError::AlreadyRetired { .. } => {
                 Status::failed_precondition(error.to_string())
             }
@@ -478,12 +481,18 @@ impl Machines for MachinesApi {
         let call = admit(&self.state, &request, AdminRpc::SetLabels, arguments).await?;
         let state = Arc::clone(&self.state);
         let operator = call.caller.identity.clone();
+        let role = call.role;
         let request = request.into_inner();
         call.run(
             async move {
-                let updated =
-                    machines::set_labels(&state, &request.id, &request.set, &request.remove)
-                        .await?;
+                let updated = machines::set_labels(
+                    &state,
+                    &request.id,
+                    &request.set,
+                    &request.remove,
+                    role,
+                )
+                .await?;
                 tracing::info!(machine = %updated.id, %operator, version = updated.desired_version, "labels changed");
                 let view = state.registry.view(updated.id);
                 let tracked = state.health.get(updated.id);

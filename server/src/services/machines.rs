@@ -5,11 +5,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use flotte_common::roles::Role;
 use flotte_proto::identity::Identity;
 use flotte_proto::image::ImageReference;
 use flotte_proto::labels::validate_label;
 use uuid::Uuid;
 
+use crate::domain::access_policy::grants_changed_by_relabel;
 use crate::domain::health::MachineState;
 use crate::live::health::TrackedMachine;
 use crate::live::revocation::{denial, REVOCATION_GRACE};
@@ -35,6 +37,10 @@ pub enum MachineError {
     InvalidLabels(Vec<String>),
     #[error("{0}")]
     InvalidImage(String),
+    /// An operator may relabel, but not move a machine into or out of a
+    /// grant: that is granting or revoking SSH access, an admin's call.
+    #[error("relabelling machine {machine} would change who can log in to it (grants {}): only an admin may do that", .grants.join(", "))]
+    RelabelChangesAccess { machine: Uuid, grants: Vec<String> },
     #[error("no image {0}: push it first")]
     NoSuchImage(String),
     #[error(transparent)]
@@ -118,15 +124,33 @@ pub fn relabel(
     Ok(labels)
 }
 
-/// Changes a machine's labels and sends it its new desired state.
+/// Changes a machine's labels and sends it its new desired state. A change
+/// that moves the machine into or out of a grant's selector needs
+/// `Role::Admin` (the role that grants access), whatever role may relabel.
 pub async fn set_labels(
     state: &ServerState,
     key: &str,
     set: &HashMap<String, String>,
     remove: &[String],
+    role: Role,
 ) -> Result<MachineRecord, MachineError> {
     let machine = resolve_in_service(state, key).await?;
     let labels = relabel(&machine.labels, set, remove)?;
+    if role < Role::Admin {
+        let grants = grants_changed_by_relabel(
+            &state.access.current(),
+            &machine.zone,
+            &machine.labels,
+            &labels,
+            state.clock.now_unix(),
+        );
+        if !grants.is_empty() {
+            return Err(MachineError::RelabelChangesAccess {
+                machine: machine.id,
+                grants,
+            });
+        }
+    }
     let updated = state
         .store
         .update_labels(machine.id, &labels)
