@@ -91,10 +91,22 @@ impl fmt::Display for Identity {
     }
 }
 
+/// Longest name: users, operators, zones, servers, trust domains.
+pub const MAX_SEGMENT_BYTES: usize = 128;
+
+/// The one grammar of names, in the words error messages use.
+pub const SEGMENT_GRAMMAR: &str =
+    "must be 1 to 128 ASCII letters, digits, '.', '_' or '-', and not '.' or '..'";
+
 /// A name is valid for a trust domain or identity segment when it is a
 /// non-empty run of `[A-Za-z0-9._-]`: nothing that could smuggle a `/`.
 pub fn is_valid_segment(segment: &str) -> bool {
     !segment.is_empty()
+        && segment.len() <= MAX_SEGMENT_BYTES
+        // `.` and `..` pass the character test but are paths, not names: a
+        // profile written to `--out` named `..` would land in the parent.
+        && segment != "."
+        && segment != ".."
         && segment
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -141,6 +153,32 @@ impl FromStr for Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_one_grammar_never_paths_and_bounded() {
+        for name in [
+            "alice",
+            "a.b",
+            "dc-1",
+            "_svc",
+            &"x".repeat(MAX_SEGMENT_BYTES),
+        ] {
+            assert!(is_valid_segment(name), "{name}");
+        }
+        for name in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../etc",
+            "a b",
+            "é",
+            "a\u{1b}[31m",
+            &"x".repeat(MAX_SEGMENT_BYTES + 1),
+        ] {
+            assert!(!is_valid_segment(name), "{name:?}");
+        }
+    }
 
     #[test]
     fn machine_identity_round_trips() {

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotte_proto::http1::HttpUrl;
-use flotte_proto::identity::is_valid_segment;
+use flotte_proto::identity::{is_valid_segment, SEGMENT_GRAMMAR};
+use flotte_proto::names::quoted_prefix;
 use flotte_proto::settings::parse_duration_field;
 use flotte_proto::settings::parse_listen_field;
 pub use flotte_proto::settings::{read_toml, ConfigError};
@@ -135,14 +136,14 @@ impl ServerConfigFile {
         };
         if !is_valid_segment(&self.trust_domain) {
             problems.push(format!(
-                "trust_domain = {:?} must be non-empty letters, digits, '.', '_' or '-'",
-                self.trust_domain
+                "trust_domain = {} {SEGMENT_GRAMMAR}",
+                quoted_prefix(&self.trust_domain)
             ));
         }
         if !is_valid_segment(&self.server_name) {
             problems.push(format!(
-                "server_name = {:?} must be non-empty letters, digits, '.', '_' or '-'",
-                self.server_name
+                "server_name = {} {SEGMENT_GRAMMAR}",
+                quoted_prefix(&self.server_name)
             ));
         }
         for name in &self.subject_alt_names {

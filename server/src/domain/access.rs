@@ -16,7 +16,7 @@ pub use crate::domain::access_policy::{
 pub enum AccessError {
     #[error("login {0:?} is not a valid Unix login (lowercase letters, digits, '_', '-', '.', starting with a letter or '_', at most 32 characters)")]
     InvalidLogin(String),
-    #[error("user name {0:?} must be non-empty letters, digits, '.', '_' or '-'")]
+    #[error("user name {} {}", flotte_proto::names::quoted_prefix(.0), flotte_proto::identity::SEGMENT_GRAMMAR)]
     InvalidUserName(String),
     #[error("selector {selector:?}: {reason}")]
     InvalidSelector { selector: String, reason: String },

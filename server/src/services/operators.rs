@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use flotte_proto::identity::{is_valid_segment, Identity};
+use flotte_proto::identity::{is_valid_segment, Identity, SEGMENT_GRAMMAR};
+use flotte_proto::names::quoted_prefix;
 
 use crate::ca::CaError;
 use crate::clock::to_unix;
@@ -20,7 +21,7 @@ pub const OPERATOR_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(90 * 24 
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
-    #[error("operator name {0:?} must be non-empty letters, digits, '.', '_' or '-'")]
+    #[error("operator name {} {SEGMENT_GRAMMAR}", quoted_prefix(.0))]
     InvalidName(String),
     #[error("{0}")]
     InvalidRole(String),

@@ -47,8 +47,9 @@ pub fn validate_token_request(request: &TokenRequest) -> Result<(), TokenError> 
     }
     if !is_valid_segment(&request.zone) {
         problems.push(format!(
-            "zone {:?} must be non-empty letters, digits, '.', '_' or '-'",
-            request.zone
+            "zone {} {}",
+            flotte_proto::names::quoted_prefix(&request.zone),
+            flotte_proto::identity::SEGMENT_GRAMMAR
         ));
     }
     if request.ttl_seconds == 0 {

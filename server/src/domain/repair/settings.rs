@@ -190,7 +190,9 @@ impl ProviderFile {
         let name = &self.name;
         if !flotte_proto::identity::is_valid_segment(name) {
             problems.push(format!(
-                "remediation provider name {name:?} must be non-empty letters, digits, '.', '_' or '-'"
+                "remediation provider name {} {}",
+                flotte_proto::names::quoted_prefix(name),
+                flotte_proto::identity::SEGMENT_GRAMMAR
             ));
         }
         let mut missing = |field: &str, value: &Option<String>| -> Option<String> {
