@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
+use crate::output::print_line;
 use crate::output::{format_time, print_json, print_list, Output};
 
 #[derive(Debug, Subcommand)]
@@ -187,7 +188,7 @@ fn verify(output: Output, entries: &[AuditRecord]) -> Result<(), CtlError> {
     if output == Output::Json {
         print_json(&verdict)?;
     } else if let Some(head) = &verdict.head_hash {
-        println!(
+        print_line!(
             "audit log intact: {} entries, head sha256 {head} (record it elsewhere: a chain cannot show its own truncation)",
             verdict.entries
         );

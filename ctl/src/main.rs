@@ -34,6 +34,7 @@ mod tokens;
 mod trust;
 mod users;
 
+use crate::output::note_line;
 use cli::{Cli, Command};
 
 fn main() -> ExitCode {
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime.block_on(run(cli)),
         Err(error) => {
-            eprintln!("flottectl: cannot start the async runtime: {error}");
+            note_line!("flottectl: cannot start the async runtime: {error}");
             ExitCode::FAILURE
         }
     }
@@ -71,7 +72,7 @@ async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("flottectl: {error}");
+            note_line!("flottectl: {error}");
             error.exit_code()
         }
     }

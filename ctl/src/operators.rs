@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::cli::{read_file, rpc_error, Cli};
 use crate::error::CtlError;
 use crate::output::{active_or_revoked, optional_time, print_json, print_list, Output};
+use crate::output::{note_line, print_line};
 
 #[derive(Debug, Subcommand)]
 pub enum OperatorCommand {
@@ -157,19 +158,19 @@ async fn create_operator(
             profile: directory.display().to_string(),
         });
     }
-    println!(
+    print_line!(
         "operator {} ({}) created; profile written to {}",
         info.name,
         info.role,
         directory.display()
     );
     if key_pem.is_some() {
-        eprintln!(
+        note_line!(
             "hand the directory to {} over a private channel: its key.pem is their credential",
             info.name
         );
     } else {
-        eprintln!(
+        note_line!(
             "{} adds the key.pem that made the CSR to this directory",
             info.name
         );
