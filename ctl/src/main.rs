@@ -34,7 +34,6 @@ mod tokens;
 mod trust;
 mod users;
 
-use crate::output::note_line;
 use cli::{Cli, Command};
 
 fn main() -> ExitCode {
@@ -45,7 +44,9 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime.block_on(run(cli)),
         Err(error) => {
-            note_line!("flottectl: cannot start the async runtime: {error}");
+            output::note_message(&format!(
+                "flottectl: cannot start the async runtime: {error}"
+            ));
             ExitCode::FAILURE
         }
     }
@@ -72,7 +73,7 @@ async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            note_line!("flottectl: {error}");
+            output::note_message(&format!("flottectl: {error}"));
             error.exit_code()
         }
     }

@@ -253,6 +253,21 @@ pub fn note_escaped_line(line: &str) {
     let _ = std::io::stderr().write_all(format!("{}\n", escape_for_terminal(line)).as_bytes());
 }
 
+/// A message that may span lines (an error listing every problem of a plan
+/// or a settings file) for a terminal: each line escaped, so that no line
+/// carries an escape sequence, while the list stays readable.
+fn message_for_terminal(message: &str) -> String {
+    let lines: Vec<Cow<'_, str>> = message.split('\n').map(escape_for_terminal).collect();
+    lines.join("\n")
+}
+
+/// Prints a message that may span lines on stderr (see
+/// [`message_for_terminal`]).
+pub fn note_message(message: &str) {
+    // A closed stderr leaves no one to tell (see `note_escaped_line`).
+    let _ = std::io::stderr().write_all(format!("{}\n", message_for_terminal(message)).as_bytes());
+}
+
 /// Writes text on stdout as is (callers escape).
 fn write_stdout(text: &str) {
     let mut stdout = std::io::stdout().lock();
@@ -394,6 +409,14 @@ mod tests {
         assert!(cell.starts_with("\\x1b[2J"), "{cell}");
         assert!(!cell.contains('\x1b'));
         assert_eq!(cell.width(), TABLE_CELL_MAX_COLUMNS);
+    }
+
+    #[test]
+    fn messages_keep_their_lines_but_no_escape_sequence() {
+        assert_eq!(
+            message_for_terminal("invalid plan:\n  - stage \x1b[2J\r\n  - \u{202e}"),
+            "invalid plan:\n  - stage \\x1b[2J\\r\n  - \\u{202e}"
+        );
     }
 
     #[test]
