@@ -12,8 +12,7 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::print_line;
-use crate::output::{optional_time, print_json, print_list, print_table, Output};
+use crate::output::{optional_time, print_json, print_line, print_list, print_table, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum AccessCommand {

@@ -14,8 +14,7 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::print_line;
-use crate::output::{format_time, print_json, print_list, Output};
+use crate::output::{format_time, print_json, print_line, print_list, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {

@@ -9,8 +9,7 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::print_line;
-use crate::output::{print_json, print_table, Output};
+use crate::output::{print_json, print_line, print_table, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum DrCommand {

@@ -12,8 +12,7 @@ use flotte_proto::v1::{
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::note_line;
-use crate::output::Output;
+use crate::output::{note_line, Output};
 use crate::repair;
 
 mod view;

@@ -18,8 +18,9 @@ use serde::Serialize;
 
 use crate::cli::{read_file, rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{active_or_revoked, optional_time, print_json, print_list, Output};
-use crate::output::{note_line, print_line};
+use crate::output::{
+    active_or_revoked, note_line, optional_time, print_json, print_line, print_list, Output,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum OperatorCommand {

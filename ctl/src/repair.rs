@@ -17,8 +17,7 @@ use tonic::transport::Channel;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::print_line;
-use crate::output::{format_time, print_json, print_list, Output};
+use crate::output::{format_time, print_json, print_line, print_list, Output};
 
 /// The repair subcommands of `flottectl machines`.
 #[derive(Debug, Clone, Subcommand)]

@@ -14,8 +14,9 @@ use serde::Serialize;
 
 use crate::cli::{read_file, rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::print_line;
-use crate::output::{format_time, optional_time, print_json, print_json_line, print_table, Output};
+use crate::output::{
+    format_time, optional_time, print_json, print_json_line, print_line, print_table, Output,
+};
 
 mod progress;
 

@@ -11,8 +11,7 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{format_time, print_json, print_list, Output};
-use crate::output::{note_line, print_line};
+use crate::output::{format_time, note_line, print_json, print_line, print_list, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {

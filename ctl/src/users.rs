@@ -18,9 +18,9 @@ use serde::Serialize;
 use crate::access::{print_grant_rows, GrantView};
 use crate::cli::{read_file, rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::print_line;
 use crate::output::{
-    active_or_revoked, optional_time, print_fields, print_json, print_list, print_table, Output,
+    active_or_revoked, optional_time, print_fields, print_json, print_line, print_list,
+    print_table, Output,
 };
 
 #[derive(Debug, Subcommand)]
