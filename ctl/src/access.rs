@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{optional_time, print_json, print_list, print_table, Output};
+use crate::output::{optional_time, print_json, print_line, print_list, print_table, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum AccessCommand {
@@ -146,9 +146,13 @@ fn print_status(output: Output, status: &AccessStatusResponse) -> Result<(), Ctl
     if output == Output::Json {
         return print_json(&view);
     }
-    println!(
+    print_line!(
         "access policy version {} (current {}): {} applied, {} pending, {} unreachable",
-        view.version, view.current_version, view.applied, view.pending, view.unreachable
+        view.version,
+        view.current_version,
+        view.applied,
+        view.pending,
+        view.unreachable
     );
     let rows: Vec<Vec<String>> = view
         .machines
@@ -248,7 +252,7 @@ fn print_report(output: Output, report: &AccessReportResponse) -> Result<(), Ctl
         &rows,
     );
     for missing in &view.missing_logins {
-        println!("login missing on the machine: {missing}");
+        print_line!("login missing on the machine: {missing}");
     }
     Ok(())
 }

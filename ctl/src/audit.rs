@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{format_time, print_json, print_list, Output};
+use crate::output::{format_time, print_json, print_line, print_list, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -187,7 +187,7 @@ fn verify(output: Output, entries: &[AuditRecord]) -> Result<(), CtlError> {
     if output == Output::Json {
         print_json(&verdict)?;
     } else if let Some(head) = &verdict.head_hash {
-        println!(
+        print_line!(
             "audit log intact: {} entries, head sha256 {head} (record it elsewhere: a chain cannot show its own truncation)",
             verdict.entries
         );

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{print_json, print_table, Output};
+use crate::output::{print_json, print_line, print_table, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum DrCommand {
@@ -74,7 +74,7 @@ pub async fn run(cli: &Cli, command: &DrCommand) -> Result<(), CtlError> {
                     "groups": rows,
                 }));
             }
-            println!("if zone(s) {} were lost:", impact.zones.join(", "));
+            print_line!("if zone(s) {} were lost:", impact.zones.join(", "));
             let table: Vec<Vec<String>> = rows
                 .iter()
                 .map(|row| {
@@ -123,13 +123,13 @@ pub async fn run(cli: &Cli, command: &DrCommand) -> Result<(), CtlError> {
                 }));
             }
             if rows.is_empty() {
-                println!(
+                print_line!(
                     "no single point of failure: every {} group serves from two zones or more",
                     report.by
                 );
                 return Ok(());
             }
-            println!("single points of failure (all operational machines in one zone):");
+            print_line!("single points of failure (all operational machines in one zone):");
             let table: Vec<Vec<String>> = rows
                 .iter()
                 .map(|row| {

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::cli::{read_file, rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{format_time, print_fields, print_json, print_list, Output};
+use crate::output::{format_time, print_fields, print_json, print_line, print_list, Output};
 use crate::trust;
 
 #[derive(Debug, Subcommand)]
@@ -142,12 +142,12 @@ pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
                 format!("{} flotte-release\n", public.openssh_line()).as_bytes(),
             )
             .map_err(io)?;
-            println!("private key: {} (keep it secret)", key_path.display());
-            println!(
+            print_line!("private key: {} (keep it secret)", key_path.display());
+            print_line!(
                 "public key:  {} (trust it with `flottectl image trust add`)",
                 public_path.display()
             );
-            println!("key id:      {}", public.id());
+            print_line!("key id:      {}", public.id());
             Ok(())
         }
         ImageCommand::Build {
@@ -196,7 +196,7 @@ pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
             if cli.output() == Output::Json {
                 return print_json(&manifest);
             }
-            println!(
+            print_line!(
                 "built {} ({} payload bytes, sha256 {}) -> {}",
                 manifest.reference(),
                 manifest.payload_size,
@@ -286,11 +286,8 @@ pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
                     ("machines", view.machines.to_string()),
                 ],
             );
-            println!(
-                "manifest:\n{}",
-                serde_json::to_string_pretty(&view.manifest)?
-            );
-            Ok(())
+            print_line!("manifest:");
+            print_json(&view.manifest)
         }
     }
 }

@@ -12,7 +12,7 @@ use flotte_proto::v1::{
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::Output;
+use crate::output::{note_line, Output};
 use crate::repair;
 
 mod view;
@@ -105,7 +105,7 @@ pub async fn run(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlError> {
                 .map_err(&rpc)?
                 .into_inner();
             if cli.output() != Output::Json {
-                eprintln!(
+                note_line!(
                     "machine {} ({}) decommissioned: its certificates are revoked and it cannot reconnect",
                     machine.id, machine.hostname
                 );

@@ -44,7 +44,9 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime.block_on(run(cli)),
         Err(error) => {
-            eprintln!("flottectl: cannot start the async runtime: {error}");
+            output::note_message(&format!(
+                "flottectl: cannot start the async runtime: {error}"
+            ));
             ExitCode::FAILURE
         }
     }
@@ -71,7 +73,7 @@ async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("flottectl: {error}");
+            output::note_message(&format!("flottectl: {error}"));
             error.exit_code()
         }
     }

@@ -18,7 +18,9 @@ use serde::Serialize;
 
 use crate::cli::{read_file, rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{active_or_revoked, optional_time, print_json, print_list, Output};
+use crate::output::{
+    active_or_revoked, note_line, optional_time, print_json, print_line, print_list, Output,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum OperatorCommand {
@@ -157,19 +159,19 @@ async fn create_operator(
             profile: directory.display().to_string(),
         });
     }
-    println!(
+    print_line!(
         "operator {} ({}) created; profile written to {}",
         info.name,
         info.role,
         directory.display()
     );
     if key_pem.is_some() {
-        eprintln!(
+        note_line!(
             "hand the directory to {} over a private channel: its key.pem is their credential",
             info.name
         );
     } else {
-        eprintln!(
+        note_line!(
             "{} adds the key.pem that made the CSR to this directory",
             info.name
         );

@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{format_time, print_json, print_list, Output};
+use crate::output::{format_time, print_json, print_line, print_list, Output};
 
 /// The repair subcommands of `flottectl machines`.
 #[derive(Debug, Clone, Subcommand)]
@@ -90,9 +90,13 @@ pub async fn run_machine_repair(cli: &Cli, command: &MachineRepairCommand) -> Re
                 return print_json(&view);
             }
             if let Some(view) = view {
-                println!(
+                print_line!(
                     "{} ({}) quarantined since {} by {}: {}",
-                    info.hostname, info.machine_id, view.since, view.by, view.reason
+                    info.hostname,
+                    info.machine_id,
+                    view.since,
+                    view.by,
+                    view.reason
                 );
             }
         }
@@ -109,9 +113,10 @@ pub async fn run_machine_repair(cli: &Cli, command: &MachineRepairCommand) -> Re
                     "quarantined": false,
                 }));
             }
-            println!(
+            print_line!(
                 "{} ({}) released from quarantine",
-                info.hostname, info.machine_id
+                info.hostname,
+                info.machine_id
             );
         }
         MachineRepairCommand::Forensics { id, out } => {
@@ -119,7 +124,7 @@ pub async fn run_machine_repair(cli: &Cli, command: &MachineRepairCommand) -> Re
             if cli.output() == Output::Json {
                 return print_json(&written);
             }
-            println!(
+            print_line!(
                 "forensic bundle of quarantine {} ({} bytes, sha256 {}) written to {} and unpacked in {}",
                 written.quarantine_id,
                 written.size,
@@ -327,7 +332,8 @@ pub async fn remediation_status(
 pub fn print_remediation_status(view: &RemediationStatusView) {
     if !view.enabled {
         // Without a rule the breaker is never evaluated: "closed" would mislead.
-        println!("\nremediation: off (no [[remediation.rule]] in the server settings)");
+        print_line!();
+        print_line!("remediation: off (no [[remediation.rule]] in the server settings)");
         return;
     }
     let breaker = match (view.breaker_enabled, view.breaker_open) {
@@ -335,11 +341,13 @@ pub fn print_remediation_status(view: &RemediationStatusView) {
         (true, false) => "closed".to_owned(),
         (true, true) => "OPEN (automatic remediation stopped)".to_owned(),
     };
-    println!(
-        "\nremediation: on, {} of at most {} in progress, breaker {breaker}",
-        view.in_progress, view.max_concurrent
+    print_line!();
+    print_line!(
+        "remediation: on, {} of at most {} in progress, breaker {breaker}",
+        view.in_progress,
+        view.max_concurrent
     );
     for reason in &view.breaker_reasons {
-        println!("  breaker: {reason}");
+        print_line!("  breaker: {reason}");
     }
 }

@@ -14,7 +14,9 @@ use serde::Serialize;
 
 use crate::cli::{read_file, rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{format_time, optional_time, print_json, print_table, Output};
+use crate::output::{
+    format_time, optional_time, print_json, print_json_line, print_line, print_table, Output,
+};
 
 mod progress;
 
@@ -228,22 +230,29 @@ fn print_rollout(output: Output, info: &RolloutInfo, dry_run: bool) -> Result<()
         return print_json(&view);
     }
     if dry_run {
-        println!(
+        print_line!(
             "dry run: {} on {} machines in {} waves (nothing was changed)",
-            view.image, view.machines, view.waves
+            view.image,
+            view.machines,
+            view.waves
         );
     } else {
-        println!("rollout {}  {}  {}", view.id, view.image, view.state);
-        println!(
+        print_line!("rollout {}  {}  {}", view.id, view.image, view.state);
+        print_line!(
             "created {} by {}; {}",
-            view.created_at, view.created_by, view.reason
+            view.created_at,
+            view.created_by,
+            view.reason
         );
-        println!(
+        print_line!(
             "policy: max_failures {} ({} so far), machine_deadline {} s, on_failure {}",
-            view.max_failures, view.failures, view.machine_deadline_seconds, view.on_failure
+            view.max_failures,
+            view.failures,
+            view.machine_deadline_seconds,
+            view.on_failure
         );
         if !view.waiting_for.is_empty() {
-            println!("waiting for {}", view.waiting_for);
+            print_line!("waiting for {}", view.waiting_for);
         }
     }
     let stage_rows: Vec<Vec<String>> = view
@@ -275,7 +284,7 @@ fn print_rollout(output: Output, info: &RolloutInfo, dry_run: bool) -> Result<()
             ]
         })
         .collect();
-    println!();
+    print_line!();
     print_table(
         &[
             "STAGE",
@@ -291,7 +300,7 @@ fn print_rollout(output: Output, info: &RolloutInfo, dry_run: bool) -> Result<()
         ],
         &stage_rows,
     );
-    println!();
+    print_line!();
     print_table(
         &[
             "WAVE", "STAGE", "MACHINE", "ZONE", "STATE", "PREVIOUS", "TOOK", "REASON",
@@ -328,11 +337,11 @@ async fn watch(cli: &Cli, id: &str) -> Result<(), CtlError> {
     while let Some(info) = stream.message().await.map_err(rpc_error(&diagnostics))? {
         let view = RolloutView::from(&info);
         match (&mut live, cli.output()) {
-            (_, Output::Json) => println!("{}", serde_json::to_string(&view)?),
+            (_, Output::Json) => print_json_line(&view)?,
             (Some(live), Output::Table) => live.show(&view),
             (None, Output::Table) => {
                 for line in frame_lines(&view) {
-                    println!("{line}");
+                    print_line!("{line}");
                 }
             }
         }
@@ -403,7 +412,7 @@ pub async fn run(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
                 return print_json(&views);
             }
             if matches!(command, RolloutCommand::StopAll) {
-                println!("paused {} rollout(s)", views.len());
+                print_line!("paused {} rollout(s)", views.len());
             }
             let rows: Vec<Vec<String>> = views
                 .iter()
@@ -447,9 +456,12 @@ pub async fn run(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
     if cli.output() == Output::Json {
         return print_json(&view);
     }
-    println!(
+    print_line!(
         "rollout {}  {}  {}: {}",
-        view.id, view.image, view.state, view.reason
+        view.id,
+        view.image,
+        view.state,
+        view.reason
     );
     Ok(())
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{format_time, print_json, print_list, Output};
+use crate::output::{format_time, note_line, print_json, print_line, print_list, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -131,8 +131,8 @@ pub async fn run(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
                     info: TokenView::from(&info),
                 })?;
             } else {
-                println!("{}", response.token);
-                eprintln!(
+                print_line!("{}", response.token);
+                note_line!(
                     "token {} for zone {} expires {} ({} use(s))",
                     info.id,
                     info.zone,

@@ -19,7 +19,8 @@ use crate::access::{print_grant_rows, GrantView};
 use crate::cli::{read_file, rpc_error, Cli};
 use crate::error::CtlError;
 use crate::output::{
-    active_or_revoked, optional_time, print_fields, print_json, print_list, print_table, Output,
+    active_or_revoked, optional_time, print_fields, print_json, print_line, print_list,
+    print_table, Output,
 };
 
 #[derive(Debug, Subcommand)]
@@ -138,7 +139,8 @@ fn print_user(output: Output, user: &UserInfo) -> Result<(), CtlError> {
             ),
         ],
     );
-    println!("\nkeys:");
+    print_line!();
+    print_line!("keys:");
     let keys: Vec<Vec<String>> = view
         .keys
         .iter()
@@ -151,7 +153,8 @@ fn print_user(output: Output, user: &UserInfo) -> Result<(), CtlError> {
         })
         .collect();
     print_table(&["FINGERPRINT", "TYPE", "COMMENT"], &keys);
-    println!("\ngrants:");
+    print_line!();
+    print_line!("grants:");
     print_grant_rows(&view.grants);
     Ok(())
 }
@@ -241,7 +244,7 @@ pub async fn run(cli: &Cli, command: &UserCommand) -> Result<(), CtlError> {
                     "policy_version": revoked.policy_version,
                 }));
             }
-            println!(
+            print_line!(
                 "user {name} revoked: {} grant(s) and {} key(s) removed; operator: {}; access policy version {} pushed to every connected machine (check: flottectl access status --version {})",
                 revoked.grants_removed,
                 revoked.keys_removed,

@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::error::CtlError;
 use crate::output::{
-    format_time, optional_time, print_fields, print_json, print_list, print_table, Output,
+    format_time, optional_time, print_fields, print_json, print_json_line, print_line, print_list,
+    print_table, Output,
 };
 use crate::repair::QuarantineView;
 
@@ -303,19 +304,21 @@ pub(super) fn print_event(output: Output, event: &MachineEvent) -> Result<(), Ct
     };
     if output == Output::Json {
         // One object per line, so that scripts can read the stream as it comes.
-        println!("{}", serde_json::to_string(&view)?);
+        print_json_line(&view)?;
     } else {
         let change = match &view.from {
             Some(from) => format!("{from} -> {}", view.to),
             None => format!("is {}", view.to),
         };
-        println!(
+        print_line!(
             "{}  {:<16} {:<8} {:<28} {}",
-            view.at, view.hostname, view.zone, change, view.reason
+            view.at,
+            view.hostname,
+            view.zone,
+            change,
+            view.reason
         );
     }
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
     Ok(())
 }
 
@@ -378,21 +381,22 @@ pub(super) fn print_machine(output: Output, machine: &Machine) -> Result<(), Ctl
     print_fields(FIELD_WIDTH, &fields);
     print_health_sections(&view);
     let none = || "none".to_owned();
-    println!("\nimages:");
-    println!(
+    print_line!();
+    print_line!("images:");
+    print_line!(
         "  current            {}",
         view.current_image.clone().unwrap_or_else(none)
     );
-    println!(
+    print_line!(
         "  previous           {}",
         view.previous_image.clone().unwrap_or_else(none)
     );
-    println!(
+    print_line!(
         "  desired            {}",
         view.desired_image.clone().unwrap_or_else(none)
     );
     if let Some(swap) = &view.last_swap {
-        println!(
+        print_line!(
             "  last swap          {} {} ({}): {}",
             swap.target.clone().unwrap_or_default(),
             swap.outcome,
@@ -418,7 +422,8 @@ fn print_health_sections(view: &MachineView) {
         )],
     );
     if !view.checks.is_empty() {
-        println!("\nchecks:");
+        print_line!();
+        print_line!("checks:");
         let rows: Vec<Vec<String>> = view
             .checks
             .iter()
@@ -452,39 +457,48 @@ fn print_health_sections(view: &MachineView) {
             .iter()
             .filter(|check| !check.last_output.is_empty())
         {
-            println!(
-                "\noutput of {} (last run {}):",
+            print_line!();
+            print_line!(
+                "output of {} (last run {}):",
                 check.name,
                 check.last_run_at.clone().unwrap_or_default()
             );
             for line in check.last_output.lines() {
-                println!("  | {line}");
+                print_line!("  | {line}");
             }
         }
     }
     if let Some(metrics) = &view.metrics {
-        println!("\nmetrics:");
+        print_line!();
+        print_line!("metrics:");
         for disk in &metrics.disks {
-            println!(
+            print_line!(
                 "  disk {:<12} {:.1}% used ({} of {} bytes)",
-                disk.mount, disk.used_percent, disk.used_bytes, disk.total_bytes
+                disk.mount,
+                disk.used_percent,
+                disk.used_bytes,
+                disk.total_bytes
             );
         }
-        println!(
+        print_line!(
             "  memory           {} of {} bytes available",
-            metrics.memory_available_bytes, metrics.memory_total_bytes
+            metrics.memory_available_bytes,
+            metrics.memory_total_bytes
         );
-        println!(
+        print_line!(
             "  load             {:.2} {:.2} {:.2}",
-            metrics.load1, metrics.load5, metrics.load15
+            metrics.load1,
+            metrics.load5,
+            metrics.load15
         );
-        println!("  uptime           {} s", metrics.uptime_seconds);
+        print_line!("  uptime           {} s", metrics.uptime_seconds);
     }
     for breach in &view.metric_breaches {
-        println!("  THRESHOLD EXCEEDED: {breach}");
+        print_line!("  THRESHOLD EXCEEDED: {breach}");
     }
     if !view.transitions.is_empty() {
-        println!("\nhistory (newest first):");
+        print_line!();
+        print_line!("history (newest first):");
         let rows: Vec<Vec<String>> = view
             .transitions
             .iter()

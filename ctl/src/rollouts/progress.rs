@@ -8,12 +8,15 @@
 //! frame after the other, without bars.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use unicode_width::UnicodeWidthStr;
 
 use super::{short, RolloutView, StageView};
+use crate::output::{escape_for_terminal, pad_to_columns, table_cell};
 
-/// The first line of a frame: which rollout, its state, wave and failures.
+/// The first line of a frame: which rollout, its state, wave and failures,
+/// escaped (the image and what the rollout waits for come from others).
 fn header_line(view: &RolloutView) -> String {
-    format!(
+    let line = format!(
         "rollout {} {}  {}  wave {}/{}  failures {}/{}{}",
         short(&view.id),
         view.image,
@@ -27,7 +30,8 @@ fn header_line(view: &RolloutView) -> String {
         } else {
             format!("  waiting for {}", view.waiting_for)
         }
-    )
+    );
+    escape_for_terminal(&line).into_owned()
 }
 
 /// What a stage's counter does not say: `  (1 in flight, needs approval)`.
@@ -56,9 +60,19 @@ fn stage_notes(stage: &StageView) -> String {
 fn name_width(view: &RolloutView) -> usize {
     view.stages
         .iter()
-        .map(|stage| stage.name.chars().count())
+        .map(|stage| stage_name(stage).width())
         .max()
         .unwrap_or(0)
+}
+
+/// A stage's name as shown in its column: escaped and cut like a table cell.
+fn stage_name(stage: &StageView) -> String {
+    table_cell(&stage.name)
+}
+
+/// The rollout's reason line, escaped (it may quote an agent's message).
+fn reason_line(view: &RolloutView) -> String {
+    format!("  {}", escape_for_terminal(&view.reason))
 }
 
 /// One frame as plain lines (for output that is not a terminal).
@@ -67,15 +81,15 @@ pub(super) fn frame_lines(view: &RolloutView) -> Vec<String> {
     let mut lines = vec![header_line(view)];
     lines.extend(view.stages.iter().map(|stage| {
         format!(
-            "  {:<width$}  {}/{} committed{}",
-            stage.name,
+            "  {}  {}/{} committed{}",
+            pad_to_columns(&stage_name(stage), width),
             stage.committed,
             stage.machines,
             stage_notes(stage)
         )
     }));
     if !view.reason.is_empty() {
-        lines.push(format!("  {}", view.reason));
+        lines.push(reason_line(view));
     }
     lines
 }
@@ -133,7 +147,7 @@ impl LiveDisplay {
             self.stages.push(bar);
         }
         for (bar, stage) in self.stages.iter().zip(&view.stages) {
-            bar.set_prefix(format!("{:<width$}", stage.name));
+            bar.set_prefix(pad_to_columns(&stage_name(stage), width));
             bar.set_length(u64::from(stage.machines));
             bar.set_position(u64::from(stage.committed));
             bar.set_message(stage_notes(stage));
@@ -142,7 +156,7 @@ impl LiveDisplay {
             let reason = self
                 .reason
                 .get_or_insert_with(|| self.lines.add(text_line()));
-            reason.set_message(format!("  {}", view.reason));
+            reason.set_message(reason_line(view));
         }
     }
 
