@@ -81,6 +81,9 @@ pub struct QuarantineConfigFile {
     /// so that it can be investigated as it is).
     pub stop_service: bool,
     pub hook_timeout: String,
+    /// List processes in the forensic bundle by their short name only,
+    /// leaving out command lines (which may hold secrets passed as arguments).
+    pub omit_command_lines: bool,
 }
 
 impl Default for QuarantineConfigFile {
@@ -90,6 +93,7 @@ impl Default for QuarantineConfigFile {
             on_release: None,
             stop_service: false,
             hook_timeout: "60s".into(),
+            omit_command_lines: false,
         }
     }
 }
@@ -441,6 +445,7 @@ impl AgentConfigFile {
                 on_release: self.quarantine.on_release,
                 stop_service: self.quarantine.stop_service,
                 hook_timeout,
+                omit_command_lines: self.quarantine.omit_command_lines,
             },
             access,
         })

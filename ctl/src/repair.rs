@@ -9,8 +9,9 @@ use std::path::{Component, Path, PathBuf};
 use clap::Subcommand;
 use flotte_proto::v1::repair_client::RepairClient;
 use flotte_proto::v1::{
-    GetForensicsRequest, ListRemediationsRequest, Quarantine, QuarantineMachineRequest,
-    ReleaseMachineRequest, RemediationStatusRequest, RemediationStatusResponse,
+    ForensicsDownloadChunk, GetForensicsRequest, ListRemediationsRequest, Quarantine,
+    QuarantineMachineRequest, ReleaseMachineRequest, RemediationStatusRequest,
+    RemediationStatusResponse,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -31,12 +32,19 @@ pub enum MachineRepairCommand {
     },
     /// Put a quarantined machine back in service (its on_release hook runs).
     Release { id: String },
-    /// Download the machine's latest forensic bundle into DIR: the tar and
-    /// its unpacked files.
+    /// Download a forensic bundle of the machine into DIR (the tar and its
+    /// unpacked files): the latest one, or that of `--quarantine QID`; or
+    /// `--list` every bundle kept for it (one per quarantine).
     Forensics {
         id: String,
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present = "list")]
+        out: Option<PathBuf>,
+        /// The quarantine whose bundle to download (default: the latest).
+        #[arg(long, value_name = "QID")]
+        quarantine: Option<String>,
+        /// List the kept bundles instead of downloading one.
+        #[arg(long, conflicts_with_all = ["out", "quarantine"])]
+        list: bool,
     },
 }
 
@@ -119,8 +127,32 @@ pub async fn run_machine_repair(cli: &Cli, command: &MachineRepairCommand) -> Re
                 info.machine_id
             );
         }
-        MachineRepairCommand::Forensics { id, out } => {
-            let written = download_forensics(&mut client, &rpc, id, out).await?;
+        MachineRepairCommand::Forensics { id, list: true, .. } => {
+            let bundles = list_forensics(&mut client, &rpc, id).await?;
+            print_list(
+                cli.output(),
+                &bundles,
+                &["QUARANTINE", "RECEIVED", "SIZE"],
+                |bundle| {
+                    vec![
+                        bundle.quarantine_id.clone(),
+                        bundle.received_at.clone(),
+                        bundle.size.to_string(),
+                    ]
+                },
+            )?;
+        }
+        MachineRepairCommand::Forensics {
+            id,
+            out,
+            quarantine,
+            list: false,
+        } => {
+            let out = out
+                .as_deref()
+                .ok_or_else(|| CtlError::Usage("--out DIR is required to download".into()))?;
+            let written =
+                download_forensics(&mut client, &rpc, id, quarantine.as_deref(), out).await?;
             if cli.output() == Output::Json {
                 return print_json(&written);
             }
@@ -135,6 +167,62 @@ pub async fn run_machine_repair(cli: &Cli, command: &MachineRepairCommand) -> Re
         }
     }
     Ok(())
+}
+
+/// One kept bundle, as `--list` shows it.
+#[derive(Debug, Serialize)]
+struct KeptBundle {
+    quarantine_id: String,
+    received_at: String,
+    size: u64,
+}
+
+/// Calls `GetForensics`; returns its first message (the header and the
+/// list of kept bundles) and the rest of the stream.
+async fn open_forensics(
+    client: &mut RepairClient<Channel>,
+    rpc: &impl Fn(tonic::Status) -> CtlError,
+    request: GetForensicsRequest,
+) -> Result<
+    (
+        ForensicsDownloadChunk,
+        tonic::Streaming<ForensicsDownloadChunk>,
+    ),
+    CtlError,
+> {
+    let mut stream = client
+        .get_forensics(request)
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .map_err(rpc)?
+        .ok_or_else(|| CtlError::Rpc("the server sent an empty answer".into()))?;
+    Ok((first, stream))
+}
+
+async fn list_forensics(
+    client: &mut RepairClient<Channel>,
+    rpc: &impl Fn(tonic::Status) -> CtlError,
+    id: &str,
+) -> Result<Vec<KeptBundle>, CtlError> {
+    let request = GetForensicsRequest {
+        id: id.to_owned(),
+        list_only: true,
+        ..GetForensicsRequest::default()
+    };
+    let (listing, _) = open_forensics(client, rpc, request).await?;
+    Ok(listing
+        .bundles
+        .into_iter()
+        .map(|bundle| KeptBundle {
+            quarantine_id: bundle.quarantine_id,
+            received_at: format_time(bundle.received_at),
+            size: bundle.size,
+        })
+        .collect())
 }
 
 #[derive(Debug, Serialize)]
@@ -153,22 +241,32 @@ async fn download_forensics(
     client: &mut RepairClient<Channel>,
     rpc: &impl Fn(tonic::Status) -> CtlError,
     id: &str,
+    quarantine_id: Option<&str>,
     out: &Path,
 ) -> Result<DownloadedBundle, CtlError> {
-    let mut stream = client
-        .get_forensics(GetForensicsRequest { id: id.to_owned() })
-        .await
-        .map_err(rpc)?
-        .into_inner();
-    let mut header = None;
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await.map_err(rpc)? {
-        bytes.extend_from_slice(&chunk.data);
-        if header.is_none() {
-            header = Some(chunk);
-        }
+    let request = GetForensicsRequest {
+        id: id.to_owned(),
+        quarantine_id: quarantine_id.unwrap_or_default().to_owned(),
+        list_only: false,
+    };
+    let (header, mut stream) = open_forensics(client, rpc, request).await?;
+    // The quarantine id names files below `out`, and the size bounds memory.
+    if !flotte_proto::identity::is_valid_segment(&header.quarantine_id) {
+        return Err(CtlError::Rpc(format!(
+            "the server sent a bundle with an invalid quarantine id {}",
+            flotte_proto::names::quoted_prefix(&header.quarantine_id)
+        )));
     }
-    let header = header.ok_or_else(|| CtlError::Rpc("the server sent no bundle".into()))?;
+    let mut bytes = header.data.clone();
+    while let Some(chunk) = stream.message().await.map_err(rpc)? {
+        if (bytes.len() + chunk.data.len()) as u64 > header.size {
+            return Err(CtlError::Rpc(format!(
+                "the server sent more than the announced {} bytes",
+                header.size
+            )));
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
     let sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
     if sha256 != header.sha256 || bytes.len() as u64 != header.size {
         return Err(CtlError::Rpc(format!(

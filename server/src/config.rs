@@ -18,6 +18,7 @@ use crate::alerts::WebhookTarget;
 use crate::domain::repair::settings::{
     validate_minimums, GroupMinimumFile, GroupMinimums, RemediationConfigFile, RemediationSettings,
 };
+use crate::forensics::{ForensicsConfigFile, ForensicsLimits};
 use crate::limits::{LimitSettings, LimitsConfigFile};
 
 /// Settings as written in the TOML file. Durations are humantime strings
@@ -59,6 +60,10 @@ pub struct ServerConfigFile {
     /// Left out of the file `init` writes while it is the default.
     #[serde(skip_serializing_if = "LimitsConfigFile::is_default")]
     pub limits: LimitsConfigFile,
+    /// Bounds on the forensic bundles machines upload. Left out of the file
+    /// `init` writes while it is the default.
+    #[serde(skip_serializing_if = "ForensicsConfigFile::is_default")]
+    pub forensics: ForensicsConfigFile,
 }
 
 /// One `[[webhook]]` table.
@@ -97,6 +102,7 @@ impl Default for ServerConfigFile {
             remediation: RemediationConfigFile::default(),
             minimums: Vec::new(),
             limits: LimitsConfigFile::default(),
+            forensics: ForensicsConfigFile::default(),
         }
     }
 }
@@ -119,6 +125,7 @@ pub struct ServerConfig {
     pub remediation: RemediationSettings,
     pub minimums: GroupMinimums,
     pub limits: LimitSettings,
+    pub forensics: ForensicsLimits,
 }
 
 impl ServerConfigFile {
@@ -226,6 +233,7 @@ impl ServerConfigFile {
         let remediation = self.remediation.validate(&mut problems);
         let minimums = validate_minimums(&self.minimums, &mut problems);
         let limits = self.limits.validate(&mut problems);
+        let forensics = self.forensics.validate(&mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -255,6 +263,7 @@ impl ServerConfigFile {
             remediation,
             minimums,
             limits,
+            forensics,
         })
     }
 }
@@ -290,6 +299,10 @@ mod tests {
                 max_requests_per_connection: 0,
                 ..LimitsConfigFile::default()
             },
+            forensics: ForensicsConfigFile {
+                max_bundle_bytes: 2048,
+                machine_quota_bytes: 1024,
+            },
             ..ServerConfigFile::default()
         };
         let error = file
@@ -307,6 +320,7 @@ mod tests {
             "URL \"https://x/\" is not http://",
             "remediation.max_concurrent must be at least 1",
             "limits.max_requests_per_connection must be at least 1",
+            "forensics.machine_quota_bytes (1024) must be at least forensics.max_bundle_bytes (2048)",
         ] {
             assert!(error.contains(expected), "{expected} missing from {error}");
         }

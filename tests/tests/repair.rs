@@ -102,6 +102,35 @@ fn wait_for_forensics(server: &Server, hostname: &str, out: &Path) -> serde_json
     server.ctl_json(&["machines", "forensics", hostname, "--out", target])
 }
 
+/// Uploads `bundle` as the quarantine's forensic bundle with the identity of
+/// the machine whose agent keeps `agent_data_dir`: what a compromised
+/// machine could send on its own.
+fn upload_as_machine(
+    agent_data_dir: &Path,
+    address: &str,
+    quarantine_id: &str,
+    bundle: &[u8],
+) -> Result<u64, tonic::Status> {
+    let identity = flotte_agent::identity::MachineIdentity::load(agent_data_dir)
+        .unwrap()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (channel, _) = flotte_agent::image::fetch::dial(address, &identity).unwrap();
+        let chunk = flotte_proto::v1::ForensicsChunk {
+            quarantine_id: quarantine_id.to_owned(),
+            data: bundle.to_vec(),
+        };
+        flotte_proto::v1::agent_session_client::AgentSessionClient::new(channel)
+            .upload_forensics(tokio_stream::iter([chunk]))
+            .await
+            .map(|answer| answer.into_inner().size)
+    })
+}
+
 fn bundle_file(bundle: &serde_json::Value, name: &str) -> String {
     let directory = PathBuf::from(bundle["directory"].as_str().unwrap());
     std::fs::read_to_string(directory.join(name))
@@ -216,6 +245,38 @@ fn a_quarantine_by_hand_runs_the_hooks_uploads_forensics_keeps_the_machine_and_r
         "the agent itself is in the process list"
     );
     assert!(bundle_file(&bundle, "quarantine.json").contains("disk errors"));
+
+    // One bundle per quarantine: a second upload for it (a compromised
+    // machine forging evidence) is refused, and the first one is served.
+    let quarantine_id = quarantined["id"].as_str().unwrap();
+    let forged = upload_as_machine(
+        &agent.data_dir,
+        &server.address,
+        quarantine_id,
+        b"forged evidence",
+    )
+    .unwrap_err();
+    assert_eq!(forged.code(), tonic::Code::AlreadyExists, "{forged:?}");
+    assert!(
+        forged.message().contains("later uploads are refused"),
+        "{forged:?}"
+    );
+    let again = server.ctl_json(&[
+        "machines",
+        "forensics",
+        "web-1",
+        "--quarantine",
+        quarantine_id,
+        "--out",
+        root.path().join("forensics-again").to_str().unwrap(),
+    ]);
+    assert_eq!(again["sha256"], bundle["sha256"], "{again}");
+    assert_eq!(again["size"], bundle["size"], "{again}");
+    let kept = server.ctl_json(&["machines", "forensics", "web-1", "--list"]);
+    let kept = kept.as_array().unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0]["quarantine_id"], quarantined["id"]);
+    assert_eq!(kept[0]["size"], bundle["size"]);
 
     // Kept: enrolled, connected, reporting, its data untouched.
     let shown = server.ctl_json(&["machines", "show", "web-1"]);

@@ -58,6 +58,9 @@ pub struct CollectionSources {
     pub service_log: Option<PathBuf>,
     pub mounts: Vec<PathBuf>,
     pub proc_root: PathBuf,
+    /// List processes by their short kernel name only, never their command
+    /// lines (which can hold secrets passed as arguments).
+    pub omit_command_lines: bool,
 }
 
 /// The end of a file the agent writes (all of it if shorter than
@@ -111,7 +114,9 @@ pub fn checks_json(snapshot: &HealthSnapshot) -> serde_json::Value {
 
 /// `pid ppid state command` per process under `proc_root` (pure over the
 /// files it reads; unreadable processes are skipped: they may have exited).
-pub fn process_list(proc_root: &Path) -> String {
+/// With `omit_command_lines`, the command is the kernel's short name in
+/// brackets and no `cmdline` is read.
+pub fn process_list(proc_root: &Path, omit_command_lines: bool) -> String {
     let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
         .map(|entries| {
             entries
@@ -139,15 +144,19 @@ pub fn process_list(proc_root: &Path) -> String {
         let mut fields = rest.split_whitespace();
         let state = fields.next().unwrap_or("?");
         let ppid = fields.next().unwrap_or("?");
-        let command = read_bounded(&directory.join("cmdline"), MAX_COMMAND_LINE_BYTES)
-            .map(|bytes| {
-                String::from_utf8_lossy(&bytes)
-                    .split('\0')
-                    .filter(|word| !word.is_empty())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default();
+        let command = if omit_command_lines {
+            String::new()
+        } else {
+            read_bounded(&directory.join("cmdline"), MAX_COMMAND_LINE_BYTES)
+                .map(|bytes| {
+                    String::from_utf8_lossy(&bytes)
+                        .split('\0')
+                        .filter(|word| !word.is_empty())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default()
+        };
         let shown = if command.is_empty() {
             format!("[{name}]")
         } else {
@@ -244,7 +253,7 @@ pub fn collect(
     ));
     parts.push(part(
         "processes.txt",
-        process_list(&sources.proc_root).into_bytes(),
+        process_list(&sources.proc_root, sources.omit_command_lines).into_bytes(),
     ));
     parts.push(part(
         "mounts.txt",
@@ -338,6 +347,7 @@ mod tests {
             service_log: Some(log),
             mounts: vec![PathBuf::from("/")],
             proc_root: PathBuf::from("/proc"),
+            omit_command_lines: false,
         };
         let parts = collect(&sources, &snapshot, json!({"id": "q1"}));
         let names: Vec<&str> = parts.iter().map(|part| part.name.as_str()).collect();
@@ -409,7 +419,7 @@ mod tests {
     #[test]
     fn huge_command_lines_are_cut_before_they_cost_memory() {
         let root = fake_proc_with_process_42("42 (big) S 1 42 42 0", &[b'a'; 1024 * 1024]);
-        let listing = process_list(&root);
+        let listing = process_list(&root, false);
         let line = listing.lines().nth(1).unwrap();
         assert_eq!(
             line.len(),
@@ -422,8 +432,19 @@ mod tests {
     fn process_names_with_spaces_and_parentheses_parse() {
         let root = fake_proc_with_process_42("42 (my (odd) name) S 7 42 42 0", b"");
         std::fs::create_dir_all(root.join("self")).unwrap();
-        let listing = process_list(&root);
+        let listing = process_list(&root, false);
         assert!(listing.contains("42 7 S [my (odd) name]"), "{listing}");
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn command_lines_are_left_out_when_the_setting_asks() {
+        let root =
+            fake_proc_with_process_42("42 (secretive) S 1 42 42 0", b"tool\0--password\0hunter2\0");
+        assert!(process_list(&root, false).contains("42 1 S tool --password hunter2"));
+        let listing = process_list(&root, true);
+        assert!(listing.contains("42 1 S [secretive]"), "{listing}");
+        assert!(!listing.contains("hunter2"), "{listing}");
         let _ = std::fs::remove_dir_all(root);
     }
 }

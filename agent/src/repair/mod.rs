@@ -50,6 +50,8 @@ pub struct QuarantineSettings {
     pub on_release: Option<Vec<String>>,
     pub stop_service: bool,
     pub hook_timeout: Duration,
+    /// The bundle's process list without command lines.
+    pub omit_command_lines: bool,
 }
 
 /// The desired quarantine as the manager sees it: `None` until the first
@@ -250,6 +252,17 @@ impl BundleSink for GrpcBundleSink {
                         quarantine = quarantine_id,
                         size = answer.get_ref().size,
                         "forensic bundle uploaded"
+                    );
+                    return Ok(());
+                }
+                // The server keeps the first bundle of a quarantine and refuses
+                // later ones: ours is there (its answer was lost), so retrying
+                // could never succeed.
+                Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                    tracing::info!(
+                        quarantine = quarantine_id,
+                        message = status.message(),
+                        "forensic bundle already stored"
                     );
                     return Ok(());
                 }

@@ -10,7 +10,7 @@ use flotte_proto::identity::is_valid_segment;
 use flotte_proto::v1::disaster_recovery_server::DisasterRecovery;
 use flotte_proto::v1::repair_server::Repair;
 use flotte_proto::v1::{
-    ForensicsChunk, ForensicsDownloadChunk, GetForensicsRequest, GroupImpact,
+    ForensicBundleInfo, ForensicsChunk, ForensicsDownloadChunk, GetForensicsRequest, GroupImpact,
     ListRemediationsRequest, ListRemediationsResponse, Quarantine, QuarantineInfo,
     QuarantineMachineRequest, ReleaseMachineRequest, RemediationEvent, RemediationStatusRequest,
     RemediationStatusResponse, SinglePoint, SinglePointsRequest, SinglePointsResponse,
@@ -26,6 +26,7 @@ use crate::domain::repair::new_quarantine;
 use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::edge::guard::admit;
 use crate::forensics::ForensicsError;
+use crate::services::forensics::{begin_upload_for_machine, ForensicUploadError};
 use crate::services::machines::{find_machine, find_machine_in_service};
 use crate::services::quarantine::{quarantine, release};
 use crate::store::repair::{
@@ -82,9 +83,29 @@ fn event_to_proto(event: &RemediationEventRecord) -> RemediationEvent {
 impl From<ForensicsError> for Status {
     fn from(error: ForensicsError) -> Self {
         match error {
-            ForensicsError::TooLarge => Status::resource_exhausted(error.to_string()),
             ForensicsError::BadQuarantineId(_) => Status::invalid_argument(error.to_string()),
+            ForensicsError::AlreadyStored(_) => Status::already_exists(error.to_string()),
+            ForensicsError::UploadInProgress(_) => Status::aborted(error.to_string()),
             ForensicsError::Io { .. } => Status::internal(error.to_string()),
+        }
+    }
+}
+
+impl From<ForensicUploadError> for Status {
+    fn from(error: ForensicUploadError) -> Self {
+        match error {
+            ForensicUploadError::NotQuarantined(_)
+            | ForensicUploadError::NotCurrentQuarantine { .. } => {
+                Status::failed_precondition(error.to_string())
+            }
+            ForensicUploadError::AlreadyUploaded(_) => Status::already_exists(error.to_string()),
+            ForensicUploadError::UploadInProgress(_) => Status::aborted(error.to_string()),
+            ForensicUploadError::BundleTooLarge { .. }
+            | ForensicUploadError::QuotaExceeded { .. } => {
+                Status::resource_exhausted(error.to_string())
+            }
+            ForensicUploadError::Files(error) => error.into(),
+            ForensicUploadError::Store(error) => error.into(),
         }
     }
 }
@@ -224,21 +245,48 @@ impl Repair for RepairApi {
         &self,
         request: Request<GetForensicsRequest>,
     ) -> Result<Response<Self::GetForensicsStream>, Status> {
-        admit(&self.state, &request, AdminRpc::GetForensics, json!({})).await?;
+        let arguments = json!({
+            "machine": request.get_ref().id,
+            "quarantine": request.get_ref().quarantine_id,
+            "list_only": request.get_ref().list_only,
+        });
+        admit(&self.state, &request, AdminRpc::GetForensics, arguments).await?;
+        let request = request.into_inner();
         let machines = self.state.store.machines().await?;
-        let machine = find_machine(&machines, &request.get_ref().id)?;
-        let bundle = self
-            .state
-            .repair
-            .forensics
-            .latest(machine.id)
+        let machine = find_machine(&machines, &request.id)?;
+        let forensics = &self.state.repair.forensics;
+        let bundles: Vec<ForensicBundleInfo> = forensics
+            .list(machine.id)
             .await?
-            .ok_or_else(|| {
-                Status::not_found(format!(
+            .into_iter()
+            .map(|bundle| ForensicBundleInfo {
+                quarantine_id: bundle.quarantine_id,
+                received_at: bundle.received_at,
+                size: bundle.size,
+            })
+            .collect();
+        if request.list_only {
+            let listing = ForensicsDownloadChunk {
+                machine_id: machine.id.to_string(),
+                bundles,
+                ..ForensicsDownloadChunk::default()
+            };
+            return Ok(Response::new(Box::pin(tokio_stream::once(Ok(listing)))));
+        }
+        let wanted = Some(request.quarantine_id.as_str()).filter(|id| !id.is_empty());
+        let bundle = forensics.find(machine.id, wanted).await?.ok_or_else(|| {
+            Status::not_found(match wanted {
+                Some(id) => format!(
+                    "no forensic bundle of quarantine {} for {} (see --list)",
+                    flotte_proto::names::quoted_prefix(id),
+                    machine.inventory.hostname
+                ),
+                None => format!(
                     "no forensic bundle for {} (quarantine it, and wait for its agent to upload one)",
                     machine.inventory.hostname
-                ))
-            })?;
+                ),
+            })
+        })?;
         let mut file = tokio::fs::File::open(&bundle.path)
             .await
             .map_err(|error| Status::internal(format!("{}: {error}", bundle.path.display())))?;
@@ -249,6 +297,7 @@ impl Repair for RepairApi {
             size: bundle.size,
             sha256: bundle.sha256.clone(),
             data: Vec::new(),
+            bundles,
         });
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -411,41 +460,16 @@ pub async fn upload_forensics(
         .message()
         .await?
         .ok_or_else(|| Status::invalid_argument("empty forensic upload"))?;
-    let quarantine = state
-        .repair
-        .store
-        .quarantine(machine_id)
-        .await?
-        .ok_or_else(|| {
-            Status::failed_precondition(format!("machine {machine_id} is not quarantined"))
-        })?;
-    if quarantine.id != first.quarantine_id {
-        return Err(Status::failed_precondition(format!(
-            "quarantine {:?} is not the machine's current one ({})",
-            first.quarantine_id, quarantine.id
-        )));
-    }
-    let mut writer = state
-        .repair
-        .forensics
-        .begin(machine_id, &quarantine.id, state.clock.now_unix())
-        .await?;
+    let quarantine_id = first.quarantine_id.clone();
+    // Dropping `upload` on any error removes what it wrote.
+    let mut upload = begin_upload_for_machine(state, machine_id, &quarantine_id).await?;
     let mut chunk = Some(first);
     while let Some(ForensicsChunk { data, .. }) = chunk {
-        if let Err(error) = writer.write(&data).await {
-            writer.abandon().await;
-            return Err(error.into());
-        }
-        chunk = match inbound.message().await {
-            Ok(next) => next,
-            Err(status) => {
-                writer.abandon().await;
-                return Err(status);
-            }
-        };
+        upload.write(&data).await?;
+        chunk = inbound.message().await?;
     }
-    let stored = writer.finish().await?;
-    tracing::info!(machine = %machine_id, quarantine = %quarantine.id, size = stored.size, "forensic bundle received");
+    let stored = upload.finish().await?;
+    tracing::info!(machine = %machine_id, quarantine = %quarantine_id, size = stored.size, "forensic bundle received");
     Ok(Response::new(UploadForensicsResponse {
         size: stored.size,
         sha256: stored.sha256,

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod enrollment;
+pub mod forensics;
 pub mod images;
 pub mod machines;
 pub mod operators;
