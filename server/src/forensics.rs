@@ -75,12 +75,6 @@ pub struct ForensicsLimits {
     pub machine_quota_bytes: u64,
 }
 
-impl Default for ForensicsLimits {
-    fn default() -> Self {
-        ForensicsConfigFile::default().validate(&mut Vec::new())
-    }
-}
-
 impl ForensicsConfigFile {
     pub fn is_default(&self) -> bool {
         *self == ForensicsConfigFile::default()
