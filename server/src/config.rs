@@ -18,6 +18,7 @@ use crate::domain::repair::settings::{
     validate_minimums, GroupMinimumFile, GroupMinimums, RemediationConfigFile, RemediationSettings,
 };
 use crate::limits::{LimitSettings, LimitsConfigFile};
+use crate::store::settings::{StoreConfigFile, StoreSettings};
 
 /// Settings as written in the TOML file. Durations are humantime strings
 /// ("24h", "10s") so that every bad value can be reported, not just the first.
@@ -58,6 +59,10 @@ pub struct ServerConfigFile {
     /// Left out of the file `init` writes while it is the default.
     #[serde(skip_serializing_if = "LimitsConfigFile::is_default")]
     pub limits: LimitsConfigFile,
+    /// Where the state lives: SQLite in the data dir (the default, left out
+    /// of the file `init` writes) or a PostgreSQL database shared by replicas.
+    #[serde(skip_serializing_if = "StoreConfigFile::is_default")]
+    pub store: StoreConfigFile,
 }
 
 /// One `[[webhook]]` table.
@@ -96,6 +101,7 @@ impl Default for ServerConfigFile {
             remediation: RemediationConfigFile::default(),
             minimums: Vec::new(),
             limits: LimitsConfigFile::default(),
+            store: StoreConfigFile::default(),
         }
     }
 }
@@ -118,6 +124,7 @@ pub struct ServerConfig {
     pub remediation: RemediationSettings,
     pub minimums: GroupMinimums,
     pub limits: LimitSettings,
+    pub store: StoreSettings,
 }
 
 impl ServerConfigFile {
@@ -225,6 +232,7 @@ impl ServerConfigFile {
         let remediation = self.remediation.validate(&mut problems);
         let minimums = validate_minimums(&self.minimums, &mut problems);
         let limits = self.limits.validate(&mut problems);
+        let store = self.store.validate(&data_dir, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -254,6 +262,7 @@ impl ServerConfigFile {
             remediation,
             minimums,
             limits,
+            store,
         })
     }
 }

@@ -11,14 +11,18 @@
 //! with typed outcomes (a token use, the last admin, one quarantine, one
 //! active rollout per machine), never a read followed by a write in the
 //! caller. Errors are domain terms ([`StoreError`]); each backend maps its
-//! driver's errors in its own module. Backends: `sqlite` (numbered schema
-//! migrations at open). Every backend passes the test-only `contract` suite.
+//! driver's errors in its own module. Backends: `sqlite` (the embedded
+//! default) and `postgres` (for replicas sharing one database), each with
+//! the same numbered schema migrations applied at open. Every backend passes
+//! the test-only `contract` suite.
 
 mod access;
 #[cfg(test)]
 pub(crate) mod contract;
+mod postgres;
 pub mod repair;
 mod rollouts;
+pub mod settings;
 mod sqlite;
 
 use std::collections::BTreeMap;

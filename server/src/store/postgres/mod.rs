@@ -1,0 +1,526 @@
+//! PostgreSQL implementation of the store traits, for server replicas that
+//! share one database: a `deadpool-postgres` pool of `tokio-postgres`
+//! connections, the numbered schema migrations of `migrations` (the same
+//! numbers as SQLite's) applied at connect.
+//!
+//! This file holds connecting (the password comes apart from the URL and is
+//! never logged or shown), the pool and the write metrics, the row helpers
+//! shared by every aggregate, the mapping of driver errors to
+//! [`StoreError`] (no driver type crosses the trait), and the `Store`
+//! trait's dispatch to one file per aggregate; access, repair and rollouts
+//! implement their own traits in their own files.
+//!
+//! Concurrency: transactions run at PostgreSQL's default READ COMMITTED,
+//! and every conditional operation serialises on an explicit lock taken
+//! first in its transaction (a row lock on the machine, or a transaction
+//! advisory lock per rule: the audit chain, the last admin, rollout
+//! creation), so that the check and the write see the same state on every
+//! replica. A serialization failure or deadlock still surfaces as the
+//! retryable [`StoreError::Conflict`].
+
+mod access;
+mod audit;
+mod images;
+mod machines;
+mod migrations;
+mod operators;
+mod repair;
+mod rollouts;
+mod tokens;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+use crate::metrics::StoreMetrics;
+
+use super::{
+    DeniedEntry, DesiredImageRecord, ImageRecord, Inventory, JoinTokenRecord, MachineRecord,
+    OperatorChange, OperatorRecord, ReleaseKeyRecord, StateTransitionRecord, Store, StoreError,
+    TokenRedemption, UnixSeconds,
+};
+use flotte_common::audit::{AuditEvent, AuditFilter, AuditRecord};
+use flotte_common::roles::Role;
+
+/// Connections one server process holds at most: enough for concurrent
+/// admin calls and the background flushes, small enough that several
+/// replicas stay far below PostgreSQL's default `max_connections` (100).
+const POOL_SIZE: usize = 16;
+
+/// How long a call waits for a free connection or a new one before failing.
+const POOL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keys of the transaction advisory locks that serialise the rules which
+/// span several rows (each one rule; any value unique to it will do).
+mod lock_keys {
+    /// Reading the audit chain's head and appending after it.
+    pub(super) const AUDIT_CHAIN: i64 = 0x666c_6f74_0001;
+    /// Counting the active admins and changing one of them.
+    pub(super) const ADMINS: i64 = 0x666c_6f74_0002;
+    /// Checking that no active rollout holds a machine and creating one.
+    pub(super) const ROLLOUT_CREATION: i64 = 0x666c_6f74_0003;
+    /// Applying the schema migrations (replicas may start together).
+    pub(super) const MIGRATIONS: i64 = 0x666c_6f74_0004;
+}
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    metrics: StoreMetrics,
+}
+
+/// Never prints the connection settings: they may hold the password.
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
+/// Every driver error becomes a domain [`StoreError`] here, at the edge of
+/// the PostgreSQL backend: a serialization failure or a deadlock (the
+/// server rolled the transaction back) is a retryable conflict, the rest
+/// is the backend failing.
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        match error.code() {
+            Some(code)
+                if *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED =>
+            {
+                StoreError::Conflict(describe(&error))
+            }
+            _ => StoreError::Backend(describe(&error)),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        match error {
+            deadpool_postgres::PoolError::Backend(error) => error.into(),
+            other => StoreError::Backend(format!("PostgreSQL connection pool: {other}")),
+        }
+    }
+}
+
+/// The driver's message with the server's own, when there is one (the
+/// driver's `Display` says only "db error").
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(database) => format!("PostgreSQL: {database}"),
+        None => format!("PostgreSQL: {error}"),
+    }
+}
+
+/// A unique-key clash as the domain's `AlreadyExists`.
+fn already_exists(error: tokio_postgres::Error, what: String) -> StoreError {
+    if error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        StoreError::AlreadyExists(what)
+    } else {
+        error.into()
+    }
+}
+
+fn corrupt(column: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("column {column}: {error}"))
+}
+
+/// One column of a row, as `T`.
+fn column<'row, T: FromSql<'row>>(row: &'row Row, name: &str) -> Result<T, StoreError> {
+    row.try_get(name).map_err(|error| corrupt(name, error))
+}
+
+/// A BIGINT column holding an unsigned count or version.
+fn unsigned_column<T: TryFrom<i64>>(row: &Row, name: &str) -> Result<T, StoreError> {
+    let value: i64 = column(row, name)?;
+    T::try_from(value).map_err(|_| corrupt(name, format!("{value} is out of range")))
+}
+
+fn uuid_column(row: &Row, name: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(column::<&str>(row, name)?).map_err(|error| corrupt(name, error))
+}
+
+fn optional_uuid_column(row: &Row, name: &str) -> Result<Option<Uuid>, StoreError> {
+    column::<Option<&str>>(row, name)?
+        .map(|text| Uuid::parse_str(text).map_err(|error| corrupt(name, error)))
+        .transpose()
+}
+
+fn json_column<T: serde::de::DeserializeOwned>(row: &Row, name: &str) -> Result<T, StoreError> {
+    serde_json::from_str(column::<&str>(row, name)?).map_err(|error| corrupt(name, error))
+}
+
+fn optional_json_column<T: serde::de::DeserializeOwned>(
+    row: &Row,
+    name: &str,
+) -> Result<Option<T>, StoreError> {
+    column::<Option<&str>>(row, name)?
+        .map(|text| serde_json::from_str(text).map_err(|error| corrupt(name, error)))
+        .transpose()
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+fn labels_to_json(labels: &BTreeMap<String, String>) -> Result<String, StoreError> {
+    to_json(labels)
+}
+
+/// A count or version as the BIGINT PostgreSQL stores.
+fn as_bigint<T: TryInto<i64>>(value: T) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
+}
+
+/// Converts every row with `convert`.
+fn convert_rows<T>(
+    rows: &[Row],
+    convert: fn(&Row) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    rows.iter().map(convert).collect()
+}
+
+/// Counts one write and its duration when dropped, whatever its outcome.
+struct WriteTimer<'store> {
+    metrics: &'store StoreMetrics,
+    started: Instant,
+}
+
+impl Drop for WriteTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics.writes.inc();
+        self.metrics
+            .write_duration
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// What is wrong with a `[store] url`, for the settings' validation: it
+/// must parse, and must not hold the password (the URL is shown in logs).
+/// The problems never quote the URL.
+pub(super) fn postgres_url_problems(url: &str) -> Vec<String> {
+    match url.parse::<tokio_postgres::Config>() {
+        Err(error) => vec![format!("store: the PostgreSQL url does not parse: {error}")],
+        Ok(config) if config.get_password().is_some() => vec![
+            "store: the PostgreSQL url holds a password: put it in a password_file instead".into(),
+        ],
+        Ok(_) => Vec::new(),
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database named by `url` (`postgres://user@host:port/database`;
+    /// `password`, if given, is set apart from it so that the URL can be
+    /// logged) and brings its schema to the latest version (see [`migrations`]).
+    pub async fn connect(url: &str, password: Option<String>) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|error| {
+            // The driver's message names the faulty option, never the URL
+            // (which may hold a password).
+            StoreError::Backend(format!("the PostgreSQL url does not parse: {error}"))
+        })?;
+        if let Some(password) = password {
+            config.password(password);
+        }
+        config.connect_timeout(POOL_TIMEOUT);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(POOL_TIMEOUT))
+            .build()
+            .map_err(|error| StoreError::Backend(format!("PostgreSQL connection pool: {error}")))?;
+        let mut client = pool.get().await?;
+        migrations::migrate(&mut client).await?;
+        Ok(PostgresStore {
+            pool,
+            metrics: StoreMetrics::default(),
+        })
+    }
+
+    /// This store, counting its writes into `metrics` (the server's registry).
+    pub fn with_metrics(self, metrics: StoreMetrics) -> Self {
+        PostgresStore { metrics, ..self }
+    }
+
+    /// A connection from the pool.
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Starts counting one write (see [`WriteTimer`]).
+    fn write_timer(&self) -> WriteTimer<'_> {
+        WriteTimer {
+            metrics: &self.metrics,
+            started: Instant::now(),
+        }
+    }
+
+    /// Every row of `sql` with `parameters`, converted by `convert`.
+    async fn read_all<T>(
+        &self,
+        sql: &str,
+        parameters: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        convert: fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let client = self.client().await?;
+        let rows = client.query(sql, parameters).await?;
+        convert_rows(&rows, convert)
+    }
+
+    /// The one row of `sql` with `parameters`, if any, converted by `convert`.
+    async fn read_one<T>(
+        &self,
+        sql: &str,
+        parameters: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        convert: fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let client = self.client().await?;
+        let row = client.query_opt(sql, parameters).await?;
+        row.as_ref().map(convert).transpose()
+    }
+}
+
+/// Takes the transaction advisory lock `key` (released at commit or rollback).
+async fn lock_rule(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    key: i64,
+) -> Result<(), StoreError> {
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&key])
+        .await?;
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Store for PostgresStore {
+    async fn insert_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {
+        tokens::insert_token(self, token).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        tokens::list_tokens(self).await
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+        tokens::revoke_token(self, id).await
+    }
+
+    async fn redeem_token(
+        &self,
+        secret_hash: &str,
+        now: UnixSeconds,
+    ) -> Result<TokenRedemption, StoreError> {
+        tokens::redeem_token(self, secret_hash, now).await
+    }
+
+    async fn insert_machine(&self, machine: &MachineRecord) -> Result<(), StoreError> {
+        machines::insert_machine(self, machine).await
+    }
+
+    async fn machine(&self, id: Uuid) -> Result<Option<MachineRecord>, StoreError> {
+        machines::machine(self, id).await
+    }
+
+    async fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        machines::machines(self).await
+    }
+
+    async fn record_certificate(
+        &self,
+        id: Uuid,
+        serial: &str,
+        not_after: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        machines::record_certificate(self, id, serial, not_after).await
+    }
+
+    async fn record_inventory(
+        &self,
+        id: Uuid,
+        inventory: &Inventory,
+        seen_at: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        machines::record_inventory(self, id, inventory, seen_at).await
+    }
+
+    async fn update_labels(
+        &self,
+        id: Uuid,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        machines::update_labels(self, id, labels).await
+    }
+
+    async fn record_transition(
+        &self,
+        transition: &StateTransitionRecord,
+    ) -> Result<(), StoreError> {
+        machines::record_transition(self, transition).await
+    }
+
+    async fn transitions(
+        &self,
+        machine_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<StateTransitionRecord>, StoreError> {
+        machines::transitions(self, machine_id, limit).await
+    }
+
+    async fn insert_image(&self, image: &ImageRecord) -> Result<bool, StoreError> {
+        images::insert_image(self, image).await
+    }
+
+    async fn images(&self, name: Option<&str>) -> Result<Vec<ImageRecord>, StoreError> {
+        images::images(self, name).await
+    }
+
+    async fn image(&self, name: &str, version: &str) -> Result<Option<ImageRecord>, StoreError> {
+        images::image(self, name, version).await
+    }
+
+    async fn set_desired_image(
+        &self,
+        id: Uuid,
+        image: Option<&DesiredImageRecord>,
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        machines::set_desired_image(self, id, image).await
+    }
+
+    async fn record_last_seen(&self, seen: &[(Uuid, UnixSeconds)]) -> Result<(), StoreError> {
+        machines::record_last_seen(self, seen).await
+    }
+
+    async fn retire_machine(
+        &self,
+        id: Uuid,
+        at: UnixSeconds,
+        denied: &[DeniedEntry],
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        machines::retire_machine(self, id, at, denied).await
+    }
+
+    async fn insert_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError> {
+        operators::insert_operator(self, operator).await
+    }
+
+    async fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
+        operators::operator(self, name).await
+    }
+
+    async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+        operators::operators(self).await
+    }
+
+    async fn set_operator_role(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<OperatorChange, StoreError> {
+        operators::set_operator_role(self, name, role).await
+    }
+
+    async fn revoke_operator(
+        &self,
+        name: &str,
+        at: UnixSeconds,
+        denied: &[DeniedEntry],
+    ) -> Result<OperatorChange, StoreError> {
+        operators::revoke_operator(self, name, at, denied).await
+    }
+
+    async fn denied_entries(&self) -> Result<Vec<DeniedEntry>, StoreError> {
+        operators::denied_entries(self).await
+    }
+
+    async fn insert_release_key(&self, key: &ReleaseKeyRecord) -> Result<(), StoreError> {
+        images::insert_release_key(self, key).await
+    }
+
+    async fn remove_release_key(&self, id: &str) -> Result<Option<ReleaseKeyRecord>, StoreError> {
+        images::remove_release_key(self, id).await
+    }
+
+    async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>, StoreError> {
+        images::release_keys(self).await
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
+        audit::append_audit(self, event).await
+    }
+
+    async fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        audit::audit_entries(self, filter).await
+    }
+
+    #[cfg(test)]
+    fn write_count(&self) -> u64 {
+        self.metrics.writes.get()
+    }
+}
+
+#[cfg(test)]
+mod cluster;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::store_contract_suite;
+
+    /// The contract suite's factory: a new, empty database in the test
+    /// binary's throwaway cluster (see [`super::cluster`]); `None` when
+    /// PostgreSQL is missing and the environment asks to skip.
+    async fn fresh_postgres_store() -> Option<(PostgresStore, ())> {
+        let url = cluster::fresh_database_url().await?;
+        let store = PostgresStore::connect(&url, None)
+            .await
+            .expect("connect to the fresh database");
+        Some((store, ()))
+    }
+
+    store_contract_suite!(skippable fresh_postgres_store);
+
+    #[tokio::test]
+    async fn a_password_is_accepted_apart_from_the_url_and_a_bad_url_is_refused() {
+        let Some(url) = cluster::fresh_database_url().await else {
+            return;
+        };
+        // The cluster trusts local connections: a password is sent only
+        // when asked for, so this proves the option is accepted.
+        PostgresStore::connect(&url, Some("not-logged".into()))
+            .await
+            .expect("connect with a password given apart");
+        let error = PostgresStore::connect("postgres://host:notaport/db", Some("secret".into()))
+            .await
+            .expect_err("a bad URL is refused");
+        let message = error.to_string();
+        assert!(message.contains("does not parse"), "{message}");
+        assert!(!message.contains("secret"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn reopening_a_migrated_database_keeps_its_data() {
+        let Some(url) = cluster::fresh_database_url().await else {
+            return;
+        };
+        let first = PostgresStore::connect(&url, None).await.expect("connect");
+        first
+            .insert_token(&crate::store::contract::token("t1", "h1", 1))
+            .await
+            .expect("insert a token");
+        let second = PostgresStore::connect(&url, None).await.expect("reconnect");
+        let tokens = second.list_tokens().await.expect("list tokens");
+        assert_eq!(tokens.len(), 1);
+    }
+}
