@@ -76,13 +76,7 @@ async fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
         }
     }
     let report = runner.run_async(client).await.map_err(migration_error)?;
-    for applied in report.applied_migrations() {
-        tracing::info!(
-            version = applied.version(),
-            name = applied.name(),
-            "schema migration applied"
-        );
-    }
+    super::super::log_applied_migrations(&report);
     Ok(())
 }
 
