@@ -18,7 +18,7 @@ use crate::domain::repair::settings::{
     validate_minimums, GroupMinimumFile, GroupMinimums, RemediationConfigFile, RemediationSettings,
 };
 use crate::limits::{LimitSettings, LimitsConfigFile};
-use crate::store::settings::{StoreConfigFile, StoreSettings};
+pub use crate::store::settings::{StoreConfigFile, StoreKind, StoreSettings};
 
 /// Settings as written in the TOML file. Durations are humantime strings
 /// ("24h", "10s") so that every bad value can be reported, not just the first.

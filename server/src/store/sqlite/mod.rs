@@ -127,7 +127,9 @@ impl From<rusqlite::Error> for StoreError {
 
 impl SqliteStore {
     /// Opens (creating if needed) the store file and brings its schema to
-    /// the latest version (see [`migrations`]).
+    /// the latest version (see [`migrations`]). The server opens its store
+    /// through `settings::open_store`; tests open files directly.
+    #[cfg(test)]
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with_metrics(path, StoreMetrics::default())
     }
