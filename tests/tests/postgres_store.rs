@@ -9,6 +9,9 @@
 // Helpers shared by tests panic on failure, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// The store's own test harness, shared rather than copied; this test uses
+// only part of it.
+#[allow(dead_code)]
 #[path = "../../server/src/store/postgres/cluster.rs"]
 mod cluster;
 
@@ -20,8 +23,11 @@ const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The hostnames of the machines stored in the database at `url`, read
 /// directly with the driver (not through the server).
-async fn stored_hostnames(url: &str) -> Vec<String> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+async fn stored_hostnames(url: &str, password: &str) -> Vec<String> {
+    let mut config: tokio_postgres::Config = url.parse().unwrap();
+    config.password(password);
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
         .await
         .expect("connect to the server's database");
     let connection = tokio::spawn(connection);
@@ -37,16 +43,29 @@ async fn stored_hostnames(url: &str) -> Vec<String> {
 #[test]
 fn a_server_on_postgres_enrolls_an_agent_and_keeps_it_across_a_restart() {
     let runtime = test_runtime();
-    let Some(url) = runtime.block_on(cluster::fresh_database_url()) else {
+    let password = "e2e-password";
+    let Some(url) = runtime.block_on(cluster::password_role_url(password)) else {
         return;
     };
     let root = TempDir::new("flotte-postgres").unwrap();
-    let mut server = Server::init(root.path(), "server", &["--store-url", &url]);
+    let password_file = root.path().join("postgres.password");
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    let mut server = Server::init(
+        root.path(),
+        "server",
+        &[
+            "--store-url",
+            &url,
+            "--store-password-file",
+            password_file.to_str().unwrap(),
+        ],
+    );
     let settings = std::fs::read_to_string(server.data_dir.join("server.toml")).unwrap();
     assert!(
         settings.contains("[store]") && settings.contains("kind = \"postgres\""),
         "{settings}"
     );
+    assert!(!settings.contains(password), "{settings}");
     server.start();
 
     let token = server.token("role=web", "dc1", &[]);
@@ -62,7 +81,8 @@ fn a_server_on_postgres_enrolls_an_agent_and_keeps_it_across_a_restart() {
         !server.data_dir.join("flotte.db").exists(),
         "a SQLite store was created next to the PostgreSQL one"
     );
-    let hostnames = runtime.block_on(stored_hostnames(&url));
+    assert!(!server.log().contains(password), "{}", server.log());
+    let hostnames = runtime.block_on(stored_hostnames(&url, password));
     assert_eq!(hostnames.len(), 1, "{hostnames:?}");
 
     // Restarted, the server finds the machine in PostgreSQL and the agent

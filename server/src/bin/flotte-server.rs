@@ -37,7 +37,8 @@ enum Command {
         /// SQLite in the data dir; written to `[store]` in the settings.
         #[arg(long)]
         store_url: Option<String>,
-        /// File holding the PostgreSQL password (with --store-url).
+        /// File holding the PostgreSQL password (with --store-url; a relative
+        /// path is taken from the data dir).
         #[arg(long, requires = "store_url")]
         store_password_file: Option<PathBuf>,
     },

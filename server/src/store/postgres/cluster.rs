@@ -25,15 +25,21 @@ use uuid::Uuid;
 /// The environment variable that turns a missing PostgreSQL into skipped tests.
 const SKIP_VARIABLE: &str = "FLOTTE_TEST_SKIP_POSTGRES";
 
+/// The one role that must authenticate with a password (every other
+/// connection is trusted); [`password_role_url`] creates it.
+pub(super) const PASSWORD_ROLE: &str = "flotte_password_test";
+
 /// Where Debian's `postgresql` package puts the server binaries, per version.
 const DEBIAN_POSTGRESQL_DIRECTORY: &str = "/usr/lib/postgresql";
 
-/// The keeper, run as `postgres` with `$1` = binaries directory, `$2` = port:
-/// creates the cluster, starts it, says `ready`, then waits for its
-/// standard input to close and removes everything.
+/// The keeper, run as `postgres` with `$1` = binaries directory, `$2` =
+/// port, `$3` = [`PASSWORD_ROLE`]: creates the cluster, starts it, says
+/// `ready`, then waits for its standard input to close and removes
+/// everything.
 const KEEPER_SCRIPT: &str = r#"set -eu
 bin=$1
 port=$2
+password_role=$3
 dir=$(mktemp -d /tmp/flotte-postgres-test.XXXXXX)
 cleanup() {
     "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
@@ -45,6 +51,10 @@ if ! "$bin/initdb" -D "$dir/data" -A trust -U postgres --no-sync >"$dir/initdb.l
     cat "$dir/initdb.log" >&2
     exit 1
 fi
+# One role must give a password over TCP (the first matching line wins),
+# so that sending the password kept apart from the URL is tested for real.
+{ echo "host all $password_role 127.0.0.1/32 scram-sha-256"; cat "$dir/data/pg_hba.conf"; } \
+    >"$dir/pg_hba.conf" && mv "$dir/pg_hba.conf" "$dir/data/pg_hba.conf"
 if ! "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
     -o "-p $port -c listen_addresses=127.0.0.1 -k $dir/data -c fsync=off -c max_connections=300" \
     start >/dev/null; then
@@ -101,6 +111,7 @@ fn start_cluster() -> Result<Cluster, String> {
         .args(["-u", "postgres", "--", "sh", "-c", KEEPER_SCRIPT, "keeper"])
         .arg(&binaries)
         .arg(port.to_string())
+        .arg(PASSWORD_ROLE)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -134,32 +145,75 @@ fn cluster() -> &'static Result<Cluster, String> {
     CLUSTER.get_or_init(start_cluster)
 }
 
-/// The URL of a new, empty database in the shared cluster; `None` if
-/// PostgreSQL is unavailable and [`SKIP_VARIABLE`] asks to skip. Panics
-/// with the reason if it is unavailable otherwise.
-pub(super) async fn fresh_database_url() -> Option<String> {
+/// The shared cluster's address (`postgres://postgres@127.0.0.1:PORT`);
+/// `None` if PostgreSQL is unavailable and [`SKIP_VARIABLE`] asks to skip.
+/// Panics with the reason if it is unavailable otherwise.
+async fn cluster_address() -> Option<u16> {
     let cluster = tokio::task::spawn_blocking(cluster)
         .await
         .expect("the cluster start-up task");
-    let cluster = match cluster {
-        Ok(cluster) => cluster,
+    match cluster {
+        Ok(cluster) => Some(cluster.port),
         Err(reason) if std::env::var(SKIP_VARIABLE).as_deref() == Ok("1") => {
             eprintln!("skipped ({SKIP_VARIABLE}=1): {reason}");
-            return None;
+            None
         }
         Err(reason) => panic!("{reason} (set {SKIP_VARIABLE}=1 to skip the PostgreSQL tests)"),
-    };
-    let server = format!("postgres://postgres@127.0.0.1:{}", cluster.port);
-    let (client, connection) = tokio_postgres::connect(&format!("{server}/postgres"), NoTls)
+    }
+}
+
+/// Runs `sql` as the superuser on the cluster listening on `port`.
+async fn run_as_superuser(port: u16, sql: &str) {
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let (client, connection) = tokio_postgres::connect(&url, NoTls)
         .await
         .expect("connect to the throwaway cluster");
     let connection = tokio::spawn(connection);
-    let database = format!("flotte_test_{}", Uuid::new_v4().simple());
     client
-        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .batch_execute(sql)
         .await
-        .expect("create a fresh database");
+        .expect("run a statement on the throwaway cluster");
     drop(client);
     let _ = connection.await;
-    Some(format!("{server}/{database}"))
+}
+
+/// A new, empty database in the shared cluster; its name.
+async fn fresh_database(port: u16) -> String {
+    let database = format!("flotte_test_{}", Uuid::new_v4().simple());
+    run_as_superuser(port, &format!("CREATE DATABASE {database}")).await;
+    database
+}
+
+/// The URL of a new, empty database in the shared cluster, for the
+/// trusted superuser; `None` when skipped (see [`cluster_address`]).
+pub(super) async fn fresh_database_url() -> Option<String> {
+    let port = cluster_address().await?;
+    let database = fresh_database(port).await;
+    Some(format!("postgres://postgres@127.0.0.1:{port}/{database}"))
+}
+
+/// The URL (without password) of a new database owned by
+/// [`PASSWORD_ROLE`], which must log in with `password`; `None` when
+/// skipped (see [`cluster_address`]).
+pub(super) async fn password_role_url(password: &str) -> Option<String> {
+    let port = cluster_address().await?;
+    let database = fresh_database(port).await;
+    // The role is shared by the tests of this binary: create it once, set
+    // the password each time (callers use the same one).
+    run_as_superuser(
+        port,
+        &format!(
+            "DO $$ BEGIN
+                IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{PASSWORD_ROLE}') THEN
+                    CREATE ROLE {PASSWORD_ROLE} LOGIN;
+                END IF;
+             END $$;
+             ALTER ROLE {PASSWORD_ROLE} PASSWORD '{password}';
+             ALTER DATABASE {database} OWNER TO {PASSWORD_ROLE};"
+        ),
+    )
+    .await;
+    Some(format!(
+        "postgres://{PASSWORD_ROLE}@127.0.0.1:{port}/{database}"
+    ))
 }

@@ -328,19 +328,32 @@ mod tests {
     store_contract_suite!(skippable fresh_postgres_store);
 
     #[tokio::test]
-    async fn a_password_is_accepted_apart_from_the_url_and_a_bad_url_is_refused() {
-        let Some(url) = cluster::fresh_database_url().await else {
+    async fn the_password_is_sent_apart_from_the_url_and_never_shown() {
+        let password = "correct-horse-battery";
+        let Some(url) = cluster::password_role_url(password).await else {
             return;
         };
-        // The cluster trusts local connections: a password is sent only
-        // when asked for, so this proves the option is accepted.
-        PostgresStore::connect(&url, Some("not-logged".into()))
+        PostgresStore::connect(&url, Some(password.into()))
             .await
-            .expect("connect with a password given apart");
-        let error = PostgresStore::connect("postgres://host:notaport/db", Some("secret".into()))
+            .expect("connect with the password given apart from the URL");
+        let refused = PostgresStore::connect(&url, None)
             .await
-            .expect_err("a bad URL is refused");
-        let message = error.to_string();
+            .expect_err("without a password the role is refused");
+        assert!(matches!(refused, StoreError::Backend(_)), "{refused:?}");
+        let wrong = PostgresStore::connect(&url, Some("wrong-horse".into()))
+            .await
+            .expect_err("a wrong password is refused");
+        let message = wrong.to_string();
+        assert!(
+            message.contains("password authentication failed"),
+            "{message}"
+        );
+        assert!(!message.contains("wrong-horse"), "{message}");
+        let unparsable =
+            PostgresStore::connect("postgres://host:notaport/db", Some("secret".into()))
+                .await
+                .expect_err("a bad URL is refused");
+        let message = unparsable.to_string();
         assert!(message.contains("does not parse"), "{message}");
         assert!(!message.contains("secret"), "{message}");
     }
