@@ -20,6 +20,7 @@ use crate::domain::repair::settings::{
 };
 use crate::forensics::{ForensicsConfigFile, ForensicsLimits};
 use crate::limits::{LimitSettings, LimitsConfigFile};
+pub use crate::store::settings::{StoreConfigFile, StoreKind, StoreSettings};
 
 /// Settings as written in the TOML file. Durations are humantime strings
 /// ("24h", "10s") so that every bad value can be reported, not just the first.
@@ -64,6 +65,10 @@ pub struct ServerConfigFile {
     /// `init` writes while it is the default.
     #[serde(skip_serializing_if = "ForensicsConfigFile::is_default")]
     pub forensics: ForensicsConfigFile,
+    /// Where the state lives: SQLite in the data dir (the default, left out
+    /// of the file `init` writes) or a PostgreSQL database shared by replicas.
+    #[serde(skip_serializing_if = "StoreConfigFile::is_default")]
+    pub store: StoreConfigFile,
 }
 
 /// One `[[webhook]]` table.
@@ -103,6 +108,7 @@ impl Default for ServerConfigFile {
             minimums: Vec::new(),
             limits: LimitsConfigFile::default(),
             forensics: ForensicsConfigFile::default(),
+            store: StoreConfigFile::default(),
         }
     }
 }
@@ -126,6 +132,7 @@ pub struct ServerConfig {
     pub minimums: GroupMinimums,
     pub limits: LimitSettings,
     pub forensics: ForensicsLimits,
+    pub store: StoreSettings,
 }
 
 impl ServerConfigFile {
@@ -234,6 +241,7 @@ impl ServerConfigFile {
         let minimums = validate_minimums(&self.minimums, &mut problems);
         let limits = self.limits.validate(&mut problems);
         let forensics = self.forensics.validate(&mut problems);
+        let store = self.store.validate(&data_dir, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -264,6 +272,7 @@ impl ServerConfigFile {
             minimums,
             limits,
             forensics,
+            store,
         })
     }
 }

@@ -13,7 +13,9 @@ use flotte_proto::identity::Identity;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::clock::{to_unix, Clock, SystemClock};
 use crate::config::{default_config_path, ConfigError, ServerConfigFile};
-use crate::store::{OperatorRecord, SqliteStore, Store, StoreError};
+use crate::metrics::StoreMetrics;
+use crate::store::settings::{open_store, StoreConfigFile};
+use crate::store::{OperatorRecord, StoreError};
 use flotte_common::audit::AuditEvent;
 use flotte_common::profile::{Profile, ProfileError, ProfileSettings};
 use flotte_common::roles::{AdminRpc, Role};
@@ -50,6 +52,8 @@ pub struct InitOptions {
     pub listen: Option<String>,
     pub subject_alt_names: Vec<String>,
     pub trust_domain: Option<String>,
+    /// The `[store]` table to write; the first admin is recorded there.
+    pub store: StoreConfigFile,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +87,7 @@ pub async fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, 
         settings.trust_domain = trust_domain;
     }
     settings.subject_alt_names = options.subject_alt_names;
+    settings.store = options.store;
     let config = settings.clone().validate(data_dir.to_owned())?;
 
     files::create_private_dir(data_dir).map_err(|source| InitError::Io {
@@ -102,7 +107,9 @@ pub async fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, 
     let (certificate, key) = ca.issue_client_with_new_key(&admin, ADMIN_CERTIFICATE_LIFETIME)?;
     // The store knows the first admin from the start: the server refuses
     // operator identities it does not know, whatever their certificate says.
-    let store = SqliteStore::open(&crate::store_path(data_dir))?;
+    let store = open_store(&config.store, data_dir, StoreMetrics::default())
+        .await?
+        .store;
     let now = SystemClock.now_unix();
     store
         .insert_operator(&OperatorRecord {

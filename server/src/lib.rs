@@ -48,7 +48,8 @@ use crate::live::registry::Registry;
 use crate::live::revocation::Revocations;
 use crate::live::transitions::EventSender;
 use crate::metrics::ServerMetrics;
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::settings::open_store;
+use crate::store::{Store, StoreError};
 
 /// The server's own certificate is re-issued at every start (so SAN changes
 /// in the config take effect on restart); this bounds how long one start lasts.
@@ -208,8 +209,8 @@ pub async fn run(
         flotte_proto::transport::private_key_from_pem("server key", &server_key.serialize_pem())
             .map_err(edge::tls::TlsSetupError::from)?;
     let metrics = ServerMetrics::new();
-    let store =
-        SqliteStore::open_with_metrics(&store_path(&config.data_dir), metrics.store.clone())?;
+    let opened = open_store(&config.store, &config.data_dir, metrics.store.clone()).await?;
+    let store = opened.store;
     let revocations = Revocations::new(&store.denied_entries().await?);
     let tls_config =
         edge::tls::server_config(ca.certificate_der(), chain, key, Arc::clone(&revocations))?;
@@ -223,14 +224,13 @@ pub async fn run(
     ));
     let alerts = AlertDispatcher::start(config.webhooks.clone(), metrics.clone(), shutdown.clone());
     let metrics_listen = config.metrics_listen;
-    let repair = live::repair_state::RepairState::new(Arc::new(store.clone()), &config.data_dir);
+    let repair = live::repair_state::RepairState::new(opened.repair, &config.data_dir);
     let rollouts = Arc::new(
-        live::rollout::RolloutEngine::load(Arc::new(store.clone()))
+        live::rollout::RolloutEngine::load(opened.rollouts)
             .await
             .map_err(|error| ServerError::Rollouts(error.to_string()))?,
     );
-    let access_hub = Arc::new(live::access_hub::AccessHub::load(Arc::new(store.clone())).await?);
-    let store: Arc<dyn Store> = Arc::new(store);
+    let access_hub = Arc::new(live::access_hub::AccessHub::load(opened.access).await?);
     let registry = Arc::new(Registry::new());
     let publisher = Arc::new(live::publisher::Publisher::new(
         Arc::clone(&registry) as Arc<dyn live::publisher::SessionFanOut>,

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use flotte_server::config::{default_config_path, read_toml, ServerConfigFile};
+use flotte_server::config::{
+    default_config_path, read_toml, ServerConfigFile, StoreConfigFile, StoreKind,
+};
 use flotte_server::init::{init, InitOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +32,15 @@ enum Command {
         subject_alt_names: Vec<String>,
         #[arg(long)]
         trust_domain: Option<String>,
+        /// Keep the state in this PostgreSQL database
+        /// (`postgres://user@host:port/database`, no password) instead of
+        /// SQLite in the data dir; written to `[store]` in the settings.
+        #[arg(long)]
+        store_url: Option<String>,
+        /// File holding the PostgreSQL password (with --store-url; a relative
+        /// path is taken from the data dir).
+        #[arg(long, requires = "store_url")]
+        store_password_file: Option<PathBuf>,
     },
     /// Serve the gRPC API over mutual TLS.
     Run {
@@ -123,7 +134,11 @@ fn main() -> ExitCode {
             listen,
             subject_alt_names,
             trust_domain,
+            store_url,
+            store_password_file,
         } => match tokio::runtime::Builder::new_current_thread()
+            // The PostgreSQL driver needs the I/O and time drivers.
+            .enable_all()
             .build()
             .map_err(|error| format!("cannot start the async runtime: {error}"))
             .and_then(|runtime| {
@@ -134,6 +149,15 @@ fn main() -> ExitCode {
                             listen,
                             subject_alt_names,
                             trust_domain,
+                            store: StoreConfigFile {
+                                kind: if store_url.is_some() {
+                                    StoreKind::Postgres
+                                } else {
+                                    StoreKind::Sqlite
+                                },
+                                url: store_url,
+                                password_file: store_password_file,
+                            },
                         },
                     ))
                     .map_err(|error| error.to_string())

@@ -11,14 +11,18 @@
 //! with typed outcomes (a token use, the last admin, one quarantine, one
 //! active rollout per machine), never a read followed by a write in the
 //! caller. Errors are domain terms ([`StoreError`]); each backend maps its
-//! driver's errors in its own module. Backends: `sqlite` (numbered schema
-//! migrations at open). Every backend passes the test-only `contract` suite.
+//! driver's errors in its own module. Backends: `sqlite` (the embedded
+//! default) and `postgres` (for replicas sharing one database), each with
+//! the same numbered schema migrations applied at open. Every backend passes
+//! the test-only `contract` suite.
 
 mod access;
 #[cfg(test)]
 pub(crate) mod contract;
+mod postgres;
 pub mod repair;
 mod rollouts;
+pub mod settings;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -377,6 +381,207 @@ pub trait Store: Send + Sync + 'static {
     #[cfg(test)]
     fn write_count(&self) -> u64;
 }
+
+/// Logs each schema migration a backend applied at open.
+fn log_applied_migrations(report: &refinery::Report) {
+    for applied in report.applied_migrations() {
+        tracing::info!(
+            version = applied.version(),
+            name = applied.name(),
+            "schema migration applied"
+        );
+    }
+}
+
+/// Implements [`Store`] for a backend by calling, for each method, the
+/// function of the same name in the backend's module for that aggregate
+/// (`tokens`, `machines`, `images`, `operators`, `audit`), which every
+/// backend lays out alike; expanded inside the backend's own module, whose
+/// imports name the record types.
+macro_rules! dispatch_store_to_aggregates {
+    ($backend:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $backend {
+            async fn insert_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {
+                tokens::insert_token(self, token).await
+            }
+
+            async fn list_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+                tokens::list_tokens(self).await
+            }
+
+            async fn revoke_token(&self, id: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+                tokens::revoke_token(self, id).await
+            }
+
+            async fn redeem_token(
+                &self,
+                secret_hash: &str,
+                now: UnixSeconds,
+            ) -> Result<TokenRedemption, StoreError> {
+                tokens::redeem_token(self, secret_hash, now).await
+            }
+
+            async fn insert_machine(&self, machine: &MachineRecord) -> Result<(), StoreError> {
+                machines::insert_machine(self, machine).await
+            }
+
+            async fn machine(&self, id: Uuid) -> Result<Option<MachineRecord>, StoreError> {
+                machines::machine(self, id).await
+            }
+
+            async fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+                machines::machines(self).await
+            }
+
+            async fn record_certificate(
+                &self,
+                id: Uuid,
+                serial: &str,
+                not_after: UnixSeconds,
+            ) -> Result<(), StoreError> {
+                machines::record_certificate(self, id, serial, not_after).await
+            }
+
+            async fn record_inventory(
+                &self,
+                id: Uuid,
+                inventory: &Inventory,
+                seen_at: UnixSeconds,
+            ) -> Result<(), StoreError> {
+                machines::record_inventory(self, id, inventory, seen_at).await
+            }
+
+            async fn update_labels(
+                &self,
+                id: Uuid,
+                labels: &BTreeMap<String, String>,
+            ) -> Result<Option<MachineRecord>, StoreError> {
+                machines::update_labels(self, id, labels).await
+            }
+
+            async fn record_transition(
+                &self,
+                transition: &StateTransitionRecord,
+            ) -> Result<(), StoreError> {
+                machines::record_transition(self, transition).await
+            }
+
+            async fn transitions(
+                &self,
+                machine_id: Uuid,
+                limit: u32,
+            ) -> Result<Vec<StateTransitionRecord>, StoreError> {
+                machines::transitions(self, machine_id, limit).await
+            }
+
+            async fn insert_image(&self, image: &ImageRecord) -> Result<bool, StoreError> {
+                images::insert_image(self, image).await
+            }
+
+            async fn images(&self, name: Option<&str>) -> Result<Vec<ImageRecord>, StoreError> {
+                images::images(self, name).await
+            }
+
+            async fn image(
+                &self,
+                name: &str,
+                version: &str,
+            ) -> Result<Option<ImageRecord>, StoreError> {
+                images::image(self, name, version).await
+            }
+
+            async fn set_desired_image(
+                &self,
+                id: Uuid,
+                image: Option<&DesiredImageRecord>,
+            ) -> Result<Option<MachineRecord>, StoreError> {
+                machines::set_desired_image(self, id, image).await
+            }
+
+            async fn record_last_seen(
+                &self,
+                seen: &[(Uuid, UnixSeconds)],
+            ) -> Result<(), StoreError> {
+                machines::record_last_seen(self, seen).await
+            }
+
+            async fn retire_machine(
+                &self,
+                id: Uuid,
+                at: UnixSeconds,
+                denied: &[DeniedEntry],
+            ) -> Result<Option<MachineRecord>, StoreError> {
+                machines::retire_machine(self, id, at, denied).await
+            }
+
+            async fn insert_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError> {
+                operators::insert_operator(self, operator).await
+            }
+
+            async fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
+                operators::operator(self, name).await
+            }
+
+            async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+                operators::operators(self).await
+            }
+
+            async fn set_operator_role(
+                &self,
+                name: &str,
+                role: Role,
+            ) -> Result<OperatorChange, StoreError> {
+                operators::set_operator_role(self, name, role).await
+            }
+
+            async fn revoke_operator(
+                &self,
+                name: &str,
+                at: UnixSeconds,
+                denied: &[DeniedEntry],
+            ) -> Result<OperatorChange, StoreError> {
+                operators::revoke_operator(self, name, at, denied).await
+            }
+
+            async fn denied_entries(&self) -> Result<Vec<DeniedEntry>, StoreError> {
+                operators::denied_entries(self).await
+            }
+
+            async fn insert_release_key(&self, key: &ReleaseKeyRecord) -> Result<(), StoreError> {
+                images::insert_release_key(self, key).await
+            }
+
+            async fn remove_release_key(
+                &self,
+                id: &str,
+            ) -> Result<Option<ReleaseKeyRecord>, StoreError> {
+                images::remove_release_key(self, id).await
+            }
+
+            async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>, StoreError> {
+                images::release_keys(self).await
+            }
+
+            async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
+                audit::append_audit(self, event).await
+            }
+
+            async fn audit_entries(
+                &self,
+                filter: &AuditFilter,
+            ) -> Result<Vec<AuditRecord>, StoreError> {
+                audit::audit_entries(self, filter).await
+            }
+
+            #[cfg(test)]
+            fn write_count(&self) -> u64 {
+                self.metrics.writes.get()
+            }
+        }
+    };
+}
+pub(crate) use dispatch_store_to_aggregates;
 
 #[cfg(test)]
 mod tests {

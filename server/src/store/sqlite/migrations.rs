@@ -92,13 +92,7 @@ pub(super) fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
         None => {}
     }
     let report = runner.run(connection).map_err(migration_error)?;
-    for applied in report.applied_migrations() {
-        tracing::info!(
-            version = applied.version(),
-            name = applied.name(),
-            "schema migration applied"
-        );
-    }
+    super::super::log_applied_migrations(&report);
     Ok(())
 }
 

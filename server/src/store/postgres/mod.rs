@@ -1,0 +1,375 @@
+//! PostgreSQL implementation of the store traits, for server replicas that
+//! share one database: a `deadpool-postgres` pool of `tokio-postgres`
+//! connections, the numbered schema migrations of `migrations` (the same
+//! numbers as SQLite's) applied at connect.
+//!
+//! This file holds connecting (the password comes apart from the URL and is
+//! never logged or shown), the pool and the write metrics, the row helpers
+//! shared by every aggregate, the mapping of driver errors to
+//! [`StoreError`] (no driver type crosses the trait), and the `Store`
+//! trait's dispatch to one file per aggregate; access, repair and rollouts
+//! implement their own traits in their own files.
+//!
+//! Concurrency: transactions run at PostgreSQL's default READ COMMITTED,
+//! and every conditional operation serialises on an explicit lock taken
+//! first in its transaction (a row lock on the machine, or a transaction
+//! advisory lock per rule: the audit chain, the last admin, rollout
+//! creation), so that the check and the write see the same state on every
+//! replica. A serialization failure or deadlock still surfaces as the
+//! retryable [`StoreError::Conflict`].
+
+mod access;
+mod audit;
+mod images;
+mod machines;
+mod migrations;
+mod operators;
+mod repair;
+mod rollouts;
+mod tokens;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+use crate::metrics::StoreMetrics;
+
+use super::{
+    DeniedEntry, DesiredImageRecord, ImageRecord, Inventory, JoinTokenRecord, MachineRecord,
+    OperatorChange, OperatorRecord, ReleaseKeyRecord, StateTransitionRecord, StoreError,
+    TokenRedemption, UnixSeconds,
+};
+use flotte_common::audit::{AuditEvent, AuditFilter, AuditRecord};
+use flotte_common::roles::Role;
+
+/// Connections one server process holds at most: enough for concurrent
+/// admin calls and the background flushes, small enough that several
+/// replicas stay far below PostgreSQL's default `max_connections` (100).
+const POOL_SIZE: usize = 16;
+
+/// How long a call waits for a free connection or a new one before failing.
+const POOL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keys of the transaction advisory locks that serialise the rules which
+/// span several rows (each one rule; any value unique to it will do).
+mod lock_keys {
+    /// Reading the audit chain's head and appending after it.
+    pub(super) const AUDIT_CHAIN: i64 = 0x666c_6f74_0001;
+    /// Counting the active admins and changing one of them.
+    pub(super) const ADMINS: i64 = 0x666c_6f74_0002;
+    /// Checking that no active rollout holds a machine and creating one.
+    pub(super) const ROLLOUT_CREATION: i64 = 0x666c_6f74_0003;
+    /// Applying the schema migrations (replicas may start together).
+    pub(super) const MIGRATIONS: i64 = 0x666c_6f74_0004;
+}
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    metrics: StoreMetrics,
+}
+
+/// Never prints the connection settings: they may hold the password.
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
+/// Every driver error becomes a domain [`StoreError`] here, at the edge of
+/// the PostgreSQL backend: a serialization failure or a deadlock (the
+/// server rolled the transaction back) is a retryable conflict, the rest
+/// is the backend failing.
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        match error.code() {
+            Some(code)
+                if *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED =>
+            {
+                StoreError::Conflict(describe(&error))
+            }
+            _ => StoreError::Backend(describe(&error)),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        match error {
+            deadpool_postgres::PoolError::Backend(error) => error.into(),
+            other => StoreError::Backend(format!("PostgreSQL connection pool: {other}")),
+        }
+    }
+}
+
+/// The driver's message with the server's own, when there is one (the
+/// driver's `Display` says only "db error").
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(database) => format!("PostgreSQL: {database}"),
+        None => format!("PostgreSQL: {error}"),
+    }
+}
+
+/// A unique-key clash as the domain's `AlreadyExists`.
+fn already_exists(error: tokio_postgres::Error, what: String) -> StoreError {
+    if error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        StoreError::AlreadyExists(what)
+    } else {
+        error.into()
+    }
+}
+
+fn corrupt(column: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("column {column}: {error}"))
+}
+
+/// One column of a row, as `T`.
+fn column<'row, T: FromSql<'row>>(row: &'row Row, name: &str) -> Result<T, StoreError> {
+    row.try_get(name).map_err(|error| corrupt(name, error))
+}
+
+/// A BIGINT column holding an unsigned count or version.
+fn unsigned_column<T: TryFrom<i64>>(row: &Row, name: &str) -> Result<T, StoreError> {
+    let value: i64 = column(row, name)?;
+    T::try_from(value).map_err(|_| corrupt(name, format!("{value} is out of range")))
+}
+
+fn uuid_column(row: &Row, name: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(column::<&str>(row, name)?).map_err(|error| corrupt(name, error))
+}
+
+fn optional_uuid_column(row: &Row, name: &str) -> Result<Option<Uuid>, StoreError> {
+    column::<Option<&str>>(row, name)?
+        .map(|text| Uuid::parse_str(text).map_err(|error| corrupt(name, error)))
+        .transpose()
+}
+
+fn json_column<T: serde::de::DeserializeOwned>(row: &Row, name: &str) -> Result<T, StoreError> {
+    serde_json::from_str(column::<&str>(row, name)?).map_err(|error| corrupt(name, error))
+}
+
+fn optional_json_column<T: serde::de::DeserializeOwned>(
+    row: &Row,
+    name: &str,
+) -> Result<Option<T>, StoreError> {
+    column::<Option<&str>>(row, name)?
+        .map(|text| serde_json::from_str(text).map_err(|error| corrupt(name, error)))
+        .transpose()
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+fn labels_to_json(labels: &BTreeMap<String, String>) -> Result<String, StoreError> {
+    to_json(labels)
+}
+
+/// A count or version as the BIGINT PostgreSQL stores.
+fn as_bigint<T: TryInto<i64>>(value: T) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
+}
+
+/// Converts every row with `convert`.
+fn convert_rows<T>(
+    rows: &[Row],
+    convert: fn(&Row) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    rows.iter().map(convert).collect()
+}
+
+/// Counts one write and its duration when dropped, whatever its outcome.
+struct WriteTimer<'store> {
+    metrics: &'store StoreMetrics,
+    started: Instant,
+}
+
+impl Drop for WriteTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics.writes.inc();
+        self.metrics
+            .write_duration
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// What is wrong with a `[store] url`, for the settings' validation: it
+/// must parse, and must not hold the password (the URL is shown in logs).
+/// The problems never quote the URL.
+pub(super) fn postgres_url_problems(url: &str) -> Vec<String> {
+    match url.parse::<tokio_postgres::Config>() {
+        Err(error) => vec![format!("store: the PostgreSQL url does not parse: {error}")],
+        Ok(config) if config.get_password().is_some() => vec![
+            "store: the PostgreSQL url holds a password: put it in a password_file instead".into(),
+        ],
+        Ok(_) => Vec::new(),
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database named by `url` (`postgres://user@host:port/database`;
+    /// `password`, if given, is set apart from it so that the URL can be
+    /// logged) and brings its schema to the latest version (see [`migrations`]).
+    pub async fn connect(url: &str, password: Option<String>) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|error| {
+            // The driver's message names the faulty option, never the URL
+            // (which may hold a password).
+            StoreError::Backend(format!("the PostgreSQL url does not parse: {error}"))
+        })?;
+        if let Some(password) = password {
+            config.password(password);
+        }
+        config.connect_timeout(POOL_TIMEOUT);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(POOL_TIMEOUT))
+            .build()
+            .map_err(|error| StoreError::Backend(format!("PostgreSQL connection pool: {error}")))?;
+        let mut client = pool.get().await?;
+        migrations::migrate(&mut client).await?;
+        Ok(PostgresStore {
+            pool,
+            metrics: StoreMetrics::default(),
+        })
+    }
+
+    /// This store, counting its writes into `metrics` (the server's registry).
+    pub fn with_metrics(self, metrics: StoreMetrics) -> Self {
+        PostgresStore { metrics, ..self }
+    }
+
+    /// A connection from the pool.
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Starts counting one write (see [`WriteTimer`]).
+    fn write_timer(&self) -> WriteTimer<'_> {
+        WriteTimer {
+            metrics: &self.metrics,
+            started: Instant::now(),
+        }
+    }
+
+    /// Every row of `sql` with `parameters`, converted by `convert`.
+    async fn read_all<T>(
+        &self,
+        sql: &str,
+        parameters: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        convert: fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let client = self.client().await?;
+        let rows = client.query(sql, parameters).await?;
+        convert_rows(&rows, convert)
+    }
+
+    /// The one row of `sql` with `parameters`, if any, converted by `convert`.
+    async fn read_one<T>(
+        &self,
+        sql: &str,
+        parameters: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        convert: fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let client = self.client().await?;
+        let row = client.query_opt(sql, parameters).await?;
+        row.as_ref().map(convert).transpose()
+    }
+}
+
+/// Takes the transaction advisory lock `key` (released at commit or rollback).
+async fn lock_rule(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    key: i64,
+) -> Result<(), StoreError> {
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&key])
+        .await?;
+    Ok(())
+}
+
+crate::store::dispatch_store_to_aggregates!(PostgresStore);
+
+#[cfg(test)]
+mod cluster;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::store_contract_suite;
+    use crate::store::Store;
+
+    /// The contract suite's factory: a new, empty database in the test
+    /// binary's throwaway cluster (see [`super::cluster`]); `None` when
+    /// PostgreSQL is missing and the environment asks to skip.
+    async fn fresh_postgres_store() -> Option<(PostgresStore, ())> {
+        let url = cluster::fresh_database_url().await?;
+        let store = PostgresStore::connect(&url, None)
+            .await
+            .expect("connect to the fresh database");
+        Some((store, ()))
+    }
+
+    store_contract_suite!(skippable fresh_postgres_store);
+
+    #[tokio::test]
+    async fn the_password_is_sent_apart_from_the_url_and_never_shown() {
+        let password = "correct-horse-battery";
+        let Some(url) = cluster::password_role_url(password).await else {
+            return;
+        };
+        PostgresStore::connect(&url, Some(password.into()))
+            .await
+            .expect("connect with the password given apart from the URL");
+        let refused = PostgresStore::connect(&url, None)
+            .await
+            .expect_err("without a password the role is refused");
+        assert!(matches!(refused, StoreError::Backend(_)), "{refused:?}");
+        let wrong = PostgresStore::connect(&url, Some("wrong-horse".into()))
+            .await
+            .expect_err("a wrong password is refused");
+        let message = wrong.to_string();
+        assert!(
+            message.contains("password authentication failed"),
+            "{message}"
+        );
+        assert!(!message.contains("wrong-horse"), "{message}");
+        let unparsable =
+            PostgresStore::connect("postgres://host:notaport/db", Some("secret".into()))
+                .await
+                .expect_err("a bad URL is refused");
+        let message = unparsable.to_string();
+        assert!(message.contains("does not parse"), "{message}");
+        assert!(!message.contains("secret"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn reopening_a_migrated_database_keeps_its_data() {
+        let Some(url) = cluster::fresh_database_url().await else {
+            return;
+        };
+        let first = PostgresStore::connect(&url, None).await.expect("connect");
+        first
+            .insert_token(&crate::store::contract::token("t1", "h1", 1))
+            .await
+            .expect("insert a token");
+        let second = PostgresStore::connect(&url, None).await.expect("reconnect");
+        let tokens = second.list_tokens().await.expect("list tokens");
+        assert_eq!(tokens.len(), 1);
+    }
+}

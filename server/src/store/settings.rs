@@ -1,0 +1,212 @@
+//! Which backend the server keeps its state in: the `[store]` table of
+//! `server.toml` as written (`kind = "sqlite"`, the embedded default, or
+//! `kind = "postgres"` with a `url` and an optional `password_file`), its
+//! validation (every problem reported together, like the rest of the
+//! settings), and opening the chosen backend behind the store traits.
+//!
+//! The password never sits in the URL (which is shown in logs and errors):
+//! a URL carrying one is refused, and the file is read only when the store
+//! is opened.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::postgres::{postgres_url_problems, PostgresStore};
+use super::repair::RepairStore;
+use super::{AccessStore, RolloutStore, SqliteStore, Store, StoreError};
+use crate::metrics::StoreMetrics;
+
+/// Bound on a password file: a password is short, and a wrong path (a log,
+/// a disk image) must not be read whole.
+const PASSWORD_FILE_MAX_BYTES: u64 = 4096;
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sqlite,
+    Postgres,
+}
+
+/// The `[store]` table as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfigFile {
+    pub kind: StoreKind,
+    /// `postgres://user@host:port/database`, without a password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A file holding the PostgreSQL password (relative to the data dir).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+/// The validated choice of backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSettings {
+    /// `flotte.db` in the data dir.
+    Sqlite,
+    Postgres {
+        url: String,
+        password_file: Option<PathBuf>,
+    },
+}
+
+impl StoreConfigFile {
+    pub fn is_default(&self) -> bool {
+        *self == StoreConfigFile::default()
+    }
+
+    /// Adds every problem to `problems`; the settings if there was none here.
+    pub fn validate(&self, data_dir: &Path, problems: &mut Vec<String>) -> StoreSettings {
+        match self.kind {
+            StoreKind::Sqlite => {
+                if self.url.is_some() || self.password_file.is_some() {
+                    problems.push(
+                        "store: url and password_file apply only to kind = \"postgres\"".into(),
+                    );
+                }
+                StoreSettings::Sqlite
+            }
+            StoreKind::Postgres => {
+                let url = match &self.url {
+                    Some(url) => {
+                        problems.extend(postgres_url_problems(url));
+                        url.clone()
+                    }
+                    None => {
+                        problems.push(
+                            "store: kind = \"postgres\" needs url = \"postgres://user@host:port/database\""
+                                .into(),
+                        );
+                        String::new()
+                    }
+                };
+                StoreSettings::Postgres {
+                    url,
+                    password_file: self.password_file.as_ref().map(|file| data_dir.join(file)),
+                }
+            }
+        }
+    }
+}
+
+/// One opened backend, as each part of the server sees it.
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    pub access: Arc<dyn AccessStore>,
+    pub rollouts: Arc<dyn RolloutStore>,
+    pub repair: Arc<dyn RepairStore>,
+}
+
+impl OpenedStore {
+    fn new<Backend>(backend: Backend) -> Self
+    where
+        Backend: Store + AccessStore + RolloutStore + RepairStore + Clone,
+    {
+        OpenedStore {
+            store: Arc::new(backend.clone()),
+            access: Arc::new(backend.clone()),
+            rollouts: Arc::new(backend.clone()),
+            repair: Arc::new(backend),
+        }
+    }
+}
+
+/// The password in `path`, without its trailing newline.
+fn read_password(path: &Path) -> Result<String, StoreError> {
+    let unreadable = |error: std::io::Error| {
+        StoreError::Backend(format!(
+            "cannot read the PostgreSQL password file {}: {error}",
+            path.display()
+        ))
+    };
+    let size = std::fs::metadata(path).map_err(unreadable)?.len();
+    if size > PASSWORD_FILE_MAX_BYTES {
+        return Err(StoreError::Backend(format!(
+            "the PostgreSQL password file {} is {size} bytes, more than the {PASSWORD_FILE_MAX_BYTES} a password may take",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(unreadable)?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+/// Opens the chosen backend (`data_dir` holds the SQLite file), bringing
+/// its schema to the latest version.
+pub async fn open_store(
+    settings: &StoreSettings,
+    data_dir: &Path,
+    metrics: StoreMetrics,
+) -> Result<OpenedStore, StoreError> {
+    match settings {
+        StoreSettings::Sqlite => Ok(OpenedStore::new(SqliteStore::open_with_metrics(
+            &crate::store_path(data_dir),
+            metrics,
+        )?)),
+        StoreSettings::Postgres { url, password_file } => {
+            let password = password_file.as_deref().map(read_password).transpose()?;
+            Ok(OpenedStore::new(
+                PostgresStore::connect(url, password)
+                    .await?
+                    .with_metrics(metrics),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(text: &str) -> (StoreSettings, Vec<String>) {
+        let file: StoreConfigFile = toml::from_str(text).expect("parses");
+        let mut problems = Vec::new();
+        let settings = file.validate(Path::new("/data"), &mut problems);
+        (settings, problems)
+    }
+
+    #[test]
+    fn sqlite_is_the_default_and_postgres_takes_a_url_and_a_password_file() {
+        assert_eq!(validate(""), (StoreSettings::Sqlite, vec![]));
+        assert_eq!(
+            validate(
+                "kind = \"postgres\"\nurl = \"postgres://flotte@db:5432/flotte\"\npassword_file = \"pg.pass\""
+            ),
+            (
+                StoreSettings::Postgres {
+                    url: "postgres://flotte@db:5432/flotte".into(),
+                    password_file: Some(PathBuf::from("/data/pg.pass")),
+                },
+                vec![]
+            )
+        );
+    }
+
+    #[test]
+    fn every_store_problem_is_reported_and_a_password_in_the_url_is_refused_unquoted() {
+        let (_, problems) = validate("url = \"postgres://a@b/c\"");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let (_, problems) = validate("kind = \"postgres\"");
+        assert!(problems[0].contains("needs url"), "{problems:?}");
+        let (_, problems) = validate("kind = \"postgres\"\nurl = \"postgres://a:hunter2@b/c\"");
+        assert!(problems[0].contains("password_file"), "{problems:?}");
+        assert!(!problems[0].contains("hunter2"), "{problems:?}");
+        let (_, problems) = validate("kind = \"postgres\"\nurl = \"postgres://a@b:notaport/c\"");
+        assert!(problems[0].contains("does not parse"), "{problems:?}");
+        assert!(toml::from_str::<StoreConfigFile>("kind = \"mysql\"").is_err());
+        assert!(toml::from_str::<StoreConfigFile>("host = \"db\"").is_err());
+    }
+
+    #[test]
+    fn a_password_file_loses_its_newline_and_an_oversized_one_is_refused() {
+        let directory = super::super::sqlite::tests::TemporaryDirectory::new();
+        let path = directory.0.join("pass");
+        std::fs::write(&path, "s3cret\n").expect("write");
+        assert_eq!(read_password(&path).expect("read"), "s3cret");
+        std::fs::write(&path, vec![b'x'; 5000]).expect("write");
+        assert!(read_password(&path).is_err());
+    }
+}

@@ -1,0 +1,99 @@
+//! End to end on PostgreSQL: `flotte-server init --store-url` records the
+//! first admin in a PostgreSQL database and writes `[store] kind =
+//! "postgres"`; the real server binary then serves from that database: an
+//! agent enrolls, and survives a server restart with its machine kept
+//! there (not in a SQLite file). The database lives in a throwaway cluster
+//! these tests start themselves (the same harness as the store's contract
+//! suite).
+
+// Helpers shared by tests panic on failure, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+// The store's own test harness, shared rather than copied; this test uses
+// only part of it.
+#[allow(dead_code)]
+#[path = "../../server/src/store/postgres/cluster.rs"]
+mod cluster;
+
+use std::time::Duration;
+
+use flotte_tests::{test_runtime, wait_until, Agent, Server, TempDir};
+
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The hostnames of the machines stored in the database at `url`, read
+/// directly with the driver (not through the server).
+async fn stored_hostnames(url: &str, password: &str) -> Vec<String> {
+    let mut config: tokio_postgres::Config = url.parse().unwrap();
+    config.password(password);
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect to the server's database");
+    let connection = tokio::spawn(connection);
+    let rows = client
+        .query("SELECT hostname FROM machines ORDER BY hostname", &[])
+        .await
+        .expect("read the machines table");
+    drop(client);
+    let _ = connection.await;
+    rows.iter().map(|row| row.get(0)).collect()
+}
+
+#[test]
+fn a_server_on_postgres_enrolls_an_agent_and_keeps_it_across_a_restart() {
+    let runtime = test_runtime();
+    let password = "e2e-password";
+    let Some(url) = runtime.block_on(cluster::password_role_url(password)) else {
+        return;
+    };
+    let root = TempDir::new("flotte-postgres").unwrap();
+    let password_file = root.path().join("postgres.password");
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    let mut server = Server::init(
+        root.path(),
+        "server",
+        &[
+            "--store-url",
+            &url,
+            "--store-password-file",
+            password_file.to_str().unwrap(),
+        ],
+    );
+    let settings = std::fs::read_to_string(server.data_dir.join("server.toml")).unwrap();
+    assert!(
+        settings.contains("[store]") && settings.contains("kind = \"postgres\""),
+        "{settings}"
+    );
+    assert!(!settings.contains(password), "{settings}");
+    server.start();
+
+    let token = server.token("role=web", "dc1", &[]);
+    let mut agent = Agent::new(root.path(), "web-1", &server.address, &token);
+    agent.start();
+    assert!(
+        wait_until(ENROLL_TIMEOUT, || server.connected_count() == 1),
+        "agent log:\n{}\nserver log:\n{}",
+        agent.log(),
+        server.log()
+    );
+    assert!(
+        !server.data_dir.join("flotte.db").exists(),
+        "a SQLite store was created next to the PostgreSQL one"
+    );
+    assert!(!server.log().contains(password), "{}", server.log());
+    let hostnames = runtime.block_on(stored_hostnames(&url, password));
+    assert_eq!(hostnames.len(), 1, "{hostnames:?}");
+
+    // Restarted, the server finds the machine in PostgreSQL and the agent
+    // comes back by itself.
+    server.kill();
+    server.start();
+    assert!(
+        wait_until(ENROLL_TIMEOUT, || server.connected_count() == 1),
+        "agent log:\n{}\nserver log:\n{}",
+        agent.log(),
+        server.log()
+    );
+    assert_eq!(server.machines().len(), 1);
+}
