@@ -133,13 +133,21 @@ impl AgentSession for SessionApi {
         &self,
         request: Request<FetchImageRequest>,
     ) -> Result<Response<Self::FetchImageStream>, Status> {
-        let (machine_id, _caller) = require_machine(&request)?;
+        let (machine_id, caller) = require_machine(&request)?;
+        // The handshake already refuses a denied identity; this also covers a
+        // connection opened just before the denial (cut after a short grace).
+        require_not_revoked(&caller, &self.state.revocations)?;
         let FetchImageRequest { digest, offset } = request.into_inner();
         let machine = self.state.store.machine(machine_id).await?.ok_or_else(|| {
             Status::permission_denied(format!(
                 "machine {machine_id} is not enrolled on this server"
             ))
         })?;
+        if machine.retired_at.is_some() {
+            return Err(Status::permission_denied(format!(
+                "machine {machine_id} was decommissioned"
+            )));
+        }
         if machine
             .desired_image
             .as_ref()
