@@ -44,6 +44,8 @@ pub enum BackupError {
     },
     #[error("{0} is not a server data dir (no ca/ca.pem or flotte.db)")]
     NotADataDir(PathBuf),
+    #[error("{0} keeps its state in PostgreSQL ([store] in server.toml): back the database up with PostgreSQL's own tools (pg_dump, or the managed service's snapshots) and keep a copy of the data dir's ca/ and server.toml; `flotte-server backup` covers a SQLite data dir")]
+    StateInPostgres(PathBuf),
     #[error("refusing to restore into {0}: it exists and is not empty")]
     TargetNotEmpty(PathBuf),
     #[error("the archive has no valid manifest: {0}")]
@@ -165,11 +167,23 @@ pub struct BackupSummary {
     pub manifest: BackupManifest,
 }
 
+/// Whether the data dir's settings put the store in PostgreSQL (an unreadable
+/// or invalid settings file is left for the "not a data dir" answer).
+fn keeps_state_in_postgres(data_dir: &Path) -> bool {
+    crate::config::read_toml::<crate::config::ServerConfigFile>(
+        &crate::config::default_config_path(data_dir),
+    )
+    .is_ok_and(|settings| settings.store.kind == crate::config::StoreKind::Postgres)
+}
+
 /// Copies the store of `data_dir` (consistently, while the server may run)
 /// and the files it needs into one archive at `out` (mode 0600: it holds the
 /// CA key).
 pub fn backup(data_dir: &Path, out: &Path, now: i64) -> Result<BackupSummary, BackupError> {
     let store = data_dir.join(STORE_FILE);
+    if crate::ca::ca_certificate_path(data_dir).exists() && keeps_state_in_postgres(data_dir) {
+        return Err(BackupError::StateInPostgres(data_dir.to_owned()));
+    }
     if !crate::ca::ca_certificate_path(data_dir).exists() || !store.exists() {
         return Err(BackupError::NotADataDir(data_dir.to_owned()));
     }
@@ -600,6 +614,25 @@ mod tests {
             0,
             "nothing left behind"
         );
+    }
+
+    #[test]
+    fn a_data_dir_on_postgresql_is_refused_naming_where_its_state_is() {
+        let dir = temp_dir("on-postgres");
+        write_test_file(&dir, "ca/ca.pem", b"CA CERT", 0o644);
+        write_test_file(
+            &dir,
+            "server.toml",
+            b"[store]\nkind = \"postgres\"\nurl = \"postgres://flotte@db/flotte\"\n",
+            0o644,
+        );
+        let error = backup(&dir, &dir.join("out.tar"), 1).unwrap_err();
+        assert!(matches!(error, BackupError::StateInPostgres(_)), "{error}");
+        assert!(error.to_string().contains("pg_dump"), "{error}");
+        // Without the setting it is simply not a data dir.
+        write_test_file(&dir, "server.toml", b"", 0o644);
+        let error = backup(&dir, &dir.join("out.tar"), 1).unwrap_err();
+        assert!(matches!(error, BackupError::NotADataDir(_)), "{error}");
     }
 
     #[test]
