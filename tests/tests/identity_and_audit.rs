@@ -677,3 +677,47 @@ fn an_operator_cannot_relabel_a_machine_into_a_grant_and_an_admin_can() {
     );
     assert!(has("admin", &|what| what.starts_with("ok")), "{relabels:?}");
 }
+
+/// A refused call costs its caller nothing, so its arguments must not cost
+/// the audit log either: two refused multi-megabyte plans from a viewer
+/// leave `audit list` and `audit verify` working for an admin, each entry
+/// keeping the size and digest of what was sent.
+#[test]
+fn refused_calls_with_huge_arguments_leave_the_audit_log_readable() {
+    let root = TempDir::new("flotte-e2e").unwrap();
+    let server = started_server(&root);
+    let viewer = server.create_operator(root.path(), "bob", "viewer");
+    let plan = root.path().join("huge-plan.toml");
+    std::fs::write(&plan, format!("# {}\n", "x".repeat(3_500_000))).unwrap();
+    for _ in 0..2 {
+        refused(
+            &server,
+            &viewer,
+            &[
+                "rollout",
+                "create",
+                "--image",
+                "app@1.0.0",
+                "--plan",
+                plan.to_str().unwrap(),
+            ],
+            "needs role operator",
+        );
+    }
+    let entries = audit_entries(&server, &["--actor", "bob"]);
+    let refused_creates: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|entry| entry["action"] == "rollout.create")
+        .collect();
+    assert_eq!(refused_creates.len(), 2, "{entries:?}");
+    for entry in refused_creates {
+        let arguments = &entry["arguments"];
+        assert_eq!(arguments["truncated"], true, "{arguments}");
+        assert!(
+            arguments["bytes"].as_u64().unwrap() > 3_500_000,
+            "{arguments}"
+        );
+        assert_eq!(arguments["sha256"].as_str().unwrap().len(), 64);
+    }
+    server.ctl_ok(&["audit", "verify"]);
+}

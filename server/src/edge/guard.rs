@@ -48,6 +48,56 @@ async fn decide(
     ))
 }
 
+/// Arguments kept whole in an audit entry up to this size; past it, a prefix,
+/// the size and the SHA-256 of the whole. A refused call's arguments cost its
+/// caller nothing, so without a bound a viewer could grow every entry to the
+/// message limit and make the log unreadable (`audit list`, `audit verify`).
+const MAX_AUDITED_ARGUMENTS_BYTES: usize = 4096;
+/// The same for an entry's result (an error may quote what it refused).
+const MAX_AUDITED_RESULT_BYTES: usize = 1024;
+/// How much of an oversized value an entry keeps.
+const AUDITED_PREFIX_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn prefix_of(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
+}
+
+/// A call's arguments as audited: whole when small, else a JSON summary.
+fn bounded_arguments(arguments_json: String) -> String {
+    if arguments_json.len() <= MAX_AUDITED_ARGUMENTS_BYTES {
+        return arguments_json;
+    }
+    serde_json::json!({
+        "truncated": true,
+        "bytes": arguments_json.len(),
+        "sha256": sha256_hex(&arguments_json),
+        "prefix": prefix_of(&arguments_json, AUDITED_PREFIX_BYTES),
+    })
+    .to_string()
+}
+
+/// A call's result as audited: whole when small, else a prefix and a summary.
+fn bounded_result(result: String) -> String {
+    if result.len() <= MAX_AUDITED_RESULT_BYTES {
+        return result;
+    }
+    format!(
+        "{}… ({} bytes in all, sha256 {})",
+        prefix_of(&result, AUDITED_PREFIX_BYTES),
+        result.len(),
+        sha256_hex(&result)
+    )
+}
+
 /// Appends one audit entry for `rpc`, turning a failure into a status that
 /// says the action's outcome stands but was not recorded.
 pub async fn append_audit_entry(
@@ -63,8 +113,8 @@ pub async fn append_audit_entry(
         actor: actor.to_owned(),
         role: role.to_owned(),
         action: rpc.policy().action.to_owned(),
-        arguments_json: arguments.to_string(),
-        result,
+        arguments_json: bounded_arguments(arguments.to_string()),
+        result: bounded_result(result),
     };
     match state.store.append_audit(&event).await {
         Ok(_) => Ok(()),
@@ -172,5 +222,33 @@ impl AdminCall {
         )
         .await?;
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn small_values_are_audited_whole_and_large_ones_summarised() {
+        let small = serde_json::json!({ "name": "bob" }).to_string();
+        assert_eq!(bounded_arguments(small.clone()), small);
+        assert_eq!(bounded_result("ok".into()), "ok");
+
+        // A multi-megabyte argument with a multi-byte character at the cut.
+        let huge = serde_json::json!({ "plan": "é".repeat(2 * 1024 * 1024) }).to_string();
+        let audited = bounded_arguments(huge.clone());
+        assert!(audited.len() < 1024, "{} bytes kept", audited.len());
+        let summary: serde_json::Value = serde_json::from_str(&audited).unwrap();
+        assert_eq!(summary["truncated"], true);
+        assert_eq!(summary["bytes"], huge.len());
+        assert_eq!(summary["sha256"], sha256_hex(&huge));
+        assert!(huge.starts_with(summary["prefix"].as_str().unwrap()));
+
+        let long_error = format!("denied: {}", "x".repeat(100_000));
+        let audited = bounded_result(long_error.clone());
+        assert!(audited.len() < 1024, "{audited}");
+        assert!(audited.starts_with("denied: xxx") && audited.contains("100008 bytes in all"));
     }
 }
