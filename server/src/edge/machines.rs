@@ -8,11 +8,10 @@ use std::sync::Arc;
 use flotte_proto::labels::{validate_label, Selector};
 use flotte_proto::v1::machines_server::Machines;
 use flotte_proto::v1::{
-    CheckResult, DecommissionMachineRequest, DiskUsage as ProtoDiskUsage, FleetStatusRequest,
-    FleetStatusResponse, GetMachineRequest, GroupStatus, ImageRef, ImageStatus as ProtoImageStatus,
-    ListMachinesRequest, ListMachinesResponse, Machine, MachineEvent as ProtoMachineEvent, Report,
-    SetLabelsRequest, StateCount, StateTransition, SwapStatus as ProtoSwapStatus,
-    SystemMetrics as ProtoSystemMetrics, WatchMachinesRequest,
+    DecommissionMachineRequest, FleetStatusRequest, FleetStatusResponse, GetMachineRequest,
+    GroupStatus, ImageRef, ListMachinesRequest, ListMachinesResponse, Machine,
+    MachineEvent as ProtoMachineEvent, Report, SetLabelsRequest, StateCount, StateTransition,
+    WatchMachinesRequest,
 };
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
@@ -20,7 +19,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::domain::health::{CheckReport, HealthReport, ImageStatus, ReportedImage};
 use crate::edge::guard::admit;
 use crate::live::health::TrackedMachine;
 use crate::live::registry::ConnectedView;
@@ -64,76 +62,6 @@ impl From<MachineError> for Status {
             }
             MachineError::Store(error) => error.into(),
         }
-    }
-}
-
-/// The wire form of a machine's last report, for display (`machines show`
-/// shows its checks, metrics and images exactly as the agent sent them).
-pub fn health_report_to_proto(report: &HealthReport) -> Report {
-    Report {
-        sent_at: report.sent_at,
-        uptime_seconds: report.uptime_seconds,
-        sequence: report.sequence,
-        checks: report.checks.iter().map(check_to_proto).collect(),
-        metrics: report.metrics.as_ref().map(|metrics| ProtoSystemMetrics {
-            disks: metrics
-                .disks
-                .iter()
-                .map(|disk| ProtoDiskUsage {
-                    mount: disk.mount.clone(),
-                    total_bytes: disk.total_bytes,
-                    used_bytes: disk.used_bytes,
-                    available_bytes: disk.available_bytes,
-                })
-                .collect(),
-            memory_total_bytes: metrics.memory_total_bytes,
-            memory_available_bytes: metrics.memory_available_bytes,
-            load1: metrics.load1,
-            load5: metrics.load5,
-            load15: metrics.load15,
-            uptime_seconds: metrics.uptime_seconds,
-        }),
-        metric_breaches: report.metric_breaches.clone(),
-        image: report.image.as_ref().map(image_status_to_proto),
-    }
-}
-
-fn image_status_to_proto(image: &ImageStatus) -> ProtoImageStatus {
-    ProtoImageStatus {
-        current: image.current.as_ref().map(image_to_proto),
-        previous: image.previous.as_ref().map(image_to_proto),
-        swap: image.swap.as_ref().map(|swap| ProtoSwapStatus {
-            target: swap.target.as_ref().map(image_to_proto),
-            step: swap.step.clone(),
-            outcome: swap.outcome.clone(),
-            message: swap.message.clone(),
-            bytes_downloaded: swap.bytes_downloaded,
-            updated_at: swap.updated_at,
-            checks: swap.checks.iter().map(check_to_proto).collect(),
-        }),
-    }
-}
-
-fn check_to_proto(check: &CheckReport) -> CheckResult {
-    CheckResult {
-        name: check.name.clone(),
-        kind: check.kind.clone(),
-        target: check.target.clone(),
-        critical: check.critical,
-        healthy: check.healthy,
-        last_passed: check.last_passed,
-        last_output: check.last_output.clone(),
-        last_run_at: check.last_run_at,
-        last_duration_ms: check.last_duration_ms,
-        consecutive: check.consecutive,
-    }
-}
-
-fn image_to_proto(image: &ReportedImage) -> ImageRef {
-    ImageRef {
-        name: image.name.clone(),
-        version: image.version.clone(),
-        digest: image.digest.clone(),
     }
 }
 
@@ -185,7 +113,7 @@ pub fn machine_to_proto(
         image: tracked
             .and_then(|tracked| tracked.last_report.as_ref())
             .and_then(|report| report.image.as_ref())
-            .map(image_status_to_proto),
+            .map(crate::edge::health_report::image_status_to_proto),
         desired_image: machine.desired_image.as_ref().map(|image| ImageRef {
             name: image.name.clone(),
             version: image.version.clone(),
@@ -349,7 +277,7 @@ impl Machines for MachinesApi {
                 metrics,
                 metric_breaches,
                 ..
-            } = health_report_to_proto(&report);
+            } = crate::edge::health_report::health_report_to_proto(&report);
             proto.checks = checks;
             proto.metrics = metrics;
             proto.metric_breaches = metric_breaches;
@@ -536,100 +464,5 @@ impl Machines for MachinesApi {
             |machine| format!("machine {} retired", machine.id),
         )
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::edge::session::health_report_from_proto;
-
-    fn check(name: &str, healthy: bool) -> CheckResult {
-        CheckResult {
-            name: name.to_owned(),
-            kind: "http".to_owned(),
-            target: format!("http://127.0.0.1:8080/{name}"),
-            critical: true,
-            healthy,
-            last_passed: !healthy,
-            last_output: format!("{name}: HTTP 503\nbody"),
-            last_run_at: 1_700_000_001,
-            last_duration_ms: 17,
-            consecutive: 3,
-        }
-    }
-
-    fn image(version: &str, digest: &str) -> ImageRef {
-        ImageRef {
-            name: "app".to_owned(),
-            version: version.to_owned(),
-            digest: digest.to_owned(),
-        }
-    }
-
-    /// Every field of the agent's report set to a distinct value, so that a
-    /// field lost or swapped on the way through the domain type shows.
-    fn full_report() -> Report {
-        Report {
-            sent_at: 1_700_000_000,
-            uptime_seconds: 3600,
-            sequence: 42,
-            checks: vec![check("web", true), check("cache", false)],
-            metrics: Some(ProtoSystemMetrics {
-                disks: vec![ProtoDiskUsage {
-                    mount: "/".to_owned(),
-                    total_bytes: 1000,
-                    used_bytes: 930,
-                    available_bytes: 70,
-                }],
-                memory_total_bytes: 8_000,
-                memory_available_bytes: 3_000,
-                load1: 0.5,
-                load5: 0.25,
-                load15: 0.125,
-                uptime_seconds: 3599,
-            }),
-            metric_breaches: vec!["disk /: 93.0% used (max 90%)".to_owned()],
-            image: Some(ProtoImageStatus {
-                current: Some(image("1.0.0", "aa")),
-                previous: Some(image("0.9.0", "bb")),
-                swap: Some(ProtoSwapStatus {
-                    target: Some(image("1.1.0", "cc")),
-                    step: "verifying".to_owned(),
-                    outcome: "failed".to_owned(),
-                    message: "check web failed".to_owned(),
-                    bytes_downloaded: 123_456,
-                    updated_at: 1_700_000_002,
-                    checks: vec![check("web", false)],
-                }),
-            }),
-        }
-    }
-
-    #[test]
-    fn a_report_survives_the_round_trip_through_the_domain_type() {
-        let report = full_report();
-        let domain = health_report_from_proto(report.clone());
-        assert_eq!(domain.checks[1].name, "cache");
-        assert_eq!(
-            domain.current_image().map(|image| image.digest.as_str()),
-            Some("aa")
-        );
-        assert_eq!(health_report_to_proto(&domain), report);
-    }
-
-    #[test]
-    fn absent_parts_stay_absent_through_the_round_trip() {
-        let report = Report {
-            image: Some(ProtoImageStatus {
-                current: None,
-                previous: Some(ImageRef::default()),
-                swap: Some(ProtoSwapStatus::default()),
-            }),
-            ..Report::default()
-        };
-        let domain = health_report_from_proto(report.clone());
-        assert_eq!(domain.metrics, None);
-        assert_eq!(health_report_to_proto(&domain), report);
     }
 }

@@ -6,6 +6,7 @@ pub mod access;
 pub mod auth;
 pub mod enrollment;
 pub mod guard;
+pub mod health_report;
 pub mod images;
 pub mod machines;
 pub mod methods;

@@ -12,9 +12,9 @@ use flotte_proto::v1::agent_message::Kind as AgentKind;
 use flotte_proto::v1::agent_session_server::AgentSession;
 use flotte_proto::v1::server_message::Kind as ServerKind;
 use flotte_proto::v1::{
-    AgentMessage, CertificateIssued, CheckResult, DesiredImage, DesiredState as ProtoDesiredState,
-    FetchImageRequest, ForensicsChunk, Hello, ImageChunk, ImageRef, Report, ServerMessage,
-    SessionRefused, UploadForensicsResponse,
+    AgentMessage, CertificateIssued, DesiredImage, DesiredState as ProtoDesiredState,
+    FetchImageRequest, ForensicsChunk, Hello, ImageChunk, ImageRef, ServerMessage, SessionRefused,
+    UploadForensicsResponse,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -24,9 +24,6 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::domain::desired_state::DesiredState;
-use crate::domain::health::{
-    CheckReport, DiskUsage, HealthReport, ImageStatus, ReportedImage, SwapStatus, SystemMetrics,
-};
 use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::images::BlobStore;
 use crate::live::registry::{SessionEntry, SessionMessage, SessionSender, SESSION_QUEUE_DEPTH};
@@ -297,72 +294,6 @@ impl AgentSession for SessionApi {
     }
 }
 
-/// An agent's report as the health tracker keeps it: every field, moved
-/// (the machines edge turns it back into the wire form for display).
-pub fn health_report_from_proto(report: Report) -> HealthReport {
-    HealthReport {
-        sent_at: report.sent_at,
-        uptime_seconds: report.uptime_seconds,
-        sequence: report.sequence,
-        checks: report.checks.into_iter().map(check_from_proto).collect(),
-        metrics: report.metrics.map(|metrics| SystemMetrics {
-            disks: metrics
-                .disks
-                .into_iter()
-                .map(|disk| DiskUsage {
-                    mount: disk.mount,
-                    total_bytes: disk.total_bytes,
-                    used_bytes: disk.used_bytes,
-                    available_bytes: disk.available_bytes,
-                })
-                .collect(),
-            memory_total_bytes: metrics.memory_total_bytes,
-            memory_available_bytes: metrics.memory_available_bytes,
-            load1: metrics.load1,
-            load5: metrics.load5,
-            load15: metrics.load15,
-            uptime_seconds: metrics.uptime_seconds,
-        }),
-        metric_breaches: report.metric_breaches,
-        image: report.image.map(|image| ImageStatus {
-            current: image.current.map(image_from_proto),
-            previous: image.previous.map(image_from_proto),
-            swap: image.swap.map(|swap| SwapStatus {
-                target: swap.target.map(image_from_proto),
-                step: swap.step,
-                outcome: swap.outcome,
-                message: swap.message,
-                bytes_downloaded: swap.bytes_downloaded,
-                updated_at: swap.updated_at,
-                checks: swap.checks.into_iter().map(check_from_proto).collect(),
-            }),
-        }),
-    }
-}
-
-fn check_from_proto(check: CheckResult) -> CheckReport {
-    CheckReport {
-        name: check.name,
-        kind: check.kind,
-        target: check.target,
-        critical: check.critical,
-        healthy: check.healthy,
-        last_passed: check.last_passed,
-        last_output: check.last_output,
-        last_run_at: check.last_run_at,
-        last_duration_ms: check.last_duration_ms,
-        consecutive: check.consecutive,
-    }
-}
-
-fn image_from_proto(image: ImageRef) -> ReportedImage {
-    ReportedImage {
-        name: image.name,
-        version: image.version,
-        digest: image.digest,
-    }
-}
-
 /// Reads the agent's messages until the stream ends or the session is cancelled.
 async fn serve_session(
     state: Arc<ServerState>,
@@ -393,9 +324,11 @@ async fn serve_session(
         match message.kind {
             Some(AgentKind::Report(report)) => {
                 state.metrics.agent_reports.inc();
-                state
-                    .health
-                    .observe_report(machine_id, health_report_from_proto(report), now);
+                state.health.observe_report(
+                    machine_id,
+                    crate::edge::health_report::health_report_from_proto(report),
+                    now,
+                );
                 state.rollouts.machine_changed(machine_id);
             }
             None => {}

@@ -216,22 +216,9 @@ mod tests {
 
     fn record(id: Uuid, state: &str) -> MachineRecord {
         MachineRecord {
-            id,
             labels: BTreeMap::new(),
-            zone: "dc1".into(),
-            enrolled_at: 0,
-            enrolled_with_token: String::new(),
-            certificate_serial: String::new(),
-            previous_certificate_serial: String::new(),
-            certificate_not_after: 0,
-            inventory: Default::default(),
-            last_seen: 0,
-            desired_version: 1,
             state: state.into(),
-            state_reason: String::new(),
-            state_since: 0,
-            retired_at: None,
-            desired_image: None,
+            ..crate::store::contract::machine(id, "")
         }
     }
 

@@ -347,25 +347,10 @@ mod tests {
 
     #[test]
     fn machines_are_found_by_id_prefix_or_hostname() {
-        let mut a = MachineRecord {
-            id: Uuid::parse_str("11111111-0000-4000-8000-000000000000").unwrap(),
-            labels: Default::default(),
-            zone: "dc1".into(),
-            enrolled_at: 0,
-            enrolled_with_token: String::new(),
-            certificate_serial: String::new(),
-            previous_certificate_serial: String::new(),
-            certificate_not_after: 0,
-            inventory: Default::default(),
-            last_seen: 0,
-            desired_version: 1,
-            state: "unknown".into(),
-            state_reason: String::new(),
-            state_since: 0,
-            retired_at: None,
-            desired_image: None,
-        };
-        a.inventory.hostname = "web-1".into();
+        let a = crate::store::contract::machine(
+            Uuid::parse_str("11111111-0000-4000-8000-000000000000").unwrap(),
+            "web-1",
+        );
         let mut b = a.clone();
         b.id = Uuid::parse_str("11112222-0000-4000-8000-000000000000").unwrap();
         b.inventory.hostname = "web-2".into();

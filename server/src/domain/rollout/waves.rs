@@ -169,25 +169,9 @@ mod tests {
 
     fn record(index: u128, retired_at: Option<crate::store::UnixSeconds>) -> MachineRecord {
         MachineRecord {
-            id: Uuid::from_u128(index),
             labels: flotte_proto::labels::parse_labels("env=prod").unwrap(),
-            zone: "dc1".into(),
-            enrolled_at: 1,
-            enrolled_with_token: "token".into(),
-            certificate_serial: "01".into(),
-            previous_certificate_serial: String::new(),
-            certificate_not_after: 2,
-            inventory: crate::store::Inventory {
-                hostname: format!("m{index:02}"),
-                ..Default::default()
-            },
-            last_seen: 1,
-            desired_version: 1,
-            state: "healthy".into(),
-            state_reason: String::new(),
-            state_since: 1,
             retired_at,
-            desired_image: None,
+            ..crate::store::contract::machine(Uuid::from_u128(index), &format!("m{index:02}"))
         }
     }
 
