@@ -22,16 +22,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::domain::repair::dr::{single_points_of_failure, zone_loss_impact, DrMachine, NO_GROUP};
-use crate::domain::repair::new_quarantine;
 use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::edge::guard::admit;
 use crate::forensics::ForensicsError;
 use crate::services::forensics::{begin_upload_for_machine, ForensicUploadError};
-use crate::services::machines::{find_machine, find_machine_in_service};
-use crate::services::quarantine::{quarantine, release};
-use crate::store::repair::{
-    QuarantineOutcome, QuarantineRecord, ReleaseOutcome, RemediationEventRecord,
-};
+use crate::services::machines::find_machine;
+use crate::services::quarantine::{quarantine_by_hand, release_by_hand, QuarantineError};
+use crate::store::repair::{QuarantineRecord, RemediationEventRecord};
 use crate::ServerState;
 use flotte_common::roles::AdminRpc;
 
@@ -150,6 +147,16 @@ async fn dr_machines(state: &ServerState, by: &str) -> Result<Vec<DrMachine>, St
 type DownloadStream =
     Pin<Box<dyn futures::Stream<Item = Result<ForensicsDownloadChunk, Status>> + Send>>;
 
+impl From<QuarantineError> for Status {
+    fn from(error: QuarantineError) -> Self {
+        match error {
+            QuarantineError::Machine(error) => error.into(),
+            QuarantineError::NotQuarantined(_) => Status::failed_precondition(error.to_string()),
+            QuarantineError::Store(error) => error.into(),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Repair for RepairApi {
     async fn quarantine_machine(
@@ -170,25 +177,8 @@ impl Repair for RepairApi {
         let request = request.into_inner();
         call.run(
             async move {
-                let machines = state.store.machines().await?;
-                let machine = find_machine_in_service(&machines, &request.id)?;
-                let reason = if request.reason.trim().is_empty() {
-                    format!("quarantined by {actor}")
-                } else {
-                    request.reason.trim().to_owned()
-                };
-                let record = new_quarantine(machine.id, reason, &actor, state.clock.now_unix());
-                let record = match quarantine(&state, &record).await? {
-                    QuarantineOutcome::Quarantined(_) => {
-                        tracing::warn!(machine = %machine.id, %actor, reason = %record.reason, "machine quarantined");
-                        record
-                    }
-                    // Already quarantined: the first quarantine stands.
-                    QuarantineOutcome::AlreadyQuarantined(existing) => existing,
-                    QuarantineOutcome::NoSuchMachine => {
-                        return Err(Status::not_found(format!("no machine {}", machine.id)))
-                    }
-                };
+                let (machine, record) =
+                    quarantine_by_hand(&state, &request.id, &request.reason, &actor).await?;
                 Ok(QuarantineInfo {
                     machine_id: machine.id.to_string(),
                     hostname: machine.inventory.hostname.clone(),
@@ -216,18 +206,7 @@ impl Repair for RepairApi {
         let request = request.into_inner();
         call.run(
             async move {
-                let machines = state.store.machines().await?;
-                let machine = find_machine(&machines, &request.id)?;
-                if !matches!(
-                    release(&state, machine.id).await?,
-                    ReleaseOutcome::Released(_)
-                ) {
-                    return Err(Status::failed_precondition(format!(
-                        "machine {} is not quarantined",
-                        machine.inventory.hostname
-                    )));
-                }
-                tracing::info!(machine = %machine.id, %actor, "machine released from quarantine");
+                let machine = release_by_hand(&state, &request.id, &actor).await?;
                 Ok(QuarantineInfo {
                     machine_id: machine.id.to_string(),
                     hostname: machine.inventory.hostname.clone(),

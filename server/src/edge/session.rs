@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::domain::desired_state::DesiredState;
-use crate::edge::auth::{require_machine, require_not_revoked};
+use crate::edge::auth::{require_machine, require_not_revoked, Caller};
 use crate::images::BlobStore;
 use crate::live::registry::{SessionEntry, SessionMessage, SessionSender, SESSION_QUEUE_DEPTH};
 use crate::services::enrollment::Enroller;
@@ -116,6 +116,29 @@ fn inventory_from_hello(hello: &Hello) -> Inventory {
     }
 }
 
+/// The machine calling an agent RPC: a machine certificate, an identity not
+/// denied (the handshake refuses one too; this also covers a connection
+/// opened just before the denial, cut after a short grace), enrolled here
+/// and not decommissioned.
+async fn admit_machine<T>(
+    state: &ServerState,
+    request: &Request<T>,
+) -> Result<(MachineRecord, Caller), Status> {
+    let (machine_id, caller) = require_machine(request)?;
+    require_not_revoked(&caller, &state.revocations)?;
+    let machine = state.store.machine(machine_id).await?.ok_or_else(|| {
+        Status::permission_denied(format!(
+            "machine {machine_id} is not enrolled on this server"
+        ))
+    })?;
+    if machine.retired_at.is_some() {
+        return Err(Status::permission_denied(format!(
+            "machine {machine_id} was decommissioned"
+        )));
+    }
+    Ok((machine, caller))
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
 type ImageChunkStream = Pin<Box<dyn Stream<Item = Result<ImageChunk, Status>> + Send>>;
 
@@ -130,21 +153,8 @@ impl AgentSession for SessionApi {
         &self,
         request: Request<FetchImageRequest>,
     ) -> Result<Response<Self::FetchImageStream>, Status> {
-        let (machine_id, caller) = require_machine(&request)?;
-        // The handshake already refuses a denied identity; this also covers a
-        // connection opened just before the denial (cut after a short grace).
-        require_not_revoked(&caller, &self.state.revocations)?;
+        let (machine, _caller) = admit_machine(&self.state, &request).await?;
         let FetchImageRequest { digest, offset } = request.into_inner();
-        let machine = self.state.store.machine(machine_id).await?.ok_or_else(|| {
-            Status::permission_denied(format!(
-                "machine {machine_id} is not enrolled on this server"
-            ))
-        })?;
-        if machine.retired_at.is_some() {
-            return Err(Status::permission_denied(format!(
-                "machine {machine_id} was decommissioned"
-            )));
-        }
         if machine
             .desired_image
             .as_ref()
@@ -212,19 +222,9 @@ impl AgentSession for SessionApi {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let (machine_id, caller) = require_machine(&request)?;
         let state = Arc::clone(&self.state);
-        require_not_revoked(&caller, &state.revocations)?;
-        let machine = state.store.machine(machine_id).await?.ok_or_else(|| {
-            Status::permission_denied(format!(
-                "machine {machine_id} is not enrolled on this server"
-            ))
-        })?;
-        if machine.retired_at.is_some() {
-            return Err(Status::permission_denied(format!(
-                "machine {machine_id} was decommissioned"
-            )));
-        }
+        let (machine, caller) = admit_machine(&state, &request).await?;
+        let machine_id = machine.id;
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
