@@ -274,6 +274,7 @@ impl AgentSession for SessionApi {
                 applied_desired_version: hello.applied_desired_version,
             },
         );
+        state.replicas.session_opened(machine_id, now);
         tracing::info!(machine = %machine_id, remote = %caller.peer.remote_address, hostname = %hello.inventory.as_ref().map(|i| i.hostname.as_str()).unwrap_or(""), "agent session opened");
         // Registered first, read second: a change committed before this read
         // is in the state sent now, and one committed after it is pushed
@@ -349,6 +350,7 @@ async fn serve_session(
         }
     };
     if state.registry.unregister(machine_id, session_id).is_some() {
+        state.replicas.session_closed(machine_id);
         let last_seen = state.clock.now_unix();
         if let Err(error) = state
             .store

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::postgres::{postgres_url_problems, PostgresStore};
 use super::repair::RepairStore;
+use super::replicas::ReplicaStore;
 use super::{AccessStore, RolloutStore, SqliteStore, Store, StoreError};
 use crate::metrics::StoreMetrics;
 
@@ -99,18 +100,20 @@ pub struct OpenedStore {
     pub access: Arc<dyn AccessStore>,
     pub rollouts: Arc<dyn RolloutStore>,
     pub repair: Arc<dyn RepairStore>,
+    pub replicas: Arc<dyn ReplicaStore>,
 }
 
 impl OpenedStore {
     fn new<Backend>(backend: Backend) -> Self
     where
-        Backend: Store + AccessStore + RolloutStore + RepairStore + Clone,
+        Backend: Store + AccessStore + RolloutStore + RepairStore + ReplicaStore + Clone,
     {
         OpenedStore {
             store: Arc::new(backend.clone()),
             access: Arc::new(backend.clone()),
             rollouts: Arc::new(backend.clone()),
-            repair: Arc::new(backend),
+            repair: Arc::new(backend.clone()),
+            replicas: Arc::new(backend),
         }
     }
 }

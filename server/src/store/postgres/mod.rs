@@ -25,6 +25,7 @@ mod machines;
 mod migrations;
 mod operators;
 mod repair;
+mod replicas;
 mod rollouts;
 mod tokens;
 
@@ -66,12 +67,18 @@ mod lock_keys {
     pub(super) const ROLLOUT_CREATION: i64 = 0x666c_6f74_0003;
     /// Applying the schema migrations (replicas may start together).
     pub(super) const MIGRATIONS: i64 = 0x666c_6f74_0004;
+    /// Taking or renewing the leader-only loops' lease.
+    pub(super) const LEADERSHIP: i64 = 0x666c_6f74_0005;
 }
 
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
     metrics: StoreMetrics,
+    /// How to open the change feed's own connection (`LISTEN` needs one
+    /// that is never returned to the pool).
+    config: tokio_postgres::Config,
+    feed: replicas::ChangeFeed,
 }
 
 /// Never prints the connection settings: they may hold the password.
@@ -228,7 +235,7 @@ impl PostgresStore {
         }
         config.connect_timeout(POOL_TIMEOUT);
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -246,6 +253,8 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             metrics: StoreMetrics::default(),
+            config,
+            feed: replicas::ChangeFeed::default(),
         })
     }
 
