@@ -165,6 +165,8 @@ pub struct ServerState {
     pub(crate) leadership: Arc<live::leadership::Leadership>,
     /// Where changes are announced to the other replicas.
     pub(crate) feed: Arc<live::feed::Feed>,
+    /// Image payloads (a directory, or PostgreSQL for replicas).
+    pub(crate) blobs: Arc<dyn images::BlobStore>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -297,6 +299,7 @@ pub async fn run(
         replicas: Arc::clone(&replicas),
         leadership: Arc::clone(&leadership),
         feed,
+        blobs: Arc::clone(&opened.blobs),
     });
     // Subscribed before anything is served, so that no change announced
     // after the caches were loaded is missed.

@@ -34,6 +34,9 @@ pub use access::{
     AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord, UserKeyRecord,
     UserRecord, UserRevocation,
 };
+/// A directory removed when dropped, for tests that need files.
+#[cfg(test)]
+pub(crate) use sqlite::tests::TemporaryDirectory;
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
 

@@ -20,6 +20,7 @@
 
 mod access;
 mod audit;
+mod blobs;
 mod images;
 mod machines;
 mod migrations;
@@ -335,6 +336,24 @@ mod tests {
     }
 
     store_contract_suite!(skippable fresh_postgres_store);
+
+    #[tokio::test]
+    async fn postgres_keeps_blobs_whole_and_verified() {
+        let Some((store, ())) = fresh_postgres_store().await else {
+            return;
+        };
+        crate::images::contract::blobs_are_visible_only_whole_and_verified(&store).await;
+        let client = store.client().await.unwrap();
+        let chunks: i64 = client
+            .query_one("SELECT COUNT(*) FROM blob_chunks", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            chunks, 3,
+            "one blob of three chunks; nothing of the refused ones"
+        );
+    }
 
     #[tokio::test]
     async fn the_password_is_sent_apart_from_the_url_and_never_shown() {

@@ -27,3 +27,18 @@ CREATE TABLE leadership (
     lease_expires_at_ms BIGINT NOT NULL
 );
 INSERT INTO leadership (singleton, holder, term, lease_expires_at_ms) VALUES (1, '', 0, 0);
+-- Image payloads in the database, so that every replica serves every
+-- download (SQLite's single server keeps them as files instead): a blob is
+-- written as chunks under an upload id and becomes visible, whole and
+-- verified, when a `blobs` row names that upload.
+CREATE TABLE blob_chunks (
+    upload_id TEXT NOT NULL,
+    chunk BIGINT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (upload_id, chunk)
+);
+CREATE TABLE blobs (
+    digest TEXT PRIMARY KEY,
+    upload_id TEXT NOT NULL,
+    size BIGINT NOT NULL
+);
