@@ -73,6 +73,10 @@ pub struct InitOptions {
     pub trust_domain: Option<String>,
     /// The `[store]` table to write; the first admin is recorded there.
     pub store: StoreConfigFile,
+    /// The server's own name (its certificate says `server/<name>`).
+    pub server_name: Option<String>,
+    /// The zone it runs in (with several replicas).
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +111,10 @@ pub async fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, 
     }
     settings.subject_alt_names = options.subject_alt_names;
     settings.store = options.store;
+    if let Some(server_name) = options.server_name {
+        settings.server_name = server_name;
+    }
+    settings.zone = options.zone.unwrap_or_default();
     let config = settings.clone().validate(data_dir.to_owned())?;
 
     files::create_private_dir(data_dir).map_err(|source| InitError::Io {
@@ -252,4 +260,73 @@ pub fn init_replica(
         },
     )?;
     Ok(config_path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::store::TemporaryDirectory;
+
+    fn replica(name: &str) -> ReplicaOptions {
+        ReplicaOptions {
+            name: name.to_owned(),
+            listen: "127.0.0.1:0".into(),
+            zone: Some("z2".into()),
+            advertise_address: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_is_prepared_only_from_a_shared_store_with_its_own_settings() {
+        let root = TemporaryDirectory::new();
+        let first = root.0.join("first");
+        init(&first, InitOptions::default()).await.unwrap();
+        // SQLite is one server's own file: no replica of it.
+        let refused = init_replica(&first, &root.0.join("b"), replica("b"));
+        assert!(
+            matches!(refused, Err(InitError::NotShared(_))),
+            "{refused:?}"
+        );
+        assert!(!root.0.join("b").exists());
+
+        // Made to look shared (no database is opened by `replica init`).
+        let settings_path = default_config_path(&first);
+        let settings = std::fs::read_to_string(&settings_path).unwrap();
+        std::fs::write(
+            &settings_path,
+            format!(
+                "{settings}\n[store]\nkind = \"postgres\"\nurl = \"postgres://flotte@db/flotte\"\n\
+                 password_file = \"pg.pass\"\n"
+            ),
+        )
+        .unwrap();
+        files::write_private(&first.join("pg.pass"), b"secret\n").unwrap();
+        let bad_name = init_replica(&first, &root.0.join("b"), replica("../b"));
+        assert!(
+            matches!(bad_name, Err(InitError::Config(_))),
+            "{bad_name:?}"
+        );
+        assert!(
+            !root.0.join("b").exists(),
+            "nothing written for bad settings"
+        );
+
+        let config = init_replica(&first, &root.0.join("b"), replica("b")).unwrap();
+        let written: ServerConfigFile =
+            toml::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+        assert_eq!(written.server_name, "b");
+        assert_eq!(written.zone, "z2");
+        assert_eq!(written.listen, "127.0.0.1:0");
+        let b = root.0.join("b");
+        assert_eq!(std::fs::read(b.join("pg.pass")).unwrap(), b"secret\n");
+        assert_eq!(
+            std::fs::read(b.join("ca/ca.key")).unwrap(),
+            std::fs::read(first.join("ca/ca.key")).unwrap()
+        );
+        assert!(!b.join("admin").exists(), "never the admin profile");
+        assert!(!b.join("flotte.db").exists());
+        let again = init_replica(&first, &b, replica("b"));
+        assert!(matches!(again, Err(InitError::Exists(_))), "{again:?}");
+    }
 }

@@ -69,6 +69,13 @@ enum Command {
         /// path is taken from the data dir).
         #[arg(long, requires = "store_url")]
         store_password_file: Option<PathBuf>,
+        /// The server's own name (default flotte-server); with several
+        /// replicas, this first one's name.
+        #[arg(long)]
+        name: Option<String>,
+        /// The zone (datacenter) it runs in, shown by `flottectl status`.
+        #[arg(long)]
+        zone: Option<String>,
     },
     /// Several replicas of the server sharing one PostgreSQL database.
     Replica {
@@ -203,6 +210,8 @@ fn main() -> ExitCode {
             trust_domain,
             store_url,
             store_password_file,
+            name,
+            zone,
         } => match tokio::runtime::Builder::new_current_thread()
             // The PostgreSQL driver needs the I/O and time drivers.
             .enable_all()
@@ -225,6 +234,8 @@ fn main() -> ExitCode {
                                 url: store_url,
                                 password_file: store_password_file,
                             },
+                            server_name: name,
+                            zone,
                         },
                     ))
                     .map_err(|error| error.to_string())
