@@ -24,7 +24,8 @@ pub struct Cli {
     /// Operator profile directory (ca.pem, cert.pem, key.pem, profile.toml).
     #[arg(long, env = "FLOTTE_PROFILE", global = true)]
     profile: Option<PathBuf>,
-    /// Server address (host:port), overriding the profile's.
+    /// Server address (host:port), overriding the profile's; several
+    /// replicas as a comma-separated list, tried in turn.
     #[arg(long, env = "FLOTTE_SERVER", global = true)]
     server: Option<String>,
     /// Output format.

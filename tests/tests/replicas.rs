@@ -491,11 +491,14 @@ fn a_rollout_outlives_its_killed_leader_and_agents_outlive_their_killed_replica(
         set.leader_seen_by(survivors[0]).unwrap_or_default(),
         killed_at.elapsed()
     );
-    let watched = flottectl(
-        &set.admin(),
-        &set.replicas[survivors[0]].address,
-        &["rollout", "watch", &id],
-    );
+    // flottectl given every address moves past the dead one.
+    let every_address = set
+        .replicas
+        .iter()
+        .map(|replica| replica.address.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let watched = flottectl(&set.admin(), &every_address, &["rollout", "watch", &id]);
     assert!(
         watched.status.success(),
         "{}\n{}\n{}",
