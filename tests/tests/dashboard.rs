@@ -156,16 +156,18 @@ impl Browser {
             .len()
     }
 
+    /// Clicks the element, finding it again if a live update replaced it
+    /// between finding and clicking.
     fn click(&self, css: &str) {
-        self.runtime.block_on(async {
-            self.client
-                .find(Locator::Css(css))
-                .await
-                .unwrap_or_else(|error| panic!("no {css}: {error}"))
-                .click()
-                .await
-                .unwrap();
+        let clicked = wait_until(Duration::from_secs(10), || {
+            self.runtime.block_on(async {
+                match self.client.find(Locator::Css(css)).await {
+                    Ok(element) => element.click().await.is_ok(),
+                    Err(_) => false,
+                }
+            })
         });
+        assert!(clicked, "cannot click {css}");
     }
 
     /// The text of the open confirmation dialog, then accepts or dismisses it.
@@ -295,19 +297,39 @@ impl Dashboard {
     }
 }
 
-fn tile(hostname: &str) -> String {
-    format!(".tile[data-hostname=\"{hostname}\"]")
-}
-
-#[test]
-fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_door() {
-    let Some(programs) = browser_programs() else {
-        return;
-    };
+/// The browser's programs, a temporary root and a server there whose agents
+/// report every second; `None` when the browser is missing and the test
+/// was asked to skip.
+fn browser_and_server() -> Option<((PathBuf, PathBuf), TempDir, Server)> {
+    let programs = browser_programs()?;
     let root = TempDir::new("flotte-dashboard").unwrap();
     let mut server =
         Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
     server.start();
+    Some((programs, root, server))
+}
+
+fn tile(hostname: &str) -> String {
+    format!(".tile[data-hostname=\"{hostname}\"]")
+}
+
+/// Waits until the fleet page shows the machine's tile in `state`.
+fn wait_for_tile(browser: &Browser, hostname: &str, state: &str) {
+    let shown = wait_until(Duration::from_secs(30), || {
+        browser.attribute(&tile(hostname), "data-state").as_deref() == Some(state)
+    });
+    assert!(
+        shown,
+        "{hostname} never shown {state}: {:?}",
+        browser.text(".grid")
+    );
+}
+
+#[test]
+fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_door() {
+    let Some((programs, root, server)) = browser_and_server() else {
+        return;
+    };
     // The agents' check passes and prints markup: an agent's text to show.
     let script = root.path().join("says-html.sh");
     std::fs::write(&script, format!("cat <<'END'\n{HOSTILE}\nEND\n")).unwrap();
@@ -337,11 +359,8 @@ fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_doo
     browser.goto(&dashboard.url);
     assert_eq!(browser.path(), "/");
     assert_eq!(browser.title(), "Fleet · Flotte");
-    let both_operational = wait_until(Duration::from_secs(30), || {
-        browser.attribute(&tile("web-1"), "data-state").as_deref() == Some("operational")
-            && browser.attribute(&tile("web-2"), "data-state").as_deref() == Some("operational")
-    });
-    assert!(both_operational, "tiles: {:?}", browser.text(".grid"));
+    wait_for_tile(&browser, "web-1", "operational");
+    wait_for_tile(&browser, "web-2", "operational");
     assert!(
         wait_until(Duration::from_secs(10), || browser
             .text("#live-status")
@@ -353,14 +372,7 @@ fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_doo
 
     // An agent killed: its tile turns unreachable, without a reload.
     agents[1].kill();
-    let unreachable = wait_until(Duration::from_secs(30), || {
-        browser.attribute(&tile("web-2"), "data-state").as_deref() == Some("unreachable")
-    });
-    assert!(
-        unreachable,
-        "web-2 never shown unreachable: {:?}",
-        browser.text(".grid")
-    );
+    wait_for_tile(&browser, "web-2", "unreachable");
     assert_eq!(
         browser.text("[data-count=\"dc2/unreachable\"]").as_deref(),
         Some("1")
@@ -370,14 +382,7 @@ fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_doo
     // A machine quarantined with a hostile reason: shown quarantined live,
     // its reason as text (no element made of it, no script run).
     server.ctl_ok(&["machines", "quarantine", "web-1", "--reason", HOSTILE]);
-    let quarantined = wait_until(Duration::from_secs(30), || {
-        browser.attribute(&tile("web-1"), "data-state").as_deref() == Some("quarantined")
-    });
-    assert!(
-        quarantined,
-        "web-1 never shown quarantined: {:?}",
-        browser.text(".grid")
-    );
+    wait_for_tile(&browser, "web-1", "quarantined");
     assert!(browser.is_same_document(), "the page was reloaded");
     assert_eq!(
         browser.attribute(&tile("web-1"), "title").as_deref(),
@@ -445,34 +450,20 @@ fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_doo
     assert!(audit.contains("machine.release"), "{audit}");
 }
 
+/// A qualification stage behind an approval gate, then production.
 const GATED_PLAN: &str = r#"
-[[stage]]
-name = "qualification"
-selector = "env=qa"
-bake = "1s"
-approval = true
-
-[[stage]]
-name = "production"
-selector = "env=prod"
-batch = 1
-bake = "1s"
-
-[policy]
-max_failures = 1
-machine_deadline = "90s"
-on_failure = "rollback"
+stage = [
+  { name = "qualification", selector = "env=qa", bake = "1s", approval = true },
+  { name = "production", selector = "env=prod", batch = 1, bake = "1s" },
+]
+policy = { max_failures = 1, machine_deadline = "90s", on_failure = "rollback" }
 "#;
 
 #[test]
 fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only() {
-    let Some(programs) = browser_programs() else {
+    let Some((programs, root, server)) = browser_and_server() else {
         return;
     };
-    let root = TempDir::new("flotte-dashboard").unwrap();
-    let mut server =
-        Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
-    server.start();
     let keys = trust_new_release_key(&server, root.path());
     push_sample_image(&server, root.path(), &keys, "1.0.0", Behaviour::Healthy);
     push_sample_image(&server, root.path(), &keys, "2.0.0", Behaviour::Healthy);
@@ -492,14 +483,8 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
 
     let plan = root.path().join("plan.toml");
     std::fs::write(&plan, GATED_PLAN).unwrap();
-    let created = server.ctl_json(&[
-        "rollout",
-        "create",
-        "--image",
-        "app@2.0.0",
-        "--plan",
-        plan.to_str().unwrap(),
-    ]);
+    let plan = plan.to_str().unwrap();
+    let created = server.ctl_json(&["rollout", "create", "--image", "app@2.0.0", "--plan", plan]);
     let id = created["id"].as_str().unwrap().to_owned();
     let rollout_state = || server.ctl_json(&["rollout", "show", &id])["state"].clone();
 
@@ -536,8 +521,10 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
     );
     assert!(
         wait_until(Duration::from_secs(10), || rollout_state() == "paused"),
-        "not paused: {}",
-        rollout_state()
+        "not paused: {} (page {} shows {:?})",
+        rollout_state(),
+        browser.path(),
+        browser.text("main")
     );
     assert!(
         wait_until(Duration::from_secs(10), || browser.count("#action-resume")

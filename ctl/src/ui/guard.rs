@@ -116,18 +116,19 @@ pub fn secret_proof<'header>(
 
 /// Whether a state-changing request comes from a page of the dashboard
 /// itself. `Origin` must be exactly `http://HOST` where HOST is the `Host`
-/// the browser used; without `Origin`, `Sec-Fetch-Site: same-origin` is
-/// accepted; with neither, the request is refused (every browser that can
-/// run the dashboard sends one of them on a POST).
+/// the browser used. A browser sends `Origin: null` (or none) when the
+/// referrer policy hides it — the dashboard's own `no-referrer` does, so its
+/// own forms arrive that way — and then `Sec-Fetch-Site`, which pages cannot
+/// set, must say `same-origin`. With neither, the request is refused.
 pub fn is_same_origin(host: Option<&str>, origin: Option<&str>, fetch_site: Option<&str>) -> bool {
     match (origin, host) {
+        (None | Some("null"), _) => fetch_site == Some("same-origin"),
         (Some(origin), Some(host)) => {
             let mut expected = String::with_capacity(host.len() + 7);
             let _ = write!(expected, "http://{host}");
             origin == expected
         }
         (Some(_), None) => false,
-        (None, _) => fetch_site == Some("same-origin"),
     }
 }
 
@@ -197,7 +198,14 @@ mod tests {
         assert!(!is_same_origin(host, Some("http://127.0.0.1:4243"), None));
         assert!(!is_same_origin(host, Some("https://127.0.0.1:4242"), None));
         assert!(!is_same_origin(host, Some("http://evil.example"), None));
-        assert!(!is_same_origin(host, Some("null"), Some("same-origin")));
+        assert!(is_same_origin(host, Some("null"), Some("same-origin")));
+        assert!(!is_same_origin(host, Some("null"), Some("cross-site")));
+        assert!(!is_same_origin(host, Some("null"), None));
+        assert!(!is_same_origin(
+            host,
+            Some("http://evil.example"),
+            Some("same-origin")
+        ));
         assert!(!is_same_origin(None, Some("http://127.0.0.1:4242"), None));
         assert!(is_same_origin(host, None, Some("same-origin")));
         assert!(!is_same_origin(host, None, Some("cross-site")));

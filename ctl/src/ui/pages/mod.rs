@@ -73,7 +73,7 @@ pub fn layout(operator: &Operator, title: &str, section: Section, body: Markup) 
 pub fn error_page(operator: &Operator, error: &UiError) -> Markup {
     layout(
         operator,
-        "Refused",
+        "Not done",
         Section::None,
         html! { p #error .error { (error.to_string()) } },
     )
