@@ -603,3 +603,138 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
     }
     assert!(!audit.contains("rollout.abort"), "{audit}");
 }
+
+/// Alice's key, granted by Flotte, and a key planted by hand: test data
+/// made once with `ssh-keygen -t ed25519`, with their fingerprints.
+const ALICE_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINXaWxh/Ft9CrG3bTJelEJMlrH5/PGgNN3CZH4rN3AI6 alice@dashboard";
+const PLANTED_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINnt4OT2zoNfrcvE3UU9Af3Zfn3kIpz9ZQyP0ao+RH35 planted-by-hand";
+const PLANTED_FINGERPRINT: &str = "SHA256:A8tIR+EBpSPvisvUtS39TqnwwizIfwu6MNhvxC5WOUo";
+/// The Unix login the grant names (created with useradd, as root).
+const LOGIN: &str = "flotte-dash";
+
+/// Root and useradd, needed to make the login whose keys the agent reads;
+/// missing, the test fails unless FLOTTE_TEST_SKIP_SSHD=1 (as the access
+/// tests, which need the same).
+fn login_home() -> Option<PathBuf> {
+    let missing = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root (needed for useradd)".to_owned())
+    } else if Command::new("id")
+        .arg(LOGIN)
+        .status()
+        .is_ok_and(|status| status.success())
+    {
+        None
+    } else {
+        let made = Command::new("useradd")
+            .args(["--create-home", "--shell", "/bin/sh", "-p", "*", LOGIN])
+            .status();
+        (!made.is_ok_and(|status| status.success())).then(|| format!("useradd {LOGIN} failed"))
+    };
+    match missing {
+        None => Some(PathBuf::from(format!("/home/{LOGIN}"))),
+        Some(reason) => {
+            let skip = std::env::var(flotte_tests::SKIP_SSHD_VARIABLE).ok();
+            assert!(flotte_tests::skip_for_missing_sshd(
+                &reason,
+                skip.as_deref()
+            ));
+            None
+        }
+    }
+}
+
+#[test]
+fn the_access_dr_and_audit_pages_show_grants_drift_zone_loss_and_the_chain() {
+    let Some(home) = login_home() else {
+        return;
+    };
+    let Some((programs, root, server)) = browser_and_server() else {
+        return;
+    };
+    let managed = root.path().join("managed");
+    let token = server.token("role=web", "dc1", &[]);
+    let mut agent =
+        Agent::new(root.path(), "web-1", &server.address, &token).with_config(&format!(
+            "[access]\nauthorized_keys_dir = {:?}\n",
+            managed.display().to_string()
+        ));
+    agent.start_and_wait_for_session(&server);
+    let alice_key = root.path().join("alice.pub");
+    std::fs::write(&alice_key, format!("{ALICE_KEY}\n")).unwrap();
+    server.ctl_ok(&[
+        "user",
+        "add",
+        "alice",
+        "--ssh-key",
+        alice_key.to_str().unwrap(),
+    ]);
+    server.ctl_ok(&[
+        "access",
+        "grant",
+        "alice",
+        "--selector",
+        "role=web",
+        "--login",
+        LOGIN,
+    ]);
+    // A key planted by hand in the login's own authorized_keys.
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::write(
+        home.join(".ssh/authorized_keys"),
+        format!("{PLANTED_KEY}\n"),
+    )
+    .unwrap();
+
+    let dashboard = Dashboard::start(root.path(), "admin", &server.admin_profile(), &server);
+    let browser = Browser::start(&programs);
+    browser.goto(&dashboard.url);
+    let drift_shown = wait_until(Duration::from_secs(60), || {
+        browser.goto(&dashboard.page("/access"));
+        browser
+            .text("#drift")
+            .is_some_and(|text| text.contains(PLANTED_FINGERPRINT))
+    });
+    assert!(drift_shown, "access page: {:?}", browser.text("main"));
+    let reach = browser.text("#reach").unwrap_or_default();
+    assert!(
+        reach.contains("alice") && reach.contains("web-1") && reach.contains(LOGIN),
+        "{reach}"
+    );
+    assert!(
+        browser
+            .text("#propagation")
+            .is_some_and(|text| text.contains("1 applied")),
+        "{:?}",
+        browser.text("#propagation")
+    );
+    browser.screenshot("access");
+
+    // Losing dc1 takes the only web machine: the group goes down.
+    browser.goto(&dashboard.page("/dr"));
+    browser.click("input[name=\"zones\"][value=\"dc1\"]");
+    browser.click("form.filter button");
+    assert!(
+        wait_until(Duration::from_secs(10), || browser.path() == "/dr"
+            && browser.count("#impact") == 1),
+        "no impact table: {:?}",
+        browser.text("main")
+    );
+    let impact = browser.text("#impact").unwrap_or_default();
+    assert!(
+        impact.contains("web") && impact.contains("down"),
+        "{impact}"
+    );
+    browser.screenshot("disaster-recovery");
+
+    // The audit page verifies the chain and filters by actor and action.
+    browser.goto(&dashboard.page("/audit?actor=admin&action=access."));
+    assert_eq!(
+        browser.attribute("#verdict", "class").as_deref(),
+        Some("intact")
+    );
+    let entries = browser.text("#audit tbody").unwrap_or_default();
+    assert!(entries.contains("access.grant"), "{entries}");
+    assert!(!entries.contains("user.add"), "{entries}");
+    browser.screenshot("audit");
+    let _ = std::fs::remove_file(home.join(".ssh/authorized_keys"));
+}
