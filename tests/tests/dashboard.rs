@@ -410,6 +410,22 @@ fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_doo
     assert_eq!(browser.count("main img, main script"), 0);
     browser.screenshot("machine");
 
+    // A page of another origin, in the same browser, posting to the
+    // dashboard: refused, and nothing changes.
+    let foreign_page = format!(
+        "data:text/html,<form method=post action=\"{}\"><button id=go>go</button></form>",
+        dashboard.page("/machines/web-1/release")
+    );
+    browser.goto(&foreign_page);
+    browser.click("#go");
+    assert!(
+        wait_until(Duration::from_secs(10), || browser.count("#error") == 1),
+        "the foreign POST got: {:?}",
+        browser.text("body")
+    );
+    let shown = server.ctl_json(&["machines", "show", "web-1"]);
+    assert!(!shown["quarantine"].is_null(), "{shown:#}");
+
     // Without the secret: refused; with a wrong one: refused.
     let (status, body) = dashboard.request("GET", "/", &[]);
     assert_eq!(status, 401, "{body}");
