@@ -135,18 +135,33 @@ impl Browser {
             .to_owned()
     }
 
-    fn attribute(&self, css: &str, name: &str) -> Option<String> {
+    /// Reads something of the element `css` (`None` if there is none),
+    /// finding it again when a live update replaced it in between.
+    fn read<Value>(
+        &self,
+        css: &str,
+        reader: impl AsyncFn(
+            fantoccini::elements::Element,
+        ) -> Result<Value, fantoccini::error::CmdError>,
+    ) -> Option<Value> {
         self.runtime.block_on(async {
-            let element = self.client.find(Locator::Css(css)).await.ok()?;
-            element.attr(name).await.ok().flatten()
+            for _ in 0..5 {
+                let element = self.client.find(Locator::Css(css)).await.ok()?;
+                if let Ok(value) = reader(element).await {
+                    return Some(value);
+                }
+            }
+            None
         })
     }
 
+    fn attribute(&self, css: &str, name: &str) -> Option<String> {
+        self.read(css, async |element| element.attr(name).await)
+            .flatten()
+    }
+
     fn text(&self, css: &str) -> Option<String> {
-        self.runtime.block_on(async {
-            let element = self.client.find(Locator::Css(css)).await.ok()?;
-            element.text().await.ok()
-        })
+        self.read(css, async |element| element.text().await)
     }
 
     fn count(&self, css: &str) -> usize {
@@ -409,6 +424,21 @@ fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_doo
         .is_some_and(|text| text.ends_with(HOSTILE)));
     assert_eq!(browser.count("main img, main script"), 0);
     browser.screenshot("machine");
+
+    // The selector filters the fleet (typed in the page's form).
+    browser.goto(&dashboard.page("/"));
+    browser.script("document.querySelector('input[name=selector]').value = 'zone=dc2';");
+    browser.click("form.filter button");
+    assert!(
+        wait_until(Duration::from_secs(10), || browser.count(".tile") == 1),
+        "filtered fleet: {:?}",
+        browser.text(".grid")
+    );
+    assert_eq!(browser.count(&tile("web-2")), 1);
+    assert_eq!(
+        browser.attribute("#fleet", "data-live").as_deref(),
+        Some("/events/fleet?selector=zone%3Ddc2")
+    );
 
     // A page of another origin, in the same browser, posting to the
     // dashboard: refused, and nothing changes.

@@ -28,8 +28,17 @@ pub const MAX_EVENT_STREAMS: usize = 16;
 /// Transitions arriving this close together cost one re-listing.
 const COALESCE: Duration = Duration::from_millis(250);
 /// How often the fleet is re-listed without a transition (quarantines and
-/// retirements are not transitions), and a keep-alive sent if unchanged.
+/// retirements are not transitions), and a keep-alive sent if unchanged…
 const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// …or less often on a large fleet: the time between two listings is at
+/// least this many times what the last one took, so an open page never
+/// keeps the server listing more than a tenth of the time.
+const RESYNC_COST_FACTOR: u32 = 10;
+
+/// When to re-list next, given how long the last listing took.
+fn next_resync(listing_took: Duration) -> Duration {
+    RESYNC_INTERVAL.max(listing_took.saturating_mul(RESYNC_COST_FACTOR))
+}
 
 /// One server-sent event: its `event:` name (none: a plain message) and its
 /// data, one `data:` line per line so that no text can end the event early.
@@ -96,7 +105,7 @@ async fn follow_fleet(dashboard: &Dashboard, selector: &str, sender: &mpsc::Send
         }
     };
     let mut last_sent = String::new();
-    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    let mut resync_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = sender.closed() => return,
@@ -107,9 +116,12 @@ async fn follow_fleet(dashboard: &Dashboard, selector: &str, sender: &mpsc::Send
                 let until = tokio::time::Instant::now() + COALESCE;
                 while let Ok(Ok(Some(_))) = tokio::time::timeout_at(until, events.message()).await {}
             }
-            _ = resync.tick() => {}
+            () = tokio::time::sleep_until(resync_at) => {}
         }
-        let message = match pages::fleet::live_section(dashboard, selector).await {
+        let started = tokio::time::Instant::now();
+        let listed = pages::fleet::live_section(dashboard, selector).await;
+        resync_at = tokio::time::Instant::now() + next_resync(started.elapsed());
+        let message = match listed {
             Ok(section) => {
                 let section = section.into_string();
                 if section == last_sent {
@@ -182,6 +194,15 @@ async fn follow_rollout(dashboard: &Dashboard, id: &str, sender: &mpsc::Sender<B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slow_listing_spaces_the_next_ones_out() {
+        assert_eq!(next_resync(Duration::from_millis(20)), RESYNC_INTERVAL);
+        assert_eq!(
+            next_resync(Duration::from_millis(700)),
+            Duration::from_secs(7)
+        );
+    }
 
     #[test]
     fn an_event_keeps_every_line_as_data_so_no_text_can_end_it_early() {
