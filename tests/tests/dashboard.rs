@@ -282,7 +282,8 @@ impl Dashboard {
         format!("http://{}{path}", self.address)
     }
 
-    /// One raw HTTP/1.1 request (not a browser): status and body.
+    /// One raw HTTP/1.1 request (not a browser): status and the whole
+    /// response (head and body, bytes that are not UTF-8 replaced).
     fn request(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
         let mut stream = std::net::TcpStream::connect(&self.address).unwrap();
         stream
@@ -297,8 +298,9 @@ impl Dashboard {
         }
         request.push_str("\r\n");
         stream.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).unwrap();
+        let response = String::from_utf8_lossy(&bytes).into_owned();
         let status = flotte_proto::http1::parse_status_line(&response).unwrap_or(0);
         (status, response)
     }
@@ -425,6 +427,23 @@ fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_doo
     assert_eq!(browser.count("main img, main script"), 0);
     browser.screenshot("machine");
 
+    // The quarantined machine's forensic bundle downloads as a tar file.
+    let cookie = dashboard.cookie();
+    let mut download = (0, String::new());
+    let downloaded = wait_until(Duration::from_secs(30), || {
+        download = dashboard.request("GET", "/machines/web-1/forensics", &[("Cookie", &cookie)]);
+        download.0 == 200
+    });
+    assert!(downloaded, "forensics: {download:?}");
+    assert!(
+        download
+            .1
+            .contains("content-disposition: attachment; filename=\"forensics-"),
+        "{}",
+        &download.1[..download.1.len().min(600)]
+    );
+    assert!(download.1.contains("ustar"), "not a tar file");
+
     // The selector filters the fleet (typed in the page's form).
     browser.goto(&dashboard.page("/"));
     browser.script("document.querySelector('input[name=selector]').value = 'zone=dc2';");
@@ -467,7 +486,6 @@ fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_doo
 
     // A POST with the secret but from another origin is refused and changes
     // nothing; the same POST from the dashboard's own origin works.
-    let cookie = dashboard.cookie();
     let (status, body) = dashboard.request(
         "POST",
         "/machines/web-1/release",
