@@ -659,6 +659,12 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
             .as_deref(),
         Some("1")
     );
+    assert_eq!(
+        browser
+            .attribute("[data-wave=\"2\"] progress", "value")
+            .as_deref(),
+        Some("1")
+    );
     browser.screenshot("rollout-succeeded");
     // Every click was audited under the operator's name.
     let audit = server.ctl_ok(&["audit", "list", "--actor", "olivia"]);

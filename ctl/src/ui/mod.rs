@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use flotte_common::roles::{AdminRpc, Role};
-use flotte_proto::transport::TlsDiagnostics;
+use flotte_proto::transport::{explain_status_with, TlsDiagnostics};
 use flotte_proto::v1::operators_client::OperatorsClient;
 use flotte_proto::v1::ListOperatorsRequest;
 use tonic::transport::Channel;
@@ -79,12 +79,10 @@ pub struct Dashboard {
 impl Dashboard {
     /// A failed RPC as an error naming its cause, keeping its code.
     pub fn rpc_failure(&self, status: tonic::Status) -> http::UiError {
-        let code = status.code();
-        let message = match rpc_error(&self.diagnostics)(status) {
-            CtlError::Rpc(message) => message,
-            other => other.to_string(),
-        };
-        http::UiError::Rpc { code, message }
+        http::UiError::Rpc {
+            code: status.code(),
+            message: explain_status_with(&status, &self.diagnostics),
+        }
     }
 }
 
@@ -172,6 +170,12 @@ pub async fn run(cli: &Cli, arguments: &UiArguments) -> Result<(), CtlError> {
         operator.name,
         operator.role
     );
+    if !listen.ip().is_loopback() {
+        note_line!(
+            "warning: {listen} is not a loopback address; anyone who gets the URL can act as {} — and browsers must use exactly this address (other host names are refused)",
+            operator.name
+        );
+    }
     if arguments.open {
         open_in_browser(&url);
     }

@@ -109,6 +109,19 @@ fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
+/// Per wave (zero-based), its committed machines and all its machines.
+fn waves(info: &RolloutInfo) -> std::collections::BTreeMap<u32, (u32, u32)> {
+    let mut waves = std::collections::BTreeMap::new();
+    for machine in &info.machines {
+        let (committed, machines) = waves.entry(machine.wave).or_insert((0, 0));
+        *machines += 1;
+        if machine.state == "committed" {
+            *committed += 1;
+        }
+    }
+    waves
+}
+
 /// The live part of a rollout's page: summary, buttons, stages, machines.
 pub fn live_section(operator: &Operator, info: &RolloutInfo) -> Markup {
     let stage_name = |index: u32| {
@@ -143,6 +156,15 @@ pub fn live_section(operator: &Operator, info: &RolloutInfo) -> Markup {
                 }
                 @if stage.approval {
                     span.approval { @if stage.approved { "approved" } @else { "waits for approval" } }
+                }
+            }
+        }
+        div.waves {
+            @for (wave, (committed, machines)) in waves(info) {
+                div.wave data-wave=(wave + 1) {
+                    span.wave-name { "wave " (wave + 1) }
+                    progress max=(machines) value=(committed) {}
+                    span.progress-text { (committed) "/" (machines) }
                 }
             }
         }
@@ -308,6 +330,24 @@ mod tests {
         assert!(buttons(Role::Viewer, &gated("running")).is_empty());
         assert_eq!(buttons(Role::Admin, &gated("succeeded")), ["rollback"]);
         assert!(buttons(Role::Admin, &gated("aborted")).is_empty());
+    }
+
+    #[test]
+    fn waves_count_their_committed_machines() {
+        let machine = |wave: u32, state: &str| flotte_proto::v1::RolloutMachine {
+            wave,
+            state: state.into(),
+            ..Default::default()
+        };
+        let mut info = gated("running");
+        info.machines = vec![
+            machine(0, "committed"),
+            machine(1, "committed"),
+            machine(1, "switching"),
+            machine(1, "failed"),
+        ];
+        let counted: Vec<(u32, (u32, u32))> = waves(&info).into_iter().collect();
+        assert_eq!(counted, [(0, (1, 1)), (1, (1, 3))]);
     }
 
     #[test]
