@@ -25,7 +25,8 @@ pub struct AgentConfigFile {
     /// Where the identity, state and (later) images live.
     #[serde(default)]
     pub data_dir: PathBuf,
-    /// Server addresses (`host:port`), tried in order, then round-robin.
+    /// Server addresses (`host:port`): sessions start at a random one and
+    /// move to the next on failure (enrollment tries them in order).
     #[serde(default)]
     pub servers: Vec<String>,
     /// Join token for the first start; ignored once an identity exists.

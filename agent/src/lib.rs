@@ -255,7 +255,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         config.reconnect_max_backoff,
     );
     let mut stats = SessionStats::default();
-    let mut server_index = 0usize;
+    // A random first server spreads a fleet over the replicas; on failure
+    // the agent moves to the next one, after a jittered backoff.
+    let mut server_index = crate::backoff::random_index(config.servers.len());
     loop {
         if state.identity.is_expired(SystemTime::now()) {
             tracing::warn!(not_after = ?state.identity.not_after, "certificate expired while the server was unreachable; re-enrolling");

@@ -30,8 +30,16 @@ pub struct ServerConfigFile {
     /// Address of the gRPC (mTLS) listener.
     pub listen: String,
     pub trust_domain: String,
-    /// The server's own identity name (`spiffe://<td>/server/<name>`).
+    /// The server's own identity name (`spiffe://<td>/server/<name>`); with
+    /// several replicas, each one's own name.
     pub server_name: String,
+    /// The zone (datacenter) this replica runs in, shown by `status`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub zone: String,
+    /// `host:port` agents and operators reach this replica on, shown by
+    /// `status` (default: the address the listener is bound to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_address: Option<String>,
     /// DNS names and IP addresses the server certificate is valid for, besides
     /// localhost, 127.0.0.1 and ::1.
     pub subject_alt_names: Vec<String>,
@@ -96,6 +104,8 @@ impl Default for ServerConfigFile {
             listen: "127.0.0.1:7443".into(),
             trust_domain: "flotte.local".into(),
             server_name: "flotte-server".into(),
+            zone: String::new(),
+            advertise_address: None,
             subject_alt_names: Vec::new(),
             machine_certificate_ttl: "24h".into(),
             report_interval: "10s".into(),
@@ -120,6 +130,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub trust_domain: String,
     pub server_name: String,
+    pub zone: String,
+    pub advertise_address: Option<String>,
     pub subject_alt_names: Vec<String>,
     pub machine_certificate_ttl: Duration,
     pub report_interval: Duration,
@@ -159,6 +171,24 @@ impl ServerConfigFile {
                 "server_name = {} {SEGMENT_GRAMMAR}",
                 quoted_prefix(&self.server_name)
             ));
+        }
+        if !self.zone.is_empty() && !is_valid_segment(&self.zone) {
+            problems.push(format!(
+                "zone = {} {SEGMENT_GRAMMAR}",
+                quoted_prefix(&self.zone)
+            ));
+        }
+        if let Some(address) = &self.advertise_address {
+            let valid = address.len() <= 255
+                && address
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                problems.push(format!(
+                    "advertise_address = {} is not host:port",
+                    quoted_prefix(address)
+                ));
+            }
         }
         for name in &self.subject_alt_names {
             let valid_dns = !name.is_empty()
@@ -260,6 +290,8 @@ impl ServerConfigFile {
             listen,
             trust_domain: self.trust_domain,
             server_name: self.server_name,
+            zone: self.zone,
+            advertise_address: self.advertise_address,
             subject_alt_names,
             machine_certificate_ttl,
             report_interval,

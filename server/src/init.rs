@@ -2,6 +2,12 @@
 //! file, the store with its first operator (`admin`, role admin, and the
 //! audit log's first entry saying so) and that operator's profile. Refuses to
 //! touch an existing CA.
+//!
+//! `flotte-server replica init` prepares another replica's data dir from
+//! the first one: the CA (the private key is copied file to file, never
+//! through the database), the settings with this replica's own name,
+//! listen address and zone, and the store's password file. Never the admin
+//! profile, never a SQLite store: replicas share one PostgreSQL database.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -40,6 +46,19 @@ pub enum InitError {
     Encode(#[from] toml::ser::Error),
     #[error("cannot create the store: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} does not parse: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "{0} keeps its state in SQLite: replicas share one PostgreSQL database (flotte-server init --store-url)"
+    )]
+    NotShared(PathBuf),
+    #[error("{0} exists already: a replica is prepared into a new data dir")]
+    Exists(PathBuf),
 }
 
 /// The actor recorded for what `init` does.
@@ -149,4 +168,88 @@ pub async fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, 
         admin_profile,
         ca_fingerprint: ca.fingerprint(),
     })
+}
+
+/// What makes one replica different from the others.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    pub name: String,
+    pub listen: String,
+    pub zone: Option<String>,
+    /// `host:port` agents and operators reach it on, if not its listen address.
+    pub advertise_address: Option<String>,
+}
+
+/// Reads `path` whole, naming it if it cannot be read.
+fn read_file(path: &Path) -> Result<Vec<u8>, InitError> {
+    std::fs::read(path).map_err(|source| InitError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes a file only this user can read, naming it if it cannot be written.
+fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), InitError> {
+    files::write_private(path, contents).map_err(|source| InitError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Prepares `data_dir` for another replica of the server whose data dir is
+/// `from` (see the module docs). Returns the new settings file's path.
+pub fn init_replica(
+    from: &Path,
+    data_dir: &Path,
+    options: ReplicaOptions,
+) -> Result<PathBuf, InitError> {
+    let from_config = default_config_path(from);
+    let text = String::from_utf8_lossy(&read_file(&from_config)?).into_owned();
+    let mut settings: ServerConfigFile =
+        toml::from_str(&text).map_err(|error| InitError::Parse {
+            path: from_config.clone(),
+            message: error.message().to_owned(),
+        })?;
+    if settings.store.kind != crate::store::settings::StoreKind::Postgres {
+        return Err(InitError::NotShared(from.to_owned()));
+    }
+    if data_dir.exists() {
+        return Err(InitError::Exists(data_dir.to_owned()));
+    }
+    settings.server_name = options.name;
+    settings.listen = options.listen;
+    settings.zone = options.zone.unwrap_or_default();
+    settings.advertise_address = options.advertise_address;
+    // Every problem of the new settings at once, before anything is written.
+    settings.clone().validate(data_dir.to_owned())?;
+    // Read everything before writing anything, so that a missing CA file
+    // leaves no half-made data dir behind.
+    let ca_certificate = read_file(&from.join("ca").join("ca.pem"))?;
+    let ca_key = read_file(&from.join("ca").join("ca.key"))?;
+    let password = match &settings.store.password_file {
+        Some(relative) if relative.is_relative() => {
+            Some((relative.clone(), read_file(&from.join(relative))?))
+        }
+        // An absolute path is the same file on every host (a mounted secret).
+        _ => None,
+    };
+    for directory in [data_dir.to_owned(), data_dir.join("ca")] {
+        files::create_private_dir(&directory).map_err(|source| InitError::Io {
+            path: directory.clone(),
+            source,
+        })?;
+    }
+    write_private_file(&data_dir.join("ca").join("ca.pem"), &ca_certificate)?;
+    write_private_file(&data_dir.join("ca").join("ca.key"), &ca_key)?;
+    if let Some((relative, password)) = password {
+        write_private_file(&data_dir.join(relative), &password)?;
+    }
+    let config_path = default_config_path(data_dir);
+    files::write_atomically(&config_path, toml::to_string(&settings)?.as_bytes()).map_err(
+        |source| InitError::Io {
+            path: config_path.clone(),
+            source,
+        },
+    )?;
+    Ok(config_path)
 }

@@ -74,14 +74,23 @@ pub enum ServerError {
     },
 }
 
-/// Marks silent machines unreachable, once a second.
+/// Marks silent machines unreachable, once a second: the machines whose
+/// sessions this replica holds, and — on the leader — those no live
+/// replica holds. So each machine has one judge fleet-wide.
 async fn watch_liveness(state: Arc<ServerState>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = ticker.tick() => state.health.check_liveness(state.clock.now_unix()),
+            _ = ticker.tick() => {}
         }
+        let leading = state.leadership.fence().is_some();
+        state
+            .health
+            .check_liveness(state.clock.now_unix(), &|machine| {
+                state.registry.sender(machine).is_some()
+                    || (leading && !state.replicas.held_elsewhere(machine))
+            });
     }
 }
 
@@ -148,6 +157,16 @@ pub struct ServerState {
     pub(crate) rollouts: Arc<live::rollout::RolloutEngine>,
     /// Access for people: compiled policy inputs and machines' acknowledgements.
     pub(crate) access: Arc<live::access_hub::AccessHub>,
+    /// What replicas share: leases, session holders, the change feed.
+    pub(crate) replica_store: Arc<dyn store::replicas::ReplicaStore>,
+    /// This replica among the others.
+    pub(crate) replicas: Arc<live::replicas::ReplicaSet>,
+    /// Whether this replica runs the leader-only loops now.
+    pub(crate) leadership: Arc<live::leadership::Leadership>,
+    /// Where changes are announced to the other replicas.
+    pub(crate) feed: Arc<live::feed::Feed>,
+    /// Image payloads (a directory, or PostgreSQL for replicas).
+    pub(crate) blobs: Arc<dyn images::BlobStore>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -232,6 +251,23 @@ pub async fn run(
     );
     let access_hub = Arc::new(live::access_hub::AccessHub::load(opened.access).await?);
     let registry = Arc::new(Registry::new());
+    let feed = live::feed::Feed::new(&config.server_name, Arc::clone(&opened.replicas));
+    let advertised = match &config.advertise_address {
+        Some(address) => address.clone(),
+        None => listener
+            .local_addr()
+            .map_or_else(|_| config.listen.to_string(), |bound| bound.to_string()),
+    };
+    let replicas = live::replicas::ReplicaSet::new(
+        store::replicas::ReplicaRegistration {
+            name: config.server_name.clone(),
+            zone: config.zone.clone(),
+            address: advertised,
+            started_at: clock.now_unix(),
+        },
+        Arc::clone(&opened.replicas),
+    );
+    let leadership = live::leadership::Leadership::new(&config.server_name);
     let publisher = Arc::new(live::publisher::Publisher::new(
         Arc::clone(&registry) as Arc<dyn live::publisher::SessionFanOut>,
         live::publisher::PublisherSources {
@@ -241,6 +277,7 @@ pub async fn run(
             health: Arc::clone(&health),
             clock: Arc::new(clock),
             report_interval: config.report_interval,
+            feed: Arc::clone(&feed),
         },
     ));
     let state = Arc::new(ServerState {
@@ -258,7 +295,17 @@ pub async fn run(
         repair,
         rollouts,
         access: Arc::clone(&access_hub),
+        replica_store: Arc::clone(&opened.replicas),
+        replicas: Arc::clone(&replicas),
+        leadership: Arc::clone(&leadership),
+        feed,
+        blobs: Arc::clone(&opened.blobs),
     });
+    // Subscribed before anything is served, so that no change announced
+    // after the caches were loaded is missed.
+    tokio::spawn(live::feed::run_feed(Arc::clone(&state), shutdown.clone()));
+    let replica_lease = tokio::spawn(replicas.run(shutdown.clone()));
+    let leader_lease = tokio::spawn(leadership.run(Arc::clone(&opened.replicas), shutdown.clone()));
     tokio::spawn(access_hub.run_flusher(shutdown.clone()));
     tokio::spawn(live::transitions::apply_transitions(
         Arc::clone(&state),
@@ -285,6 +332,10 @@ pub async fn run(
     let _ = flusher.await;
     // Stops the replacement agents a `local` provider started.
     let _ = remediation.await;
+    // Gives the leader lease up and leaves the replica set, so that another
+    // replica leads at once rather than after the lease.
+    let _ = leader_lease.await;
+    let _ = replica_lease.await;
     result?;
     Ok(())
 }

@@ -35,6 +35,8 @@ struct MachineView {
     enrolled_at: Option<String>,
     identity: String,
     remote_address: Option<String>,
+    /// The server replica holding its session.
+    replica: Option<String>,
     desired_version: u64,
     applied_desired_version: u64,
     retired_at: Option<String>,
@@ -192,6 +194,7 @@ impl From<&Machine> for MachineView {
             identity: machine.identity_uri.clone(),
             remote_address: (!machine.remote_address.is_empty())
                 .then(|| machine.remote_address.clone()),
+            replica: (!machine.replica.is_empty()).then(|| machine.replica.clone()),
             desired_version: machine.desired_version,
             applied_desired_version: machine.applied_desired_version,
             retired_at: optional_time(machine.retired_at),
@@ -251,6 +254,7 @@ pub(super) fn print_machines(output: Output, machines: &[Machine]) -> Result<(),
             "CONNECTED",
             "LAST SEEN",
             "AGENT",
+            "REPLICA",
         ],
         |machine| {
             vec![
@@ -270,6 +274,7 @@ pub(super) fn print_machines(output: Output, machines: &[Machine]) -> Result<(),
                 .to_owned(),
                 machine.last_seen.clone().unwrap_or_else(|| "never".into()),
                 machine.agent_version.clone(),
+                machine.replica.clone().unwrap_or_default(),
             ]
         },
     )
@@ -340,6 +345,7 @@ pub(super) fn print_machine(output: Output, machine: &Machine) -> Result<(), Ctl
             "remote address",
             view.remote_address.clone().unwrap_or_default(),
         ),
+        ("replica", view.replica.clone().unwrap_or_default()),
         ("last seen", view.last_seen.clone().unwrap_or_else(never)),
         ("agent version", view.agent_version.clone()),
         ("os", view.os.clone()),

@@ -133,9 +133,18 @@ impl HealthTracker {
         }
     }
 
-    /// Marks machines silent for longer than the grace period unreachable.
-    pub fn check_liveness(&self, now: UnixSeconds) {
+    /// Marks machines silent for longer than the grace period unreachable,
+    /// among those `judged_here` says this replica judges. The others are
+    /// heard of through the replica holding their session, so their silence
+    /// is counted from now: if that replica dies, they become unreachable
+    /// only after a whole grace period.
+    pub fn check_liveness(&self, now: UnixSeconds, judged_here: &dyn Fn(Uuid) -> bool) {
         let mut machines = self.lock();
+        for (machine_id, machine) in machines.iter_mut() {
+            if !judged_here(*machine_id) {
+                machine.last_report_at = now;
+            }
+        }
         let last_heard = machines.iter().map(|(machine_id, machine)| LastHeard {
             machine_id: *machine_id,
             state: machine.state,
@@ -151,6 +160,34 @@ impl HealthTracker {
                 self.transition(machine_id, machine, MachineState::Unreachable, reason, now);
             }
         }
+    }
+
+    /// Takes a state decided elsewhere (by the replica holding the
+    /// machine's session) without deciding or storing anything. Returns the
+    /// change, for local watchers, if the state was not already this one.
+    pub fn adopt(
+        &self,
+        machine_id: Uuid,
+        state: MachineState,
+        reason: &str,
+        at: UnixSeconds,
+    ) -> Option<Transition> {
+        let mut machines = self.lock();
+        let machine = machines.get_mut(&machine_id)?;
+        if machine.state == state || machine.state == MachineState::Retired {
+            return None;
+        }
+        let transition = Transition {
+            machine_id,
+            at,
+            from: machine.state,
+            to: state,
+            reason: reason.to_owned(),
+        };
+        machine.state = state;
+        machine.reason = reason.to_owned();
+        machine.since = at;
+        Some(transition)
     }
 
     /// Moves a decommissioned machine to `retired`, for good.
@@ -254,9 +291,9 @@ mod tests {
         tracker.observe_report(id, report_with_web_check(false), 103);
         tracker.observe_report(id, report_with_web_check(true), 104);
         // Silence shorter than the grace period changes nothing; longer does.
-        tracker.check_liveness(120);
-        tracker.check_liveness(135);
-        tracker.check_liveness(140);
+        tracker.check_liveness(120, &JUDGED_HERE);
+        tracker.check_liveness(135, &JUDGED_HERE);
+        tracker.check_liveness(140, &JUDGED_HERE);
         use MachineState::*;
         assert_eq!(
             drain(&mut receiver),
@@ -278,12 +315,48 @@ mod tests {
     #[test]
     fn silence_is_measured_from_start_for_machines_that_never_report() {
         let (tracker, _, mut receiver) = tracker_of_one("operational", 1000);
-        tracker.check_liveness(1029);
+        tracker.check_liveness(1029, &JUDGED_HERE);
         assert!(drain(&mut receiver).is_empty());
-        tracker.check_liveness(1031);
+        tracker.check_liveness(1031, &JUDGED_HERE);
         assert_eq!(
             drain(&mut receiver),
             vec![(MachineState::Operational, MachineState::Unreachable, 1031)]
+        );
+    }
+
+    /// One server judges every machine.
+    const JUDGED_HERE: fn(Uuid) -> bool = |_| true;
+
+    #[test]
+    fn a_machine_held_by_another_replica_is_not_judged_and_its_silence_starts_when_that_ends() {
+        let (tracker, _, mut receiver) = tracker_of_one("operational", 1000);
+        // Held elsewhere: no report here for a long time, yet not unreachable.
+        tracker.check_liveness(1100, &|_| false);
+        assert!(drain(&mut receiver).is_empty());
+        // Its holder died at 1100: this replica judges it from then on.
+        tracker.check_liveness(1129, &JUDGED_HERE);
+        assert!(drain(&mut receiver).is_empty());
+        tracker.check_liveness(1131, &JUDGED_HERE);
+        assert_eq!(
+            drain(&mut receiver),
+            vec![(MachineState::Operational, MachineState::Unreachable, 1131)]
+        );
+    }
+
+    #[test]
+    fn a_state_decided_elsewhere_is_adopted_without_a_transition_of_its_own() {
+        let (tracker, id, mut receiver) = tracker_of_one("operational", 1000);
+        let adopted = tracker.adopt(id, MachineState::Down, "web failing", 1005);
+        assert_eq!(
+            adopted.map(|change| (change.from, change.to)),
+            Some((MachineState::Operational, MachineState::Down))
+        );
+        assert_eq!(tracker.adopt(id, MachineState::Down, "again", 1006), None);
+        assert_eq!(tracker.get(id).unwrap().state, MachineState::Down);
+        assert!(drain(&mut receiver).is_empty(), "nothing to store or alert");
+        assert_eq!(
+            tracker.adopt(Uuid::from_u128(9), MachineState::Down, "", 1),
+            None
         );
     }
 
@@ -291,7 +364,7 @@ mod tests {
     fn a_retired_machine_ignores_reports_and_silence() {
         let (tracker, id, mut receiver) = tracker_of_one("retired", 1000);
         tracker.observe_report(id, report_with_web_check(false), 1001);
-        tracker.check_liveness(2000);
+        tracker.check_liveness(2000, &JUDGED_HERE);
         assert!(drain(&mut receiver).is_empty());
         assert!(tracker.get(id).unwrap().last_report.is_none());
     }

@@ -35,6 +35,9 @@ pub async fn run_remediation(state: Arc<ServerState>, shutdown: CancellationToke
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
+        if state.leadership.fence().is_none() {
+            continue; // another replica remediates
+        }
         if let Err(error) = decide_and_apply(&state, &providers).await {
             tracing::warn!(%error, "remediation round failed");
         }

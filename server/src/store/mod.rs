@@ -21,6 +21,7 @@ mod access;
 pub(crate) mod contract;
 mod postgres;
 pub mod repair;
+pub mod replicas;
 mod rollouts;
 pub mod settings;
 mod sqlite;
@@ -33,6 +34,9 @@ pub use access::{
     AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord, UserKeyRecord,
     UserRecord, UserRevocation,
 };
+/// A directory removed when dropped, for tests that need files.
+#[cfg(test)]
+pub(crate) use sqlite::tests::TemporaryDirectory;
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
 
@@ -65,6 +69,10 @@ pub enum StoreError {
          binary knows: run a release at least as new as the one that last opened this store"
     )]
     SchemaTooNew { found: i64, supported: i64 },
+    /// A leader-only write made under a lease that is no longer held: a
+    /// newer leader may act, so this one must not.
+    #[error("replica {holder} no longer leads (term {term} ended): its write was refused")]
+    Fenced { holder: String, term: i64 },
 }
 
 impl StoreError {
