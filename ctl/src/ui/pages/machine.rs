@@ -33,7 +33,13 @@ fn facts(machine: &Machine) -> Markup {
             tr { th { "id" } td { (machine.id) } }
             tr { th { "zone" } td { (machine.zone) } }
             tr { th { "labels" } td { (labels) } }
-            tr { th { "connected" } td { (machine.connected) ", last seen " (time(machine.last_seen)) } }
+            tr {
+                th { "connected" }
+                td {
+                    (machine.connected) ", last seen " (time(machine.last_seen))
+                    @if !machine.replica.is_empty() { ", session held by replica " (machine.replica) }
+                }
+            }
             tr { th { "agent version" } td { (machine.agent_version) } }
             tr { th { "system" } td { (machine.os) " " (machine.kernel) " " (machine.arch) } }
             tr { th { "current image" } td { (image_name(image.and_then(|image| image.current.as_ref())).unwrap_or_default()) } }
