@@ -46,8 +46,18 @@ fn on_path(names: &[&str]) -> Option<PathBuf> {
 /// `FLOTTE_TEST_SKIP_CHROMIUM=1` asks to skip; panics when they are missing
 /// otherwise (a test must never pass without its browser).
 fn browser_programs() -> Option<(PathBuf, PathBuf)> {
-    let driver = on_path(&["chromedriver"]);
-    let chromium = on_path(&["chromium", "chromium-browser", "google-chrome"]);
+    found_or_skipped(
+        on_path(&["chromedriver"]),
+        on_path(&["chromium", "chromium-browser", "google-chrome"]),
+        std::env::var(SKIP_CHROMIUM_VARIABLE).ok().as_deref(),
+    )
+}
+
+fn found_or_skipped(
+    driver: Option<PathBuf>,
+    chromium: Option<PathBuf>,
+    skip_asked: Option<&str>,
+) -> Option<(PathBuf, PathBuf)> {
     match (driver, chromium) {
         (Some(driver), Some(chromium)) => Some((driver, chromium)),
         (driver, chromium) => {
@@ -61,7 +71,7 @@ fn browser_programs() -> Option<(PathBuf, PathBuf)> {
                 }
             );
             assert!(
-                std::env::var(SKIP_CHROMIUM_VARIABLE).as_deref() == Ok("1"),
+                skip_asked == Some("1"),
                 "the dashboard tests need a real headless Chromium ({missing}): \
                  apt-get install chromium chromium-driver, or set {SKIP_CHROMIUM_VARIABLE}=1 to skip them explicitly"
             );
@@ -69,6 +79,25 @@ fn browser_programs() -> Option<(PathBuf, PathBuf)> {
             None
         }
     }
+}
+
+#[test]
+fn a_missing_browser_fails_unless_skipping_is_asked_for_explicitly() {
+    let program = || Some(PathBuf::from("/usr/bin/true"));
+    for not_asked in [None, Some("0"), Some("yes")] {
+        let outcome = std::panic::catch_unwind(|| found_or_skipped(program(), None, not_asked));
+        assert!(
+            outcome.is_err(),
+            "a missing Chromium passed with {not_asked:?}"
+        );
+        let outcome = std::panic::catch_unwind(|| found_or_skipped(None, program(), not_asked));
+        assert!(
+            outcome.is_err(),
+            "a missing chromedriver passed with {not_asked:?}"
+        );
+    }
+    assert!(found_or_skipped(None, None, Some("1")).is_none());
+    assert!(found_or_skipped(program(), program(), None).is_some());
 }
 
 /// A headless Chromium behind its own chromedriver, with a fresh profile.
