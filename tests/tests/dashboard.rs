@@ -335,7 +335,8 @@ impl Dashboard {
     }
 
     fn cookie(&self) -> String {
-        format!("flotte_ui={}", self.secret)
+        let port = self.address.rsplit(':').next().unwrap_or_default();
+        format!("flotte_ui_{port}={}", self.secret)
     }
 
     fn own_origin(&self) -> String {
@@ -510,7 +511,11 @@ fn the_fleet_page_follows_the_fleet_live_escapes_hostile_text_and_guards_its_doo
     assert!(!body.contains("web-1"), "{body}");
     let (status, _) = dashboard.request("GET", "/?secret=0000", &[]);
     assert_eq!(status, 403);
-    let (status, _) = dashboard.request("GET", "/events/fleet", &[("Cookie", "flotte_ui=wrong")]);
+    let (status, _) = dashboard.request(
+        "GET",
+        "/events/fleet",
+        &[("Cookie", &dashboard.cookie().replace('=', "=0"))],
+    );
     assert_eq!(status, 403);
 
     // A POST with the secret but from another origin is refused and changes
@@ -643,17 +648,14 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
 
     // The viewer sees the rollout but no button, and a forged request in
     // its name is refused by the API, naming the role it needs.
-    let viewer_browser = Browser::start(&programs);
-    viewer_browser.goto(&as_viewer.url);
-    viewer_browser.goto(&as_viewer.page(&format!("/rollouts/{id}")));
-    assert_eq!(
-        viewer_browser.text("#rollout-state").as_deref(),
-        Some("running")
-    );
-    assert_eq!(viewer_browser.count("form.action, button"), 0);
-    viewer_browser.goto(&as_viewer.page("/rollouts"));
-    assert_eq!(viewer_browser.count("#action-stop-all"), 0);
-    viewer_browser.screenshot("rollout-as-viewer");
+    // (In the same browser: each dashboard's cookie is its own.)
+    browser.goto(&as_viewer.url);
+    browser.goto(&as_viewer.page(&format!("/rollouts/{id}")));
+    assert_eq!(browser.text("#rollout-state").as_deref(), Some("running"));
+    assert_eq!(browser.count("form.action, button"), 0);
+    browser.goto(&as_viewer.page("/rollouts"));
+    assert_eq!(browser.count("#action-stop-all"), 0);
+    browser.screenshot("rollout-as-viewer");
     let cookie = as_viewer.cookie();
     let own_origin = as_viewer.own_origin();
     let (status, body) = as_viewer.request(
@@ -667,6 +669,11 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
 
     // Approve, clicked by the operator: the gate opens and the rollout
     // succeeds, followed live on the page the action returned to.
+    browser.goto(&as_operator.page(&format!("/rollouts/{id}")));
+    assert_eq!(
+        browser.text("#operator").as_deref(),
+        Some("olivia · operator")
+    );
     browser.click("#action-approve");
     browser.answer_dialog(true);
     assert!(

@@ -12,8 +12,10 @@
 
 use std::fmt::Write as _;
 
-/// Name of the cookie that carries the secret after the first request.
-pub const SECRET_COOKIE: &str = "flotte_ui";
+/// Start of the name of the cookie that carries the secret after the first
+/// request; the port follows, because browsers keep cookies per host, not
+/// per port, and two dashboards on one host must not overwrite each other's.
+const SECRET_COOKIE_PREFIX: &str = "flotte_ui_";
 /// Name of the query parameter of the printed URL.
 pub const SECRET_PARAMETER: &str = "secret";
 /// Bytes of randomness in a secret (128 bits or more, as any session token).
@@ -23,9 +25,13 @@ const _: () = assert!(
     "a secret must have 128 bits or more"
 );
 
-/// The secret of one `flottectl ui` run, as lowercase hex.
+/// The secret of one `flottectl ui` run, as lowercase hex, and the name of
+/// the cookie that carries it.
 #[derive(Clone)]
-pub struct Secret(String);
+pub struct Secret {
+    value: String,
+    cookie_name: String,
+}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -34,18 +40,22 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
-    pub fn from_random_bytes(bytes: &[u8; SECRET_BYTES]) -> Self {
-        Secret(hex::encode(bytes))
+    /// The secret of a dashboard listening on `port`.
+    pub fn from_random_bytes(bytes: &[u8; SECRET_BYTES], port: u16) -> Self {
+        Secret {
+            value: hex::encode(bytes),
+            cookie_name: format!("{SECRET_COOKIE_PREFIX}{port}"),
+        }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.value
     }
 
     /// Compares in time independent of where the first difference is, so a
     /// local attacker cannot find the secret a byte at a time.
     pub fn matches(&self, offered: &str) -> bool {
-        let expected = self.0.as_bytes();
+        let expected = self.value.as_bytes();
         let offered = offered.as_bytes();
         if expected.len() != offered.len() {
             return false;
@@ -61,8 +71,8 @@ impl Secret {
     /// secret in the address bar.
     pub fn cookie(&self) -> String {
         format!(
-            "{SECRET_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-            self.0
+            "{}={}; Path=/; HttpOnly; SameSite=Strict",
+            self.cookie_name, self.value
         )
     }
 }
@@ -91,7 +101,7 @@ pub fn secret_proof<'header>(
             .split(';')
             .filter_map(|pair| pair.trim().split_once('='))
         {
-            if name == SECRET_COOKIE {
+            if name == secret.cookie_name {
                 if secret.matches(value) {
                     return SecretProof::Cookie;
                 }
@@ -147,7 +157,7 @@ mod tests {
     use super::*;
 
     fn secret() -> Secret {
-        Secret::from_random_bytes(&[7; SECRET_BYTES])
+        Secret::from_random_bytes(&[7; SECRET_BYTES], 4242)
     }
 
     #[test]
@@ -161,7 +171,7 @@ mod tests {
     fn the_secret_is_accepted_from_the_cookie_or_the_query_only_when_exact() {
         let secret = secret();
         let good = secret.as_str().to_owned();
-        let cookie = format!("other=1; {SECRET_COOKIE}={good}");
+        let cookie = format!("flotte_ui_4243={good}x; flotte_ui_4242={good}");
         assert_eq!(
             secret_proof(&secret, [cookie.as_str()], None),
             SecretProof::Cookie
@@ -175,7 +185,7 @@ mod tests {
         );
         let mut wrong = good.clone();
         wrong.replace_range(0..1, if good.starts_with('0') { "1" } else { "0" });
-        let wrong_cookie = format!("{SECRET_COOKIE}={wrong}");
+        let wrong_cookie = format!("flotte_ui_4242={wrong}");
         assert_eq!(
             secret_proof(&secret, [wrong_cookie.as_str()], None),
             SecretProof::Wrong

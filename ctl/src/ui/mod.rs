@@ -115,7 +115,7 @@ async fn whoami(
         ))
 }
 
-fn random_secret() -> Result<Secret, CtlError> {
+fn random_secret(port: u16) -> Result<Secret, CtlError> {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; SECRET_BYTES];
     ring::rand::SystemRandom::new()
@@ -124,7 +124,7 @@ fn random_secret() -> Result<Secret, CtlError> {
             what: "cannot make the dashboard secret".into(),
             source: std::io::Error::other("the system random source failed"),
         })?;
-    Ok(Secret::from_random_bytes(&bytes))
+    Ok(Secret::from_random_bytes(&bytes, port))
 }
 
 /// Asks the desktop to open the URL; a failure only prints a note (the URL
@@ -135,14 +135,18 @@ fn open_in_browser(url: &str) {
     } else {
         "xdg-open"
     };
-    if let Err(error) = std::process::Command::new(opener)
+    match std::process::Command::new(opener)
         .arg(url)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
     {
-        note_line!("cannot run {opener}: {error}; open the URL above by hand");
+        // Reaped off the runtime, so that it leaves no zombie behind.
+        Ok(mut child) => {
+            std::thread::spawn(move || child.wait());
+        }
+        Err(error) => note_line!("cannot run {opener}: {error}; open the URL above by hand"),
     }
 }
 
@@ -160,7 +164,7 @@ pub async fn run(cli: &Cli, arguments: &UiArguments) -> Result<(), CtlError> {
         what: "cannot read the listening address".into(),
         source,
     })?;
-    let secret = random_secret()?;
+    let secret = random_secret(listen.port())?;
     let url = format!("http://{listen}/?{SECRET_PARAMETER}={}", secret.as_str());
     // The URL is the key to the dashboard: printed on stdout only, for the
     // operator (and the tests) to use, and never logged elsewhere.
