@@ -174,14 +174,30 @@ pub fn start_sample_machine(
     zone: &str,
     labels: &str,
 ) -> SampleMachine {
+    start_sample_machine_with_servers(server, &[], root, keys, name, zone, labels)
+}
+
+/// [`start_sample_machine`] with an agent that also knows the server
+/// replicas at `more_servers` (it starts at a random one of them all).
+pub fn start_sample_machine_with_servers(
+    server: &Server,
+    more_servers: &[&str],
+    root: &Path,
+    keys: &Path,
+    name: &str,
+    zone: &str,
+    labels: &str,
+) -> SampleMachine {
     let port = free_port().expect("a free port");
     let token = server.token(labels, zone, &[]);
-    let agent = Agent::new(root, name, &server.address, &token).with_config(&format!(
-        "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"20s\"\nsoak = \"500ms\"\n\n\
+    let agent = Agent::new(root, name, &server.address, &token)
+        .with_more_servers(more_servers)
+        .with_config(&format!(
+            "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"20s\"\nsoak = \"500ms\"\n\n\
          [[check]]\nname = \"service\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/health\"\n\
          interval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\ncritical = true\n",
-        keys.join("release.pub").display()
-    ));
+            keys.join("release.pub").display()
+        ));
     std::fs::write(agent.data_dir.join("service.port"), format!("{port}\n")).expect("port file");
     let mut machine = SampleMachine {
         agent,

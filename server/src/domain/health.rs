@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::store::UnixSeconds;
@@ -78,7 +79,7 @@ pub struct HealthReport {
 }
 
 /// One health check as the agent last ran it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckReport {
     pub name: String,
     /// "http", "tcp" or "exec".
@@ -117,7 +118,7 @@ pub struct DiskUsage {
 }
 
 /// An image as the agent names it: by name and version, pinned by digest.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedImage {
     pub name: String,
     pub version: String,
@@ -126,7 +127,7 @@ pub struct ReportedImage {
 }
 
 /// Where the machine is with images.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageStatus {
     pub current: Option<ReportedImage>,
     pub previous: Option<ReportedImage>,
@@ -134,7 +135,7 @@ pub struct ImageStatus {
 }
 
 /// The agent's latest image swap.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwapStatus {
     pub target: Option<ReportedImage>,
     /// downloading, verifying_payload, unpacking, switching, verifying,

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::domain::desired_state::DesiredState;
 use crate::edge::auth::{require_machine, require_not_revoked, Caller};
+use crate::live::feed::Change;
 use crate::live::registry::{SessionEntry, SessionMessage, SessionSender, SESSION_QUEUE_DEPTH};
 use crate::services::enrollment::Enroller;
 use crate::services::renewal::RenewalError;
@@ -324,12 +325,21 @@ async fn serve_session(
         match message.kind {
             Some(AgentKind::Report(report)) => {
                 state.metrics.agent_reports.inc();
-                state.health.observe_report(
+                let changed_image = state.health.observe_report(
                     machine_id,
                     crate::edge::health_report::health_report_from_proto(report),
                     now,
                 );
                 state.rollouts.machine_changed(machine_id);
+                if let Some(image) = changed_image {
+                    state
+                        .feed
+                        .announce(Change::Image {
+                            machine: machine_id,
+                            image: Box::new(image),
+                        })
+                        .await;
+                }
             }
             None => {}
             Some(AgentKind::Hello(_)) => {

@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::domain::health::MachineState;
+use crate::domain::health::{ImageStatus, MachineState};
 use crate::live::revocation::REVOCATION_GRACE;
 use crate::store::replicas::{FeedEvent, ReplicaStore, FEED_MESSAGE_MAX_BYTES};
 use crate::store::UnixSeconds;
@@ -47,6 +47,12 @@ pub enum Change {
     /// The deny list grew: refuse these from now on and cut the
     /// connections of `identity_uri`.
     Denied { identity_uri: String },
+    /// A machine's image status changed (a swap's step, its current
+    /// image), as reported to the replica holding its session.
+    Image {
+        machine: Uuid,
+        image: Box<ImageStatus>,
+    },
     /// A machine's health state changed, decided by the replica holding
     /// its session (or the leader, for machines with no session).
     Health {
@@ -87,6 +93,14 @@ impl Change {
                 machine,
                 reason: cut_to(reason, 1024),
             }],
+            Change::Image { machine, mut image } => {
+                if let Some(swap) = image.swap.as_mut() {
+                    // The failed checks' outputs stay with the holder.
+                    swap.checks.clear();
+                    swap.message = cut_to(std::mem::take(&mut swap.message), 1024);
+                }
+                vec![Change::Image { machine, image }]
+            }
             Change::Health {
                 machine,
                 state,
@@ -226,6 +240,10 @@ async fn apply(state: &Arc<ServerState>, change: Change) {
             }
             Err(error) => tracing::error!(%error, "cannot reload the deny list"),
         },
+        Change::Image { machine, image } => {
+            state.health.adopt_image(machine, *image);
+            state.rollouts.machine_changed(machine);
+        }
         Change::Health {
             machine,
             state: machine_state,

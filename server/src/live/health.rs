@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::domain::health::{
-    silent_machines, state_from_report, HealthReport, LastHeard, MachineState,
+    silent_machines, state_from_report, HealthReport, ImageStatus, LastHeard, MachineState,
 };
 use crate::store::{MachineRecord, UnixSeconds};
 
@@ -113,16 +113,29 @@ impl HealthTracker {
         entry.labels = machine.labels.clone();
     }
 
-    /// Records a report; a change of state becomes a transition.
-    pub fn observe_report(&self, machine_id: Uuid, report: HealthReport, now: UnixSeconds) {
+    /// Records a report; a change of state becomes a transition. Returns
+    /// the image status if it changed since the last report (for the other
+    /// replicas, whose rollout engine may be the one waiting for it).
+    pub fn observe_report(
+        &self,
+        machine_id: Uuid,
+        report: HealthReport,
+        now: UnixSeconds,
+    ) -> Option<ImageStatus> {
         let (state, reason) = state_from_report(&report);
         let mut machines = self.lock();
-        let Some(machine) = machines.get_mut(&machine_id) else {
-            return;
-        };
+        let machine = machines.get_mut(&machine_id)?;
         if machine.state == MachineState::Retired {
-            return;
+            return None;
         }
+        let previous_image = machine
+            .last_report
+            .as_ref()
+            .and_then(|previous| previous.image.as_ref());
+        let image_changed = report.image.as_ref().filter(|image| {
+            previous_image.is_none_or(|previous| !same_image_progress(previous, image))
+        });
+        let changed_image = image_changed.cloned();
         machine.last_report_at = now;
         machine.last_report = Some(Arc::new(report));
         if machine.state != state {
@@ -131,6 +144,19 @@ impl HealthTracker {
             // Same state, fresher words (e.g. which disk is full now).
             machine.reason = reason;
         }
+        changed_image
+    }
+
+    /// Takes a machine's image status reported to another replica (the one
+    /// holding its session), keeping the rest of what is known here.
+    pub fn adopt_image(&self, machine_id: Uuid, image: ImageStatus) {
+        let mut machines = self.lock();
+        let Some(machine) = machines.get_mut(&machine_id) else {
+            return;
+        };
+        let mut report = machine.last_report.as_deref().cloned().unwrap_or_default();
+        report.image = Some(image);
+        machine.last_report = Some(Arc::new(report));
     }
 
     /// Marks machines silent for longer than the grace period unreachable,
@@ -214,6 +240,19 @@ impl HealthTracker {
     pub fn snapshot(&self) -> HashMap<Uuid, TrackedMachine> {
         self.lock().clone()
     }
+}
+
+/// Whether two image statuses say the same about the machine's images and
+/// its swap (download progress aside, which changes every report).
+fn same_image_progress(previous: &ImageStatus, current: &ImageStatus) -> bool {
+    let without_progress = |image: &ImageStatus| {
+        let mut image = image.clone();
+        if let Some(swap) = image.swap.as_mut() {
+            swap.bytes_downloaded = 0;
+        }
+        image
+    };
+    without_progress(previous) == without_progress(current)
 }
 
 fn tracked_from_record(machine: &MachineRecord, now: UnixSeconds) -> TrackedMachine {

@@ -31,7 +31,7 @@ fn live_of(state: &ServerState, machine: Uuid, quarantined: &HashSet<Uuid>) -> L
         .and_then(|tracked| tracked.last_report.as_ref())
         .and_then(|report| report.image.as_ref());
     LiveMachine {
-        connected: state.registry.view(machine).is_some(),
+        connected: state.registry.view(machine).is_some() || state.replicas.held_elsewhere(machine),
         health: tracked
             .as_ref()
             .map_or(MachineState::Unknown, |tracked| tracked.state),
