@@ -214,6 +214,12 @@ impl Browser {
         assert!(clicked, "cannot click {css}");
     }
 
+    /// Clicks a button and accepts its confirmation; the dialog's text.
+    fn click_and_confirm(&self, css: &str) -> String {
+        self.click(css);
+        self.answer_dialog(true)
+    }
+
     /// The text of the open confirmation dialog, then accepts or dismisses it.
     fn answer_dialog(&self, accept: bool) -> String {
         self.runtime.block_on(async {
@@ -585,6 +591,10 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
     let created = server.ctl_json(&["rollout", "create", "--image", "app@2.0.0", "--plan", plan]);
     let id = created["id"].as_str().unwrap().to_owned();
     let rollout_state = || server.ctl_json(&["rollout", "show", &id])["state"].clone();
+    let wait_for_state = |expected: &str| {
+        let reached = wait_until(Duration::from_secs(10), || rollout_state() == expected);
+        assert!(reached, "rollout not {expected}: {}", rollout_state());
+    };
 
     let browser = Browser::start(&programs);
     browser.goto(&as_operator.url);
@@ -610,32 +620,15 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
     assert!(browser.is_same_document(), "the page was reloaded");
     browser.screenshot("rollout-at-the-gate");
 
-    // Pause, confirmed in a dialog naming its effect.
-    browser.click("#action-pause");
-    let confirmation = browser.answer_dialog(true);
+    // Pause, confirmed in a dialog naming its effect; then resume.
+    let confirmation = browser.click_and_confirm("#action-pause");
     assert!(
         confirmation.contains("no new machine is sent"),
         "{confirmation}"
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || rollout_state() == "paused"),
-        "not paused: {} (page {} shows {:?})",
-        rollout_state(),
-        browser.path(),
-        browser.text("main")
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || browser.count("#action-resume")
-            == 1),
-        "no resume button after pausing"
-    );
-    browser.click("#action-resume");
-    browser.answer_dialog(true);
-    assert!(
-        wait_until(Duration::from_secs(10), || rollout_state() == "running"),
-        "not resumed: {}",
-        rollout_state()
-    );
+    wait_for_state("paused");
+    browser.click_and_confirm("#action-resume");
+    wait_for_state("running");
 
     // A dismissed confirmation sends nothing.
     assert!(wait_until(Duration::from_secs(10), || browser
@@ -667,6 +660,19 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
     assert!(body.contains("operator"), "{body}");
     assert_eq!(rollout_state(), "running");
 
+    // Stop all, from the operator's list of rollouts, pauses it; resumed
+    // from its page.
+    browser.goto(&as_operator.page("/rollouts"));
+    let confirmation = browser.click_and_confirm("#action-stop-all");
+    assert!(
+        confirmation.contains("pause every pending or running rollout"),
+        "{confirmation}"
+    );
+    wait_for_state("paused");
+    browser.goto(&as_operator.page(&format!("/rollouts/{id}")));
+    browser.click_and_confirm("#action-resume");
+    wait_for_state("running");
+
     // Approve, clicked by the operator: the gate opens and the rollout
     // succeeds, followed live on the page the action returned to.
     browser.goto(&as_operator.page(&format!("/rollouts/{id}")));
@@ -674,8 +680,7 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
         browser.text("#operator").as_deref(),
         Some("olivia · operator")
     );
-    browser.click("#action-approve");
-    browser.answer_dialog(true);
+    browser.click_and_confirm("#action-approve");
     assert!(
         wait_until(Duration::from_secs(10), || browser.path()
             == format!("/rollouts/{id}")
@@ -704,7 +709,12 @@ fn a_rollout_page_shows_progress_live_and_its_buttons_work_for_an_operator_only(
     browser.screenshot("rollout-succeeded");
     // Every click was audited under the operator's name.
     let audit = server.ctl_ok(&["audit", "list", "--actor", "olivia"]);
-    for action in ["rollout.pause", "rollout.resume", "rollout.approve"] {
+    for action in [
+        "rollout.pause",
+        "rollout.resume",
+        "rollout.stop-all",
+        "rollout.approve",
+    ] {
         assert!(audit.contains(action), "{action} not audited: {audit}");
     }
     assert!(!audit.contains("rollout.abort"), "{audit}");
