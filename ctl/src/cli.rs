@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 use crate::error::CtlError;
 use crate::output::Output;
 use crate::{
-    access, audit, dr, images, machines, operators, repair, rollouts, status, tokens, users,
+    access, audit, dr, images, machines, operators, repair, rollouts, status, tokens, ui, users,
 };
 
 #[derive(Debug, Parser)]
@@ -71,6 +71,9 @@ pub enum Command {
     /// SSH access grants, propagation status and the who-has-access report.
     #[command(subcommand)]
     Access(access::AccessCommand),
+    /// A local web dashboard (fleet, rollouts, access, DR, audit), acting
+    /// with this profile; prints its URL, which carries a secret.
+    Ui(ui::UiArguments),
 }
 
 impl Cli {

@@ -15,7 +15,7 @@ use crate::error::CtlError;
 use crate::output::{note_line, Output};
 use crate::repair;
 
-mod view;
+pub(crate) mod view;
 
 use view::{print_event, print_machine, print_machines};
 

@@ -71,7 +71,7 @@ struct SwapView {
     updated_at: Option<String>,
 }
 
-fn image_name(image: Option<&flotte_proto::v1::ImageRef>) -> Option<String> {
+pub(crate) fn image_name(image: Option<&flotte_proto::v1::ImageRef>) -> Option<String> {
     image
         .filter(|image| !image.name.is_empty())
         .map(|image| format!("{}@{}", image.name, image.version))
