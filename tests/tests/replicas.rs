@@ -42,6 +42,11 @@ impl ReplicaSet {
     /// `None` when PostgreSQL is missing and the environment asks to skip.
     fn start() -> Option<Self> {
         let url = test_runtime().block_on(cluster::fresh_database_url())?;
+        Some(Self::start_on(&url, 3))
+    }
+
+    /// `count` replicas (a, b, c…) over the database at `url`.
+    fn start_on(url: &str, count: usize) -> Self {
         let root = TempDir::new("flotte-replicas").unwrap();
         let first = Server::init(root.path(), "a", &["--store-url", &url]);
         // The first replica's own name and zone.
@@ -81,7 +86,7 @@ impl ReplicaSet {
         for replica in &mut replicas {
             replica.start();
         }
-        Some(ReplicaSet { root, replicas })
+        ReplicaSet { root, replicas }
     }
 
     fn admin(&self) -> std::path::PathBuf {
@@ -574,4 +579,81 @@ fn a_rollout_outlives_its_killed_leader_and_agents_outlive_their_killed_replica(
         states_before, states_after,
         "a machine changed state: {listed:#}"
     );
+}
+
+#[test]
+fn a_postgres_restart_loses_no_change_and_the_replicas_resynchronise() {
+    let Some(database) = cluster::private_cluster() else {
+        return;
+    };
+    let url = test_runtime().block_on(database.fresh_database_url());
+    let set = ReplicaSet::start_on(&url, 2);
+    let token = set.replicas[0].token("role=web", "dc1", &["--uses", "2"]);
+    let managed = set.root.path().join("managed");
+    let _agents: Vec<Agent> = ["web-a", "web-b"]
+        .iter()
+        .zip(&set.replicas)
+        .map(|(name, replica)| {
+            agent_on(
+                set.root.path(),
+                name,
+                &replica.address,
+                &token,
+                &managed.join(name),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> =
+        vec![("web-a".into(), "a".into()), ("web-b".into(), "b".into())];
+    assert!(
+        wait_until(PATIENCE, || set.holders_seen_by(1) == expected),
+        "sessions: {:?}\n{}",
+        set.holders_seen_by(1),
+        set.log()
+    );
+    // web-b, held by b, applied what was asked through a.
+    let applied_through_b = |tier: &str| {
+        let shown = set.ctl_json(1, &["machines", "show", "web-b"]);
+        shown["labels"]["tier"] == tier
+            && shown["applied_desired_version"] == shown["desired_version"]
+    };
+    set.ctl_json(0, &["machines", "label", "web-b", "--set", "tier=before"]);
+    assert!(wait_until(PATIENCE, || applied_through_b("before")));
+
+    database.restart();
+    let restarted_at = Instant::now();
+    // The first calls after the restart may meet a connection the restart
+    // cut; the change is made as soon as a replica can write it.
+    let relabelled = wait_until(PATIENCE, || {
+        flottectl(
+            &set.admin(),
+            &set.replicas[0].address,
+            &["machines", "label", "web-b", "--set", "tier=after"],
+        )
+        .status
+        .success()
+    });
+    assert!(
+        relabelled,
+        "no replica could write after the restart\n{}",
+        set.log()
+    );
+    assert!(
+        wait_until(PATIENCE, || applied_through_b("after")),
+        "the change made after the restart did not reach web-b through b\n{}",
+        set.log()
+    );
+    eprintln!(
+        "measured: PostgreSQL restarted → a change through a applied by b's agent after {:?}",
+        restarted_at.elapsed()
+    );
+    assert!(
+        set.replicas
+            .iter()
+            .all(|replica| replica.log().contains("change feed reconnected")),
+        "every replica's feed reconnected and resynchronised\n{}",
+        set.log()
+    );
+    // Nothing made before is lost: both machines, their sessions, the label.
+    assert!(wait_until(PATIENCE, || set.holders_seen_by(0) == expected));
 }
