@@ -15,7 +15,8 @@ use tonic::transport::Channel;
 use crate::error::CtlError;
 use crate::output::Output;
 use crate::{
-    access, audit, dr, images, machines, operators, repair, rollouts, status, tokens, users,
+    access, audit, dr, images, integrity, machines, operators, repair, rollouts, status, tokens,
+    users,
 };
 
 #[derive(Debug, Parser)]
@@ -70,6 +71,9 @@ pub enum Command {
     /// SSH access grants, propagation status and the who-has-access report.
     #[command(subcommand)]
     Access(access::AccessCommand),
+    /// Image drift found by the machines' verifications.
+    #[command(subcommand)]
+    Drift(integrity::DriftCommand),
 }
 
 impl Cli {

@@ -24,6 +24,7 @@ mod cli;
 mod dr;
 mod error;
 mod images;
+mod integrity;
 mod machines;
 mod operators;
 mod output;
@@ -68,6 +69,7 @@ async fn run(cli: Cli) -> ExitCode {
             Command::Rollout(command) => rollouts::run(&cli, command).await,
             Command::User(command) => users::run(&cli, command).await,
             Command::Access(command) => access::run(&cli, command).await,
+            Command::Drift(command) => integrity::run_drift(&cli, command).await,
         },
     };
     match result {

@@ -148,6 +148,8 @@ pub struct ServerState {
     pub(crate) rollouts: Arc<live::rollout::RolloutEngine>,
     /// Access for people: compiled policy inputs and machines' acknowledgements.
     pub(crate) access: Arc<live::access_hub::AccessHub>,
+    /// Each machine's last image verification (issue 18).
+    pub(crate) integrity: Arc<dyn store::integrity::IntegrityStore>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -258,6 +260,7 @@ pub async fn run(
         repair,
         rollouts,
         access: Arc::clone(&access_hub),
+        integrity: opened.integrity,
     });
     tokio::spawn(access_hub.run_flusher(shutdown.clone()));
     tokio::spawn(live::transitions::apply_transitions(

@@ -333,6 +333,7 @@ fn push_sealed_payload(
             key_pem: std::fs::read_to_string(keys.join("release.key")).unwrap(),
             service: None,
             checks: Vec::new(),
+            mutable_paths: Vec::new(),
         },
         &out,
     )

@@ -100,6 +100,12 @@ fn session_message_to_proto(message: SessionMessage) -> Result<ServerMessage, St
         }),
         SessionMessage::Refused(reason) => ServerKind::Refused(SessionRefused { reason }),
         SessionMessage::Ended(reason) => return Err(Status::aborted(reason)),
+        SessionMessage::ImageCommand {
+            request_id,
+            restore,
+        } => ServerKind::ImageCommand(crate::edge::integrity::image_command_to_proto(
+            request_id, restore,
+        )),
     };
     Ok(ServerMessage { kind: Some(kind) })
 }
@@ -303,6 +309,8 @@ async fn serve_session(
     sender: SessionSender,
     cancel: CancellationToken,
 ) {
+    // One verification a second at most reaches the store (each is a write).
+    let mut last_verification_kept: Option<std::time::Instant> = None;
     let end_reason = loop {
         let message = tokio::select! {
             () = cancel.cancelled() => {
@@ -345,6 +353,23 @@ async fn serve_session(
             }
             Some(AgentKind::AccessState(access)) => {
                 crate::edge::access::record_access_state(&state, machine_id, access, now);
+            }
+            Some(AgentKind::ImageVerification(verification)) => {
+                let since_last = last_verification_kept.map(|kept| kept.elapsed());
+                if since_last.is_some_and(|elapsed| {
+                    elapsed < crate::edge::integrity::MIN_VERIFICATION_SPACING
+                }) {
+                    tracing::warn!(machine = %machine_id, "image verification dropped: the agent sends them faster than one a second");
+                } else {
+                    last_verification_kept = Some(std::time::Instant::now());
+                    crate::edge::integrity::record_verification(
+                        &state,
+                        machine_id,
+                        verification,
+                        now,
+                    )
+                    .await;
+                }
             }
         }
     };

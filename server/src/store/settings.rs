@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::integrity::IntegrityStore;
 use super::postgres::{postgres_url_problems, PostgresStore};
 use super::repair::RepairStore;
 use super::{AccessStore, RolloutStore, SqliteStore, Store, StoreError};
@@ -99,18 +100,20 @@ pub struct OpenedStore {
     pub access: Arc<dyn AccessStore>,
     pub rollouts: Arc<dyn RolloutStore>,
     pub repair: Arc<dyn RepairStore>,
+    pub integrity: Arc<dyn IntegrityStore>,
 }
 
 impl OpenedStore {
     fn new<Backend>(backend: Backend) -> Self
     where
-        Backend: Store + AccessStore + RolloutStore + RepairStore + Clone,
+        Backend: Store + AccessStore + RolloutStore + RepairStore + IntegrityStore + Clone,
     {
         OpenedStore {
             store: Arc::new(backend.clone()),
             access: Arc::new(backend.clone()),
             rollouts: Arc::new(backend.clone()),
-            repair: Arc::new(backend),
+            repair: Arc::new(backend.clone()),
+            integrity: Arc::new(backend),
         }
     }
 }

@@ -14,6 +14,7 @@
 pub(crate) mod access;
 pub(crate) mod audit;
 pub(crate) mod images;
+pub(crate) mod integrity;
 pub(crate) mod machines;
 pub(crate) mod operators;
 pub(crate) mod repair;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use super::integrity::IntegrityStore;
 use super::repair::RepairStore;
 use super::{
     AccessStore, Inventory, JoinTokenRecord, MachineRecord, OperatorRecord, RolloutStore, Store,
@@ -40,11 +42,14 @@ use flotte_common::roles::Role;
 /// Everything a backend implements; a clone is another handle on the same
 /// store (what concurrent callers hold).
 pub(crate) trait ContractBackend:
-    Store + AccessStore + RolloutStore + RepairStore + Clone
+    Store + AccessStore + RolloutStore + RepairStore + IntegrityStore + Clone
 {
 }
 
-impl<T: Store + AccessStore + RolloutStore + RepairStore + Clone> ContractBackend for T {}
+impl<T: Store + AccessStore + RolloutStore + RepairStore + IntegrityStore + Clone> ContractBackend
+    for T
+{
+}
 
 /// Runs `count` calls at once, each on a task of its own with its own handle
 /// on `store`, released together by a barrier; their results, in call order.
@@ -240,6 +245,7 @@ macro_rules! store_contract_suite {
             repair::quarantines_and_remediation_events_round_trip,
             repair::two_quarantines_at_once_quarantine_once,
             repair::two_releases_at_once_release_once,
+            integrity::a_machine_keeps_its_last_verification_only,
         );
     };
     (@each $mode:ident $factory:path; $($module:ident :: $test:ident),* $(,)?) => {
