@@ -167,7 +167,13 @@ fn drift_is_found_named_degrades_the_machine_and_a_restore_brings_back_the_signe
     // By selector this time: the same machine.
     let (clean, verifications) = verify(&server, "role=web");
     assert!(!clean, "drift must fail the command");
-    assert_eq!(verifications.len(), 1, "{verifications:?}");
+    assert_eq!(
+        verifications.len(),
+        1,
+        "{verifications:?}\n{}\n{}",
+        agent.log(),
+        server.log()
+    );
     let found = &verifications[0];
     assert_eq!(found["result"], "drift", "{found}");
     let expected: Vec<(String, String)> = [

@@ -310,7 +310,7 @@ async fn serve_session(
     cancel: CancellationToken,
 ) {
     // One verification a second at most reaches the store (each is a write).
-    let mut last_verification_kept: Option<std::time::Instant> = None;
+    let mut last_verification_kept: Option<tokio::time::Instant> = None;
     let end_reason = loop {
         let message = tokio::select! {
             () = cancel.cancelled() => {
@@ -355,21 +355,17 @@ async fn serve_session(
                 crate::edge::access::record_access_state(&state, machine_id, access, now);
             }
             Some(AgentKind::ImageVerification(verification)) => {
-                let since_last = last_verification_kept.map(|kept| kept.elapsed());
-                if since_last.is_some_and(|elapsed| {
-                    elapsed < crate::edge::integrity::MIN_VERIFICATION_SPACING
-                }) {
-                    tracing::warn!(machine = %machine_id, "image verification dropped: the agent sends them faster than one a second");
-                } else {
-                    last_verification_kept = Some(std::time::Instant::now());
-                    crate::edge::integrity::record_verification(
-                        &state,
-                        machine_id,
-                        verification,
-                        now,
+                // Each is a store write: an agent sending them faster than
+                // the spacing waits (its own session only); none is lost.
+                if let Some(kept) = last_verification_kept {
+                    tokio::time::sleep_until(
+                        kept + crate::edge::integrity::MIN_VERIFICATION_SPACING,
                     )
                     .await;
                 }
+                last_verification_kept = Some(tokio::time::Instant::now());
+                crate::edge::integrity::record_verification(&state, machine_id, verification, now)
+                    .await;
             }
         }
     };

@@ -326,9 +326,12 @@ impl Verifier {
         if let VerifyOutcome::Drift(drift) = &verification.outcome {
             tracing::warn!(image = %verification.image.reference(), files = drift.total(), "image drift found");
             if restore.is_none() && self.settings.on_drift == OnDrift::Restore {
-                // The drift is published first: the server sees what was found.
-                self.results
-                    .send_replace(Some(Arc::new(verification.clone())));
+                // The drift is published first, so the server sees what was
+                // found; without the request id: the answer is what follows.
+                self.results.send_replace(Some(Arc::new(Verification {
+                    request_id: String::new(),
+                    ..verification.clone()
+                })));
                 let outcome = self.restorer.restore().await;
                 restore = Some(outcome);
                 if let Some(again) = self.verify(&request_id).await {
