@@ -61,6 +61,8 @@ fn print_status(
             by: &'a str,
             groups: Vec<GroupView>,
             remediation: &'a RemediationStatusView,
+            machines_on_old_images: u32,
+            image_max_age_days: u64,
         }
         return print_json(&StatusView {
             fleet,
@@ -68,6 +70,8 @@ fn print_status(
             by: &status.by,
             groups,
             remediation,
+            machines_on_old_images: status.machines_on_old_images,
+            image_max_age_days: status.image_max_age_seconds / 86_400,
         });
     }
     let states = ["operational", "degraded", "down", "unreachable", "unknown"];
@@ -94,6 +98,11 @@ fn print_status(
         cells
     }));
     print_table(&headers, &rows);
+    crate::output::print_line!(
+        "machines on images older than {} days: {}",
+        status.image_max_age_seconds / 86_400,
+        status.machines_on_old_images
+    );
     print_remediation_status(remediation);
     Ok(())
 }

@@ -96,6 +96,20 @@ fn machines_by_state_and_zone(state: &ServerState) -> Vec<((String, String), i64
     counts.into_iter().collect()
 }
 
+/// Machines whose current image is older than `image_max_age`, for the
+/// `flotte_machines_on_old_images` gauge.
+fn machines_on_old_images(state: &ServerState) -> u64 {
+    let tracked = state.health.snapshot();
+    domain::image_age::machines_on_old_images(
+        tracked
+            .values()
+            .filter(|machine| machine.state != domain::health::MachineState::Retired)
+            .map(|machine| state.image_ages.of_machine(machine)),
+        state.clock.now_unix(),
+        state.config.image_max_age,
+    )
+}
+
 /// Serves `/metrics`; the bound address is written to `<data>/metrics.address`.
 async fn serve_metrics(
     state: Arc<ServerState>,
@@ -119,6 +133,7 @@ async fn serve_metrics(
                 handler_state.metrics.encode(
                     &machines_by_state_and_zone(&handler_state),
                     handler_state.registry.connected_count(),
+                    machines_on_old_images(&handler_state),
                 )
             })
         }),
@@ -150,6 +165,8 @@ pub struct ServerState {
     pub(crate) access: Arc<live::access_hub::AccessHub>,
     /// Each machine's last image verification (issue 18).
     pub(crate) integrity: Arc<dyn store::integrity::IntegrityStore>,
+    /// When each pushed image was built (image age, issue 18).
+    pub(crate) image_ages: Arc<live::image_ages::ImageAges>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -233,6 +250,7 @@ pub async fn run(
             .map_err(|error| ServerError::Rollouts(error.to_string()))?,
     );
     let access_hub = Arc::new(live::access_hub::AccessHub::load(opened.access).await?);
+    let image_ages = Arc::new(live::image_ages::ImageAges::load(store.as_ref()).await?);
     let registry = Arc::new(Registry::new());
     let publisher = Arc::new(live::publisher::Publisher::new(
         Arc::clone(&registry) as Arc<dyn live::publisher::SessionFanOut>,
@@ -261,6 +279,7 @@ pub async fn run(
         rollouts,
         access: Arc::clone(&access_hub),
         integrity: opened.integrity,
+        image_ages,
     });
     tokio::spawn(access_hub.run_flusher(shutdown.clone()));
     tokio::spawn(live::transitions::apply_transitions(

@@ -16,13 +16,22 @@ use std::time::Duration;
 use flotte_tests::sample_fleet::{build_sample_image_with, free_port, SampleImage};
 use flotte_tests::{http_get, wait_until, Agent, Server, TempDir};
 
-/// A server trusting a fresh release key, `app@1.0.0` pushed (the sample
-/// service on `port`, plus `etc/config`, a symlink `bin/app-link -> app` and
-/// a mutable `var/`), and an agent with `extra_images_config` committed on it.
-fn agent_running_the_image(extra_images_config: &str) -> (TempDir, Server, Agent, u16) {
+/// A server (with `server_config` appended to its settings) trusting a
+/// fresh release key, `app@1.0.0` pushed (the sample service on `port`, plus
+/// `etc/config`, a symlink `bin/app-link -> app` and a mutable `var/`), and
+/// an agent with `extra_images_config` committed on it.
+fn agent_running_the_image(
+    server_config: &str,
+    extra_images_config: &str,
+) -> (TempDir, Server, Agent, u16) {
     let root = TempDir::new("flotte-drift").unwrap();
-    let mut server =
-        Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
+    let mut server = Server::init(root.path(), "server", &[]).with_run_args(&[
+        "--report-interval",
+        "1s",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    server.append_config(server_config);
     server.start();
     let keys = root.path().join("keys");
     server.ctl_ok(&["image", "keygen", "--out", keys.to_str().unwrap()]);
@@ -156,7 +165,7 @@ fn assert_operational_and_serving(server: &Server, port: u16) {
 
 #[test]
 fn drift_is_found_named_degrades_the_machine_and_a_restore_brings_back_the_signed_tree() {
-    let (_root, server, agent, port) = agent_running_the_image("");
+    let (_root, server, agent, port) = agent_running_the_image("", "");
     let (clean, verifications) = verify(&server, "web-1");
     assert!(clean, "{verifications:?}\n{}", agent.log());
     assert_eq!(verifications.len(), 1);
@@ -243,11 +252,22 @@ fn drift_is_found_named_degrades_the_machine_and_a_restore_brings_back_the_signe
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains("last verification"), "{shown}");
     assert!(shown.contains("clean (0 differing)"), "{shown}");
+
+    // Image age: built just now, so not old under the default 30 days.
+    let listed = server.ctl_json(&["machines", "list"]);
+    assert!(
+        listed[0]["current_image_created_at"].is_string(),
+        "{listed}"
+    );
+    let status = server.ctl_json(&["status"]);
+    assert_eq!(status["machines_on_old_images"], 0, "{status}");
+    assert_eq!(status["image_max_age_days"], 30, "{status}");
 }
 
 #[test]
 fn with_on_drift_restore_the_agent_repairs_its_image_by_itself() {
-    let (_root, server, agent, port) = agent_running_the_image("on_drift = \"restore\"\n");
+    let (_root, server, agent, port) =
+        agent_running_the_image("image_max_age = \"1s\"\n", "on_drift = \"restore\"\n");
     tamper_with(&current_tree(&agent));
     let (clean, verifications) = verify(&server, "web-1");
     assert!(clean, "{verifications:?}\n{}", agent.log());
@@ -266,4 +286,19 @@ fn with_on_drift_restore_the_agent_repairs_its_image_by_itself() {
         "1.0.0"
     );
     assert_operational_and_serving(&server, port);
+
+    // With image_max_age = 1s the image is old a second after it was built:
+    // counted by `status` and by the gauge.
+    assert!(
+        wait_until(Duration::from_secs(10), || server.ctl_json(&["status"])
+            ["machines_on_old_images"]
+            == 1),
+        "{}",
+        server.ctl_json(&["status"])
+    );
+    let metrics = flotte_tests::scrape(&server.metrics_address().unwrap());
+    assert_eq!(
+        flotte_tests::sample_value(&metrics, "flotte_machines_on_old_images", &[]),
+        Some(1.0)
+    );
 }

@@ -212,6 +212,7 @@ pub fn fleet_status_to_proto(counts: &FleetCounts, by: &str) -> FleetStatusRespo
         zones: counts.zones.iter().map(group_to_proto).collect(),
         groups: counts.groups.iter().map(group_to_proto).collect(),
         by: by.to_owned(),
+        ..FleetStatusResponse::default()
     }
 }
 
@@ -250,6 +251,10 @@ impl Machines for MachinesApi {
                 proto.quarantine = quarantines
                     .get(&machine.id)
                     .map(crate::edge::repair::quarantine_to_proto);
+                proto.current_image_created_at = tracked
+                    .get(&machine.id)
+                    .and_then(|tracked| self.state.image_ages.of_machine(tracked))
+                    .unwrap_or(0);
                 proto
             })
             .collect();
@@ -271,6 +276,10 @@ impl Machines for MachinesApi {
             tracked.as_ref(),
             &self.state.config.trust_domain,
         );
+        proto.current_image_created_at = tracked
+            .as_ref()
+            .and_then(|tracked| self.state.image_ages.of_machine(tracked))
+            .unwrap_or(0);
         if let Some(report) = tracked.and_then(|tracked| tracked.last_report) {
             let Report {
                 checks,
@@ -392,10 +401,19 @@ impl Machines for MachinesApi {
             .into_values()
             .filter(|machine| selector_matches(&selector, &machine.labels, &machine.zone))
             .collect();
-        Ok(Response::new(fleet_status_to_proto(
-            &machines::fleet_counts(&machines, &request.by),
-            &request.by,
-        )))
+        let mut status =
+            fleet_status_to_proto(&machines::fleet_counts(&machines, &request.by), &request.by);
+        let on_old_images = crate::domain::image_age::machines_on_old_images(
+            machines
+                .iter()
+                .filter(|machine| machine.state != crate::domain::health::MachineState::Retired)
+                .map(|machine| self.state.image_ages.of_machine(machine)),
+            self.state.clock.now_unix(),
+            self.state.config.image_max_age,
+        );
+        status.machines_on_old_images = u32::try_from(on_old_images).unwrap_or(u32::MAX);
+        status.image_max_age_seconds = self.state.config.image_max_age.as_secs();
+        Ok(Response::new(status))
     }
 
     async fn set_labels(

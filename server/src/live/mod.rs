@@ -10,6 +10,7 @@
 
 pub mod access_hub;
 pub mod health;
+pub mod image_ages;
 pub mod providers;
 pub mod publisher;
 pub mod registry;
