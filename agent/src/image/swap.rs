@@ -513,12 +513,17 @@ impl Manager {
             .await?;
         self.record(&mut journal, SwapStep::Switching)?;
         let image_dir = self.layout.image_dir(&target.digest);
-        exchange_trees(&staging, &image_dir).map_err(io_step(SwapStep::Switching))?;
-        // `staging` now holds the drifted tree.
+        // `staging` now holds the drifted tree, if there was one left.
+        let drifted_kept =
+            exchange_trees(&staging, &image_dir).map_err(io_step(SwapStep::Switching))?;
         let outcome = self.restart_and_gate(&mut journal, &manifest).await?;
         if let GateOutcome::Failed { reason, checks } = outcome {
             self.record(&mut journal, SwapStep::RollingBack)?;
-            let back = exchange_trees(&staging, &image_dir);
+            let back = if drifted_kept {
+                exchange_trees(&staging, &image_dir).map(|_| ())
+            } else {
+                Err(std::io::Error::other("the drifted tree was gone"))
+            };
             let restarted = self.service.restart(manifest.service.as_ref()).await;
             let _ = super::unpack::remove_unpacked_tree(&staging);
             journal::clear(&self.layout).map_err(io_step(SwapStep::RollingBack))?;
@@ -539,7 +544,11 @@ impl Manager {
         }
         self.record(&mut journal, SwapStep::Committing)?;
         journal::clear(&self.layout).map_err(io_step(SwapStep::Committing))?;
-        let kept = self.keep_drifted(&staging, &target.digest).await;
+        let kept = if drifted_kept {
+            self.keep_drifted(&staging, &target.digest).await
+        } else {
+            Err(std::io::Error::other("the image tree was gone entirely"))
+        };
         let message = match &kept {
             Ok(Some(path)) => format!(
                 "{} restored; drifted tree kept at {}",
@@ -737,15 +746,23 @@ impl Manager {
     }
 }
 
-/// Swaps two directories atomically (both keep existing throughout).
-fn exchange_trees(one: &std::path::Path, other: &std::path::Path) -> std::io::Result<()> {
+/// Swaps two directories atomically (both keep existing throughout); when
+/// `other` is gone, moves `one` there instead. Whether `one` now holds what
+/// `other` held.
+fn exchange_trees(one: &std::path::Path, other: &std::path::Path) -> std::io::Result<bool> {
     use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
-    renameat2(AT_FDCWD, one, AT_FDCWD, other, RenameFlags::RENAME_EXCHANGE)
-        .map_err(std::io::Error::from)?;
+    let exchanged = match renameat2(AT_FDCWD, one, AT_FDCWD, other, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::ENOENT) if std::fs::symlink_metadata(other).is_err() => {
+            std::fs::rename(one, other)?;
+            false
+        }
+        Err(errno) => return Err(std::io::Error::from(errno)),
+    };
     if let Some(parent) = other.parent() {
         std::fs::File::open(parent)?.sync_all()?;
     }
-    Ok(())
+    Ok(exchanged)
 }
 
 /// Bytes of regular files under `root`, never following a symlink; stops

@@ -174,15 +174,25 @@ pub fn verify_tree(
     let started = std::time::Instant::now();
     let started_at = unix_now();
     let mut limiter = RateLimiter::new(rate_bytes_per_second);
+    let tree = layout.image_dir(&image.digest);
     let walked = read_index(&layout.index_path(&image.digest)).and_then(|expected| {
-        let (found, totals) = walk_tree(
-            &layout.image_dir(&image.digest),
+        let walk = walk_tree(
+            &tree,
             &mut WalkOptions {
                 names: Names::Lossy,
                 skip: &expected.mutable,
                 limiter: &mut limiter,
             },
-        )?;
+        );
+        let (found, totals) = match walk {
+            // The whole tree gone is drift (everything removed), not an error.
+            Err(index::IndexError::Io { path, source })
+                if path == tree && source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                (index::ImageIndex::default(), index::WalkTotals::default())
+            }
+            other => other?,
+        };
         Ok((compare(&expected, &found, &expected.mutable), found, totals))
     });
     let (outcome, bytes_read, entries_checked) = match walked {
@@ -387,5 +397,69 @@ pub fn start(
     IntegrityHandle {
         commands,
         results: results_receiver,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout_with_an_indexed_image() -> (ImageLayout, LocalImage) {
+        let root = std::env::temp_dir().join(format!("flotte-verify-{}", uuid::Uuid::new_v4()));
+        let layout = ImageLayout::new(&root);
+        let image = LocalImage {
+            name: "app".into(),
+            version: "1.0.0".into(),
+            digest: "c".repeat(64),
+        };
+        let tree = layout.image_dir(&image.digest);
+        std::fs::create_dir_all(tree.join("bin")).unwrap();
+        std::fs::write(tree.join("bin/app"), b"app").unwrap();
+        std::fs::create_dir_all(tree.join("var")).unwrap();
+        index_fresh_tree(
+            &tree,
+            &["var".to_owned()],
+            &layout.index_path(&image.digest),
+        )
+        .unwrap();
+        (layout, image)
+    }
+
+    #[test]
+    fn a_tree_verifies_clean_then_drifted_then_wholly_removed() {
+        let (layout, image) = layout_with_an_indexed_image();
+        let tree = layout.image_dir(&image.digest);
+        let clean = verify_tree(&layout, &image, 0, "r1".into());
+        assert_eq!(clean.outcome, VerifyOutcome::Clean);
+        assert_eq!(clean.bytes_read, 3);
+        assert_eq!(clean.to_proto().result, "clean");
+
+        std::fs::write(tree.join("var/cache"), b"mutable").unwrap();
+        assert_eq!(
+            verify_tree(&layout, &image, 0, String::new()).outcome,
+            VerifyOutcome::Clean,
+            "the manifest's mutable path is left out"
+        );
+
+        std::fs::write(tree.join("bin/app"), b"APP").unwrap();
+        let drifted = verify_tree(&layout, &image, 0, "r2".into());
+        assert_eq!(drifted.drift_files(), 1);
+        let sent = drifted.to_proto();
+        assert_eq!((sent.result.as_str(), sent.changed), ("drift", 1));
+        assert_eq!(sent.differences[0].path, "bin/app");
+
+        std::fs::remove_dir_all(&tree).unwrap();
+        let gone = verify_tree(&layout, &image, 0, "r3".into());
+        assert_eq!(
+            gone.drift_files(),
+            2,
+            "bin and bin/app removed (var is mutable)"
+        );
+
+        std::fs::remove_file(layout.index_path(&image.digest)).unwrap();
+        let unverifiable = verify_tree(&layout, &image, 0, "r4".into());
+        assert!(matches!(unverifiable.outcome, VerifyOutcome::Error(_)));
+        assert_eq!(unverifiable.to_proto().result, "error");
+        std::fs::remove_dir_all(&layout.root).unwrap();
     }
 }
