@@ -13,16 +13,20 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flotte_tests::sample_fleet::{build_sample_image_with, free_port, SampleImage};
+use flotte_tests::sample_fleet::{
+    build_sample_image_with, free_port, write_incompressible_tree, SampleImage,
+};
 use flotte_tests::{http_get, wait_until, Agent, Server, TempDir};
 
 /// A server (with `server_config` appended to its settings) trusting a
 /// fresh release key, `app@1.0.0` pushed (the sample service on `port`, plus
-/// `etc/config`, a symlink `bin/app-link -> app` and a mutable `var/`), and
-/// an agent with `extra_images_config` committed on it.
+/// `etc/config`, a symlink `bin/app-link -> app`, a mutable `var/` and
+/// `data_mib` MiB of data), and an agent with `extra_images_config`
+/// committed on it.
 fn agent_running_the_image(
     server_config: &str,
     extra_images_config: &str,
+    data_mib: u64,
 ) -> (TempDir, Server, Agent, u16) {
     let root = TempDir::new("flotte-drift").unwrap();
     let mut server = Server::init(root.path(), "server", &[]).with_run_args(&[
@@ -48,6 +52,7 @@ fn agent_running_the_image(
     std::fs::write(tree.join("etc/config"), "answer = 42\n").unwrap();
     std::fs::write(tree.join("var/state"), "first\n").unwrap();
     std::os::unix::fs::symlink("app", tree.join("bin/app-link")).unwrap();
+    write_incompressible_tree(&tree.join("data"), data_mib * 1024 * 1024, 4).unwrap();
     let port = free_port().unwrap();
     let image = build_sample_image_with(
         &server,
@@ -165,7 +170,7 @@ fn assert_operational_and_serving(server: &Server, port: u16) {
 
 #[test]
 fn drift_is_found_named_degrades_the_machine_and_a_restore_brings_back_the_signed_tree() {
-    let (_root, server, agent, port) = agent_running_the_image("", "");
+    let (_root, server, agent, port) = agent_running_the_image("", "", 0);
     let (clean, verifications) = verify(&server, "web-1");
     assert!(clean, "{verifications:?}\n{}", agent.log());
     assert_eq!(verifications.len(), 1);
@@ -267,7 +272,7 @@ fn drift_is_found_named_degrades_the_machine_and_a_restore_brings_back_the_signe
 #[test]
 fn with_on_drift_restore_the_agent_repairs_its_image_by_itself() {
     let (_root, server, agent, port) =
-        agent_running_the_image("image_max_age = \"1s\"\n", "on_drift = \"restore\"\n");
+        agent_running_the_image("image_max_age = \"1s\"\n", "on_drift = \"restore\"\n", 0);
     tamper_with(&current_tree(&agent));
     let (clean, verifications) = verify(&server, "web-1");
     assert!(clean, "{verifications:?}\n{}", agent.log());
@@ -300,5 +305,38 @@ fn with_on_drift_restore_the_agent_repairs_its_image_by_itself() {
     assert_eq!(
         flotte_tests::sample_value(&metrics, "flotte_machines_on_old_images", &[]),
         Some(1.0)
+    );
+}
+
+/// The server's count of agent reports received.
+fn reports_received(server: &Server) -> f64 {
+    let metrics = flotte_tests::scrape(&server.metrics_address().unwrap());
+    flotte_tests::sample_value(&metrics, "flotte_agent_reports_total", &[]).unwrap()
+}
+
+#[test]
+fn a_verification_keeps_to_its_rate_and_never_delays_the_reports() {
+    const RATE: u64 = 4_000_000;
+    let (_root, server, agent, _port) =
+        agent_running_the_image("", &format!("verify_bytes_per_second = {RATE}\n"), 24);
+    let reports_before = reports_received(&server);
+    let started = std::time::Instant::now();
+    let (clean, verifications) = verify(&server, "web-1");
+    let elapsed = started.elapsed();
+    let reports = reports_received(&server) - reports_before;
+    assert!(clean, "{verifications:?}\n{}", agent.log());
+    let verification = &verifications[0];
+    let bytes = verification["bytes_read"].as_u64().unwrap();
+    let millis = verification["duration_ms"].as_u64().unwrap();
+    assert!(bytes > 24 * 1024 * 1024, "{verification}");
+    let throughput = bytes as f64 * 1000.0 / millis as f64;
+    assert!(
+        (throughput / RATE as f64 - 1.0).abs() <= 0.1,
+        "{throughput:.0} B/s read at a {RATE} B/s limit ({verification})"
+    );
+    // One report a second throughout the verification (it took ~7 s).
+    assert!(
+        reports >= elapsed.as_secs_f64().floor() - 1.0,
+        "{reports} reports in {elapsed:?} of verification"
     );
 }
