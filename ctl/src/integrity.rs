@@ -43,7 +43,8 @@ pub enum MachineIntegrityCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum DriftCommand {
-    /// Machines whose last verification found drift, and what differs.
+    /// Machines whose last verification found drift (or could not be
+    /// done), and what differs.
     Report {
         #[arg(long, default_value = "")]
         selector: String,

@@ -132,7 +132,7 @@ pub async fn record(
 
 /// The last verification of each machine the filters choose, with its
 /// hostname: `selector` (empty: all), `machine_ids` (empty: all), and only
-/// drifted ones if `drift_only`.
+/// those that drifted or could not be verified if `drift_only`.
 pub async fn list(
     state: &ServerState,
     selector: &str,
@@ -159,7 +159,8 @@ pub async fn list(
         .verifications()
         .await?
         .into_iter()
-        .filter(|record| !drift_only || record.result == "drift")
+        // An image that could not be verified is listed with the drifted ones.
+        .filter(|record| !drift_only || record.result != "clean")
         .filter_map(|record| {
             let hostname = wanted
                 .iter()

@@ -35,6 +35,9 @@ use crate::clock::unix_now;
 
 /// Commands waiting for the verifier; more are refused (the server asks again).
 const COMMAND_QUEUE_DEPTH: usize = 4;
+/// The first periodic verification after the agent starts (±10 %), unless
+/// the interval is shorter.
+const FIRST_VERIFICATION_AFTER: Duration = Duration::from_secs(60);
 /// Request ids longer than this are cut (they only travel back to the server).
 const MAX_REQUEST_ID_BYTES: usize = 64;
 
@@ -354,7 +357,10 @@ impl Verifier {
     }
 
     async fn run(self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
-        let mut next_periodic = Instant::now() + jittered(self.settings.interval);
+        // Soon after start too: a restarted agent must not report a drifted
+        // tree as clean for a whole interval.
+        let mut next_periodic =
+            Instant::now() + jittered(self.settings.interval.min(FIRST_VERIFICATION_AFTER));
         loop {
             let command = tokio::select! {
                 () = shutdown.cancelled() => return,
