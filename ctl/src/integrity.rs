@@ -299,7 +299,7 @@ pub async fn run_machine_integrity(
                     waiting.insert(machine.machine_id.clone());
                 } else {
                     note_line!(
-                        "{} ({}) is not connected: not asked",
+                        "{} ({}) is not connected (or its session queue is full): not asked",
                         machine.hostname,
                         machine.machine_id
                     );

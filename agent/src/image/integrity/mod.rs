@@ -39,7 +39,7 @@ const COMMAND_QUEUE_DEPTH: usize = 4;
 /// the interval is shorter.
 const FIRST_VERIFICATION_AFTER: Duration = Duration::from_secs(60);
 /// Request ids longer than this are cut (they only travel back to the server).
-const MAX_REQUEST_ID_BYTES: usize = 64;
+const MAX_REQUEST_ID_CHARS: usize = 64;
 
 /// What to do when a verification finds drift.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,10 +255,11 @@ impl IntegrityHandle {
     /// action unknown (the server's request then gets no answer and its
     /// caller says so).
     pub fn command(&self, command: &ImageCommand) -> bool {
-        let mut request_id = command.request_id.clone();
-        if request_id.len() > MAX_REQUEST_ID_BYTES {
-            request_id = request_id.chars().take(MAX_REQUEST_ID_BYTES / 4).collect();
-        }
+        let request_id: String = command
+            .request_id
+            .chars()
+            .take(MAX_REQUEST_ID_CHARS)
+            .collect();
         let queued = match ImageAction::try_from(command.action) {
             Ok(ImageAction::Verify) => Command::Verify { request_id },
             Ok(ImageAction::Restore) => Command::Restore { request_id },
