@@ -15,7 +15,8 @@ use tonic::transport::Channel;
 use crate::error::CtlError;
 use crate::output::Output;
 use crate::{
-    access, audit, dr, images, machines, operators, repair, rollouts, status, tokens, ui, users,
+    access, audit, dr, images, integrity, machines, operators, repair, rollouts, status, tokens,
+    ui, users,
 };
 
 #[derive(Debug, Parser)]
@@ -74,6 +75,9 @@ pub enum Command {
     /// A local web dashboard (fleet, rollouts, access, DR, audit), acting
     /// with this profile; prints its URL, which carries a secret.
     Ui(ui::UiArguments),
+    /// Image drift found by the machines' verifications.
+    #[command(subcommand)]
+    Drift(integrity::DriftCommand),
 }
 
 impl Cli {

@@ -36,6 +36,9 @@ pub enum CtlError {
     /// The audit log failed verification (already explained).
     #[error("{0}")]
     AuditBroken(String),
+    /// Image verification found drift, or machines did not answer.
+    #[error("{0}")]
+    Integrity(String),
 }
 
 impl CtlError {

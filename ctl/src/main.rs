@@ -25,6 +25,7 @@ mod cli;
 mod dr;
 mod error;
 mod images;
+mod integrity;
 mod machines;
 mod operators;
 mod output;
@@ -71,6 +72,7 @@ async fn run(cli: Cli) -> ExitCode {
             Command::User(command) => users::run(&cli, command).await,
             Command::Access(command) => access::run(&cli, command).await,
             Command::Ui(arguments) => ui::run(&cli, arguments).await,
+            Command::Drift(command) => integrity::run_drift(&cli, command).await,
         },
     };
     match result {

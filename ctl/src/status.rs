@@ -124,6 +124,8 @@ fn print_status(
             groups: Vec<GroupView>,
             remediation: &'a RemediationStatusView,
             replicas: Vec<ReplicaView>,
+            machines_on_old_images: u32,
+            image_max_age_days: u64,
         }
         return print_json(&StatusView {
             fleet,
@@ -132,6 +134,8 @@ fn print_status(
             groups,
             remediation,
             replicas,
+            machines_on_old_images: status.machines_on_old_images,
+            image_max_age_days: status.image_max_age_seconds / 86_400,
         });
     }
     let states = ["operational", "degraded", "down", "unreachable", "unknown"];
@@ -158,6 +162,11 @@ fn print_status(
         cells
     }));
     print_table(&headers, &rows);
+    crate::output::print_line!(
+        "machines on images older than {} days: {}",
+        status.image_max_age_seconds / 86_400,
+        status.machines_on_old_images
+    );
     print_remediation_status(remediation);
     print_replicas(&replicas);
     Ok(())

@@ -52,6 +52,11 @@ pub struct ServerConfigFile {
     pub last_seen_flush_interval: String,
     /// A machine silent this long is `unreachable` (default: 3 report intervals).
     pub unreachable_after: Option<String>,
+    /// A machine running an image built longer ago than this counts as
+    /// running an old image (`flottectl status`, a Prometheus gauge);
+    /// default 30 days.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_max_age: Option<String>,
     /// Address of the Prometheus `/metrics` HTTP listener (disabled if absent).
     pub metrics_listen: Option<String>,
     /// Webhooks receiving a JSON POST for every state transition.
@@ -112,6 +117,7 @@ impl Default for ServerConfigFile {
             reenroll_expired_within: "30days".into(),
             last_seen_flush_interval: "30s".into(),
             unreachable_after: None,
+            image_max_age: None,
             metrics_listen: None,
             webhooks: Vec::new(),
             remediation: RemediationConfigFile::default(),
@@ -138,6 +144,7 @@ pub struct ServerConfig {
     pub reenroll_expired_within: Duration,
     pub last_seen_flush_interval: Duration,
     pub unreachable_after: Duration,
+    pub image_max_age: Duration,
     pub metrics_listen: Option<SocketAddr>,
     pub webhooks: Vec<WebhookTarget>,
     pub remediation: RemediationSettings,
@@ -239,6 +246,12 @@ impl ServerConfigFile {
                 humantime::format_duration(report_interval)
             ));
         }
+        let image_max_age = parse_duration_field(
+            "image_max_age",
+            self.image_max_age.as_deref().unwrap_or("30days"),
+            one_second,
+            &mut problems,
+        );
         let metrics_listen = parse_listen_field(
             "metrics_listen",
             self.metrics_listen.as_deref(),
@@ -298,6 +311,7 @@ impl ServerConfigFile {
             reenroll_expired_within,
             last_seen_flush_interval,
             unreachable_after,
+            image_max_age,
             metrics_listen,
             webhooks,
             remediation,

@@ -105,6 +105,20 @@ fn machines_by_state_and_zone(state: &ServerState) -> Vec<((String, String), i64
     counts.into_iter().collect()
 }
 
+/// Machines whose current image is older than `image_max_age`, for the
+/// `flotte_machines_on_old_images` gauge.
+fn machines_on_old_images(state: &ServerState) -> u64 {
+    let tracked = state.health.snapshot();
+    domain::image_age::machines_on_old_images(
+        tracked
+            .values()
+            .filter(|machine| machine.state != domain::health::MachineState::Retired)
+            .map(|machine| state.image_ages.of_machine(machine)),
+        state.clock.now_unix(),
+        state.config.image_max_age,
+    )
+}
+
 /// Serves `/metrics`; the bound address is written to `<data>/metrics.address`.
 async fn serve_metrics(
     state: Arc<ServerState>,
@@ -128,6 +142,7 @@ async fn serve_metrics(
                 handler_state.metrics.encode(
                     &machines_by_state_and_zone(&handler_state),
                     handler_state.registry.connected_count(),
+                    machines_on_old_images(&handler_state),
                 )
             })
         }),
@@ -167,6 +182,10 @@ pub struct ServerState {
     pub(crate) feed: Arc<live::feed::Feed>,
     /// Image payloads (a directory, or PostgreSQL for replicas).
     pub(crate) blobs: Arc<dyn images::BlobStore>,
+    /// Each machine's last image verification (issue 18).
+    pub(crate) integrity: Arc<dyn store::integrity::IntegrityStore>,
+    /// When each pushed image was built (image age, issue 18).
+    pub(crate) image_ages: Arc<live::image_ages::ImageAges>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -250,6 +269,7 @@ pub async fn run(
             .map_err(|error| ServerError::Rollouts(error.to_string()))?,
     );
     let access_hub = Arc::new(live::access_hub::AccessHub::load(opened.access).await?);
+    let image_ages = Arc::new(live::image_ages::ImageAges::load(store.as_ref()).await?);
     let registry = Arc::new(Registry::new());
     let feed = live::feed::Feed::new(&config.server_name, Arc::clone(&opened.replicas));
     let advertised = match &config.advertise_address {
@@ -300,6 +320,8 @@ pub async fn run(
         leadership: Arc::clone(&leadership),
         feed,
         blobs: Arc::clone(&opened.blobs),
+        integrity: opened.integrity,
+        image_ages,
     });
     // Subscribed before anything is served, so that no change announced
     // after the caches were loaded is missed.

@@ -48,21 +48,13 @@ impl ReplicaSet {
     /// `count` replicas (a, b, c…) over the database at `url`.
     fn start_on(url: &str, count: usize) -> Self {
         let root = TempDir::new("flotte-replicas").unwrap();
-        let first = Server::init(root.path(), "a", &["--store-url", &url]);
-        // The first replica's own name and zone.
-        let settings_path = first.data_dir.join("server.toml");
-        let settings = std::fs::read_to_string(&settings_path).unwrap();
-        assert!(
-            settings.contains("server_name = \"flotte-server\"\n"),
-            "{settings}"
+        let first = Server::init(
+            root.path(),
+            "a",
+            &["--store-url", url, "--name", "a", "--zone", "z1"],
         );
-        let settings = settings.replace(
-            "server_name = \"flotte-server\"\n",
-            "server_name = \"a\"\nzone = \"z1\"\n",
-        );
-        std::fs::write(&settings_path, settings).unwrap();
         let mut replicas = vec![first];
-        for (name, zone) in [("b", "z2"), ("c", "z3")] {
+        for (name, zone) in [("b", "z2"), ("c", "z3")].into_iter().take(count - 1) {
             let data_dir = root.path().join(name);
             let output = Command::new(binary("flotte-server"))
                 .args(["replica", "init", "--from"])

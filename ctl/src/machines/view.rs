@@ -53,6 +53,8 @@ struct MachineView {
     transitions: Vec<TransitionView>,
     /// `name@version` the machine runs, ran before, and must run.
     current_image: Option<String>,
+    /// When the current image was built (its signed manifest's created_at).
+    current_image_created_at: Option<String>,
     previous_image: Option<String>,
     desired_image: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -215,6 +217,7 @@ impl From<&Machine> for MachineView {
                     .as_ref()
                     .and_then(|image| image.current.as_ref()),
             ),
+            current_image_created_at: optional_time(machine.current_image_created_at),
             previous_image: image_name(
                 machine
                     .image
@@ -255,6 +258,8 @@ pub(super) fn print_machines(output: Output, machines: &[Machine]) -> Result<(),
             "LAST SEEN",
             "AGENT",
             "REPLICA",
+            "IMAGE",
+            "IMAGE BUILT",
         ],
         |machine| {
             vec![
@@ -275,6 +280,8 @@ pub(super) fn print_machines(output: Output, machines: &[Machine]) -> Result<(),
                 machine.last_seen.clone().unwrap_or_else(|| "never".into()),
                 machine.agent_version.clone(),
                 machine.replica.clone().unwrap_or_default(),
+                machine.current_image.clone().unwrap_or_default(),
+                machine.current_image_created_at.clone().unwrap_or_default(),
             ]
         },
     )
@@ -390,8 +397,12 @@ pub(super) fn print_machine(output: Output, machine: &Machine) -> Result<(), Ctl
     print_line!();
     print_line!("images:");
     print_line!(
-        "  current            {}",
-        view.current_image.clone().unwrap_or_else(none)
+        "  current            {}{}",
+        view.current_image.clone().unwrap_or_else(none),
+        view.current_image_created_at
+            .as_ref()
+            .map(|built| format!(" (built {built})"))
+            .unwrap_or_default()
     );
     print_line!(
         "  previous           {}",

@@ -76,6 +76,9 @@ pub struct HealthReport {
     /// Metric thresholds exceeded, e.g. "disk /: 93.1% used (max 90%)".
     pub metric_breaches: Vec<String>,
     pub image: Option<ImageStatus>,
+    /// Differences the agent's last verification found in the image it
+    /// runs (0: none, or not verified yet).
+    pub image_drift_files: u64,
 }
 
 /// One health check as the agent last ran it.
@@ -172,7 +175,7 @@ fn first_line(text: &str) -> &str {
 /// The state a report describes, with a reason naming what is wrong.
 ///
 /// A failing critical check makes the machine `down`; a failing non-critical
-/// check or an exceeded metric threshold makes it `degraded`.
+/// check, an exceeded metric threshold or image drift makes it `degraded`.
 pub fn state_from_report(report: &HealthReport) -> (MachineState, String) {
     let failing = |critical: bool| {
         report
@@ -194,6 +197,12 @@ pub fn state_from_report(report: &HealthReport) -> (MachineState, String) {
         .map(|problem| format!("check {problem}"))
         .collect();
     problems.extend(report.metric_breaches.iter().cloned());
+    if report.image_drift_files > 0 {
+        problems.push(format!(
+            "image drift: {} files changed",
+            report.image_drift_files
+        ));
+    }
     if problems.is_empty() {
         let reason = if report.checks.is_empty() {
             "reporting; no checks configured".to_owned()
@@ -295,11 +304,21 @@ mod tests {
                 MachineState::Down,
                 "critical check web failing",
             ),
+            (
+                vec![check("web", true, true)],
+                vec![],
+                MachineState::Degraded,
+                "image drift: 3 files changed",
+            ),
         ];
-        for (checks, breaches, expected_state, expected_reason) in cases {
+        for (index, (checks, breaches, expected_state, expected_reason)) in
+            cases.into_iter().enumerate()
+        {
             let report = HealthReport {
                 checks,
                 metric_breaches: breaches,
+                // The last case: a healthy machine whose image drifted.
+                image_drift_files: if index == 6 { 3 } else { 0 },
                 ..HealthReport::default()
             };
             let (state, reason) = state_from_report(&report);

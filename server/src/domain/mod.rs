@@ -11,5 +11,6 @@ pub mod access;
 pub mod access_policy;
 pub mod desired_state;
 pub mod health;
+pub mod image_age;
 pub mod repair;
 pub mod rollout;

@@ -234,7 +234,7 @@ pub fn fleet_status_to_proto(counts: &FleetCounts, by: &str) -> FleetStatusRespo
         zones: counts.zones.iter().map(group_to_proto).collect(),
         groups: counts.groups.iter().map(group_to_proto).collect(),
         by: by.to_owned(),
-        replicas: Vec::new(),
+        ..FleetStatusResponse::default()
     }
 }
 
@@ -275,6 +275,10 @@ impl Machines for MachinesApi {
                 proto.quarantine = quarantines
                     .get(&machine.id)
                     .map(crate::edge::repair::quarantine_to_proto);
+                proto.current_image_created_at = tracked
+                    .get(&machine.id)
+                    .and_then(|tracked| self.state.image_ages.of_machine(tracked))
+                    .unwrap_or(0);
                 proto
             })
             .collect();
@@ -298,6 +302,10 @@ impl Machines for MachinesApi {
         );
         let holders = self.state.replica_store.live_session_holders().await?;
         with_replica(&mut proto, holders.get(&machine.id));
+        proto.current_image_created_at = tracked
+            .as_ref()
+            .and_then(|tracked| self.state.image_ages.of_machine(tracked))
+            .unwrap_or(0);
         if let Some(report) = tracked.and_then(|tracked| tracked.last_report) {
             let Report {
                 checks,
@@ -429,6 +437,16 @@ impl Machines for MachinesApi {
             .into_iter()
             .map(replica_to_proto)
             .collect();
+        let on_old_images = crate::domain::image_age::machines_on_old_images(
+            machines
+                .iter()
+                .filter(|machine| machine.state != crate::domain::health::MachineState::Retired)
+                .map(|machine| self.state.image_ages.of_machine(machine)),
+            self.state.clock.now_unix(),
+            self.state.config.image_max_age,
+        );
+        status.machines_on_old_images = u32::try_from(on_old_images).unwrap_or(u32::MAX);
+        status.image_max_age_seconds = self.state.config.image_max_age.as_secs();
         Ok(Response::new(status))
     }
 

@@ -100,6 +100,12 @@ fn session_message_to_proto(message: SessionMessage) -> Result<ServerMessage, St
         }),
         SessionMessage::Refused(reason) => ServerKind::Refused(SessionRefused { reason }),
         SessionMessage::Ended(reason) => return Err(Status::aborted(reason)),
+        SessionMessage::ImageCommand {
+            request_id,
+            restore,
+        } => ServerKind::ImageCommand(crate::edge::integrity::image_command_to_proto(
+            request_id, restore,
+        )),
     };
     Ok(ServerMessage { kind: Some(kind) })
 }
@@ -304,6 +310,8 @@ async fn serve_session(
     sender: SessionSender,
     cancel: CancellationToken,
 ) {
+    // One verification a second at most reaches the store (each is a write).
+    let mut last_verification_kept: Option<tokio::time::Instant> = None;
     let end_reason = loop {
         let message = tokio::select! {
             () = cancel.cancelled() => {
@@ -355,6 +363,19 @@ async fn serve_session(
             }
             Some(AgentKind::AccessState(access)) => {
                 crate::edge::access::record_access_state(&state, machine_id, access, now);
+            }
+            Some(AgentKind::ImageVerification(verification)) => {
+                // Each is a store write: an agent sending them faster than
+                // the spacing waits (its own session only); none is lost.
+                if let Some(kept) = last_verification_kept {
+                    tokio::time::sleep_until(
+                        kept + crate::edge::integrity::MIN_VERIFICATION_SPACING,
+                    )
+                    .await;
+                }
+                last_verification_kept = Some(tokio::time::Instant::now());
+                crate::edge::integrity::record_verification(&state, machine_id, verification, now)
+                    .await;
             }
         }
     };

@@ -14,6 +14,7 @@
 pub mod access_hub;
 pub mod feed;
 pub mod health;
+pub mod image_ages;
 pub mod leadership;
 pub mod providers;
 pub mod publisher;

@@ -187,6 +187,9 @@ impl ImageUpload {
         if !state.store.insert_image(&record).await? {
             return Err(ImageError::PushedConcurrently(manifest.reference()));
         }
+        state
+            .image_ages
+            .record(&record.name, &record.version, &record.manifest_json);
         tracing::info!(image = %manifest.reference(), digest = %record.digest, size = record.size, "image pushed");
         Ok(record)
     }

@@ -11,6 +11,7 @@ pub mod access;
 pub mod enrollment;
 pub mod forensics;
 pub mod images;
+pub mod integrity;
 pub mod machines;
 pub mod operators;
 pub mod quarantine;

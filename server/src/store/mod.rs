@@ -19,6 +19,7 @@
 mod access;
 #[cfg(test)]
 pub(crate) mod contract;
+pub mod integrity;
 mod postgres;
 pub mod repair;
 pub mod replicas;
@@ -391,6 +392,16 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Logs each schema migration a backend applied at open.
+/// The highest version the migrations' names carry (`V4__…` → 4): versions
+/// need not be contiguous (a number may be taken by a branch not merged yet).
+fn latest_migration_version(migrations: &[(&str, &str)]) -> i64 {
+    migrations
+        .iter()
+        .filter_map(|(name, _)| name.strip_prefix('V')?.split("__").next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
 fn log_applied_migrations(report: &refinery::Report) {
     for applied in report.applied_migrations() {
         tracing::info!(

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::integrity::IntegrityStore;
 use super::postgres::{postgres_url_problems, PostgresStore};
 use super::repair::RepairStore;
 use super::replicas::ReplicaStore;
@@ -102,6 +103,7 @@ pub struct OpenedStore {
     pub rollouts: Arc<dyn RolloutStore>,
     pub repair: Arc<dyn RepairStore>,
     pub replicas: Arc<dyn ReplicaStore>,
+    pub integrity: Arc<dyn IntegrityStore>,
     /// Image payloads: files in the data dir with SQLite, rows with
     /// PostgreSQL (every replica serves every download).
     pub blobs: Arc<dyn BlobStore>,
@@ -110,7 +112,13 @@ pub struct OpenedStore {
 impl OpenedStore {
     fn new<Backend>(backend: Backend, blobs: Arc<dyn BlobStore>) -> Self
     where
-        Backend: Store + AccessStore + RolloutStore + RepairStore + ReplicaStore + Clone,
+        Backend: Store
+            + AccessStore
+            + RolloutStore
+            + RepairStore
+            + ReplicaStore
+            + IntegrityStore
+            + Clone,
     {
         OpenedStore {
             blobs,
@@ -118,7 +126,8 @@ impl OpenedStore {
             access: Arc::new(backend.clone()),
             rollouts: Arc::new(backend.clone()),
             repair: Arc::new(backend.clone()),
-            replicas: Arc::new(backend),
+            replicas: Arc::new(backend.clone()),
+            integrity: Arc::new(backend),
         }
     }
 }

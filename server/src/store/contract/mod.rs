@@ -14,6 +14,7 @@
 pub(crate) mod access;
 pub(crate) mod audit;
 pub(crate) mod images;
+pub(crate) mod integrity;
 pub(crate) mod machines;
 pub(crate) mod operators;
 pub(crate) mod repair;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use super::integrity::IntegrityStore;
 use super::repair::RepairStore;
 use super::replicas::ReplicaStore;
 use super::{
@@ -42,12 +44,13 @@ use flotte_common::roles::Role;
 /// Everything a backend implements; a clone is another handle on the same
 /// store (what concurrent callers hold).
 pub(crate) trait ContractBackend:
-    Store + AccessStore + RolloutStore + RepairStore + ReplicaStore + Clone
+    Store + AccessStore + RolloutStore + RepairStore + ReplicaStore + IntegrityStore + Clone
 {
 }
 
-impl<T: Store + AccessStore + RolloutStore + RepairStore + ReplicaStore + Clone> ContractBackend
-    for T
+impl<
+        T: Store + AccessStore + RolloutStore + RepairStore + ReplicaStore + IntegrityStore + Clone,
+    > ContractBackend for T
 {
 }
 
@@ -251,6 +254,7 @@ macro_rules! store_contract_suite {
             replicas::replicas_racing_for_the_lease_get_one_term,
             replicas::replicas_and_session_holders_round_trip,
             replicas::an_announced_change_reaches_every_subscriber,
+            integrity::a_machine_keeps_its_last_verification_only,
         );
     };
     (@each $mode:ident $factory:path; $($module:ident :: $test:ident),* $(,)?) => {

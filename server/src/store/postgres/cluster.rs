@@ -67,6 +67,9 @@ cat >/dev/null
 
 /// A running cluster. The shared one is never dropped (see the module
 /// comment); a private one ([`private_cluster`]) stops when dropped.
+// The restart parts are used by `tests/tests/replicas.rs`, which includes
+// this file; the store's own tests use the shared cluster only.
+#[allow(dead_code)]
 pub(super) struct Cluster {
     port: u16,
     /// The keeper's directory (`data/` inside), for restarts.
@@ -147,6 +150,8 @@ fn start_cluster() -> Result<Cluster, String> {
     })
 }
 
+// See the note on `Cluster`.
+#[allow(dead_code)]
 impl Cluster {
     /// A new, empty database's URL, for the trusted superuser.
     pub(super) async fn fresh_database_url(&self) -> String {
@@ -172,6 +177,8 @@ impl Cluster {
 
 /// A cluster of the caller's own (stopped and removed when dropped), for a
 /// test that restarts it; `None` when skipped (see [`cluster_address`]).
+// See the note on `Cluster`.
+#[allow(dead_code)]
 pub(super) fn private_cluster() -> Option<Cluster> {
     match start_cluster() {
         Ok(cluster) => Some(cluster),

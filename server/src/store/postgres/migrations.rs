@@ -15,13 +15,17 @@ use crate::store::StoreError;
 
 /// Every migration this binary knows, in order. Never edit an applied one
 /// (its checksum is recorded): add the next file.
-const MIGRATIONS: [(&str, &str); 3] = [
+const MIGRATIONS: [(&str, &str); 4] = [
     ("V1__initial", include_str!("migrations/V1__initial.sql")),
     (
         "V2__rollout_machines_by_machine",
         include_str!("migrations/V2__rollout_machines_by_machine.sql"),
     ),
     ("V3__replicas", include_str!("migrations/V3__replicas.sql")),
+    (
+        "V4__image_verifications",
+        include_str!("migrations/V4__image_verifications.sql"),
+    ),
 ];
 
 /// The table `refinery` records applied migrations in.
@@ -29,7 +33,7 @@ const HISTORY_TABLE: &str = "refinery_schema_history";
 
 /// The schema version this binary writes.
 fn latest_version() -> i64 {
-    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+    crate::store::latest_migration_version(&MIGRATIONS)
 }
 
 fn migration_error(error: refinery::Error) -> StoreError {

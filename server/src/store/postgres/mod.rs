@@ -22,6 +22,7 @@ mod access;
 mod audit;
 mod blobs;
 mod images;
+mod integrity;
 mod machines;
 mod migrations;
 mod operators;

@@ -13,6 +13,7 @@
 mod access;
 mod audit;
 mod images;
+mod integrity;
 mod machines;
 mod migrations;
 mod operators;
