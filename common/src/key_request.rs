@@ -19,6 +19,15 @@ pub fn generate_key_and_csr() -> Result<(String, String), KeyRequestError> {
     Ok((key.serialize_pem(), csr))
 }
 
+/// A CSR for a key already held (PEM): what a renewal sends, so that the
+/// identity keeps its key and only its certificate changes.
+pub fn csr_for_key(key_pem: &str) -> Result<String, KeyRequestError> {
+    let key = KeyPair::from_pem(key_pem)?;
+    Ok(CertificateParams::default()
+        .serialize_request(&key)?
+        .pem()?)
+}
+
 #[cfg(test)]
 mod tests {
     use rcgen::PublicKeyData;
@@ -31,5 +40,8 @@ mod tests {
         let request = rcgen::CertificateSigningRequestParams::from_pem(&csr_pem).unwrap();
         let key = KeyPair::from_pem(&key_pem).unwrap();
         assert_eq!(request.public_key.der_bytes(), key.der_bytes());
+        let renewal = csr_for_key(&key_pem).unwrap();
+        let renewal = rcgen::CertificateSigningRequestParams::from_pem(&renewal).unwrap();
+        assert_eq!(renewal.public_key.der_bytes(), key.der_bytes(), "same key");
     }
 }

@@ -75,6 +75,7 @@ pub enum AdminRpc {
     ListOperators,
     SetOperatorRole,
     RevokeOperator,
+    RenewOperatorCertificate,
     AddReleaseKey,
     RemoveReleaseKey,
     ListReleaseKeys,
@@ -139,7 +140,7 @@ const fn policy(
 }
 
 impl AdminRpc {
-    pub const ALL: [AdminRpc; 52] = [
+    pub const ALL: [AdminRpc; 53] = [
         AdminRpc::CreateToken,
         AdminRpc::ListTokens,
         AdminRpc::RevokeToken,
@@ -157,6 +158,7 @@ impl AdminRpc {
         AdminRpc::ListOperators,
         AdminRpc::SetOperatorRole,
         AdminRpc::RevokeOperator,
+        AdminRpc::RenewOperatorCertificate,
         AdminRpc::AddReleaseKey,
         AdminRpc::RemoveReleaseKey,
         AdminRpc::ListReleaseKeys,
@@ -275,6 +277,14 @@ impl AdminRpc {
                 "/flotte.v1.Operators/RevokeOperator",
                 "operator.revoke",
                 Admin,
+                true,
+            ),
+            // Every operator renews its own certificate (the server takes the
+            // name from the caller's identity, never from the request).
+            AdminRpc::RenewOperatorCertificate => policy(
+                "/flotte.v1.Operators/RenewOperatorCertificate",
+                "operator.renew",
+                Viewer,
                 true,
             ),
             AdminRpc::AddReleaseKey => policy(
@@ -500,6 +510,7 @@ mod tests {
         (AdminRpc::ListOperators, Role::Viewer, false),
         (AdminRpc::SetOperatorRole, Role::Admin, true),
         (AdminRpc::RevokeOperator, Role::Admin, true),
+        (AdminRpc::RenewOperatorCertificate, Role::Viewer, true),
         (AdminRpc::AddReleaseKey, Role::Admin, true),
         (AdminRpc::RemoveReleaseKey, Role::Admin, true),
         (AdminRpc::ListReleaseKeys, Role::Viewer, false),

@@ -258,7 +258,7 @@ fn print_report(output: Output, report: &AccessReportResponse) -> Result<(), Ctl
 }
 
 pub async fn run(cli: &Cli, command: &AccessCommand) -> Result<(), CtlError> {
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = rpc_error(&diagnostics);
     let mut client = AccessClient::new(channel);
     let output = cli.output();

@@ -114,7 +114,7 @@ pub async fn run(cli: &Cli, command: &AuditCommand) -> Result<(), CtlError> {
         // Verification needs the whole chain.
         AuditCommand::Verify => ListAuditRequest::default(),
     };
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = rpc_error(&diagnostics);
     let entries: Vec<AuditRecord> = AuditClient::new(channel)
         .list_audit(request)

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
 use flotte_common::profile::Profile;
@@ -13,7 +14,7 @@ use flotte_proto::transport::{
 use tonic::transport::Channel;
 
 use crate::error::CtlError;
-use crate::output::Output;
+use crate::output::{self, Output};
 use crate::{
     access, audit, dr, images, integrity, machines, operators, repair, rollouts, status, tokens,
     ui, users,
@@ -109,10 +110,14 @@ impl Cli {
         }
     }
 
+    /// The directory of the operator profile this invocation acts as.
+    pub fn profile_directory(&self) -> Result<&Path, CtlError> {
+        self.profile.as_deref().ok_or(CtlError::NoProfile)
+    }
+
     /// The operator profile this invocation acts as.
     pub fn load_profile(&self) -> Result<Profile, CtlError> {
-        let directory = self.profile.as_ref().ok_or(CtlError::NoProfile)?;
-        Ok(Profile::load(directory)?)
+        Ok(Profile::load(self.profile_directory()?)?)
     }
 
     /// The server address this invocation dials: `--server`, else the profile's.
@@ -123,18 +128,68 @@ impl Cli {
     }
 
     /// A channel to the server with the profile's identity, and what the
-    /// handshake tells about a refusal (to explain failed calls).
-    pub fn connect(&self) -> Result<(Channel, TlsDiagnostics), CtlError> {
-        let profile = self.load_profile()?;
+    /// handshake tells about a refusal (to explain failed calls). A
+    /// certificate with less than a third of its lifetime left is renewed
+    /// first (a failed renewal is reported and the call goes on with the old
+    /// one); one expiring within 14 days is warned about.
+    pub async fn connect(&self) -> Result<(Channel, TlsDiagnostics), CtlError> {
+        let mut profile = self.load_profile()?;
+        let validity = profile.certificate_validity()?;
+        let now = SystemTime::now();
+        if validity.renewal_due(now) && !validity.is_expired(now) {
+            if let Err(error) = operators::renew_profile(self, &mut profile).await {
+                output::note_message(&format!(
+                    "flottectl: warning: could not renew the profile's certificate: {error}"
+                ));
+            }
+        }
+        warn_if_expiring_soon(self.profile_directory()?, &profile)?;
+        self.channel(&profile)
+    }
+
+    /// A channel to the server with `profile`'s identity, as it is.
+    pub fn channel(&self, profile: &Profile) -> Result<(Channel, TlsDiagnostics), CtlError> {
         let tls = client_config(
             &profile.ca_pem,
             Some((&profile.certificate_pem, &profile.key_pem)),
         )?;
         Ok(channel_with_diagnostics(
-            &self.server_address(&profile),
+            &self.server_address(profile),
             Arc::new(tls),
         )?)
     }
+}
+
+/// Within this of its expiry a profile's certificate is warned about on every
+/// command (automatic renewal starts well before, at a third of 90 days).
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Warns (on stderr) when the profile's certificate expires within
+/// [`EXPIRY_WARNING`] or has expired, saying what to do.
+fn warn_if_expiring_soon(directory: &Path, profile: &Profile) -> Result<(), CtlError> {
+    let validity = profile.certificate_validity()?;
+    let now = SystemTime::now();
+    let remaining = validity.remaining(now);
+    if remaining >= EXPIRY_WARNING {
+        return Ok(());
+    }
+    let at = humantime::format_rfc3339_seconds(validity.not_after);
+    let message = if validity.is_expired(now) {
+        format!(
+            "flottectl: warning: the certificate of profile {} expired at {at}: ask an admin for \
+             a new profile (or run `flotte-server admin-profile` on the server host)",
+            directory.display()
+        )
+    } else {
+        format!(
+            "flottectl: warning: the certificate of profile {} expires at {at} (in {}): run \
+             `flottectl operator renew`",
+            directory.display(),
+            humantime::format_duration(Duration::from_secs(remaining.as_secs()))
+        )
+    };
+    output::note_message(&message);
+    Ok(())
 }
 
 /// Reads a file an operator named, naming it in the error.

@@ -31,7 +31,7 @@ pub enum DrCommand {
 }
 
 pub async fn run(cli: &Cli, command: &DrCommand) -> Result<(), CtlError> {
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = rpc_error(&diagnostics);
     let mut client = DisasterRecoveryClient::new(channel);
     match command {

@@ -216,7 +216,7 @@ pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
                 read_image_file(file).map_err(|error| CtlError::Usage(error.to_string()))?;
             let mut payload =
                 open_payload(file, &image).map_err(|error| CtlError::Usage(error.to_string()))?;
-            let (channel, diagnostics) = cli.connect()?;
+            let (channel, diagnostics) = cli.connect().await?;
             let rpc = rpc_error(&diagnostics);
             let (sender, receiver) = tokio::sync::mpsc::channel(4);
             let manifest_json = image.manifest_json.clone();
@@ -253,7 +253,7 @@ pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
             print_images(cli.output(), &[info])
         }
         ImageCommand::List { name } => {
-            let (channel, diagnostics) = cli.connect()?;
+            let (channel, diagnostics) = cli.connect().await?;
             let rpc = rpc_error(&diagnostics);
             let images = ImagesClient::new(channel)
                 .list_images(ListImagesRequest { name: name.clone() })
@@ -264,7 +264,7 @@ pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
             print_images(cli.output(), &images)
         }
         ImageCommand::Show { reference } => {
-            let (channel, diagnostics) = cli.connect()?;
+            let (channel, diagnostics) = cli.connect().await?;
             let rpc = rpc_error(&diagnostics);
             let info = ImagesClient::new(channel)
                 .get_image(GetImageRequest {

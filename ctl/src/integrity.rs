@@ -123,7 +123,7 @@ impl From<&MachineVerification> for VerificationView {
     }
 }
 
-fn integrity_client(
+async fn integrity_client(
     cli: &Cli,
 ) -> Result<
     (
@@ -132,7 +132,7 @@ fn integrity_client(
     ),
     CtlError,
 > {
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = move |status| rpc_error(&diagnostics)(status);
     Ok((ImageIntegrityClient::new(channel), rpc))
 }
@@ -282,7 +282,7 @@ pub async fn run_machine_integrity(
     cli: &Cli,
     command: &MachineIntegrityCommand,
 ) -> Result<(), CtlError> {
-    let (mut client, rpc) = integrity_client(cli)?;
+    let (mut client, rpc) = integrity_client(cli).await?;
     match command {
         MachineIntegrityCommand::Verify { target, timeout } => {
             let timeout = parse_timeout(timeout)?;
@@ -329,7 +329,7 @@ pub async fn run_machine_integrity(
 }
 
 pub async fn run_drift(cli: &Cli, command: &DriftCommand) -> Result<(), CtlError> {
-    let (mut client, rpc) = integrity_client(cli)?;
+    let (mut client, rpc) = integrity_client(cli).await?;
     match command {
         DriftCommand::Report { selector } => {
             let views = last_verifications(&mut client, &rpc, selector, Vec::new(), true).await?;
@@ -344,7 +344,7 @@ pub async fn run_drift(cli: &Cli, command: &DriftCommand) -> Result<(), CtlError
 /// The last verification of one machine, for `machines show` (nothing when
 /// it was never verified).
 pub async fn print_last_verification(cli: &Cli, machine_id: &str) -> Result<(), CtlError> {
-    let (mut client, rpc) = integrity_client(cli)?;
+    let (mut client, rpc) = integrity_client(cli).await?;
     let last =
         last_verifications(&mut client, &rpc, "", vec![machine_id.to_owned()], false).await?;
     let Some(view) = last.into_iter().next() else {

@@ -68,7 +68,7 @@ pub async fn run(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlError> {
     if let MachinesCommand::Integrity(command) = command {
         return crate::integrity::run_machine_integrity(cli, command).await;
     }
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = rpc_error(&diagnostics);
     let mut client = MachinesClient::new(channel);
     match command {

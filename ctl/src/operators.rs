@@ -1,18 +1,21 @@
-//! `flottectl operator create | list | set-role | revoke`: the people and CI
-//! jobs that may call the admin API, and their roles. `create` makes the new
-//! operator's key here (or takes their CSR) and writes a ready profile
-//! directory; the private key is never sent to the server.
+//! `flottectl operator create | list | set-role | revoke | renew`: the
+//! people and CI jobs that may call the admin API, and their roles. `create`
+//! makes the new operator's key here (or takes their CSR) and writes a ready
+//! profile directory; the private key is never sent to the server. `renew`
+//! (also done by every command once a third of the certificate's lifetime
+//! is left) sends a CSR for the profile's own key and replaces its
+//! certificate atomically.
 
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use flotte_common::key_request::generate_key_and_csr;
+use flotte_common::key_request::{csr_for_key, generate_key_and_csr};
 use flotte_common::profile::{Profile, ProfileSettings, PROFILE_FILE};
 use flotte_common::roles::Role;
 use flotte_proto::v1::operators_client::OperatorsClient;
 use flotte_proto::v1::{
-    CreateOperatorRequest, ListOperatorsRequest, OperatorInfo, RevokeOperatorRequest,
-    SetOperatorRoleRequest,
+    CreateOperatorRequest, ListOperatorsRequest, OperatorInfo, RenewOperatorCertificateRequest,
+    RevokeOperatorRequest, SetOperatorRoleRequest,
 };
 use serde::Serialize;
 
@@ -46,6 +49,9 @@ pub enum OperatorCommand {
     /// Revoke an operator: every certificate refused and every connection
     /// closed at once. The name is never reused.
     Revoke { name: String },
+    /// Renew this profile's own certificate now (same key, new certificate;
+    /// every command also does it once a third of the lifetime is left).
+    Renew,
 }
 
 #[derive(Debug, Serialize)]
@@ -179,8 +185,48 @@ async fn create_operator(
     Ok(())
 }
 
+/// Renews `profile`'s certificate over mutual TLS with a CSR for its own key
+/// and replaces the certificate in the profile directory atomically; returns
+/// the operator as the server now records it.
+pub async fn renew_profile(cli: &Cli, profile: &mut Profile) -> Result<OperatorInfo, CtlError> {
+    let (channel, diagnostics) = cli.channel(profile)?;
+    let renewed = OperatorsClient::new(channel)
+        .renew_operator_certificate(RenewOperatorCertificateRequest {
+            csr_pem: csr_for_key(&profile.key_pem)?,
+        })
+        .await
+        .map_err(rpc_error(&diagnostics))?
+        .into_inner();
+    profile.replace_certificate(
+        cli.profile_directory()?,
+        renewed.certificate_pem,
+        renewed.ca_certificate_pem,
+    )?;
+    Ok(renewed.operator.unwrap_or_default())
+}
+
+/// `operator renew`: renews at once, whatever is left of the lifetime.
+async fn renew_now(cli: &Cli) -> Result<(), CtlError> {
+    let mut profile = cli.load_profile()?;
+    let operator = renew_profile(cli, &mut profile).await?;
+    if cli.output() == Output::Json {
+        return print_json(&OperatorView::from(&operator));
+    }
+    print_line!(
+        "certificate of {} renewed (serial {}), valid until {}; written to {}",
+        operator.name,
+        operator.certificate_serial,
+        optional_time(operator.certificate_not_after).unwrap_or_default(),
+        cli.profile_directory()?.display()
+    );
+    Ok(())
+}
+
 pub async fn run(cli: &Cli, command: &OperatorCommand) -> Result<(), CtlError> {
-    let (channel, diagnostics) = cli.connect()?;
+    if matches!(command, OperatorCommand::Renew) {
+        return renew_now(cli).await;
+    }
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = rpc_error(&diagnostics);
     let mut client = OperatorsClient::new(channel);
     match command {
@@ -229,6 +275,8 @@ pub async fn run(cli: &Cli, command: &OperatorCommand) -> Result<(), CtlError> {
                 .into_inner();
             print_operators(cli.output(), &[operator])?;
         }
+        // Handled before dialing: it must not renew twice.
+        OperatorCommand::Renew => return renew_now(cli).await,
     }
     Ok(())
 }

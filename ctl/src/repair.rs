@@ -73,16 +73,16 @@ impl From<&Quarantine> for QuarantineView {
     }
 }
 
-fn repair_client(
+async fn repair_client(
     cli: &Cli,
 ) -> Result<(RepairClient<Channel>, impl Fn(tonic::Status) -> CtlError), CtlError> {
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = move |status| rpc_error(&diagnostics)(status);
     Ok((RepairClient::new(channel), rpc))
 }
 
 pub async fn run_machine_repair(cli: &Cli, command: &MachineRepairCommand) -> Result<(), CtlError> {
-    let (mut client, rpc) = repair_client(cli)?;
+    let (mut client, rpc) = repair_client(cli).await?;
     match command {
         MachineRepairCommand::Quarantine { id, reason } => {
             let info = client
@@ -326,7 +326,7 @@ fn unpack_bundle(bytes: &[u8], directory: &Path) -> Result<Vec<String>, CtlError
 }
 
 pub async fn run_remediation(cli: &Cli, command: &RemediationCommand) -> Result<(), CtlError> {
-    let (mut client, rpc) = repair_client(cli)?;
+    let (mut client, rpc) = repair_client(cli).await?;
     match command {
         RemediationCommand::List => {
             let events = client

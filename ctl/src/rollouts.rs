@@ -319,7 +319,7 @@ async fn client(
     ),
     CtlError,
 > {
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     Ok((RolloutsClient::new(channel), diagnostics))
 }
 

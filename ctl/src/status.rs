@@ -173,7 +173,7 @@ fn print_status(
 }
 
 pub async fn run(cli: &Cli, arguments: &StatusArguments) -> Result<(), CtlError> {
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = rpc_error(&diagnostics);
     let status = MachinesClient::new(channel.clone())
         .fleet_status(FleetStatusRequest {

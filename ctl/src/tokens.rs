@@ -102,7 +102,7 @@ pub async fn run(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
         TokenCommand::Create(create) => Some(create.parse()?),
         _ => None,
     };
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = rpc_error(&diagnostics);
     let mut client = TokensClient::new(channel);
     match command {

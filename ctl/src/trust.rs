@@ -80,7 +80,7 @@ pub async fn run(cli: &Cli, command: &TrustCommand) -> Result<(), CtlError> {
         TrustCommand::Add { key_file, .. } => Some(read_file(key_file)?),
         _ => None,
     };
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = rpc_error(&diagnostics);
     let mut client = ReleaseKeysClient::new(channel);
     let keys = match command {

@@ -169,7 +169,7 @@ pub async fn run(cli: &Cli, command: &UserCommand) -> Result<(), CtlError> {
         UserCommand::Key(UserKeyCommand::Add { ssh_key, .. }) => vec![read_public_key(ssh_key)?],
         _ => Vec::new(),
     };
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let rpc = rpc_error(&diagnostics);
     let mut client = UsersClient::new(channel);
     let output = cli.output();

@@ -57,6 +57,10 @@ pub struct ServerConfigFile {
     /// default 30 days.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image_max_age: Option<String>,
+    /// How long an operator certificate lasts (default 90 days); flottectl
+    /// renews its own once less than a third of it is left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator_certificate_ttl: Option<String>,
     /// Address of the Prometheus `/metrics` HTTP listener (disabled if absent).
     pub metrics_listen: Option<String>,
     /// Webhooks receiving a JSON POST for every state transition.
@@ -118,6 +122,7 @@ impl Default for ServerConfigFile {
             last_seen_flush_interval: "30s".into(),
             unreachable_after: None,
             image_max_age: None,
+            operator_certificate_ttl: None,
             metrics_listen: None,
             webhooks: Vec::new(),
             remediation: RemediationConfigFile::default(),
@@ -145,6 +150,7 @@ pub struct ServerConfig {
     pub last_seen_flush_interval: Duration,
     pub unreachable_after: Duration,
     pub image_max_age: Duration,
+    pub operator_certificate_ttl: Duration,
     pub metrics_listen: Option<SocketAddr>,
     pub webhooks: Vec<WebhookTarget>,
     pub remediation: RemediationSettings,
@@ -252,6 +258,12 @@ impl ServerConfigFile {
             one_second,
             &mut problems,
         );
+        let operator_certificate_ttl = parse_duration_field(
+            "operator_certificate_ttl",
+            self.operator_certificate_ttl.as_deref().unwrap_or("90days"),
+            one_second,
+            &mut problems,
+        );
         let metrics_listen = parse_listen_field(
             "metrics_listen",
             self.metrics_listen.as_deref(),
@@ -312,6 +324,7 @@ impl ServerConfigFile {
             last_seen_flush_interval,
             unreachable_after,
             image_max_age,
+            operator_certificate_ttl,
             metrics_listen,
             webhooks,
             remediation,

@@ -29,6 +29,7 @@ mod join_tokens;
 pub mod limits;
 mod live;
 mod metrics;
+pub mod recovery;
 mod services;
 mod store;
 

@@ -152,7 +152,7 @@ fn open_in_browser(url: &str) {
 
 pub async fn run(cli: &Cli, arguments: &UiArguments) -> Result<(), CtlError> {
     let profile = cli.load_profile()?;
-    let (channel, diagnostics) = cli.connect()?;
+    let (channel, diagnostics) = cli.connect().await?;
     let operator = whoami(channel.clone(), &diagnostics, &profile.settings.identity).await?;
     let listener = tokio::net::TcpListener::bind(arguments.listen)
         .await

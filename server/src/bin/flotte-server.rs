@@ -111,6 +111,20 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Mint a new admin profile from the data dir's CA key (recovery, when
+    /// every admin's certificate is lost or expired): an existing admin gets
+    /// a new certificate, an unknown name is created as an admin; audited.
+    /// Run it on the server host; the server may be running.
+    AdminProfile {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Profile directory to write (must not hold a profile yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// The admin's name (default: admin, the one `init` made).
+        #[arg(long, default_value = flotte_server::init::FIRST_ADMIN)]
+        name: String,
+    },
     /// Rebuild a data dir from a backup; the target must be missing or empty.
     Restore {
         #[arg(long)]
@@ -129,6 +143,19 @@ fn init_tracing() {
         // Colour only for people: the journal would keep raw escape codes.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// Runs `work` on a one-thread runtime (the PostgreSQL driver needs the I/O
+/// and time drivers), with its error as text.
+fn block_on_one_thread<T, E: std::fmt::Display>(
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| format!("cannot start the async runtime: {error}"))?
+        .block_on(work)
+        .map_err(|error| error.to_string())
 }
 
 fn main() -> ExitCode {
@@ -153,6 +180,32 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::AdminProfile {
+            data_dir,
+            out,
+            name,
+        } => match block_on_one_thread(flotte_server::recovery::mint_admin_profile(
+            &data_dir, &out, &name,
+        )) {
+            Ok(minted) => {
+                let what = if minted.created {
+                    "created as a new admin"
+                } else {
+                    "given a new certificate"
+                };
+                println!(
+                    "operator {} {what} (serial {}); profile written to {}",
+                    minted.name,
+                    minted.certificate_serial,
+                    minted.profile.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("flotte-server admin-profile: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Restore { from, data_dir } => {
             match flotte_server::backup::restore(&from, &data_dir) {
                 Ok(summary) => {
@@ -212,34 +265,25 @@ fn main() -> ExitCode {
             store_password_file,
             name,
             zone,
-        } => match tokio::runtime::Builder::new_current_thread()
-            // The PostgreSQL driver needs the I/O and time drivers.
-            .enable_all()
-            .build()
-            .map_err(|error| format!("cannot start the async runtime: {error}"))
-            .and_then(|runtime| {
-                runtime
-                    .block_on(init(
-                        &data_dir,
-                        InitOptions {
-                            listen,
-                            subject_alt_names,
-                            trust_domain,
-                            store: StoreConfigFile {
-                                kind: if store_url.is_some() {
-                                    StoreKind::Postgres
-                                } else {
-                                    StoreKind::Sqlite
-                                },
-                                url: store_url,
-                                password_file: store_password_file,
-                            },
-                            server_name: name,
-                            zone,
-                        },
-                    ))
-                    .map_err(|error| error.to_string())
-            }) {
+        } => match block_on_one_thread(init(
+            &data_dir,
+            InitOptions {
+                listen,
+                subject_alt_names,
+                trust_domain,
+                store: StoreConfigFile {
+                    kind: if store_url.is_some() {
+                        StoreKind::Postgres
+                    } else {
+                        StoreKind::Sqlite
+                    },
+                    url: store_url,
+                    password_file: store_password_file,
+                },
+                server_name: name,
+                zone,
+            },
+        )) {
             Ok(summary) => {
                 println!("initialised {}", data_dir.display());
                 println!("  settings:       {}", summary.config_path.display());

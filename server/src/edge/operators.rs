@@ -9,7 +9,8 @@ use flotte_proto::identity::Identity;
 use flotte_proto::v1::operators_server::Operators;
 use flotte_proto::v1::{
     CreateOperatorRequest, CreateOperatorResponse, ListOperatorsRequest, ListOperatorsResponse,
-    OperatorInfo, RevokeOperatorRequest, SetOperatorRoleRequest,
+    OperatorInfo, RenewOperatorCertificateRequest, RenewOperatorCertificateResponse,
+    RevokeOperatorRequest, SetOperatorRoleRequest,
 };
 use serde_json::json;
 use tonic::{Request, Response, Status};
@@ -42,6 +43,13 @@ fn operator_info(record: &OperatorRecord, trust_domain: &str) -> OperatorInfo {
         revoked_at: record.revoked_at.unwrap_or(0),
         identity_uri: Identity::operator(trust_domain, &record.name).uri(),
     }
+}
+
+/// The audit detail of a call that issued a certificate.
+fn serial_detail(operator: Option<&OperatorInfo>) -> String {
+    operator
+        .map(|operator| format!("certificate serial {}", operator.certificate_serial))
+        .unwrap_or_default()
 }
 
 impl From<OperatorError> for Status {
@@ -89,13 +97,7 @@ impl Operators for OperatorsApi {
                         .uri(),
                 })
             },
-            |response| {
-                response
-                    .operator
-                    .as_ref()
-                    .map(|operator| format!("certificate serial {}", operator.certificate_serial))
-                    .unwrap_or_default()
-            },
+            |response| serial_detail(response.operator.as_ref()),
         )
         .await
     }
@@ -153,6 +155,37 @@ impl Operators for OperatorsApi {
                 Ok(operator_info(&revoked, &state.config.trust_domain))
             },
             |_| String::new(),
+        )
+        .await
+    }
+
+    async fn renew_operator_certificate(
+        &self,
+        request: Request<RenewOperatorCertificateRequest>,
+    ) -> Result<Response<RenewOperatorCertificateResponse>, Status> {
+        let call = admit(
+            &self.state,
+            &request,
+            AdminRpc::RenewOperatorCertificate,
+            json!({}),
+        )
+        .await?;
+        let state = Arc::clone(&self.state);
+        // Only ever the caller's own certificate: the name comes from the
+        // certificate the call was made with, not from the request.
+        let name = call.actor().to_owned();
+        let csr_pem = request.into_inner().csr_pem;
+        call.run(
+            async move {
+                let (record, certificate_pem) =
+                    operators::renew_certificate(&state, &name, &csr_pem).await?;
+                Ok(RenewOperatorCertificateResponse {
+                    operator: Some(operator_info(&record, &state.config.trust_domain)),
+                    certificate_pem,
+                    ca_certificate_pem: state.ca.certificate_pem().to_owned(),
+                })
+            },
+            |response| serial_detail(response.operator.as_ref()),
         )
         .await
     }

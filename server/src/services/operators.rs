@@ -3,22 +3,16 @@
 //! — which denies their identity and closes their connections at once. The
 //! fleet is never left without an active admin.
 
-use std::time::Duration;
-
 use flotte_proto::identity::{is_valid_segment, Identity, SEGMENT_GRAMMAR};
 use flotte_proto::names::quoted_prefix;
 
-use crate::ca::CaError;
+use crate::ca::{CaError, IssuedCertificate};
 use crate::clock::to_unix;
 use crate::live::feed::Change;
 use crate::live::revocation::{denial, REVOCATION_GRACE};
 use crate::store::{DeniedKind, OperatorChange, OperatorRecord, StoreError};
 use crate::ServerState;
 use flotte_common::roles::Role;
-
-/// Operator certificates are long-lived credentials of people; revocation,
-/// not expiry, is what ends them early.
-pub const OPERATOR_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -82,6 +76,23 @@ fn changed_operator(change: OperatorChange, name: &str) -> Result<OperatorRecord
     }
 }
 
+/// Issues an operator certificate for `identity` from a CSR's public key,
+/// lasting `operator_certificate_ttl` (90 days unless configured):
+/// certificates of people are long-lived, revocation is what ends them early.
+fn issue_operator_certificate(
+    state: &ServerState,
+    identity: &Identity,
+    csr_pem: &str,
+) -> Result<IssuedCertificate, OperatorError> {
+    state
+        .ca
+        .issue_client_from_csr(csr_pem, identity, state.config.operator_certificate_ttl)
+        .map_err(|error| match error {
+            CaError::BadCsr(_) => OperatorError::BadCsr(error.to_string()),
+            other => OperatorError::Ca(other),
+        })
+}
+
 /// Creates an operator from a CSR; returns the record and the certificate.
 pub async fn create_operator(
     state: &ServerState,
@@ -96,13 +107,7 @@ pub async fn create_operator(
         return Err(OperatorError::AlreadyExists(request.name));
     }
     let identity = Identity::operator(&state.config.trust_domain, &request.name);
-    let issued = state
-        .ca
-        .issue_client_from_csr(&request.csr_pem, &identity, OPERATOR_CERTIFICATE_LIFETIME)
-        .map_err(|error| match error {
-            CaError::BadCsr(_) => OperatorError::BadCsr(error.to_string()),
-            other => OperatorError::Ca(other),
-        })?;
+    let issued = issue_operator_certificate(state, &identity, &request.csr_pem)?;
     let record = OperatorRecord {
         name: request.name,
         role,
@@ -114,6 +119,29 @@ pub async fn create_operator(
     };
     state.store.insert_operator(&record).await?;
     tracing::info!(operator = %identity, %role, %created_by, "operator created");
+    Ok((record, issued.certificate_pem))
+}
+
+/// Issues the active operator `name` (the caller itself: the edge takes it
+/// from the caller's certificate) a new certificate from `csr_pem` and
+/// records it; the certificate is returned only once recorded. The old
+/// certificate stays valid until it expires, like a machine's previous one.
+pub async fn renew_certificate(
+    state: &ServerState,
+    name: &str,
+    csr_pem: &str,
+) -> Result<(OperatorRecord, String), OperatorError> {
+    active_operator(state, name).await?;
+    let identity = Identity::operator(&state.config.trust_domain, name);
+    let issued = issue_operator_certificate(state, &identity, csr_pem)?;
+    // The store refuses a revoked operator in the same statement, so a
+    // revocation between the check above and this write still wins.
+    let record = state
+        .store
+        .record_operator_certificate(name, &issued.serial_hex, to_unix(issued.not_after))
+        .await?
+        .ok_or_else(|| OperatorError::NotFound(name.to_owned()))?;
+    tracing::info!(operator = %identity, serial = %issued.serial_hex, "operator certificate renewed");
     Ok((record, issued.certificate_pem))
 }
 

@@ -356,6 +356,16 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_operator(&self, operator: &OperatorRecord) -> Result<(), StoreError>;
     async fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError>;
     async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError>;
+    /// Records an active operator's renewed certificate (serial and expiry)
+    /// and returns the row as it is now; `None`, with nothing written, when
+    /// the operator is unknown or revoked (checked in the same statement, so
+    /// a revocation racing a renewal is never undone).
+    async fn record_operator_certificate(
+        &self,
+        name: &str,
+        serial_hex: &str,
+        not_after: UnixSeconds,
+    ) -> Result<Option<OperatorRecord>, StoreError>;
     /// Changes an operator's role, unless that would leave no active admin
     /// (checked and written in one transaction).
     async fn set_operator_role(&self, name: &str, role: Role)
@@ -544,6 +554,15 @@ macro_rules! dispatch_store_to_aggregates {
 
             async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
                 operators::operators(self).await
+            }
+
+            async fn record_operator_certificate(
+                &self,
+                name: &str,
+                serial_hex: &str,
+                not_after: UnixSeconds,
+            ) -> Result<Option<OperatorRecord>, StoreError> {
+                operators::record_operator_certificate(self, name, serial_hex, not_after).await
             }
 
             async fn set_operator_role(

@@ -240,6 +240,7 @@ macro_rules! store_contract_suite {
             operators::operators_and_the_deny_list_round_trip,
             operators::two_admins_revoked_at_once_leave_one,
             operators::two_admins_demoted_at_once_leave_one,
+            operators::a_renewed_certificate_is_recorded_for_active_operators_only,
             audit::concurrent_appends_make_one_valid_chain,
             audit::entries_filter_by_time_and_actor,
             rollouts::rollouts_and_passes_round_trip,

@@ -14,6 +14,59 @@ fn denial(name: &str, at: i64) -> Vec<DeniedEntry> {
     }]
 }
 
+pub(crate) async fn a_renewed_certificate_is_recorded_for_active_operators_only<
+    B: ContractBackend,
+>(
+    store: B,
+) {
+    store
+        .insert_operator(&operator("alice", Role::Admin))
+        .await
+        .unwrap();
+    store
+        .insert_operator(&operator("carol", Role::Viewer))
+        .await
+        .unwrap();
+    let renewed = store
+        .record_operator_certificate("carol", "0cnew", 1_900_000_000)
+        .await
+        .unwrap()
+        .expect("an active operator's certificate is recorded");
+    assert_eq!(renewed.certificate_serial, "0cnew");
+    assert_eq!(renewed.certificate_not_after, 1_900_000_000);
+    assert_eq!(renewed.role, Role::Viewer, "nothing else changes");
+    assert_eq!(store.operator("carol").await.unwrap(), Some(renewed));
+
+    store
+        .revoke_operator("carol", 7, &denial("carol", 7))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .record_operator_certificate("carol", "0clater", 2_000_000_000)
+            .await
+            .unwrap(),
+        None,
+        "a revoked operator gets no new certificate on record"
+    );
+    assert_eq!(
+        store
+            .operator("carol")
+            .await
+            .unwrap()
+            .unwrap()
+            .certificate_serial,
+        "0cnew"
+    );
+    assert_eq!(
+        store
+            .record_operator_certificate("nobody", "0c", 1)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
 pub(crate) async fn operators_and_the_deny_list_round_trip<B: ContractBackend>(store: B) {
     store
         .insert_operator(&operator("alice", Role::Admin))

@@ -116,6 +116,26 @@ pub(super) async fn operators(store: &PostgresStore) -> Result<Vec<OperatorRecor
         .await
 }
 
+pub(super) async fn record_operator_certificate(
+    store: &PostgresStore,
+    name: &str,
+    serial_hex: &str,
+    not_after: UnixSeconds,
+) -> Result<Option<OperatorRecord>, StoreError> {
+    let client = store.client().await?;
+    let _write = store.write_timer();
+    client
+        .query_opt(
+            "UPDATE operators SET certificate_serial = $2, certificate_not_after = $3
+             WHERE name = $1 AND revoked_at IS NULL RETURNING *",
+            &[&name, &serial_hex, &not_after],
+        )
+        .await?
+        .as_ref()
+        .map(operator_from_row)
+        .transpose()
+}
+
 /// What a change keeping an admin does to the operator row.
 enum AdminChange<'change> {
     SetRole(Role),

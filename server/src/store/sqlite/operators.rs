@@ -3,7 +3,7 @@
 //! or demotion that would leave no active admin is refused inside that
 //! transaction (never checked beforehand by the caller).
 
-use rusqlite::{params, Connection, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::{already_exists, conversion_error, select_one, SqliteStore};
 use crate::store::{
@@ -127,6 +127,27 @@ pub(super) async fn operator(
 pub(super) async fn operators(store: &SqliteStore) -> Result<Vec<OperatorRecord>, StoreError> {
     store
         .read_all("SELECT * FROM operators ORDER BY name", operator_from_row)
+        .await
+}
+
+pub(super) async fn record_operator_certificate(
+    store: &SqliteStore,
+    name: &str,
+    serial_hex: &str,
+    not_after: UnixSeconds,
+) -> Result<Option<OperatorRecord>, StoreError> {
+    let (name, serial_hex) = (name.to_owned(), serial_hex.to_owned());
+    store
+        .write(move |connection| {
+            Ok(connection
+                .query_row(
+                    "UPDATE operators SET certificate_serial = ?2, certificate_not_after = ?3
+                     WHERE name = ?1 AND revoked_at IS NULL RETURNING *",
+                    params![name, serial_hex, not_after],
+                    operator_from_row,
+                )
+                .optional()?)
+        })
         .await
 }
 
