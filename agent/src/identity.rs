@@ -4,6 +4,7 @@
 //!
 //! Files are replaced atomically; a failed enrollment writes nothing.
 
+use flotte_proto::data_dir_lock::permission_hint;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +18,7 @@ const CA_FILE: &str = "ca.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("cannot read or write {path}: {source}")]
+    #[error("cannot read or write {path}: {source}{}", permission_hint(source))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -139,7 +140,12 @@ impl MachineIdentity {
     pub fn load(data_dir: &Path) -> Result<Option<Self>, IdentityError> {
         let dir = identity_dir(data_dir);
         let certificate_path = dir.join(CERTIFICATE_FILE);
-        if !certificate_path.exists() {
+        // `try_exists`: an identity this user cannot read is an error naming
+        // the permission, never "not enrolled".
+        if !certificate_path
+            .try_exists()
+            .map_err(io_error(&certificate_path))?
+        {
             return Ok(None);
         }
         let read = |name: &str| {

@@ -31,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::enroll::{enroll, reenroll, EnrollError};
+use flotte_proto::data_dir_lock::{describe_io_error, lock_data_dir, DataDirLockError};
+use flotte_proto::files;
 use std::sync::Arc;
 
 use crate::identity::MachineIdentity;
@@ -59,6 +61,10 @@ pub enum AgentError {
     Persistence(#[from] PersistenceError),
     #[error(transparent)]
     Access(#[from] access::AccessError),
+    #[error("cannot use the data dir: {0}")]
+    DataDir(String),
+    #[error(transparent)]
+    Locked(#[from] DataDirLockError),
     #[error("cannot prepare the image directories: {0}")]
     Images(std::io::Error),
     #[error("cannot serve metrics on {address}: {source}")]
@@ -164,6 +170,11 @@ async fn ensure_identity(
 /// Runs the agent until `shutdown` is cancelled or a permanent error occurs.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let hostname = config.hostname.clone().unwrap_or_else(inventory::hostname);
+    files::create_private_dir(&config.data_dir)
+        .map_err(|error| AgentError::DataDir(describe_io_error(&config.data_dir, &error)))?;
+    // Held until `run` returns: a second agent on this data dir would stop
+    // this one's service and replace its session every second.
+    let _data_dir_lock = lock_data_dir(&config.data_dir, "flotte-agent")?;
     let Some(identity) = ensure_identity(&config, &hostname, &shutdown).await? else {
         return Ok(());
     };

@@ -12,18 +12,27 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{optional_time, print_json, print_line, print_list, print_table, Output};
+use crate::output::{
+    note_line, optional_time, print_json, print_line, print_list, print_table, Output,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum AccessCommand {
     /// Let USER log in as LOGIN on the machines matching the selector.
+    /// A selector is required: `--all` says on purpose that every machine,
+    /// now and to come, is meant.
     Grant {
         user: String,
-        #[arg(long, default_value = "")]
-        selector: String,
+        /// The machines, e.g. role=web,env=prod (or --all).
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        selector: Option<String>,
+        /// Every machine of the fleet, now and to come.
+        #[arg(long)]
+        all: bool,
+        /// The Unix login the user's keys are installed for.
         #[arg(long)]
         login: String,
-        /// RFC 3339 UTC time, e.g. 2027-01-31T00:00:00Z.
+        /// RFC 3339 UTC time, e.g. 2027-01-31T00:00:00Z (default: never).
         #[arg(long, default_value = "")]
         expires: String,
     },
@@ -98,6 +107,19 @@ pub fn print_grant_rows(grants: &[GrantView]) {
         &GRANT_HEADERS,
         &grants.iter().map(grant_row).collect::<Vec<_>>(),
     );
+}
+
+/// The selector a grant is sent with: `--selector` as given (an empty one
+/// would select every machine, which only `--all` may say), or none with
+/// `--all` (clap makes sure one of them was given).
+fn grant_selector(selector: Option<&str>) -> Result<String, CtlError> {
+    match selector {
+        Some(selector) if selector.trim().is_empty() => Err(CtlError::Usage(
+            "--selector is empty, which would select every machine: pass --all to mean that".into(),
+        )),
+        Some(selector) => Ok(selector.to_owned()),
+        None => Ok(String::new()),
+    }
 }
 
 fn print_grants(output: Output, grants: &[GrantInfo]) -> Result<(), CtlError> {
@@ -266,20 +288,30 @@ pub async fn run(cli: &Cli, command: &AccessCommand) -> Result<(), CtlError> {
         AccessCommand::Grant {
             user,
             selector,
+            all: _,
             login,
             expires,
         } => {
+            let selector = grant_selector(selector.as_deref())?;
             let grant = client
                 .grant(GrantRequest {
                     user: user.clone(),
-                    selector: selector.clone(),
+                    selector,
                     login: login.clone(),
                     expires: expires.clone(),
                 })
                 .await
                 .map_err(&rpc)?
                 .into_inner();
-            print_grants(output, std::slice::from_ref(&grant))
+            print_grants(output, std::slice::from_ref(&grant))?;
+            if grant.expires_at == 0 {
+                note_line!(
+                    "grant {} never expires: it lasts until `flottectl access revoke {}` (or give --expires)",
+                    grant.id,
+                    grant.id
+                );
+            }
+            Ok(())
         }
         AccessCommand::Revoke { grant } => {
             let grant = client
@@ -317,5 +349,34 @@ pub async fn run(cli: &Cli, command: &AccessCommand) -> Result<(), CtlError> {
                 .into_inner();
             print_report(output, &report)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Cli;
+
+    fn parse(arguments: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(
+            ["flottectl", "access", "grant", "alice", "--login", "alice"]
+                .iter()
+                .chain(arguments),
+        )
+    }
+
+    #[test]
+    fn a_grant_names_its_machines_or_says_all_on_purpose() {
+        let missing = parse(&[]).unwrap_err();
+        assert!(missing.to_string().contains("--selector"), "{missing}");
+        assert!(parse(&["--all", "--selector", "role=web"]).is_err());
+        assert!(parse(&["--all"]).is_ok());
+        assert!(parse(&["--selector", "role=web"]).is_ok());
+        assert_eq!(grant_selector(None).unwrap(), "");
+        assert_eq!(grant_selector(Some("role=web")).unwrap(), "role=web");
+        let empty = grant_selector(Some(" ")).unwrap_err();
+        assert!(empty.to_string().contains("--all"), "{empty}");
     }
 }

@@ -15,7 +15,8 @@ use serde::Serialize;
 use crate::cli::{read_file, rpc_error, Cli};
 use crate::error::CtlError;
 use crate::output::{
-    format_time, optional_time, print_json, print_json_line, print_line, print_table, Output,
+    format_time, note_line, optional_time, print_json, print_json_line, print_line, print_table,
+    Output,
 };
 
 mod progress;
@@ -35,6 +36,13 @@ pub enum RolloutCommand {
         /// Show the stages and waves (machines and zones), change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Write an example plan to start from (examples/plan.toml: stages,
+    /// batches, bakes, approval, policy), to FILE or stdout.
+    PlanInit {
+        /// The file to write (never overwritten); stdout without it.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// List rollouts, newest first.
     List,
@@ -373,9 +381,39 @@ async fn watch(cli: &Cli, id: &str) -> Result<(), CtlError> {
     }
 }
 
+/// The example plan, the same text as the repository's `examples/plan.toml`.
+pub const EXAMPLE_PLAN: &str = include_str!("../../examples/plan.toml");
+
+/// `rollout plan-init`: the example plan into `out` (refusing to replace a
+/// file) or onto stdout.
+fn plan_init(out: Option<&std::path::Path>) -> Result<(), CtlError> {
+    let Some(path) = out else {
+        print!("{EXAMPLE_PLAN}");
+        return Ok(());
+    };
+    let io_error = |source| CtlError::Io {
+        what: format!("cannot write {}", path.display()),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_error)?;
+    std::io::Write::write_all(&mut file, EXAMPLE_PLAN.as_bytes()).map_err(io_error)?;
+    note_line!(
+        "wrote {}: edit the selectors, then `flottectl rollout create --image NAME@VERSION --plan {} --dry-run`",
+        path.display(),
+        path.display()
+    );
+    Ok(())
+}
+
 pub async fn run(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
-    if let RolloutCommand::Watch { id } = command {
-        return watch(cli, id).await;
+    match command {
+        RolloutCommand::Watch { id } => return watch(cli, id).await,
+        RolloutCommand::PlanInit { out } => return plan_init(out.as_deref()),
+        _ => {}
     }
     let (mut rollouts, diagnostics) = client(cli).await?;
     let error = rpc_error(&diagnostics);
@@ -445,7 +483,7 @@ pub async fn run(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
         RolloutCommand::Abort { id } => rollouts.abort_rollout(by_id(id)).await,
         RolloutCommand::Approve { id } => rollouts.approve_rollout(by_id(id)).await,
         RolloutCommand::Rollback { id } => rollouts.rollback_rollout(by_id(id)).await,
-        RolloutCommand::Watch { .. } => unreachable_watch(),
+        RolloutCommand::Watch { .. } | RolloutCommand::PlanInit { .. } => unreachable_watch(),
     }
     .map_err(error)?
     .into_inner();
@@ -466,7 +504,27 @@ pub async fn run(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
     Ok(())
 }
 
-/// `watch` is handled before a unary call is made.
+/// `watch` and `plan-init` are handled before a unary call is made.
 fn unreachable_watch() -> Result<tonic::Response<RolloutInfo>, tonic::Status> {
-    Err(tonic::Status::internal("watch is not a unary call"))
+    Err(tonic::Status::internal("not a unary call"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_init_writes_the_example_once_and_never_over_a_file() {
+        let path =
+            std::env::temp_dir().join(format!("flotte-plan-init-{}.toml", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        plan_init(Some(&path)).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), EXAMPLE_PLAN);
+        std::fs::write(&path, "mine").unwrap();
+        let refused = plan_init(Some(&path)).unwrap_err();
+        assert!(refused.to_string().contains("cannot write"), "{refused}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "mine", "kept");
+        std::fs::remove_file(&path).unwrap();
+        assert!(EXAMPLE_PLAN.contains("[[stage]]") && EXAMPLE_PLAN.contains("[policy]"));
+    }
 }

@@ -10,6 +10,7 @@
 //! types at their edges.
 
 pub mod checks;
+pub mod data_dir_lock;
 pub mod files;
 pub mod http1;
 pub mod identity;

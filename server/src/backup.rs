@@ -21,6 +21,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use flotte_proto::data_dir_lock::describe_io_error;
 use serde::{Deserialize, Serialize};
 
 /// Written in every manifest; restore refuses any other.
@@ -42,6 +43,8 @@ pub enum BackupError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("cannot read the data dir: {0}")]
+    Unreadable(String),
     #[error("{0} is not a server data dir (no ca/ca.pem or flotte.db)")]
     NotADataDir(PathBuf),
     #[error("{0} keeps its state in PostgreSQL ([store] in server.toml): back the database up with PostgreSQL's own tools (pg_dump, or the managed service's snapshots) and keep a copy of the data dir's ca/ and server.toml; `flotte-server backup` covers a SQLite data dir")]
@@ -181,10 +184,18 @@ fn keeps_state_in_postgres(data_dir: &Path) -> bool {
 /// CA key).
 pub fn backup(data_dir: &Path, out: &Path, now: i64) -> Result<BackupSummary, BackupError> {
     let store = data_dir.join(STORE_FILE);
-    if crate::ca::ca_certificate_path(data_dir).exists() && keeps_state_in_postgres(data_dir) {
+    // `try_exists`: a data dir this user cannot read is said as such, never
+    // taken for "not a data dir".
+    let ca_path = crate::ca::ca_certificate_path(data_dir);
+    let exists = |path: &Path| {
+        path.try_exists()
+            .map_err(|source| BackupError::Unreadable(describe_io_error(path, &source)))
+    };
+    let has_ca = exists(&ca_path)?;
+    if has_ca && keeps_state_in_postgres(data_dir) {
         return Err(BackupError::StateInPostgres(data_dir.to_owned()));
     }
-    if !crate::ca::ca_certificate_path(data_dir).exists() || !store.exists() {
+    if !has_ca || !exists(&store)? {
         return Err(BackupError::NotADataDir(data_dir.to_owned()));
     }
     let out_directory = match out.parent() {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use flotte_proto::data_dir_lock::{describe_io_error, lock_data_dir};
 use flotte_server::config::{
     default_config_path, read_toml, ServerConfigFile, StoreConfigFile, StoreKind,
 };
@@ -318,7 +319,16 @@ fn main() -> ExitCode {
                 Err(error) => tracing::warn!(%error, "open-files limit left as it was"),
             }
             let config_path = config.unwrap_or_else(|| default_config_path(&data_dir));
-            let mut settings = if config_path.exists() {
+            // `try_exists`, not `exists`: a data dir this user cannot read
+            // must be said as such, never taken for one without settings.
+            let config_exists = match config_path.try_exists() {
+                Ok(exists) => exists,
+                Err(error) => {
+                    eprintln!("flotte-server: {}", describe_io_error(&config_path, &error));
+                    return ExitCode::from(2);
+                }
+            };
+            let mut settings = if config_exists {
                 match read_toml::<ServerConfigFile>(&config_path) {
                     Ok(settings) => settings,
                     Err(error) => {
@@ -351,14 +361,29 @@ fn main() -> ExitCode {
             // After the settings, so that a bad config is reported in full
             // even where the data dir is not initialised yet.
             let ca_path = flotte_server::ca::ca_certificate_path(&data_dir);
-            if !ca_path.exists() {
-                eprintln!(
-                    "flotte-server: no CA at {}: run `flotte-server init --data-dir {}` first",
-                    ca_path.display(),
-                    data_dir.display()
-                );
-                return ExitCode::from(2);
+            match ca_path.try_exists() {
+                Ok(true) => {}
+                Ok(false) => {
+                    eprintln!(
+                        "flotte-server: no CA at {}: run `flotte-server init --data-dir {}` first",
+                        ca_path.display(),
+                        data_dir.display()
+                    );
+                    return ExitCode::from(2);
+                }
+                Err(error) => {
+                    eprintln!("flotte-server: {}", describe_io_error(&ca_path, &error));
+                    return ExitCode::from(2);
+                }
             }
+            // Held until the process ends: one server per data dir.
+            let _data_dir_lock = match lock_data_dir(&data_dir, "flotte-server") {
+                Ok(lock) => lock,
+                Err(error) => {
+                    eprintln!("flotte-server: {error}");
+                    return ExitCode::from(2);
+                }
+            };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(error) => {

@@ -58,9 +58,9 @@ impl From<MachineError> for Status {
             MachineError::RelabelChangesAccess { .. } => {
                 Status::permission_denied(error.to_string())
             }
-            MachineError::Retired(_) | MachineError::AlreadyRetired { .. } => {
-                Status::failed_precondition(error.to_string())
-            }
+            MachineError::Retired(_)
+            | MachineError::AlreadyRetired { .. }
+            | MachineError::Downgrade { .. } => Status::failed_precondition(error.to_string()),
             MachineError::Store(error) => error.into(),
         }
     }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::domain::access_policy::grants_changed_by_relabel;
 use crate::domain::health::MachineState;
+use crate::domain::rollout::{downgrade_from, rollback_image};
 use crate::live::feed::Change;
 use crate::live::health::TrackedMachine;
 use crate::live::revocation::{denial, REVOCATION_GRACE};
@@ -44,6 +45,12 @@ pub enum MachineError {
     RelabelChangesAccess { machine: Uuid, grants: Vec<String> },
     #[error("no image {0}: push it first")]
     NoSuchImage(String),
+    #[error("machine {machine} runs {running}; {wanted} is older: a downgrade must be asked for with --rollback")]
+    Downgrade {
+        machine: String,
+        running: String,
+        wanted: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -182,6 +189,24 @@ pub async fn set_image(
         .await?
         .ok_or_else(|| MachineError::NoSuchImage(wanted.to_string()))?;
     let machine = resolve_in_service(state, key).await?;
+    if !rollback {
+        let running = rollback_image(
+            state
+                .health
+                .get(machine.id)
+                .and_then(|tracked| tracked.last_report)
+                .as_ref()
+                .and_then(|report| report.current_image()),
+            machine.desired_image.as_ref(),
+        );
+        if let Some(running) = downgrade_from(running.as_ref(), &wanted.name, &wanted.version) {
+            return Err(MachineError::Downgrade {
+                machine: machine.inventory.hostname.clone(),
+                running,
+                wanted: wanted.to_string(),
+            });
+        }
+    }
     let desired = DesiredImageRecord {
         name: image.name.clone(),
         version: image.version.clone(),

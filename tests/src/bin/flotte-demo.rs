@@ -233,6 +233,26 @@ fn command_line(program: &OsStr, args: &[&OsStr]) -> String {
         .join(" ")
 }
 
+/// `flottectl ARGS` as typed once the export line has set the profile,
+/// the server and the PATH.
+fn short_command_line(args: &[&str]) -> String {
+    std::iter::once("flottectl")
+        .chain(args.iter().copied())
+        .map(shell_quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The one line that makes the short commands work in another shell.
+fn export_line(profile: &str, server: &str, binaries: &str) -> String {
+    format!(
+        "export FLOTTE_PROFILE={} FLOTTE_SERVER={} PATH={}:\"$PATH\"",
+        shell_quote(profile),
+        shell_quote(server),
+        shell_quote(binaries)
+    )
+}
+
 fn describe_command(command: &Command) -> String {
     let args: Vec<&OsStr> = command.get_args().collect();
     command_line(command.get_program(), &args)
@@ -670,7 +690,15 @@ impl Demo {
     fn show_fleet(&mut self) -> Result<(), DemoError> {
         say!("$ {}", self.flottectl_command_line(&["machines", "list"])?);
         self.print_fleet()?;
-        say!("\nThe fleet is running. In another terminal, try:");
+        let server = self.server()?;
+        say!(
+            "\nThe fleet is running. In another terminal, run this once:\n\n  {}\n\nthen try:",
+            export_line(
+                &server.admin_profile().to_string_lossy(),
+                &server.address,
+                &binaries_directory().to_string_lossy()
+            )
+        );
         for args in [
             &["machines", "list"][..],
             &["machines", "show", DEMO_MACHINES[0].hostname],
@@ -690,11 +718,11 @@ impl Demo {
             &["access", "status"],
             &["status"],
         ] {
-            say!("  {}", self.flottectl_command_line(args)?);
+            say!("  {}", short_command_line(args));
         }
         say!(
             "Or watch it in a browser (the dashboard prints a URL carrying its secret):\n  {}",
-            self.flottectl_command_line(&["ui", "--open"])?
+            short_command_line(&["ui", "--open"])
         );
         say!("Logs: {}/*/*.log", self.root.display());
         Ok(())
@@ -811,5 +839,23 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_export_line_sets_profile_server_and_path_quoted_for_the_shell() {
+        assert_eq!(
+            export_line("/tmp/demo x/admin", "127.0.0.1:7443", "/repo/target/debug"),
+            "export FLOTTE_PROFILE='/tmp/demo x/admin' FLOTTE_SERVER=127.0.0.1:7443 \
+             PATH=/repo/target/debug:\"$PATH\""
+        );
+        assert_eq!(
+            short_command_line(&["machines", "list", "--selector", "role=web"]),
+            "flottectl machines list --selector role=web"
+        );
     }
 }

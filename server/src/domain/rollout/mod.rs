@@ -219,6 +219,21 @@ pub fn rollback_image(
     }
 }
 
+/// The image a machine runs (reported, else desired) when `wanted` is an
+/// older version of it: a downgrade, which the agent refuses unless it is
+/// marked as a rollback, so the server says so at the call instead.
+/// Unparseable versions are never called older (the agent's own rule).
+pub fn downgrade_from(
+    running: Option<&DesiredImageRecord>,
+    wanted_name: &str,
+    wanted_version: &semver::Version,
+) -> Option<String> {
+    let running = running?;
+    let running_version = semver::Version::parse(&running.version).ok()?;
+    (running.name == wanted_name && *wanted_version < running_version)
+        .then(|| format!("{}@{}", running.name, running.version))
+}
+
 /// A stored rollout (its machines are stored apart, one row each).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rollout {
@@ -360,6 +375,34 @@ mod tests {
             digest: digest.into(),
             rollback,
         }
+    }
+
+    #[test]
+    fn only_an_older_version_of_the_same_image_is_a_downgrade() {
+        let running = image("1.2.0", "d", false);
+        let version = |text: &str| semver::Version::parse(text).unwrap();
+        assert_eq!(
+            downgrade_from(Some(&running), "app", &version("1.1.9")),
+            Some("app@1.2.0".to_owned())
+        );
+        assert_eq!(
+            downgrade_from(Some(&running), "app", &version("1.2.0")),
+            None
+        );
+        assert_eq!(
+            downgrade_from(Some(&running), "app", &version("2.0.0")),
+            None
+        );
+        assert_eq!(
+            downgrade_from(Some(&running), "other", &version("0.1.0")),
+            None
+        );
+        assert_eq!(downgrade_from(None, "app", &version("0.1.0")), None);
+        let unparseable = image("latest", "d", false);
+        assert_eq!(
+            downgrade_from(Some(&unparseable), "app", &version("0.1.0")),
+            None
+        );
     }
 
     #[test]

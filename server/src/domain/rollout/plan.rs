@@ -286,6 +286,21 @@ pub fn parse_plan(text: &str) -> Result<Plan, PlanError> {
 mod tests {
     use super::*;
 
+    /// The example users start from (`examples/plan.toml`, also what
+    /// `flottectl rollout plan-init` writes) is a valid plan.
+    #[test]
+    fn the_committed_example_plan_parses() {
+        let plan = parse_plan(include_str!("../../../../examples/plan.toml")).unwrap();
+        let names: Vec<&str> = plan
+            .stages
+            .iter()
+            .map(|stage| stage.name.as_str())
+            .collect();
+        assert_eq!(names, ["qualification", "canary", "production"]);
+        assert!(plan.stages[0].approval);
+        assert_eq!(plan.policy.on_failure, OnFailure::Rollback);
+    }
+
     #[test]
     fn the_design_example_parses() {
         let plan = parse_plan(
