@@ -298,6 +298,7 @@ pub async fn run(
             clock: Arc::new(clock),
             report_interval: config.report_interval,
             feed: Arc::clone(&feed),
+            replicas: Arc::clone(&replicas),
         },
     ));
     let state = Arc::new(ServerState {
@@ -326,6 +327,10 @@ pub async fn run(
     // Subscribed before anything is served, so that no change announced
     // after the caches were loaded is missed.
     tokio::spawn(live::feed::run_feed(Arc::clone(&state), shutdown.clone()));
+    tokio::spawn(live::feed::reconcile_held_sessions(
+        Arc::clone(&state),
+        shutdown.clone(),
+    ));
     let replica_lease = tokio::spawn(replicas.run(shutdown.clone()));
     let leader_lease = tokio::spawn(leadership.run(Arc::clone(&opened.replicas), shutdown.clone()));
     tokio::spawn(access_hub.run_flusher(shutdown.clone()));
