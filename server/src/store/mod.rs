@@ -30,8 +30,8 @@ use std::collections::BTreeMap;
 pub use rollouts::{RolloutCreation, RolloutStore};
 
 pub use access::{
-    AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord, UserKeyRecord,
-    UserRecord, UserRevocation,
+    AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord,
+    RefusedKeyRecord, UserKeyRecord, UserRecord, UserRevocation,
 };
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
@@ -380,6 +380,14 @@ pub trait Store: Send + Sync + 'static {
     /// suite proves with it that last-seen batches are one write).
     #[cfg(test)]
     fn write_count(&self) -> u64;
+}
+
+/// The number of a migration named `V<n>__<what>` (0 if it has none).
+fn version_of_migration_name(name: &str) -> i64 {
+    name.strip_prefix('V')
+        .and_then(|rest| rest.split("__").next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Logs each schema migration a backend applied at open.

@@ -15,20 +15,27 @@ use crate::store::StoreError;
 
 /// Every migration this binary knows, in order. Never edit an applied one
 /// (its checksum is recorded): add the next file.
-const MIGRATIONS: [(&str, &str); 2] = [
+const MIGRATIONS: [(&str, &str); 3] = [
     ("V1__initial", include_str!("migrations/V1__initial.sql")),
     (
         "V2__rollout_machines_by_machine",
         include_str!("migrations/V2__rollout_machines_by_machine.sql"),
+    ),
+    (
+        "V5__hardening",
+        include_str!("migrations/V5__hardening.sql"),
     ),
 ];
 
 /// The table `refinery` records applied migrations in.
 const HISTORY_TABLE: &str = "refinery_schema_history";
 
-/// The schema version this binary writes.
+/// The schema version this binary writes: the number of its last
+/// migration (numbers may have gaps while parallel work lands).
 fn latest_version() -> i64 {
-    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+    MIGRATIONS
+        .last()
+        .map_or(0, |(name, _)| crate::store::version_of_migration_name(name))
 }
 
 fn migration_error(error: refinery::Error) -> StoreError {

@@ -16,11 +16,15 @@ use crate::store::StoreError;
 
 /// Every migration this binary knows, in order. Never edit an applied one
 /// (its checksum is recorded): add the next file.
-const MIGRATIONS: [(&str, &str); 2] = [
+const MIGRATIONS: [(&str, &str); 3] = [
     ("V1__initial", include_str!("migrations/V1__initial.sql")),
     (
         "V2__rollout_machines_by_machine",
         include_str!("migrations/V2__rollout_machines_by_machine.sql"),
+    ),
+    (
+        "V5__hardening",
+        include_str!("migrations/V5__hardening.sql"),
     ),
 ];
 
@@ -31,9 +35,12 @@ const HISTORY_TABLE: &str = "refinery_schema_history";
 /// history table marks such a store.
 const PRE_MIGRATION_MARKER_TABLE: &str = "join_tokens";
 
-/// The schema version this binary writes.
+/// The schema version this binary writes: the number of its last
+/// migration (numbers may have gaps while parallel work lands).
 pub(super) fn latest_version() -> i64 {
-    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+    MIGRATIONS
+        .last()
+        .map_or(0, |(name, _)| crate::store::version_of_migration_name(name))
 }
 
 fn migration_error(error: refinery::Error) -> StoreError {
@@ -341,7 +348,9 @@ mod tests {
                     login: "dave".into(),
                     source: "/home/dave/.ssh/authorized_keys".into(),
                     public_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFixture".into()],
+                    not_read_reason: None,
                 }],
+                refused: Vec::new(),
             }],
             quarantine: QuarantineRecord {
                 machine_id: web,
