@@ -43,7 +43,14 @@ const MANIFEST_NAME: &str = "manifest.json";
 const STORE_FILE: &str = "flotte.db";
 /// What is copied from a data dir besides the store (missing ones are skipped,
 /// except the CA). Addresses, logs and half-uploaded images are not state.
-const INCLUDED: &[&str] = &["server.toml", "ca", "admin", "images/blobs", "forensics"];
+const INCLUDED: &[&str] = &[
+    "server.toml",
+    "ca",
+    "audit",
+    "admin",
+    "images/blobs",
+    "forensics",
+];
 /// Files of the included directories that are never backed up: the admin
 /// profile's private key stays with the admin (who restores with their own
 /// profile), so a leaked backup and identity do not hand out admin access.

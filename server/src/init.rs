@@ -40,6 +40,8 @@ pub enum InitError {
     Encode(#[from] toml::ser::Error),
     #[error("cannot create the store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    AuditKey(#[from] crate::audit_key::AuditKeyError),
 }
 
 /// The actor recorded for what `init` does.
@@ -95,6 +97,7 @@ pub async fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, 
         source,
     })?;
     let ca = CertificateAuthority::create(data_dir, &config.trust_domain)?;
+    crate::audit_key::AuditKey::load_or_create(data_dir)?;
     let config_path = default_config_path(data_dir);
     files::write_atomically(&config_path, toml::to_string(&settings)?.as_bytes()).map_err(
         |source| InitError::Io {

@@ -9,6 +9,7 @@
 //! here read state, call the decision and apply its actions).
 
 pub mod access_hub;
+pub mod audit_checkpoints;
 pub mod health;
 pub mod providers;
 pub mod publisher;

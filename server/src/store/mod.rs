@@ -37,6 +37,7 @@ pub use sqlite::SqliteStore;
 use uuid::Uuid;
 
 use flotte_common::audit::{AuditEvent, AuditFilter, AuditRecord};
+use flotte_common::audit_checkpoints::AuditCheckpoint;
 use flotte_common::roles::Role;
 
 /// Why a store operation failed, in terms every backend shares: each
@@ -375,6 +376,21 @@ pub trait Store: Send + Sync + 'static {
     async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError>;
     /// Entries matching `filter`, in sequence order.
     async fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The last entry's `seq` and hash; `None` for an empty log.
+    async fn audit_head(&self) -> Result<Option<(u64, String)>, StoreError>;
+    /// Records a signed checkpoint; one already recorded at the same entry
+    /// is kept (two replicas may sign the same head).
+    async fn insert_audit_checkpoint(&self, checkpoint: &AuditCheckpoint)
+        -> Result<(), StoreError>;
+    /// Checkpoints after entry `after_seq` and up to `up_to` (all if
+    /// `None`), in sequence order.
+    async fn audit_checkpoints(
+        &self,
+        after_seq: u64,
+        up_to: Option<u64>,
+    ) -> Result<Vec<AuditCheckpoint>, StoreError>;
+    /// The checkpoint of the highest entry.
+    async fn latest_audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError>;
 
     /// How many writes this store has performed since start (the contract
     /// suite proves with it that last-seen batches are one write).
@@ -580,6 +596,31 @@ macro_rules! dispatch_store_to_aggregates {
                 filter: &AuditFilter,
             ) -> Result<Vec<AuditRecord>, StoreError> {
                 audit::audit_entries(self, filter).await
+            }
+
+            async fn audit_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+                audit::audit_head(self).await
+            }
+
+            async fn insert_audit_checkpoint(
+                &self,
+                checkpoint: &flotte_common::audit_checkpoints::AuditCheckpoint,
+            ) -> Result<(), StoreError> {
+                audit::insert_audit_checkpoint(self, checkpoint).await
+            }
+
+            async fn audit_checkpoints(
+                &self,
+                after_seq: u64,
+                up_to: Option<u64>,
+            ) -> Result<Vec<flotte_common::audit_checkpoints::AuditCheckpoint>, StoreError> {
+                audit::audit_checkpoints(self, after_seq, up_to).await
+            }
+
+            async fn latest_audit_checkpoint(
+                &self,
+            ) -> Result<Option<flotte_common::audit_checkpoints::AuditCheckpoint>, StoreError> {
+                audit::latest_audit_checkpoint(self).await
             }
 
             #[cfg(test)]
