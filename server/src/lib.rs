@@ -272,10 +272,7 @@ pub async fn run(
         transition_receiver,
     ));
     tokio::spawn(watch_liveness(Arc::clone(&state), shutdown.clone()));
-    tokio::spawn(live::audit_checkpoints::run_checkpointer(
-        Arc::clone(&state),
-        shutdown.clone(),
-    ));
+    live::audit_checkpoints::start_checkpointer(Arc::clone(&state), shutdown.clone()).await;
     let remediation = tokio::spawn(live::remediation::run_remediation(
         Arc::clone(&state),
         shutdown.clone(),

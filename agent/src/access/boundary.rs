@@ -203,8 +203,8 @@ fn key_label(key: &LocalKey) -> String {
 }
 
 /// The part of `policy` inside the boundary, and what was left out.
-/// Looks logins up in `accounts` (which may block: never on the session
-/// loop's hot path with a slow user database — see SECURITY.md).
+/// Looks logins up in `accounts` (NSS: a slow user database delays the
+/// policy it screens — see SECURITY.md).
 pub fn screen(
     policy: &LocalPolicy,
     boundary: &Boundary,

@@ -6,8 +6,10 @@
 //! server is unreachable, optionally fails closed after a long disconnection,
 //! and optionally ends the live sessions of a login that lost a key.
 //!
-//! Decisions are pure (`policy`); disk and the user database sit behind
-//! `files`. This module never talks to the server: the session hands it
+//! Decisions are pure (`policy`, and `boundary`: what this machine lets
+//! the server install at all — no root, no system account, only bare valid
+//! key lines — whatever the server sends); disk and the user database sit
+//! behind `files`. This module never talks to the server: the session hands it
 //! policies and sends what it reports. It must never write outside its
 //! managed directory and its state file, and never follow a login name that
 //! could be a path. What users control (their `~/.ssh/authorized_keys`) is

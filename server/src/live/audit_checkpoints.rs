@@ -95,24 +95,40 @@ pub async fn checkpoint_once(
     Ok(Some(checkpoint))
 }
 
-/// Checkpoints until shutdown.
-pub async fn run_checkpointer(state: Arc<ServerState>, shutdown: CancellationToken) {
-    let settings = state.config.audit;
-    let poll = POLL.min(settings.checkpoint_interval);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(poll) => {}
+/// One pass, its outcome logged.
+async fn checkpoint_and_log(state: &ServerState) {
+    let now = state.clock.now_unix();
+    match checkpoint_once(
+        state.store.as_ref(),
+        &state.audit_key,
+        state.config.audit,
+        now,
+    )
+    .await
+    {
+        Ok(Some(checkpoint)) => {
+            tracing::info!(seq = checkpoint.seq, head = %checkpoint.head_hash, "audit checkpoint signed")
         }
-        let now = state.clock.now_unix();
-        match checkpoint_once(state.store.as_ref(), &state.audit_key, settings, now).await {
-            Ok(Some(checkpoint)) => {
-                tracing::info!(seq = checkpoint.seq, head = %checkpoint.head_hash, "audit checkpoint signed")
-            }
-            Ok(None) => {}
-            Err(error) => tracing::error!(%error, "audit checkpoint"),
-        }
+        Ok(None) => {}
+        Err(error) => tracing::error!(%error, "audit checkpoint"),
     }
+}
+
+/// Checkpoints once at once (before the server serves: a head left unsigned
+/// by the last run is signed before anything new happens), then until
+/// shutdown.
+pub async fn start_checkpointer(state: Arc<ServerState>, shutdown: CancellationToken) {
+    checkpoint_and_log(&state).await;
+    tokio::spawn(async move {
+        let poll = POLL.min(state.config.audit.checkpoint_interval);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(poll) => {}
+            }
+            checkpoint_and_log(&state).await;
+        }
+    });
 }
 
 #[cfg(test)]
