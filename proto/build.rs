@@ -11,6 +11,7 @@ const PROTO_FILES: &[&str] = &[
     "flotte/v1/repair.proto",
     "flotte/v1/rollouts.proto",
     "flotte/v1/access.proto",
+    "flotte/v1/integrity.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

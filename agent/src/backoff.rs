@@ -43,6 +43,13 @@ impl Backoff {
     }
 }
 
+/// An index in `0..length` (0 if empty), from [`random_unit`]: where a
+/// list of server addresses starts, so that a fleet spreads over replicas.
+pub fn random_index(length: usize) -> usize {
+    // Truncation toward zero keeps the index below `length`.
+    (random_unit() * length as f64) as usize % length.max(1)
+}
+
 /// A number in [0, 1) from the OS random generator (via uuid v4).
 fn random_unit() -> f64 {
     let bytes = uuid::Uuid::new_v4().into_bytes();
@@ -70,6 +77,17 @@ mod tests {
         }
         backoff.reset();
         assert_eq!(backoff.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn random_indexes_stay_in_range_and_reach_every_slot() {
+        let mut seen = [false; 3];
+        for _ in 0..1000 {
+            seen[random_index(3)] = true;
+        }
+        assert_eq!(seen, [true; 3]);
+        assert_eq!(random_index(0), 0);
+        assert_eq!(random_index(1), 0);
     }
 
     #[test]

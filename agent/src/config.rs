@@ -27,7 +27,8 @@ pub struct AgentConfigFile {
     /// Where the identity, state and (later) images live.
     #[serde(default)]
     pub data_dir: PathBuf,
-    /// Server addresses (`host:port`), tried in order, then round-robin.
+    /// Server addresses (`host:port`): sessions start at a random one and
+    /// move to the next on failure (enrollment tries them in order).
     #[serde(default)]
     pub servers: Vec<String>,
     /// Join token for the first start; ignored once an identity exists.
@@ -112,6 +113,14 @@ pub struct ImagesConfigFile {
     pub keep: usize,
     pub verify_deadline: String,
     pub soak: String,
+    /// Between integrity verifications of the running image (±10 % jitter).
+    pub verify_interval: String,
+    /// Reading rate of a verification, bytes per second (0: unlimited).
+    pub verify_bytes_per_second: u64,
+    /// "report" (default) or "restore" (re-create the tree from the signed payload).
+    pub on_drift: String,
+    /// A drifted tree replaced by a restore is kept unless larger than this.
+    pub keep_drifted_max_bytes: u64,
 }
 
 impl Default for ImagesConfigFile {
@@ -123,6 +132,10 @@ impl Default for ImagesConfigFile {
             keep: 3,
             verify_deadline: "60s".into(),
             soak: "10s".into(),
+            verify_interval: "6h".into(),
+            verify_bytes_per_second: 20_000_000,
+            on_drift: "report".into(),
+            keep_drifted_max_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -222,6 +235,8 @@ pub struct AgentConfig {
     pub keep_images: usize,
     pub verify_deadline: Duration,
     pub soak: Duration,
+    pub integrity: crate::image::integrity::IntegritySettings,
+    pub keep_drifted_max_bytes: u64,
     pub service: ServiceMode,
     pub quarantine: crate::repair::QuarantineSettings,
     pub access: Option<crate::access::AccessSettings>,
@@ -362,6 +377,23 @@ impl AgentConfigFile {
             Duration::ZERO,
             &mut problems,
         );
+        let verify_interval = parse_duration_field(
+            "images.verify_interval",
+            &self.images.verify_interval,
+            Duration::from_secs(1),
+            &mut problems,
+        );
+        let on_drift = match self.images.on_drift.as_str() {
+            "report" => crate::image::integrity::OnDrift::Report,
+            "restore" => crate::image::integrity::OnDrift::Restore,
+            other => {
+                let prefix: String = other.chars().take(32).collect();
+                problems.push(format!(
+                    "images.on_drift = {prefix:?} is not \"report\" or \"restore\""
+                ));
+                crate::image::integrity::OnDrift::Report
+            }
+        };
         if self.images.keep < 2 {
             problems.push("images.keep must be at least 2 (current and previous)".to_owned());
         }
@@ -462,6 +494,12 @@ impl AgentConfigFile {
             keep_images: self.images.keep,
             verify_deadline,
             soak,
+            integrity: crate::image::integrity::IntegritySettings {
+                interval: verify_interval,
+                rate_bytes_per_second: self.images.verify_bytes_per_second,
+                on_drift,
+            },
+            keep_drifted_max_bytes: self.images.keep_drifted_max_bytes,
             service,
             quarantine: crate::repair::QuarantineSettings {
                 on_quarantine: self.quarantine.on_quarantine,
@@ -499,6 +537,10 @@ mod tests {
             [[check]]
             name = "odd"
             kind = "ping"
+
+            [images]
+            verify_interval = "0s"
+            on_drift = "fix-it"
             "#,
         )
         .unwrap();
@@ -514,6 +556,8 @@ mod tests {
             "check \"web\": URL \"ftp://x\"",
             "check \"web\": interval = \"0s\" is too short",
             "check \"odd\": unknown kind \"ping\"",
+            "images.verify_interval = \"0s\" is too short",
+            "images.on_drift = \"fix-it\" is not \"report\" or \"restore\"",
         ] {
             assert!(error.contains(expected), "missing {expected:?} in {error}");
         }

@@ -220,8 +220,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             verify_deadline: config.verify_deadline,
             soak: config.soak,
             config_checks: config.checks.clone(),
+            keep_drifted_max_bytes: config.keep_drifted_max_bytes,
         },
-        layout,
+        layout.clone(),
         Arc::new(GrpcImageSource {
             servers: config.servers.clone(),
             identity: identity_updates,
@@ -230,6 +231,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         shutdown.clone(),
     )
     .map_err(AgentError::Images)?;
+    let integrity = image::integrity::start(
+        config.integrity.clone(),
+        layout,
+        session::ImageManager::status(&images),
+        Arc::new(images.clone()),
+        shutdown.clone(),
+    );
     let access = match &config.access {
         Some(settings) => {
             let enforcer = access::AccessEnforcer::open(settings.clone(), &config.data_dir)?;
@@ -249,13 +257,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         identity_watch: Some(identity_watch),
         quarantine: Some(quarantine),
         access,
+        integrity: Some(integrity),
     };
     let mut backoff = Backoff::new(
         config.reconnect_initial_backoff,
         config.reconnect_max_backoff,
     );
     let mut stats = SessionStats::default();
-    let mut server_index = 0usize;
+    // A random first server spreads a fleet over the replicas; on failure
+    // the agent moves to the next one, after a jittered backoff.
+    let mut server_index = crate::backoff::random_index(config.servers.len());
     loop {
         if state.identity.is_expired(SystemTime::now()) {
             tracing::warn!(not_after = ?state.identity.not_after, "certificate expired while the server was unreachable; re-enrolling");

@@ -118,6 +118,9 @@ pub struct AgentState {
     /// SSH access for people (none: no `[access]`, so policies are ignored
     /// and not acknowledged).
     pub access: Option<Arc<dyn AccessHandler>>,
+    /// The image verifier (none: verification commands are ignored and
+    /// reports carry no drift).
+    pub integrity: Option<crate::image::integrity::IntegrityHandle>,
 }
 
 impl AgentState {
@@ -191,6 +194,22 @@ pub fn report_from(snapshot: &HealthSnapshot, image: Option<ImageStatus>, sequen
         metrics: Some(snapshot.metrics.clone()),
         metric_breaches: snapshot.metric_breaches.clone(),
         image,
+        image_drift_files: 0,
+    }
+}
+
+/// Differences the latest verification found in the image running now (a
+/// result about another image, from before a swap, counts for nothing).
+fn drift_of_running_image(
+    verification: Option<&crate::image::integrity::Verification>,
+    image: Option<&ImageStatus>,
+) -> u64 {
+    let running = image.and_then(|image| image.current.as_ref());
+    match (verification, running) {
+        (Some(verification), Some(running)) if verification.image.digest == running.digest => {
+            verification.drift_files()
+        }
+        _ => 0,
     }
 }
 
@@ -271,6 +290,21 @@ pub async fn run_session(
     let mut access_news = access.as_ref().and_then(|access| access.news_signal());
     let mut access_news_open = access_news.is_some();
     let mut reported_verdict_version = u64::MAX;
+    let mut verifications = state
+        .integrity
+        .as_ref()
+        .map(|integrity| integrity.results());
+    let mut verifications_open = verifications.is_some();
+    // The latest result goes out on every connect: the server may have
+    // restarted, and a drifted machine must stay degraded there.
+    if let Some(latest) = verifications
+        .as_mut()
+        .and_then(|results| results.borrow_and_update().clone())
+    {
+        let _ = outbound
+            .send(AgentKind::ImageVerification(latest.to_proto()))
+            .await;
+    }
     // The server may queue a push built from a newer record ahead of the
     // whole state it reads on connect (both race after registration), so
     // within one session an older desired state is stale and dropped. Not
@@ -347,6 +381,12 @@ pub async fn run_session(
                                 outbound.send(AgentKind::AccessState(acknowledgement)).await?;
                             }
                         }
+                        Some(ServerKind::ImageCommand(command)) => {
+                            let queued = state.integrity.as_ref().is_some_and(|integrity| integrity.command(&command));
+                            if !queued {
+                                tracing::warn!(request = %command.request_id, "image command not queued (no verifier, unknown action, or too many waiting)");
+                            }
+                        }
                         Some(ServerKind::Refused(refused)) => return Err(SessionError::Refused(refused.reason).into()),
                         None => {}
                     }
@@ -377,7 +417,13 @@ pub async fn run_session(
                     let snapshot = std::sync::Arc::clone(&state.health.borrow());
                     reported_verdict_version = snapshot.verdict_version;
                     let image = image_status.as_ref().map(|status| status.borrow().clone());
-                    if let Err(stop) = outbound.send(AgentKind::Report(report_from(&snapshot, image, sequence))).await {
+                    let drift = drift_of_running_image(
+                        verifications.as_ref().and_then(|results| results.borrow().clone()).as_deref(),
+                        image.as_ref(),
+                    );
+                    let mut report = report_from(&snapshot, image, sequence);
+                    report.image_drift_files = drift;
+                    if let Err(stop) = outbound.send(AgentKind::Report(report)).await {
                         state.metrics.record_report_failure();
                         return Err(stop);
                     }
@@ -386,6 +432,18 @@ pub async fn run_session(
                     if let Some(access) = &access {
                         access.on_report();
                     }
+                }
+                changed = changed_if_any(&mut verifications), if verifications_open => {
+                    if changed.is_err() {
+                        verifications_open = false;
+                        continue;
+                    }
+                    let latest = verifications.as_mut().and_then(|results| results.borrow_and_update().clone());
+                    if let Some(latest) = latest {
+                        outbound.send(AgentKind::ImageVerification(latest.to_proto())).await?;
+                    }
+                    // The machine's state follows the drift at once.
+                    next_report = Instant::now();
                 }
                 changed = changed_if_any(&mut access_news), if access_news_open => {
                     if changed.is_err() {

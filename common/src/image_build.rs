@@ -54,6 +54,8 @@ pub struct SealOptions {
     pub key_pem: String,
     pub service: Option<Vec<String>>,
     pub checks: Vec<CheckDefinition>,
+    /// Paths the service may change, left out of integrity verification.
+    pub mutable_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +155,7 @@ pub fn seal_payload(
         checks: options.checks.clone(),
         created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         signing_key: public.id(),
+        mutable_paths: options.mutable_paths.clone(),
     };
     manifest
         .validate()
@@ -270,6 +273,7 @@ mod tests {
                 key_pem,
                 service: Some(vec!["bin/app".into()]),
                 checks: Vec::new(),
+                mutable_paths: Vec::new(),
             },
         };
         let first = build_image(&options, &dir.join("a.flotte")).unwrap();

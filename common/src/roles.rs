@@ -107,6 +107,9 @@ pub enum AdminRpc {
     ListGrants,
     AccessStatus,
     AccessReport,
+    VerifyImages,
+    ListVerifications,
+    RestoreImage,
 }
 
 /// One row of the policy table.
@@ -136,7 +139,7 @@ const fn policy(
 }
 
 impl AdminRpc {
-    pub const ALL: [AdminRpc; 49] = [
+    pub const ALL: [AdminRpc; 52] = [
         AdminRpc::CreateToken,
         AdminRpc::ListTokens,
         AdminRpc::RevokeToken,
@@ -186,6 +189,9 @@ impl AdminRpc {
         AdminRpc::ListGrants,
         AdminRpc::AccessStatus,
         AdminRpc::AccessReport,
+        AdminRpc::VerifyImages,
+        AdminRpc::ListVerifications,
+        AdminRpc::RestoreImage,
     ];
 
     /// The policy of this RPC: the whole table, one row per RPC.
@@ -432,6 +438,26 @@ impl AdminRpc {
                 Viewer,
                 false,
             ),
+            // Asking for a verification costs every chosen machine a full
+            // read of its image: an operator's call, audited.
+            AdminRpc::VerifyImages => policy(
+                "/flotte.v1.ImageIntegrity/VerifyImages",
+                "image.verify",
+                Operator,
+                true,
+            ),
+            AdminRpc::ListVerifications => policy(
+                "/flotte.v1.ImageIntegrity/ListVerifications",
+                "image.verifications",
+                Viewer,
+                false,
+            ),
+            AdminRpc::RestoreImage => policy(
+                "/flotte.v1.ImageIntegrity/RestoreImage",
+                "image.restore",
+                Operator,
+                true,
+            ),
         }
     }
 }
@@ -506,6 +532,9 @@ mod tests {
         (AdminRpc::ListGrants, Role::Viewer, false),
         (AdminRpc::AccessStatus, Role::Viewer, false),
         (AdminRpc::AccessReport, Role::Viewer, false),
+        (AdminRpc::VerifyImages, Role::Operator, true),
+        (AdminRpc::ListVerifications, Role::Viewer, false),
+        (AdminRpc::RestoreImage, Role::Operator, true),
     ];
 
     #[test]

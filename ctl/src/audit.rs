@@ -67,7 +67,7 @@ fn parse_since(text: &str, now: SystemTime) -> Result<i64, CtlError> {
         .unwrap_or(i64::MAX))
 }
 
-fn record_of(entry: AuditEntry) -> AuditRecord {
+pub(crate) fn record_of(entry: AuditEntry) -> AuditRecord {
     AuditRecord {
         seq: entry.seq,
         event: AuditEvent {

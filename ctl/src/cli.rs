@@ -15,7 +15,8 @@ use tonic::transport::Channel;
 use crate::error::CtlError;
 use crate::output::Output;
 use crate::{
-    access, audit, dr, images, machines, operators, repair, rollouts, status, tokens, users,
+    access, audit, dr, images, integrity, machines, operators, repair, rollouts, status, tokens,
+    ui, users,
 };
 
 #[derive(Debug, Parser)]
@@ -24,7 +25,8 @@ pub struct Cli {
     /// Operator profile directory (ca.pem, cert.pem, key.pem, profile.toml).
     #[arg(long, env = "FLOTTE_PROFILE", global = true)]
     profile: Option<PathBuf>,
-    /// Server address (host:port), overriding the profile's.
+    /// Server address (host:port), overriding the profile's; several
+    /// replicas as a comma-separated list, tried in turn.
     #[arg(long, env = "FLOTTE_SERVER", global = true)]
     server: Option<String>,
     /// Output format.
@@ -70,6 +72,12 @@ pub enum Command {
     /// SSH access grants, propagation status and the who-has-access report.
     #[command(subcommand)]
     Access(access::AccessCommand),
+    /// A local web dashboard (fleet, rollouts, access, DR, audit), acting
+    /// with this profile; prints its URL, which carries a secret.
+    Ui(ui::UiArguments),
+    /// Image drift found by the machines' verifications.
+    #[command(subcommand)]
+    Drift(integrity::DriftCommand),
 }
 
 impl Cli {

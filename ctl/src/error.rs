@@ -32,9 +32,18 @@ pub enum CtlError {
     },
     #[error("cannot generate the operator's key: {0}")]
     Key(#[from] flotte_common::key_request::KeyRequestError),
+    /// A local I/O failure, naming what was being done.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     /// The audit log failed verification (already explained).
     #[error("{0}")]
     AuditBroken(String),
+    /// Image verification found drift, or machines did not answer.
+    #[error("{0}")]
+    Integrity(String),
 }
 
 impl CtlError {

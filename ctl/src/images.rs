@@ -47,6 +47,10 @@ pub enum ImageCommand {
         /// TOML file with `[[check]]` tables declared by the image.
         #[arg(long)]
         checks: Option<PathBuf>,
+        /// A path inside the image the service may change (e.g. `var`),
+        /// left out of integrity verification; repeat for more.
+        #[arg(long = "mutable")]
+        mutable: Vec<String>,
     },
     /// Upload an image file (its signature must verify on the server).
     Push { file: PathBuf },
@@ -158,6 +162,7 @@ pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
             out,
             service,
             checks,
+            mutable,
         } => {
             let checks = match checks {
                 Some(path) => {
@@ -177,6 +182,7 @@ pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
                         .as_ref()
                         .map(|command| command.split_whitespace().map(str::to_owned).collect()),
                     checks,
+                    mutable_paths: mutable.clone(),
                 },
             };
             let out = match out {

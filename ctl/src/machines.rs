@@ -1,5 +1,6 @@
 //! `flottectl machines list | show | watch | label | set-image |
-//! decommission`, and (from `repair`) `quarantine | release | forensics`:
+//! decommission`, (from `repair`) `quarantine | release | forensics`, and
+//! (from `integrity`) `verify | restore-image`:
 //! the enrolled machines. Their views and rendering live in `view`.
 
 use clap::Subcommand;
@@ -15,7 +16,7 @@ use crate::error::CtlError;
 use crate::output::{note_line, Output};
 use crate::repair;
 
-mod view;
+pub(crate) mod view;
 
 use view::{print_event, print_machine, print_machines};
 
@@ -56,11 +57,16 @@ pub enum MachinesCommand {
     },
     #[command(flatten)]
     Repair(repair::MachineRepairCommand),
+    #[command(flatten)]
+    Integrity(crate::integrity::MachineIntegrityCommand),
 }
 
 pub async fn run(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlError> {
     if let MachinesCommand::Repair(command) = command {
         return repair::run_machine_repair(cli, command).await;
+    }
+    if let MachinesCommand::Integrity(command) = command {
+        return crate::integrity::run_machine_integrity(cli, command).await;
     }
     let (channel, diagnostics) = cli.connect()?;
     let rpc = rpc_error(&diagnostics);
@@ -84,6 +90,9 @@ pub async fn run(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlError> {
                 .map_err(&rpc)?
                 .into_inner();
             print_machine(cli.output(), &machine)?;
+            if cli.output() == Output::Table {
+                crate::integrity::print_last_verification(cli, &machine.id).await?;
+            }
         }
         MachinesCommand::Watch { selector } => {
             let mut events = client
@@ -128,7 +137,7 @@ pub async fn run(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlError> {
                 .into_inner();
             print_machine(cli.output(), &machine)?;
         }
-        MachinesCommand::Repair(_) => {}
+        MachinesCommand::Repair(_) | MachinesCommand::Integrity(_) => {}
         MachinesCommand::Label { id, set, remove } => {
             let set =
                 parse_labels(set).map_err(|error| CtlError::Usage(format!("--set: {error}")))?;

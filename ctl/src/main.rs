@@ -5,7 +5,8 @@
 //! Layout: `cli` parses the global flags and dials the server; each noun
 //! (`tokens`, `machines`, `status`, `images`, `trust`, `rollouts`,
 //! `access`, `users`, `operators`, `audit`, `repair`, `dr`) owns its
-//! subcommand enum, its handler and its views; `output` is the one place
+//! subcommand enum, its handler and its views; `ui` is the web dashboard
+//! (`flottectl ui`), a client of the same API; `output` is the one place
 //! that renders tables and JSON; `error` maps every failure to an exit code.
 //!
 //! It holds no rule the server does not also enforce: validation here only
@@ -24,6 +25,7 @@ mod cli;
 mod dr;
 mod error;
 mod images;
+mod integrity;
 mod machines;
 mod operators;
 mod output;
@@ -32,6 +34,7 @@ mod rollouts;
 mod status;
 mod tokens;
 mod trust;
+mod ui;
 mod users;
 
 use cli::{Cli, Command};
@@ -68,6 +71,8 @@ async fn run(cli: Cli) -> ExitCode {
             Command::Rollout(command) => rollouts::run(&cli, command).await,
             Command::User(command) => users::run(&cli, command).await,
             Command::Access(command) => access::run(&cli, command).await,
+            Command::Ui(arguments) => ui::run(&cli, arguments).await,
+            Command::Drift(command) => integrity::run_drift(&cli, command).await,
         },
     };
     match result {

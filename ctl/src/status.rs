@@ -1,12 +1,13 @@
 //! `flottectl status`: machines per state for the whole fleet, per zone and
 //! per value of a label, with the remediation line (on, in progress,
-//! breaker).
+//! breaker) and the server replicas (name, zone, address, leader, sessions
+//! held, lease age).
 
 use std::collections::BTreeMap;
 
 use clap::Args;
 use flotte_proto::v1::machines_client::MachinesClient;
-use flotte_proto::v1::{FleetStatusRequest, FleetStatusResponse, GroupStatus};
+use flotte_proto::v1::{FleetStatusRequest, FleetStatusResponse, GroupStatus, Replica};
 use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
@@ -45,6 +46,66 @@ impl From<&GroupStatus> for GroupView {
     }
 }
 
+#[derive(Debug, Serialize)]
+struct ReplicaView {
+    name: String,
+    zone: String,
+    address: String,
+    leader: bool,
+    sessions: u64,
+    lease_age_ms: i64,
+    live: bool,
+}
+
+impl From<&Replica> for ReplicaView {
+    fn from(replica: &Replica) -> Self {
+        ReplicaView {
+            name: replica.name.clone(),
+            zone: replica.zone.clone(),
+            address: replica.address.clone(),
+            leader: replica.leader,
+            sessions: replica.sessions,
+            lease_age_ms: replica.lease_age_ms,
+            live: replica.live,
+        }
+    }
+}
+
+fn print_replicas(replicas: &[ReplicaView]) {
+    if replicas.is_empty() {
+        return;
+    }
+    println!();
+    let rows: Vec<Vec<String>> = replicas
+        .iter()
+        .map(|replica| {
+            vec![
+                replica.name.clone(),
+                replica.zone.clone(),
+                replica.address.clone(),
+                if replica.leader { "yes" } else { "" }.to_owned(),
+                replica.sessions.to_string(),
+                if replica.live {
+                    format!("{:.1}s", replica.lease_age_ms as f64 / 1000.0)
+                } else {
+                    format!("{:.1}s (lapsed)", replica.lease_age_ms as f64 / 1000.0)
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "REPLICA",
+            "ZONE",
+            "ADDRESS",
+            "LEADER",
+            "SESSIONS",
+            "LEASE AGE",
+        ],
+        &rows,
+    );
+}
+
 fn print_status(
     output: Output,
     status: &FleetStatusResponse,
@@ -53,6 +114,7 @@ fn print_status(
     let fleet = status.fleet.as_ref().map(GroupView::from);
     let zones: Vec<GroupView> = status.zones.iter().map(GroupView::from).collect();
     let groups: Vec<GroupView> = status.groups.iter().map(GroupView::from).collect();
+    let replicas: Vec<ReplicaView> = status.replicas.iter().map(ReplicaView::from).collect();
     if output == Output::Json {
         #[derive(Serialize)]
         struct StatusView<'a> {
@@ -61,6 +123,9 @@ fn print_status(
             by: &'a str,
             groups: Vec<GroupView>,
             remediation: &'a RemediationStatusView,
+            replicas: Vec<ReplicaView>,
+            machines_on_old_images: u32,
+            image_max_age_days: u64,
         }
         return print_json(&StatusView {
             fleet,
@@ -68,6 +133,9 @@ fn print_status(
             by: &status.by,
             groups,
             remediation,
+            replicas,
+            machines_on_old_images: status.machines_on_old_images,
+            image_max_age_days: status.image_max_age_seconds / 86_400,
         });
     }
     let states = ["operational", "degraded", "down", "unreachable", "unknown"];
@@ -94,7 +162,13 @@ fn print_status(
         cells
     }));
     print_table(&headers, &rows);
+    crate::output::print_line!(
+        "machines on images older than {} days: {}",
+        status.image_max_age_seconds / 86_400,
+        status.machines_on_old_images
+    );
     print_remediation_status(remediation);
+    print_replicas(&replicas);
     Ok(())
 }
 

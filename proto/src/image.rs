@@ -52,6 +52,26 @@ pub struct Manifest {
     pub created_at: String,
     /// Id (SHA-256 of the raw public key) of the key that signed it.
     pub signing_key: String,
+    /// Paths inside the image (relative, e.g. `var`) that the service may
+    /// change: left out of the agent's integrity verification, subtree and
+    /// all. Omitted from the JSON when empty, so older manifests keep their
+    /// exact bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mutable_paths: Vec<String>,
+}
+
+/// The most mutable paths a manifest may declare.
+pub const MAX_MUTABLE_PATHS: usize = 64;
+
+/// Whether `path` is a plain relative path inside an image: named
+/// components only (no `.`, `..`, empty component, leading or trailing `/`).
+pub fn is_image_relative_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.len() <= 1024
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|component| !component.is_empty() && component != "." && component != "..")
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -124,6 +144,22 @@ impl Manifest {
                 return Err(bad("service.command is empty".into()));
             }
         }
+        if self.mutable_paths.len() > MAX_MUTABLE_PATHS {
+            return Err(bad(format!(
+                "{} mutable paths (at most {MAX_MUTABLE_PATHS})",
+                self.mutable_paths.len()
+            )));
+        }
+        if let Some(path) = self
+            .mutable_paths
+            .iter()
+            .find(|path| !is_image_relative_path(path))
+        {
+            let prefix: String = path.chars().take(64).collect();
+            return Err(bad(format!(
+                "mutable path {prefix:?} is not a relative path of named components"
+            )));
+        }
         Ok(version)
     }
 
@@ -191,7 +227,30 @@ mod tests {
             checks: Vec::new(),
             created_at: "2026-11-26T00:00:00Z".into(),
             signing_key,
+            mutable_paths: Vec::new(),
         }
+    }
+
+    #[test]
+    fn mutable_paths_are_plain_relative_paths() {
+        let cases = [
+            ("var", true),
+            ("var/lib/app", true),
+            ("", false),
+            ("/var", false),
+            ("var/", false),
+            ("var//lib", false),
+            ("./var", false),
+            ("var/../etc", false),
+        ];
+        for (path, valid) in cases {
+            let mut declared = manifest("k".into());
+            declared.mutable_paths = vec![path.to_owned()];
+            assert_eq!(declared.validate().is_ok(), valid, "{path:?}");
+        }
+        let mut many = manifest("k".into());
+        many.mutable_paths = (0..=MAX_MUTABLE_PATHS).map(|n| format!("d{n}")).collect();
+        assert!(many.validate().is_err());
     }
 
     #[test]

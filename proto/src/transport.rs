@@ -94,6 +94,10 @@ pub fn client_config(
 }
 
 /// Splits `host:port` (or `[v6]:port`) and returns the host as a TLS server name.
+/// How long one address of several may take to accept a connection before
+/// the next is tried.
+const PER_ADDRESS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn server_name_of(address: &str) -> Result<ServerName<'static>, TransportError> {
     let bad = || TransportError::BadAddress(address.to_owned());
     let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
@@ -181,42 +185,82 @@ impl AsyncWrite for DiagnosedStream {
     }
 }
 
-/// Opens a lazily-connected HTTP/2 channel to `address` (`host:port`) over TLS.
+/// Opens a lazily-connected HTTP/2 channel to `addresses` (`host:port`, or
+/// several separated by commas: the replicas of one server) over TLS.
 ///
 /// The channel connects on first use; connection and TLS errors surface on the
 /// first RPC and should go through [`explain_status_with`] with the returned
 /// diagnostics.
 pub fn channel_with_diagnostics(
-    address: &str,
+    addresses: &str,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<(Channel, TlsDiagnostics), TransportError> {
-    let server_name = server_name_of(address)?;
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|_| TransportError::BadAddress(address.to_owned()))?
+    // Several replicas: "a:7443,b:7443,c:7443". Each connection tries them
+    // in turn from the one that worked last, so a lost replica costs one
+    // failed connect, not a failed command.
+    let targets: Arc<Vec<(String, ServerName<'static>)>> = Arc::new(
+        addresses
+            .split(',')
+            .map(str::trim)
+            .filter(|address| !address.is_empty())
+            .map(|address| Ok((address.to_owned(), server_name_of(address)?)))
+            .collect::<Result<_, TransportError>>()?,
+    );
+    let Some((first, _)) = targets.first() else {
+        return Err(TransportError::BadAddress(addresses.to_owned()));
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{first}"))
+        .map_err(|_| TransportError::BadAddress(first.clone()))?
         .connect_timeout(std::time::Duration::from_secs(10))
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .keep_alive_timeout(std::time::Duration::from_secs(20))
         .keep_alive_while_idle(true);
     let connector = TlsConnector::from(tls);
-    let dial_address = address.to_owned();
     let diagnostics = TlsDiagnostics::default();
     let connection_diagnostics = diagnostics.clone();
+    let next_target = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let service = tower::service_fn(move |_: Uri| {
         let connector = connector.clone();
-        let server_name = server_name.clone();
-        let dial_address = dial_address.clone();
+        let targets = Arc::clone(&targets);
+        let next_target = Arc::clone(&next_target);
         let diagnostics = connection_diagnostics.clone();
         async move {
-            let tcp = TcpStream::connect(&dial_address).await?;
-            tcp.set_nodelay(true)?;
-            let tls = connector
-                .connect(server_name, tcp)
+            let start = next_target.load(std::sync::atomic::Ordering::Relaxed);
+            let mut last_error = None;
+            for offset in 0..targets.len() {
+                let index = (start + offset) % targets.len();
+                let (address, server_name) = &targets[index];
+                let tcp = match tokio::time::timeout(
+                    PER_ADDRESS_CONNECT_TIMEOUT,
+                    TcpStream::connect(address),
+                )
                 .await
-                .inspect_err(|error| diagnostics.record(error))?;
-            Ok::<_, std::io::Error>(TokioIo::new(DiagnosedStream {
-                inner: tls,
-                diagnostics,
-            }))
+                {
+                    Ok(Ok(tcp)) => tcp,
+                    Ok(Err(error)) => {
+                        last_error = Some(error);
+                        continue;
+                    }
+                    Err(_) => {
+                        last_error = Some(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connecting to {address} timed out"),
+                        ));
+                        continue;
+                    }
+                };
+                next_target.store(index, std::sync::atomic::Ordering::Relaxed);
+                tcp.set_nodelay(true)?;
+                let tls = connector
+                    .connect(server_name.clone(), tcp)
+                    .await
+                    .inspect_err(|error| diagnostics.record(error))?;
+                return Ok::<_, std::io::Error>(TokioIo::new(DiagnosedStream {
+                    inner: tls,
+                    diagnostics,
+                }));
+            }
+            Err(last_error.unwrap_or_else(|| std::io::Error::other("no server address")))
         }
     });
     Ok((endpoint.connect_with_connector_lazy(service), diagnostics))

@@ -31,8 +31,16 @@ pub struct ServerConfigFile {
     /// Address of the gRPC (mTLS) listener.
     pub listen: String,
     pub trust_domain: String,
-    /// The server's own identity name (`spiffe://<td>/server/<name>`).
+    /// The server's own identity name (`spiffe://<td>/server/<name>`); with
+    /// several replicas, each one's own name.
     pub server_name: String,
+    /// The zone (datacenter) this replica runs in, shown by `status`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub zone: String,
+    /// `host:port` agents and operators reach this replica on, shown by
+    /// `status` (default: the address the listener is bound to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_address: Option<String>,
     /// DNS names and IP addresses the server certificate is valid for, besides
     /// localhost, 127.0.0.1 and ::1.
     pub subject_alt_names: Vec<String>,
@@ -45,6 +53,11 @@ pub struct ServerConfigFile {
     pub last_seen_flush_interval: String,
     /// A machine silent this long is `unreachable` (default: 3 report intervals).
     pub unreachable_after: Option<String>,
+    /// A machine running an image built longer ago than this counts as
+    /// running an old image (`flottectl status`, a Prometheus gauge);
+    /// default 30 days.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_max_age: Option<String>,
     /// Address of the Prometheus `/metrics` HTTP listener (disabled if absent).
     pub metrics_listen: Option<String>,
     /// Webhooks receiving a JSON POST for every state transition.
@@ -101,12 +114,15 @@ impl Default for ServerConfigFile {
             listen: "127.0.0.1:7443".into(),
             trust_domain: "flotte.local".into(),
             server_name: "flotte-server".into(),
+            zone: String::new(),
+            advertise_address: None,
             subject_alt_names: Vec::new(),
             machine_certificate_ttl: "24h".into(),
             report_interval: "10s".into(),
             reenroll_expired_within: "30days".into(),
             last_seen_flush_interval: "30s".into(),
             unreachable_after: None,
+            image_max_age: None,
             metrics_listen: None,
             webhooks: Vec::new(),
             remediation: RemediationConfigFile::default(),
@@ -126,12 +142,15 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub trust_domain: String,
     pub server_name: String,
+    pub zone: String,
+    pub advertise_address: Option<String>,
     pub subject_alt_names: Vec<String>,
     pub machine_certificate_ttl: Duration,
     pub report_interval: Duration,
     pub reenroll_expired_within: Duration,
     pub last_seen_flush_interval: Duration,
     pub unreachable_after: Duration,
+    pub image_max_age: Duration,
     pub metrics_listen: Option<SocketAddr>,
     pub webhooks: Vec<WebhookTarget>,
     pub remediation: RemediationSettings,
@@ -166,6 +185,24 @@ impl ServerConfigFile {
                 "server_name = {} {SEGMENT_GRAMMAR}",
                 quoted_prefix(&self.server_name)
             ));
+        }
+        if !self.zone.is_empty() && !is_valid_segment(&self.zone) {
+            problems.push(format!(
+                "zone = {} {SEGMENT_GRAMMAR}",
+                quoted_prefix(&self.zone)
+            ));
+        }
+        if let Some(address) = &self.advertise_address {
+            let valid = address.len() <= 255
+                && address
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                problems.push(format!(
+                    "advertise_address = {} is not host:port",
+                    quoted_prefix(address)
+                ));
+            }
         }
         for name in &self.subject_alt_names {
             let valid_dns = !name.is_empty()
@@ -216,6 +253,12 @@ impl ServerConfigFile {
                 humantime::format_duration(report_interval)
             ));
         }
+        let image_max_age = parse_duration_field(
+            "image_max_age",
+            self.image_max_age.as_deref().unwrap_or("30days"),
+            one_second,
+            &mut problems,
+        );
         let metrics_listen = parse_listen_field(
             "metrics_listen",
             self.metrics_listen.as_deref(),
@@ -268,12 +311,15 @@ impl ServerConfigFile {
             listen,
             trust_domain: self.trust_domain,
             server_name: self.server_name,
+            zone: self.zone,
+            advertise_address: self.advertise_address,
             subject_alt_names,
             machine_certificate_ttl,
             report_interval,
             reenroll_expired_within,
             last_seen_flush_interval,
             unreachable_after,
+            image_max_age,
             metrics_listen,
             webhooks,
             remediation,

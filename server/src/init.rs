@@ -2,6 +2,13 @@
 //! file, the store with its first operator (`admin`, role admin, and the
 //! audit log's first entry saying so) and that operator's profile. Refuses to
 //! touch an existing CA.
+//!
+//! `flotte-server replica init` prepares another replica's data dir from
+//! the first one: the CA (the private key is copied file to file, never
+//! through the database), the audit key (replicas sign one audit chain
+//! with one key), the settings with this replica's own name,
+//! listen address and zone, and the store's password file. Never the admin
+//! profile, never a SQLite store: replicas share one PostgreSQL database.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,6 +49,19 @@ pub enum InitError {
     Store(#[from] StoreError),
     #[error(transparent)]
     AuditKey(#[from] crate::audit_key::AuditKeyError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} does not parse: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "{0} keeps its state in SQLite: replicas share one PostgreSQL database (flotte-server init --store-url)"
+    )]
+    NotShared(PathBuf),
+    #[error("{0} exists already: a replica is prepared into a new data dir")]
+    Exists(PathBuf),
 }
 
 /// The actor recorded for what `init` does.
@@ -56,6 +76,10 @@ pub struct InitOptions {
     pub trust_domain: Option<String>,
     /// The `[store]` table to write; the first admin is recorded there.
     pub store: StoreConfigFile,
+    /// The server's own name (its certificate says `server/<name>`).
+    pub server_name: Option<String>,
+    /// The zone it runs in (with several replicas).
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +114,10 @@ pub async fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, 
     }
     settings.subject_alt_names = options.subject_alt_names;
     settings.store = options.store;
+    if let Some(server_name) = options.server_name {
+        settings.server_name = server_name;
+    }
+    settings.zone = options.zone.unwrap_or_default();
     let config = settings.clone().validate(data_dir.to_owned())?;
 
     files::create_private_dir(data_dir).map_err(|source| InitError::Io {
@@ -152,4 +180,171 @@ pub async fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, 
         admin_profile,
         ca_fingerprint: ca.fingerprint(),
     })
+}
+
+/// What makes one replica different from the others.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    pub name: String,
+    pub listen: String,
+    pub zone: Option<String>,
+    /// `host:port` agents and operators reach it on, if not its listen address.
+    pub advertise_address: Option<String>,
+}
+
+/// Reads `path` whole, naming it if it cannot be read.
+fn read_file(path: &Path) -> Result<Vec<u8>, InitError> {
+    std::fs::read(path).map_err(|source| InitError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes a file only this user can read, naming it if it cannot be written.
+fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), InitError> {
+    files::write_private(path, contents).map_err(|source| InitError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Prepares `data_dir` for another replica of the server whose data dir is
+/// `from` (see the module docs). Returns the new settings file's path.
+pub fn init_replica(
+    from: &Path,
+    data_dir: &Path,
+    options: ReplicaOptions,
+) -> Result<PathBuf, InitError> {
+    let from_config = default_config_path(from);
+    let text = String::from_utf8_lossy(&read_file(&from_config)?).into_owned();
+    let mut settings: ServerConfigFile =
+        toml::from_str(&text).map_err(|error| InitError::Parse {
+            path: from_config.clone(),
+            message: error.message().to_owned(),
+        })?;
+    if settings.store.kind != crate::store::settings::StoreKind::Postgres {
+        return Err(InitError::NotShared(from.to_owned()));
+    }
+    if data_dir.exists() {
+        return Err(InitError::Exists(data_dir.to_owned()));
+    }
+    settings.server_name = options.name;
+    settings.listen = options.listen;
+    settings.zone = options.zone.unwrap_or_default();
+    settings.advertise_address = options.advertise_address;
+    // Every problem of the new settings at once, before anything is written.
+    settings.clone().validate(data_dir.to_owned())?;
+    // Read everything before writing anything, so that a missing CA file
+    // leaves no half-made data dir behind.
+    let ca_certificate = read_file(&from.join("ca").join("ca.pem"))?;
+    let ca_key = read_file(&from.join("ca").join("ca.key"))?;
+    // A first data dir made before audit keys existed gets its key now (its
+    // next start would make it anyway).
+    crate::audit_key::AuditKey::load_or_create(from)?;
+    let audit_key = read_file(&crate::audit_key::audit_key_path(from))?;
+    let password = match &settings.store.password_file {
+        Some(relative) if relative.is_relative() => {
+            Some((relative.clone(), read_file(&from.join(relative))?))
+        }
+        // An absolute path is the same file on every host (a mounted secret).
+        _ => None,
+    };
+    let audit_key_path = crate::audit_key::audit_key_path(data_dir);
+    let audit_dir = audit_key_path
+        .parent()
+        .map_or_else(|| data_dir.to_owned(), Path::to_path_buf);
+    for directory in [data_dir.to_owned(), data_dir.join("ca"), audit_dir] {
+        files::create_private_dir(&directory).map_err(|source| InitError::Io {
+            path: directory.clone(),
+            source,
+        })?;
+    }
+    write_private_file(&data_dir.join("ca").join("ca.pem"), &ca_certificate)?;
+    write_private_file(&data_dir.join("ca").join("ca.key"), &ca_key)?;
+    write_private_file(&audit_key_path, &audit_key)?;
+    if let Some((relative, password)) = password {
+        write_private_file(&data_dir.join(relative), &password)?;
+    }
+    let config_path = default_config_path(data_dir);
+    files::write_atomically(&config_path, toml::to_string(&settings)?.as_bytes()).map_err(
+        |source| InitError::Io {
+            path: config_path.clone(),
+            source,
+        },
+    )?;
+    Ok(config_path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::store::TemporaryDirectory;
+
+    fn replica(name: &str) -> ReplicaOptions {
+        ReplicaOptions {
+            name: name.to_owned(),
+            listen: "127.0.0.1:0".into(),
+            zone: Some("z2".into()),
+            advertise_address: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_is_prepared_only_from_a_shared_store_with_its_own_settings() {
+        let root = TemporaryDirectory::new();
+        let first = root.0.join("first");
+        init(&first, InitOptions::default()).await.unwrap();
+        // SQLite is one server's own file: no replica of it.
+        let refused = init_replica(&first, &root.0.join("b"), replica("b"));
+        assert!(
+            matches!(refused, Err(InitError::NotShared(_))),
+            "{refused:?}"
+        );
+        assert!(!root.0.join("b").exists());
+
+        // Made to look shared (no database is opened by `replica init`).
+        let settings_path = default_config_path(&first);
+        let settings = std::fs::read_to_string(&settings_path).unwrap();
+        std::fs::write(
+            &settings_path,
+            format!(
+                "{settings}\n[store]\nkind = \"postgres\"\nurl = \"postgres://flotte@db/flotte\"\n\
+                 password_file = \"pg.pass\"\n"
+            ),
+        )
+        .unwrap();
+        files::write_private(&first.join("pg.pass"), b"secret\n").unwrap();
+        let bad_name = init_replica(&first, &root.0.join("b"), replica("../b"));
+        assert!(
+            matches!(bad_name, Err(InitError::Config(_))),
+            "{bad_name:?}"
+        );
+        assert!(
+            !root.0.join("b").exists(),
+            "nothing written for bad settings"
+        );
+
+        let config = init_replica(&first, &root.0.join("b"), replica("b")).unwrap();
+        let written: ServerConfigFile =
+            toml::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+        assert_eq!(written.server_name, "b");
+        assert_eq!(written.zone, "z2");
+        assert_eq!(written.listen, "127.0.0.1:0");
+        let b = root.0.join("b");
+        assert_eq!(std::fs::read(b.join("pg.pass")).unwrap(), b"secret\n");
+        assert_eq!(
+            std::fs::read(b.join("ca/ca.key")).unwrap(),
+            std::fs::read(first.join("ca/ca.key")).unwrap()
+        );
+        assert_eq!(
+            std::fs::read(crate::audit_key::audit_key_path(&b)).unwrap(),
+            std::fs::read(crate::audit_key::audit_key_path(&first)).unwrap(),
+            "one audit key for every replica"
+        );
+        assert!(!b.join("admin").exists(), "never the admin profile");
+        assert!(!b.join("flotte.db").exists());
+        let again = init_replica(&first, &b, replica("b"));
+        assert!(matches!(again, Err(InitError::Exists(_))), "{again:?}");
+    }
 }

@@ -77,14 +77,23 @@ pub enum ServerError {
     },
 }
 
-/// Marks silent machines unreachable, once a second.
+/// Marks silent machines unreachable, once a second: the machines whose
+/// sessions this replica holds, and — on the leader — those no live
+/// replica holds. So each machine has one judge fleet-wide.
 async fn watch_liveness(state: Arc<ServerState>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = ticker.tick() => state.health.check_liveness(state.clock.now_unix()),
+            _ = ticker.tick() => {}
         }
+        let leading = state.leadership.fence().is_some();
+        state
+            .health
+            .check_liveness(state.clock.now_unix(), &|machine| {
+                state.registry.sender(machine).is_some()
+                    || (leading && !state.replicas.held_elsewhere(machine))
+            });
     }
 }
 
@@ -97,6 +106,20 @@ fn machines_by_state_and_zone(state: &ServerState) -> Vec<((String, String), i64
             .or_default() += 1;
     }
     counts.into_iter().collect()
+}
+
+/// Machines whose current image is older than `image_max_age`, for the
+/// `flotte_machines_on_old_images` gauge.
+fn machines_on_old_images(state: &ServerState) -> u64 {
+    let tracked = state.health.snapshot();
+    domain::image_age::machines_on_old_images(
+        tracked
+            .values()
+            .filter(|machine| machine.state != domain::health::MachineState::Retired)
+            .map(|machine| state.image_ages.of_machine(machine)),
+        state.clock.now_unix(),
+        state.config.image_max_age,
+    )
 }
 
 /// Serves `/metrics`; the bound address is written to `<data>/metrics.address`.
@@ -122,6 +145,7 @@ async fn serve_metrics(
                 handler_state.metrics.encode(
                     &machines_by_state_and_zone(&handler_state),
                     handler_state.registry.connected_count(),
+                    machines_on_old_images(&handler_state),
                 )
             })
         }),
@@ -153,6 +177,20 @@ pub struct ServerState {
     pub(crate) access: Arc<live::access_hub::AccessHub>,
     /// Signs audit checkpoints (kept in the data dir, never in the store).
     pub(crate) audit_key: Arc<audit_key::AuditKey>,
+    /// What replicas share: leases, session holders, the change feed.
+    pub(crate) replica_store: Arc<dyn store::replicas::ReplicaStore>,
+    /// This replica among the others.
+    pub(crate) replicas: Arc<live::replicas::ReplicaSet>,
+    /// Whether this replica runs the leader-only loops now.
+    pub(crate) leadership: Arc<live::leadership::Leadership>,
+    /// Where changes are announced to the other replicas.
+    pub(crate) feed: Arc<live::feed::Feed>,
+    /// Image payloads (a directory, or PostgreSQL for replicas).
+    pub(crate) blobs: Arc<dyn images::BlobStore>,
+    /// Each machine's last image verification (issue 18).
+    pub(crate) integrity: Arc<dyn store::integrity::IntegrityStore>,
+    /// When each pushed image was built (image age, issue 18).
+    pub(crate) image_ages: Arc<live::image_ages::ImageAges>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -237,7 +275,25 @@ pub async fn run(
             .map_err(|error| ServerError::Rollouts(error.to_string()))?,
     );
     let access_hub = Arc::new(live::access_hub::AccessHub::load(opened.access).await?);
+    let image_ages = Arc::new(live::image_ages::ImageAges::load(store.as_ref()).await?);
     let registry = Arc::new(Registry::new());
+    let feed = live::feed::Feed::new(&config.server_name, Arc::clone(&opened.replicas));
+    let advertised = match &config.advertise_address {
+        Some(address) => address.clone(),
+        None => listener
+            .local_addr()
+            .map_or_else(|_| config.listen.to_string(), |bound| bound.to_string()),
+    };
+    let replicas = live::replicas::ReplicaSet::new(
+        store::replicas::ReplicaRegistration {
+            name: config.server_name.clone(),
+            zone: config.zone.clone(),
+            address: advertised,
+            started_at: clock.now_unix(),
+        },
+        Arc::clone(&opened.replicas),
+    );
+    let leadership = live::leadership::Leadership::new(&config.server_name);
     let publisher = Arc::new(live::publisher::Publisher::new(
         Arc::clone(&registry) as Arc<dyn live::publisher::SessionFanOut>,
         live::publisher::PublisherSources {
@@ -247,6 +303,7 @@ pub async fn run(
             health: Arc::clone(&health),
             clock: Arc::new(clock),
             report_interval: config.report_interval,
+            feed: Arc::clone(&feed),
         },
     ));
     let state = Arc::new(ServerState {
@@ -265,7 +322,19 @@ pub async fn run(
         rollouts,
         access: Arc::clone(&access_hub),
         audit_key,
+        replica_store: Arc::clone(&opened.replicas),
+        replicas: Arc::clone(&replicas),
+        leadership: Arc::clone(&leadership),
+        feed,
+        blobs: Arc::clone(&opened.blobs),
+        integrity: opened.integrity,
+        image_ages,
     });
+    // Subscribed before anything is served, so that no change announced
+    // after the caches were loaded is missed.
+    tokio::spawn(live::feed::run_feed(Arc::clone(&state), shutdown.clone()));
+    let replica_lease = tokio::spawn(replicas.run(shutdown.clone()));
+    let leader_lease = tokio::spawn(leadership.run(Arc::clone(&opened.replicas), shutdown.clone()));
     tokio::spawn(access_hub.run_flusher(shutdown.clone()));
     tokio::spawn(live::transitions::apply_transitions(
         Arc::clone(&state),
@@ -293,6 +362,10 @@ pub async fn run(
     let _ = flusher.await;
     // Stops the replacement agents a `local` provider started.
     let _ = remediation.await;
+    // Gives the leader lease up and leaves the replica set, so that another
+    // replica leads at once rather than after the lease.
+    let _ = leader_lease.await;
+    let _ = replica_lease.await;
     result?;
     Ok(())
 }

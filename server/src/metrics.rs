@@ -67,6 +67,7 @@ pub struct ServerMetrics {
     registry: Arc<Mutex<Registry>>,
     machines: Family<StateZoneLabels, Gauge>,
     connected_agents: Gauge,
+    machines_on_old_images: Gauge,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
     transitions: Family<ToStateLabels, Counter>,
@@ -104,10 +105,16 @@ impl ServerMetrics {
             machines.clone(),
         );
         let connected_agents = Gauge::default();
+        let machines_on_old_images = Gauge::default();
         registry.register(
             "connected_agents",
             "Agents with an open session",
             connected_agents.clone(),
+        );
+        registry.register(
+            "machines_on_old_images",
+            "Machines running an image built longer ago than image_max_age",
+            machines_on_old_images.clone(),
         );
         let rpc_requests = Family::<RpcLabels, Counter>::default();
         registry.register(
@@ -168,6 +175,7 @@ impl ServerMetrics {
             registry: Arc::new(Mutex::new(registry)),
             machines,
             connected_agents,
+            machines_on_old_images,
             rpc_requests,
             rpc_duration,
             transitions,
@@ -208,12 +216,15 @@ impl ServerMetrics {
     }
 
     /// Encodes every metric after refreshing the live gauges from
-    /// `machines_by_state_and_zone` and `connected`.
+    /// `machines_by_state_and_zone`, `connected` and `on_old_images`.
     pub fn encode(
         &self,
         machines_by_state_and_zone: &[((String, String), i64)],
         connected: usize,
+        on_old_images: u64,
     ) -> String {
+        self.machines_on_old_images
+            .set(i64::try_from(on_old_images).unwrap_or(i64::MAX));
         self.machines.clear();
         for ((state, zone), count) in machines_by_state_and_zone {
             self.machines
@@ -244,19 +255,21 @@ mod tests {
         let metrics = ServerMetrics::new();
         metrics.record_rpc("/flotte.v1.Machines/ListMachines", "0", 0.002);
         metrics.store.writes.inc();
-        let first = metrics.encode(&[(("operational".into(), "dc1".into()), 2)], 2);
+        let first = metrics.encode(&[(("operational".into(), "dc1".into()), 2)], 2, 1);
         assert!(
             first.contains("flotte_machines{state=\"operational\",zone=\"dc1\"} 2"),
             "{first}"
         );
         assert!(first.contains("flotte_connected_agents 2"), "{first}");
+        assert!(first.contains("flotte_machines_on_old_images 1"), "{first}");
         assert!(first.contains("flotte_store_writes_total 1"), "{first}");
         assert!(first.contains("flotte_rpc_requests_total{method=\"/flotte.v1.Machines/ListMachines\",code=\"0\"} 1"), "{first}");
-        let second = metrics.encode(&[(("down".into(), "dc1".into()), 1)], 0);
+        let second = metrics.encode(&[(("down".into(), "dc1".into()), 1)], 0, 0);
         assert!(
             !second.contains("state=\"operational\""),
             "stale series must go: {second}"
         );
         assert!(second.contains("flotte_connected_agents 0"));
+        assert!(second.contains("flotte_machines_on_old_images 0"));
     }
 }

@@ -620,6 +620,15 @@ impl Agent {
         }
     }
 
+    /// Adds server addresses (replicas) after the first one.
+    pub fn with_more_servers(mut self, servers: &[&str]) -> Self {
+        for server in servers {
+            self.args.push("--server".into());
+            self.args.push((*server).to_owned());
+        }
+        self
+    }
+
     /// Adds settings only a config file can carry (checks, `[system]`,
     /// `metrics_listen`): written to `<data_dir>/agent.toml` and passed with
     /// `--config`; the flags still give data dir, server and token.
@@ -854,4 +863,21 @@ pub fn skip_for_missing_sshd(reason: &str, skip_asked: Option<&str>) -> bool {
     );
     println!("SKIPPED ({SKIP_SSHD_VARIABLE}=1): needs a real sshd: {reason}");
     true
+}
+
+/// Creates the Unix login if missing: not locked (`-p '*'`: no password,
+/// which sshd without PAM would otherwise treat as a locked account).
+pub fn ensure_login(login: &str) -> PathBuf {
+    let exists = Command::new("id")
+        .arg(login)
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !exists {
+        let status = Command::new("useradd")
+            .args(["--create-home", "--shell", "/bin/sh", "-p", "*", login])
+            .status()
+            .expect("run useradd");
+        assert!(status.success(), "useradd {login}");
+    }
+    PathBuf::from(format!("/home/{login}"))
 }

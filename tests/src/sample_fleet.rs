@@ -103,6 +103,41 @@ pub fn build_sample_image_on_port(
     port: u16,
     extra_service_args: &str,
 ) -> PathBuf {
+    build_sample_image_with(
+        server,
+        root,
+        keys,
+        SampleImage {
+            version,
+            port,
+            extra_service_args,
+            extra_build_args: &[],
+        },
+    )
+}
+
+/// What [`build_sample_image_with`] builds beyond the sample service.
+pub struct SampleImage<'a> {
+    pub version: &'a str,
+    pub port: u16,
+    pub extra_service_args: &'a str,
+    /// More `flottectl image build` arguments (e.g. `--mutable var`).
+    pub extra_build_args: &'a [&'a str],
+}
+
+/// [`build_sample_image_on_port`] with more on the `image build` command line.
+pub fn build_sample_image_with(
+    server: &Server,
+    root: &Path,
+    keys: &Path,
+    image: SampleImage<'_>,
+) -> PathBuf {
+    let SampleImage {
+        version,
+        port,
+        extra_service_args,
+        extra_build_args,
+    } = image;
     let tree = root.join(format!("tree-{version}"));
     std::fs::create_dir_all(tree.join("bin")).expect("image tree");
     std::fs::copy(binary("flotte-sample-service"), tree.join("bin/app")).expect("copy service");
@@ -116,23 +151,30 @@ pub fn build_sample_image_on_port(
     let service = format!("bin/app --port {port} --version v{version}{extra_service_args}");
     let out = root.join(format!("app-{version}.flotte"));
     let path = |path: &Path| path.to_str().expect("UTF-8 path").to_owned();
-    server.ctl_ok(&[
-        "image",
-        "build",
-        &path(&tree),
-        "--name",
-        "app",
-        "--version",
-        version,
-        "--key",
-        &path(&keys.join("release.key")),
-        "-o",
-        &path(&out),
-        "--service",
-        &service,
-        "--checks",
-        &path(&checks),
-    ]);
+    let mut arguments = vec![
+        "image".to_owned(),
+        "build".to_owned(),
+        path(&tree),
+        "--name".to_owned(),
+        "app".to_owned(),
+        "--version".to_owned(),
+        version.to_owned(),
+        "--key".to_owned(),
+        path(&keys.join("release.key")),
+        "-o".to_owned(),
+        path(&out),
+        "--service".to_owned(),
+        service,
+        "--checks".to_owned(),
+        path(&checks),
+    ];
+    arguments.extend(
+        extra_build_args
+            .iter()
+            .map(|argument| (*argument).to_owned()),
+    );
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    server.ctl_ok(&arguments);
     out
 }
 
@@ -174,14 +216,30 @@ pub fn start_sample_machine(
     zone: &str,
     labels: &str,
 ) -> SampleMachine {
+    start_sample_machine_with_servers(server, &[], root, keys, name, zone, labels)
+}
+
+/// [`start_sample_machine`] with an agent that also knows the server
+/// replicas at `more_servers` (it starts at a random one of them all).
+pub fn start_sample_machine_with_servers(
+    server: &Server,
+    more_servers: &[&str],
+    root: &Path,
+    keys: &Path,
+    name: &str,
+    zone: &str,
+    labels: &str,
+) -> SampleMachine {
     let port = free_port().expect("a free port");
     let token = server.token(labels, zone, &[]);
-    let agent = Agent::new(root, name, &server.address, &token).with_config(&format!(
-        "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"20s\"\nsoak = \"500ms\"\n\n\
+    let agent = Agent::new(root, name, &server.address, &token)
+        .with_more_servers(more_servers)
+        .with_config(&format!(
+            "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"20s\"\nsoak = \"500ms\"\n\n\
          [[check]]\nname = \"service\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/health\"\n\
          interval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\ncritical = true\n",
-        keys.join("release.pub").display()
-    ));
+            keys.join("release.pub").display()
+        ));
     std::fs::write(agent.data_dir.join("service.port"), format!("{port}\n")).expect("port file");
     let mut machine = SampleMachine {
         agent,
@@ -231,4 +289,39 @@ pub fn set_image_everywhere(server: &Server, machines: &[SampleMachine], version
         "the fleet did not reach app@{version}: {:#?}",
         server.machines()
     );
+}
+
+/// Fills `directory` with `files` files of incompressible bytes (xorshift),
+/// `total_bytes` in all.
+pub fn write_incompressible_tree(
+    directory: &Path,
+    total_bytes: u64,
+    files: u64,
+) -> Result<(), String> {
+    std::fs::create_dir_all(directory).map_err(|error| error.to_string())?;
+    let per_file = total_bytes / files.max(1);
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut buffer = vec![0u8; 1 << 20];
+    for index in 0..files {
+        use std::io::Write;
+        let path = directory.join(format!("blob-{index:04}.bin"));
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(&path).map_err(|error| format!("{}: {error}", path.display()))?,
+        );
+        let mut left = per_file;
+        while left > 0 {
+            for word in buffer.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            let take = usize::try_from(left.min(buffer.len() as u64)).unwrap_or(buffer.len());
+            file.write_all(&buffer[..take])
+                .map_err(|error| error.to_string())?;
+            left -= take as u64;
+        }
+        file.flush().map_err(|error| error.to_string())?;
+    }
+    Ok(())
 }

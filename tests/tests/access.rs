@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use flotte_tests::sample_fleet::free_port;
 use flotte_tests::{
-    assert_sshd_accepts, binary, skip_for_missing_sshd, spawn_managed, wait_until, Agent,
-    ManagedChild, Server, TempDir, SKIP_SSHD_VARIABLE,
+    assert_sshd_accepts, binary, ensure_login, skip_for_missing_sshd, spawn_managed, wait_until,
+    Agent, ManagedChild, Server, TempDir, SKIP_SSHD_VARIABLE,
 };
 
 const SSHD: &str = "/usr/sbin/sshd";
@@ -82,23 +82,6 @@ fn a_missing_sshd_fails_unless_skipping_is_asked_for_explicitly() {
         );
     }
     assert!(skip_for_missing_sshd(reason, Some("1")));
-}
-
-/// Creates the Unix login if missing: not locked (`-p '*'`: no password,
-/// which sshd without PAM would otherwise treat as a locked account).
-fn ensure_login(login: &str) -> PathBuf {
-    let exists = Command::new("id")
-        .arg(login)
-        .output()
-        .is_ok_and(|output| output.status.success());
-    if !exists {
-        let status = Command::new("useradd")
-            .args(["--create-home", "--shell", "/bin/sh", "-p", "*", login])
-            .status()
-            .unwrap();
-        assert!(status.success(), "useradd {login}");
-    }
-    PathBuf::from(format!("/home/{login}"))
 }
 
 /// A directory under /run (root-owned 0755 all the way up): sshd's

@@ -333,6 +333,7 @@ fn push_sealed_payload(
             key_pem: std::fs::read_to_string(keys.join("release.key")).unwrap(),
             service: None,
             checks: Vec::new(),
+            mutable_paths: Vec::new(),
         },
         &out,
     )
@@ -443,8 +444,8 @@ fn hostile_payloads_are_refused_by_name_and_the_running_image_is_untouched() {
     let images_before = unpacked_images(&agent);
     assert_eq!(
         images_before.len(),
-        3,
-        "v1, `current` and the record of what is committed: {images_before:?}"
+        4,
+        "v1, its file index, `current` and the record of what is committed: {images_before:?}"
     );
 
     let payloads = flotte_tests::hostile_payloads::hostile_payloads(size_limit);

@@ -2,7 +2,10 @@
 //! `<data>/images/<digest>/` unpacked trees, `<data>/images/current` the
 //! symlink the service runs from (switched atomically: new link + rename),
 //! `<data>/images/committed.json` the committed current and previous images,
-//! and `<data>/downloads/` partial payloads.
+//! `<data>/images/<digest>.index.json` each tree's file index (made at
+//! unpack, see `integrity`), `<data>/images/.drifted-<digest>/` the one
+//! drifted tree kept for forensics by the last restore, and
+//! `<data>/downloads/` partial payloads.
 
 use std::path::{Path, PathBuf};
 
@@ -65,6 +68,17 @@ impl ImageLayout {
 
     pub fn image_dir(&self, digest: &str) -> PathBuf {
         self.images_dir().join(digest)
+    }
+
+    /// The file index of `images/<digest>/`, beside it (never inside: the
+    /// index is not part of the tree it describes).
+    pub fn index_path(&self, digest: &str) -> PathBuf {
+        self.images_dir().join(format!("{digest}.index.json"))
+    }
+
+    /// Where a restore keeps the drifted tree it replaced.
+    pub fn drifted_dir(&self, digest: &str) -> PathBuf {
+        self.images_dir().join(format!(".drifted-{digest}"))
     }
 
     pub fn current_link(&self) -> PathBuf {
@@ -150,6 +164,10 @@ impl ImageLayout {
         let mut removed = Vec::new();
         for (_, name) in candidates.into_iter().take(excess) {
             std::fs::remove_dir_all(self.image_dir(&name))?;
+            match std::fs::remove_file(self.index_path(&name)) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+                _ => {}
+            }
             removed.push(name);
         }
         Ok(removed)

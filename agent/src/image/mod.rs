@@ -11,6 +11,7 @@
 
 pub mod fetch;
 pub mod gate;
+pub mod integrity;
 pub mod journal;
 pub mod layout;
 pub mod service;

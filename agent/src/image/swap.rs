@@ -10,11 +10,12 @@ use std::time::Duration;
 use flotte_proto::image::{verify_manifest, Manifest};
 use flotte_proto::release_keys::ReleasePublicKey;
 use flotte_proto::v1::{CheckResult, DesiredImage, ImageStatus, SwapStatus};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::fetch::{download, ImageSource};
 use super::gate::{verify, GateOutcome};
+use super::integrity::{index_fresh_tree, ImageRestorer, RestoreOutcome};
 use super::journal::{self, recovery_action, RecoveryAction, SwapJournal, SwapStep};
 use super::layout::{Committed, ImageLayout, LocalImage};
 use super::service::Service;
@@ -41,6 +42,9 @@ pub struct ImageSettings {
     pub soak: Duration,
     /// The agent's own checks, added to the image's.
     pub config_checks: Vec<CheckSpec>,
+    /// A drifted tree replaced by a restore is kept for forensics (one at a
+    /// time) unless it is larger than this.
+    pub keep_drifted_max_bytes: u64,
 }
 
 /// What the session sees of the manager.
@@ -48,6 +52,24 @@ pub struct ImageSettings {
 pub struct ImageHandle {
     desired: watch::Sender<Option<(u64, DesiredImage)>>,
     status: watch::Receiver<ImageStatus>,
+    restores: mpsc::Sender<oneshot::Sender<RestoreOutcome>>,
+}
+
+#[async_trait::async_trait]
+impl ImageRestorer for ImageHandle {
+    async fn restore(&self) -> RestoreOutcome {
+        let (answer, outcome) = oneshot::channel();
+        if self.restores.send(answer).await.is_err() {
+            return RestoreOutcome {
+                message: "the swap manager has stopped".to_owned(),
+                ..RestoreOutcome::default()
+            };
+        }
+        outcome.await.unwrap_or_else(|_| RestoreOutcome {
+            message: "the swap manager stopped during the restore".to_owned(),
+            ..RestoreOutcome::default()
+        })
+    }
 }
 
 impl ImageManager for ImageHandle {
@@ -205,7 +227,9 @@ impl Manager {
         Ok(())
     }
 
-    async fn swap(&mut self, version: u64, desired: &DesiredImage) -> Result<(), SwapError> {
+    /// The signed manifest of `desired`, verified against this agent's own
+    /// release keys and checked to describe the requested payload.
+    fn verified_target(&self, desired: &DesiredImage) -> Result<(Manifest, LocalImage), SwapError> {
         let manifest = verify_manifest(
             &desired.manifest_json,
             &desired.signature,
@@ -224,6 +248,94 @@ impl Manager {
             version: manifest.version.clone(),
             digest: manifest.payload_sha256.clone(),
         };
+        Ok((manifest, target))
+    }
+
+    /// Downloads the payload of `target` (resuming), then unpacks it into
+    /// its staging directory with the manifest copy and the file index, all
+    /// synced; returns the staging directory. The journal records each step.
+    async fn fetch_and_stage(
+        &self,
+        journal: &mut SwapJournal,
+        manifest: &Manifest,
+        desired: &DesiredImage,
+    ) -> Result<std::path::PathBuf, SwapError> {
+        let target = journal.target.clone();
+        self.record(journal, SwapStep::Downloading)?;
+        let status = self.status.clone();
+        let progress_target = target.to_proto();
+        let mut progress = move |bytes: u64| {
+            status.send_modify(|status| {
+                if let Some(swap) = status.swap.as_mut() {
+                    if swap.target.as_ref() == Some(&progress_target) {
+                        swap.bytes_downloaded = bytes;
+                    }
+                }
+            });
+        };
+        let payload = download(
+            self.source.as_ref(),
+            &self.layout,
+            &target.digest,
+            desired.size,
+            &mut progress,
+        )
+        .await
+        .map_err(|error| match error {
+            super::fetch::FetchError::DigestMismatch { .. }
+            | super::fetch::FetchError::SizeMismatch { .. } => {
+                SwapError::Refused(error.to_string())
+            }
+            other => SwapError::Transient(other.to_string()),
+        })?;
+        // The payload's SHA-256 was checked while downloading.
+        self.record(journal, SwapStep::VerifyingPayload)?;
+        self.record(journal, SwapStep::Unpacking)?;
+        let staging = self
+            .layout
+            .images_dir()
+            .join(format!(".staging-{}", target.digest));
+        let _ = super::unpack::remove_unpacked_tree(&staging);
+        let policy = self.settings.unpack.clone();
+        let manifest_json = desired.manifest_json.clone();
+        let mutable = manifest.mutable_paths.clone();
+        let index_path = self.layout.index_path(&target.digest);
+        let staged = staging.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), SwapError> {
+            unpack_payload(&payload, &staging, &policy)
+                .map_err(|error| SwapError::Refused(error.to_string()))?;
+            let refuse = |reason: String| {
+                let _ = super::unpack::remove_unpacked_tree(&staging);
+                SwapError::Refused(reason)
+            };
+            // create_new: a payload carrying this name (maybe as a link) is refused.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(staging.join(MANIFEST_COPY))
+                .and_then(|mut file| std::io::Write::write_all(&mut file, &manifest_json))
+                .map_err(|error| {
+                    refuse(format!(
+                        "cannot keep the manifest beside the image: {error}"
+                    ))
+                })?;
+            // Indexed here, while the tree is the payload's alone.
+            index_fresh_tree(&staging, &mutable, &index_path)
+                .map_err(|error| refuse(format!("cannot index the image: {error}")))?;
+            sync_tree(&staging).map_err(|error| SwapError::Step {
+                step: SwapStep::Unpacking.as_str(),
+                reason: error.to_string(),
+            })?;
+            let _ = std::fs::remove_file(&payload);
+            Ok(())
+        })
+        .await
+        .map_err(|error| SwapError::Transient(error.to_string()))??;
+        Ok(staged)
+    }
+
+    async fn swap(&mut self, version: u64, desired: &DesiredImage) -> Result<(), SwapError> {
+        let (manifest, target) = self.verified_target(desired)?;
         if let Some(current) = &self.committed.current {
             let newer = semver::Version::parse(&target.version)
                 .ok()
@@ -246,91 +358,16 @@ impl Manager {
         };
         let image_dir = self.layout.image_dir(&target.digest);
         if !image_dir.exists() {
-            self.record(&mut journal, SwapStep::Downloading)?;
-            let status = self.status.clone();
-            let progress_target = target.to_proto();
-            let mut progress = move |bytes: u64| {
-                status.send_modify(|status| {
-                    if let Some(swap) = status.swap.as_mut() {
-                        if swap.target.as_ref() == Some(&progress_target) {
-                            swap.bytes_downloaded = bytes;
-                        }
-                    }
-                });
-            };
-            let payload = download(
-                self.source.as_ref(),
-                &self.layout,
-                &target.digest,
-                desired.size,
-                &mut progress,
-            )
-            .await
-            .map_err(|error| match error {
-                super::fetch::FetchError::DigestMismatch { .. }
-                | super::fetch::FetchError::SizeMismatch { .. } => {
-                    SwapError::Refused(error.to_string())
-                }
-                other => SwapError::Transient(other.to_string()),
-            })?;
-            // The payload's SHA-256 was checked while downloading.
-            self.record(&mut journal, SwapStep::VerifyingPayload)?;
-            self.record(&mut journal, SwapStep::Unpacking)?;
             let staging = self
-                .layout
-                .images_dir()
-                .join(format!(".staging-{}", target.digest));
-            let _ = super::unpack::remove_unpacked_tree(&staging);
-            let policy = self.settings.unpack.clone();
-            let manifest_json = desired.manifest_json.clone();
-            let final_dir = image_dir.clone();
-            tokio::task::spawn_blocking(move || -> Result<(), SwapError> {
-                unpack_payload(&payload, &staging, &policy)
-                    .map_err(|error| SwapError::Refused(error.to_string()))?;
-                // create_new: a payload carrying this name (maybe as a link) is refused.
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(staging.join(MANIFEST_COPY))
-                    .and_then(|mut file| std::io::Write::write_all(&mut file, &manifest_json))
-                    .map_err(|error| {
-                        let _ = super::unpack::remove_unpacked_tree(&staging);
-                        SwapError::Refused(format!(
-                            "cannot keep the manifest beside the image: {error}"
-                        ))
-                    })?;
-                sync_tree(&staging).map_err(|error| SwapError::Step {
-                    step: SwapStep::Unpacking.as_str(),
-                    reason: error.to_string(),
-                })?;
-                std::fs::rename(&staging, &final_dir).map_err(io_step(SwapStep::Unpacking))?;
-                let _ = std::fs::remove_file(&payload);
-                Ok(())
-            })
-            .await
-            .map_err(|error| SwapError::Transient(error.to_string()))??;
+                .fetch_and_stage(&mut journal, &manifest, desired)
+                .await?;
+            std::fs::rename(&staging, &image_dir).map_err(io_step(SwapStep::Unpacking))?;
         }
         self.record(&mut journal, SwapStep::Switching)?;
         self.layout
             .switch_current(&target.digest)
             .map_err(io_step(SwapStep::Switching))?;
-        self.record(&mut journal, SwapStep::Restarting)?;
-        let restarted = self.service.restart(manifest.service.as_ref()).await;
-        self.record(&mut journal, SwapStep::Verifying)?;
-        let outcome = match restarted {
-            Err(error) => GateOutcome::Failed {
-                reason: error.to_string(),
-                checks: Vec::new(),
-            },
-            Ok(()) => {
-                verify(
-                    &self.checks_for(Some(&manifest)),
-                    self.settings.verify_deadline,
-                    self.settings.soak,
-                )
-                .await
-            }
-        };
+        let outcome = self.restart_and_gate(&mut journal, &manifest).await?;
         match outcome {
             GateOutcome::Passed => {
                 self.record(&mut journal, SwapStep::Committing)?;
@@ -382,6 +419,197 @@ impl Manager {
         }
     }
 
+    /// Restarts the service of `manifest`'s image and runs the health gate.
+    async fn restart_and_gate(
+        &self,
+        journal: &mut SwapJournal,
+        manifest: &Manifest,
+    ) -> Result<GateOutcome, SwapError> {
+        self.record(journal, SwapStep::Restarting)?;
+        let restarted = self.service.restart(manifest.service.as_ref()).await;
+        self.record(journal, SwapStep::Verifying)?;
+        Ok(match restarted {
+            Err(error) => GateOutcome::Failed {
+                reason: error.to_string(),
+                checks: Vec::new(),
+            },
+            Ok(()) => {
+                verify(
+                    &self.checks_for(Some(manifest)),
+                    self.settings.verify_deadline,
+                    self.settings.soak,
+                )
+                .await
+            }
+        })
+    }
+
+    /// Re-creates the committed image's tree from its signed payload and
+    /// swaps it in with the journalled, health-gated steps of any swap: the
+    /// fresh tree is exchanged atomically with the drifted one
+    /// (`renameat2(RENAME_EXCHANGE)`, so `images/<digest>` always exists),
+    /// the service restarted and checked; the drifted tree is kept as
+    /// `images/.drifted-<digest>` (the previous one kept is removed first)
+    /// unless it is larger than the bound. If the fresh tree fails its
+    /// checks, the drifted one is exchanged back and restarted.
+    async fn restore(&mut self, desired: Option<&(u64, DesiredImage)>) -> RestoreOutcome {
+        let failed = |message: String| RestoreOutcome {
+            restored: false,
+            message,
+            kept_tree: None,
+        };
+        let Some(current) = self.committed.current.clone() else {
+            return failed("no committed image to restore".to_owned());
+        };
+        let Some((version, desired)) = desired.filter(|(_, desired)| {
+            desired
+                .image
+                .as_ref()
+                .is_some_and(|image| image.digest == current.digest)
+        }) else {
+            return failed(format!(
+                "the server's desired image is not the committed {}; the pending swap replaces the tree instead",
+                current.reference()
+            ));
+        };
+        match self.restore_steps(*version, desired, &current).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                let _ = journal::clear(&self.layout);
+                let outcome = failed(format!(
+                    "restore of {} failed: {error}",
+                    current.reference()
+                ));
+                self.progress(
+                    &current,
+                    "restore_failed",
+                    "failed",
+                    outcome.message.clone(),
+                    Vec::new(),
+                );
+                outcome
+            }
+        }
+    }
+
+    async fn restore_steps(
+        &mut self,
+        version: u64,
+        desired: &DesiredImage,
+        current: &LocalImage,
+    ) -> Result<RestoreOutcome, SwapError> {
+        let (manifest, target) = self.verified_target(desired)?;
+        let mut journal = SwapJournal {
+            target: target.clone(),
+            // A crash after the exchange switches "back" to the same digest:
+            // the machine stays on its committed image, whichever tree.
+            previous: Some(current.clone()),
+            step: SwapStep::Downloading,
+            desired_version: version,
+            started_at: unix_now(),
+        };
+        let staging = self
+            .fetch_and_stage(&mut journal, &manifest, desired)
+            .await?;
+        self.record(&mut journal, SwapStep::Switching)?;
+        let image_dir = self.layout.image_dir(&target.digest);
+        // `staging` now holds the drifted tree, if there was one left.
+        let drifted_kept =
+            exchange_trees(&staging, &image_dir).map_err(io_step(SwapStep::Switching))?;
+        let outcome = self.restart_and_gate(&mut journal, &manifest).await?;
+        if let GateOutcome::Failed { reason, checks } = outcome {
+            self.record(&mut journal, SwapStep::RollingBack)?;
+            let back = if drifted_kept {
+                exchange_trees(&staging, &image_dir).map(|_| ())
+            } else {
+                Err(std::io::Error::other("the drifted tree was gone"))
+            };
+            let restarted = self.service.restart(manifest.service.as_ref()).await;
+            let _ = super::unpack::remove_unpacked_tree(&staging);
+            journal::clear(&self.layout).map_err(io_step(SwapStep::RollingBack))?;
+            let message = format!(
+                "the restored tree failed its checks ({reason}); {}",
+                match (back, restarted) {
+                    (Ok(()), Ok(())) => "the drifted tree is back in place".to_owned(),
+                    (Err(error), _) => format!("putting the drifted tree back failed: {error}"),
+                    (_, Err(error)) => format!("restarting the drifted tree failed: {error}"),
+                }
+            );
+            self.progress(&target, "restore_failed", "failed", message.clone(), checks);
+            return Ok(RestoreOutcome {
+                restored: false,
+                message,
+                kept_tree: None,
+            });
+        }
+        self.record(&mut journal, SwapStep::Committing)?;
+        journal::clear(&self.layout).map_err(io_step(SwapStep::Committing))?;
+        let kept = if drifted_kept {
+            self.keep_drifted(&staging, &target.digest).await
+        } else {
+            Err(std::io::Error::other("the image tree was gone entirely"))
+        };
+        let message = match &kept {
+            Ok(Some(path)) => format!(
+                "{} restored; drifted tree kept at {}",
+                target.reference(),
+                path.display()
+            ),
+            Ok(None) => format!(
+                "{} restored; drifted tree removed (larger than {} bytes)",
+                target.reference(),
+                self.settings.keep_drifted_max_bytes
+            ),
+            Err(error) => format!(
+                "{} restored; keeping the drifted tree failed: {error}",
+                target.reference()
+            ),
+        };
+        tracing::info!(image = %target.reference(), %message, "image restored");
+        self.progress(
+            &target,
+            "restored",
+            "committed",
+            message.clone(),
+            Vec::new(),
+        );
+        Ok(RestoreOutcome {
+            restored: true,
+            message,
+            kept_tree: kept.ok().flatten(),
+        })
+    }
+
+    /// Moves the drifted tree to the one forensic slot, or removes it when
+    /// it is over the size bound.
+    async fn keep_drifted(
+        &self,
+        drifted: &std::path::Path,
+        digest: &str,
+    ) -> std::io::Result<Option<std::path::PathBuf>> {
+        let images = self.layout.images_dir();
+        let slot = self.layout.drifted_dir(digest);
+        let drifted = drifted.to_owned();
+        let limit = self.settings.keep_drifted_max_bytes;
+        tokio::task::spawn_blocking(move || {
+            // One kept tree at a time, whatever image it came from.
+            for entry in std::fs::read_dir(&images)? {
+                let entry = entry?;
+                if entry.file_name().to_string_lossy().starts_with(".drifted-") {
+                    super::unpack::remove_unpacked_tree(&entry.path())?;
+                }
+            }
+            if tree_size(&drifted, limit)? > limit {
+                super::unpack::remove_unpacked_tree(&drifted)?;
+                return Ok(None);
+            }
+            std::fs::rename(&drifted, &slot)?;
+            Ok(Some(slot))
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
     /// Switches back to `previous`, restarts it and checks it is healthy.
     async fn roll_back(&mut self, previous: Option<&LocalImage>) -> String {
         let Some(previous) = previous else {
@@ -418,6 +646,7 @@ impl Manager {
     async fn run(
         mut self,
         mut desired: watch::Receiver<Option<(u64, DesiredImage)>>,
+        mut restores: mpsc::Receiver<oneshot::Sender<RestoreOutcome>>,
         shutdown: CancellationToken,
     ) {
         if let Err(error) = self.recover().await {
@@ -502,9 +731,60 @@ impl Manager {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 changed = desired.changed() => if changed.is_err() { return },
+                request = restores.recv() => {
+                    let Some(answer) = request else { return };
+                    let wanted = desired.borrow().clone();
+                    let outcome = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        outcome = self.restore(wanted.as_ref()) => outcome,
+                    };
+                    // The verifier may have given up waiting: nothing to tell then.
+                    let _ = answer.send(outcome);
+                }
             }
         }
     }
+}
+
+/// Swaps two directories atomically (both keep existing throughout); when
+/// `other` is gone, moves `one` there instead. Whether `one` now holds what
+/// `other` held.
+fn exchange_trees(one: &std::path::Path, other: &std::path::Path) -> std::io::Result<bool> {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    let exchanged = match renameat2(AT_FDCWD, one, AT_FDCWD, other, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::ENOENT) if std::fs::symlink_metadata(other).is_err() => {
+            std::fs::rename(one, other)?;
+            false
+        }
+        Err(errno) => return Err(std::io::Error::from(errno)),
+    };
+    if let Some(parent) = other.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(exchanged)
+}
+
+/// Bytes of regular files under `root`, never following a symlink; stops
+/// counting once past `limit`.
+fn tree_size(root: &std::path::Path, limit: u64) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    let mut pending = vec![root.to_owned()];
+    while let Some(directory) = pending.pop() {
+        for entry in std::fs::read_dir(&directory)? {
+            let entry = entry?;
+            let metadata = entry.metadata()?;
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            } else if metadata.is_file() {
+                total = total.saturating_add(metadata.len());
+                if total > limit {
+                    return Ok(total);
+                }
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// Starts the manager; it recovers any interrupted swap first.
@@ -518,6 +798,7 @@ pub fn start(
     layout.ensure_dirs()?;
     let committed = layout.load_committed()?;
     let (desired_sender, desired_receiver) = watch::channel(None);
+    let (restores, restore_receiver) = mpsc::channel(1);
     let (status_sender, status_receiver) = watch::channel(ImageStatus {
         current: committed.current.as_ref().map(LocalImage::to_proto),
         previous: committed.previous.as_ref().map(LocalImage::to_proto),
@@ -531,9 +812,10 @@ pub fn start(
         status: status_sender,
         committed,
     };
-    tokio::spawn(manager.run(desired_receiver, shutdown));
+    tokio::spawn(manager.run(desired_receiver, restore_receiver, shutdown));
     Ok(ImageHandle {
         desired: desired_sender,
         status: status_receiver,
+        restores,
     })
 }

@@ -35,6 +35,8 @@ struct MachineView {
     enrolled_at: Option<String>,
     identity: String,
     remote_address: Option<String>,
+    /// The server replica holding its session.
+    replica: Option<String>,
     desired_version: u64,
     applied_desired_version: u64,
     retired_at: Option<String>,
@@ -51,6 +53,8 @@ struct MachineView {
     transitions: Vec<TransitionView>,
     /// `name@version` the machine runs, ran before, and must run.
     current_image: Option<String>,
+    /// When the current image was built (its signed manifest's created_at).
+    current_image_created_at: Option<String>,
     previous_image: Option<String>,
     desired_image: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,7 +73,7 @@ struct SwapView {
     updated_at: Option<String>,
 }
 
-fn image_name(image: Option<&flotte_proto::v1::ImageRef>) -> Option<String> {
+pub(crate) fn image_name(image: Option<&flotte_proto::v1::ImageRef>) -> Option<String> {
     image
         .filter(|image| !image.name.is_empty())
         .map(|image| format!("{}@{}", image.name, image.version))
@@ -192,6 +196,7 @@ impl From<&Machine> for MachineView {
             identity: machine.identity_uri.clone(),
             remote_address: (!machine.remote_address.is_empty())
                 .then(|| machine.remote_address.clone()),
+            replica: (!machine.replica.is_empty()).then(|| machine.replica.clone()),
             desired_version: machine.desired_version,
             applied_desired_version: machine.applied_desired_version,
             retired_at: optional_time(machine.retired_at),
@@ -212,6 +217,7 @@ impl From<&Machine> for MachineView {
                     .as_ref()
                     .and_then(|image| image.current.as_ref()),
             ),
+            current_image_created_at: optional_time(machine.current_image_created_at),
             previous_image: image_name(
                 machine
                     .image
@@ -251,6 +257,9 @@ pub(super) fn print_machines(output: Output, machines: &[Machine]) -> Result<(),
             "CONNECTED",
             "LAST SEEN",
             "AGENT",
+            "REPLICA",
+            "IMAGE",
+            "IMAGE BUILT",
         ],
         |machine| {
             vec![
@@ -270,6 +279,9 @@ pub(super) fn print_machines(output: Output, machines: &[Machine]) -> Result<(),
                 .to_owned(),
                 machine.last_seen.clone().unwrap_or_else(|| "never".into()),
                 machine.agent_version.clone(),
+                machine.replica.clone().unwrap_or_default(),
+                machine.current_image.clone().unwrap_or_default(),
+                machine.current_image_created_at.clone().unwrap_or_default(),
             ]
         },
     )
@@ -340,6 +352,7 @@ pub(super) fn print_machine(output: Output, machine: &Machine) -> Result<(), Ctl
             "remote address",
             view.remote_address.clone().unwrap_or_default(),
         ),
+        ("replica", view.replica.clone().unwrap_or_default()),
         ("last seen", view.last_seen.clone().unwrap_or_else(never)),
         ("agent version", view.agent_version.clone()),
         ("os", view.os.clone()),
@@ -384,8 +397,12 @@ pub(super) fn print_machine(output: Output, machine: &Machine) -> Result<(), Ctl
     print_line!();
     print_line!("images:");
     print_line!(
-        "  current            {}",
-        view.current_image.clone().unwrap_or_else(none)
+        "  current            {}{}",
+        view.current_image.clone().unwrap_or_else(none),
+        view.current_image_created_at
+            .as_ref()
+            .map(|built| format!(" (built {built})"))
+            .unwrap_or_default()
     );
     print_line!(
         "  previous           {}",

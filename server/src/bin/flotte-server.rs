@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use flotte_server::config::{
     default_config_path, read_toml, ServerConfigFile, StoreConfigFile, StoreKind,
 };
-use flotte_server::init::{init, InitOptions};
+use flotte_server::init::{init, init_replica, InitOptions, ReplicaOptions};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -16,6 +16,34 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplicaCommand {
+    /// Prepare a new replica's data dir from the first one's: the CA, the
+    /// settings (with this replica's name, listen address and zone) and the
+    /// database password file; never the admin profile. Copy the new data
+    /// dir to the replica's host (it holds the CA key: keep it private).
+    Init {
+        /// The data dir of an existing replica (made by `init --store-url`).
+        #[arg(long)]
+        from: PathBuf,
+        /// The new replica's data dir (must not exist).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The replica's own name: its certificate says `server/<name>`.
+        #[arg(long)]
+        name: String,
+        /// Its gRPC listen address, e.g. 0.0.0.0:7443.
+        #[arg(long)]
+        listen: String,
+        /// The zone (datacenter) it runs in, shown by `flottectl status`.
+        #[arg(long)]
+        zone: Option<String>,
+        /// host:port agents and operators reach it on, if not --listen.
+        #[arg(long)]
+        advertise_address: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,6 +69,18 @@ enum Command {
         /// path is taken from the data dir).
         #[arg(long, requires = "store_url")]
         store_password_file: Option<PathBuf>,
+        /// The server's own name (default flotte-server); with several
+        /// replicas, this first one's name.
+        #[arg(long)]
+        name: Option<String>,
+        /// The zone (datacenter) it runs in, shown by `flottectl status`.
+        #[arg(long)]
+        zone: Option<String>,
+    },
+    /// Several replicas of the server sharing one PostgreSQL database.
+    Replica {
+        #[command(subcommand)]
+        command: ReplicaCommand,
     },
     /// Serve the gRPC API over mutual TLS.
     Run {
@@ -161,6 +201,40 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Replica {
+            command:
+                ReplicaCommand::Init {
+                    from,
+                    data_dir,
+                    name,
+                    listen,
+                    zone,
+                    advertise_address,
+                },
+        } => match init_replica(
+            &from,
+            &data_dir,
+            ReplicaOptions {
+                name,
+                listen,
+                zone,
+                advertise_address,
+            },
+        ) {
+            Ok(config_path) => {
+                println!("prepared replica data dir {}", data_dir.display());
+                println!("  settings: {}", config_path.display());
+                println!(
+                    "  start it: flotte-server run --data-dir {}",
+                    data_dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("flotte-server replica init: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Init {
             data_dir,
             listen,
@@ -168,6 +242,8 @@ fn main() -> ExitCode {
             trust_domain,
             store_url,
             store_password_file,
+            name,
+            zone,
         } => match tokio::runtime::Builder::new_current_thread()
             // The PostgreSQL driver needs the I/O and time drivers.
             .enable_all()
@@ -190,6 +266,8 @@ fn main() -> ExitCode {
                                 url: store_url,
                                 password_file: store_password_file,
                             },
+                            server_name: name,
+                            zone,
                         },
                     ))
                     .map_err(|error| error.to_string())

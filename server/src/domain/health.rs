@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::store::UnixSeconds;
@@ -75,10 +76,13 @@ pub struct HealthReport {
     /// Metric thresholds exceeded, e.g. "disk /: 93.1% used (max 90%)".
     pub metric_breaches: Vec<String>,
     pub image: Option<ImageStatus>,
+    /// Differences the agent's last verification found in the image it
+    /// runs (0: none, or not verified yet).
+    pub image_drift_files: u64,
 }
 
 /// One health check as the agent last ran it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckReport {
     pub name: String,
     /// "http", "tcp" or "exec".
@@ -117,7 +121,7 @@ pub struct DiskUsage {
 }
 
 /// An image as the agent names it: by name and version, pinned by digest.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedImage {
     pub name: String,
     pub version: String,
@@ -126,7 +130,7 @@ pub struct ReportedImage {
 }
 
 /// Where the machine is with images.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageStatus {
     pub current: Option<ReportedImage>,
     pub previous: Option<ReportedImage>,
@@ -134,7 +138,7 @@ pub struct ImageStatus {
 }
 
 /// The agent's latest image swap.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwapStatus {
     pub target: Option<ReportedImage>,
     /// downloading, verifying_payload, unpacking, switching, verifying,
@@ -171,7 +175,7 @@ fn first_line(text: &str) -> &str {
 /// The state a report describes, with a reason naming what is wrong.
 ///
 /// A failing critical check makes the machine `down`; a failing non-critical
-/// check or an exceeded metric threshold makes it `degraded`.
+/// check, an exceeded metric threshold or image drift makes it `degraded`.
 pub fn state_from_report(report: &HealthReport) -> (MachineState, String) {
     let failing = |critical: bool| {
         report
@@ -193,6 +197,12 @@ pub fn state_from_report(report: &HealthReport) -> (MachineState, String) {
         .map(|problem| format!("check {problem}"))
         .collect();
     problems.extend(report.metric_breaches.iter().cloned());
+    if report.image_drift_files > 0 {
+        problems.push(format!(
+            "image drift: {} files changed",
+            report.image_drift_files
+        ));
+    }
     if problems.is_empty() {
         let reason = if report.checks.is_empty() {
             "reporting; no checks configured".to_owned()
@@ -294,11 +304,21 @@ mod tests {
                 MachineState::Down,
                 "critical check web failing",
             ),
+            (
+                vec![check("web", true, true)],
+                vec![],
+                MachineState::Degraded,
+                "image drift: 3 files changed",
+            ),
         ];
-        for (checks, breaches, expected_state, expected_reason) in cases {
+        for (index, (checks, breaches, expected_state, expected_reason)) in
+            cases.into_iter().enumerate()
+        {
             let report = HealthReport {
                 checks,
                 metric_breaches: breaches,
+                // The last case: a healthy machine whose image drifted.
+                image_drift_files: if index == 6 { 3 } else { 0 },
                 ..HealthReport::default()
             };
             let (state, reason) = state_from_report(&report);

@@ -12,5 +12,6 @@ pub mod access_policy;
 pub mod audit;
 pub mod desired_state;
 pub mod health;
+pub mod image_age;
 pub mod repair;
 pub mod rollout;

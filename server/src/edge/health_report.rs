@@ -22,7 +22,7 @@ const MAX_REPORTED_ITEMS: usize = 64;
 const MAX_REPORTED_TEXT_BYTES: usize = 1024;
 
 /// `text` cut to at most `max` bytes, on a character boundary.
-fn bounded_text(mut text: String, max: usize) -> String {
+pub(crate) fn bounded_text(mut text: String, max: usize) -> String {
     if text.len() > max {
         let mut end = max;
         while !text.is_char_boundary(end) {
@@ -61,6 +61,7 @@ pub fn health_report_to_proto(report: &HealthReport) -> Report {
         }),
         metric_breaches: report.metric_breaches.clone(),
         image: report.image.as_ref().map(image_status_to_proto),
+        image_drift_files: report.image_drift_files,
     }
 }
 
@@ -155,6 +156,7 @@ pub fn health_report_from_proto(report: Report) -> HealthReport {
                 checks: checks_from_proto(swap.checks),
             }),
         }),
+        image_drift_files: report.image_drift_files,
     }
 }
 
@@ -181,7 +183,7 @@ fn check_from_proto(check: CheckResult) -> CheckReport {
     }
 }
 
-fn image_from_proto(image: ImageRef) -> ReportedImage {
+pub(crate) fn image_from_proto(image: ImageRef) -> ReportedImage {
     ReportedImage {
         name: bounded_text(image.name, MAX_REPORTED_TEXT_BYTES),
         version: bounded_text(image.version, MAX_REPORTED_TEXT_BYTES),
@@ -252,6 +254,7 @@ mod tests {
                     checks: vec![check("web", false)],
                 }),
             }),
+            image_drift_files: 7,
         }
     }
 

@@ -45,14 +45,6 @@ impl ImagesApi {
     }
 }
 
-fn created_at(manifest_json: &[u8]) -> i64 {
-    serde_json::from_slice::<Manifest>(manifest_json)
-        .ok()
-        .and_then(|manifest| humantime::parse_rfc3339(&manifest.created_at).ok())
-        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |duration| i64::try_from(duration.as_secs()).unwrap_or(0))
-}
-
 fn image_info(record: &ImageRecord, machines: u32) -> ImageInfo {
     ImageInfo {
         image: Some(ImageRef {
@@ -65,7 +57,7 @@ fn image_info(record: &ImageRecord, machines: u32) -> ImageInfo {
         signing_key: record.signing_key.clone(),
         pushed_at: record.pushed_at,
         pushed_by: record.pushed_by.clone(),
-        created_at: created_at(&record.manifest_json),
+        created_at: crate::domain::image_age::manifest_created_at(&record.manifest_json),
         machines,
     }
 }

@@ -10,8 +10,8 @@ use flotte_proto::v1::machines_server::Machines;
 use flotte_proto::v1::{
     DecommissionMachineRequest, FleetStatusRequest, FleetStatusResponse, GetMachineRequest,
     GroupStatus, ImageRef, ListMachinesRequest, ListMachinesResponse, Machine,
-    MachineEvent as ProtoMachineEvent, Report, SetLabelsRequest, StateCount, StateTransition,
-    WatchMachinesRequest,
+    MachineEvent as ProtoMachineEvent, Replica, Report, SetLabelsRequest, StateCount,
+    StateTransition, WatchMachinesRequest,
 };
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
@@ -24,6 +24,7 @@ use crate::live::health::TrackedMachine;
 use crate::live::registry::ConnectedView;
 use crate::live::transitions::MachineEvent;
 use crate::services::machines::{self, FleetCounts, GroupCounts, MachineError};
+use crate::store::replicas::ReplicaStatus;
 use crate::store::MachineRecord;
 use crate::ServerState;
 use flotte_common::roles::AdminRpc;
@@ -62,6 +63,15 @@ impl From<MachineError> for Status {
             }
             MachineError::Store(error) => error.into(),
         }
+    }
+}
+
+/// Names the replica holding the machine's session: a machine connected to
+/// another replica is connected too.
+fn with_replica(machine: &mut Machine, holder: Option<&String>) {
+    if let Some(holder) = holder {
+        machine.replica = holder.clone();
+        machine.connected = true;
     }
 }
 
@@ -206,12 +216,25 @@ fn group_to_proto(group: &GroupCounts) -> GroupStatus {
 }
 
 /// The wire form of the fleet's counts.
+fn replica_to_proto(replica: ReplicaStatus) -> Replica {
+    Replica {
+        name: replica.registration.name,
+        zone: replica.registration.zone,
+        address: replica.registration.address,
+        leader: replica.leader,
+        sessions: replica.sessions,
+        lease_age_ms: replica.lease_age_ms,
+        live: replica.live,
+    }
+}
+
 pub fn fleet_status_to_proto(counts: &FleetCounts, by: &str) -> FleetStatusResponse {
     FleetStatusResponse {
         fleet: Some(group_to_proto(&counts.fleet)),
         zones: counts.zones.iter().map(group_to_proto).collect(),
         groups: counts.groups.iter().map(group_to_proto).collect(),
         by: by.to_owned(),
+        ..FleetStatusResponse::default()
     }
 }
 
@@ -235,6 +258,7 @@ impl Machines for MachinesApi {
             .map(|quarantine| (quarantine.machine_id, quarantine))
             .collect();
         let connections: HashMap<Uuid, ConnectedView> = self.state.registry.views();
+        let holders = self.state.replica_store.live_session_holders().await?;
         let tracked = self.state.health.snapshot();
         let trust_domain = &self.state.config.trust_domain;
         let machines = machines
@@ -247,9 +271,14 @@ impl Machines for MachinesApi {
                     tracked.get(&machine.id),
                     trust_domain,
                 );
+                with_replica(&mut proto, holders.get(&machine.id));
                 proto.quarantine = quarantines
                     .get(&machine.id)
                     .map(crate::edge::repair::quarantine_to_proto);
+                proto.current_image_created_at = tracked
+                    .get(&machine.id)
+                    .and_then(|tracked| self.state.image_ages.of_machine(tracked))
+                    .unwrap_or(0);
                 proto
             })
             .collect();
@@ -271,6 +300,12 @@ impl Machines for MachinesApi {
             tracked.as_ref(),
             &self.state.config.trust_domain,
         );
+        let holders = self.state.replica_store.live_session_holders().await?;
+        with_replica(&mut proto, holders.get(&machine.id));
+        proto.current_image_created_at = tracked
+            .as_ref()
+            .and_then(|tracked| self.state.image_ages.of_machine(tracked))
+            .unwrap_or(0);
         if let Some(report) = tracked.and_then(|tracked| tracked.last_report) {
             let Report {
                 checks,
@@ -392,10 +427,27 @@ impl Machines for MachinesApi {
             .into_values()
             .filter(|machine| selector_matches(&selector, &machine.labels, &machine.zone))
             .collect();
-        Ok(Response::new(fleet_status_to_proto(
-            &machines::fleet_counts(&machines, &request.by),
-            &request.by,
-        )))
+        let mut status =
+            fleet_status_to_proto(&machines::fleet_counts(&machines, &request.by), &request.by);
+        status.replicas = self
+            .state
+            .replica_store
+            .replicas()
+            .await?
+            .into_iter()
+            .map(replica_to_proto)
+            .collect();
+        let on_old_images = crate::domain::image_age::machines_on_old_images(
+            machines
+                .iter()
+                .filter(|machine| machine.state != crate::domain::health::MachineState::Retired)
+                .map(|machine| self.state.image_ages.of_machine(machine)),
+            self.state.clock.now_unix(),
+            self.state.config.image_max_age,
+        );
+        status.machines_on_old_images = u32::try_from(on_old_images).unwrap_or(u32::MAX);
+        status.image_max_age_seconds = self.state.config.image_max_age.as_secs();
+        Ok(Response::new(status))
     }
 
     async fn set_labels(

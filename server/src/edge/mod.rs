@@ -8,6 +8,7 @@ pub mod enrollment;
 pub mod guard;
 pub mod health_report;
 pub mod images;
+pub mod integrity;
 pub mod machines;
 pub mod methods;
 pub mod operators;
@@ -26,6 +27,7 @@ use flotte_proto::v1::agent_session_server::AgentSessionServer;
 use flotte_proto::v1::audit_server::AuditServer;
 use flotte_proto::v1::disaster_recovery_server::DisasterRecoveryServer;
 use flotte_proto::v1::enrollment_server::EnrollmentServer;
+use flotte_proto::v1::image_integrity_server::ImageIntegrityServer;
 use flotte_proto::v1::images_server::ImagesServer;
 use flotte_proto::v1::machines_server::MachinesServer;
 use flotte_proto::v1::operators_server::OperatorsServer;
@@ -238,6 +240,12 @@ pub async fn serve(
         .add_service(
             AccessServer::new(AccessApi::new(Arc::clone(&state)))
                 .max_decoding_message_size(admin_bytes),
+        )
+        .add_service(
+            ImageIntegrityServer::new(crate::edge::integrity::IntegrityApi::new(Arc::clone(
+                &state,
+            )))
+            .max_decoding_message_size(admin_bytes),
         );
 
     let shutdown_signal = shutdown.clone();

@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::domain::desired_state::DesiredState;
 use crate::edge::auth::{require_machine, require_not_revoked, Caller};
-use crate::images::BlobStore;
+use crate::live::feed::Change;
 use crate::live::registry::{SessionEntry, SessionMessage, SessionSender, SESSION_QUEUE_DEPTH};
 use crate::services::enrollment::Enroller;
 use crate::services::renewal::{min_renewal_interval, RenewalError};
@@ -100,6 +100,12 @@ fn session_message_to_proto(message: SessionMessage) -> Result<ServerMessage, St
         }),
         SessionMessage::Refused(reason) => ServerKind::Refused(SessionRefused { reason }),
         SessionMessage::Ended(reason) => return Err(Status::aborted(reason)),
+        SessionMessage::ImageCommand {
+            request_id,
+            restore,
+        } => ServerKind::ImageCommand(crate::edge::integrity::image_command_to_proto(
+            request_id, restore,
+        )),
     };
     Ok(ServerMessage { kind: Some(kind) })
 }
@@ -165,47 +171,47 @@ impl AgentSession for SessionApi {
                 "image {digest} is not this machine's desired image"
             )));
         }
-        let path = BlobStore::new(&self.state.config.data_dir).blob_path(&digest);
-        let mut file = tokio::fs::File::open(&path).await.map_err(|error| {
-            Status::not_found(format!("image blob {digest} is missing: {error}"))
-        })?;
-        let size = file
-            .metadata()
+        let blobs = Arc::clone(&self.state.blobs);
+        let size = blobs
+            .size(&digest)
             .await
             .map_err(|error| Status::internal(error.to_string()))?
-            .len();
+            .ok_or_else(|| Status::not_found(format!("image blob {digest} is missing")))?;
         if offset > size {
             return Err(Status::out_of_range(format!(
                 "offset {offset} is past the end ({size} bytes)"
             )));
         }
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        file.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(|error| Status::internal(error.to_string()))?;
         let (sender, receiver) = mpsc::channel(4);
         let bytes_served = self.state.metrics.image_bytes_served.clone();
         tokio::spawn(async move {
             let mut position = offset;
-            let mut buffer = vec![0u8; IMAGE_CHUNK_BYTES];
-            loop {
-                let read = match file.read(&mut buffer).await {
-                    Ok(0) => return,
-                    Ok(read) => read,
+            while position < size {
+                let data = match blobs.read_at(&digest, position, IMAGE_CHUNK_BYTES).await {
+                    Ok(data) if !data.is_empty() => data,
+                    Ok(_) => {
+                        let _ = sender
+                            .send(Err(Status::internal(format!(
+                                "image blob {digest} ends before its {size} bytes"
+                            ))))
+                            .await;
+                        return;
+                    }
                     Err(error) => {
                         let _ = sender.send(Err(Status::internal(error.to_string()))).await;
                         return;
                     }
                 };
+                let read = data.len() as u64;
                 let chunk = ImageChunk {
                     offset: position,
-                    data: buffer[..read].to_vec(),
+                    data,
                 };
-                position += read as u64;
+                position += read;
                 if sender.send(Ok(chunk)).await.is_err() {
                     return;
                 }
-                bytes_served.inc_by(read as u64);
+                bytes_served.inc_by(read);
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
@@ -274,6 +280,7 @@ impl AgentSession for SessionApi {
                 applied_desired_version: hello.applied_desired_version,
             },
         );
+        state.replicas.session_opened(machine_id, now);
         tracing::info!(machine = %machine_id, remote = %caller.peer.remote_address, hostname = %hello.inventory.as_ref().map(|i| i.hostname.as_str()).unwrap_or(""), "agent session opened");
         // Registered first, read second: a change committed before this read
         // is in the state sent now, and one committed after it is pushed
@@ -318,6 +325,8 @@ async fn serve_session(
 ) {
     let renewal_spacing = min_renewal_interval(state.config.machine_certificate_ttl);
     let mut last_renewal: Option<tokio::time::Instant> = None;
+    // One verification a second at most reaches the store (each is a write).
+    let mut last_verification_kept: Option<tokio::time::Instant> = None;
     let end_reason = loop {
         let message = tokio::select! {
             () = cancel.cancelled() => {
@@ -339,12 +348,21 @@ async fn serve_session(
         match message.kind {
             Some(AgentKind::Report(report)) => {
                 state.metrics.agent_reports.inc();
-                state.health.observe_report(
+                let changed_image = state.health.observe_report(
                     machine_id,
                     crate::edge::health_report::health_report_from_proto(report),
                     now,
                 );
                 state.rollouts.machine_changed(machine_id);
+                if let Some(image) = changed_image {
+                    state
+                        .feed
+                        .announce(Change::Image {
+                            machine: machine_id,
+                            image: Box::new(image),
+                        })
+                        .await;
+                }
             }
             None => {}
             Some(AgentKind::Hello(_)) => {
@@ -368,9 +386,23 @@ async fn serve_session(
             Some(AgentKind::AccessState(access)) => {
                 crate::edge::access::record_access_state(&state, machine_id, access, now);
             }
+            Some(AgentKind::ImageVerification(verification)) => {
+                // Each is a store write: an agent sending them faster than
+                // the spacing waits (its own session only); none is lost.
+                if let Some(kept) = last_verification_kept {
+                    tokio::time::sleep_until(
+                        kept + crate::edge::integrity::MIN_VERIFICATION_SPACING,
+                    )
+                    .await;
+                }
+                last_verification_kept = Some(tokio::time::Instant::now());
+                crate::edge::integrity::record_verification(&state, machine_id, verification, now)
+                    .await;
+            }
         }
     };
     if state.registry.unregister(machine_id, session_id).is_some() {
+        state.replicas.session_closed(machine_id);
         let last_seen = state.clock.now_unix();
         if let Err(error) = state
             .store

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::domain::health::{
-    silent_machines, state_from_report, HealthReport, LastHeard, MachineState,
+    silent_machines, state_from_report, HealthReport, ImageStatus, LastHeard, MachineState,
 };
 use crate::store::{MachineRecord, UnixSeconds};
 
@@ -113,16 +113,29 @@ impl HealthTracker {
         entry.labels = machine.labels.clone();
     }
 
-    /// Records a report; a change of state becomes a transition.
-    pub fn observe_report(&self, machine_id: Uuid, report: HealthReport, now: UnixSeconds) {
+    /// Records a report; a change of state becomes a transition. Returns
+    /// the image status if it changed since the last report (for the other
+    /// replicas, whose rollout engine may be the one waiting for it).
+    pub fn observe_report(
+        &self,
+        machine_id: Uuid,
+        report: HealthReport,
+        now: UnixSeconds,
+    ) -> Option<ImageStatus> {
         let (state, reason) = state_from_report(&report);
         let mut machines = self.lock();
-        let Some(machine) = machines.get_mut(&machine_id) else {
-            return;
-        };
+        let machine = machines.get_mut(&machine_id)?;
         if machine.state == MachineState::Retired {
-            return;
+            return None;
         }
+        let previous_image = machine
+            .last_report
+            .as_ref()
+            .and_then(|previous| previous.image.as_ref());
+        let image_changed = report.image.as_ref().filter(|image| {
+            previous_image.is_none_or(|previous| !same_image_progress(previous, image))
+        });
+        let changed_image = image_changed.cloned();
         machine.last_report_at = now;
         machine.last_report = Some(Arc::new(report));
         if machine.state != state {
@@ -131,11 +144,33 @@ impl HealthTracker {
             // Same state, fresher words (e.g. which disk is full now).
             machine.reason = reason;
         }
+        changed_image
     }
 
-    /// Marks machines silent for longer than the grace period unreachable.
-    pub fn check_liveness(&self, now: UnixSeconds) {
+    /// Takes a machine's image status reported to another replica (the one
+    /// holding its session), keeping the rest of what is known here.
+    pub fn adopt_image(&self, machine_id: Uuid, image: ImageStatus) {
         let mut machines = self.lock();
+        let Some(machine) = machines.get_mut(&machine_id) else {
+            return;
+        };
+        let mut report = machine.last_report.as_deref().cloned().unwrap_or_default();
+        report.image = Some(image);
+        machine.last_report = Some(Arc::new(report));
+    }
+
+    /// Marks machines silent for longer than the grace period unreachable,
+    /// among those `judged_here` says this replica judges. The others are
+    /// heard of through the replica holding their session, so their silence
+    /// is counted from now: if that replica dies, they become unreachable
+    /// only after a whole grace period.
+    pub fn check_liveness(&self, now: UnixSeconds, judged_here: &dyn Fn(Uuid) -> bool) {
+        let mut machines = self.lock();
+        for (machine_id, machine) in machines.iter_mut() {
+            if !judged_here(*machine_id) {
+                machine.last_report_at = now;
+            }
+        }
         let last_heard = machines.iter().map(|(machine_id, machine)| LastHeard {
             machine_id: *machine_id,
             state: machine.state,
@@ -151,6 +186,34 @@ impl HealthTracker {
                 self.transition(machine_id, machine, MachineState::Unreachable, reason, now);
             }
         }
+    }
+
+    /// Takes a state decided elsewhere (by the replica holding the
+    /// machine's session) without deciding or storing anything. Returns the
+    /// change, for local watchers, if the state was not already this one.
+    pub fn adopt(
+        &self,
+        machine_id: Uuid,
+        state: MachineState,
+        reason: &str,
+        at: UnixSeconds,
+    ) -> Option<Transition> {
+        let mut machines = self.lock();
+        let machine = machines.get_mut(&machine_id)?;
+        if machine.state == state || machine.state == MachineState::Retired {
+            return None;
+        }
+        let transition = Transition {
+            machine_id,
+            at,
+            from: machine.state,
+            to: state,
+            reason: reason.to_owned(),
+        };
+        machine.state = state;
+        machine.reason = reason.to_owned();
+        machine.since = at;
+        Some(transition)
     }
 
     /// Moves a decommissioned machine to `retired`, for good.
@@ -177,6 +240,19 @@ impl HealthTracker {
     pub fn snapshot(&self) -> HashMap<Uuid, TrackedMachine> {
         self.lock().clone()
     }
+}
+
+/// Whether two image statuses say the same about the machine's images and
+/// its swap (download progress aside, which changes every report).
+fn same_image_progress(previous: &ImageStatus, current: &ImageStatus) -> bool {
+    let without_progress = |image: &ImageStatus| {
+        let mut image = image.clone();
+        if let Some(swap) = image.swap.as_mut() {
+            swap.bytes_downloaded = 0;
+        }
+        image
+    };
+    without_progress(previous) == without_progress(current)
 }
 
 fn tracked_from_record(machine: &MachineRecord, now: UnixSeconds) -> TrackedMachine {
@@ -254,9 +330,9 @@ mod tests {
         tracker.observe_report(id, report_with_web_check(false), 103);
         tracker.observe_report(id, report_with_web_check(true), 104);
         // Silence shorter than the grace period changes nothing; longer does.
-        tracker.check_liveness(120);
-        tracker.check_liveness(135);
-        tracker.check_liveness(140);
+        tracker.check_liveness(120, &JUDGED_HERE);
+        tracker.check_liveness(135, &JUDGED_HERE);
+        tracker.check_liveness(140, &JUDGED_HERE);
         use MachineState::*;
         assert_eq!(
             drain(&mut receiver),
@@ -278,12 +354,48 @@ mod tests {
     #[test]
     fn silence_is_measured_from_start_for_machines_that_never_report() {
         let (tracker, _, mut receiver) = tracker_of_one("operational", 1000);
-        tracker.check_liveness(1029);
+        tracker.check_liveness(1029, &JUDGED_HERE);
         assert!(drain(&mut receiver).is_empty());
-        tracker.check_liveness(1031);
+        tracker.check_liveness(1031, &JUDGED_HERE);
         assert_eq!(
             drain(&mut receiver),
             vec![(MachineState::Operational, MachineState::Unreachable, 1031)]
+        );
+    }
+
+    /// One server judges every machine.
+    const JUDGED_HERE: fn(Uuid) -> bool = |_| true;
+
+    #[test]
+    fn a_machine_held_by_another_replica_is_not_judged_and_its_silence_starts_when_that_ends() {
+        let (tracker, _, mut receiver) = tracker_of_one("operational", 1000);
+        // Held elsewhere: no report here for a long time, yet not unreachable.
+        tracker.check_liveness(1100, &|_| false);
+        assert!(drain(&mut receiver).is_empty());
+        // Its holder died at 1100: this replica judges it from then on.
+        tracker.check_liveness(1129, &JUDGED_HERE);
+        assert!(drain(&mut receiver).is_empty());
+        tracker.check_liveness(1131, &JUDGED_HERE);
+        assert_eq!(
+            drain(&mut receiver),
+            vec![(MachineState::Operational, MachineState::Unreachable, 1131)]
+        );
+    }
+
+    #[test]
+    fn a_state_decided_elsewhere_is_adopted_without_a_transition_of_its_own() {
+        let (tracker, id, mut receiver) = tracker_of_one("operational", 1000);
+        let adopted = tracker.adopt(id, MachineState::Down, "web failing", 1005);
+        assert_eq!(
+            adopted.map(|change| (change.from, change.to)),
+            Some((MachineState::Operational, MachineState::Down))
+        );
+        assert_eq!(tracker.adopt(id, MachineState::Down, "again", 1006), None);
+        assert_eq!(tracker.get(id).unwrap().state, MachineState::Down);
+        assert!(drain(&mut receiver).is_empty(), "nothing to store or alert");
+        assert_eq!(
+            tracker.adopt(Uuid::from_u128(9), MachineState::Down, "", 1),
+            None
         );
     }
 
@@ -291,7 +403,7 @@ mod tests {
     fn a_retired_machine_ignores_reports_and_silence() {
         let (tracker, id, mut receiver) = tracker_of_one("retired", 1000);
         tracker.observe_report(id, report_with_web_check(false), 1001);
-        tracker.check_liveness(2000);
+        tracker.check_liveness(2000, &JUDGED_HERE);
         assert!(drain(&mut receiver).is_empty());
         assert!(tracker.get(id).unwrap().last_report.is_none());
     }

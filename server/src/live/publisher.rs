@@ -4,9 +4,10 @@
 //!
 //! Services change stored rows and then tell the publisher what changed
 //! (`machine_changed`, `access_changed`, `refuse_session`); the publisher
-//! rebuilds from the store and hands messages to a [`SessionFanOut`]. On one
-//! server the fan-out is the local [`Registry`]; a cross-replica fan-out can
-//! sit behind the same trait without any service changing.
+//! rebuilds from the store and hands messages to a [`SessionFanOut`] — the
+//! local [`Registry`] — and announces the change on the [`Feed`], so that
+//! every other replica does the same for the sessions it holds (the
+//! `*_elsewhere` methods, called by `live::feed`).
 //!
 //! What must never happen here: a decision about *what* a machine should run
 //! (services and controllers decide and store it first), or a wire type.
@@ -21,6 +22,7 @@ use crate::clock::Clock;
 use crate::domain::access_policy::{compile_policy, AccessInputs, MachinePolicy};
 use crate::domain::desired_state::{desired_state, DesiredState};
 use crate::live::access_hub::AccessHub;
+use crate::live::feed::{Change, Feed};
 use crate::live::health::HealthTracker;
 use crate::live::registry::{Registry, SessionMessage};
 use crate::store::repair::RepairStore;
@@ -107,6 +109,7 @@ impl SessionFanOut for Registry {
 /// Builds desired states from the store and sends them through a fan-out.
 pub struct Publisher {
     fan_out: Arc<dyn SessionFanOut>,
+    feed: Arc<Feed>,
     store: Arc<dyn Store>,
     quarantines: Arc<dyn RepairStore>,
     access: Arc<AccessHub>,
@@ -131,12 +134,14 @@ pub struct PublisherSources {
     pub health: Arc<HealthTracker>,
     pub clock: Arc<dyn Clock>,
     pub report_interval: Duration,
+    pub feed: Arc<Feed>,
 }
 
 impl Publisher {
     pub fn new(fan_out: Arc<dyn SessionFanOut>, sources: PublisherSources) -> Self {
         Publisher {
             fan_out,
+            feed: sources.feed,
             store: sources.store,
             quarantines: sources.quarantines,
             access: sources.access,
@@ -197,16 +202,81 @@ impl Publisher {
     }
 
     /// A machine's stored row changed (labels, image, quarantine): its
-    /// session gets the new whole state.
+    /// session gets the new whole state, wherever it is held.
     pub async fn machine_changed(&self, machine: &MachineRecord) {
         self.push(machine, None).await;
+        if !self.fan_out.holds_session(machine.id) {
+            self.feed
+                .announce(Change::Machines {
+                    machines: vec![machine.id],
+                })
+                .await;
+        }
     }
 
     /// A rollout stored new desired images for `machines`.
     pub async fn rollout_changed(&self, machines: &[MachineRecord], rollout: Uuid) {
+        let mut held_elsewhere = Vec::new();
         for machine in machines {
-            self.push(machine, Some(rollout)).await;
+            if self.fan_out.holds_session(machine.id) {
+                self.push(machine, Some(rollout)).await;
+            } else {
+                held_elsewhere.push(machine.id);
+            }
         }
+        if !held_elsewhere.is_empty() {
+            self.feed
+                .announce(Change::RolloutPush {
+                    rollout,
+                    machines: held_elsewhere,
+                })
+                .await;
+        }
+    }
+
+    /// Machines whose rows another replica changed: the sessions held here
+    /// get their new whole state, and the health tracker their new labels.
+    pub async fn machines_changed_elsewhere(&self, machines: &[Uuid]) {
+        self.push_stored(machines, None).await;
+    }
+
+    /// Another replica's rollout stored new desired images for `machines`.
+    pub async fn rollout_pushed_elsewhere(&self, rollout: Uuid, machines: &[Uuid]) {
+        self.push_stored(machines, Some(rollout)).await;
+    }
+
+    /// Reads each of `machines` from the store, refreshes its identity facts
+    /// in the health tracker, and pushes it if its session is held here.
+    async fn push_stored(&self, machines: &[Uuid], rollout: Option<Uuid>) {
+        let now = self.clock.now_unix();
+        for &id in machines {
+            match self.store.machine(id).await {
+                Ok(Some(machine)) => {
+                    self.health.upsert(&machine, now);
+                    self.push(&machine, rollout).await;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(machine = %id, %error, "cannot read a machine changed elsewhere; ending its session so that it resyncs");
+                    self.fan_out.end_session(id);
+                }
+            }
+        }
+    }
+
+    /// After a gap in the change feed: every session held here gets its
+    /// whole state again, rebuilt from the store.
+    pub async fn resynchronise_held_sessions(&self) {
+        if let Err(error) = self.access.refresh().await {
+            tracing::error!(%error, "cannot reload the access inputs");
+        }
+        let held: Vec<Uuid> = self
+            .health
+            .snapshot()
+            .into_keys()
+            .filter(|machine| self.fan_out.holds_session(*machine))
+            .collect();
+        self.push_stored(&held, None).await;
     }
 
     /// Access inputs changed and were committed: refreshes them and pushes
@@ -217,6 +287,22 @@ impl Publisher {
     /// fan-out reads nothing per machine from the store. A relabel racing
     /// with it pushes its own desired state, compiled for the new labels.
     pub async fn access_changed(&self) -> Result<u64, StoreError> {
+        let version = self.fan_out_fresh_access().await?;
+        self.feed.announce(Change::Access).await;
+        Ok(version)
+    }
+
+    /// Another replica changed the access inputs: the sessions held here
+    /// get the recompiled policy.
+    pub async fn access_changed_elsewhere(&self) {
+        if let Err(error) = self.fan_out_fresh_access().await {
+            tracing::error!(%error, "cannot reload access inputs changed elsewhere");
+        }
+    }
+
+    /// Re-reads the access inputs and pushes every session held here its
+    /// recompiled policy; returns the version.
+    async fn fan_out_fresh_access(&self) -> Result<u64, StoreError> {
         let started = std::time::Instant::now();
         let inputs = self.access.refresh().await?;
         let read = started.elapsed();
@@ -245,8 +331,18 @@ impl Publisher {
         })
     }
 
-    /// Tells a machine's session why it may not continue, then ends it.
+    /// Tells a machine's session why it may not continue, then ends it,
+    /// whichever replica holds it.
     pub async fn refuse_session(&self, machine: Uuid, reason: String) {
+        if !self.fan_out.holds_session(machine) {
+            self.feed.announce(Change::Refuse { machine, reason }).await;
+            return;
+        }
+        self.refuse_held_session(machine, reason).await;
+    }
+
+    /// [`Publisher::refuse_session`] for a session held here (if it is).
+    pub async fn refuse_held_session(&self, machine: Uuid, reason: String) {
         self.fan_out
             .send(machine, SessionMessage::Refused(reason))
             .await;

@@ -37,6 +37,12 @@ pub enum SessionMessage {
     /// The server ends this session (replaced by a newer one, or shutdown);
     /// the stream closes with this reason.
     Ended(String),
+    /// Verify the running image now (`restore`: re-create it first); the
+    /// answer carries `request_id`.
+    ImageCommand {
+        request_id: String,
+        restore: bool,
+    },
 }
 
 pub type SessionSender = mpsc::Sender<SessionMessage>;

@@ -15,6 +15,7 @@ use crate::domain::repair::remediation::{next, Action, Decision, MachineView};
 use crate::live::providers::{Providers, ReplacementRequest};
 use crate::live::repair_state::RemediationStatus;
 use crate::store::repair::{RemediationEventRecord, RemediationState};
+use crate::store::replicas::Fence;
 use crate::store::StoreError;
 use crate::ServerState;
 
@@ -35,16 +36,22 @@ pub async fn run_remediation(state: Arc<ServerState>, shutdown: CancellationToke
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        if let Err(error) = decide_and_apply(&state, &providers).await {
+        let Some(fence) = state.leadership.fence() else {
+            continue; // another replica remediates
+        };
+        if let Err(error) = decide_and_apply(&state, &providers, &fence).await {
             tracing::warn!(%error, "remediation round failed");
         }
     }
     providers.shutdown();
 }
 
+/// One round; every write carries `fence`, so that a replica that lost the
+/// lead meanwhile changes nothing.
 async fn decide_and_apply(
     state: &Arc<ServerState>,
     providers: &Arc<Providers>,
+    fence: &Fence,
 ) -> Result<(), StoreError> {
     let machines = state.store.machines().await?;
     let quarantined = crate::live::repair_state::quarantined_ids(state).await?;
@@ -80,7 +87,7 @@ async fn decide_and_apply(
                 let Some(view) = views.iter().find(|view| view.id == machine_id) else {
                     continue;
                 };
-                remediate(state, providers, view, &provider, &reason, now).await?;
+                remediate(state, providers, view, &provider, &reason, now, fence).await?;
             }
             Action::Close {
                 event_id,
@@ -93,14 +100,18 @@ async fn decide_and_apply(
                         updated_at: now,
                         ..event.clone()
                     };
-                    state.repair.store.update_remediation(&closed).await?;
+                    state
+                        .repair
+                        .store
+                        .update_remediation(&closed, fence)
+                        .await?;
                     tracing::info!(event = %event_id, machine = %event.machine_id, %replacement, "remediation closed: the replacement is operational");
                     publish_event(state, &closed);
                 }
             }
             Action::Fail { event_id, reason } => {
                 if let Some(event) = events.iter().find(|event| event.id == event_id) {
-                    fail(state, event, reason, now).await?;
+                    fail(state, event, reason, now, fence).await?;
                 }
             }
         }
@@ -152,6 +163,7 @@ async fn fail(
     event: &RemediationEventRecord,
     reason: String,
     now: i64,
+    fence: &Fence,
 ) -> Result<(), StoreError> {
     let failed = RemediationEventRecord {
         state: RemediationState::Failed,
@@ -159,7 +171,11 @@ async fn fail(
         detail: reason,
         ..event.clone()
     };
-    state.repair.store.update_remediation(&failed).await?;
+    state
+        .repair
+        .store
+        .update_remediation(&failed, fence)
+        .await?;
     tracing::warn!(event = %failed.id, machine = %failed.machine_id, detail = %failed.detail, "remediation failed");
     publish_event(state, &failed);
     Ok(())
@@ -175,6 +191,7 @@ async fn remediate(
     provider: &str,
     reason: &str,
     now: i64,
+    fence: &Fence,
 ) -> Result<(), StoreError> {
     let ttl = state
         .config
@@ -221,7 +238,7 @@ async fn remediate(
     let updated = state
         .repair
         .store
-        .open_remediation(&quarantine, &event)
+        .open_remediation(&quarantine, &event, fence)
         .await?;
     tracing::warn!(machine = %machine.id, hostname = %machine.hostname, event = %event.id, %provider, %reason, "remediation: machine quarantined, replacement requested");
     if let Some(machine) = &updated {

@@ -1,7 +1,10 @@
 //! Applies machine state transitions in the order they were decided: store
-//! them, count them, announce them to `machines watch` streams and send them
-//! to the webhooks. One task does all of it, so every consumer sees the same
-//! order.
+//! them, count them, tell the other replicas, announce them to `machines
+//! watch` streams and send them to the webhooks. One task does all of it, so
+//! every consumer sees the same order. A transition is decided by one
+//! replica only (the one judging the machine), so it is stored and sent to
+//! the webhooks once fleet-wide; the others only show it to their watchers
+//! ([`announce_locally`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,6 +14,7 @@ use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
 
 use crate::alerts::Alert;
+use crate::live::feed::Change;
 use crate::live::health::Transition;
 use crate::store::StateTransitionRecord;
 use crate::ServerState;
@@ -69,17 +73,16 @@ pub async fn apply_transitions(
             tracing::error!(machine = %transition.machine_id, %error, "cannot store state transition");
         }
         state.metrics.record_transition(transition.to.as_str());
-        let facts = state.health.get(transition.machine_id);
-        let event = MachineEvent {
-            machine_id: transition.machine_id,
-            hostname: facts
-                .as_ref()
-                .map(|m| m.hostname.clone())
-                .unwrap_or_default(),
-            zone: facts.as_ref().map(|m| m.zone.clone()).unwrap_or_default(),
-            labels: facts.map(|m| m.labels).unwrap_or_default(),
-            transition,
-        };
+        state
+            .feed
+            .announce(Change::Health {
+                machine: transition.machine_id,
+                state: transition.to.as_str().to_owned(),
+                reason: transition.reason.clone(),
+                at: transition.at,
+            })
+            .await;
+        let event = event_of(&state, transition);
         tracing::info!(
             machine = %event.machine_id,
             hostname = %event.hostname,
@@ -89,8 +92,33 @@ pub async fn apply_transitions(
             "machine state changed"
         );
         state.alerts.publish(&alert_for(&event));
-        state.rollouts.machine_changed(event.machine_id);
-        // No watcher is not an error.
-        let _ = state.events.send(event);
+        show_to_watchers(&state, event);
     }
+}
+
+/// A transition with the machine's facts as the health tracker has them.
+fn event_of(state: &ServerState, transition: Transition) -> MachineEvent {
+    let facts = state.health.get(transition.machine_id);
+    MachineEvent {
+        machine_id: transition.machine_id,
+        hostname: facts
+            .as_ref()
+            .map(|m| m.hostname.clone())
+            .unwrap_or_default(),
+        zone: facts.as_ref().map(|m| m.zone.clone()).unwrap_or_default(),
+        labels: facts.map(|m| m.labels).unwrap_or_default(),
+        transition,
+    }
+}
+
+fn show_to_watchers(state: &ServerState, event: MachineEvent) {
+    state.rollouts.machine_changed(event.machine_id);
+    // No watcher is not an error.
+    let _ = state.events.send(event);
+}
+
+/// A transition another replica decided (and stored and alerted): this
+/// replica's watchers and rollout engine see it too.
+pub fn announce_locally(state: &ServerState, transition: Transition) {
+    show_to_watchers(state, event_of(state, transition));
 }

@@ -6,7 +6,7 @@
 //! one call. Agents' access acknowledgements are bounded here and kept in
 //! memory by the hub (flushed to the store in batches).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use flotte_proto::labels::Selector;
 use flotte_proto::ssh_keys::{fingerprint_of_key_text, parse_public_key, SshPublicKey};
@@ -471,8 +471,25 @@ pub async fn access_status(
 ) -> Result<AccessStatus, AccessServiceError> {
     let current_version = state.access.current().version;
     let version = version.unwrap_or(current_version);
-    let acks = state.access.machines();
-    let connected = state.registry.views();
+    // Machines held by other replicas: their acknowledgements as those
+    // replicas last flushed them; this replica's own are the freshest.
+    let mut acks: HashMap<Uuid, MachineAccessRecord> = state
+        .access
+        .store()
+        .machine_access()
+        .await?
+        .into_iter()
+        .map(|record| (record.machine_id, record))
+        .collect();
+    acks.extend(state.access.machines());
+    let mut connected: HashSet<Uuid> = state.registry.views().into_keys().collect();
+    connected.extend(
+        state
+            .replica_store
+            .live_session_holders()
+            .await?
+            .into_keys(),
+    );
     let mut status = AccessStatus {
         version,
         current_version,
@@ -487,11 +504,7 @@ pub async fn access_status(
     for machine in machines {
         let ack = acks.get(&machine.id);
         let applied_version = ack.map_or(0, |ack| ack.applied_version);
-        let delivery = delivery_status(
-            applied_version,
-            version,
-            connected.contains_key(&machine.id),
-        );
+        let delivery = delivery_status(applied_version, version, connected.contains(&machine.id));
         match delivery {
             DeliveryStatus::Applied => status.applied += 1,
             DeliveryStatus::Pending => status.pending += 1,

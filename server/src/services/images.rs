@@ -12,7 +12,7 @@
 use flotte_proto::image::{verify_manifest, ImageReference, Manifest};
 use flotte_proto::release_keys::{parse_release_key, ReleasePublicKey};
 
-use crate::images::{BlobError, BlobStore, BlobWriter};
+use crate::images::{BlobError, BlobWriter};
 use crate::store::{ImageRecord, StoreError};
 use crate::ServerState;
 
@@ -46,7 +46,7 @@ pub enum ImageError {
 impl From<BlobError> for ImageError {
     fn from(error: BlobError) -> Self {
         match error {
-            BlobError::Io { .. } => ImageError::BlobStorage(error),
+            BlobError::Io { .. } | BlobError::Database(_) => ImageError::BlobStorage(error),
             _ => ImageError::PayloadRefused(error),
         }
     }
@@ -81,8 +81,7 @@ pub struct ImageUpload {
     manifest: Manifest,
     manifest_json: Vec<u8>,
     signature: Vec<u8>,
-    blobs: BlobStore,
-    writer: BlobWriter,
+    writer: Box<dyn BlobWriter>,
 }
 
 /// The release keys the server trusts now.
@@ -142,13 +141,11 @@ pub async fn begin_push(
             })
         };
     }
-    let blobs = BlobStore::new(&state.config.data_dir);
-    let writer = blobs.begin(manifest.payload_size).await?;
+    let writer = state.blobs.begin(manifest.payload_size).await?;
     let mut upload = ImageUpload {
         manifest,
         manifest_json: pushed.manifest_json,
         signature: pushed.signature,
-        blobs,
         writer,
     };
     upload.write(&pushed.first_payload).await?;
@@ -175,9 +172,7 @@ impl ImageUpload {
         pushed_by: &str,
     ) -> Result<ImageRecord, ImageError> {
         let manifest = self.manifest;
-        self.writer
-            .finish(&self.blobs, &manifest.payload_sha256)
-            .await?;
+        self.writer.finish(&manifest.payload_sha256).await?;
         let record = ImageRecord {
             name: manifest.name.clone(),
             version: manifest.version.clone(),
@@ -192,6 +187,9 @@ impl ImageUpload {
         if !state.store.insert_image(&record).await? {
             return Err(ImageError::PushedConcurrently(manifest.reference()));
         }
+        state
+            .image_ages
+            .record(&record.name, &record.version, &record.manifest_json);
         tracing::info!(image = %manifest.reference(), digest = %record.digest, size = record.size, "image pushed");
         Ok(record)
     }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::domain::access_policy::grants_changed_by_relabel;
 use crate::domain::health::MachineState;
+use crate::live::feed::Change;
 use crate::live::health::TrackedMachine;
 use crate::live::revocation::{denial, REVOCATION_GRACE};
 use crate::store::{DeniedKind, DesiredImageRecord, MachineRecord, StoreError};
@@ -237,6 +238,12 @@ pub async fn decommission(
     state
         .revocations
         .enforce(&denied, &identity_uri, REVOCATION_GRACE);
+    state
+        .feed
+        .announce(Change::Denied {
+            identity_uri: identity_uri.clone(),
+        })
+        .await;
     state
         .publisher
         .refuse_session(machine.id, reason.clone())

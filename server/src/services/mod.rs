@@ -12,6 +12,7 @@ pub mod audit;
 pub mod enrollment;
 pub mod forensics;
 pub mod images;
+pub mod integrity;
 pub mod machines;
 pub mod operators;
 pub mod quarantine;

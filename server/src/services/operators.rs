@@ -10,6 +10,7 @@ use flotte_proto::names::quoted_prefix;
 
 use crate::ca::CaError;
 use crate::clock::to_unix;
+use crate::live::feed::Change;
 use crate::live::revocation::{denial, REVOCATION_GRACE};
 use crate::store::{DeniedKind, OperatorChange, OperatorRecord, StoreError};
 use crate::ServerState;
@@ -152,6 +153,12 @@ pub async fn revoke(
     state
         .revocations
         .enforce(&denied, &identity_uri, REVOCATION_GRACE);
+    state
+        .feed
+        .announce(Change::Denied {
+            identity_uri: identity_uri.clone(),
+        })
+        .await;
     tracing::warn!(operator = %identity_uri, %revoked_by, "operator revoked");
     Ok(revoked)
 }

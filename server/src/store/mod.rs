@@ -19,8 +19,10 @@
 mod access;
 #[cfg(test)]
 pub(crate) mod contract;
+pub mod integrity;
 mod postgres;
 pub mod repair;
+pub mod replicas;
 mod rollouts;
 pub mod settings;
 mod sqlite;
@@ -33,6 +35,9 @@ pub use access::{
     AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord,
     RefusedKeyRecord, UserKeyRecord, UserRecord, UserRevocation,
 };
+/// A directory removed when dropped, for tests that need files.
+#[cfg(test)]
+pub(crate) use sqlite::tests::TemporaryDirectory;
 pub use sqlite::SqliteStore;
 use uuid::Uuid;
 
@@ -66,6 +71,10 @@ pub enum StoreError {
          binary knows: run a release at least as new as the one that last opened this store"
     )]
     SchemaTooNew { found: i64, supported: i64 },
+    /// A leader-only write made under a lease that is no longer held: a
+    /// newer leader may act, so this one must not.
+    #[error("replica {holder} no longer leads (term {term} ended): its write was refused")]
+    Fenced { holder: String, term: i64 },
 }
 
 impl StoreError {
@@ -398,11 +407,13 @@ pub trait Store: Send + Sync + 'static {
     fn write_count(&self) -> u64;
 }
 
-/// The number of a migration named `V<n>__<what>` (0 if it has none).
-fn version_of_migration_name(name: &str) -> i64 {
-    name.strip_prefix('V')
-        .and_then(|rest| rest.split("__").next())
-        .and_then(|number| number.parse().ok())
+/// The highest version the migrations' names carry (`V4__…` → 4): versions
+/// need not be contiguous (a number may be taken by a branch not merged yet).
+fn latest_migration_version(migrations: &[(&str, &str)]) -> i64 {
+    migrations
+        .iter()
+        .filter_map(|(name, _)| name.strip_prefix('V')?.split("__").next()?.parse().ok())
+        .max()
         .unwrap_or(0)
 }
 

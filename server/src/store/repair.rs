@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
+use super::replicas::Fence;
+
 use super::{MachineRecord, StoreError, UnixSeconds};
 
 /// A machine taken out of service but kept for investigation.
@@ -106,13 +108,20 @@ pub trait RepairStore: Send + Sync + 'static {
     /// in one conditional operation.
     async fn release_machine(&self, machine_id: Uuid) -> Result<ReleaseOutcome, StoreError>;
     /// Quarantines the event's machine and records the event, atomically;
-    /// `None` if no such machine.
+    /// `None` if no such machine. The remediation loop leads: its `fence`
+    /// must still hold (else [`StoreError::Fenced`], nothing written).
     async fn open_remediation(
         &self,
         quarantine: &QuarantineRecord,
         event: &RemediationEventRecord,
+        fence: &Fence,
     ) -> Result<Option<MachineRecord>, StoreError>;
-    async fn update_remediation(&self, event: &RemediationEventRecord) -> Result<(), StoreError>;
+    /// Closes or fails an event, under the remediation loop's `fence`.
+    async fn update_remediation(
+        &self,
+        event: &RemediationEventRecord,
+        fence: &Fence,
+    ) -> Result<(), StoreError>;
     /// Records a provider's answer on a still-open event (failing it if
     /// `failed`); an event closed meanwhile is left as it is. `false` if
     /// the event was not open.

@@ -4,6 +4,7 @@
 
 use uuid::Uuid;
 
+use super::replicas::Fence;
 use super::{DesiredImageRecord, MachineRecord, StoreError};
 use crate::domain::rollout::{Rollout, RolloutMachine};
 
@@ -38,10 +39,26 @@ pub trait RolloutStore: Send + Sync + 'static {
     /// machine rows that changed, and the desired images to set (each bumps
     /// the machine's desired-state version). Returns the updated records of
     /// the machines in `desired`, to push to their agents.
+    ///
+    /// Conditional twice over: the stored row must still be at
+    /// `rollout.revision` (it becomes `revision + 1`), else
+    /// [`StoreError::Conflict`] — another replica changed it; and a
+    /// leader-only write carries its `fence`, refused with
+    /// [`StoreError::Fenced`] once the lease is gone. Nothing is written
+    /// when either fails.
     async fn apply_rollout_pass(
         &self,
         rollout: &Rollout,
         machines: &[RolloutMachine],
         desired: &[(Uuid, DesiredImageRecord)],
+        fence: Option<&Fence>,
     ) -> Result<Vec<MachineRecord>, StoreError>;
+}
+
+/// The refusal of a write made from a stale copy of `rollout`.
+pub(super) fn stale_revision(rollout: &Rollout) -> StoreError {
+    StoreError::Conflict(format!(
+        "rollout {} changed since revision {} was read",
+        rollout.id, rollout.revision
+    ))
 }

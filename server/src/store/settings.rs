@@ -13,9 +13,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::integrity::IntegrityStore;
 use super::postgres::{postgres_url_problems, PostgresStore};
 use super::repair::RepairStore;
+use super::replicas::ReplicaStore;
 use super::{AccessStore, RolloutStore, SqliteStore, Store, StoreError};
+use crate::images::{BlobStore, DirectoryBlobStore};
 use crate::metrics::StoreMetrics;
 
 /// Bound on a password file: a password is short, and a wrong path (a log,
@@ -99,18 +102,32 @@ pub struct OpenedStore {
     pub access: Arc<dyn AccessStore>,
     pub rollouts: Arc<dyn RolloutStore>,
     pub repair: Arc<dyn RepairStore>,
+    pub replicas: Arc<dyn ReplicaStore>,
+    pub integrity: Arc<dyn IntegrityStore>,
+    /// Image payloads: files in the data dir with SQLite, rows with
+    /// PostgreSQL (every replica serves every download).
+    pub blobs: Arc<dyn BlobStore>,
 }
 
 impl OpenedStore {
-    fn new<Backend>(backend: Backend) -> Self
+    fn new<Backend>(backend: Backend, blobs: Arc<dyn BlobStore>) -> Self
     where
-        Backend: Store + AccessStore + RolloutStore + RepairStore + Clone,
+        Backend: Store
+            + AccessStore
+            + RolloutStore
+            + RepairStore
+            + ReplicaStore
+            + IntegrityStore
+            + Clone,
     {
         OpenedStore {
+            blobs,
             store: Arc::new(backend.clone()),
             access: Arc::new(backend.clone()),
             rollouts: Arc::new(backend.clone()),
-            repair: Arc::new(backend),
+            repair: Arc::new(backend.clone()),
+            replicas: Arc::new(backend.clone()),
+            integrity: Arc::new(backend),
         }
     }
 }
@@ -142,17 +159,16 @@ pub async fn open_store(
     metrics: StoreMetrics,
 ) -> Result<OpenedStore, StoreError> {
     match settings {
-        StoreSettings::Sqlite => Ok(OpenedStore::new(SqliteStore::open_with_metrics(
-            &crate::store_path(data_dir),
-            metrics,
-        )?)),
+        StoreSettings::Sqlite => Ok(OpenedStore::new(
+            SqliteStore::open_with_metrics(&crate::store_path(data_dir), metrics)?,
+            Arc::new(DirectoryBlobStore::new(data_dir)),
+        )),
         StoreSettings::Postgres { url, password_file } => {
             let password = password_file.as_deref().map(read_password).transpose()?;
-            Ok(OpenedStore::new(
-                PostgresStore::connect(url, password)
-                    .await?
-                    .with_metrics(metrics),
-            ))
+            let store = PostgresStore::connect(url, password)
+                .await?
+                .with_metrics(metrics);
+            Ok(OpenedStore::new(store.clone(), Arc::new(store)))
         }
     }
 }

@@ -692,6 +692,10 @@ impl Demo {
         ] {
             say!("  {}", self.flottectl_command_line(args)?);
         }
+        say!(
+            "Or watch it in a browser (the dashboard prints a URL carrying its secret):\n  {}",
+            self.flottectl_command_line(&["ui", "--open"])?
+        );
         say!("Logs: {}/*/*.log", self.root.display());
         Ok(())
     }

@@ -377,6 +377,7 @@ async fn run_simulated_agent(
         images,
         identity_watch: None,
         access: Some(ack_log),
+        integrity: None,
     };
     let mut stats = SessionStats::default();
     let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);

@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flotte_tests::sample_fleet::{build_sample_image_on_port, free_port};
+use flotte_tests::sample_fleet::{
+    build_sample_image_on_port, free_port, write_incompressible_tree,
+};
 use flotte_tests::{http_get, wait_until, Agent, Server, TempDir};
 
 #[derive(Debug, Parser)]
@@ -55,37 +57,6 @@ fn ctl(server: &Server, args: &[&str]) -> Result<String, String> {
             String::from_utf8_lossy(&output.stderr)
         ))
     }
-}
-
-/// Fills `directory` with `files` files of incompressible bytes (xorshift),
-/// `total_bytes` in all.
-fn write_incompressible_tree(directory: &Path, total_bytes: u64, files: u64) -> Result<(), String> {
-    std::fs::create_dir_all(directory).map_err(|error| error.to_string())?;
-    let per_file = total_bytes / files.max(1);
-    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut buffer = vec![0u8; 1 << 20];
-    for index in 0..files {
-        use std::io::Write;
-        let path = directory.join(format!("blob-{index:04}.bin"));
-        let mut file = std::io::BufWriter::new(
-            std::fs::File::create(&path).map_err(|error| format!("{}: {error}", path.display()))?,
-        );
-        let mut left = per_file;
-        while left > 0 {
-            for word in buffer.chunks_exact_mut(8) {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                word.copy_from_slice(&state.to_le_bytes());
-            }
-            let take = usize::try_from(left.min(buffer.len() as u64)).unwrap_or(buffer.len());
-            file.write_all(&buffer[..take])
-                .map_err(|error| error.to_string())?;
-            left -= take as u64;
-        }
-        file.flush().map_err(|error| error.to_string())?;
-    }
-    Ok(())
 }
 
 /// Builds and pushes `app@version`: the sample service on `port`, plus

@@ -715,6 +715,7 @@ on_failure = "rollback"
                 current_wave: 0,
                 wave_started_at: None,
                 approved_stages: Vec::new(),
+                revision: 0,
             },
             views,
         }

@@ -240,6 +240,10 @@ pub struct Rollout {
     pub wave_started_at: Option<UnixSeconds>,
     /// Stages whose approval gate was passed (`rollout approve`).
     pub approved_stages: Vec<u32>,
+    /// How many times the stored row was written: each write names the
+    /// revision it read and is refused if another was stored meanwhile (an
+    /// operator's command through another replica), so nothing is lost.
+    pub revision: u64,
 }
 
 impl Rollout {

@@ -12,6 +12,10 @@ use crate::domain::rollout::controller::{apply_command, Command, CommandEffect};
 use crate::domain::rollout::{RolloutError, RolloutState};
 use crate::ServerState;
 
+/// How many times a command is decided again when another replica changed
+/// the rollout between the read and the write.
+const COMMAND_ATTEMPTS: u32 = 3;
+
 impl RolloutEngine {
     /// An operator's command on one rollout.
     pub async fn command(
@@ -21,13 +25,39 @@ impl RolloutEngine {
         command: Command,
         actor: &str,
     ) -> Result<RolloutDetail, RolloutError> {
-        let mut active = self.active.lock().await;
-        let mut current = match active.get(&id) {
-            Some(current) => current.clone(),
-            None => self.stored(id).await?,
+        // A write from a copy another replica made stale is refused by the
+        // store; the command is then decided again on the fresh row.
+        let mut attempts_left = COMMAND_ATTEMPTS;
+        let current = loop {
+            attempts_left -= 1;
+            match self.command_once(state, id, &command, actor).await {
+                Err(RolloutError::Store(error)) if error.is_retryable() && attempts_left > 0 => {
+                    tracing::info!(rollout = %id, %error, "rollout changed meanwhile; deciding the command again");
+                }
+                other => break other?,
+            }
         };
-        let effect = apply_command(&current.rollout, &command).map_err(RolloutError::Refused)?;
-        if effect == CommandEffect::State(RolloutState::RollingBack) && !active.contains_key(&id) {
+        self.changed(state, id).await;
+        Ok(detail_of(state, current.rollout, current.machines).await)
+    }
+
+    /// One attempt at [`RolloutEngine::command`]: decided on the stored row
+    /// and stored if that row did not change meanwhile.
+    async fn command_once(
+        &self,
+        state: &ServerState,
+        id: Uuid,
+        command: &Command,
+        actor: &str,
+    ) -> Result<ActiveRollout, RolloutError> {
+        let mut active = self.active.lock().await;
+        // The stored row, not this replica's copy: another replica may
+        // have changed it (the leader's pass, an operator's command there).
+        let mut current = self.stored(id).await?;
+        let effect = apply_command(&current.rollout, command).map_err(RolloutError::Refused)?;
+        if effect == CommandEffect::State(RolloutState::RollingBack)
+            && current.rollout.state.is_terminal()
+        {
             // A finished rollout comes back to life to revert its machines:
             // refuse if another active rollout holds some of them now.
             let held = self.members();
@@ -69,8 +99,9 @@ impl RolloutEngine {
         };
         current.rollout.updated_at = now;
         self.store
-            .apply_rollout_pass(&current.rollout, &[], &[])
+            .apply_rollout_pass(&current.rollout, &[], &[], None)
             .await?;
+        current.rollout.revision += 1;
         self.announce(
             state,
             &current.rollout,
@@ -79,10 +110,7 @@ impl RolloutEngine {
             actor,
         );
         self.keep_or_retire(&mut active, current.clone());
-        drop(active);
-        self.wake.notify_one();
-        let _ = self.changes.send(id);
-        Ok(detail_of(state, current.rollout, current.machines).await)
+        Ok(current)
     }
 
     /// Pauses every pending or running rollout; returns those it paused.
@@ -91,18 +119,17 @@ impl RolloutEngine {
         state: &ServerState,
         actor: &str,
     ) -> Result<Vec<RolloutDetail>, RolloutError> {
+        // From the store: a rollout created through another replica a
+        // moment ago is stopped too.
         let ids: Vec<Uuid> = self
-            .active
-            .lock()
-            .await
-            .values()
-            .filter(|active| {
-                matches!(
-                    active.rollout.state,
-                    RolloutState::Pending | RolloutState::Running
-                )
+            .store
+            .rollouts()
+            .await?
+            .iter()
+            .filter(|rollout| {
+                matches!(rollout.state, RolloutState::Pending | RolloutState::Running)
             })
-            .map(|active| active.rollout.id)
+            .map(|rollout| rollout.id)
             .collect();
         let mut stopped = Vec::new();
         for id in ids {

@@ -71,6 +71,7 @@ impl RolloutEngine {
             current_wave: 0,
             wave_started_at: None,
             approved_stages: Vec::new(),
+            revision: 0,
         };
         let by_id: HashMap<Uuid, &crate::store::MachineRecord> = machines
             .iter()
@@ -159,8 +160,7 @@ impl RolloutEngine {
             },
         );
         drop(active);
-        self.wake.notify_one();
-        let _ = self.changes.send(rollout.id);
+        self.changed(state, rollout.id).await;
         Ok(detail_of(state, rollout, members).await)
     }
 }

@@ -37,6 +37,7 @@ use uuid::Uuid;
 use crate::alerts::Alert;
 use crate::domain::rollout::controller;
 use crate::domain::rollout::{MachineRolloutState, Rollout, RolloutError, RolloutMachine};
+use crate::live::feed::Change;
 use crate::store::RolloutStore;
 use crate::ServerState;
 use flotte_common::audit::AuditEvent;
@@ -213,6 +214,51 @@ impl RolloutEngine {
     }
 
     /// A rollout that is not active, as stored.
+    /// Tells this replica's watchers, wakes the loop, and tells the other
+    /// replicas that rollout `id` changed in the store.
+    async fn changed(&self, state: &ServerState, id: Uuid) {
+        self.wake.notify_one();
+        let _ = self.changes.send(id);
+        state.feed.announce(Change::Rollout { rollout: id }).await;
+    }
+
+    /// Re-reads rollout `id` from the store (another replica changed it).
+    pub async fn reload(&self, id: Uuid) {
+        let mut active = self.active.lock().await;
+        match self.stored(id).await {
+            Ok(current) => self.keep_or_retire(&mut active, current),
+            Err(error) => {
+                tracing::error!(rollout = %id, %error, "cannot reload a rollout changed elsewhere");
+                return;
+            }
+        }
+        drop(active);
+        self.wake.notify_one();
+        let _ = self.changes.send(id);
+    }
+
+    /// Re-reads every active rollout from the store (after a gap in the
+    /// change feed, or when this replica starts to lead).
+    pub async fn reload_all(&self) {
+        let stored = match self.store.rollouts().await {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::error!(%error, "cannot reload the rollouts");
+                return;
+            }
+        };
+        let mut ids: HashSet<Uuid> = self.active.lock().await.keys().copied().collect();
+        ids.extend(
+            stored
+                .iter()
+                .filter(|rollout| !rollout.state.is_terminal())
+                .map(|rollout| rollout.id),
+        );
+        for id in ids {
+            self.reload(id).await;
+        }
+    }
+
     async fn stored(&self, id: Uuid) -> Result<ActiveRollout, RolloutError> {
         let rollout = self
             .store
@@ -298,7 +344,9 @@ async fn write_audit(state: Arc<ServerState>, mut events: mpsc::UnboundedReceive
     }
 }
 
-/// Runs passes on wake-ups and every [`TICK`] until `shutdown`.
+/// Runs passes on wake-ups and every [`TICK`] until `shutdown`, while this
+/// replica leads; starting to lead, it first re-reads every rollout (the
+/// former leader's last passes are in the store, not in this copy).
 pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
     let audit_events = state
         .rollouts
@@ -311,13 +359,22 @@ pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
     }
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leading_term = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = state.rollouts.wake.notified() => {}
             _ = ticker.tick() => {}
         }
-        state.rollouts.pass(&state).await;
+        let Some(fence) = state.leadership.fence() else {
+            leading_term = None;
+            continue;
+        };
+        if leading_term != Some(fence.term) {
+            state.rollouts.reload_all().await;
+            leading_term = Some(fence.term);
+        }
+        state.rollouts.pass(&state, &fence).await;
         state.metrics.rollout_passes.inc();
     }
 }

@@ -15,7 +15,9 @@ use crate::domain::rollout::{
     rollback_image, LiveMachine, MachineRolloutState, MachineView, Rollout, RolloutMachine,
     RolloutState, SwapView,
 };
-use crate::store::{DesiredImageRecord, UnixSeconds};
+use crate::live::feed::Change;
+use crate::store::replicas::Fence;
+use crate::store::{DesiredImageRecord, StoreError, UnixSeconds};
 use crate::ServerState;
 
 /// A pass re-asks the controller after applying actions (a wave done →
@@ -29,7 +31,7 @@ fn live_of(state: &ServerState, machine: Uuid, quarantined: &HashSet<Uuid>) -> L
         .and_then(|tracked| tracked.last_report.as_ref())
         .and_then(|report| report.image.as_ref());
     LiveMachine {
-        connected: state.registry.view(machine).is_some(),
+        connected: state.registry.view(machine).is_some() || state.replicas.held_elsewhere(machine),
         health: tracked
             .as_ref()
             .map_or(MachineState::Unknown, |tracked| tracked.state),
@@ -231,13 +233,15 @@ fn apply_actions(active: &mut ActiveRollout, actions: &[Action], now: UnixSecond
 
 impl RolloutEngine {
     /// One pass over every active rollout (see the module docs).
-    pub async fn pass(&self, state: &ServerState) {
+    pub async fn pass(&self, state: &ServerState, fence: &Fence) {
         let mut active = self.active.lock().await;
         let ids: Vec<Uuid> = active.keys().copied().collect();
         if ids.is_empty() {
             return;
         }
         let quarantined = quarantined_machines(state).await;
+        let mut stale = Vec::new();
+        let mut changed_rollouts = Vec::new();
         for id in ids {
             let Some(mut stored) = active.get(&id).cloned() else {
                 continue;
@@ -277,15 +281,23 @@ impl RolloutEngine {
                 // Stored first, pushed second: see the module docs.
                 let updated = match self
                     .store
-                    .apply_rollout_pass(&next.rollout, &changed_rows, &applied.sends)
+                    .apply_rollout_pass(&next.rollout, &changed_rows, &applied.sends, Some(fence))
                     .await
                 {
                     Ok(updated) => updated,
+                    Err(error @ StoreError::Conflict(_)) => {
+                        // Changed through another replica (a pause, an
+                        // abort): decide again on the stored row.
+                        tracing::info!(rollout = %id, %error, "rollout changed meanwhile; re-reading it");
+                        stale.push(id);
+                        break;
+                    }
                     Err(error) => {
                         tracing::error!(rollout = %id, %error, "cannot store a rollout pass; retrying at the next tick");
                         break;
                     }
                 };
+                next.rollout.revision += 1;
                 stored = next.clone();
                 changed = true;
                 rows.clear();
@@ -302,8 +314,16 @@ impl RolloutEngine {
             }
             if changed {
                 self.keep_or_retire(&mut active, stored);
-                let _ = self.changes.send(id);
+                changed_rollouts.push(id);
             }
+        }
+        drop(active);
+        for id in changed_rollouts {
+            let _ = self.changes.send(id);
+            state.feed.announce(Change::Rollout { rollout: id }).await;
+        }
+        for id in stale {
+            self.reload(id).await;
         }
     }
 }
@@ -365,6 +385,7 @@ mod tests {
                 current_wave: 0,
                 wave_started_at: None,
                 approved_stages: vec![],
+                revision: 0,
             },
             machines: vec![machine(id, 1, 0), machine(id, 2, 1)],
         };

@@ -1,5 +1,5 @@
 //! The store contract: one suite of tests over the store traits (`Store`,
-//! `AccessStore`, `RolloutStore`, `RepairStore`) that every backend must
+//! `AccessStore`, `RolloutStore`, `RepairStore`, `ReplicaStore`) that every backend must
 //! pass, written as generic functions over a [`ContractBackend`].
 //!
 //! A backend runs the whole suite with one line in its own tests,
@@ -14,9 +14,11 @@
 pub(crate) mod access;
 pub(crate) mod audit;
 pub(crate) mod images;
+pub(crate) mod integrity;
 pub(crate) mod machines;
 pub(crate) mod operators;
 pub(crate) mod repair;
+pub(crate) mod replicas;
 pub(crate) mod rollouts;
 pub(crate) mod tokens;
 
@@ -26,7 +28,9 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use super::integrity::IntegrityStore;
 use super::repair::RepairStore;
+use super::replicas::ReplicaStore;
 use super::{
     AccessStore, Inventory, JoinTokenRecord, MachineRecord, OperatorRecord, RolloutStore, Store,
 };
@@ -40,11 +44,15 @@ use flotte_common::roles::Role;
 /// Everything a backend implements; a clone is another handle on the same
 /// store (what concurrent callers hold).
 pub(crate) trait ContractBackend:
-    Store + AccessStore + RolloutStore + RepairStore + Clone
+    Store + AccessStore + RolloutStore + RepairStore + ReplicaStore + IntegrityStore + Clone
 {
 }
 
-impl<T: Store + AccessStore + RolloutStore + RepairStore + Clone> ContractBackend for T {}
+impl<
+        T: Store + AccessStore + RolloutStore + RepairStore + ReplicaStore + IntegrityStore + Clone,
+    > ContractBackend for T
+{
+}
 
 /// Runs `count` calls at once, each on a task of its own with its own handle
 /// on `store`, released together by a barrier; their results, in call order.
@@ -163,6 +171,7 @@ pub(crate) fn rollout(id: Uuid, state: RolloutState) -> Rollout {
         current_wave: 0,
         wave_started_at: Some(1_700_000_710),
         approved_stages: vec![],
+        revision: 0,
     }
 }
 
@@ -241,6 +250,12 @@ macro_rules! store_contract_suite {
             repair::quarantines_and_remediation_events_round_trip,
             repair::two_quarantines_at_once_quarantine_once,
             repair::two_releases_at_once_release_once,
+            replicas::a_stale_rollout_write_is_refused_and_changes_nothing,
+            replicas::one_replica_leads_and_an_ended_term_is_fenced,
+            replicas::replicas_racing_for_the_lease_get_one_term,
+            replicas::replicas_and_session_holders_round_trip,
+            replicas::an_announced_change_reaches_every_subscriber,
+            integrity::a_machine_keeps_its_last_verification_only,
         );
     };
     (@each $mode:ident $factory:path; $($module:ident :: $test:ident),* $(,)?) => {

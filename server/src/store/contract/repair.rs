@@ -76,15 +76,33 @@ pub(crate) async fn quarantines_and_remediation_events_round_trip<B: ContractBac
         ReleaseOutcome::NoSuchMachine
     );
 
-    // Opening a remediation quarantines and records together.
+    // Opening a remediation quarantines and records together, as the
+    // leader; a replica whose term ended writes nothing.
+    let fence = store
+        .try_lead("leader", std::time::Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let former = crate::store::replicas::Fence {
+        holder: "former".into(),
+        term: fence.term - 1,
+    };
+    let fenced = store
+        .open_remediation(&first, &event("e0", id, 50), &former)
+        .await;
+    assert!(
+        matches!(fenced, Err(crate::store::StoreError::Fenced { .. })),
+        "{fenced:?}"
+    );
+    assert!(store.remediations().await.unwrap().is_empty());
     store
-        .open_remediation(&first, &event("e1", id, 100))
+        .open_remediation(&first, &event("e1", id, 100), &fence)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(store.quarantines().await.unwrap(), vec![first.clone()]);
     store
-        .open_remediation(&first, &event("e2", id, 200))
+        .open_remediation(&first, &event("e2", id, 200), &fence)
         .await
         .unwrap();
     let events = store.remediations().await.unwrap();
@@ -102,7 +120,12 @@ pub(crate) async fn quarantines_and_remediation_events_round_trip<B: ContractBac
         replacement_machine_id: Some(Uuid::new_v4()),
         ..event("e1", id, 100)
     };
-    store.update_remediation(&closed).await.unwrap();
+    let fenced = store.update_remediation(&closed, &former).await;
+    assert!(
+        matches!(fenced, Err(crate::store::StoreError::Fenced { .. })),
+        "{fenced:?}"
+    );
+    store.update_remediation(&closed, &fence).await.unwrap();
     assert!(!store
         .annotate_open_remediation("e1", "late", true, 300)
         .await

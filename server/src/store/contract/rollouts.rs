@@ -38,12 +38,14 @@ pub(crate) async fn rollouts_and_passes_round_trip<B: ContractBackend>(store: B)
             &created,
             &[member.clone()],
             &[(machine_id, created.image.desired())],
+            None,
         )
         .await
         .unwrap();
     assert_eq!(updated.len(), 1);
     assert_eq!(updated[0].desired_version, 2);
     assert_eq!(updated[0].desired_image, Some(created.image.desired()));
+    created.revision += 1;
     assert_eq!(store.rollouts().await.unwrap(), vec![created.clone()]);
     assert_eq!(
         store.rollout_machines(created.id).await.unwrap(),
@@ -125,7 +127,11 @@ pub(crate) async fn a_finished_rollout_frees_its_machines<B: ContractBackend>(st
         .unwrap();
     // Paused is not finished: the machine is still held.
     first.state = RolloutState::Paused;
-    store.apply_rollout_pass(&first, &[], &[]).await.unwrap();
+    store
+        .apply_rollout_pass(&first, &[], &[], None)
+        .await
+        .unwrap();
+    first.revision += 1;
     let second = rollout(Uuid::new_v4(), RolloutState::Pending);
     let second_members = [rollout_machine(second.id, machine_id, "web-1")];
     assert_eq!(
@@ -139,7 +145,10 @@ pub(crate) async fn a_finished_rollout_frees_its_machines<B: ContractBackend>(st
         }
     );
     first.state = RolloutState::Aborted;
-    store.apply_rollout_pass(&first, &[], &[]).await.unwrap();
+    store
+        .apply_rollout_pass(&first, &[], &[], None)
+        .await
+        .unwrap();
     assert_eq!(
         store
             .insert_rollout(&second, &second_members)

@@ -61,13 +61,20 @@ if ! "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
     cat "$dir/server.log" >&2
     exit 1
 fi
-echo ready
+echo "ready $dir"
 cat >/dev/null
 "#;
 
-/// The running cluster; dropping nothing stops it (see the module comment).
-struct Cluster {
+/// A running cluster. The shared one is never dropped (see the module
+/// comment); a private one ([`private_cluster`]) stops when dropped.
+// The restart parts are used by `tests/tests/replicas.rs`, which includes
+// this file; the store's own tests use the shared cluster only.
+#[allow(dead_code)]
+pub(super) struct Cluster {
     port: u16,
+    /// The keeper's directory (`data/` inside), for restarts.
+    directory: PathBuf,
+    binaries: PathBuf,
     /// Held open for the life of the process: its closing stops the keeper.
     _keeper_input: Mutex<ChildStdin>,
     _keeper: Mutex<Child>,
@@ -122,7 +129,8 @@ fn start_cluster() -> Result<Cluster, String> {
     };
     let mut first_line = String::new();
     let read = BufReader::new(output).read_line(&mut first_line);
-    if read.is_err() || first_line.trim() != "ready" {
+    let directory = first_line.trim().strip_prefix("ready ").map(PathBuf::from);
+    let (Ok(_), Some(directory)) = (read, directory) else {
         let mut errors = String::new();
         if let Some(mut stderr) = keeper.stderr.take() {
             let _ = stderr.read_to_string(&mut errors);
@@ -132,12 +140,60 @@ fn start_cluster() -> Result<Cluster, String> {
             "the throwaway PostgreSQL cluster did not start: {}",
             errors.trim()
         ));
-    }
+    };
     Ok(Cluster {
         port,
+        directory,
+        binaries,
         _keeper_input: Mutex::new(input),
         _keeper: Mutex::new(keeper),
     })
+}
+
+// See the note on `Cluster`.
+#[allow(dead_code)]
+impl Cluster {
+    /// A new, empty database's URL, for the trusted superuser.
+    pub(super) async fn fresh_database_url(&self) -> String {
+        let database = fresh_database(self.port).await;
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Restarts the server (`pg_ctl restart -m fast`): every connection is
+    /// cut, and the server accepts new ones when this returns.
+    pub(super) fn restart(&self) {
+        let status = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.binaries.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.directory.join("data"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl restart");
+        assert!(status.success(), "pg_ctl restart failed");
+    }
+}
+
+/// A cluster of the caller's own (stopped and removed when dropped), for a
+/// test that restarts it; `None` when skipped (see [`cluster_address`]).
+// See the note on `Cluster`.
+#[allow(dead_code)]
+pub(super) fn private_cluster() -> Option<Cluster> {
+    match start_cluster() {
+        Ok(cluster) => Some(cluster),
+        Err(reason) => skip_or_fail(&reason),
+    }
+}
+
+/// `None` if [`SKIP_VARIABLE`] asks to skip; panics with `reason` otherwise.
+fn skip_or_fail<T>(reason: &str) -> Option<T> {
+    if std::env::var(SKIP_VARIABLE).as_deref() == Ok("1") {
+        eprintln!("skipped ({SKIP_VARIABLE}=1): {reason}");
+        None
+    } else {
+        panic!("{reason} (set {SKIP_VARIABLE}=1 to skip the PostgreSQL tests)")
+    }
 }
 
 fn cluster() -> &'static Result<Cluster, String> {
@@ -154,11 +210,7 @@ async fn cluster_address() -> Option<u16> {
         .expect("the cluster start-up task");
     match cluster {
         Ok(cluster) => Some(cluster.port),
-        Err(reason) if std::env::var(SKIP_VARIABLE).as_deref() == Ok("1") => {
-            eprintln!("skipped ({SKIP_VARIABLE}=1): {reason}");
-            None
-        }
-        Err(reason) => panic!("{reason} (set {SKIP_VARIABLE}=1 to skip the PostgreSQL tests)"),
+        Err(reason) => skip_or_fail(reason),
     }
 }
 

@@ -15,11 +15,16 @@ use crate::store::StoreError;
 
 /// Every migration this binary knows, in order. Never edit an applied one
 /// (its checksum is recorded): add the next file.
-const MIGRATIONS: [(&str, &str); 3] = [
+const MIGRATIONS: [(&str, &str); 5] = [
     ("V1__initial", include_str!("migrations/V1__initial.sql")),
     (
         "V2__rollout_machines_by_machine",
         include_str!("migrations/V2__rollout_machines_by_machine.sql"),
+    ),
+    ("V3__replicas", include_str!("migrations/V3__replicas.sql")),
+    (
+        "V4__image_verifications",
+        include_str!("migrations/V4__image_verifications.sql"),
     ),
     (
         "V5__hardening",
@@ -30,12 +35,9 @@ const MIGRATIONS: [(&str, &str); 3] = [
 /// The table `refinery` records applied migrations in.
 const HISTORY_TABLE: &str = "refinery_schema_history";
 
-/// The schema version this binary writes: the number of its last
-/// migration (numbers may have gaps while parallel work lands).
+/// The schema version this binary writes.
 fn latest_version() -> i64 {
-    MIGRATIONS
-        .last()
-        .map_or(0, |(name, _)| crate::store::version_of_migration_name(name))
+    crate::store::latest_migration_version(&MIGRATIONS)
 }
 
 fn migration_error(error: refinery::Error) -> StoreError {

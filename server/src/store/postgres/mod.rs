@@ -20,11 +20,14 @@
 
 mod access;
 mod audit;
+mod blobs;
 mod images;
+mod integrity;
 mod machines;
 mod migrations;
 mod operators;
 mod repair;
+mod replicas;
 mod rollouts;
 mod tokens;
 
@@ -66,12 +69,18 @@ mod lock_keys {
     pub(super) const ROLLOUT_CREATION: i64 = 0x666c_6f74_0003;
     /// Applying the schema migrations (replicas may start together).
     pub(super) const MIGRATIONS: i64 = 0x666c_6f74_0004;
+    /// Taking or renewing the leader-only loops' lease.
+    pub(super) const LEADERSHIP: i64 = 0x666c_6f74_0005;
 }
 
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
     metrics: StoreMetrics,
+    /// How to open the change feed's own connection (`LISTEN` needs one
+    /// that is never returned to the pool).
+    config: tokio_postgres::Config,
+    feed: replicas::ChangeFeed,
 }
 
 /// Never prints the connection settings: they may hold the password.
@@ -228,7 +237,7 @@ impl PostgresStore {
         }
         config.connect_timeout(POOL_TIMEOUT);
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -246,6 +255,8 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             metrics: StoreMetrics::default(),
+            config,
+            feed: replicas::ChangeFeed::default(),
         })
     }
 
@@ -326,6 +337,24 @@ mod tests {
     }
 
     store_contract_suite!(skippable fresh_postgres_store);
+
+    #[tokio::test]
+    async fn postgres_keeps_blobs_whole_and_verified() {
+        let Some((store, ())) = fresh_postgres_store().await else {
+            return;
+        };
+        crate::images::contract::blobs_are_visible_only_whole_and_verified(&store).await;
+        let client = store.client().await.unwrap();
+        let chunks: i64 = client
+            .query_one("SELECT COUNT(*) FROM blob_chunks", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            chunks, 3,
+            "one blob of three chunks; nothing of the refused ones"
+        );
+    }
 
     #[tokio::test]
     async fn the_password_is_sent_apart_from_the_url_and_never_shown() {

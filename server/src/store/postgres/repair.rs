@@ -8,6 +8,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::machines::machine_from_row;
+use super::replicas::fence_holds;
 use super::{
     column, corrupt, json_column, labels_to_json, optional_uuid_column, uuid_column, PostgresStore,
 };
@@ -15,6 +16,7 @@ use crate::store::repair::{
     QuarantineOutcome, QuarantineRecord, ReleaseOutcome, RemediationEventRecord, RemediationState,
     RepairStore,
 };
+use crate::store::replicas::Fence;
 use crate::store::{MachineRecord, StoreError, UnixSeconds};
 
 fn quarantine_from_row(row: &Row) -> Result<QuarantineRecord, StoreError> {
@@ -195,10 +197,12 @@ impl RepairStore for PostgresStore {
         &self,
         quarantine: &QuarantineRecord,
         event: &RemediationEventRecord,
+        fence: &Fence,
     ) -> Result<Option<MachineRecord>, StoreError> {
         let mut client = self.client().await?;
         let _write = self.write_timer();
         let transaction = client.transaction().await?;
+        fence_holds(&transaction, fence).await?;
         let machine = write_quarantine(&transaction, quarantine).await?;
         if machine.is_some() {
             upsert_remediation(&transaction, event).await?;
@@ -207,10 +211,18 @@ impl RepairStore for PostgresStore {
         Ok(machine)
     }
 
-    async fn update_remediation(&self, event: &RemediationEventRecord) -> Result<(), StoreError> {
-        let client = self.client().await?;
+    async fn update_remediation(
+        &self,
+        event: &RemediationEventRecord,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
         let _write = self.write_timer();
-        upsert_remediation(&client, event).await
+        let transaction = client.transaction().await?;
+        fence_holds(&transaction, fence).await?;
+        upsert_remediation(&transaction, event).await?;
+        transaction.commit().await?;
+        Ok(())
     }
 
     async fn annotate_open_remediation(

@@ -10,6 +10,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::machines::{machine_from_row, SET_DESIRED_IMAGE};
+use super::replicas::fence_holds;
 use super::{
     column, corrupt, json_column, lock_keys, lock_rule, optional_json_column, to_json,
     unsigned_column, uuid_column, PostgresStore,
@@ -17,6 +18,8 @@ use super::{
 use crate::domain::rollout::{
     MachineRolloutState, Rollout, RolloutImage, RolloutMachine, RolloutState,
 };
+use crate::store::replicas::Fence;
+use crate::store::rollouts::stale_revision;
 use crate::store::{DesiredImageRecord, MachineRecord, StoreError};
 use crate::store::{RolloutCreation, RolloutStore};
 
@@ -40,6 +43,7 @@ fn rollout_from_row(row: &Row) -> Result<Rollout, StoreError> {
         current_wave: unsigned_column(row, "current_wave")?,
         wave_started_at: column(row, "wave_started_at")?,
         approved_stages: json_column(row, "approved_stages")?,
+        revision: unsigned_column(row, "revision")?,
     })
 }
 
@@ -68,14 +72,16 @@ async fn upsert_rollout(
     transaction: &Transaction<'_>,
     rollout: &Rollout,
 ) -> Result<(), StoreError> {
-    transaction
+    let written = transaction
         .execute(
             "INSERT INTO rollouts (id, image_name, image_version, image_digest, plan_json,
                 plan_toml, state, reason, created_at, created_by, updated_at, wave_stages,
-                current_wave, wave_started_at, approved_stages)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                current_wave, wave_started_at, approved_stages, revision)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
              ON CONFLICT (id) DO UPDATE SET state = $7, reason = $8, updated_at = $11,
-                current_wave = $13, wave_started_at = $14, approved_stages = $15",
+                current_wave = $13, wave_started_at = $14, approved_stages = $15,
+                revision = rollouts.revision + 1
+             WHERE rollouts.revision = $16",
             &[
                 &rollout.id.to_string(),
                 &rollout.image.name,
@@ -92,9 +98,13 @@ async fn upsert_rollout(
                 &i64::from(rollout.current_wave),
                 &rollout.wave_started_at,
                 &to_json(&rollout.approved_stages)?,
+                &i64::try_from(rollout.revision).unwrap_or(i64::MAX),
             ],
         )
         .await?;
+    if written == 0 {
+        return Err(stale_revision(rollout));
+    }
     Ok(())
 }
 
@@ -223,10 +233,14 @@ impl RolloutStore for PostgresStore {
         rollout: &Rollout,
         machines: &[RolloutMachine],
         desired: &[(Uuid, DesiredImageRecord)],
+        fence: Option<&Fence>,
     ) -> Result<Vec<MachineRecord>, StoreError> {
         let mut client = self.client().await?;
         let _write = self.write_timer();
         let transaction = client.transaction().await?;
+        if let Some(fence) = fence {
+            fence_holds(&transaction, fence).await?;
+        }
         upsert_rollout(&transaction, rollout).await?;
         upsert_machines(&transaction, machines).await?;
         let set = transaction.prepare_cached(SET_DESIRED_IMAGE).await?;

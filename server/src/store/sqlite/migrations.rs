@@ -16,11 +16,16 @@ use crate::store::StoreError;
 
 /// Every migration this binary knows, in order. Never edit an applied one
 /// (its checksum is recorded): add the next file.
-const MIGRATIONS: [(&str, &str); 3] = [
+const MIGRATIONS: [(&str, &str); 5] = [
     ("V1__initial", include_str!("migrations/V1__initial.sql")),
     (
         "V2__rollout_machines_by_machine",
         include_str!("migrations/V2__rollout_machines_by_machine.sql"),
+    ),
+    ("V3__replicas", include_str!("migrations/V3__replicas.sql")),
+    (
+        "V4__image_verifications",
+        include_str!("migrations/V4__image_verifications.sql"),
     ),
     (
         "V5__hardening",
@@ -35,12 +40,9 @@ const HISTORY_TABLE: &str = "refinery_schema_history";
 /// history table marks such a store.
 const PRE_MIGRATION_MARKER_TABLE: &str = "join_tokens";
 
-/// The schema version this binary writes: the number of its last
-/// migration (numbers may have gaps while parallel work lands).
+/// The schema version this binary writes.
 pub(super) fn latest_version() -> i64 {
-    MIGRATIONS
-        .last()
-        .map_or(0, |(name, _)| crate::store::version_of_migration_name(name))
+    crate::store::latest_migration_version(&MIGRATIONS)
 }
 
 fn migration_error(error: refinery::Error) -> StoreError {

@@ -13,10 +13,12 @@
 mod access;
 mod audit;
 mod images;
+mod integrity;
 mod machines;
 mod migrations;
 mod operators;
 mod repair;
+mod replicas;
 mod rollouts;
 mod tokens;
 
@@ -43,6 +45,8 @@ use machines::machine_from_row;
 pub struct SqliteStore {
     connection: Arc<Mutex<Connection>>,
     metrics: StoreMetrics,
+    /// The change feed: with one process on the file, an in-process channel.
+    feed: tokio::sync::broadcast::Sender<crate::store::replicas::FeedEvent>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -145,6 +149,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
             metrics,
+            feed: tokio::sync::broadcast::channel(crate::store::replicas::FEED_BUFFER).0,
         })
     }
 

@@ -4,12 +4,14 @@
 use rusqlite::{params, Connection, Row, Transaction, TransactionBehavior};
 use uuid::Uuid;
 
+use super::replicas::fence_holds;
 use super::SqliteStore;
 use super::{conversion_error, labels_from_json, labels_to_json, machine_from_row, select_one};
 use crate::store::repair::{
     QuarantineOutcome, QuarantineRecord, ReleaseOutcome, RemediationEventRecord, RemediationState,
     RepairStore,
 };
+use crate::store::replicas::Fence;
 use crate::store::{MachineRecord, StoreError, UnixSeconds};
 
 fn uuid_from_text(text: &str) -> rusqlite::Result<Uuid> {
@@ -188,11 +190,14 @@ impl RepairStore for SqliteStore {
         &self,
         quarantine: &QuarantineRecord,
         event: &RemediationEventRecord,
+        fence: &Fence,
     ) -> Result<Option<MachineRecord>, StoreError> {
         let quarantine = quarantine.clone();
         let event = event.clone();
+        let fence = fence.clone();
         self.write(move |connection| {
             let transaction = connection.transaction()?;
+            fence_holds(&transaction, &fence)?;
             let machine = write_quarantine(&transaction, &quarantine)?;
             if machine.is_some() {
                 upsert_remediation(&transaction, &event)?;
@@ -203,10 +208,21 @@ impl RepairStore for SqliteStore {
         .await
     }
 
-    async fn update_remediation(&self, event: &RemediationEventRecord) -> Result<(), StoreError> {
+    async fn update_remediation(
+        &self,
+        event: &RemediationEventRecord,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
         let event = event.clone();
-        self.write(move |connection| Ok(upsert_remediation(connection, &event)?))
-            .await
+        let fence = fence.clone();
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            fence_holds(&transaction, &fence)?;
+            upsert_remediation(&transaction, &event)?;
+            transaction.commit()?;
+            Ok(())
+        })
+        .await
     }
 
     async fn annotate_open_remediation(

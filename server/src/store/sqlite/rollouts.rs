@@ -8,10 +8,13 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use uuid::Uuid;
 
 use super::machine_from_row;
+use super::replicas::fence_holds;
 use super::SqliteStore;
 use crate::domain::rollout::{
     MachineRolloutState, Plan, Rollout, RolloutImage, RolloutMachine, RolloutState,
 };
+use crate::store::replicas::Fence;
+use crate::store::rollouts::stale_revision;
 use crate::store::{DesiredImageRecord, MachineRecord, StoreError};
 use crate::store::{RolloutCreation, RolloutStore};
 
@@ -58,6 +61,7 @@ fn rollout_from_row(row: &Row<'_>) -> rusqlite::Result<Rollout> {
         current_wave: row.get("current_wave")?,
         wave_started_at: row.get("wave_started_at")?,
         approved_stages: json_column(row, "approved_stages")?,
+        revision: row.get("revision")?,
     })
 }
 
@@ -102,15 +106,18 @@ impl RolloutRow {
         })
     }
 
-    fn upsert(&self, connection: &Connection) -> rusqlite::Result<()> {
+    /// Inserts the row, or updates it if it is still at the revision read.
+    fn upsert(&self, connection: &Connection) -> Result<(), StoreError> {
         let rollout = &self.rollout;
-        connection.execute(
+        let written = connection.execute(
             "INSERT INTO rollouts (id, image_name, image_version, image_digest, plan_json, plan_toml,
                 state, reason, created_at, created_by, updated_at, wave_stages, current_wave,
-                wave_started_at, approved_stages)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                wave_started_at, approved_stages, revision)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
              ON CONFLICT (id) DO UPDATE SET state = ?7, reason = ?8, updated_at = ?11,
-                current_wave = ?13, wave_started_at = ?14, approved_stages = ?15",
+                current_wave = ?13, wave_started_at = ?14, approved_stages = ?15,
+                revision = rollouts.revision + 1
+             WHERE rollouts.revision = ?16",
             params![
                 rollout.id.to_string(),
                 rollout.image.name,
@@ -127,8 +134,12 @@ impl RolloutRow {
                 rollout.current_wave,
                 rollout.wave_started_at,
                 self.approved_stages,
+                i64::try_from(rollout.revision).unwrap_or(i64::MAX),
             ],
         )?;
+        if written == 0 {
+            return Err(stale_revision(rollout));
+        }
         Ok(())
     }
 }
@@ -267,8 +278,10 @@ impl RolloutStore for SqliteStore {
         rollout: &Rollout,
         machines: &[RolloutMachine],
         desired: &[(Uuid, DesiredImageRecord)],
+        fence: Option<&Fence>,
     ) -> Result<Vec<MachineRecord>, StoreError> {
         let row = RolloutRow::new(rollout)?;
+        let fence = fence.cloned();
         let machines = encode_machines(machines)?;
         let desired: Vec<(String, String)> = desired
             .iter()
@@ -276,6 +289,9 @@ impl RolloutStore for SqliteStore {
             .collect::<Result<_, StoreError>>()?;
         self.write(move |connection| {
             let transaction = connection.transaction()?;
+            if let Some(fence) = &fence {
+                fence_holds(&transaction, fence)?;
+            }
             row.upsert(&transaction)?;
             upsert_machines(&transaction, &machines)?;
             let mut updated = Vec::with_capacity(desired.len());

@@ -1,0 +1,350 @@
+//! Changes crossing replicas: after a write, the replica that made it
+//! announces what changed on the store's change feed (PostgreSQL
+//! `NOTIFY`); every other replica reloads that from the store and applies
+//! it to what it holds — the sessions of its agents, its deny list and open
+//! connections, its copy of the active rollouts, its view of machine states.
+//!
+//! A message names *what* changed, never the new value: the store is the
+//! truth, so a message applied late, twice or out of order is harmless.
+//! The feed is lossy (a lost database connection, a lagging subscriber):
+//! [`FeedEvent::Resynchronise`] makes a replica reload everything it caches
+//! and push every session it holds its whole state again.
+//!
+//! With one server on SQLite the feed loops back in-process and a replica
+//! ignores its own messages, so nothing here costs anything.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::domain::health::{ImageStatus, MachineState};
+use crate::live::revocation::REVOCATION_GRACE;
+use crate::store::replicas::{FeedEvent, ReplicaStore, FEED_MESSAGE_MAX_BYTES};
+use crate::store::UnixSeconds;
+use crate::ServerState;
+
+/// Machine ids per message: 36 bytes each keeps a message far below the
+/// feed's size limit.
+const MACHINES_PER_MESSAGE: usize = 150;
+
+/// What changed, as one replica tells the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Change {
+    /// Machines' stored rows changed (labels, image, quarantine).
+    Machines { machines: Vec<Uuid> },
+    /// A rollout stored new desired images for `machines`.
+    RolloutPush { rollout: Uuid, machines: Vec<Uuid> },
+    /// A rollout's row changed (a pass or an operator's command).
+    Rollout { rollout: Uuid },
+    /// Access inputs (users, keys, grants) changed.
+    Access,
+    /// A machine may not keep its session (decommissioned).
+    Refuse { machine: Uuid, reason: String },
+    /// The deny list grew: refuse these from now on and cut the
+    /// connections of `identity_uri`.
+    Denied { identity_uri: String },
+    /// A machine's image status changed (a swap's step, its current
+    /// image), as reported to the replica holding its session.
+    Image {
+        machine: Uuid,
+        image: Box<ImageStatus>,
+    },
+    /// A machine's health state changed, decided by the replica holding
+    /// its session (or the leader, for machines with no session).
+    Health {
+        machine: Uuid,
+        state: String,
+        reason: String,
+        at: UnixSeconds,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    origin: String,
+    #[serde(flatten)]
+    change: Change,
+}
+
+impl Change {
+    /// Splits a change about many machines into messages of a bounded size.
+    fn split(self) -> Vec<Change> {
+        match self {
+            Change::Machines { machines } if machines.len() > MACHINES_PER_MESSAGE => machines
+                .chunks(MACHINES_PER_MESSAGE)
+                .map(|chunk| Change::Machines {
+                    machines: chunk.to_vec(),
+                })
+                .collect(),
+            Change::RolloutPush { rollout, machines } if machines.len() > MACHINES_PER_MESSAGE => {
+                machines
+                    .chunks(MACHINES_PER_MESSAGE)
+                    .map(|chunk| Change::RolloutPush {
+                        rollout,
+                        machines: chunk.to_vec(),
+                    })
+                    .collect()
+            }
+            Change::Refuse { machine, reason } => vec![Change::Refuse {
+                machine,
+                reason: cut_to(reason, 1024),
+            }],
+            Change::Image { machine, mut image } => {
+                if let Some(swap) = image.swap.as_mut() {
+                    // The failed checks' outputs stay with the holder.
+                    swap.checks.clear();
+                    swap.message = cut_to(std::mem::take(&mut swap.message), 1024);
+                }
+                vec![Change::Image { machine, image }]
+            }
+            Change::Health {
+                machine,
+                state,
+                reason,
+                at,
+            } => vec![Change::Health {
+                machine,
+                state,
+                reason: cut_to(reason, 1024),
+                at,
+            }],
+            other => vec![other],
+        }
+    }
+}
+
+/// `text` cut to at most `limit` bytes on a character boundary.
+fn cut_to(mut text: String, limit: usize) -> String {
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// This replica's end of the change feed.
+pub struct Feed {
+    origin: String,
+    store: Arc<dyn ReplicaStore>,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed")
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Feed {
+    pub fn new(origin: &str, store: Arc<dyn ReplicaStore>) -> Arc<Self> {
+        Arc::new(Feed {
+            origin: origin.to_owned(),
+            store,
+        })
+    }
+
+    /// Tells the other replicas about `change` (already stored). A failure
+    /// is logged: the others catch up at their next resynchronisation.
+    pub async fn announce(&self, change: Change) {
+        for change in change.split() {
+            let envelope = Envelope {
+                origin: self.origin.clone(),
+                change,
+            };
+            let message = match serde_json::to_string(&envelope) {
+                Ok(message) if message.len() <= FEED_MESSAGE_MAX_BYTES => message,
+                Ok(message) => {
+                    tracing::error!(
+                        bytes = message.len(),
+                        "a change is too big for the feed; replicas resynchronise later"
+                    );
+                    continue;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot encode a change for the feed");
+                    continue;
+                }
+            };
+            if let Err(error) = self.store.announce(&message).await {
+                tracing::warn!(%error, "cannot announce a change to the other replicas");
+            }
+        }
+    }
+}
+
+/// The change in `message` if another replica than `origin` sent it and it
+/// decodes.
+fn decode_from_another(origin: &str, message: &str) -> Option<Change> {
+    match serde_json::from_str::<Envelope>(message) {
+        Ok(envelope) if envelope.origin == origin => None,
+        Ok(envelope) => Some(envelope.change),
+        Err(error) => {
+            tracing::warn!(%error, "ignoring an undecodable change-feed message");
+            None
+        }
+    }
+}
+
+/// Applies the other replicas' changes until `shutdown`.
+pub async fn run_feed(state: Arc<ServerState>, shutdown: CancellationToken) {
+    let mut events = state.replica_store.subscribe();
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            event = events.recv() => event,
+        };
+        match event {
+            Ok(FeedEvent::Message(message)) => {
+                if let Some(change) = decode_from_another(&state.feed.origin, &message) {
+                    apply(&state, change).await;
+                }
+            }
+            Ok(FeedEvent::Resynchronise) | Err(RecvError::Lagged(_)) => {
+                resynchronise(&state).await;
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Applies one change made by another replica.
+async fn apply(state: &Arc<ServerState>, change: Change) {
+    match change {
+        Change::Machines { machines } => {
+            state.publisher.machines_changed_elsewhere(&machines).await;
+        }
+        Change::RolloutPush { rollout, machines } => {
+            state
+                .publisher
+                .rollout_pushed_elsewhere(rollout, &machines)
+                .await;
+        }
+        Change::Rollout { rollout } => state.rollouts.reload(rollout).await,
+        Change::Access => state.publisher.access_changed_elsewhere().await,
+        Change::Refuse { machine, reason } => {
+            state.publisher.refuse_held_session(machine, reason).await;
+        }
+        Change::Denied { identity_uri } => match state.store.denied_entries().await {
+            Ok(entries) => {
+                state
+                    .revocations
+                    .enforce(&entries, &identity_uri, REVOCATION_GRACE);
+            }
+            Err(error) => tracing::error!(%error, "cannot reload the deny list"),
+        },
+        Change::Image { machine, image } => {
+            state.health.adopt_image(machine, *image);
+            state.rollouts.machine_changed(machine);
+        }
+        Change::Health {
+            machine,
+            state: machine_state,
+            reason,
+            at,
+        } => {
+            let Some(machine_state) = MachineState::parse(&machine_state) else {
+                tracing::warn!(state = %machine_state, "ignoring an unknown machine state from the feed");
+                return;
+            };
+            if let Some(transition) = state.health.adopt(machine, machine_state, &reason, at) {
+                crate::live::transitions::announce_locally(state, transition);
+            }
+        }
+    }
+}
+
+/// Reloads everything this replica caches from the store, after messages
+/// may have been lost.
+async fn resynchronise(state: &Arc<ServerState>) {
+    tracing::info!("resynchronising with the store");
+    match state.store.denied_entries().await {
+        Ok(entries) => state.revocations.deny(&entries),
+        Err(error) => tracing::error!(%error, "cannot reload the deny list"),
+    }
+    state.rollouts.reload_all().await;
+    match state.store.machines().await {
+        Ok(machines) => {
+            for machine in &machines {
+                let Some(machine_state) = MachineState::parse(&machine.state) else {
+                    continue;
+                };
+                if state.registry.sender(machine.id).is_some() {
+                    continue; // judged here, from its own reports
+                }
+                if let Some(transition) = state.health.adopt(
+                    machine.id,
+                    machine_state,
+                    &machine.state_reason,
+                    machine.state_since,
+                ) {
+                    crate::live::transitions::announce_locally(state, transition);
+                }
+            }
+        }
+        Err(error) => tracing::error!(%error, "cannot reload machine states"),
+    }
+    state.publisher.resynchronise_held_sessions().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_changes_are_split_into_messages_under_the_feed_limit() {
+        let machines: Vec<Uuid> = (0..1000u128).map(Uuid::from_u128).collect();
+        let parts = Change::RolloutPush {
+            rollout: Uuid::from_u128(7),
+            machines: machines.clone(),
+        }
+        .split();
+        assert_eq!(parts.len(), 7);
+        let mut rejoined = Vec::new();
+        for part in parts {
+            let message = serde_json::to_string(&Envelope {
+                origin: "replica-with-a-long-name".into(),
+                change: part.clone(),
+            })
+            .unwrap();
+            assert!(message.len() <= FEED_MESSAGE_MAX_BYTES, "{}", message.len());
+            let Change::RolloutPush { machines, .. } = part else {
+                panic!("split changed the kind")
+            };
+            rejoined.extend(machines);
+        }
+        assert_eq!(rejoined, machines);
+        let long_reason = "é".repeat(5000);
+        let parts = Change::Refuse {
+            machine: Uuid::nil(),
+            reason: long_reason,
+        }
+        .split();
+        let [Change::Refuse { reason, .. }] = &parts[..] else {
+            panic!("a refusal is one message")
+        };
+        assert!(reason.len() <= 1024 && reason.starts_with('é'));
+    }
+
+    #[test]
+    fn a_replica_ignores_its_own_messages_and_garbage() {
+        let own = serde_json::to_string(&Envelope {
+            origin: "a".into(),
+            change: Change::Access,
+        })
+        .unwrap();
+        let other = own.replace("\"a\"", "\"b\"");
+        assert_eq!(decode_from_another("a", &own), None);
+        assert_eq!(decode_from_another("a", &other), Some(Change::Access));
+        let unknown = "{\"origin\":\"b\",\"kind\":\"unknown\"}";
+        assert_eq!(decode_from_another("a", unknown), None);
+        assert_eq!(decode_from_another("a", "not json"), None);
+    }
+}
