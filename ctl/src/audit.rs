@@ -147,13 +147,14 @@ fn checkpoint_of(checkpoint: flotte_proto::v1::AuditCheckpoint) -> AuditCheckpoi
     }
 }
 
-/// Asks for every page of `request`, handing each to `page`.
-async fn each_page(
+/// Asks for every page of `request`, handing each to `page` (the log may
+/// be of any size: one answer holds at most one page).
+pub(crate) async fn each_page<E>(
     client: &mut AuditClient<Channel>,
-    rpc: &impl Fn(tonic::Status) -> CtlError,
+    rpc: &impl Fn(tonic::Status) -> E,
     mut request: ListAuditRequest,
-    mut page: impl FnMut(ListAuditResponse) -> Result<(), CtlError>,
-) -> Result<(), CtlError> {
+    mut page: impl FnMut(ListAuditResponse) -> Result<(), E>,
+) -> Result<(), E> {
     loop {
         let response = client
             .list_audit(request.clone())
