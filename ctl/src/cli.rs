@@ -109,6 +109,12 @@ impl Cli {
         }
     }
 
+    /// The operator profile directory (where `flottectl` also keeps what it
+    /// remembers for that server, such as the last signed audit head).
+    pub fn profile_dir(&self) -> Result<&std::path::Path, CtlError> {
+        self.profile.as_deref().ok_or(CtlError::NoProfile)
+    }
+
     /// The operator profile this invocation acts as.
     pub fn load_profile(&self) -> Result<Profile, CtlError> {
         let directory = self.profile.as_ref().ok_or(CtlError::NoProfile)?;
