@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use flotte_proto::join_token::JoinToken;
 use serde::Deserialize;
 
+use crate::access::files::is_safe_login;
+
 use flotte_proto::release_keys::{parse_release_key, ReleasePublicKey};
 pub use flotte_proto::settings::ConfigError;
 use flotte_proto::settings::{parse_duration_field, parse_listen_field, read_toml};
@@ -149,6 +151,10 @@ pub struct ServiceConfigFile {
     /// Run after each switch (restart-command mode).
     pub restart_command: Option<Vec<String>>,
     pub log_max_bytes: u64,
+    /// Who the supervised service runs as (overrides the manifest's).
+    pub user: Option<String>,
+    /// Its group (default: the user's primary group).
+    pub group: Option<String>,
 }
 
 impl Default for ServiceConfigFile {
@@ -158,6 +164,8 @@ impl Default for ServiceConfigFile {
             command: None,
             restart_command: None,
             log_max_bytes: 10 * 1024 * 1024,
+            user: None,
+            group: None,
         }
     }
 }
@@ -394,10 +402,25 @@ impl AgentConfigFile {
                 if self.service.command.as_ref().is_some_and(Vec::is_empty) {
                     problems.push("service.command must not be empty".to_owned());
                 }
+                for (field, name) in [
+                    ("service.user", &self.service.user),
+                    ("service.group", &self.service.group),
+                ] {
+                    if let Some(name) = name.as_deref().filter(|name| !is_safe_login(name)) {
+                        problems.push(format!(
+                            "{field} = {} is not a plain Unix name",
+                            flotte_proto::names::quoted_prefix(name)
+                        ));
+                    }
+                }
                 ServiceMode::Supervised {
                     command_override: self.service.command.clone(),
                     log_path: self.data_dir.join("service.log"),
                     log_max_bytes: self.service.log_max_bytes.max(4096),
+                    run_as: crate::image::service::RunAs {
+                        user: self.service.user.clone(),
+                        group: self.service.group.clone(),
+                    },
                 }
             }
             "restart-command" => match &self.service.restart_command {

@@ -53,6 +53,10 @@ pub struct AuditFilter {
     pub since: Option<UnixSeconds>,
     /// Entries by this actor.
     pub actor: Option<String>,
+    /// Entries after this one (paging).
+    pub after_seq: Option<u64>,
+    /// At most this many entries.
+    pub limit: Option<u32>,
 }
 
 fn push_field(context: &mut digest::Context, field: &[u8]) {
@@ -132,35 +136,69 @@ pub struct ChainSummary {
     pub head_hash: String,
 }
 
-/// Verifies a whole log, in the order given (the store lists by `seq`), and
-/// names the first broken entry.
-pub fn verify_chain(entries: &[AuditRecord]) -> Result<ChainSummary, ChainBreak> {
-    let mut previous: Option<&AuditRecord> = None;
-    for entry in entries {
-        match previous {
+/// Verifies a log entry by entry, keeping only the previous entry, so that
+/// a log of any size can be checked page by page.
+#[derive(Debug, Clone, Default)]
+pub struct ChainVerifier {
+    previous: Option<(u64, String)>,
+}
+
+impl ChainVerifier {
+    /// A verifier that resumes after an entry already trusted (`seq`,
+    /// `hash`), e.g. a signed checkpoint.
+    pub fn after(seq: u64, hash: &str) -> Self {
+        ChainVerifier {
+            previous: Some((seq, hash.to_owned())),
+        }
+    }
+
+    /// The next entry; the first broken one is named.
+    pub fn push(&mut self, entry: &AuditRecord) -> Result<(), ChainBreak> {
+        match &self.previous {
             None if entry.seq != 1 => return Err(ChainBreak::MissingStart { seq: entry.seq }),
-            Some(before) if entry.seq != before.seq + 1 => {
+            Some((before, _)) if entry.seq != before + 1 => {
                 return Err(ChainBreak::OutOfSequence {
                     seq: entry.seq,
-                    expected_after: before.seq,
-                    expected: before.seq + 1,
+                    expected_after: *before,
+                    expected: before + 1,
                 })
             }
             _ => {}
         }
-        let expected_previous = previous.map_or(GENESIS_HASH, |before| before.hash.as_str());
+        let expected_previous = self
+            .previous
+            .as_ref()
+            .map_or(GENESIS_HASH, |(_, hash)| hash.as_str());
         if entry.hash != entry_hash(entry.seq, &entry.event, &entry.previous_hash) {
             return Err(ChainBreak::Edited { seq: entry.seq });
         }
         if entry.previous_hash != expected_previous {
             return Err(ChainBreak::BrokenLink { seq: entry.seq });
         }
-        previous = Some(entry);
+        self.previous = Some((entry.seq, entry.hash.clone()));
+        Ok(())
     }
-    Ok(ChainSummary {
-        entries: previous.map_or(0, |last| last.seq),
-        head_hash: previous.map_or_else(|| GENESIS_HASH.to_owned(), |last| last.hash.clone()),
-    })
+
+    /// What the entries pushed so far prove.
+    pub fn summary(&self) -> ChainSummary {
+        ChainSummary {
+            entries: self.previous.as_ref().map_or(0, |(seq, _)| *seq),
+            head_hash: self
+                .previous
+                .as_ref()
+                .map_or_else(|| GENESIS_HASH.to_owned(), |(_, hash)| hash.clone()),
+        }
+    }
+}
+
+/// Verifies a whole log, in the order given (the store lists by `seq`), and
+/// names the first broken entry.
+pub fn verify_chain(entries: &[AuditRecord]) -> Result<ChainSummary, ChainBreak> {
+    let mut verifier = ChainVerifier::default();
+    for entry in entries {
+        verifier.push(entry)?;
+    }
+    Ok(verifier.summary())
 }
 
 #[cfg(test)]

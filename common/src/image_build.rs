@@ -149,6 +149,8 @@ pub fn seal_payload(
         service: options.service.clone().map(|command| ServiceSpec {
             command,
             environment: Default::default(),
+            user: None,
+            group: None,
         }),
         checks: options.checks.clone(),
         created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),

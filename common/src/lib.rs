@@ -1,7 +1,7 @@
 //! flotte-common: what both sides of the admin API need, the server and
 //! `flottectl` alike — operator profiles (`profile`), the role table of every
 //! admin RPC (`roles`), the audit log's hash chain and its verification
-//! (`audit`), packing and reading signed `.flotte` image files
+//! (`audit`) against signed checkpoints (`audit_checkpoints`), packing and reading signed `.flotte` image files
 //! (`image_build`), and the key and certificate request of a new operator
 //! identity (`key_request`).
 //!
@@ -11,6 +11,7 @@
 //! names (a profile directory, an image file or tree).
 
 pub mod audit;
+pub mod audit_checkpoints;
 pub mod image_build;
 pub mod key_request;
 pub mod profile;

@@ -134,6 +134,8 @@ struct StatusMachineView {
     status: String,
     applied_version: u64,
     applied_at: Option<String>,
+    /// Keys or logins of the policy the agent refused to install.
+    refused: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -162,6 +164,7 @@ fn print_status(output: Output, status: &AccessStatusResponse) -> Result<(), Ctl
                 status: machine.status.clone(),
                 applied_version: machine.applied_version,
                 applied_at: optional_time(machine.applied_at),
+                refused: machine.refused,
             })
             .collect(),
     };
@@ -186,10 +189,17 @@ fn print_status(output: Output, status: &AccessStatusResponse) -> Result<(), Ctl
                 machine.status.clone(),
                 machine.applied_version.to_string(),
                 machine.applied_at.clone().unwrap_or_default(),
+                machine.refused.to_string(),
             ]
         })
         .collect();
-    print_table(&["ID", "HOSTNAME", "STATUS", "APPLIED", "AT"], &rows);
+    print_table(
+        &["ID", "HOSTNAME", "STATUS", "APPLIED", "AT", "REFUSED"],
+        &rows,
+    );
+    if view.machines.iter().any(|machine| machine.refused > 0) {
+        print_line!("some agents refused part of the policy: see `flottectl access report`");
+    }
     Ok(())
 }
 
@@ -209,10 +219,24 @@ struct ReportEntryView {
     expires_at: Option<String>,
 }
 
+/// What an agent refused to install, or a key file it could not read.
+#[derive(Debug, Serialize)]
+struct ProblemView {
+    machine_id: String,
+    hostname: String,
+    login: String,
+    kind: String,
+    user: Option<String>,
+    grant_id: Option<String>,
+    subject: String,
+    reason: String,
+}
+
 #[derive(Debug, Serialize)]
 struct ReportView {
     entries: Vec<ReportEntryView>,
     missing_logins: Vec<String>,
+    problems: Vec<ProblemView>,
 }
 
 fn print_report(output: Output, report: &AccessReportResponse) -> Result<(), CtlError> {
@@ -237,6 +261,20 @@ fn print_report(output: Output, report: &AccessReportResponse) -> Result<(), Ctl
             })
             .collect(),
         missing_logins: report.missing_logins.clone(),
+        problems: report
+            .problems
+            .iter()
+            .map(|problem| ProblemView {
+                machine_id: problem.machine_id.clone(),
+                hostname: problem.hostname.clone(),
+                login: problem.login.clone(),
+                kind: problem.kind.clone(),
+                user: non_empty(&problem.user),
+                grant_id: non_empty(&problem.grant_id),
+                subject: problem.subject.clone(),
+                reason: problem.reason.clone(),
+            })
+            .collect(),
     };
     if output == Output::Json {
         return print_json(&view);
@@ -275,6 +313,27 @@ fn print_report(output: Output, report: &AccessReportResponse) -> Result<(), Ctl
     );
     for missing in &view.missing_logins {
         print_line!("login missing on the machine: {missing}");
+    }
+    if !view.problems.is_empty() {
+        let rows: Vec<Vec<String>> = view
+            .problems
+            .iter()
+            .map(|problem| {
+                vec![
+                    problem.hostname.clone(),
+                    problem.login.clone(),
+                    problem.kind.clone(),
+                    problem.user.clone().unwrap_or_default(),
+                    problem.subject.clone(),
+                    problem.reason.clone(),
+                ]
+            })
+            .collect();
+        print_line!("refused by the agents or not read:");
+        print_table(
+            &["MACHINE", "LOGIN", "KIND", "USER", "KEY OR FILE", "WHY"],
+            &rows,
+        );
     }
     Ok(())
 }

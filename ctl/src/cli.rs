@@ -110,14 +110,15 @@ impl Cli {
         }
     }
 
-    /// The directory of the operator profile this invocation acts as.
-    pub fn profile_directory(&self) -> Result<&Path, CtlError> {
+    /// The operator profile directory (where `flottectl` also keeps what it
+    /// remembers for that server, such as the last signed audit head).
+    pub fn profile_dir(&self) -> Result<&std::path::Path, CtlError> {
         self.profile.as_deref().ok_or(CtlError::NoProfile)
     }
 
     /// The operator profile this invocation acts as.
     pub fn load_profile(&self) -> Result<Profile, CtlError> {
-        Ok(Profile::load(self.profile_directory()?)?)
+        Ok(Profile::load(self.profile_dir()?)?)
     }
 
     /// The server address this invocation dials: `--server`, else the profile's.
@@ -143,7 +144,7 @@ impl Cli {
                 ));
             }
         }
-        warn_if_expiring_soon(self.profile_directory()?, &profile)?;
+        warn_if_expiring_soon(self.profile_dir()?, &profile)?;
         self.channel(&profile)
     }
 

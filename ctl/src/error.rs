@@ -25,6 +25,11 @@ pub enum CtlError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot write {path}: {source}")]
+    WriteFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot generate the operator's key: {0}")]
     Key(#[from] flotte_common::key_request::KeyRequestError),
     /// A local I/O failure, naming what was being done.

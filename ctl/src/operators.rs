@@ -198,7 +198,7 @@ pub async fn renew_profile(cli: &Cli, profile: &mut Profile) -> Result<OperatorI
         .map_err(rpc_error(&diagnostics))?
         .into_inner();
     profile.replace_certificate(
-        cli.profile_directory()?,
+        cli.profile_dir()?,
         renewed.certificate_pem,
         renewed.ca_certificate_pem,
     )?;
@@ -217,7 +217,7 @@ async fn renew_now(cli: &Cli) -> Result<(), CtlError> {
         operator.name,
         operator.certificate_serial,
         optional_time(operator.certificate_not_after).unwrap_or_default(),
-        cli.profile_directory()?.display()
+        cli.profile_dir()?.display()
     );
     Ok(())
 }

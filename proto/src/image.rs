@@ -23,8 +23,16 @@ pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub command: Vec<String>,
+    /// The service's whole environment (the agent's own is never passed on).
     #[serde(default)]
     pub environment: BTreeMap<String, String>,
+    /// Who the service runs as (the agent's `[service]` settings override
+    /// both); absent from manifests that do not say, so that their bytes
+    /// and signatures stay what they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,7 +1,20 @@
-//! Server backup and restore: one archive (`tar`, zstd-compressed) holding a
-//! consistent copy of everything a server needs to come back as itself — the
-//! store, the CA, the settings, the admin profile, image blobs and forensic
-//! bundles — with a manifest of sizes and SHA-256 checksums.
+//! Server backup and restore: one archive (`tar`, zstd-compressed, then
+//! encrypted with `age` to recipient public keys given at backup time)
+//! holding a consistent copy of everything a server needs to come back as
+//! itself — the store, the CA, the settings, the admin profile's certificate
+//! (never its private key), image blobs and forensic bundles — with a
+//! manifest of sizes and SHA-256 checksums.
+//!
+//! The archive holds the CA key, so it is readable only with an age identity
+//! (`flotte-server backup-key` makes one); age's payload encryption is
+//! authenticated, so a byte changed anywhere makes restore refuse. The
+//! checksums inside catch a damaged write; the encryption catches tampering.
+//! Temporary files (the store snapshot, the archive being written) live in a
+//! fresh 0700 directory created exclusively next to the output, and are
+//! created with `O_EXCL`; the finished archive is renamed into place.
+//!
+//! The store is one [`DatabasePart`] (SQLite: [`SqliteSnapshot`]); another
+//! backend plugs in its own (e.g. a `pg_dump`) without touching the rest.
 //!
 //! The store is copied with SQLite's `VACUUM INTO`, which reads one
 //! transaction-consistent snapshot while the running server keeps writing
@@ -21,6 +34,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use age::secrecy::ExposeSecret;
 use flotte_proto::data_dir_lock::describe_io_error;
 use serde::{Deserialize, Serialize};
 
@@ -30,9 +44,22 @@ const MANIFEST_NAME: &str = "manifest.json";
 const STORE_FILE: &str = "flotte.db";
 /// What is copied from a data dir besides the store (missing ones are skipped,
 /// except the CA). Addresses, logs and half-uploaded images are not state.
-const INCLUDED: &[&str] = &["server.toml", "ca", "admin", "images/blobs", "forensics"];
+const INCLUDED: &[&str] = &[
+    "server.toml",
+    "ca",
+    "audit",
+    "admin",
+    "images/blobs",
+    "forensics",
+];
+/// Files of the included directories that are never backed up: the admin
+/// profile's private key stays with the admin (who restores with their own
+/// profile), so a leaked backup and identity do not hand out admin access.
+const EXCLUDED: &[&str] = &["admin/key.pem"];
 /// A manifest larger than this is not one we wrote.
 const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+/// An identity or recipients file larger than this is not one.
+const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -73,6 +100,16 @@ pub enum BackupError {
     UnsafeEntry(String),
     #[error("the restored store failed its integrity check: {0}")]
     Integrity(String),
+    #[error("{0}")]
+    Keys(String),
+    #[error("cannot encrypt the backup: {0}")]
+    Encrypt(String),
+    #[error("the backup cannot be decrypted with the identity in {identity}: {reason}")]
+    Decrypt { identity: PathBuf, reason: String },
+    #[error(
+        "the backup failed authentication: it was changed or damaged after it was written ({0})"
+    )]
+    Tampered(String),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> BackupError + '_ {
@@ -179,10 +216,219 @@ fn keeps_state_in_postgres(data_dir: &Path) -> bool {
     .is_ok_and(|settings| settings.store.kind == crate::config::StoreKind::Postgres)
 }
 
+/// Reads a small key file (identity or recipients), refusing a large one.
+fn read_key_file(path: &Path) -> Result<String, BackupError> {
+    let file = fs::File::open(path).map_err(io_error(path))?;
+    let mut text = String::new();
+    file.take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(io_error(path))?;
+    if text.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(BackupError::Keys(format!(
+            "{}: larger than {MAX_KEY_FILE_BYTES} bytes, not a key file",
+            path.display()
+        )));
+    }
+    Ok(text)
+}
+
+/// The lines of a key file that hold keys (no blanks, no `#` comments).
+fn key_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+}
+
+/// The age recipients named by `given`: each an `age1…` public key, or a
+/// file of them (one per line, `#` comments).
+pub fn recipients(given: &[String]) -> Result<Vec<age::x25519::Recipient>, BackupError> {
+    let mut recipients = Vec::new();
+    for value in given {
+        let from_file;
+        let lines: Vec<&str> = if value.starts_with("age1") {
+            vec![value.as_str()]
+        } else {
+            from_file = read_key_file(Path::new(value))?;
+            key_lines(&from_file).collect()
+        };
+        for line in lines {
+            let recipient = line.parse::<age::x25519::Recipient>().map_err(|error| {
+                BackupError::Keys(format!(
+                    "{} is not an age X25519 recipient (age1…): {error}",
+                    flotte_proto::names::quoted_prefix(line)
+                ))
+            })?;
+            recipients.push(recipient);
+        }
+    }
+    if recipients.is_empty() {
+        return Err(BackupError::Keys(
+            "no recipient: a backup holds the CA key and is always encrypted (give --recipient age1… or a file of them; `flotte-server backup-key` makes a key pair)".into(),
+        ));
+    }
+    Ok(recipients)
+}
+
+/// The age identities of an identity file (`AGE-SECRET-KEY-1…` lines).
+pub fn identities(path: &Path) -> Result<Vec<age::x25519::Identity>, BackupError> {
+    let text = read_key_file(path)?;
+    let identities = key_lines(&text)
+        .map(|line| {
+            line.parse::<age::x25519::Identity>().map_err(|_| {
+                BackupError::Keys(format!(
+                    "{}: a line is not an age X25519 identity (AGE-SECRET-KEY-1…)",
+                    path.display()
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if identities.is_empty() {
+        return Err(BackupError::Keys(format!(
+            "{}: holds no age identity",
+            path.display()
+        )));
+    }
+    Ok(identities)
+}
+
+/// Writes a new age identity to `out` (0600, never over an existing file)
+/// and returns its recipient (the public key to back up to).
+pub fn generate_backup_key(out: &Path) -> Result<String, BackupError> {
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    let text = format!(
+        "# flotte backup identity: restores backups made with --recipient {recipient}\n{}\n",
+        identity.to_string().expose_secret()
+    );
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(io_error(out))?;
+    io::Write::write_all(&mut file, text.as_bytes()).map_err(io_error(out))?;
+    file.sync_all().map_err(io_error(out))?;
+    Ok(recipient)
+}
+
+type EncryptedTar = tar::Builder<zstd::Encoder<'static, age::stream::StreamWriter<fs::File>>>;
+
+/// The archive being written: entries go through tar, zstd and age, each
+/// hashed while streaming into the manifest.
+pub struct ArchiveWriter {
+    builder: EncryptedTar,
+    files: Vec<BackupFileEntry>,
+    mtime: u64,
+    path: PathBuf,
+}
+
+impl ArchiveWriter {
+    /// Adds the regular file `source` as `name` with `mode`.
+    pub fn append_file(&mut self, name: &str, source: &Path, mode: u32) -> Result<(), BackupError> {
+        let reader = fs::File::open(source).map_err(io_error(source))?;
+        let size = reader.metadata().map_err(io_error(source))?.len();
+        let mut header = self.header(size, mode);
+        let mut hashing = HashingReader::new(reader.take(size));
+        self.builder
+            .append_data(&mut header, name, &mut hashing)
+            .map_err(io_error(source))?;
+        let (written, sha256) = hashing.finish();
+        self.files.push(BackupFileEntry {
+            path: name.to_owned(),
+            size: written,
+            sha256,
+            mode,
+        });
+        Ok(())
+    }
+
+    fn header(&self, size: u64, mode: u32) -> tar::Header {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(size);
+        header.set_mode(mode);
+        header.set_mtime(self.mtime);
+        header.set_entry_type(tar::EntryType::Regular);
+        header
+    }
+
+    /// Writes the manifest last and closes every layer (age's final chunk
+    /// included: without it the archive does not authenticate).
+    fn finish(mut self, created_at: i64) -> Result<BackupManifest, BackupError> {
+        let manifest = BackupManifest {
+            format: BACKUP_FORMAT.to_owned(),
+            created_at,
+            files: std::mem::take(&mut self.files),
+        };
+        let manifest_bytes = serde_json::to_vec_pretty(&manifest)
+            .map_err(|error| BackupError::Manifest(error.to_string()))?;
+        let mut header = self.header(manifest_bytes.len() as u64, 0o600);
+        self.builder
+            .append_data(&mut header, MANIFEST_NAME, manifest_bytes.as_slice())
+            .map_err(io_error(&self.path))?;
+        let encoder = self.builder.into_inner().map_err(io_error(&self.path))?;
+        let encrypted = encoder.finish().map_err(io_error(&self.path))?;
+        let file = encrypted.finish().map_err(io_error(&self.path))?;
+        file.sync_all().map_err(io_error(&self.path))?;
+        Ok(manifest)
+    }
+}
+
+/// The part of a backup that holds the durable store, written into the
+/// archive by its backend's own means.
+pub trait DatabasePart {
+    /// Adds the database's entries to `archive`; `private_dir` is a fresh
+    /// 0700 directory for temporary files, removed afterwards.
+    fn add_to(&self, archive: &mut ArchiveWriter, private_dir: &Path) -> Result<(), BackupError>;
+}
+
+/// SQLite: a `VACUUM INTO` snapshot, consistent while the server writes.
+#[derive(Debug, Clone)]
+pub struct SqliteSnapshot {
+    pub store: PathBuf,
+}
+
+impl DatabasePart for SqliteSnapshot {
+    fn add_to(&self, archive: &mut ArchiveWriter, private_dir: &Path) -> Result<(), BackupError> {
+        let snapshot = private_dir.join(STORE_FILE);
+        snapshot_store(&self.store, &snapshot)?;
+        archive.append_file(STORE_FILE, &snapshot, 0o600)
+    }
+}
+
+/// A directory only we can use, next to `out` (same file system, so the
+/// finished archive is renamed into place), removed when dropped.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn next_to(out: &Path) -> Result<Self, BackupError> {
+        let parent = match out.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let path = parent.join(format!(".flotte-backup-{}", uuid::Uuid::new_v4().simple()));
+        // `create`, not `create_all`: fails if anything is already there.
+        std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+            .create(&path)
+            .map_err(io_error(&path))?;
+        Ok(PrivateDir(path))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Copies the store of `data_dir` (consistently, while the server may run)
-/// and the files it needs into one archive at `out` (mode 0600: it holds the
-/// CA key).
-pub fn backup(data_dir: &Path, out: &Path, now: i64) -> Result<BackupSummary, BackupError> {
+/// and the files it needs into one archive at `out`, encrypted to
+/// `recipients` (mode 0600).
+pub fn backup(
+    data_dir: &Path,
+    out: &Path,
+    recipients: &[age::x25519::Recipient],
+    now: i64,
+) -> Result<BackupSummary, BackupError> {
     let store = data_dir.join(STORE_FILE);
     // `try_exists`: a data dir this user cannot read is said as such, never
     // taken for "not a data dir".
@@ -198,33 +444,19 @@ pub fn backup(data_dir: &Path, out: &Path, now: i64) -> Result<BackupSummary, Ba
     if !has_ca || !exists(&store)? {
         return Err(BackupError::NotADataDir(data_dir.to_owned()));
     }
-    let out_directory = match out.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let process = std::process::id();
-    let snapshot = out_directory.join(format!(".flotte-backup-{process}.db"));
-    let partial = out_directory.join(format!(".flotte-backup-{process}.partial"));
-    let result = write_archive(data_dir, &store, &snapshot, &partial, now);
-    let _ = fs::remove_file(&snapshot);
-    match result {
-        Ok(manifest) => {
-            fs::rename(&partial, out).map_err(io_error(out))?;
-            Ok(BackupSummary {
-                archive: out.to_owned(),
-                manifest,
-            })
-        }
-        Err(error) => {
-            let _ = fs::remove_file(&partial);
-            Err(error)
-        }
-    }
+    let database = SqliteSnapshot { store };
+    let private = PrivateDir::next_to(out)?;
+    let partial = private.0.join("archive.partial");
+    let manifest = write_archive(data_dir, &database, recipients, &private.0, &partial, now)?;
+    fs::rename(&partial, out).map_err(io_error(out))?;
+    Ok(BackupSummary {
+        archive: out.to_owned(),
+        manifest,
+    })
 }
 
 /// `VACUUM INTO`: one consistent snapshot of a live SQLite database.
 fn snapshot_store(store: &Path, snapshot: &Path) -> Result<(), BackupError> {
-    let _ = fs::remove_file(snapshot);
     let snapshot_error = |source| BackupError::Snapshot {
         path: store.to_owned(),
         source,
@@ -245,79 +477,48 @@ fn snapshot_store(store: &Path, snapshot: &Path) -> Result<(), BackupError> {
 
 fn write_archive(
     data_dir: &Path,
-    store: &Path,
-    snapshot: &Path,
+    database: &dyn DatabasePart,
+    recipients: &[age::x25519::Recipient],
+    private_dir: &Path,
     partial: &Path,
     now: i64,
 ) -> Result<BackupManifest, BackupError> {
-    snapshot_store(store, snapshot)?;
     let file = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(partial)
         .map_err(io_error(partial))?;
-    let encoder = zstd::Encoder::new(file, 3).map_err(io_error(partial))?;
-    let mut builder = tar::Builder::new(encoder);
-    let mut files = Vec::new();
-    let mtime = u64::try_from(now).unwrap_or(0);
-    let mut append = |builder: &mut tar::Builder<zstd::Encoder<'_, fs::File>>,
-                      name: &str,
-                      source: &Path,
-                      mode: u32|
-     -> Result<(), BackupError> {
-        let reader = fs::File::open(source).map_err(io_error(source))?;
-        let size = reader.metadata().map_err(io_error(source))?.len();
-        let mut header = tar::Header::new_gnu();
-        header.set_size(size);
-        header.set_mode(mode);
-        header.set_mtime(mtime);
-        header.set_entry_type(tar::EntryType::Regular);
-        let mut hashing = HashingReader::new(reader.take(size));
-        builder
-            .append_data(&mut header, name, &mut hashing)
-            .map_err(io_error(source))?;
-        let (written, sha256) = hashing.finish();
-        files.push(BackupFileEntry {
-            path: name.to_owned(),
-            size: written,
-            sha256,
-            mode,
-        });
-        Ok(())
+    let encryptor = age::Encryptor::with_recipients(
+        recipients
+            .iter()
+            .map(|recipient| recipient as &dyn age::Recipient),
+    )
+    .map_err(|error| BackupError::Encrypt(error.to_string()))?;
+    let encrypted = encryptor.wrap_output(file).map_err(io_error(partial))?;
+    let encoder = zstd::Encoder::new(encrypted, 3).map_err(io_error(partial))?;
+    let mut archive = ArchiveWriter {
+        builder: tar::Builder::new(encoder),
+        files: Vec::new(),
+        mtime: u64::try_from(now).unwrap_or(0),
+        path: partial.to_owned(),
     };
-    append(&mut builder, STORE_FILE, snapshot, 0o600)?;
+    database.add_to(&mut archive, private_dir)?;
     for root in INCLUDED {
         for relative in files_under(data_dir, root)? {
+            if EXCLUDED.contains(&relative.as_str()) {
+                continue;
+            }
             let source = data_dir.join(&relative);
             let mode = fs::metadata(&source)
                 .map_err(io_error(&source))?
                 .permissions()
                 .mode()
                 & 0o777;
-            append(&mut builder, &relative, &source, mode)?;
+            archive.append_file(&relative, &source, mode)?;
         }
     }
-    let manifest = BackupManifest {
-        format: BACKUP_FORMAT.to_owned(),
-        created_at: now,
-        files,
-    };
-    let manifest_bytes = serde_json::to_vec_pretty(&manifest)
-        .map_err(|error| BackupError::Manifest(error.to_string()))?;
-    let mut header = tar::Header::new_gnu();
-    header.set_size(manifest_bytes.len() as u64);
-    header.set_mode(0o600);
-    header.set_mtime(mtime);
-    header.set_entry_type(tar::EntryType::Regular);
-    builder
-        .append_data(&mut header, MANIFEST_NAME, manifest_bytes.as_slice())
-        .map_err(io_error(partial))?;
-    let encoder = builder.into_inner().map_err(io_error(partial))?;
-    let file = encoder.finish().map_err(io_error(partial))?;
-    file.sync_all().map_err(io_error(partial))?;
-    Ok(manifest)
+    archive.finish(now)
 }
 
 /// A relative path made only of plain names, or `None`.
@@ -382,9 +583,15 @@ pub struct RestoreSummary {
     pub manifest: BackupManifest,
 }
 
-/// Rebuilds a data dir at `data_dir` (missing or empty) from `archive`. On
-/// any problem, what was written is removed and the error names the cause.
-pub fn restore(archive: &Path, data_dir: &Path) -> Result<RestoreSummary, BackupError> {
+/// Rebuilds a data dir at `data_dir` (missing or empty) from `archive`,
+/// decrypted with the identities of `identity_file`. On any problem, what
+/// was written is removed and the error names the cause.
+pub fn restore(
+    archive: &Path,
+    identity_file: &Path,
+    data_dir: &Path,
+) -> Result<RestoreSummary, BackupError> {
+    let identities = identities(identity_file)?;
     match fs::read_dir(data_dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -395,7 +602,7 @@ pub fn restore(archive: &Path, data_dir: &Path) -> Result<RestoreSummary, Backup
         Err(error) => return Err(io_error(data_dir)(error)),
     }
     flotte_proto::files::create_private_dir(data_dir).map_err(io_error(data_dir))?;
-    let result = unpack_and_verify(archive, data_dir);
+    let result = unpack_and_verify(archive, identity_file, &identities, data_dir);
     if result.is_err() {
         // The target was missing or empty: everything in it is ours.
         if let Ok(entries) = fs::read_dir(data_dir) {
@@ -415,9 +622,70 @@ pub fn restore(archive: &Path, data_dir: &Path) -> Result<RestoreSummary, Backup
     })
 }
 
-fn unpack_and_verify(archive: &Path, data_dir: &Path) -> Result<BackupManifest, BackupError> {
-    let file = fs::File::open(archive).map_err(io_error(archive))?;
-    let decoder = zstd::Decoder::new(file).map_err(io_error(archive))?;
+/// Passes the decrypted bytes on, remembering an authentication failure:
+/// `tar` reports read errors without their cause, and this one must be
+/// named as what it is.
+struct Authenticated<R> {
+    inner: R,
+    failure: std::rc::Rc<std::cell::RefCell<Option<String>>>,
+}
+
+impl<R: Read> Read for Authenticated<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buffer).inspect_err(|error| {
+            *self.failure.borrow_mut() = Some(error.to_string());
+        })
+    }
+}
+
+fn unpack_and_verify(
+    archive: &Path,
+    identity_file: &Path,
+    identities: &[age::x25519::Identity],
+    data_dir: &Path,
+) -> Result<BackupManifest, BackupError> {
+    let file = io::BufReader::new(fs::File::open(archive).map_err(io_error(archive))?);
+    let decrypt_error = |error: age::DecryptError| match error {
+        age::DecryptError::NoMatchingKeys => BackupError::Decrypt {
+            identity: identity_file.to_owned(),
+            reason: "the backup was not encrypted to it".into(),
+        },
+        age::DecryptError::InvalidHeader
+        | age::DecryptError::InvalidMac
+        | age::DecryptError::DecryptionFailed => BackupError::Tampered(error.to_string()),
+        other => BackupError::Decrypt {
+            identity: identity_file.to_owned(),
+            reason: other.to_string(),
+        },
+    };
+    let decryptor = age::Decryptor::new(file).map_err(decrypt_error)?;
+    let decrypted = decryptor
+        .decrypt(
+            identities
+                .iter()
+                .map(|identity| identity as &dyn age::Identity),
+        )
+        .map_err(decrypt_error)?;
+    let failure = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let authenticated = Authenticated {
+        inner: decrypted,
+        failure: std::rc::Rc::clone(&failure),
+    };
+    let outcome = unpack_entries(authenticated, archive, data_dir);
+    if let Some(reason) = failure.borrow_mut().take() {
+        return Err(BackupError::Tampered(reason));
+    }
+    let manifest = outcome?;
+    check_store_integrity(&data_dir.join(STORE_FILE))?;
+    Ok(manifest)
+}
+
+fn unpack_entries(
+    decrypted: impl Read,
+    archive: &Path,
+    data_dir: &Path,
+) -> Result<BackupManifest, BackupError> {
+    let decoder = zstd::Decoder::new(decrypted).map_err(io_error(archive))?;
     let mut tar = tar::Archive::new(decoder);
     let mut found: BTreeMap<String, (u64, String)> = BTreeMap::new();
     let mut manifest: Option<BackupManifest> = None;
@@ -465,7 +733,6 @@ fn unpack_and_verify(archive: &Path, data_dir: &Path) -> Result<BackupManifest, 
     let manifest =
         manifest.ok_or_else(|| BackupError::Manifest("manifest.json is missing".into()))?;
     verify_against_manifest(&manifest, &found)?;
-    check_store_integrity(&data_dir.join(STORE_FILE))?;
     Ok(manifest)
 }
 
@@ -519,6 +786,8 @@ mod tests {
         write_test_file(&dir, "server.address", b"127.0.0.1:1\n", 0o644);
         write_test_file(&dir, "forensics/m1/1-q1.tar", b"bundle", 0o644);
         write_test_file(&dir, "forensics/m1/2-q2.tar.partial", b"half", 0o644);
+        write_test_file(&dir, "admin/cert.pem", b"ADMIN CERT", 0o644);
+        write_test_file(&dir, "admin/key.pem", b"ADMIN KEY", 0o600);
         let store = SqliteStore::open(&dir.join(STORE_FILE)).unwrap();
         store
             .insert_release_key(&crate::store::ReleaseKeyRecord {
@@ -533,13 +802,26 @@ mod tests {
         dir
     }
 
+    /// A fresh identity file and its recipients.
+    fn backup_key(dir: &Path) -> (PathBuf, Vec<age::x25519::Recipient>) {
+        let identity = dir.join(format!("identity-{}.txt", uuid::Uuid::new_v4()));
+        let recipient = generate_backup_key(&identity).unwrap();
+        assert_eq!(
+            fs::metadata(&identity).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        (identity, recipients(&[recipient]).unwrap())
+    }
+
     #[tokio::test]
     async fn a_backup_restores_the_store_and_files_with_their_modes() {
         let source = sample_data_dir().await;
         // The store stays open (as in a running server) during the backup.
         let _live = SqliteStore::open(&source.join(STORE_FILE)).unwrap();
-        let out = temp_dir("out").join("backup.tar.zst");
-        let summary = backup(&source, &out, 1000).unwrap();
+        let out_dir = temp_dir("out");
+        let out = out_dir.join("backup.flotte-backup");
+        let (identity, recipients) = backup_key(&out_dir);
+        let summary = backup(&source, &out, &recipients, 1000).unwrap();
         let names: Vec<&str> = summary
             .manifest
             .files
@@ -553,6 +835,7 @@ mod tests {
                 "server.toml",
                 "ca/ca.key",
                 "ca/ca.pem",
+                "admin/cert.pem",
                 "images/blobs/abc",
                 "forensics/m1/1-q1.tar"
             ]
@@ -561,9 +844,12 @@ mod tests {
             fs::metadata(&out).unwrap().permissions().mode() & 0o777,
             0o600
         );
+        // Only the archive and the identity are left next to it.
+        assert_eq!(fs::read_dir(&out_dir).unwrap().count(), 2);
 
         let target = temp_dir("target").join("restored");
-        restore(&out, &target).unwrap();
+        restore(&out, &identity, &target).unwrap();
+        assert!(!target.join("admin/key.pem").exists());
         assert_eq!(fs::read(target.join("ca/ca.key")).unwrap(), b"CA KEY");
         assert_eq!(
             fs::metadata(target.join("ca/ca.key"))
@@ -582,17 +868,96 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn restore_refuses_a_non_empty_target_and_cleans_up_after_a_bad_archive() {
+    async fn a_backup_is_unreadable_without_its_identity() {
         let source = sample_data_dir().await;
-        let out = temp_dir("out").join("backup.tar.zst");
-        backup(&source, &out, 1000).unwrap();
-        let error = restore(&out, &source).unwrap_err();
+        let out_dir = temp_dir("out");
+        let out = out_dir.join("backup.flotte-backup");
+        let (_identity, recipients) = backup_key(&out_dir);
+        backup(&source, &out, &recipients, 1000).unwrap();
+        let bytes = fs::read(&out).unwrap();
+        assert!(bytes.starts_with(b"age-encryption.org/v1\n"));
+        assert!(zstd::decode_all(bytes.as_slice()).is_err());
+        let (other_identity, _) = backup_key(&out_dir);
+        let target = temp_dir("target").join("restored");
+        let error = restore(&out, &other_identity, &target).unwrap_err();
+        assert!(
+            error.to_string().contains("was not encrypted to it"),
+            "{error}"
+        );
+        assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
+        let error = backup(&source, &out, &[], 1000).unwrap_err();
+        assert!(error.to_string().contains("cannot encrypt"), "{error}");
+        let error = super::recipients(&["age1notakey".to_owned()]).unwrap_err();
+        assert!(
+            error.to_string().contains("not an age X25519 recipient"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_byte_changed_anywhere_makes_restore_refuse_and_leave_nothing() {
+        let source = sample_data_dir().await;
+        let out_dir = temp_dir("out");
+        let out = out_dir.join("backup.flotte-backup");
+        let (identity, recipients) = backup_key(&out_dir);
+        backup(&source, &out, &recipients, 1000).unwrap();
+        let error = restore(&out, &identity, &source).unwrap_err();
         assert!(matches!(error, BackupError::TargetNotEmpty(_)), "{error}");
 
-        // A manifest whose checksum no longer matches a file.
-        let decoder = zstd::Decoder::new(fs::File::open(&out).unwrap()).unwrap();
+        let original = fs::read(&out).unwrap();
+        // In the header (a recipient stanza or its MAC), in the payload, and
+        // the last byte (the final chunk's tag).
+        for position in [40, original.len() / 2, original.len() - 1] {
+            let mut changed = original.clone();
+            changed[position] ^= 0x01;
+            let tampered = out_dir.join(format!("tampered-{position}"));
+            fs::write(&tampered, &changed).unwrap();
+            let target = temp_dir("target").join("restored");
+            let error = restore(&tampered, &identity, &target).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    BackupError::Tampered(_) | BackupError::Decrypt { .. }
+                ),
+                "byte {position}: {error}"
+            );
+            assert_eq!(
+                fs::read_dir(&target).unwrap().count(),
+                0,
+                "byte {position}: nothing left behind"
+            );
+        }
+        let mut cut = original.clone();
+        cut.truncate(original.len() - 100);
+        let truncated = out_dir.join("truncated");
+        fs::write(&truncated, &cut).unwrap();
+        let error = restore(&truncated, &identity, &temp_dir("target").join("r")).unwrap_err();
+        assert!(matches!(error, BackupError::Tampered(_)), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_reencrypted_archive_whose_manifest_disagrees_is_refused() {
+        // Whoever holds the (public) recipient can build a whole archive;
+        // the manifest still catches one that does not match its files.
+        let source = sample_data_dir().await;
+        let out_dir = temp_dir("out");
+        let out = out_dir.join("backup.flotte-backup");
+        let (identity, recipients) = backup_key(&out_dir);
+        backup(&source, &out, &recipients, 1000).unwrap();
+        let identities = identities(&identity).unwrap();
+        let decrypted = age::Decryptor::new(io::BufReader::new(fs::File::open(&out).unwrap()))
+            .unwrap()
+            .decrypt(
+                identities
+                    .iter()
+                    .map(|identity| identity as &dyn age::Identity),
+            )
+            .unwrap();
         let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
-        for entry in tar::Archive::new(decoder).entries().unwrap() {
+        for entry in tar::Archive::new(zstd::Decoder::new(decrypted).unwrap())
+            .entries()
+            .unwrap()
+        {
             let mut entry = entry.unwrap();
             let name = entry.path().unwrap().display().to_string();
             let mut bytes = Vec::new();
@@ -602,9 +967,16 @@ mod tests {
             }
             entries.push((name, bytes));
         }
-        let tampered = out.with_file_name("tampered.tar.zst");
-        let encoder = zstd::Encoder::new(fs::File::create(&tampered).unwrap(), 1).unwrap();
-        let mut builder = tar::Builder::new(encoder);
+        let tampered = out_dir.join("reencrypted");
+        let encrypted = age::Encryptor::with_recipients(
+            recipients
+                .iter()
+                .map(|recipient| recipient as &dyn age::Recipient),
+        )
+        .unwrap()
+        .wrap_output(fs::File::create(&tampered).unwrap())
+        .unwrap();
+        let mut builder = tar::Builder::new(zstd::Encoder::new(encrypted, 1).unwrap());
         for (name, bytes) in &entries {
             let mut header = tar::Header::new_gnu();
             header.set_size(bytes.len() as u64);
@@ -613,18 +985,20 @@ mod tests {
                 .append_data(&mut header, name, bytes.as_slice())
                 .unwrap();
         }
-        builder.into_inner().unwrap().finish().unwrap();
+        builder
+            .into_inner()
+            .unwrap()
+            .finish()
+            .unwrap()
+            .finish()
+            .unwrap();
         let target = temp_dir("target").join("restored");
-        let error = restore(&tampered, &target).unwrap_err();
+        let error = restore(&tampered, &identity, &target).unwrap_err();
         assert!(
             matches!(&error, BackupError::Checksum { path, .. } if path == "ca/ca.key"),
             "{error}"
         );
-        assert_eq!(
-            fs::read_dir(&target).unwrap().count(),
-            0,
-            "nothing left behind"
-        );
+        assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
     }
 
     #[test]
@@ -637,12 +1011,13 @@ mod tests {
             b"[store]\nkind = \"postgres\"\nurl = \"postgres://flotte@db/flotte\"\n",
             0o644,
         );
-        let error = backup(&dir, &dir.join("out.tar"), 1).unwrap_err();
+        let (_, recipients) = backup_key(&dir);
+        let error = backup(&dir, &dir.join("out.tar"), &recipients, 1).unwrap_err();
         assert!(matches!(error, BackupError::StateInPostgres(_)), "{error}");
         assert!(error.to_string().contains("pg_dump"), "{error}");
         // Without the setting it is simply not a data dir.
         write_test_file(&dir, "server.toml", b"", 0o644);
-        let error = backup(&dir, &dir.join("out.tar"), 1).unwrap_err();
+        let error = backup(&dir, &dir.join("out.tar"), &recipients, 1).unwrap_err();
         assert!(matches!(error, BackupError::NotADataDir(_)), "{error}");
     }
 

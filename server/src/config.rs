@@ -15,6 +15,7 @@ pub use flotte_proto::settings::{read_toml, ConfigError};
 use serde::{Deserialize, Serialize};
 
 use crate::alerts::WebhookTarget;
+use crate::audit_key::{AuditConfigFile, AuditSettings};
 use crate::domain::repair::settings::{
     validate_minimums, GroupMinimumFile, GroupMinimums, RemediationConfigFile, RemediationSettings,
 };
@@ -86,6 +87,10 @@ pub struct ServerConfigFile {
     /// of the file `init` writes) or a PostgreSQL database shared by replicas.
     #[serde(skip_serializing_if = "StoreConfigFile::is_default")]
     pub store: StoreConfigFile,
+    /// How often the audit chain's head is signed. Left out of the file
+    /// `init` writes while it is the default.
+    #[serde(skip_serializing_if = "AuditConfigFile::is_default")]
+    pub audit: AuditConfigFile,
 }
 
 /// One `[[webhook]]` table.
@@ -130,6 +135,7 @@ impl Default for ServerConfigFile {
             limits: LimitsConfigFile::default(),
             forensics: ForensicsConfigFile::default(),
             store: StoreConfigFile::default(),
+            audit: AuditConfigFile::default(),
         }
     }
 }
@@ -158,6 +164,7 @@ pub struct ServerConfig {
     pub limits: LimitSettings,
     pub forensics: ForensicsLimits,
     pub store: StoreSettings,
+    pub audit: AuditSettings,
 }
 
 impl ServerConfigFile {
@@ -297,6 +304,7 @@ impl ServerConfigFile {
         let limits = self.limits.validate(&mut problems);
         let forensics = self.forensics.validate(&mut problems);
         let store = self.store.validate(&data_dir, &mut problems);
+        let audit = self.audit.validate(&mut problems);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -332,6 +340,7 @@ impl ServerConfigFile {
             limits,
             forensics,
             store,
+            audit,
         })
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! `flotte-server replica init` prepares another replica's data dir from
 //! the first one: the CA (the private key is copied file to file, never
-//! through the database), the settings with this replica's own name,
+//! through the database), the audit key (replicas sign one audit chain
+//! with one key), the settings with this replica's own name,
 //! listen address and zone, and the store's password file. Never the admin
 //! profile, never a SQLite store: replicas share one PostgreSQL database.
 
@@ -46,6 +47,8 @@ pub enum InitError {
     Encode(#[from] toml::ser::Error),
     #[error("cannot create the store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    AuditKey(#[from] crate::audit_key::AuditKeyError),
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -122,6 +125,7 @@ pub async fn init(data_dir: &Path, options: InitOptions) -> Result<InitSummary, 
         source,
     })?;
     let ca = CertificateAuthority::create(data_dir, &config.trust_domain)?;
+    crate::audit_key::AuditKey::load_or_create(data_dir)?;
     let config_path = default_config_path(data_dir);
     files::write_atomically(&config_path, toml::to_string(&settings)?.as_bytes()).map_err(
         |source| InitError::Io {
@@ -234,6 +238,10 @@ pub fn init_replica(
     // leaves no half-made data dir behind.
     let ca_certificate = read_file(&from.join("ca").join("ca.pem"))?;
     let ca_key = read_file(&from.join("ca").join("ca.key"))?;
+    // A first data dir made before audit keys existed gets its key now (its
+    // next start would make it anyway).
+    crate::audit_key::AuditKey::load_or_create(from)?;
+    let audit_key = read_file(&crate::audit_key::audit_key_path(from))?;
     let password = match &settings.store.password_file {
         Some(relative) if relative.is_relative() => {
             Some((relative.clone(), read_file(&from.join(relative))?))
@@ -241,7 +249,11 @@ pub fn init_replica(
         // An absolute path is the same file on every host (a mounted secret).
         _ => None,
     };
-    for directory in [data_dir.to_owned(), data_dir.join("ca")] {
+    let audit_key_path = crate::audit_key::audit_key_path(data_dir);
+    let audit_dir = audit_key_path
+        .parent()
+        .map_or_else(|| data_dir.to_owned(), Path::to_path_buf);
+    for directory in [data_dir.to_owned(), data_dir.join("ca"), audit_dir] {
         files::create_private_dir(&directory).map_err(|source| InitError::Io {
             path: directory.clone(),
             source,
@@ -249,6 +261,7 @@ pub fn init_replica(
     }
     write_private_file(&data_dir.join("ca").join("ca.pem"), &ca_certificate)?;
     write_private_file(&data_dir.join("ca").join("ca.key"), &ca_key)?;
+    write_private_file(&audit_key_path, &audit_key)?;
     if let Some((relative, password)) = password {
         write_private_file(&data_dir.join(relative), &password)?;
     }
@@ -323,6 +336,11 @@ mod tests {
         assert_eq!(
             std::fs::read(b.join("ca/ca.key")).unwrap(),
             std::fs::read(first.join("ca/ca.key")).unwrap()
+        );
+        assert_eq!(
+            std::fs::read(crate::audit_key::audit_key_path(&b)).unwrap(),
+            std::fs::read(crate::audit_key::audit_key_path(&first)).unwrap(),
+            "one audit key for every replica"
         );
         assert!(!b.join("admin").exists(), "never the admin profile");
         assert!(!b.join("flotte.db").exists());

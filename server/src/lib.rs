@@ -16,6 +16,7 @@
 //! runs on the blocking pool.
 
 mod alerts;
+pub mod audit_key;
 pub mod backup;
 pub mod ca;
 pub mod clock;
@@ -68,6 +69,8 @@ pub enum ServerError {
     Serve(#[from] edge::ServeError),
     #[error("cannot load the active rollouts: {0}")]
     Rollouts(String),
+    #[error("cannot load the audit key: {0}")]
+    AuditKey(#[from] audit_key::AuditKeyError),
     #[error("cannot serve metrics on {address}: {source}")]
     MetricsListener {
         address: std::net::SocketAddr,
@@ -173,6 +176,8 @@ pub struct ServerState {
     pub(crate) rollouts: Arc<live::rollout::RolloutEngine>,
     /// Access for people: compiled policy inputs and machines' acknowledgements.
     pub(crate) access: Arc<live::access_hub::AccessHub>,
+    /// Signs audit checkpoints (kept in the data dir, never in the store).
+    pub(crate) audit_key: Arc<audit_key::AuditKey>,
     /// What replicas share: leases, session holders, the change feed.
     pub(crate) replica_store: Arc<dyn store::replicas::ReplicaStore>,
     /// This replica among the others.
@@ -247,6 +252,7 @@ pub async fn run(
     let key =
         flotte_proto::transport::private_key_from_pem("server key", &server_key.serialize_pem())
             .map_err(edge::tls::TlsSetupError::from)?;
+    let audit_key = Arc::new(audit_key::AuditKey::load_or_create(&config.data_dir)?);
     let metrics = ServerMetrics::new();
     let opened = open_store(&config.store, &config.data_dir, metrics.store.clone()).await?;
     let store = opened.store;
@@ -299,6 +305,7 @@ pub async fn run(
             clock: Arc::new(clock),
             report_interval: config.report_interval,
             feed: Arc::clone(&feed),
+            replicas: Arc::clone(&replicas),
         },
     ));
     let state = Arc::new(ServerState {
@@ -316,6 +323,7 @@ pub async fn run(
         repair,
         rollouts,
         access: Arc::clone(&access_hub),
+        audit_key,
         replica_store: Arc::clone(&opened.replicas),
         replicas: Arc::clone(&replicas),
         leadership: Arc::clone(&leadership),
@@ -327,6 +335,10 @@ pub async fn run(
     // Subscribed before anything is served, so that no change announced
     // after the caches were loaded is missed.
     tokio::spawn(live::feed::run_feed(Arc::clone(&state), shutdown.clone()));
+    tokio::spawn(live::feed::reconcile_held_sessions(
+        Arc::clone(&state),
+        shutdown.clone(),
+    ));
     let replica_lease = tokio::spawn(replicas.run(shutdown.clone()));
     let leader_lease = tokio::spawn(leadership.run(Arc::clone(&opened.replicas), shutdown.clone()));
     tokio::spawn(access_hub.run_flusher(shutdown.clone()));
@@ -335,6 +347,7 @@ pub async fn run(
         transition_receiver,
     ));
     tokio::spawn(watch_liveness(Arc::clone(&state), shutdown.clone()));
+    live::audit_checkpoints::start_checkpointer(Arc::clone(&state), shutdown.clone()).await;
     let remediation = tokio::spawn(live::remediation::run_remediation(
         Arc::clone(&state),
         shutdown.clone(),

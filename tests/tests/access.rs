@@ -738,15 +738,19 @@ fn a_hostile_authorized_keys_file_never_delays_a_revocation_nor_leaks_a_file() {
         let mut report = serde_json::Value::Null;
         let refusal_reported = wait_until(PATIENCE, || {
             report = server.ctl_json(&["access", "report", "--machine", "web"]);
-            report["entries"].as_array().unwrap().iter().any(|entry| {
-                entry["login"] == login
-                    && entry["drift"] == true
-                    && entry["sources"].as_array().unwrap().iter().any(|source| {
-                        let source = source.as_str().unwrap();
-                        source.starts_with(keys_file.to_str().unwrap())
-                            && source.contains(hostile.refusal())
-                    })
-            })
+            report["problems"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|problem| {
+                    problem["login"] == login
+                        && problem["kind"] == "not-read"
+                        && problem["subject"] == keys_file.to_str().unwrap()
+                        && problem["reason"]
+                            .as_str()
+                            .unwrap()
+                            .contains(hostile.refusal())
+                })
         });
         assert!(
             refusal_reported,
@@ -814,4 +818,144 @@ fn a_hostile_authorized_keys_file_never_delays_a_revocation_nor_leaks_a_file() {
         assert!(!report.contains(line), "/etc/shadow reached the server");
     }
     let _ = std::fs::remove_file(&keys_file);
+}
+
+/// Problems of `access report` as (login, kind, subject, reason).
+fn reported_problems(server: &Server) -> Vec<(String, String, String, String)> {
+    let report = server.ctl_json(&["access", "report", "--machine", "web"]);
+    report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|problem| {
+            let field = |name: &str| problem[name].as_str().unwrap_or_default().to_owned();
+            (
+                field("login"),
+                field("kind"),
+                field("subject"),
+                field("reason"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_agent_refuses_root_keys_with_options_and_keys_with_a_newline_and_says_why() {
+    require_sshd!();
+    let login = "flottetrent";
+    ensure_login(login);
+    let OneManagedMachine {
+        root,
+        _keys_root,
+        server,
+        agent,
+        managed,
+        sshd,
+    } = OneManagedMachine::start("");
+    let key_text = |public: &Path| {
+        std::fs::read_to_string(public)
+            .unwrap()
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+
+    // A grant of `root` is accepted by the server but refused by the agent.
+    let (eve_key, eve_pub) = ssh_keygen(root.path(), "eve_key");
+    server.ctl_json(&["user", "add", "eve", "--ssh-key", eve_pub.to_str().unwrap()]);
+    grant_on_web(&server, "eve", "root", &[]);
+    grant_on_web(&server, "eve", login, &[]);
+    assert!(
+        wait_until(PATIENCE, || ssh_succeeds(&eve_key, sshd.port, login)),
+        "eve cannot log in as {login}:\n{}",
+        agent.log()
+    );
+
+    // What a compromised server (here: someone writing its database) sends:
+    // a key with `command="…"` options, and a key whose text holds a
+    // newline followed by another key, which written verbatim would be a
+    // line of its own in the managed file.
+    let (options_key, options_pub) = ssh_keygen(root.path(), "options_key");
+    let (carrier_key, carrier_pub) = ssh_keygen(root.path(), "carrier_key");
+    let (smuggled_key, smuggled_pub) = ssh_keygen(root.path(), "smuggled_key");
+    server.ctl_json(&[
+        "user",
+        "add",
+        "mallet",
+        "--ssh-key",
+        options_pub.to_str().unwrap(),
+        "--ssh-key",
+        carrier_pub.to_str().unwrap(),
+    ]);
+    let database = rusqlite::Connection::open(flotte_server::store_path(&server.data_dir)).unwrap();
+    database.busy_timeout(Duration::from_secs(10)).unwrap();
+    let rewrite = |from: String, to: String| {
+        let changed = database
+            .execute(
+                "UPDATE user_keys SET public_key = ?2 WHERE public_key = ?1",
+                [&from, &to],
+            )
+            .unwrap();
+        assert_eq!(changed, 1, "{from}");
+    };
+    rewrite(
+        key_text(&options_pub),
+        format!("command=\"/bin/true\" {}", key_text(&options_pub)),
+    );
+    rewrite(
+        key_text(&carrier_pub),
+        format!("{}\n{}", key_text(&carrier_pub), key_text(&smuggled_pub)),
+    );
+    // The grant makes the server read its (tampered) access data again.
+    grant_on_web(&server, "mallet", login, &[]);
+
+    let mut problems = Vec::new();
+    let expected: [(&str, &str, &str); 3] = [
+        ("root", "", "root is never managed"),
+        (login, "\"command=", "options (command="),
+        (login, "", "control character"),
+    ];
+    let all_reported = wait_until(PATIENCE, || {
+        problems = reported_problems(&server);
+        expected.iter().all(|(login, subject, reason)| {
+            problems.iter().any(|problem| {
+                problem.0 == *login
+                    && problem.1 == "refused"
+                    && problem.2.starts_with(subject)
+                    && problem.3.contains(reason)
+            })
+        })
+    });
+    assert!(
+        all_reported,
+        "the agent's refusals are not all reported: {problems:#?}\n{}",
+        agent.log()
+    );
+    let status = server.ctl_json(&["access", "status"]);
+    assert_eq!(status["machines"][0]["refused"], 3, "{status:#}");
+
+    // Nothing refused reached sshd; what is inside the boundary did.
+    let managed_file = std::fs::read_to_string(managed.join(login)).unwrap();
+    assert!(!managed_file.contains("command="), "{managed_file}");
+    assert!(
+        !managed_file.contains(&key_text(&smuggled_pub)),
+        "{managed_file}"
+    );
+    assert!(!managed.join("root").exists());
+    for (key, who) in [
+        (&options_key, "the key with options"),
+        (&carrier_key, "the key carrying a newline"),
+        (&smuggled_key, "the key smuggled after the newline"),
+    ] {
+        assert!(
+            !ssh_succeeds(key, sshd.port, login),
+            "sshd accepts {who} for {login}"
+        );
+    }
+    assert!(
+        !ssh_succeeds(&eve_key, sshd.port, "root"),
+        "sshd accepts eve's key for root"
+    );
+    assert!(ssh_succeeds(&eve_key, sshd.port, login));
 }

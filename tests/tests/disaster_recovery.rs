@@ -60,13 +60,36 @@ fn a_backup_taken_while_agents_are_connected_restores_a_server_they_reconnect_to
     let ids_before = connected_ids(&server);
 
     // The backup runs against the live data dir, with the store open and agents connected.
-    let archive = root.path().join("server-backup.tar.zst");
-    let output = flotte_server_command(
-        &["backup", "--data-dir"],
-        &server.data_dir,
-        "--out",
-        &archive,
+    // The backup is encrypted to a key pair made away from the server.
+    let identity = root.path().join("backup-identity.txt");
+    let backup_key = || {
+        Command::new(binary("flotte-server"))
+            .arg("backup-key")
+            .arg("--out")
+            .arg(&identity)
+            .output()
+            .unwrap()
+    };
+    let key = backup_key();
+    assert!(
+        key.status.success(),
+        "{}",
+        String::from_utf8_lossy(&key.stderr)
     );
+    assert!(
+        !backup_key().status.success(),
+        "backup-key must never overwrite a key"
+    );
+    let recipient = String::from_utf8(key.stdout).unwrap().trim().to_owned();
+    assert!(recipient.starts_with("age1"), "{recipient}");
+    let archive = root.path().join("server-backup.flotte-backup");
+    let output = Command::new(binary("flotte-server"))
+        .args(["backup", "--recipient", &recipient, "--data-dir"])
+        .arg(&server.data_dir)
+        .arg("--out")
+        .arg(&archive)
+        .output()
+        .unwrap();
     assert!(
         output.status.success(),
         "{}",
@@ -81,7 +104,12 @@ fn a_backup_taken_while_agents_are_connected_restores_a_server_they_reconnect_to
 
     // Restoring over a data dir that is in use is refused.
     let refused = flotte_server_command(
-        &["restore", "--from"],
+        &[
+            "restore",
+            "--identity",
+            identity.to_str().unwrap(),
+            "--from",
+        ],
         &archive,
         "--data-dir",
         &server.data_dir,
@@ -95,7 +123,12 @@ fn a_backup_taken_while_agents_are_connected_restores_a_server_they_reconnect_to
 
     let restored_dir = root.path().join("restored");
     let output = flotte_server_command(
-        &["restore", "--from"],
+        &[
+            "restore",
+            "--identity",
+            identity.to_str().unwrap(),
+            "--from",
+        ],
         &archive,
         "--data-dir",
         &restored_dir,
@@ -105,6 +138,14 @@ fn a_backup_taken_while_agents_are_connected_restores_a_server_they_reconnect_to
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // The admin's private key is not in the backup: the admin brings it.
+    let admin_key = "admin/key.pem";
+    assert!(!restored_dir.join(admin_key).exists());
+    std::fs::copy(
+        server.data_dir.join(admin_key),
+        restored_dir.join(admin_key),
+    )
+    .unwrap();
     // The old data dir is gone for good: the restored one is all there is.
     std::fs::remove_dir_all(&server.data_dir).unwrap();
 

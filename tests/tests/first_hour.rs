@@ -146,6 +146,14 @@ fn a_data_dir_this_process_cannot_read_is_named_as_a_permission_problem() {
     assert_named_as_permission(&agent_run, "not enrolled");
 
     let out = root.path().join("backup.tar");
+    let key = Command::new(binary("flotte-server"))
+        .arg("backup-key")
+        .arg("--out")
+        .arg(root.path().join("backup.key"))
+        .output()
+        .unwrap();
+    assert!(key.status.success(), "{}", stderr_of(&key));
+    let recipient = String::from_utf8_lossy(&key.stdout).trim().to_owned();
     let backup = run_without_access(
         &[&server.data_dir],
         "flotte-server",
@@ -155,6 +163,8 @@ fn a_data_dir_this_process_cannot_read_is_named_as_a_permission_problem() {
             data_dir,
             "--out",
             out.to_str().unwrap(),
+            "--recipient",
+            &recipient,
         ],
     );
     assert_named_as_permission(&backup, "not a server data dir");

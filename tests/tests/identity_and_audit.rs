@@ -590,6 +590,166 @@ fn audit_verify_passes_untouched_and_names_edited_and_deleted_entries() {
     verify(false, "deleted or reordered");
 }
 
+/// Recomputes `seq`, `previous_hash` and `hash` of every entry in the
+/// SQLite store, in order, as someone who can write the database would
+/// after editing or deleting entries (so the chain alone looks intact).
+fn rewrite_chain(database: &rusqlite::Connection) {
+    let mut statement = database
+        .prepare("SELECT seq, at, actor, role, action, arguments_json, result FROM audit_log ORDER BY seq")
+        .unwrap();
+    let rows: Vec<(i64, flotte_common::audit::AuditEvent)> = statement
+        .query_map([], |row| {
+            Ok((
+                row.get(0)?,
+                flotte_common::audit::AuditEvent {
+                    at: row.get(1)?,
+                    actor: row.get(2)?,
+                    role: row.get(3)?,
+                    action: row.get(4)?,
+                    arguments_json: row.get(5)?,
+                    result: row.get(6)?,
+                },
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut previous = flotte_common::audit::GENESIS_HASH.to_owned();
+    // Renumber from a high base first so that seq stays unique while moving.
+    database
+        .execute("UPDATE audit_log SET seq = seq + 1000000", [])
+        .unwrap();
+    for (index, (old_seq, event)) in rows.iter().enumerate() {
+        let seq = index as u64 + 1;
+        let hash = flotte_common::audit::entry_hash(seq, event, &previous);
+        database
+            .execute(
+                "UPDATE audit_log SET seq = ?1, previous_hash = ?2, hash = ?3 WHERE seq = ?4",
+                rusqlite::params![seq as i64, previous, hash, old_seq + 1_000_000],
+            )
+            .unwrap();
+        previous = hash;
+    }
+}
+
+/// Whoever can write the database can rewrite the whole chain consistently;
+/// the server's signed checkpoints (key in the data dir, not the database)
+/// and the head `flottectl` remembers catch rewriting, deletion and
+/// truncation, and `audit verify` names what it found.
+#[test]
+fn signed_checkpoints_catch_a_rewritten_deleted_or_truncated_audit_log() {
+    let root = TempDir::new("flotte-e2e").unwrap();
+    let mut server = Server::init(root.path(), "server", &[]);
+    server.append_config("[audit]\ncheckpoint_every_entries = 2\ncheckpoint_interval = \"1s\"\n");
+    server.start();
+    for zone in ["dc1", "dc2", "dc3", "dc4", "dc5", "dc6"] {
+        server.token("role=web", zone, &[]);
+    }
+    let verify = || {
+        let output = server.ctl(&["audit", "verify", "-o", "json"]);
+        let verdict: serde_json::Value =
+            serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+        (output.status.success(), verdict, stderr_of(&output))
+    };
+    let mut last = (false, serde_json::Value::Null, String::new());
+    let signed = wait_until(Duration::from_secs(30), || {
+        last = verify();
+        last.0 && last.1["signed_up_to"] == 7 && last.1["entries"] == 7
+    });
+    assert!(
+        signed,
+        "the head was not signed: {last:?}\n{}",
+        server.log()
+    );
+    assert!(server.admin_profile().join("audit-head.json").exists());
+
+    let database = rusqlite::Connection::open(flotte_server::store_path(&server.data_dir)).unwrap();
+    database.busy_timeout(Duration::from_secs(10)).unwrap();
+    database
+        .execute_batch(
+            "CREATE TABLE saved_log AS SELECT * FROM audit_log;
+             CREATE TABLE saved_checkpoints AS SELECT * FROM audit_checkpoints;",
+        )
+        .unwrap();
+    let put_back = || {
+        database
+            .execute_batch(
+                "DELETE FROM audit_log; INSERT INTO audit_log SELECT * FROM saved_log;
+                 DELETE FROM audit_checkpoints;
+                 INSERT INTO audit_checkpoints SELECT * FROM saved_checkpoints;",
+            )
+            .unwrap();
+        let (ok, verdict, stderr) = verify();
+        assert!(
+            ok,
+            "the untouched log must verify again: {verdict} {stderr}"
+        );
+    };
+    let expect_refusal = |scenario: &str, words: &[&str]| {
+        let (ok, verdict, stderr) = verify();
+        assert!(!ok, "{scenario}: audit verify passed: {verdict}");
+        let reason = verdict["reason"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            words.iter().any(|word| reason.contains(word)),
+            "{scenario}: expected one of {words:?} in {reason:?} ({stderr})"
+        );
+        assert!(stderr.contains(&reason), "{scenario}: {stderr}");
+        println!("{scenario}: audit verify -> {reason}");
+    };
+
+    // An entry edited and every later hash recomputed: the chain alone is
+    // intact, the checkpoint signed after it is not.
+    database
+        .execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 3", [])
+        .unwrap();
+    rewrite_chain(&database);
+    // Which entries were signed depends on timing: the words, not the number.
+    expect_refusal(
+        "edited and re-hashed",
+        &["its hash differs from the one signed"],
+    );
+    put_back();
+
+    // An entry deleted, the rest renumbered and re-hashed.
+    database
+        .execute("DELETE FROM audit_log WHERE seq = 5", [])
+        .unwrap();
+    rewrite_chain(&database);
+    expect_refusal(
+        "deleted and re-hashed",
+        &[
+            "its hash differs from the one signed",
+            "entries were deleted",
+        ],
+    );
+    put_back();
+
+    // The last entries deleted: a checkpoint names an entry the log lacks.
+    database
+        .execute("DELETE FROM audit_log WHERE seq >= 6", [])
+        .unwrap();
+    expect_refusal("truncated", &["the log ends at entry 5 but entry"]);
+    // ... and with their checkpoints: the head this profile remembered (7).
+    database
+        .execute("DELETE FROM audit_checkpoints WHERE seq >= 6", [])
+        .unwrap();
+    expect_refusal(
+        "truncated with its checkpoints",
+        &["the log ends at entry 5 but this profile saw a signed head at entry 7"],
+    );
+    put_back();
+
+    // A forged checkpoint over a rewritten log.
+    database
+        .execute(
+            "UPDATE audit_checkpoints SET head_hash = 'ff' || substr(head_hash, 3) WHERE seq = 7",
+            [],
+        )
+        .unwrap();
+    expect_refusal("forged checkpoint", &["its signature does not verify"]);
+    put_back();
+}
+
 /// Relabelling is an operator's right; moving a machine into (or out of) a
 /// grant's selector is granting (or revoking) SSH access, an admin's. The
 /// refusal names the grant, and both attempts are in the audit log.

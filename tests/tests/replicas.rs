@@ -514,6 +514,28 @@ fn a_rollout_outlives_its_killed_leader_and_agents_outlive_their_killed_replica(
         assert_eq!(machine.serves().as_deref(), Some("v2.0.0"));
     }
 
+    // A verification asked through a replica that does not hold the
+    // machine reaches it and its answer is read back there.
+    let holders = set.holders_seen_by(survivors[0]);
+    let (hostname, holder) = holders.first().cloned().unwrap();
+    let asking = survivors
+        .iter()
+        .copied()
+        .find(|index| ["a", "b", "c"][*index] != holder)
+        .unwrap();
+    let verified = flottectl(
+        &set.admin(),
+        &set.replicas[asking].address,
+        &["machines", "verify", &hostname, "-o", "json"],
+    );
+    assert!(
+        verified.status.success(),
+        "verify {hostname} (held by {holder}) through {}: {}{}",
+        ["a", "b", "c"][asking],
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+
     // Now a replica holding sessions is killed: its agents move to the
     // last one within 15 s, and no machine changes state on the way.
     let holders = set.holders_seen_by(survivors[1]);

@@ -196,6 +196,8 @@ fn describe_refusal(error: &UserFileError) -> String {
 pub struct LoginAccount {
     pub home: PathBuf,
     pub uid: u32,
+    /// Login shell (a `nologin` one marks a system account).
+    pub shell: PathBuf,
 }
 
 /// How logins are looked up on this machine (a seam for tests). Lookups
@@ -217,6 +219,7 @@ impl LoginDirectory for SystemLogins {
             .map(|user| LoginAccount {
                 home: user.dir,
                 uid: user.uid.as_raw(),
+                shell: user.shell,
             })
     }
 }
@@ -273,6 +276,7 @@ pub(super) mod tests {
             self.0.get(login).map(|home| LoginAccount {
                 home: home.clone(),
                 uid: nix::unistd::getuid().as_raw(),
+                shell: PathBuf::from("/bin/sh"),
             })
         }
     }

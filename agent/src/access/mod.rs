@@ -6,8 +6,10 @@
 //! server is unreachable, optionally fails closed after a long disconnection,
 //! and optionally ends the live sessions of a login that lost a key.
 //!
-//! Decisions are pure (`policy`); disk and the user database sit behind
-//! `files`. This module never talks to the server: the session hands it
+//! Decisions are pure (`policy`, and `boundary`: what this machine lets
+//! the server install at all — no root, no system account, only bare valid
+//! key lines — whatever the server sends); disk and the user database sit
+//! behind `files`. This module never talks to the server: the session hands it
 //! policies and sends what it reports. It must never write outside its
 //! managed directory and its state file, and never follow a login name that
 //! could be a path. What users control (their `~/.ssh/authorized_keys`) is
@@ -15,6 +17,7 @@
 //! session loop: the session only asks for a scan and is told when one is
 //! done, so no file can stop a revocation from being applied.
 
+pub mod boundary;
 pub mod files;
 pub mod policy;
 pub mod scan;
@@ -25,11 +28,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use flotte_proto::v1::{AccessPolicy, AccessState, FoundKeys};
+use flotte_proto::v1::{AccessPolicy, AccessRefusal, AccessState, FoundKeys};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use self::boundary::{screen, AllowedLogins, Boundary, Refusal, UidRange, LOGIN_DEFS};
 use self::files::{FileContents, LoginDirectory, ManagedDirectory, SystemLogins};
 use self::policy::{
     authorized_keys_text, keys_in_force, next_change_after, should_apply, Contact, LocalKey,
@@ -48,9 +52,6 @@ const CONTACT_STALE_AFTER: i64 = 180;
 const ENFORCER_MAX_SLEEP: Duration = Duration::from_secs(60);
 /// Name of the persisted policy in the agent's data dir.
 pub const ACCESS_STATE_FILE: &str = "access-policy.json";
-/// The only "key" of a file that was not read: it is shown, with the reason
-/// in the file's source, as drift in `access report`.
-pub const NOT_READ_MARKER: &str = "file-not-read";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
@@ -74,13 +75,18 @@ pub struct AccessSettings {
     pub authorized_keys_dir: PathBuf,
     pub terminate_sessions: bool,
     pub on_disconnect: OnDisconnect,
+    pub allowed_logins: AllowedLogins,
 }
 
 /// What survives a restart: the applied policy and when the server was
 /// last heard from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedAccess {
+    /// The policy as screened by the boundary: only what may be installed.
     pub policy: LocalPolicy,
+    /// What the boundary left out of it, and why.
+    #[serde(default)]
+    pub refused: Vec<Refusal>,
     pub connected: bool,
     pub last_contact_at: i64,
 }
@@ -173,6 +179,7 @@ struct Inner {
 /// hands it policies) and its own expiry timer task.
 pub struct AccessEnforcer {
     settings: AccessSettings,
+    boundary: Boundary,
     data_dir: PathBuf,
     managed: ManagedDirectory,
     logins: Arc<dyn LoginDirectory>,
@@ -194,11 +201,23 @@ impl std::fmt::Debug for AccessEnforcer {
 impl AccessEnforcer {
     /// Loads the persisted policy and enforces it at once (so expiry that
     /// happened while the agent was down takes effect before any session).
+    /// The persisted policy is screened again first: the boundary may have
+    /// narrowed since it was applied (a wider one takes effect with the
+    /// server's next policy).
     pub fn open(settings: AccessSettings, data_dir: &Path) -> Result<Arc<Self>, AccessError> {
-        let persisted = load_state(data_dir)?;
+        let mut persisted = load_state(data_dir)?;
+        let boundary = Boundary {
+            allowed: settings.allowed_logins.clone(),
+            people_uids: UidRange::of_this_machine(Path::new(LOGIN_DEFS)),
+        };
+        let (policy, newly_refused) = screen(&persisted.policy, &boundary, &SystemLogins);
+        persisted.policy = policy;
+        persisted.refused.extend(newly_refused);
+        persisted.refused.truncate(boundary::MAX_REFUSALS);
         let enforcer = Arc::new(AccessEnforcer {
             managed: ManagedDirectory::new(&settings.authorized_keys_dir),
             settings,
+            boundary,
             data_dir: data_dir.to_owned(),
             logins: Arc::new(SystemLogins),
             inner: Mutex::new(Inner {
@@ -239,15 +258,23 @@ impl AccessEnforcer {
         self.lock().persisted.policy.version
     }
 
-    /// Applies `policy` if it is newer (or the same version recompiled for
-    /// new labels); true if it was applied.
+    /// Applies what the boundary lets through of `policy` if it is newer
+    /// (or the same version recompiled for new labels); true if it was
+    /// applied.
     pub fn receive(&self, policy: LocalPolicy, now: i64) -> Result<bool, AccessError> {
+        // The user database is read before the lock (it may be slow).
+        let (policy, refused) = screen(&policy, &self.boundary, self.logins.as_ref());
         {
             let mut inner = self.lock();
-            if !should_apply(&inner.persisted.policy, &policy) {
+            let refusals_changed = inner.persisted.refused != refused;
+            if !should_apply(&inner.persisted.policy, &policy) && !refusals_changed {
                 return Ok(false);
             }
+            if refusals_changed {
+                log_refusals(&refused);
+            }
             inner.persisted.policy = policy;
+            inner.persisted.refused = refused;
             inner.persisted.connected = true;
             inner.persisted.last_contact_at = now;
             self.persist(&inner.persisted)?;
@@ -333,6 +360,12 @@ impl AccessEnforcer {
         let mut inner = self.lock();
         let mut state = AccessState {
             applied_version: inner.persisted.policy.version,
+            refused: inner
+                .persisted
+                .refused
+                .iter()
+                .map(refusal_to_proto)
+                .collect(),
             ..AccessState::default()
         };
         for login in inner.persisted.policy.logins.keys() {
@@ -450,21 +483,34 @@ impl AccessHandler for AccessEnforcer {
     }
 }
 
-/// One file as the server sees it. A file that was not read carries
-/// [`NOT_READ_MARKER`] as its one key and the reason in its source, so
-/// that `access report` lists it as drift with why.
+/// One file as the server sees it: its keys, or why it was not read.
 fn found_keys(file: &files::FoundFile) -> FoundKeys {
-    match &file.contents {
-        FileContents::Keys(public_keys) => FoundKeys {
-            login: file.login.clone(),
-            source: file.source.clone(),
-            public_keys: public_keys.clone(),
-        },
-        FileContents::NotRead(reason) => FoundKeys {
-            login: file.login.clone(),
-            source: format!("{} ({reason})", file.source),
-            public_keys: vec![NOT_READ_MARKER.to_owned()],
-        },
+    let (public_keys, not_read_reason) = match &file.contents {
+        FileContents::Keys(public_keys) => (public_keys.clone(), String::new()),
+        FileContents::NotRead(reason) => (Vec::new(), reason.clone()),
+    };
+    FoundKeys {
+        login: file.login.clone(),
+        source: file.source.clone(),
+        public_keys,
+        not_read_reason,
+    }
+}
+
+fn refusal_to_proto(refusal: &Refusal) -> AccessRefusal {
+    AccessRefusal {
+        login: refusal.login.clone(),
+        user: refusal.user.clone(),
+        grant_id: refusal.grant_id.clone(),
+        key: refusal.key.clone(),
+        reason: refusal.reason.clone(),
+    }
+}
+
+/// Logs what the boundary refused (when that changes, not at every policy).
+fn log_refusals(refused: &[Refusal]) {
+    for refusal in refused {
+        tracing::warn!(login = %refusal.login, user = %refusal.user, grant = %refusal.grant_id, key = %refusal.key, reason = %refusal.reason, "refused a key of the access policy");
     }
 }
 
@@ -578,6 +624,7 @@ mod tests {
     fn failed_reconnects_never_refresh_the_last_contact() {
         let away = PersistedAccess {
             policy: LocalPolicy::default(),
+            refused: Vec::new(),
             connected: false,
             last_contact_at: 1_000,
         };
@@ -597,6 +644,7 @@ mod tests {
     fn a_stale_connected_flag_counts_as_disconnected_since_last_contact() {
         let state = PersistedAccess {
             policy: LocalPolicy::default(),
+            refused: Vec::new(),
             connected: true,
             last_contact_at: 1_000,
         };
@@ -623,6 +671,7 @@ mod tests {
                     vec![key("ssh-ed25519 NEW"), expiring],
                 )]),
             },
+            refused: Vec::new(),
             connected: false,
             last_contact_at: 100,
         };

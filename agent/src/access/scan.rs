@@ -169,6 +169,7 @@ mod tests {
             Some(LoginAccount {
                 home: self.home.clone(),
                 uid: nix::unistd::getuid().as_raw(),
+                shell: std::path::PathBuf::from("/bin/sh"),
             })
         }
     }

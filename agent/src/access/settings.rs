@@ -2,12 +2,15 @@
 //! access at all (and acknowledges no access policy, so the server lists
 //! the machine as pending). Present: every key has a default.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use flotte_proto::settings::parse_duration_field;
 use serde::Deserialize;
 
+use super::boundary::AllowedLogins;
+use super::files::is_safe_login;
 use super::policy::OnDisconnect;
 use super::AccessSettings;
 
@@ -25,6 +28,9 @@ pub struct AccessConfigFile {
     /// contact with the server).
     pub on_disconnect: String,
     pub fail_closed_after: String,
+    /// The logins this machine lets Flotte manage, whatever the server
+    /// sends. Absent: every login but root and system accounts.
+    pub allowed_logins: Option<Vec<String>>,
 }
 
 impl Default for AccessConfigFile {
@@ -34,6 +40,7 @@ impl Default for AccessConfigFile {
             terminate_sessions: false,
             on_disconnect: "keep".into(),
             fail_closed_after: "24h".into(),
+            allowed_logins: None,
         }
     }
 }
@@ -63,10 +70,23 @@ impl AccessConfigFile {
                 OnDisconnect::Keep
             }
         };
+        let allowed_logins = match &self.allowed_logins {
+            None => AllowedLogins::PeopleOnly,
+            Some(listed) => {
+                for login in listed.iter().filter(|login| !is_safe_login(login)) {
+                    problems.push(format!(
+                        "access.allowed_logins holds {}, which is not a plain Unix login name",
+                        flotte_proto::names::quoted_prefix(login)
+                    ));
+                }
+                AllowedLogins::Listed(listed.iter().cloned().collect::<BTreeSet<String>>())
+            }
+        };
         AccessSettings {
             authorized_keys_dir: self.authorized_keys_dir.clone(),
             terminate_sessions: self.terminate_sessions,
             on_disconnect,
+            allowed_logins,
         }
     }
 }
@@ -82,13 +102,14 @@ mod tests {
         let settings = AccessConfigFile::default().validate(&mut problems);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(settings.on_disconnect, OnDisconnect::Keep);
+        assert_eq!(settings.allowed_logins, AllowedLogins::PeopleOnly);
         assert_eq!(
             settings.authorized_keys_dir,
             PathBuf::from("/etc/flotte/authorized_keys")
         );
 
         let file: AccessConfigFile = toml::from_str(
-            "authorized_keys_dir = \"relative\"\non_disconnect = \"panic\"\nfail_closed_after = \"soon\"",
+            "authorized_keys_dir = \"relative\"\non_disconnect = \"panic\"\nfail_closed_after = \"soon\"\nallowed_logins = [\"deploy\", \"../etc\"]",
         )
         .unwrap();
         let mut problems = Vec::new();
@@ -98,12 +119,19 @@ mod tests {
             "must be an absolute path",
             "\"panic\" is not",
             "fail_closed_after",
+            "\"../etc\", which is not a plain Unix login name",
         ] {
             assert!(text.contains(expected), "{expected}: {text}");
         }
 
-        let file: AccessConfigFile =
-            toml::from_str("on_disconnect = \"fail-closed\"\nfail_closed_after = \"2h\"").unwrap();
+        let file: AccessConfigFile = toml::from_str(
+            "on_disconnect = \"fail-closed\"\nfail_closed_after = \"2h\"\nallowed_logins = [\"root\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            file.validate(&mut Vec::new()).allowed_logins,
+            AllowedLogins::Listed(BTreeSet::from(["root".to_owned()]))
+        );
         let mut problems = Vec::new();
         assert_eq!(
             file.validate(&mut problems).on_disconnect,

@@ -129,6 +129,7 @@ impl Probe for ExecProbe {
         let mut command = tokio::process::Command::new(&self.command);
         command
             .args(&self.args)
+            .env_remove(crate::image::service::JOIN_TOKEN_VARIABLE)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

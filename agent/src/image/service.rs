@@ -3,6 +3,13 @@
 //! output to a size-bounded log, restarted if it dies) or restarted through a
 //! configured command (e.g. `systemctl restart app`, whose unit runs from
 //! `current/`).
+//!
+//! A supervised service gets only the environment its manifest declares
+//! (plus a default `PATH`): never the agent's own, which may hold the join
+//! token. It runs as the `user`/`group` of the agent's `[service]` settings,
+//! else of the manifest, else as the agent's own user (root) — the setting
+//! wins because the machine decides who runs on it. Supplementary groups
+//! are dropped when switching user.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,6 +24,19 @@ use tokio_util::sync::CancellationToken;
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Wait before restarting a supervised service that exited by itself.
 const CRASH_RESTART_DELAY: Duration = Duration::from_secs(1);
+/// `PATH` of a service whose manifest does not declare one.
+pub const DEFAULT_SERVICE_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The agent's own variable a child must never see.
+pub const JOIN_TOKEN_VARIABLE: &str = "FLOTTE_JOIN_TOKEN";
+
+/// Who a supervised service runs as, from the agent's settings (each
+/// overrides the manifest's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServiceMode {
@@ -25,6 +45,7 @@ pub enum ServiceMode {
         command_override: Option<Vec<String>>,
         log_path: PathBuf,
         log_max_bytes: u64,
+        run_as: RunAs,
     },
     /// The agent runs this command to restart a service managed elsewhere.
     RestartCommand(Vec<String>),
@@ -43,15 +64,27 @@ pub enum ServiceError {
     RestartCommand { command: String, reason: String },
     #[error("the service supervisor is gone")]
     SupervisorGone,
+    #[error("cannot run the service as {what} {name:?}: {reason}")]
+    RunAs {
+        what: &'static str,
+        name: String,
+        reason: String,
+    },
 }
 
-/// A command line and its environment.
-type ServiceCommand = (Vec<String>, Vec<(String, String)>);
+/// What starting the service takes: the command line, the declared
+/// environment, and who it runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceLaunch {
+    pub command: Vec<String>,
+    pub environment: Vec<(String, String)>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
 
 enum Request {
     Run {
-        command: Vec<String>,
-        environment: Vec<(String, String)>,
+        launch: ServiceLaunch,
         done: oneshot::Sender<Result<(), ServiceError>>,
     },
     Stop {
@@ -116,7 +149,9 @@ impl Service {
                 run_restart_command(command, &self.run_directory).await
             }
             ServiceMode::Supervised {
-                command_override, ..
+                command_override,
+                run_as,
+                ..
             } => {
                 let (command, environment) = match (command_override, manifest_service) {
                     (Some(command), _) => (command.clone(), Vec::new()),
@@ -130,13 +165,20 @@ impl Service {
                         return Ok(());
                     }
                 };
-                let (done, answer) = oneshot::channel();
-                self.send(Request::Run {
+                let declared = |pick: fn(&ServiceSpec) -> &Option<String>| {
+                    manifest_service.and_then(|spec| pick(spec).clone())
+                };
+                let launch = ServiceLaunch {
                     command,
                     environment,
-                    done,
-                })
-                .await?;
+                    user: run_as.user.clone().or_else(|| declared(|spec| &spec.user)),
+                    group: run_as
+                        .group
+                        .clone()
+                        .or_else(|| declared(|spec| &spec.group)),
+                };
+                let (done, answer) = oneshot::channel();
+                self.send(Request::Run { launch, done }).await?;
                 answer.await.map_err(|_| ServiceError::SupervisorGone)?
             }
         }
@@ -170,6 +212,7 @@ async fn run_restart_command(
     };
     let output = Command::new(program)
         .args(arguments)
+        .env_remove(JOIN_TOKEN_VARIABLE)
         .current_dir(directory)
         .output()
         .await
@@ -200,32 +243,81 @@ fn program_path(run_directory: &std::path::Path, program: &str) -> PathBuf {
     }
 }
 
-fn spawn(
-    run_directory: &std::path::Path,
-    command: &[String],
-    environment: &[(String, String)],
-) -> Result<Child, ServiceError> {
-    let display = command.join(" ");
-    let Some((program, arguments)) = command.split_first() else {
+/// The service's whole environment: a default `PATH` unless declared, and
+/// exactly what the manifest declares.
+pub fn service_environment(declared: &[(String, String)]) -> Vec<(String, String)> {
+    let mut environment = Vec::with_capacity(declared.len() + 1);
+    if !declared.iter().any(|(name, _)| name == "PATH") {
+        environment.push(("PATH".to_owned(), DEFAULT_SERVICE_PATH.to_owned()));
+    }
+    environment.extend(declared.iter().cloned());
+    environment
+}
+
+/// The uid and gid to run as: the user's, with its primary group unless a
+/// group is named.
+fn resolve_run_as(
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<(Option<u32>, Option<u32>), ServiceError> {
+    let lookup_error = |what: &'static str, name: &str, reason: String| ServiceError::RunAs {
+        what,
+        name: name.to_owned(),
+        reason,
+    };
+    let account = match user {
+        Some(name) => Some(
+            nix::unistd::User::from_name(name)
+                .map_err(|error| lookup_error("user", name, error.to_string()))?
+                .ok_or_else(|| lookup_error("user", name, "no such user".into()))?,
+        ),
+        None => None,
+    };
+    let gid = match group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .map_err(|error| lookup_error("group", name, error.to_string()))?
+                .ok_or_else(|| lookup_error("group", name, "no such group".into()))?
+                .gid
+                .as_raw(),
+        ),
+        None => account.as_ref().map(|account| account.gid.as_raw()),
+    };
+    Ok((account.map(|account| account.uid.as_raw()), gid))
+}
+
+fn spawn(run_directory: &std::path::Path, launch: &ServiceLaunch) -> Result<Child, ServiceError> {
+    let display = launch.command.join(" ");
+    let Some((program, arguments)) = launch.command.split_first() else {
         return Err(ServiceError::Start {
             command: display,
             source: std::io::Error::other("empty command"),
         });
     };
-    Command::new(program_path(run_directory, program))
+    let (uid, gid) = resolve_run_as(launch.user.as_deref(), launch.group.as_deref())?;
+    let mut process = Command::new(program_path(run_directory, program));
+    process
         .args(arguments)
-        .envs(environment.iter().cloned())
+        .env_clear()
+        .envs(service_environment(&launch.environment))
         .current_dir(run_directory)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| ServiceError::Start {
-            command: display,
-            source,
-        })
+        .kill_on_drop(true);
+    // Setting the uid as root also drops every supplementary group (std
+    // calls setgroups(0) first), so no group of the agent's leaks.
+    if let Some(gid) = gid {
+        process.gid(gid);
+    }
+    if let Some(uid) = uid {
+        process.uid(uid);
+    }
+    process.spawn().map_err(|source| ServiceError::Start {
+        command: display,
+        source,
+    })
 }
 
 /// Appends a child's output to the log, rotating it to `.1` past `max_bytes`.
@@ -310,11 +402,9 @@ async fn supervise(
         stop_orphan(&pid_path, images_dir).await;
     }
     let mut child: Option<Child> = None;
-    let mut wanted: Option<ServiceCommand> = None;
-    let start = |command: &[String],
-                 environment: &[(String, String)]|
-     -> Result<Child, ServiceError> {
-        let mut started = spawn(&run_directory, command, environment)?;
+    let mut wanted: Option<ServiceLaunch> = None;
+    let start = |launch: &ServiceLaunch| -> Result<Child, ServiceError> {
+        let mut started = spawn(&run_directory, launch)?;
         if let Some(pid) = started.id() {
             let _ = flotte_proto::files::write_atomically(&pid_path, format!("{pid}\n").as_bytes());
         }
@@ -343,15 +433,15 @@ async fn supervise(
                     }
                     let _ = done.send(());
                 }
-                Some(Request::Run { command, environment, done }) => {
+                Some(Request::Run { launch, done }) => {
                     if let Some(mut running) = child.take() {
                         stop_child(&mut running).await;
                     }
-                    let result = start(&command, &environment).map(|started| {
-                        tracing::info!(command = %command.join(" "), "service started");
+                    let result = start(&launch).map(|started| {
+                        tracing::info!(command = %launch.command.join(" "), user = ?launch.user, "service started");
                         child = Some(started);
                     });
-                    wanted = result.is_ok().then_some((command, environment));
+                    wanted = result.is_ok().then_some(launch);
                     let _ = done.send(result);
                 }
             },
@@ -364,13 +454,77 @@ async fn supervise(
                 child = None;
                 tracing::warn!(?status, "service exited; restarting it");
                 tokio::time::sleep(CRASH_RESTART_DELAY).await;
-                if let Some((command, environment)) = &wanted {
-                    match start(command, environment) {
+                if let Some(launch) = &wanted {
+                    match start(launch) {
                         Ok(started) => child = Some(started),
                         Err(error) => tracing::error!(%error, "cannot restart the service"),
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn launch(command: &[&str], user: Option<&str>) -> ServiceLaunch {
+        ServiceLaunch {
+            command: command.iter().map(|word| (*word).to_owned()).collect(),
+            environment: vec![("APP_MODE".to_owned(), "blue".to_owned())],
+            user: user.map(str::to_owned),
+            group: None,
+        }
+    }
+
+    async fn output_of(launch: &ServiceLaunch) -> String {
+        let child = spawn(&std::env::temp_dir(), launch).unwrap();
+        let output = child.wait_with_output().await.unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_service_sees_only_its_declared_environment() {
+        // The agent's own environment (HOME, a join token in
+        // FLOTTE_JOIN_TOKEN…) is not passed on: only PATH and what is declared.
+        let environment = output_of(&launch(&["/usr/bin/env"], None)).await;
+        let mut names: Vec<&str> = environment
+            .lines()
+            .filter_map(|line| line.split('=').next())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, ["APP_MODE", "PATH"], "{environment}");
+        assert!(environment.contains(&format!("PATH={DEFAULT_SERVICE_PATH}")));
+        let declared_path = service_environment(&[("PATH".into(), "/opt/app/bin".into())]);
+        assert_eq!(
+            declared_path,
+            [("PATH".to_owned(), "/opt/app/bin".to_owned())]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_runs_as_its_user_without_the_agents_groups() {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        let as_nobody = launch(&["/usr/bin/id"], Some("nobody"));
+        if nix::unistd::getuid().is_root() {
+            let identity = output_of(&as_nobody).await;
+            let expected = format!("uid={}(nobody)", nobody.uid);
+            assert!(identity.starts_with(&expected), "{identity}");
+            // No supplementary group of root's (gid 0) survives the switch.
+            assert!(!identity.contains("(root)"), "{identity}");
+        } else {
+            // Without root the switch is refused, never silently skipped.
+            let error = spawn(&std::env::temp_dir(), &as_nobody).unwrap_err();
+            assert!(matches!(error, ServiceError::Start { .. }), "{error}");
+        }
+        let error = spawn(
+            &std::env::temp_dir(),
+            &launch(&["/usr/bin/id"], Some("no-such-user-here")),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("no such user"), "{error}");
     }
 }

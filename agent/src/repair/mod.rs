@@ -163,7 +163,9 @@ async fn run_hook(
         return;
     };
     let mut process = tokio::process::Command::new(program);
-    process.args(args);
+    process
+        .args(args)
+        .env_remove(crate::image::service::JOIN_TOKEN_VARIABLE);
     if let Some(quarantine) = quarantine {
         process
             .env("FLOTTE_QUARANTINE_ID", &quarantine.id)

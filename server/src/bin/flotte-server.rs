@@ -108,9 +108,13 @@ enum Command {
     Backup {
         #[arg(long)]
         data_dir: PathBuf,
-        /// Archive to write (mode 0600: it holds the CA key).
+        /// Archive to write (mode 0600, encrypted: it holds the CA key).
         #[arg(long)]
         out: PathBuf,
+        /// Who can restore it: an age public key (`age1…`) or a file of
+        /// them, one per line; repeatable (`backup-key` makes a pair).
+        #[arg(long = "recipient", required = true)]
+        recipients: Vec<String>,
     },
     /// Mint a new admin profile from the data dir's CA key (recovery, when
     /// every admin's certificate is lost or expired): an existing admin gets
@@ -130,8 +134,17 @@ enum Command {
     Restore {
         #[arg(long)]
         from: PathBuf,
+        /// The age identity file (`AGE-SECRET-KEY-1…`) of a recipient.
+        #[arg(long)]
+        identity: PathBuf,
         #[arg(long)]
         data_dir: PathBuf,
+    },
+    /// Make a backup key pair: writes the identity (secret, 0600, keep it
+    /// off the server) and prints the recipient to give to `backup`.
+    BackupKey {
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -162,9 +175,26 @@ fn block_on_one_thread<T, E: std::fmt::Display>(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Backup { data_dir, out } => {
+        Command::BackupKey { out } => match flotte_server::backup::generate_backup_key(&out) {
+            Ok(recipient) => {
+                println!("{recipient}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("flotte-server backup-key: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Backup {
+            data_dir,
+            out,
+            recipients,
+        } => {
             let now = flotte_server::clock::Clock::now_unix(&flotte_server::clock::SystemClock);
-            match flotte_server::backup::backup(&data_dir, &out, now) {
+            let outcome = flotte_server::backup::recipients(&recipients).and_then(|recipients| {
+                flotte_server::backup::backup(&data_dir, &out, &recipients, now)
+            });
+            match outcome {
                 Ok(summary) => {
                     let bytes: u64 = summary.manifest.files.iter().map(|file| file.size).sum();
                     println!(
@@ -207,22 +237,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Restore { from, data_dir } => {
-            match flotte_server::backup::restore(&from, &data_dir) {
-                Ok(summary) => {
-                    println!(
-                        "restored {} files into {}; every checksum and the store's integrity verified",
+        Command::Restore {
+            from,
+            identity,
+            data_dir,
+        } => match flotte_server::backup::restore(&from, &identity, &data_dir) {
+            Ok(summary) => {
+                println!(
+                        "restored {} files into {}; decrypted and authenticated, every checksum and the store's integrity verified (the admin key is not in backups: use your own admin profile)",
                         summary.manifest.files.len(),
                         summary.data_dir.display()
                     );
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("flotte-server restore: {error}");
-                    ExitCode::FAILURE
-                }
+                ExitCode::SUCCESS
             }
-        }
+            Err(error) => {
+                eprintln!("flotte-server restore: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Replica {
             command:
                 ReplicaCommand::Init {

@@ -447,16 +447,19 @@ mod tests {
                 login: "alice".into(),
                 source: "/etc/flotte/authorized_keys/alice".into(),
                 public_keys: vec!["ssh-ed25519 A1".into(), "ssh-ed25519 A2".into()],
+                not_read_reason: None,
             },
             FoundKeysRecord {
                 login: "alice".into(),
                 source: "/home/alice/.ssh/authorized_keys".into(),
                 public_keys: vec!["ssh-ed25519 A1".into(), "ssh-ed25519 STRANGER".into()],
+                not_read_reason: None,
             },
             FoundKeysRecord {
                 login: "alice".into(),
                 source: "/home/alice/.ssh/authorized_keys".into(),
                 public_keys: vec!["ssh-ed25519 M1".into()],
+                not_read_reason: None,
             },
         ];
         let rows = access_report(&policy, &found, &inputs.owner_by_key);

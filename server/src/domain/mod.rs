@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod access_policy;
+pub mod audit;
 pub mod desired_state;
 pub mod health;
 pub mod image_age;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use flotte_proto::ssh_keys::fingerprint_of_key_text;
 use flotte_proto::v1::access_server::Access;
 use flotte_proto::v1::users_server::Users;
+use flotte_proto::v1::AccessProblem as ProtoAccessProblem;
 use flotte_proto::v1::{
     AccessPolicy, AccessReportEntry, AccessReportRequest, AccessReportResponse, AccessState,
     AccessStatusRequest, AccessStatusResponse, AddUserKeyRequest, AddUserRequest, AuthorizedKey,
@@ -29,7 +30,7 @@ use crate::services::access::{
     self, AccessReport, AccessServiceError, AccessStatus, MatchedGrant, NewGrant, ReportedAccess,
     UserAccess,
 };
-use crate::store::{FoundKeysRecord, UserKeyRecord};
+use crate::store::{FoundKeysRecord, RefusedKeyRecord, UserKeyRecord};
 use crate::ServerState;
 use flotte_common::roles::AdminRpc;
 
@@ -99,6 +100,18 @@ pub fn record_access_state(state: &ServerState, machine_id: Uuid, access: Access
                 login: file.login,
                 source: file.source,
                 public_keys: file.public_keys,
+                not_read_reason: given(&file.not_read_reason).map(str::to_owned),
+            })
+            .collect(),
+        refused: access
+            .refused
+            .into_iter()
+            .map(|refusal| RefusedKeyRecord {
+                login: refusal.login,
+                user: refusal.user,
+                grant_id: refusal.grant_id,
+                key: refusal.key,
+                reason: refusal.reason,
             })
             .collect(),
     };
@@ -180,6 +193,7 @@ fn access_status_response(status: AccessStatus) -> AccessStatusResponse {
                 status: machine.status.as_str().to_owned(),
                 applied_version: machine.applied_version,
                 applied_at: machine.applied_at,
+                refused: machine.refused,
             })
             .collect(),
     }
@@ -206,6 +220,20 @@ fn access_report_response(report: AccessReport) -> AccessReportResponse {
             })
             .collect(),
         missing_logins: report.missing_logins,
+        problems: report
+            .problems
+            .into_iter()
+            .map(|problem| ProtoAccessProblem {
+                machine_id: problem.machine_id.to_string(),
+                hostname: problem.hostname,
+                login: problem.login,
+                kind: problem.kind.as_str().to_owned(),
+                user: problem.user,
+                grant_id: problem.grant_id,
+                subject: problem.subject,
+                reason: problem.reason,
+            })
+            .collect(),
     }
 }
 

@@ -28,7 +28,7 @@ use crate::edge::auth::{require_machine, require_not_revoked, Caller};
 use crate::live::feed::Change;
 use crate::live::registry::{SessionEntry, SessionMessage, SessionSender, SESSION_QUEUE_DEPTH};
 use crate::services::enrollment::Enroller;
-use crate::services::renewal::RenewalError;
+use crate::services::renewal::{min_renewal_interval, RenewalError};
 use crate::store::{Inventory, MachineRecord};
 use crate::ServerState;
 
@@ -292,8 +292,20 @@ impl AgentSession for SessionApi {
             .await
             .map_err(|_| Status::cancelled("session closed"))?;
 
+        let session_key = match &caller.peer.certificate {
+            crate::edge::tls::PeerCertificate::Verified { public_key_raw, .. } => {
+                public_key_raw.clone()
+            }
+            _ => Vec::new(),
+        };
         tokio::spawn(serve_session(
-            state, machine_id, session_id, inbound, sender, cancel,
+            state,
+            machine_id,
+            session_id,
+            inbound,
+            sender,
+            cancel,
+            session_key,
         ));
         Ok(Response::new(Box::pin(
             ReceiverStream::new(receiver).map(session_message_to_proto),
@@ -309,7 +321,10 @@ async fn serve_session(
     mut inbound: Streaming<AgentMessage>,
     sender: SessionSender,
     cancel: CancellationToken,
+    session_key: Vec<u8>,
 ) {
+    let renewal_spacing = min_renewal_interval(state.config.machine_certificate_ttl);
+    let mut last_renewal: Option<tokio::time::Instant> = None;
     // One verification a second at most reaches the store (each is a write).
     let mut last_verification_kept: Option<tokio::time::Instant> = None;
     let end_reason = loop {
@@ -359,7 +374,14 @@ async fn serve_session(
                     .record_applied_version(machine_id, ack.version);
             }
             Some(AgentKind::RenewCertificate(renewal)) => {
-                renew_certificate(&state, machine_id, &renewal.csr_pem, &sender).await;
+                let elapsed = last_renewal.map(|at| at.elapsed());
+                if elapsed.is_some_and(|elapsed| elapsed < renewal_spacing) {
+                    tracing::warn!(machine = %machine_id, error = %RenewalError::TooSoon(renewal_spacing), "certificate renewal refused");
+                    continue;
+                }
+                last_renewal = Some(tokio::time::Instant::now());
+                renew_certificate(&state, machine_id, &renewal.csr_pem, &session_key, &sender)
+                    .await;
             }
             Some(AgentKind::AccessState(access)) => {
                 crate::edge::access::record_access_state(&state, machine_id, access, now);
@@ -397,11 +419,15 @@ async fn renew_certificate(
     state: &ServerState,
     machine_id: Uuid,
     csr_pem: &str,
+    session_key: &[u8],
     sender: &SessionSender,
 ) {
     // A refused or unrecorded renewal is logged, not fatal: the session
     // goes on and the agent asks again later.
-    match Enroller::of(state).renew(machine_id, csr_pem).await {
+    match Enroller::of(state)
+        .renew(machine_id, csr_pem, session_key)
+        .await
+    {
         Ok(renewed) => {
             let _ = sender
                 .send(SessionMessage::CertificateIssued {
@@ -410,7 +436,9 @@ async fn renew_certificate(
                 })
                 .await;
         }
-        Err(RenewalError::Refused(error)) => {
+        Err(
+            error @ (RenewalError::Refused(_) | RenewalError::OtherKey | RenewalError::TooSoon(_)),
+        ) => {
             tracing::warn!(machine = %machine_id, %error, "certificate renewal refused");
         }
         Err(RenewalError::Store(error)) => {

@@ -70,6 +70,8 @@ pub enum PeerCertificate {
         identity: Identity,
         serial_hex: String,
         not_after_unix: i64,
+        /// The raw subject public key (renewals must keep this key).
+        public_key_raw: Vec<u8>,
     },
     /// A certificate from our CA without a usable identity URI.
     Unusable(String),
@@ -348,6 +350,7 @@ fn peer_certificate(stream: &TlsStream<TcpStream>, trust_domain: &str) -> PeerCe
             identity,
             serial_hex: facts.serial_hex,
             not_after_unix: facts.not_after_unix,
+            public_key_raw: facts.public_key_raw,
         },
         Ok(identity) => PeerCertificate::Unusable(format!(
             "identity {identity} is not in trust domain {trust_domain}"

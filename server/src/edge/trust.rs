@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use flotte_proto::v1::audit_server::Audit;
 use flotte_proto::v1::release_keys_server::ReleaseKeys;
+use flotte_proto::v1::AuditCheckpoint as ProtoAuditCheckpoint;
 use flotte_proto::v1::{
     AddReleaseKeyRequest, AuditEntry, ListAuditRequest, ListAuditResponse, ListReleaseKeysRequest,
     ListReleaseKeysResponse, ReleaseKey, RemoveReleaseKeyRequest,
@@ -14,6 +15,7 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use crate::edge::guard::admit;
+use crate::services;
 use crate::store::ReleaseKeyRecord;
 use crate::ServerState;
 use flotte_common::audit::{AuditFilter, AuditRecord};
@@ -191,10 +193,25 @@ impl Audit for TrustApi {
         let filter = AuditFilter {
             since: (request.since != 0).then_some(request.since),
             actor: (!request.actor.is_empty()).then_some(request.actor),
+            after_seq: Some(request.after_seq),
+            limit: (request.limit != 0).then_some(request.limit),
         };
-        let entries = self.state.store.audit_entries(&filter).await?;
+        let page = services::audit::audit_page(&self.state, filter).await?;
         Ok(Response::new(ListAuditResponse {
-            entries: entries.into_iter().map(audit_entry).collect(),
+            entries: page.entries.into_iter().map(audit_entry).collect(),
+            checkpoints: page
+                .checkpoints
+                .into_iter()
+                .map(|checkpoint| ProtoAuditCheckpoint {
+                    seq: checkpoint.seq,
+                    head_hash: checkpoint.head_hash,
+                    at: checkpoint.at,
+                    key_id: checkpoint.key_id,
+                    signature: checkpoint.signature,
+                })
+                .collect(),
+            more: page.more,
+            audit_public_key: page.audit_public_key,
         }))
     }
 }

@@ -89,6 +89,7 @@ impl AccessHub {
                 previous.applied_version != record.applied_version
                     || previous.missing_logins != record.missing_logins
                     || previous.found != record.found
+                    || previous.refused != record.refused
             });
             if changed {
                 machines.insert(machine_id, record);

@@ -47,6 +47,12 @@ pub enum Change {
     /// The deny list grew: refuse these from now on and cut the
     /// connections of `identity_uri`.
     Denied { identity_uri: String },
+    /// An operator asked a machine to verify (or restore) its image.
+    ImageCommand {
+        machine: Uuid,
+        request_id: String,
+        restore: bool,
+    },
     /// A machine's image status changed (a swap's step, its current
     /// image), as reported to the replica holding its session.
     Image {
@@ -219,7 +225,7 @@ pub async fn run_feed(state: Arc<ServerState>, shutdown: CancellationToken) {
 async fn apply(state: &Arc<ServerState>, change: Change) {
     match change {
         Change::Machines { machines } => {
-            state.publisher.machines_changed_elsewhere(&machines).await;
+            state.publisher.push_stored_states(&machines).await;
         }
         Change::RolloutPush { rollout, machines } => {
             state
@@ -240,6 +246,16 @@ async fn apply(state: &Arc<ServerState>, change: Change) {
             }
             Err(error) => tracing::error!(%error, "cannot reload the deny list"),
         },
+        Change::ImageCommand {
+            machine,
+            request_id,
+            restore,
+        } => {
+            state
+                .publisher
+                .image_command_elsewhere(machine, request_id, restore)
+                .await;
+        }
         Change::Image { machine, image } => {
             state.health.adopt_image(machine, *image);
             state.rollouts.machine_changed(machine);
@@ -259,6 +275,73 @@ async fn apply(state: &Arc<ServerState>, change: Change) {
             }
         }
     }
+}
+
+/// How often held sessions are compared with the stored desired states.
+const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Anti-entropy for what the feed may have lost: a replica that stored a
+/// change and died before announcing it leaves an agent held elsewhere
+/// behind the store. Every [`RECONCILE_EVERY`], each held session whose
+/// agent acknowledged an older desired-state version than the stored one,
+/// in two rounds running (so an ordinary push in flight is not repeated),
+/// gets its whole state again.
+pub async fn reconcile_held_sessions(state: Arc<ServerState>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(RECONCILE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lagging_before: std::collections::HashSet<Uuid> = Default::default();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let held = state.registry.views();
+        if held.is_empty() {
+            continue;
+        }
+        let machines = match state.store.machines().await {
+            Ok(machines) => machines,
+            Err(error) => {
+                tracing::warn!(%error, "cannot compare sessions with the stored desired states");
+                continue;
+            }
+        };
+        let applied: std::collections::HashMap<Uuid, u64> = held
+            .iter()
+            .map(|(machine, view)| (*machine, view.applied_desired_version))
+            .collect();
+        let stored: Vec<(Uuid, u64)> = machines
+            .iter()
+            .map(|machine| (machine.id, machine.desired_version))
+            .collect();
+        let lagging = agents_behind(&applied, &stored);
+        let repeat: Vec<Uuid> = lagging.intersection(&lagging_before).copied().collect();
+        if !repeat.is_empty() {
+            tracing::info!(
+                machines = repeat.len(),
+                "agents behind the stored desired state; pushing it again"
+            );
+            state.publisher.push_stored_states(&repeat).await;
+        }
+        lagging_before = lagging;
+    }
+}
+
+/// The held machines whose agents acknowledged an older desired-state
+/// version than the stored one.
+fn agents_behind(
+    applied: &std::collections::HashMap<Uuid, u64>,
+    stored: &[(Uuid, u64)],
+) -> std::collections::HashSet<Uuid> {
+    stored
+        .iter()
+        .filter(|(machine, desired)| {
+            applied
+                .get(machine)
+                .is_some_and(|version| version < desired)
+        })
+        .map(|(machine, _)| *machine)
+        .collect()
 }
 
 /// Reloads everything this replica caches from the store, after messages
@@ -331,6 +414,20 @@ mod tests {
             panic!("a refusal is one message")
         };
         assert!(reason.len() <= 1024 && reason.starts_with('é'));
+    }
+
+    #[test]
+    fn only_held_agents_behind_the_store_are_pushed_again() {
+        let held = |id: u128| Uuid::from_u128(id);
+        let applied = std::collections::HashMap::from([(held(1), 3), (held(2), 5), (held(3), 7)]);
+        let stored = [
+            (held(1), 4), // behind: pushed again
+            (held(2), 5), // up to date
+            (held(3), 6), // ahead of the store (a newer ack raced): left alone
+            (held(4), 9), // not held here
+        ];
+        let behind = agents_behind(&applied, &stored);
+        assert_eq!(behind, std::collections::HashSet::from([held(1)]));
     }
 
     #[test]

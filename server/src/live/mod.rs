@@ -12,6 +12,7 @@
 //! here read state, call the decision and apply its actions).
 
 pub mod access_hub;
+pub mod audit_checkpoints;
 pub mod feed;
 pub mod health;
 pub mod image_ages;

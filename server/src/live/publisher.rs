@@ -25,6 +25,7 @@ use crate::live::access_hub::AccessHub;
 use crate::live::feed::{Change, Feed};
 use crate::live::health::HealthTracker;
 use crate::live::registry::{Registry, SessionMessage};
+use crate::live::replicas::ReplicaSet;
 use crate::store::repair::RepairStore;
 use crate::store::{MachineRecord, Store, StoreError};
 
@@ -110,6 +111,7 @@ impl SessionFanOut for Registry {
 pub struct Publisher {
     fan_out: Arc<dyn SessionFanOut>,
     feed: Arc<Feed>,
+    replicas: Arc<ReplicaSet>,
     store: Arc<dyn Store>,
     quarantines: Arc<dyn RepairStore>,
     access: Arc<AccessHub>,
@@ -135,6 +137,7 @@ pub struct PublisherSources {
     pub clock: Arc<dyn Clock>,
     pub report_interval: Duration,
     pub feed: Arc<Feed>,
+    pub replicas: Arc<ReplicaSet>,
 }
 
 impl Publisher {
@@ -142,6 +145,7 @@ impl Publisher {
         Publisher {
             fan_out,
             feed: sources.feed,
+            replicas: sources.replicas,
             store: sources.store,
             quarantines: sources.quarantines,
             access: sources.access,
@@ -234,9 +238,10 @@ impl Publisher {
         }
     }
 
-    /// Machines whose rows another replica changed: the sessions held here
-    /// get their new whole state, and the health tracker their new labels.
-    pub async fn machines_changed_elsewhere(&self, machines: &[Uuid]) {
+    /// Machines whose rows another replica changed (or whose agents lag
+    /// behind the stored state): the sessions held here get their whole
+    /// state again, and the health tracker their labels.
+    pub async fn push_stored_states(&self, machines: &[Uuid]) {
         self.push_stored(machines, None).await;
     }
 
@@ -329,6 +334,49 @@ impl Publisher {
                 now,
             )))
         })
+    }
+
+    /// Asks `machine` to verify its image now (or restore it first),
+    /// wherever its session is held; false if no live session holds it.
+    pub async fn image_command(&self, machine: Uuid, request_id: String, restore: bool) -> bool {
+        if self.fan_out.holds_session(machine) {
+            self.fan_out
+                .send(
+                    machine,
+                    SessionMessage::ImageCommand {
+                        request_id,
+                        restore,
+                    },
+                )
+                .await;
+            return true;
+        }
+        if !self.replicas.held_elsewhere(machine) {
+            return false;
+        }
+        self.feed
+            .announce(Change::ImageCommand {
+                machine,
+                request_id,
+                restore,
+            })
+            .await;
+        true
+    }
+
+    /// Another replica's [`Publisher::image_command`] for a session held here.
+    pub async fn image_command_elsewhere(&self, machine: Uuid, request_id: String, restore: bool) {
+        if self.fan_out.holds_session(machine) {
+            self.fan_out
+                .send(
+                    machine,
+                    SessionMessage::ImageCommand {
+                        request_id,
+                        restore,
+                    },
+                )
+                .await;
+        }
     }
 
     /// Tells a machine's session why it may not continue, then ends it,

@@ -19,14 +19,18 @@ use crate::domain::access::{
 use crate::services::machines::{find_machine, MachineError};
 use crate::services::operators;
 use crate::store::{
-    FoundKeysRecord, GrantRecord, MachineAccessRecord, MachineRecord, StoreError, UserKeyRecord,
-    UserRecord, UserRevocation,
+    FoundKeysRecord, GrantRecord, MachineAccessRecord, MachineRecord, RefusedKeyRecord, StoreError,
+    UserKeyRecord, UserRecord, UserRevocation,
 };
 use crate::ServerState;
 
 /// Bounds on what one agent may report (its message is bounded too).
 const MAX_REPORTED_LOGINS: usize = 1024;
 const MAX_REPORTED_KEYS_PER_FILE: usize = 1024;
+/// Refusals kept per machine (the agent keeps at most 256).
+const MAX_REPORTED_REFUSALS: usize = 256;
+/// Longest reason, key label or source kept from an agent's report.
+const MAX_REPORTED_TEXT_CHARS: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessServiceError {
@@ -102,6 +106,8 @@ pub struct MachineDelivery {
     pub status: DeliveryStatus,
     pub applied_version: u64,
     pub applied_at: i64,
+    /// Keys or logins of the policy the agent refused to install.
+    pub refused: u32,
 }
 
 /// Where a policy version stands on the in-service fleet, by hostname.
@@ -125,12 +131,46 @@ pub struct MachineReportRow {
     pub row: ReportRow,
 }
 
-/// The who-has-access report: rows, and logins machines reported missing
-/// (`hostname: login`).
+/// What kind of problem an agent reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessProblemKind {
+    /// A key or login of the policy its own boundary refused to install.
+    Refused,
+    /// A key file it could not read (its keys are unknown).
+    NotRead,
+}
+
+impl AccessProblemKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessProblemKind::Refused => "refused",
+            AccessProblemKind::NotRead => "not-read",
+        }
+    }
+}
+
+/// One problem an agent reported, with the machine it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessProblem {
+    pub machine_id: Uuid,
+    pub hostname: String,
+    pub login: String,
+    pub kind: AccessProblemKind,
+    /// Refused: the key's user and grant; empty for not-read.
+    pub user: String,
+    pub grant_id: String,
+    /// Refused: the key's fingerprint (or a prefix); not-read: the file.
+    pub subject: String,
+    pub reason: String,
+}
+
+/// The who-has-access report: rows, logins machines reported missing
+/// (`hostname: login`), and what the agents refused or could not read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AccessReport {
     pub rows: Vec<MachineReportRow>,
     pub missing_logins: Vec<String>,
+    pub problems: Vec<AccessProblem>,
 }
 
 /// What an agent reported about access on its machine, unbounded as read.
@@ -139,6 +179,7 @@ pub struct ReportedAccess {
     pub applied_version: u64,
     pub missing_logins: Vec<String>,
     pub found: Vec<FoundKeysRecord>,
+    pub refused: Vec<RefusedKeyRecord>,
 }
 
 /// What off-boarding did.
@@ -475,6 +516,9 @@ pub async fn access_status(
             status: delivery,
             applied_version,
             applied_at: ack.map_or(0, |ack| ack.applied_at),
+            refused: ack.map_or(0, |ack| {
+                u32::try_from(ack.refused.len()).unwrap_or(u32::MAX)
+            }),
         });
     }
     Ok(status)
@@ -539,8 +583,69 @@ pub async fn report(
                 .iter()
                 .map(|login| format!("{}: {login}", machine.inventory.hostname)),
         );
+        report.problems.extend(problems_of(machine, &record, user));
     }
     Ok(report)
+}
+
+/// What one machine's agent refused or could not read (only the refusals
+/// of `user` when one is asked for).
+fn problems_of(
+    machine: &MachineRecord,
+    record: &MachineAccessRecord,
+    user: Option<&str>,
+) -> Vec<AccessProblem> {
+    let problem = |login: &str, kind, user: &str, grant_id: &str, subject: &str, reason: &str| {
+        AccessProblem {
+            machine_id: machine.id,
+            hostname: machine.inventory.hostname.clone(),
+            login: login.to_owned(),
+            kind,
+            user: user.to_owned(),
+            grant_id: grant_id.to_owned(),
+            subject: subject.to_owned(),
+            reason: reason.to_owned(),
+        }
+    };
+    let refused = record
+        .refused
+        .iter()
+        .filter(|refusal| user.is_none_or(|user| refusal.user == user))
+        .map(|refusal| {
+            problem(
+                &refusal.login,
+                AccessProblemKind::Refused,
+                &refusal.user,
+                &refusal.grant_id,
+                &refusal.key,
+                &refusal.reason,
+            )
+        });
+    let not_read = record
+        .found
+        .iter()
+        .filter(|_| user.is_none())
+        .filter_map(|file| {
+            let reason = file.not_read_reason.as_deref()?;
+            Some(problem(
+                &file.login,
+                AccessProblemKind::NotRead,
+                "",
+                "",
+                &file.source,
+                reason,
+            ))
+        });
+    refused.chain(not_read).collect()
+}
+
+/// At most [`MAX_REPORTED_TEXT_CHARS`] characters of an agent's text.
+fn cut(mut text: String) -> String {
+    if let Some((index, _)) = text.char_indices().nth(MAX_REPORTED_TEXT_CHARS) {
+        text.truncate(index);
+        text.push('…');
+    }
+    text
 }
 
 /// An agent's report cut to the bounds, sorted so that equal findings
@@ -555,16 +660,30 @@ fn bounded(machine_id: Uuid, reported: ReportedAccess, now: i64) -> MachineAcces
         .take(MAX_REPORTED_LOGINS)
         .map(|mut file| {
             file.public_keys.truncate(MAX_REPORTED_KEYS_PER_FILE);
+            file.not_read_reason = file.not_read_reason.map(cut);
             file
         })
         .collect();
     found.sort_by(|a, b| (&a.login, &a.source).cmp(&(&b.login, &b.source)));
+    let refused = reported
+        .refused
+        .into_iter()
+        .take(MAX_REPORTED_REFUSALS)
+        .map(|refusal| RefusedKeyRecord {
+            login: cut(refusal.login),
+            user: cut(refusal.user),
+            grant_id: cut(refusal.grant_id),
+            key: cut(refusal.key),
+            reason: cut(refusal.reason),
+        })
+        .collect();
     MachineAccessRecord {
         machine_id,
         applied_version: reported.applied_version,
         applied_at: now,
         missing_logins,
         found,
+        refused,
     }
 }
 
@@ -730,6 +849,16 @@ mod tests {
                         "ssh-ed25519 AAAA".to_owned();
                         MAX_REPORTED_KEYS_PER_FILE + 1
                     ],
+                    not_read_reason: Some("x".repeat(MAX_REPORTED_TEXT_CHARS * 4)),
+                })
+                .collect(),
+            refused: (0..MAX_REPORTED_REFUSALS + 5)
+                .map(|_| RefusedKeyRecord {
+                    login: "root".into(),
+                    user: "eve".into(),
+                    grant_id: "g".into(),
+                    key: "k".repeat(MAX_REPORTED_TEXT_CHARS + 1),
+                    reason: "root is never managed".into(),
                 })
                 .collect(),
         };
@@ -744,7 +873,17 @@ mod tests {
         assert!(record
             .found
             .iter()
-            .all(|file| file.public_keys.len() == MAX_REPORTED_KEYS_PER_FILE));
+            .all(|file| file.public_keys.len() == MAX_REPORTED_KEYS_PER_FILE
+                && file.not_read_reason.as_ref().unwrap().chars().count()
+                    == MAX_REPORTED_TEXT_CHARS + 1));
+        assert_eq!(record.refused.len(), MAX_REPORTED_REFUSALS);
+        assert!(
+            record
+                .refused
+                .iter()
+                .all(|refusal| refusal.key.ends_with('…')
+                    && refusal.reason == "root is never managed")
+        );
     }
 
     #[test]

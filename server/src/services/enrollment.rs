@@ -13,7 +13,9 @@ use uuid::Uuid;
 use crate::ca::{CaError, CertificateAuthority, IssuedCertificate};
 use crate::clock::{to_unix, Clock};
 use crate::join_tokens::hash_secret;
-use crate::store::{Inventory, MachineRecord, Store, StoreError, TokenRedemption, TokenRefusal};
+use crate::store::{
+    DeniedKind, Inventory, MachineRecord, Store, StoreError, TokenRedemption, TokenRefusal,
+};
 use crate::ServerState;
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +172,18 @@ impl Enroller<'_> {
             .machine(machine_id)
             .await?
             .ok_or_else(|| refused(format!("machine {machine_id} is not enrolled here")))?;
+        // Defence in depth: the handshake never sees an expired certificate
+        // here (re-enrollment is anonymous), so the deny list is read too.
+        let denied = self.store.denied_entries().await?;
+        if let Some(entry) = denied.iter().find(|entry| match entry.kind {
+            DeniedKind::Serial => entry.value == facts.serial_hex,
+            DeniedKind::Identity => facts.identity_uri.as_deref() == Some(entry.value.as_str()),
+        }) {
+            return Err(refused(format!(
+                "the certificate is on the deny list ({}); enroll again with a new join token",
+                entry.reason
+            )));
+        }
         if machine.retired_at.is_some() {
             return Err(refused(format!(
                 "machine {machine_id} was decommissioned; enroll it again with a new join token"
@@ -423,5 +437,37 @@ pub(crate) mod tests {
             "{refused}"
         );
         drop(key);
+    }
+
+    #[tokio::test]
+    async fn a_denied_certificate_cannot_reenroll() {
+        let fixture = Fixture::new();
+        let (_, csr, enrolled) = fixture.enroll_web_1().await;
+        fixture.advance(Duration::from_secs(120));
+        fixture
+            .store
+            .retire_machine(
+                enrolled.machine_id,
+                1,
+                &[crate::store::DeniedEntry {
+                    kind: DeniedKind::Serial,
+                    value: enrolled.certificate.serial_hex.clone(),
+                    reason: "stolen laptop".into(),
+                    denied_at: 1,
+                }],
+            )
+            .await
+            .unwrap();
+        let refused = fixture
+            .enroller()
+            .reenroll(&enrolled.certificate.certificate_pem, &csr)
+            .await
+            .unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("on the deny list (stolen laptop)"),
+            "{refused}"
+        );
     }
 }

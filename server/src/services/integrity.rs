@@ -8,7 +8,6 @@
 use flotte_proto::labels::Selector;
 use uuid::Uuid;
 
-use crate::live::registry::SessionMessage;
 use crate::services::machines::{find_machine_in_service, MachineError};
 use crate::store::integrity::ImageVerificationRecord;
 use crate::store::{MachineRecord, StoreError};
@@ -64,17 +63,13 @@ fn selected<'a>(
     })
 }
 
-/// Sends `restore`/verify with `request_id` on the machine's session; false
-/// when it has none or its queue is full (the caller says so).
-fn ask(state: &ServerState, machine_id: Uuid, request_id: &str, restore: bool) -> bool {
-    state.registry.sender(machine_id).is_some_and(|sender| {
-        sender
-            .try_send(SessionMessage::ImageCommand {
-                request_id: request_id.to_owned(),
-                restore,
-            })
-            .is_ok()
-    })
+/// Sends `restore`/verify with `request_id` to the machine's session,
+/// whichever replica holds it; false when none does (the caller says so).
+async fn ask(state: &ServerState, machine_id: Uuid, request_id: &str, restore: bool) -> bool {
+    state
+        .publisher
+        .image_command(machine_id, request_id.to_owned(), restore)
+        .await
 }
 
 /// Asks every machine `target` names (id, id prefix, hostname or selector)
@@ -96,14 +91,14 @@ pub async fn ask_verification(
         ));
     }
     let request_id = Uuid::new_v4().to_string();
-    let asked = chosen
-        .into_iter()
-        .map(|machine| AskedMachine {
+    let mut asked = Vec::with_capacity(chosen.len());
+    for machine in chosen {
+        asked.push(AskedMachine {
             machine_id: machine.id,
             hostname: machine.inventory.hostname.clone(),
-            sent: ask(state, machine.id, &request_id, false),
-        })
-        .collect();
+            sent: ask(state, machine.id, &request_id, false).await,
+        });
+    }
     Ok((request_id, asked))
 }
 
@@ -116,7 +111,7 @@ pub async fn ask_restore(
     let machines = state.store.machines().await?;
     let machine = find_machine_in_service(&machines, key)?.clone();
     let request_id = Uuid::new_v4().to_string();
-    if !ask(state, machine.id, &request_id, true) {
+    if !ask(state, machine.id, &request_id, true).await {
         return Err(IntegrityError::NotConnected(machine.id));
     }
     Ok((machine, request_id))

@@ -8,6 +8,7 @@
 //! into the edge.
 
 pub mod access;
+pub mod audit;
 pub mod enrollment;
 pub mod forensics;
 pub mod images;

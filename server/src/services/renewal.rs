@@ -3,7 +3,11 @@
 //! the CSR the agent sent on its session, and the serial is recorded before
 //! the answer leaves (the serial on file is what re-enrollment trusts).
 //! What must never happen here: answering with a certificate whose serial
-//! was not recorded.
+//! was not recorded, or for another key than the one the session was
+//! opened with (a stolen session cannot move the identity to a new key),
+//! or more often than [`min_renewal_interval`] on one session.
+
+use std::time::Duration;
 
 use flotte_proto::identity::Identity;
 use uuid::Uuid;
@@ -21,6 +25,17 @@ pub enum RenewalError {
     /// Issued, but not recorded: the certificate must not be sent.
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("the CSR's key is not the key of the certificate this session was opened with")]
+    OtherKey,
+    #[error("a renewal was answered on this session less than {} ago", humantime::format_duration(*.0))]
+    TooSoon(Duration),
+}
+
+/// The least time between two renewals on one session: a quarter of the
+/// certificate lifetime (an honest agent renews at two thirds of it), at
+/// least a second.
+pub fn min_renewal_interval(certificate_ttl: Duration) -> Duration {
+    (certificate_ttl / 4).max(Duration::from_secs(1))
 }
 
 /// A renewed machine certificate, recorded and ready to send.
@@ -32,13 +47,20 @@ pub struct RenewedCertificate {
 }
 
 impl Enroller<'_> {
-    /// Issues `machine_id` a new certificate from `csr_pem` and records its
+    /// Issues `machine_id` a new certificate from `csr_pem` for the key of
+    /// its session's certificate (`session_key_raw`) and records its
     /// serial; the certificate is returned only once recorded.
     pub async fn renew(
         &self,
         machine_id: Uuid,
         csr_pem: &str,
+        session_key_raw: &[u8],
     ) -> Result<RenewedCertificate, RenewalError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|error| RenewalError::Refused(CaError::BadCsr(error)))?;
+        if rcgen::PublicKeyData::der_bytes(&csr.public_key) != session_key_raw {
+            return Err(RenewalError::OtherKey);
+        }
         let identity = Identity::machine(self.trust_domain, machine_id);
         let issued = self
             .ca
@@ -66,22 +88,35 @@ mod tests {
     #[tokio::test]
     async fn a_renewal_is_recorded_before_it_is_returned_and_a_bad_csr_changes_nothing() {
         let fixture = Fixture::new();
-        let (_, _, enrolled) = fixture.enroll_web_1().await;
+        let (_, csr, enrolled) = fixture.enroll_web_1().await;
         let machine_id = enrolled.machine_id;
+        let session_key = rcgen::PublicKeyData::der_bytes(
+            &rcgen::CertificateSigningRequestParams::from_pem(&csr)
+                .unwrap()
+                .public_key,
+        )
+        .to_vec();
 
         let refused = fixture
             .enroller()
-            .renew(machine_id, "not a CSR")
+            .renew(machine_id, "not a CSR", &session_key)
             .await
             .unwrap_err();
         assert!(
             matches!(refused, RenewalError::Refused(CaError::BadCsr(_))),
             "{refused}"
         );
-        let (_, new_csr) = key_and_csr();
+        // A CSR for another key than the session's: refused, nothing recorded.
+        let (_, other_csr) = key_and_csr();
+        let refused = fixture
+            .enroller()
+            .renew(machine_id, &other_csr, &session_key)
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, RenewalError::OtherKey), "{refused}");
         let renewed = fixture
             .enroller()
-            .renew(machine_id, &new_csr)
+            .renew(machine_id, &csr, &session_key)
             .await
             .unwrap();
 
@@ -90,8 +125,20 @@ mod tests {
         assert_eq!(machine.certificate_serial, renewed.serial_hex);
         assert_eq!(
             machine.previous_certificate_serial, enrolled.certificate.serial_hex,
-            "the refused renewal recorded nothing; the enrolled serial became the previous one"
+            "the refused renewals recorded nothing; the enrolled serial became the previous one"
         );
         assert_eq!(machine.certificate_not_after, renewed.not_after);
+    }
+
+    #[test]
+    fn renewals_are_spaced_by_a_quarter_of_the_lifetime() {
+        assert_eq!(
+            min_renewal_interval(Duration::from_secs(24 * 3600)),
+            Duration::from_secs(6 * 3600)
+        );
+        assert_eq!(
+            min_renewal_interval(Duration::from_secs(3)),
+            Duration::from_secs(1)
+        );
     }
 }

@@ -61,6 +61,20 @@ pub struct FoundKeysRecord {
     pub source: String,
     /// `type base64` of each key.
     pub public_keys: Vec<String>,
+    /// The file was not read, and why (its keys are then unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_read_reason: Option<String>,
+}
+
+/// A key (or login) of the policy an agent refused to install, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RefusedKeyRecord {
+    pub login: String,
+    pub user: String,
+    pub grant_id: String,
+    /// The key's fingerprint, or a short quoted prefix of its text.
+    pub key: String,
+    pub reason: String,
 }
 
 /// What one machine last told us about access.
@@ -71,6 +85,8 @@ pub struct MachineAccessRecord {
     pub applied_at: UnixSeconds,
     pub missing_logins: Vec<String>,
     pub found: Vec<FoundKeysRecord>,
+    /// What the agent's own boundary refused to install.
+    pub refused: Vec<RefusedKeyRecord>,
 }
 
 /// What an off-boarding removed.

@@ -32,8 +32,8 @@ use std::collections::BTreeMap;
 pub use rollouts::{RolloutCreation, RolloutStore};
 
 pub use access::{
-    AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord, UserKeyRecord,
-    UserRecord, UserRevocation,
+    AccessSnapshot, AccessStore, FoundKeysRecord, GrantRecord, MachineAccessRecord,
+    RefusedKeyRecord, UserKeyRecord, UserRecord, UserRevocation,
 };
 /// A directory removed when dropped, for tests that need files.
 #[cfg(test)]
@@ -42,6 +42,7 @@ pub use sqlite::SqliteStore;
 use uuid::Uuid;
 
 use flotte_common::audit::{AuditEvent, AuditFilter, AuditRecord};
+use flotte_common::audit_checkpoints::AuditCheckpoint;
 use flotte_common::roles::Role;
 
 /// Why a store operation failed, in terms every backend shares: each
@@ -394,6 +395,21 @@ pub trait Store: Send + Sync + 'static {
     async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRecord, StoreError>;
     /// Entries matching `filter`, in sequence order.
     async fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The last entry's `seq` and hash; `None` for an empty log.
+    async fn audit_head(&self) -> Result<Option<(u64, String)>, StoreError>;
+    /// Records a signed checkpoint; one already recorded at the same entry
+    /// is kept (two replicas may sign the same head).
+    async fn insert_audit_checkpoint(&self, checkpoint: &AuditCheckpoint)
+        -> Result<(), StoreError>;
+    /// Checkpoints after entry `after_seq` and up to `up_to` (all if
+    /// `None`), in sequence order.
+    async fn audit_checkpoints(
+        &self,
+        after_seq: u64,
+        up_to: Option<u64>,
+    ) -> Result<Vec<AuditCheckpoint>, StoreError>;
+    /// The checkpoint of the highest entry.
+    async fn latest_audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>, StoreError>;
 
     /// How many writes this store has performed since start (the contract
     /// suite proves with it that last-seen batches are one write).
@@ -401,7 +417,6 @@ pub trait Store: Send + Sync + 'static {
     fn write_count(&self) -> u64;
 }
 
-/// Logs each schema migration a backend applied at open.
 /// The highest version the migrations' names carry (`V4__…` → 4): versions
 /// need not be contiguous (a number may be taken by a branch not merged yet).
 fn latest_migration_version(migrations: &[(&str, &str)]) -> i64 {
@@ -412,6 +427,7 @@ fn latest_migration_version(migrations: &[(&str, &str)]) -> i64 {
         .unwrap_or(0)
 }
 
+/// Logs each schema migration a backend applied at open.
 fn log_applied_migrations(report: &refinery::Report) {
     for applied in report.applied_migrations() {
         tracing::info!(
@@ -610,6 +626,31 @@ macro_rules! dispatch_store_to_aggregates {
                 filter: &AuditFilter,
             ) -> Result<Vec<AuditRecord>, StoreError> {
                 audit::audit_entries(self, filter).await
+            }
+
+            async fn audit_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+                audit::audit_head(self).await
+            }
+
+            async fn insert_audit_checkpoint(
+                &self,
+                checkpoint: &flotte_common::audit_checkpoints::AuditCheckpoint,
+            ) -> Result<(), StoreError> {
+                audit::insert_audit_checkpoint(self, checkpoint).await
+            }
+
+            async fn audit_checkpoints(
+                &self,
+                after_seq: u64,
+                up_to: Option<u64>,
+            ) -> Result<Vec<flotte_common::audit_checkpoints::AuditCheckpoint>, StoreError> {
+                audit::audit_checkpoints(self, after_seq, up_to).await
+            }
+
+            async fn latest_audit_checkpoint(
+                &self,
+            ) -> Result<Option<flotte_common::audit_checkpoints::AuditCheckpoint>, StoreError> {
+                audit::latest_audit_checkpoint(self).await
             }
 
             #[cfg(test)]

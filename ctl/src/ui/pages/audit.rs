@@ -11,7 +11,7 @@ use hyper::Response;
 use maud::html;
 
 use super::{layout, time, Section};
-use crate::audit::record_of;
+use crate::audit::{each_page, record_of};
 use crate::ui::http::{html, Body, Parameters, UiError};
 use crate::ui::Dashboard;
 
@@ -23,16 +23,19 @@ pub async fn page(
     dashboard: &Arc<Dashboard>,
     query: &Parameters,
 ) -> Result<Response<Body>, UiError> {
-    // Verification needs the whole chain, so the filters apply here.
-    let records: Vec<AuditRecord> = AuditClient::new(dashboard.channel.clone())
-        .list_audit(ListAuditRequest::default())
-        .await
-        .map_err(|status| dashboard.rpc_failure(status))?
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(record_of)
-        .collect();
+    // Verification needs the whole chain (every page), so the filters
+    // apply here.
+    let mut records: Vec<AuditRecord> = Vec::new();
+    each_page(
+        &mut AuditClient::new(dashboard.channel.clone()),
+        &|status| dashboard.rpc_failure(status),
+        ListAuditRequest::default(),
+        |page| {
+            records.extend(page.entries.into_iter().map(record_of));
+            Ok(())
+        },
+    )
+    .await?;
     let (intact, verdict) = match verify_chain(&records) {
         Ok(summary) => (
             true,

@@ -5,7 +5,8 @@ use uuid::Uuid;
 
 use super::ContractBackend;
 use crate::store::{
-    FoundKeysRecord, GrantRecord, MachineAccessRecord, StoreError, UserKeyRecord, UserRecord,
+    FoundKeysRecord, GrantRecord, MachineAccessRecord, RefusedKeyRecord, StoreError, UserKeyRecord,
+    UserRecord,
 };
 
 fn user(name: &str) -> UserRecord {
@@ -88,10 +89,26 @@ pub(crate) async fn every_change_bumps_the_version_and_revoking_a_user_removes_e
         applied_version: 7,
         applied_at: 100,
         missing_logins: vec!["carol".into()],
-        found: vec![FoundKeysRecord {
-            login: "bob".into(),
-            source: "/etc/flotte/authorized_keys/bob".into(),
-            public_keys: vec!["ssh-ed25519 X".into()],
+        found: vec![
+            FoundKeysRecord {
+                login: "bob".into(),
+                source: "/etc/flotte/authorized_keys/bob".into(),
+                public_keys: vec!["ssh-ed25519 X".into()],
+                not_read_reason: None,
+            },
+            FoundKeysRecord {
+                login: "bob".into(),
+                source: "/home/bob/.ssh/authorized_keys".into(),
+                public_keys: Vec::new(),
+                not_read_reason: Some("not read: is a FIFO, not a regular file".into()),
+            },
+        ],
+        refused: vec![RefusedKeyRecord {
+            login: "root".into(),
+            user: "bob".into(),
+            grant_id: "g-1".into(),
+            key: "SHA256:abc".into(),
+            reason: "root is never managed".into(),
         }],
     };
     store
@@ -100,6 +117,7 @@ pub(crate) async fn every_change_bumps_the_version_and_revoking_a_user_removes_e
         .unwrap();
     let updated = MachineAccessRecord {
         applied_version: 8,
+        refused: Vec::new(),
         ..record
     };
     store

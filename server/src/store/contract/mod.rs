@@ -243,6 +243,7 @@ macro_rules! store_contract_suite {
             operators::a_renewed_certificate_is_recorded_for_active_operators_only,
             audit::concurrent_appends_make_one_valid_chain,
             audit::entries_filter_by_time_and_actor,
+            audit::entries_page_by_sequence_and_checkpoints_are_kept_once,
             rollouts::rollouts_and_passes_round_trip,
             rollouts::two_rollouts_over_one_machine_created_at_once_make_one,
             rollouts::a_finished_rollout_frees_its_machines,

@@ -67,6 +67,7 @@ fn machine_access_from_row(row: &Row) -> Result<MachineAccessRecord, StoreError>
         applied_at: column(row, "applied_at")?,
         missing_logins: json_column(row, "missing_logins")?,
         found: json_column(row, "found")?,
+        refused: json_column(row, "refused")?,
     })
 }
 
@@ -289,9 +290,9 @@ impl AccessStore for PostgresStore {
         let statement = transaction
             .prepare_cached(
                 "INSERT INTO machine_access (machine_id, applied_version, applied_at,
-                    missing_logins, found) VALUES ($1, $2, $3, $4, $5)
+                    missing_logins, found, refused) VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (machine_id) DO UPDATE SET applied_version = $2, applied_at = $3,
-                    missing_logins = $4, found = $5",
+                    missing_logins = $4, found = $5, refused = $6",
             )
             .await?;
         for record in records {
@@ -304,6 +305,7 @@ impl AccessStore for PostgresStore {
                         &record.applied_at,
                         &to_json(&record.missing_logins)?,
                         &to_json(&record.found)?,
+                        &to_json(&record.refused)?,
                     ],
                 )
                 .await?;

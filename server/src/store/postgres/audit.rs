@@ -7,6 +7,7 @@ use tokio_postgres::Row;
 use super::{as_bigint, column, lock_keys, lock_rule, unsigned_column, PostgresStore};
 use crate::store::StoreError;
 use flotte_common::audit::{seal, AuditEvent, AuditFilter, AuditRecord};
+use flotte_common::audit_checkpoints::AuditCheckpoint;
 
 fn audit_from_row(row: &Row) -> Result<AuditRecord, StoreError> {
     Ok(AuditRecord {
@@ -74,9 +75,84 @@ pub(super) async fn audit_entries(
     store
         .read_all(
             "SELECT * FROM audit_log WHERE at >= $1 AND ($2::TEXT IS NULL OR actor = $2)
-             ORDER BY seq",
-            &[&filter.since.unwrap_or(i64::MIN), &filter.actor],
+             AND seq > $3 ORDER BY seq LIMIT $4",
+            &[
+                &filter.since.unwrap_or(i64::MIN),
+                &filter.actor,
+                &as_bigint(filter.after_seq.unwrap_or(0)),
+                &filter.limit.map(i64::from),
+            ],
             audit_from_row,
         )
         .await
+}
+
+pub(super) async fn audit_head(store: &PostgresStore) -> Result<Option<(u64, String)>, StoreError> {
+    let rows = store
+        .read_all(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            &[],
+            |row| Ok((unsigned_column(row, "seq")?, column(row, "hash")?)),
+        )
+        .await?;
+    Ok(rows.into_iter().next())
+}
+
+fn checkpoint_from_row(row: &Row) -> Result<AuditCheckpoint, StoreError> {
+    Ok(AuditCheckpoint {
+        seq: unsigned_column(row, "seq")?,
+        head_hash: column(row, "head_hash")?,
+        at: column(row, "at")?,
+        key_id: column(row, "key_id")?,
+        signature: column(row, "signature")?,
+    })
+}
+
+pub(super) async fn insert_audit_checkpoint(
+    store: &PostgresStore,
+    checkpoint: &AuditCheckpoint,
+) -> Result<(), StoreError> {
+    let client = store.client().await?;
+    let _write = store.write_timer();
+    client
+        .execute(
+            "INSERT INTO audit_checkpoints (seq, head_hash, at, key_id, signature)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+            &[
+                &as_bigint(checkpoint.seq),
+                &checkpoint.head_hash,
+                &checkpoint.at,
+                &checkpoint.key_id,
+                &checkpoint.signature,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn audit_checkpoints(
+    store: &PostgresStore,
+    after_seq: u64,
+    up_to: Option<u64>,
+) -> Result<Vec<AuditCheckpoint>, StoreError> {
+    store
+        .read_all(
+            "SELECT * FROM audit_checkpoints WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+            &[&as_bigint(after_seq), &up_to.map_or(i64::MAX, as_bigint)],
+            checkpoint_from_row,
+        )
+        .await
+}
+
+pub(super) async fn latest_audit_checkpoint(
+    store: &PostgresStore,
+) -> Result<Option<AuditCheckpoint>, StoreError> {
+    let rows = store
+        .read_all(
+            "SELECT * FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+            &[],
+            checkpoint_from_row,
+        )
+        .await?;
+    Ok(rows.into_iter().next())
 }

@@ -75,12 +75,14 @@ fn machine_access_from_row(row: &Row<'_>) -> rusqlite::Result<MachineAccessRecor
     })?;
     let missing: String = row.get("missing_logins")?;
     let found: String = row.get("found")?;
+    let refused: String = row.get("refused")?;
     Ok(MachineAccessRecord {
         machine_id,
         applied_version: row.get::<_, i64>("applied_version")?.max(0) as u64,
         applied_at: row.get("applied_at")?,
         missing_logins: serde_json::from_str(&missing).map_err(json_error)?,
         found: serde_json::from_str::<Vec<FoundKeysRecord>>(&found).map_err(json_error)?,
+        refused: serde_json::from_str(&refused).map_err(json_error)?,
     })
 }
 
@@ -301,22 +303,25 @@ impl AccessStore for SqliteStore {
             let transaction = connection.transaction()?;
             {
                 let mut statement = transaction.prepare(
-                    "INSERT INTO machine_access (machine_id, applied_version, applied_at, missing_logins, found)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
+                    "INSERT INTO machine_access (machine_id, applied_version, applied_at, missing_logins, found, refused)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT (machine_id) DO UPDATE SET applied_version = ?2, applied_at = ?3,
-                         missing_logins = ?4, found = ?5",
+                         missing_logins = ?4, found = ?5, refused = ?6",
                 )?;
                 for record in &records {
                     let missing = serde_json::to_string(&record.missing_logins)
                         .map_err(|error| StoreError::Corrupt(error.to_string()))?;
                     let found = serde_json::to_string(&record.found)
                         .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+                    let refused = serde_json::to_string(&record.refused)
+                        .map_err(|error| StoreError::Corrupt(error.to_string()))?;
                     statement.execute(params![
                         record.machine_id.to_string(),
                         i64::try_from(record.applied_version).unwrap_or(i64::MAX),
                         record.applied_at,
                         missing,
-                        found
+                        found,
+                        refused
                     ])?;
                 }
             }

@@ -16,7 +16,7 @@ use crate::store::StoreError;
 
 /// Every migration this binary knows, in order. Never edit an applied one
 /// (its checksum is recorded): add the next file.
-const MIGRATIONS: [(&str, &str); 4] = [
+const MIGRATIONS: [(&str, &str); 5] = [
     ("V1__initial", include_str!("migrations/V1__initial.sql")),
     (
         "V2__rollout_machines_by_machine",
@@ -26,6 +26,10 @@ const MIGRATIONS: [(&str, &str); 4] = [
     (
         "V4__image_verifications",
         include_str!("migrations/V4__image_verifications.sql"),
+    ),
+    (
+        "V5__hardening",
+        include_str!("migrations/V5__hardening.sql"),
     ),
 ];
 
@@ -346,7 +350,9 @@ mod tests {
                     login: "dave".into(),
                     source: "/home/dave/.ssh/authorized_keys".into(),
                     public_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFixture".into()],
+                    not_read_reason: None,
                 }],
+                refused: Vec::new(),
             }],
             quarantine: QuarantineRecord {
                 machine_id: web,
