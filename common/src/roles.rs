@@ -76,6 +76,7 @@ pub enum AdminRpc {
     SetOperatorRole,
     RevokeOperator,
     RenewOperatorCertificate,
+    WhoAmI,
     AddReleaseKey,
     RemoveReleaseKey,
     ListReleaseKeys,
@@ -140,7 +141,7 @@ const fn policy(
 }
 
 impl AdminRpc {
-    pub const ALL: [AdminRpc; 53] = [
+    pub const ALL: [AdminRpc; 54] = [
         AdminRpc::CreateToken,
         AdminRpc::ListTokens,
         AdminRpc::RevokeToken,
@@ -159,6 +160,7 @@ impl AdminRpc {
         AdminRpc::SetOperatorRole,
         AdminRpc::RevokeOperator,
         AdminRpc::RenewOperatorCertificate,
+        AdminRpc::WhoAmI,
         AdminRpc::AddReleaseKey,
         AdminRpc::RemoveReleaseKey,
         AdminRpc::ListReleaseKeys,
@@ -286,6 +288,12 @@ impl AdminRpc {
                 "operator.renew",
                 Viewer,
                 true,
+            ),
+            AdminRpc::WhoAmI => policy(
+                "/flotte.v1.Operators/WhoAmI",
+                "operator.whoami",
+                Viewer,
+                false,
             ),
             AdminRpc::AddReleaseKey => policy(
                 "/flotte.v1.ReleaseKeys/AddReleaseKey",
@@ -511,6 +519,7 @@ mod tests {
         (AdminRpc::SetOperatorRole, Role::Admin, true),
         (AdminRpc::RevokeOperator, Role::Admin, true),
         (AdminRpc::RenewOperatorCertificate, Role::Viewer, true),
+        (AdminRpc::WhoAmI, Role::Viewer, false),
         (AdminRpc::AddReleaseKey, Role::Admin, true),
         (AdminRpc::RemoveReleaseKey, Role::Admin, true),
         (AdminRpc::ListReleaseKeys, Role::Viewer, false),

@@ -14,7 +14,7 @@ use flotte_proto::transport::{
 use tonic::transport::Channel;
 
 use crate::error::CtlError;
-use crate::output::{self, Output};
+use crate::output::{self, DocumentFormat, Output};
 use crate::{
     access, audit, dr, images, integrity, machines, operators, repair, rollouts, status, tokens,
     ui, users,
@@ -30,9 +30,8 @@ pub struct Cli {
     /// replicas as a comma-separated list, tried in turn.
     #[arg(long, env = "FLOTTE_SERVER", global = true)]
     server: Option<String>,
-    /// Output format.
-    /// Output format: table or json. (`image build -o FILE` also takes the
-    /// image file here, as `flottectl image build … -o app-1.2.0.flotte`.)
+    /// Output format: table, json or yaml. (`image build -o FILE` also takes
+    /// the image file here, as `flottectl image build … -o app-1.2.0.flotte`.)
     #[arg(short = 'o', long = "output", default_value = "table", global = true)]
     pub output_flag: String,
     #[command(subcommand)]
@@ -79,23 +78,41 @@ pub enum Command {
     /// Image drift found by the machines' verifications.
     #[command(subcommand)]
     Drift(integrity::DriftCommand),
+    /// This client's version and the server's (and who you are to it).
+    Version,
+    /// Print a shell completion script, e.g. `flottectl completion bash >
+    /// /etc/bash_completion.d/flottectl`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 impl Cli {
-    /// The output format; anything but `json` renders tables (the value was
-    /// checked by [`Cli::check_output_flag`] before any command ran).
+    /// The output format: `json` and `yaml` print documents (encoded as
+    /// [`Cli::document_format`] says), anything else renders tables (the
+    /// value was checked by [`Cli::check_output_flag`] before any command ran).
     pub fn output(&self) -> Output {
-        if self.output_flag == "json" {
+        if matches!(self.output_flag.as_str(), "json" | "yaml") {
             Output::Json
         } else {
             Output::Table
         }
     }
 
+    /// How documents are encoded: YAML for `-o yaml`, JSON otherwise.
+    pub fn document_format(&self) -> DocumentFormat {
+        if self.output_flag == "yaml" {
+            DocumentFormat::Yaml
+        } else {
+            DocumentFormat::Json
+        }
+    }
+
     /// `-o` must name a format, except for `image build`, where it may name
     /// the image file.
     pub fn check_output_flag(&self) -> Result<(), CtlError> {
-        let is_format = matches!(self.output_flag.as_str(), "table" | "json");
+        let is_format = matches!(self.output_flag.as_str(), "table" | "json" | "yaml");
         let is_build = matches!(
             self.command,
             Command::Image(images::ImageCommand::Build { .. })
@@ -104,7 +121,7 @@ impl Cli {
             Ok(())
         } else {
             Err(CtlError::Usage(format!(
-                "-o {:?}: expected table or json",
+                "-o {:?}: expected table, json or yaml",
                 self.output_flag
             )))
         }

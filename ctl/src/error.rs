@@ -20,6 +20,8 @@ pub enum CtlError {
     Rpc(String),
     #[error("cannot encode output: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("cannot encode output as YAML: {0}")]
+    Yaml(#[from] serde_norway::Error),
     #[error("cannot read {path}: {source}")]
     ReadFile {
         path: PathBuf,

@@ -4,7 +4,7 @@
 //!
 //! Layout: `cli` parses the global flags and dials the server; each noun
 //! (`tokens`, `machines`, `status`, `images`, `trust`, `rollouts`,
-//! `access`, `users`, `operators`, `audit`, `repair`, `dr`) owns its
+//! `access`, `users`, `operators`, `audit`, `repair`, `dr`, `version`) owns its
 //! subcommand enum, its handler and its views; `ui` is the web dashboard
 //! (`flottectl ui`), a client of the same API; `output` is the one place
 //! that renders tables and JSON; `error` maps every failure to an exit code.
@@ -36,6 +36,7 @@ mod tokens;
 mod trust;
 mod ui;
 mod users;
+mod version;
 
 use cli::{Cli, Command};
 
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
 
 /// Runs one flottectl invocation and returns the process exit code.
 async fn run(cli: Cli) -> ExitCode {
+    output::choose_document_format(cli.document_format());
     let result = match cli.check_output_flag() {
         Err(error) => Err(error),
         Ok(()) => match &cli.command {
@@ -73,6 +75,8 @@ async fn run(cli: Cli) -> ExitCode {
             Command::Access(command) => access::run(&cli, command).await,
             Command::Ui(arguments) => ui::run(&cli, arguments).await,
             Command::Drift(command) => integrity::run_drift(&cli, command).await,
+            Command::Version => version::run(&cli).await,
+            Command::Completion { shell } => version::completion(*shell),
         },
     };
     match result {

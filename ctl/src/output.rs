@@ -17,6 +17,8 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::{Duration, SystemTime};
 
+use std::sync::OnceLock;
+
 use serde::Serialize;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
@@ -193,17 +195,62 @@ fn json_for_terminal(json: String) -> String {
     escaped
 }
 
-/// Prints a value as pretty JSON, every value whole.
+/// How structured documents (`-o json`, `-o yaml`) are encoded: chosen once
+/// by `main` before any command runs, so that every command's `-o json`
+/// path serves YAML too without knowing about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DocumentFormat {
+    #[default]
+    Json,
+    Yaml,
+}
+
+static DOCUMENT_FORMAT: OnceLock<DocumentFormat> = OnceLock::new();
+
+/// Sets how documents are encoded for this process (the first call wins).
+pub fn choose_document_format(format: DocumentFormat) {
+    let _ = DOCUMENT_FORMAT.set(format);
+}
+
+/// `value` as YAML, or — when a string holds characters unsafe on a
+/// terminal, which YAML would print raw in plain or single-quoted scalars —
+/// as the escaped JSON, which is valid YAML too (JSON is a subset of YAML
+/// 1.2 and its `\uXXXX` escapes mean the same there).
+fn yaml_for_terminal<T: Serialize + ?Sized>(value: &T) -> Result<String, CtlError> {
+    let yaml = serde_norway::to_string(value)?;
+    if yaml
+        .chars()
+        .any(|character| character != '\n' && is_unsafe_on_terminal(character))
+    {
+        return Ok(format!(
+            "{}\n",
+            json_for_terminal(serde_json::to_string_pretty(value)?)
+        ));
+    }
+    Ok(yaml)
+}
+
+/// Prints a value as a pretty JSON (or YAML) document, every value whole.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), CtlError> {
-    let json = json_for_terminal(serde_json::to_string_pretty(value)?);
-    write_stdout(&format!("{json}\n"));
+    let document = match DOCUMENT_FORMAT.get().copied().unwrap_or_default() {
+        DocumentFormat::Json => format!(
+            "{}\n",
+            json_for_terminal(serde_json::to_string_pretty(value)?)
+        ),
+        DocumentFormat::Yaml => yaml_for_terminal(value)?,
+    };
+    write_stdout(&document);
     Ok(())
 }
 
-/// Prints a value as JSON on one line (streams read line by line).
+/// Prints a value as JSON on one line (streams read line by line), or as
+/// one YAML document of a stream (each after a `---` line).
 pub fn print_json_line<T: Serialize + ?Sized>(value: &T) -> Result<(), CtlError> {
-    let json = json_for_terminal(serde_json::to_string(value)?);
-    write_stdout(&format!("{json}\n"));
+    let document = match DOCUMENT_FORMAT.get().copied().unwrap_or_default() {
+        DocumentFormat::Json => format!("{}\n", json_for_terminal(serde_json::to_string(value)?)),
+        DocumentFormat::Yaml => format!("---\n{}", yaml_for_terminal(value)?),
+    };
+    write_stdout(&document);
     Ok(())
 }
 
@@ -315,6 +362,34 @@ pub(crate) use note_line;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yaml_is_yaml_and_unsafe_text_falls_back_to_escaped_json_which_parses_as_yaml_alike() {
+        #[derive(Serialize)]
+        struct Machine {
+            hostname: String,
+            labels: Vec<String>,
+        }
+        let plain = Machine {
+            hostname: "web-1".into(),
+            labels: vec!["role=web".into()],
+        };
+        assert_eq!(
+            yaml_for_terminal(&plain).unwrap(),
+            "hostname: web-1\nlabels:\n- role=web\n"
+        );
+        let hostile = Machine {
+            hostname: "web\u{202e}1\u{9b}".into(),
+            labels: Vec::new(),
+        };
+        let document = yaml_for_terminal(&hostile).unwrap();
+        assert!(
+            !document.contains('\u{202e}') && !document.contains('\u{9b}'),
+            "{document:?}"
+        );
+        let parsed: serde_json::Value = serde_norway::from_str(&document).unwrap();
+        assert_eq!(parsed["hostname"], "web\u{202e}1\u{9b}", "the same value");
+    }
 
     #[test]
     fn tables_align_columns() {

@@ -10,7 +10,7 @@ use flotte_proto::v1::operators_server::Operators;
 use flotte_proto::v1::{
     CreateOperatorRequest, CreateOperatorResponse, ListOperatorsRequest, ListOperatorsResponse,
     OperatorInfo, RenewOperatorCertificateRequest, RenewOperatorCertificateResponse,
-    RevokeOperatorRequest, SetOperatorRoleRequest,
+    RevokeOperatorRequest, SetOperatorRoleRequest, WhoAmIRequest, WhoAmIResponse,
 };
 use serde_json::json;
 use tonic::{Request, Response, Status};
@@ -188,5 +188,18 @@ impl Operators for OperatorsApi {
             |response| serial_detail(response.operator.as_ref()),
         )
         .await
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<WhoAmIRequest>,
+    ) -> Result<Response<WhoAmIResponse>, Status> {
+        let call = admit(&self.state, &request, AdminRpc::WhoAmI, json!({})).await?;
+        Ok(Response::new(WhoAmIResponse {
+            server_version: env!("CARGO_PKG_VERSION").to_owned(),
+            server_name: self.state.config.server_name.clone(),
+            operator: call.actor().to_owned(),
+            role: call.role.to_string(),
+        }))
     }
 }
