@@ -61,6 +61,9 @@ pub enum AgentError {
     Persistence(#[from] PersistenceError),
     #[error(transparent)]
     Access(#[from] access::AccessError),
+    /// Final: the server will never take this machine again.
+    #[error("{0}")]
+    Decommissioned(String),
     #[error("cannot use the data dir: {0}")]
     DataDir(String),
     #[error(transparent)]
@@ -323,6 +326,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Ok(SessionEnd::ClosedByServer(reason)) => {
                 tracing::warn!(server = %address, %reason, "session closed by the server");
+            }
+            Err(error) if error.is_decommissioned() => {
+                metrics.record_session_failure();
+                tracing::error!(%error, "stopping: this machine was decommissioned and will not reconnect (to bring it back, empty its data dir and enroll it with a new join token)");
+                return Err(AgentError::Decommissioned(error.to_string()));
             }
             Err(error) if error.is_refusal() => {
                 metrics.record_session_failure();

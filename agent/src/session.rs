@@ -45,6 +45,11 @@ pub enum SessionError {
     Stream { address: String, reason: String },
     #[error("the server refused this machine: {0}")]
     Refused(String),
+    /// Decommissioned: told so on the session (`SessionRefused`, which the
+    /// server sends for nothing else), or the machine's certificate is
+    /// refused as revoked at the handshake. Final: the agent stops.
+    #[error("this machine was decommissioned: {0}")]
+    Decommissioned(String),
     #[error(transparent)]
     Transport(#[from] flotte_proto::transport::TransportError),
     #[error(transparent)]
@@ -56,6 +61,12 @@ impl SessionError {
     /// until an operator acts, so it is logged louder.
     pub fn is_refusal(&self) -> bool {
         matches!(self, SessionError::Refused(_))
+    }
+
+    /// True when the machine was decommissioned: no retry will ever succeed
+    /// (a retired machine comes back only by enrolling anew).
+    pub fn is_decommissioned(&self) -> bool {
+        matches!(self, SessionError::Decommissioned(_))
     }
 }
 
@@ -387,7 +398,7 @@ pub async fn run_session(
                                 tracing::warn!(request = %command.request_id, "image command not queued (no verifier, unknown action, or too many waiting)");
                             }
                         }
-                        Some(ServerKind::Refused(refused)) => return Err(SessionError::Refused(refused.reason).into()),
+                        Some(ServerKind::Refused(refused)) => return Err(SessionError::Decommissioned(refused.reason).into()),
                         None => {}
                     }
                 }
@@ -480,6 +491,10 @@ fn classify(
     match status.code() {
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
             SessionError::Refused(status.message().to_owned())
+        }
+        // A machine certificate is revoked only by decommissioning.
+        _ if diagnostics.certificate_revoked() => {
+            SessionError::Decommissioned(explain_status_with(status, diagnostics))
         }
         _ if connecting => SessionError::Connect {
             address: address.to_owned(),

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod image;
 pub mod join_token;
 pub mod labels;
+pub mod logging;
 pub mod names;
 pub mod release_keys;
 pub mod settings;

@@ -115,6 +115,9 @@ fn server_name_of(address: &str) -> Result<ServerName<'static>, TransportError> 
 #[derive(Debug, Clone, Default)]
 pub struct TlsDiagnostics(Arc<Mutex<Vec<String>>>);
 
+/// How rustls names the `certificate_revoked` alert in its errors (lower case).
+const REVOKED_ALERT: &str = "certificaterevoked";
+
 /// Distinct errors kept per channel: the alert that explains a failure is
 /// often followed by consequences ("broken pipe") that must not hide it.
 const DIAGNOSTICS_KEPT: usize = 4;
@@ -130,6 +133,14 @@ impl TlsDiagnostics {
                 errors.push(text);
             }
         }
+    }
+
+    /// True when the server refused our certificate as revoked (the TLS
+    /// `certificate_revoked` alert): for a machine, decommissioned; for an
+    /// operator, revoked. Either way no retry will succeed.
+    pub fn certificate_revoked(&self) -> bool {
+        self.recorded_errors()
+            .is_some_and(|errors| errors.to_ascii_lowercase().contains(REVOKED_ALERT))
     }
 
     /// The recorded errors, oldest first, joined for display.
@@ -309,7 +320,7 @@ pub fn explain_status_with(status: &tonic::Status, diagnostics: &TlsDiagnostics)
         || lower.contains("expired") && lower.contains("alert")
     {
         Some("the server refused our client certificate: it has expired")
-    } else if lower.contains("certificaterevoked") {
+    } else if lower.contains(REVOKED_ALERT) {
         Some("the server refused our client certificate: it was revoked (an admin decommissioned this machine or revoked this operator)")
     } else if lower.contains("badcertificate") || lower.contains("bad certificate") {
         Some("the server refused our client certificate")

@@ -620,6 +620,13 @@ impl Agent {
         }
     }
 
+    /// Adds arguments to `flotte-agent run` (e.g. `--log-format json`).
+    pub fn with_arguments(mut self, arguments: &[&str]) -> Self {
+        self.args
+            .extend(arguments.iter().map(|argument| (*argument).to_owned()));
+        self
+    }
+
     /// Adds server addresses (replicas) after the first one.
     pub fn with_more_servers(mut self, servers: &[&str]) -> Self {
         for server in servers {

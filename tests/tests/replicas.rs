@@ -360,7 +360,9 @@ fn changes_made_through_one_replica_reach_agents_and_streams_held_by_the_others(
     // A machine decommissioned through a: its session on b is cut.
     set.ctl_json(0, &["machines", "decommission", "web-b"]);
     assert!(
-        wait_until(PATIENCE, || agents[1].log().contains("session refused")),
+        wait_until(PATIENCE, || agents[1]
+            .log()
+            .contains("stopping: this machine was decommissioned")),
         "web-b's session on b was not refused:\n{}",
         agents[1].log()
     );

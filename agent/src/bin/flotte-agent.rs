@@ -19,6 +19,10 @@ struct Cli {
 enum Command {
     /// Enroll (first start) and keep the session with the server.
     Run {
+        /// Log lines as `text` (for people) or `json` (one object per line,
+        /// fields in docs/logs.md).
+        #[arg(long, default_value = "text")]
+        log_format: flotte_proto::logging::LogFormat,
         /// Agent settings file; flags below override its values.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -124,18 +128,12 @@ fn main() -> ExitCode {
         hostname,
         report_interval,
         reconnect_max_backoff,
+        log_format,
     } = command
     else {
         return ExitCode::FAILURE; // every other command returned above
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for people: the journal would keep raw escape codes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    flotte_proto::logging::init_logging(log_format);
 
     let mut file = match &config {
         Some(path) => match read_config_file(path) {
@@ -197,10 +195,17 @@ fn main() -> ExitCode {
         let signal_shutdown = shutdown.clone();
         tokio::spawn(async move {
             flotte_proto::signals::wait_for_termination().await;
+            tracing::info!("stopping: asked to by a signal (SIGTERM or Ctrl-C)");
             signal_shutdown.cancel();
         });
         match flotte_agent::run(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
+            // Exit status 2: the unit's RestartPreventExitStatus, so that
+            // systemd does not restart a decommissioned machine's agent.
+            Err(error @ flotte_agent::AgentError::Decommissioned(_)) => {
+                eprintln!("flotte-agent: {error}");
+                ExitCode::from(2)
+            }
             Err(error) => {
                 eprintln!("flotte-agent: {error}");
                 ExitCode::FAILURE

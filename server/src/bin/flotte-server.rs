@@ -85,6 +85,10 @@ enum Command {
     },
     /// Serve the gRPC API over mutual TLS.
     Run {
+        /// Log lines as `text` (for people) or `json` (one object per line,
+        /// fields in docs/logs.md).
+        #[arg(long, default_value = "text")]
+        log_format: flotte_proto::logging::LogFormat,
         #[arg(long)]
         data_dir: PathBuf,
         /// Settings file (default: <data-dir>/server.toml if it exists).
@@ -146,17 +150,6 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for people: the journal would keep raw escape codes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 /// Runs `work` on a one-thread runtime (the PostgreSQL driver needs the I/O
@@ -330,6 +323,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run {
+            log_format,
             data_dir,
             config,
             listen,
@@ -337,7 +331,7 @@ fn main() -> ExitCode {
             report_interval,
             metrics_listen,
         } => {
-            init_tracing();
+            flotte_proto::logging::init_logging(log_format);
             // One socket per connected agent: the default soft limit (often
             // 1 024) would cap the fleet long before memory or CPU does. A
             // failure is not fatal; the server still serves up to the old limit.
