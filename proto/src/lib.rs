@@ -9,6 +9,8 @@
 //! the agent and the server convert these wire types into their own domain
 //! types at their edges.
 
+#[cfg(test)]
+mod api_compatibility;
 pub mod checks;
 pub mod data_dir_lock;
 pub mod files;
