@@ -124,6 +124,14 @@ enum Command {
         identity: PathBuf,
         #[arg(long)]
         data_dir: PathBuf,
+        /// For a backup of a data dir whose state is in PostgreSQL: the
+        /// empty database to restore it into (`postgres://user@host:port/db`,
+        /// no password); the restored settings point there.
+        #[arg(long)]
+        store_url: Option<String>,
+        /// File holding that database's password (kept in the settings).
+        #[arg(long, requires = "store_url")]
+        store_password_file: Option<PathBuf>,
     },
     /// Make a backup key pair: writes the identity (secret, 0600, keep it
     /// off the server) and prints the recipient to give to `backup`.
@@ -187,7 +195,19 @@ fn main() -> ExitCode {
             from,
             identity,
             data_dir,
-        } => match flotte_server::backup::restore(&from, &identity, &data_dir) {
+            store_url,
+            store_password_file,
+        } => match flotte_server::backup::restore(
+            &from,
+            &identity,
+            &data_dir,
+            store_url
+                .map(|url| flotte_server::backup::RestoreDatabase {
+                    url,
+                    password_file: store_password_file,
+                })
+                .as_ref(),
+        ) {
             Ok(summary) => {
                 println!(
                         "restored {} files into {}; decrypted and authenticated, every checksum and the store's integrity verified (the admin key is not in backups: use your own admin profile)",
