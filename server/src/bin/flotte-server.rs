@@ -69,6 +69,10 @@ enum Command {
         /// path is taken from the data dir).
         #[arg(long, requires = "store_url")]
         store_password_file: Option<PathBuf>,
+        /// Connect to PostgreSQL over TLS, trusting the CA certificates in
+        /// this PEM file (with --store-url; relative to the data dir).
+        #[arg(long, requires = "store_url")]
+        store_tls_ca_file: Option<PathBuf>,
         /// The server's own name (default flotte-server); with several
         /// replicas, this first one's name.
         #[arg(long)]
@@ -262,6 +266,7 @@ fn main() -> ExitCode {
             trust_domain,
             store_url,
             store_password_file,
+            store_tls_ca_file,
             name,
             zone,
         } => match tokio::runtime::Builder::new_current_thread()
@@ -285,6 +290,7 @@ fn main() -> ExitCode {
                                 },
                                 url: store_url,
                                 password_file: store_password_file,
+                                tls_ca_file: store_tls_ca_file,
                             },
                             server_name: name,
                             zone,
