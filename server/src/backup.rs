@@ -13,8 +13,10 @@
 //! fresh 0700 directory created exclusively next to the output, and are
 //! created with `O_EXCL`; the finished archive is renamed into place.
 //!
-//! The store is one [`DatabasePart`] (SQLite: [`SqliteSnapshot`]); another
-//! backend plugs in its own (e.g. a `pg_dump`) without touching the rest.
+//! The store is one [`DatabasePart`]: SQLite's [`SqliteSnapshot`], or for a
+//! data dir whose state is in PostgreSQL (replicas) [`PostgresDump`] — a
+//! `pg_dump` custom-format dump of the database, image blobs included,
+//! which restore feeds to `pg_restore` into an empty database it is given.
 //!
 //! The store is copied with SQLite's `VACUUM INTO`, which reads one
 //! transaction-consistent snapshot while the running server keeps writing
@@ -74,8 +76,12 @@ pub enum BackupError {
     Unreadable(String),
     #[error("{0} is not a server data dir (no ca/ca.pem or flotte.db)")]
     NotADataDir(PathBuf),
-    #[error("{0} keeps its state in PostgreSQL ([store] in server.toml): back the database up with PostgreSQL's own tools (pg_dump, or the managed service's snapshots) and keep a copy of the data dir's ca/ and server.toml; `flotte-server backup` covers a SQLite data dir")]
-    StateInPostgres(PathBuf),
+    #[error("{tool} failed: {reason}")]
+    PostgresTool { tool: &'static str, reason: String },
+    #[error("this backup holds a PostgreSQL dump: restore it with --store-url naming an empty database (and --store-password-file if it needs a password)")]
+    NeedsDatabase,
+    #[error("--store-url is for backups of a PostgreSQL data dir; this one holds a SQLite store")]
+    NoDatabaseInBackup,
     #[error("refusing to restore into {0}: it exists and is not empty")]
     TargetNotEmpty(PathBuf),
     #[error("the archive has no valid manifest: {0}")]
@@ -207,13 +213,58 @@ pub struct BackupSummary {
     pub manifest: BackupManifest,
 }
 
-/// Whether the data dir's settings put the store in PostgreSQL (an unreadable
-/// or invalid settings file is left for the "not a data dir" answer).
-fn keeps_state_in_postgres(data_dir: &Path) -> bool {
-    crate::config::read_toml::<crate::config::ServerConfigFile>(
+/// The PostgreSQL database the data dir's settings name, if its state is
+/// there (an unreadable or invalid settings file is left for the "not a data
+/// dir" answer).
+fn postgres_of(data_dir: &Path) -> Option<PostgresDump> {
+    let settings = crate::config::read_toml::<crate::config::ServerConfigFile>(
         &crate::config::default_config_path(data_dir),
     )
-    .is_ok_and(|settings| settings.store.kind == crate::config::StoreKind::Postgres)
+    .ok()?;
+    if settings.store.kind != crate::config::StoreKind::Postgres {
+        return None;
+    }
+    Some(PostgresDump {
+        url: settings.store.url.unwrap_or_default(),
+        password_file: settings.store.password_file.map(|file| data_dir.join(file)),
+    })
+}
+
+/// The dump of a PostgreSQL store inside an archive.
+const POSTGRES_DUMP_FILE: &str = "flotte.pgdump";
+
+/// Runs a PostgreSQL client tool (`pg_dump`, `pg_restore`) with `arguments`
+/// and the password from `password_file` in its environment (never on its
+/// command line, where other users could read it).
+fn run_postgres_tool(
+    tool: &'static str,
+    arguments: &[&std::ffi::OsStr],
+    password_file: Option<&Path>,
+) -> Result<(), BackupError> {
+    let mut command = std::process::Command::new(tool);
+    command.args(arguments).env_remove("PGPASSWORD");
+    if let Some(file) = password_file {
+        let password = fs::read_to_string(file).map_err(io_error(file))?;
+        command.env("PGPASSWORD", password.trim_end_matches(['\r', '\n']));
+    }
+    let output = command
+        .output()
+        .map_err(|error| BackupError::PostgresTool {
+            tool,
+            reason: format!("cannot run it ({error}); install PostgreSQL's client tools"),
+        })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    Err(BackupError::PostgresTool {
+        tool,
+        reason: format!(
+            "{}: {}",
+            output.status,
+            stderr.trim().chars().take(400).collect::<String>()
+        ),
+    })
 }
 
 /// Reads a small key file (identity or recipients), refusing a large one.
@@ -395,6 +446,33 @@ impl DatabasePart for SqliteSnapshot {
     }
 }
 
+/// PostgreSQL: a `pg_dump` of the whole database (custom format, no
+/// owners), consistent in one transaction while the replicas write.
+#[derive(Debug, Clone)]
+pub struct PostgresDump {
+    pub url: String,
+    pub password_file: Option<PathBuf>,
+}
+
+impl DatabasePart for PostgresDump {
+    fn add_to(&self, archive: &mut ArchiveWriter, private_dir: &Path) -> Result<(), BackupError> {
+        let dump = private_dir.join(POSTGRES_DUMP_FILE);
+        let file_argument = format!("--file={}", dump.display());
+        let database_argument = format!("--dbname={}", self.url);
+        run_postgres_tool(
+            "pg_dump",
+            &[
+                "--format=custom".as_ref(),
+                "--no-owner".as_ref(),
+                file_argument.as_ref(),
+                database_argument.as_ref(),
+            ],
+            self.password_file.as_deref(),
+        )?;
+        archive.append_file(POSTGRES_DUMP_FILE, &dump, 0o600)
+    }
+}
+
 /// A directory only we can use, next to `out` (same file system, so the
 /// finished archive is renamed into place), removed when dropped.
 struct PrivateDir(PathBuf);
@@ -433,21 +511,27 @@ pub fn backup(
     // `try_exists`: a data dir this user cannot read is said as such, never
     // taken for "not a data dir".
     let ca_path = crate::ca::ca_certificate_path(data_dir);
-    let exists = |path: &Path| {
-        path.try_exists()
-            .map_err(|source| BackupError::Unreadable(describe_io_error(path, &source)))
-    };
-    let has_ca = exists(&ca_path)?;
-    if has_ca && keeps_state_in_postgres(data_dir) {
-        return Err(BackupError::StateInPostgres(data_dir.to_owned()));
-    }
-    if !has_ca || !exists(&store)? {
+    let has_ca = ca_path
+        .try_exists()
+        .map_err(|source| BackupError::Unreadable(describe_io_error(&ca_path, &source)))?;
+    if !has_ca {
         return Err(BackupError::NotADataDir(data_dir.to_owned()));
     }
-    let database = SqliteSnapshot { store };
+    let database: Box<dyn DatabasePart> = match postgres_of(data_dir) {
+        Some(postgres) => Box::new(postgres),
+        None if store.exists() => Box::new(SqliteSnapshot { store }),
+        None => return Err(BackupError::NotADataDir(data_dir.to_owned())),
+    };
     let private = PrivateDir::next_to(out)?;
     let partial = private.0.join("archive.partial");
-    let manifest = write_archive(data_dir, &database, recipients, &private.0, &partial, now)?;
+    let manifest = write_archive(
+        data_dir,
+        database.as_ref(),
+        recipients,
+        &private.0,
+        &partial,
+        now,
+    )?;
     fs::rename(&partial, out).map_err(io_error(out))?;
     Ok(BackupSummary {
         archive: out.to_owned(),
@@ -570,7 +654,12 @@ pub fn verify_against_manifest(
     {
         return Err(BackupError::Unlisted(extra.clone()));
     }
-    if !manifest.files.iter().any(|entry| entry.path == STORE_FILE) {
+    // Every backup holds its store: a SQLite file or a PostgreSQL dump.
+    if !manifest
+        .files
+        .iter()
+        .any(|entry| entry.path == STORE_FILE || entry.path == POSTGRES_DUMP_FILE)
+    {
         return Err(BackupError::Missing(STORE_FILE.to_owned()));
     }
     Ok(())
@@ -583,13 +672,24 @@ pub struct RestoreSummary {
     pub manifest: BackupManifest,
 }
 
+/// Where a backup of a PostgreSQL data dir is restored: an empty database.
+#[derive(Debug, Clone)]
+pub struct RestoreDatabase {
+    /// `postgres://user@host:port/database` (no password).
+    pub url: String,
+    /// A file holding its password, kept next to the settings.
+    pub password_file: Option<PathBuf>,
+}
+
 /// Rebuilds a data dir at `data_dir` (missing or empty) from `archive`,
-/// decrypted with the identities of `identity_file`. On any problem, what
-/// was written is removed and the error names the cause.
+/// decrypted with the identities of `identity_file`; a PostgreSQL dump in it
+/// is restored into `database` (and the settings point there). On any
+/// problem, what was written is removed and the error names the cause.
 pub fn restore(
     archive: &Path,
     identity_file: &Path,
     data_dir: &Path,
+    database: Option<&RestoreDatabase>,
 ) -> Result<RestoreSummary, BackupError> {
     let identities = identities(identity_file)?;
     match fs::read_dir(data_dir) {
@@ -602,7 +702,8 @@ pub fn restore(
         Err(error) => return Err(io_error(data_dir)(error)),
     }
     flotte_proto::files::create_private_dir(data_dir).map_err(io_error(data_dir))?;
-    let result = unpack_and_verify(archive, identity_file, &identities, data_dir);
+    let result = unpack_and_verify(archive, identity_file, &identities, data_dir)
+        .and_then(|manifest| restore_database(data_dir, database).map(|()| manifest));
     if result.is_err() {
         // The target was missing or empty: everything in it is ours.
         if let Ok(entries) = fs::read_dir(data_dir) {
@@ -676,8 +777,47 @@ fn unpack_and_verify(
         return Err(BackupError::Tampered(reason));
     }
     let manifest = outcome?;
-    check_store_integrity(&data_dir.join(STORE_FILE))?;
+    if !data_dir.join(POSTGRES_DUMP_FILE).exists() {
+        check_store_integrity(&data_dir.join(STORE_FILE))?;
+    }
     Ok(manifest)
+}
+
+/// Feeds an unpacked PostgreSQL dump to `pg_restore` into `database` and
+/// points the settings there; checks that a SQLite backup was not given one.
+fn restore_database(
+    data_dir: &Path,
+    database: Option<&RestoreDatabase>,
+) -> Result<(), BackupError> {
+    let dump = data_dir.join(POSTGRES_DUMP_FILE);
+    let database = match (dump.exists(), database) {
+        (false, None) => return Ok(()),
+        (false, Some(_)) => return Err(BackupError::NoDatabaseInBackup),
+        (true, None) => return Err(BackupError::NeedsDatabase),
+        (true, Some(database)) => database,
+    };
+    let database_argument = format!("--dbname={}", database.url);
+    run_postgres_tool(
+        "pg_restore",
+        &[
+            "--no-owner".as_ref(),
+            "--exit-on-error".as_ref(),
+            "--single-transaction".as_ref(),
+            database_argument.as_ref(),
+            dump.as_os_str(),
+        ],
+        database.password_file.as_deref(),
+    )?;
+    fs::remove_file(&dump).map_err(io_error(&dump))?;
+    let settings_path = crate::config::default_config_path(data_dir);
+    let mut settings = crate::config::read_toml::<crate::config::ServerConfigFile>(&settings_path)
+        .map_err(|error| BackupError::Manifest(format!("server.toml: {error}")))?;
+    settings.store.url = Some(database.url.clone());
+    settings.store.password_file = database.password_file.clone();
+    let text =
+        toml::to_string(&settings).map_err(|error| BackupError::Manifest(error.to_string()))?;
+    flotte_proto::files::write_atomically(&settings_path, text.as_bytes())
+        .map_err(io_error(&settings_path))
 }
 
 fn unpack_entries(
@@ -848,7 +988,22 @@ mod tests {
         assert_eq!(fs::read_dir(&out_dir).unwrap().count(), 2);
 
         let target = temp_dir("target").join("restored");
-        restore(&out, &identity, &target).unwrap();
+        // A SQLite backup has no database to restore elsewhere.
+        let refused = restore(
+            &out,
+            &identity,
+            &temp_dir("wrong-kind").join("r"),
+            Some(&RestoreDatabase {
+                url: "postgres://flotte@127.0.0.1:1/flotte".into(),
+                password_file: None,
+            }),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(refused, BackupError::NoDatabaseInBackup),
+            "{refused}"
+        );
+        restore(&out, &identity, &target, None).unwrap();
         assert!(!target.join("admin/key.pem").exists());
         assert_eq!(fs::read(target.join("ca/ca.key")).unwrap(), b"CA KEY");
         assert_eq!(
@@ -879,7 +1034,7 @@ mod tests {
         assert!(zstd::decode_all(bytes.as_slice()).is_err());
         let (other_identity, _) = backup_key(&out_dir);
         let target = temp_dir("target").join("restored");
-        let error = restore(&out, &other_identity, &target).unwrap_err();
+        let error = restore(&out, &other_identity, &target, None).unwrap_err();
         assert!(
             error.to_string().contains("was not encrypted to it"),
             "{error}"
@@ -901,7 +1056,7 @@ mod tests {
         let out = out_dir.join("backup.flotte-backup");
         let (identity, recipients) = backup_key(&out_dir);
         backup(&source, &out, &recipients, 1000).unwrap();
-        let error = restore(&out, &identity, &source).unwrap_err();
+        let error = restore(&out, &identity, &source, None).unwrap_err();
         assert!(matches!(error, BackupError::TargetNotEmpty(_)), "{error}");
 
         let original = fs::read(&out).unwrap();
@@ -913,7 +1068,7 @@ mod tests {
             let tampered = out_dir.join(format!("tampered-{position}"));
             fs::write(&tampered, &changed).unwrap();
             let target = temp_dir("target").join("restored");
-            let error = restore(&tampered, &identity, &target).unwrap_err();
+            let error = restore(&tampered, &identity, &target, None).unwrap_err();
             assert!(
                 matches!(
                     error,
@@ -931,7 +1086,8 @@ mod tests {
         cut.truncate(original.len() - 100);
         let truncated = out_dir.join("truncated");
         fs::write(&truncated, &cut).unwrap();
-        let error = restore(&truncated, &identity, &temp_dir("target").join("r")).unwrap_err();
+        let error =
+            restore(&truncated, &identity, &temp_dir("target").join("r"), None).unwrap_err();
         assert!(matches!(error, BackupError::Tampered(_)), "{error}");
     }
 
@@ -993,7 +1149,7 @@ mod tests {
             .finish()
             .unwrap();
         let target = temp_dir("target").join("restored");
-        let error = restore(&tampered, &identity, &target).unwrap_err();
+        let error = restore(&tampered, &identity, &target, None).unwrap_err();
         assert!(
             matches!(&error, BackupError::Checksum { path, .. } if path == "ca/ca.key"),
             "{error}"
@@ -1002,19 +1158,29 @@ mod tests {
     }
 
     #[test]
-    fn a_data_dir_on_postgresql_is_refused_naming_where_its_state_is() {
+    fn a_data_dir_on_an_unreachable_postgresql_fails_naming_pg_dump_and_writes_nothing() {
         let dir = temp_dir("on-postgres");
         write_test_file(&dir, "ca/ca.pem", b"CA CERT", 0o644);
+        // Port 1 on loopback: nothing listens, the dump cannot be taken.
         write_test_file(
             &dir,
             "server.toml",
-            b"[store]\nkind = \"postgres\"\nurl = \"postgres://flotte@db/flotte\"\n",
+            b"[store]\nkind = \"postgres\"\nurl = \"postgres://flotte@127.0.0.1:1/flotte\"\n",
             0o644,
         );
         let (_, recipients) = backup_key(&dir);
         let error = backup(&dir, &dir.join("out.tar"), &recipients, 1).unwrap_err();
-        assert!(matches!(error, BackupError::StateInPostgres(_)), "{error}");
-        assert!(error.to_string().contains("pg_dump"), "{error}");
+        assert!(
+            matches!(
+                error,
+                BackupError::PostgresTool {
+                    tool: "pg_dump",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(!dir.join("out.tar").exists());
         // Without the setting it is simply not a data dir.
         write_test_file(&dir, "server.toml", b"", 0o644);
         let error = backup(&dir, &dir.join("out.tar"), &recipients, 1).unwrap_err();

@@ -242,13 +242,16 @@ pub fn init_replica(
     // next start would make it anyway).
     crate::audit_key::AuditKey::load_or_create(from)?;
     let audit_key = read_file(&crate::audit_key::audit_key_path(from))?;
-    let password = match &settings.store.password_file {
-        Some(relative) if relative.is_relative() => {
-            Some((relative.clone(), read_file(&from.join(relative))?))
-        }
-        // An absolute path is the same file on every host (a mounted secret).
-        _ => None,
-    };
+    // The store's files that live in the data dir (an absolute path is the
+    // same file on every host: a mounted secret).
+    let mut store_files = Vec::new();
+    for relative in [&settings.store.password_file, &settings.store.tls_ca_file]
+        .into_iter()
+        .flatten()
+        .filter(|path| path.is_relative())
+    {
+        store_files.push((relative.clone(), read_file(&from.join(relative))?));
+    }
     let audit_key_path = crate::audit_key::audit_key_path(data_dir);
     let audit_dir = audit_key_path
         .parent()
@@ -262,8 +265,8 @@ pub fn init_replica(
     write_private_file(&data_dir.join("ca").join("ca.pem"), &ca_certificate)?;
     write_private_file(&data_dir.join("ca").join("ca.key"), &ca_key)?;
     write_private_file(&audit_key_path, &audit_key)?;
-    if let Some((relative, password)) = password {
-        write_private_file(&data_dir.join(relative), &password)?;
+    for (relative, contents) in store_files {
+        write_private_file(&data_dir.join(relative), &contents)?;
     }
     let config_path = default_config_path(data_dir);
     files::write_atomically(&config_path, toml::to_string(&settings)?.as_bytes()).map_err(

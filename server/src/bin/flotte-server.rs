@@ -70,6 +70,10 @@ enum Command {
         /// path is taken from the data dir).
         #[arg(long, requires = "store_url")]
         store_password_file: Option<PathBuf>,
+        /// Connect to PostgreSQL over TLS, trusting the CA certificates in
+        /// this PEM file (with --store-url; relative to the data dir).
+        #[arg(long, requires = "store_url")]
+        store_tls_ca_file: Option<PathBuf>,
         /// The server's own name (default flotte-server); with several
         /// replicas, this first one's name.
         #[arg(long)]
@@ -143,6 +147,14 @@ enum Command {
         identity: PathBuf,
         #[arg(long)]
         data_dir: PathBuf,
+        /// For a backup of a data dir whose state is in PostgreSQL: the
+        /// empty database to restore it into (`postgres://user@host:port/db`,
+        /// no password); the restored settings point there.
+        #[arg(long)]
+        store_url: Option<String>,
+        /// File holding that database's password (kept in the settings).
+        #[arg(long, requires = "store_url")]
+        store_password_file: Option<PathBuf>,
     },
     /// Make a backup key pair: writes the identity (secret, 0600, keep it
     /// off the server) and prints the recipient to give to `backup`.
@@ -234,7 +246,19 @@ fn main() -> ExitCode {
             from,
             identity,
             data_dir,
-        } => match flotte_server::backup::restore(&from, &identity, &data_dir) {
+            store_url,
+            store_password_file,
+        } => match flotte_server::backup::restore(
+            &from,
+            &identity,
+            &data_dir,
+            store_url
+                .map(|url| flotte_server::backup::RestoreDatabase {
+                    url,
+                    password_file: store_password_file,
+                })
+                .as_ref(),
+        ) {
             Ok(summary) => {
                 println!(
                         "restored {} files into {}; decrypted and authenticated, every checksum and the store's integrity verified (the admin key is not in backups: use your own admin profile)",
@@ -289,6 +313,7 @@ fn main() -> ExitCode {
             trust_domain,
             store_url,
             store_password_file,
+            store_tls_ca_file,
             name,
             zone,
         } => match block_on_one_thread(init(
@@ -305,6 +330,7 @@ fn main() -> ExitCode {
                     },
                     url: store_url,
                     password_file: store_password_file,
+                    tls_ca_file: store_tls_ca_file,
                 },
                 server_name: name,
                 zone,

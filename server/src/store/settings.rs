@@ -44,6 +44,11 @@ pub struct StoreConfigFile {
     /// A file holding the PostgreSQL password (relative to the data dir).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// Connect over TLS (required, TLS 1.3, rustls), trusting only the CA
+    /// certificates in this PEM file (relative to the data dir); the
+    /// server's certificate must name the URL's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// The validated choice of backend.
@@ -54,6 +59,7 @@ pub enum StoreSettings {
     Postgres {
         url: String,
         password_file: Option<PathBuf>,
+        tls_ca_file: Option<PathBuf>,
     },
 }
 
@@ -66,9 +72,11 @@ impl StoreConfigFile {
     pub fn validate(&self, data_dir: &Path, problems: &mut Vec<String>) -> StoreSettings {
         match self.kind {
             StoreKind::Sqlite => {
-                if self.url.is_some() || self.password_file.is_some() {
+                if self.url.is_some() || self.password_file.is_some() || self.tls_ca_file.is_some()
+                {
                     problems.push(
-                        "store: url and password_file apply only to kind = \"postgres\"".into(),
+                        "store: url, password_file and tls_ca_file apply only to kind = \"postgres\""
+                            .into(),
                     );
                 }
                 StoreSettings::Sqlite
@@ -90,6 +98,7 @@ impl StoreConfigFile {
                 StoreSettings::Postgres {
                     url,
                     password_file: self.password_file.as_ref().map(|file| data_dir.join(file)),
+                    tls_ca_file: self.tls_ca_file.as_ref().map(|file| data_dir.join(file)),
                 }
             }
         }
@@ -151,6 +160,34 @@ fn read_password(path: &Path) -> Result<String, StoreError> {
     Ok(text.trim_end_matches(['\r', '\n']).to_owned())
 }
 
+/// Bound on a CA file: a few certificates, not a log read by mistake.
+const TLS_CA_FILE_MAX_BYTES: u64 = 1024 * 1024;
+
+/// The TLS settings for PostgreSQL: TLS 1.3 (ring), trusting only the CA
+/// certificates of `ca_file`.
+pub(crate) fn postgres_tls(ca_file: &Path) -> Result<rustls::ClientConfig, StoreError> {
+    let unreadable = |reason: String| {
+        StoreError::Backend(format!(
+            "PostgreSQL TLS CA file {}: {reason}",
+            ca_file.display()
+        ))
+    };
+    let size = std::fs::metadata(ca_file)
+        .map_err(|error| unreadable(error.to_string()))?
+        .len();
+    if size > TLS_CA_FILE_MAX_BYTES {
+        return Err(unreadable(format!(
+            "{size} bytes, more than the {TLS_CA_FILE_MAX_BYTES} a CA file may take"
+        )));
+    }
+    let pem = std::fs::read_to_string(ca_file).map_err(|error| unreadable(error.to_string()))?;
+    let mut config = flotte_proto::transport::client_config(&pem, None)
+        .map_err(|error| unreadable(error.to_string()))?;
+    // PostgreSQL negotiates no application protocol over TLS.
+    config.alpn_protocols.clear();
+    Ok(config)
+}
+
 /// Opens the chosen backend (`data_dir` holds the SQLite file), bringing
 /// its schema to the latest version.
 pub async fn open_store(
@@ -163,9 +200,14 @@ pub async fn open_store(
             SqliteStore::open_with_metrics(&crate::store_path(data_dir), metrics)?,
             Arc::new(DirectoryBlobStore::new(data_dir)),
         )),
-        StoreSettings::Postgres { url, password_file } => {
+        StoreSettings::Postgres {
+            url,
+            password_file,
+            tls_ca_file,
+        } => {
             let password = password_file.as_deref().map(read_password).transpose()?;
-            let store = PostgresStore::connect(url, password)
+            let tls = tls_ca_file.as_deref().map(postgres_tls).transpose()?;
+            let store = PostgresStore::connect(url, password, tls)
                 .await?
                 .with_metrics(metrics);
             Ok(OpenedStore::new(store.clone(), Arc::new(store)))
@@ -195,6 +237,7 @@ mod tests {
                 StoreSettings::Postgres {
                     url: "postgres://flotte@db:5432/flotte".into(),
                     password_file: Some(PathBuf::from("/data/pg.pass")),
+                    tls_ca_file: None,
                 },
                 vec![]
             )
@@ -205,6 +248,15 @@ mod tests {
     fn every_store_problem_is_reported_and_a_password_in_the_url_is_refused_unquoted() {
         let (_, problems) = validate("url = \"postgres://a@b/c\"");
         assert_eq!(problems.len(), 1, "{problems:?}");
+        let (_, problems) = validate("tls_ca_file = \"pg-ca.pem\"");
+        assert!(problems[0].contains("tls_ca_file"), "{problems:?}");
+        let (settings, problems) = validate(
+            "kind = \"postgres\"\nurl = \"postgres://a@b/c\"\ntls_ca_file = \"pg-ca.pem\"",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(
+            matches!(settings, StoreSettings::Postgres { tls_ca_file: Some(file), .. } if file == Path::new("/data/pg-ca.pem"))
+        );
         let (_, problems) = validate("kind = \"postgres\"");
         assert!(problems[0].contains("needs url"), "{problems:?}");
         let (_, problems) = validate("kind = \"postgres\"\nurl = \"postgres://a:hunter2@b/c\"");

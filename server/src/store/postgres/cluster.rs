@@ -33,13 +33,14 @@ pub(super) const PASSWORD_ROLE: &str = "flotte_password_test";
 const DEBIAN_POSTGRESQL_DIRECTORY: &str = "/usr/lib/postgresql";
 
 /// The keeper, run as `postgres` with `$1` = binaries directory, `$2` =
-/// port, `$3` = [`PASSWORD_ROLE`]: creates the cluster, starts it, says
-/// `ready`, then waits for its standard input to close and removes
-/// everything.
+/// port, `$3` = [`PASSWORD_ROLE`], `$4` = more server options: creates the
+/// cluster, starts it, says `ready DIR`, then waits for its standard input
+/// to close and removes everything.
 const KEEPER_SCRIPT: &str = r#"set -eu
 bin=$1
 port=$2
 password_role=$3
+more_options=$4
 dir=$(mktemp -d /tmp/flotte-postgres-test.XXXXXX)
 cleanup() {
     "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
@@ -56,7 +57,7 @@ fi
 { echo "host all $password_role 127.0.0.1/32 scram-sha-256"; cat "$dir/data/pg_hba.conf"; } \
     >"$dir/pg_hba.conf" && mv "$dir/pg_hba.conf" "$dir/data/pg_hba.conf"
 if ! "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -c listen_addresses=127.0.0.1 -k $dir/data -c fsync=off -c max_connections=300" \
+    -o "-p $port -c listen_addresses=127.0.0.1 -k $dir/data -c fsync=off -c max_connections=300 $more_options" \
     start >/dev/null; then
     cat "$dir/server.log" >&2
     exit 1
@@ -109,6 +110,12 @@ fn free_port() -> Result<u16, String> {
 }
 
 fn start_cluster() -> Result<Cluster, String> {
+    start_cluster_with("")
+}
+
+/// A cluster started with `more_options` on the server's command line
+/// (`-c name=value …`).
+fn start_cluster_with(more_options: &str) -> Result<Cluster, String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Err("the PostgreSQL tests start their own cluster as the `postgres` user through runuser, which needs root".into());
     }
@@ -119,6 +126,7 @@ fn start_cluster() -> Result<Cluster, String> {
         .arg(&binaries)
         .arg(port.to_string())
         .arg(PASSWORD_ROLE)
+        .arg(more_options)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -181,6 +189,40 @@ impl Cluster {
 #[allow(dead_code)]
 pub(super) fn private_cluster() -> Option<Cluster> {
     match start_cluster() {
+        Ok(cluster) => Some(cluster),
+        Err(reason) => skip_or_fail(&reason),
+    }
+}
+
+/// A private cluster that accepts TLS with the certificate and key in
+/// `directory` (`server.pem`, `server.key`, made readable to `postgres`
+/// here); `None` when skipped (see [`cluster_address`]).
+pub(super) fn private_cluster_with_tls(directory: &std::path::Path) -> Option<Cluster> {
+    let postgres = match nix::unistd::User::from_name("postgres") {
+        Ok(Some(user)) => user,
+        _ => {
+            return skip_or_fail(
+                "there is no `postgres` user (install Debian's `postgresql` package)",
+            )
+        }
+    };
+    // PostgreSQL refuses a key that others can read or that it does not own.
+    let key = directory.join("server.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("restrict the TLS key");
+    nix::unistd::chown(&key, Some(postgres.uid), Some(postgres.gid))
+        .expect("give the TLS key to postgres");
+    std::fs::set_permissions(
+        directory,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("open the TLS directory to postgres");
+    let options = format!(
+        "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+        directory.join("server.pem").display(),
+        key.display()
+    );
+    match start_cluster_with(&options) {
         Ok(cluster) => Some(cluster),
         Err(reason) => skip_or_fail(&reason),
     }

@@ -99,7 +99,9 @@ mod tests {
         let Some(url) = cluster::fresh_database_url().await else {
             return;
         };
-        let store = PostgresStore::connect(&url, None).await.expect("connect");
+        let store = PostgresStore::connect(&url, None, None)
+            .await
+            .expect("connect");
         let client = store.client().await.expect("a connection");
         client
             .execute(
@@ -109,7 +111,7 @@ mod tests {
             )
             .await
             .expect("record a future migration");
-        let error = PostgresStore::connect(&url, None)
+        let error = PostgresStore::connect(&url, None, None)
             .await
             .expect_err("a newer schema is refused");
         assert!(

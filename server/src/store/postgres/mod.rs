@@ -80,6 +80,8 @@ pub struct PostgresStore {
     /// How to open the change feed's own connection (`LISTEN` needs one
     /// that is never returned to the pool).
     config: tokio_postgres::Config,
+    /// TLS for every connection, when `[store] tls_ca_file` asks for it.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     feed: replicas::ChangeFeed,
 }
 
@@ -122,7 +124,21 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(database) => format!("PostgreSQL: {database}"),
-        None => format!("PostgreSQL: {error}"),
+        None => {
+            // The driver's own message is often only the step that failed
+            // ("error performing TLS handshake"): the causes say why.
+            let mut text = format!("PostgreSQL: {error}");
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    text.push_str(": ");
+                    text.push_str(&cause_text);
+                }
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
@@ -225,8 +241,13 @@ pub(super) fn postgres_url_problems(url: &str) -> Vec<String> {
 impl PostgresStore {
     /// Connects to the database named by `url` (`postgres://user@host:port/database`;
     /// `password`, if given, is set apart from it so that the URL can be
-    /// logged) and brings its schema to the latest version (see [`migrations`]).
-    pub async fn connect(url: &str, password: Option<String>) -> Result<Self, StoreError> {
+    /// logged), over TLS with `tls` if given (then required), and brings its
+    /// schema to the latest version (see [`migrations`]).
+    pub async fn connect(
+        url: &str,
+        password: Option<String>,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = url.parse().map_err(|error| {
             // The driver's message names the faulty option, never the URL
             // (which may hold a password).
@@ -236,13 +257,17 @@ impl PostgresStore {
             config.password(password);
         }
         config.connect_timeout(POOL_TIMEOUT);
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let tls = tls.map(tokio_postgres_rustls::MakeRustlsConnect::new);
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Some(tls) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Manager::from_config(config.clone(), tls.clone(), manager_config)
+            }
+            None => Manager::from_config(config.clone(), NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -256,6 +281,7 @@ impl PostgresStore {
             pool,
             metrics: StoreMetrics::default(),
             config,
+            tls,
             feed: replicas::ChangeFeed::default(),
         })
     }
@@ -330,13 +356,85 @@ mod tests {
     /// PostgreSQL is missing and the environment asks to skip.
     async fn fresh_postgres_store() -> Option<(PostgresStore, ())> {
         let url = cluster::fresh_database_url().await?;
-        let store = PostgresStore::connect(&url, None)
+        let store = PostgresStore::connect(&url, None, None)
             .await
             .expect("connect to the fresh database");
         Some((store, ()))
     }
 
     store_contract_suite!(skippable fresh_postgres_store);
+
+    /// A CA and a certificate it signed for 127.0.0.1, as PEM: (CA, server
+    /// certificate, server key).
+    fn test_certificates() -> (String, String, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let server = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&server_key, &issuer)
+            .unwrap();
+        (ca.pem(), server.pem(), server_key.serialize_pem())
+    }
+
+    #[tokio::test]
+    async fn the_store_speaks_tls_to_postgres_trusting_only_its_configured_ca() {
+        let directory = crate::store::TemporaryDirectory::new();
+        let (ca, certificate, key) = test_certificates();
+        std::fs::write(directory.0.join("server.pem"), certificate).unwrap();
+        std::fs::write(directory.0.join("server.key"), key).unwrap();
+        let Some(cluster) = cluster::private_cluster_with_tls(&directory.0) else {
+            return;
+        };
+        let url = cluster.fresh_database_url().await;
+        let ca_file = directory.0.join("ca.pem");
+        std::fs::write(&ca_file, &ca).unwrap();
+        let tls = crate::store::settings::postgres_tls(&ca_file).unwrap();
+        let store = PostgresStore::connect(&url, None, Some(tls)).await.unwrap();
+        let client = store.client().await.unwrap();
+        let encrypted: bool = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(encrypted, "the pool's connection is not encrypted");
+        // The change feed's own connection is encrypted too.
+        let mut events = crate::store::replicas::ReplicaStore::subscribe(&store);
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first, crate::store::replicas::FeedEvent::Resynchronise);
+        let listeners: i64 = client
+            .query_one(
+                "SELECT COUNT(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+                 WHERE ssl AND query LIKE 'LISTEN%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(listeners, 1, "the feed listens over TLS");
+        // A server whose certificate another CA signed is refused.
+        let (other_ca, _, _) = test_certificates();
+        let other_file = directory.0.join("other-ca.pem");
+        std::fs::write(&other_file, other_ca).unwrap();
+        let other = crate::store::settings::postgres_tls(&other_file).unwrap();
+        let refused = PostgresStore::connect(&url, None, Some(other))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().to_lowercase().contains("certificate"),
+            "{refused}"
+        );
+    }
 
     #[tokio::test]
     async fn postgres_keeps_blobs_whole_and_verified() {
@@ -362,14 +460,14 @@ mod tests {
         let Some(url) = cluster::password_role_url(password).await else {
             return;
         };
-        PostgresStore::connect(&url, Some(password.into()))
+        PostgresStore::connect(&url, Some(password.into()), None)
             .await
             .expect("connect with the password given apart from the URL");
-        let refused = PostgresStore::connect(&url, None)
+        let refused = PostgresStore::connect(&url, None, None)
             .await
             .expect_err("without a password the role is refused");
         assert!(matches!(refused, StoreError::Backend(_)), "{refused:?}");
-        let wrong = PostgresStore::connect(&url, Some("wrong-horse".into()))
+        let wrong = PostgresStore::connect(&url, Some("wrong-horse".into()), None)
             .await
             .expect_err("a wrong password is refused");
         let message = wrong.to_string();
@@ -379,7 +477,7 @@ mod tests {
         );
         assert!(!message.contains("wrong-horse"), "{message}");
         let unparsable =
-            PostgresStore::connect("postgres://host:notaport/db", Some("secret".into()))
+            PostgresStore::connect("postgres://host:notaport/db", Some("secret".into()), None)
                 .await
                 .expect_err("a bad URL is refused");
         let message = unparsable.to_string();
@@ -392,12 +490,16 @@ mod tests {
         let Some(url) = cluster::fresh_database_url().await else {
             return;
         };
-        let first = PostgresStore::connect(&url, None).await.expect("connect");
+        let first = PostgresStore::connect(&url, None, None)
+            .await
+            .expect("connect");
         first
             .insert_token(&crate::store::contract::token("t1", "h1", 1))
             .await
             .expect("insert a token");
-        let second = PostgresStore::connect(&url, None).await.expect("reconnect");
+        let second = PostgresStore::connect(&url, None, None)
+            .await
+            .expect("reconnect");
         let tokens = second.list_tokens().await.expect("list tokens");
         assert_eq!(tokens.len(), 1);
     }

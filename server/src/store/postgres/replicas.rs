@@ -57,10 +57,18 @@ impl Default for ChangeFeed {
 
 /// Listens on [`CHANNEL`] until every subscriber is gone, reconnecting when
 /// the connection is lost.
-async fn listen(config: tokio_postgres::Config, sender: broadcast::Sender<FeedEvent>) {
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    sender: broadcast::Sender<FeedEvent>,
+) {
     let mut first = true;
     while sender.receiver_count() > 0 {
-        match listen_once(&config, &sender, first).await {
+        let outcome = match &tls {
+            Some(tls) => listen_once(&config, tls.clone(), &sender, first).await,
+            None => listen_once(&config, NoTls, &sender, first).await,
+        };
+        match outcome {
             Ok(()) => {}
             Err(error) => tracing::warn!(%error, "change feed connection lost; reconnecting"),
         }
@@ -70,12 +78,17 @@ async fn listen(config: tokio_postgres::Config, sender: broadcast::Sender<FeedEv
 }
 
 /// One connection's life: `LISTEN`, then every notification until it fails.
-async fn listen_once(
+async fn listen_once<Tls>(
     config: &tokio_postgres::Config,
+    tls: Tls,
     sender: &broadcast::Sender<FeedEvent>,
     first: bool,
-) -> Result<(), StoreError> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+) -> Result<(), StoreError>
+where
+    Tls: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    Tls::Stream: Send + 'static,
+{
+    let (client, mut connection) = config.connect(tls).await?;
     let (messages, mut received) = futures::channel::mpsc::unbounded();
     // The connection object yields notifications only while it is polled;
     // polling it also drives the client's queries.
@@ -329,7 +342,11 @@ impl ReplicaStore for PostgresStore {
     fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
         let receiver = self.feed.sender.subscribe();
         if !self.feed.started.swap(true, Ordering::SeqCst) {
-            tokio::spawn(listen(self.config.clone(), self.feed.sender.clone()));
+            tokio::spawn(listen(
+                self.config.clone(),
+                self.tls.clone(),
+                self.feed.sender.clone(),
+            ));
         }
         receiver
     }
