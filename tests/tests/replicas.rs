@@ -220,6 +220,17 @@ fn changes_made_through_one_replica_reach_agents_and_streams_held_by_the_others(
         set.log()
     );
 
+    // c counts every machine by its state, even those it never held and
+    // that enrolled through another replica after it started.
+    let mut counted = serde_json::Value::Null;
+    assert!(
+        wait_until(PATIENCE, || {
+            counted = set.ctl_json(2, &["status"])["fleet"].clone();
+            counted["machines"] == 3 && counted["states"]["operational"] == 3
+        }),
+        "status through c: {counted:#}"
+    );
+
     // A relabel through a reaches web-c's agent, held by c.
     set.ctl_json(0, &["machines", "label", "web-c", "--set", "tier=gold"]);
     let mut shown = serde_json::Value::Null;

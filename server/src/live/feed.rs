@@ -257,6 +257,7 @@ async fn apply(state: &Arc<ServerState>, change: Change) {
                 .await;
         }
         Change::Image { machine, image } => {
+            track(state, machine).await;
             state.health.adopt_image(machine, *image);
             state.rollouts.machine_changed(machine);
         }
@@ -270,6 +271,7 @@ async fn apply(state: &Arc<ServerState>, change: Change) {
                 tracing::warn!(state = %machine_state, "ignoring an unknown machine state from the feed");
                 return;
             };
+            track(state, machine).await;
             if let Some(transition) = state.health.adopt(machine, machine_state, &reason, at) {
                 crate::live::transitions::announce_locally(state, transition);
             }
@@ -344,6 +346,21 @@ fn agents_behind(
         .collect()
 }
 
+/// Makes sure the health tracker knows `machine`: one enrolled through
+/// another replica after this one started is read from the store, so that
+/// its state and image status decided elsewhere have somewhere to land (the
+/// leader's rollout engine reads them).
+async fn track(state: &ServerState, machine: Uuid) {
+    if state.health.get(machine).is_some() {
+        return;
+    }
+    match state.store.machine(machine).await {
+        Ok(Some(record)) => state.health.upsert(&record, state.clock.now_unix()),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%machine, %error, "cannot read a machine changed elsewhere"),
+    }
+}
+
 /// Reloads everything this replica caches from the store, after messages
 /// may have been lost.
 async fn resynchronise(state: &Arc<ServerState>) {
@@ -362,6 +379,8 @@ async fn resynchronise(state: &Arc<ServerState>) {
                 if state.registry.sender(machine.id).is_some() {
                     continue; // judged here, from its own reports
                 }
+                // Enrolled elsewhere since this replica started, perhaps.
+                state.health.upsert(machine, state.clock.now_unix());
                 if let Some(transition) = state.health.adopt(
                     machine.id,
                     machine_state,
