@@ -462,6 +462,18 @@ fn hostile_payloads_are_refused_by_name_and_the_running_image_is_untouched() {
             "{}: nothing of the refused image is left on disk",
             payload.case
         );
+        let downloads: Vec<String> = std::fs::read_dir(agent.data_dir.join("downloads"))
+            .map(|entries| {
+                entries
+                    .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            downloads.is_empty(),
+            "{}: the refused payload is removed: {downloads:?}",
+            payload.case
+        );
         println!("{}: refused: {message}", payload.case);
     }
     assert!(!agent.data_dir.join("images/escaped.txt").exists());

@@ -302,12 +302,15 @@ impl Manager {
         let index_path = self.layout.index_path(&target.digest);
         let staged = staging.clone();
         tokio::task::spawn_blocking(move || -> Result<(), SwapError> {
-            unpack_payload(&payload, &staging, &policy)
-                .map_err(|error| SwapError::Refused(error.to_string()))?;
+            // A refused payload is never used again: its bytes go with the
+            // tree half made from it, so refusals cannot fill the disk.
             let refuse = |reason: String| {
                 let _ = super::unpack::remove_unpacked_tree(&staging);
+                let _ = std::fs::remove_file(&payload);
                 SwapError::Refused(reason)
             };
+            unpack_payload(&payload, &staging, &policy)
+                .map_err(|error| refuse(error.to_string()))?;
             // create_new: a payload carrying this name (maybe as a link) is refused.
             std::fs::OpenOptions::new()
                 .write(true)
