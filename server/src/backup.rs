@@ -244,8 +244,14 @@ fn run_postgres_tool(
     let mut command = std::process::Command::new(tool);
     command.args(arguments).env_remove("PGPASSWORD");
     if let Some(file) = password_file {
-        let password = fs::read_to_string(file).map_err(io_error(file))?;
-        command.env("PGPASSWORD", password.trim_end_matches(['\r', '\n']));
+        // The server's own reader: bounded, trailing newline dropped.
+        let password = crate::store::settings::read_password(file).map_err(|error| {
+            BackupError::PostgresTool {
+                tool,
+                reason: error.to_string(),
+            }
+        })?;
+        command.env("PGPASSWORD", password);
     }
     let output = command
         .output()

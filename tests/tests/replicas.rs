@@ -32,6 +32,9 @@ use flotte_tests::{
 /// Generous: three servers and their agents on a loaded 2-core machine.
 const PATIENCE: Duration = Duration::from_secs(60);
 
+/// The replicas' names, in start order.
+const REPLICA_NAMES: [&str; 3] = ["a", "b", "c"];
+
 /// Three replicas over one fresh database, started.
 struct ReplicaSet {
     root: TempDir,
@@ -106,9 +109,43 @@ impl ReplicaSet {
             .unwrap_or_default()
     }
 
+    /// One agent per replica (`web-a` held by a, `web-b` by b…), each
+    /// knowing only its replica and managing SSH keys under the returned
+    /// directory (`<dir>/<hostname>/<login>`).
+    fn one_agent_per_replica(&self) -> (Vec<Agent>, std::path::PathBuf) {
+        let count = self.replicas.len().to_string();
+        let token = self.replicas[0].token("role=web", "dc1", &["--uses", &count]);
+        let managed = self.root.path().join("managed");
+        let agents = REPLICA_NAMES
+            .iter()
+            .zip(&self.replicas)
+            .map(|(replica, server)| {
+                let hostname = format!("web-{replica}");
+                agent_on(
+                    self.root.path(),
+                    &hostname,
+                    &server.address,
+                    &token,
+                    &managed.join(&hostname),
+                )
+            })
+            .collect();
+        (agents, managed)
+    }
+
+    /// What [`ReplicaSet::holders_seen_by`] lists once every agent of
+    /// [`ReplicaSet::one_agent_per_replica`] is connected.
+    fn expected_holders(&self) -> Vec<(String, String)> {
+        REPLICA_NAMES
+            .iter()
+            .take(self.replicas.len())
+            .map(|replica| (format!("web-{replica}"), (*replica).to_owned()))
+            .collect()
+    }
+
     /// The index of the replica named `name`.
     fn index_of(&self, name: &str) -> usize {
-        ["a", "b", "c"]
+        REPLICA_NAMES
             .iter()
             .position(|known| *known == name)
             .unwrap()
@@ -193,25 +230,8 @@ fn changes_made_through_one_replica_reach_agents_and_streams_held_by_the_others(
     assert_eq!(zones, ["a@z1", "b@z2", "c@z3"]);
 
     // One agent held by each replica.
-    let token = set.replicas[0].token("role=web", "dc1", &["--uses", "3"]);
-    let managed = set.root.path().join("managed");
-    let agents: Vec<Agent> = ["web-a", "web-b", "web-c"]
-        .iter()
-        .zip(&set.replicas)
-        .map(|(name, replica)| {
-            agent_on(
-                set.root.path(),
-                name,
-                &replica.address,
-                &token,
-                &managed.join(name),
-            )
-        })
-        .collect();
-    let expected_holders: Vec<(String, String)> = [("web-a", "a"), ("web-b", "b"), ("web-c", "c")]
-        .iter()
-        .map(|(host, replica)| ((*host).to_owned(), (*replica).to_owned()))
-        .collect();
+    let (agents, managed) = set.one_agent_per_replica();
+    let expected_holders = set.expected_holders();
     assert!(
         wait_until(PATIENCE, || (0..3)
             .all(|index| set.holders_seen_by(index) == expected_holders)),
@@ -388,10 +408,7 @@ fn changes_made_through_one_replica_reach_agents_and_streams_held_by_the_others(
 
     // The leader is killed: another one leads within 10 s.
     let leader = set.leader_seen_by(0).unwrap();
-    let leader_index = ["a", "b", "c"]
-        .iter()
-        .position(|name| *name == leader)
-        .unwrap();
+    let leader_index = set.index_of(&leader);
     let survivor = (leader_index + 1) % 3;
     set.replicas[leader_index].kill();
     let killed_at = Instant::now();
@@ -534,7 +551,7 @@ fn a_rollout_outlives_its_killed_leader_and_agents_outlive_their_killed_replica(
     let asking = survivors
         .iter()
         .copied()
-        .find(|index| ["a", "b", "c"][*index] != holder)
+        .find(|index| REPLICA_NAMES[*index] != holder)
         .unwrap();
     let verified = flottectl(
         &set.admin(),
@@ -544,7 +561,7 @@ fn a_rollout_outlives_its_killed_leader_and_agents_outlive_their_killed_replica(
     assert!(
         verified.status.success(),
         "verify {hostname} (held by {holder}) through {}: {}{}",
-        ["a", "b", "c"][asking],
+        REPLICA_NAMES[asking],
         String::from_utf8_lossy(&verified.stdout),
         String::from_utf8_lossy(&verified.stderr)
     );
@@ -556,7 +573,7 @@ fn a_rollout_outlives_its_killed_leader_and_agents_outlive_their_killed_replica(
         .iter()
         .copied()
         .max_by_key(|index| {
-            let name = ["a", "b", "c"][*index];
+            let name = REPLICA_NAMES[*index];
             holders.iter().filter(|(_, holder)| holder == name).count()
         })
         .unwrap();
@@ -565,7 +582,7 @@ fn a_rollout_outlives_its_killed_leader_and_agents_outlive_their_killed_replica(
         .copied()
         .find(|index| *index != victim)
         .unwrap();
-    let last_name = ["a", "b", "c"][last];
+    let last_name = REPLICA_NAMES[last];
     let moved = holders
         .iter()
         .filter(|(_, holder)| holder != last_name)
@@ -615,23 +632,8 @@ fn a_postgres_restart_loses_no_change_and_the_replicas_resynchronise() {
     };
     let url = test_runtime().block_on(database.fresh_database_url());
     let set = ReplicaSet::start_on(&url, 2);
-    let token = set.replicas[0].token("role=web", "dc1", &["--uses", "2"]);
-    let managed = set.root.path().join("managed");
-    let _agents: Vec<Agent> = ["web-a", "web-b"]
-        .iter()
-        .zip(&set.replicas)
-        .map(|(name, replica)| {
-            agent_on(
-                set.root.path(),
-                name,
-                &replica.address,
-                &token,
-                &managed.join(name),
-            )
-        })
-        .collect();
-    let expected: Vec<(String, String)> =
-        vec![("web-a".into(), "a".into()), ("web-b".into(), "b".into())];
+    let (_agents, _) = set.one_agent_per_replica();
+    let expected = set.expected_holders();
     assert!(
         wait_until(PATIENCE, || set.holders_seen_by(1) == expected),
         "sessions: {:?}\n{}",

@@ -253,7 +253,7 @@ async fn apply(state: &Arc<ServerState>, change: Change) {
         } => {
             state
                 .publisher
-                .image_command_elsewhere(machine, request_id, restore)
+                .image_command_if_held(machine, request_id, restore)
                 .await;
         }
         Change::Image { machine, image } => {

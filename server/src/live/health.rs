@@ -88,16 +88,7 @@ impl HealthTracker {
         reason: String,
         now: UnixSeconds,
     ) {
-        let transition = Transition {
-            machine_id,
-            at: now,
-            from: machine.state,
-            to,
-            reason: reason.clone(),
-        };
-        machine.state = to;
-        machine.reason = reason;
-        machine.since = now;
+        let transition = change_state(machine_id, machine, to, reason, now);
         // The receiver lives as long as the server; if it is gone we are shutting down.
         let _ = self.transitions.send(transition);
     }
@@ -203,17 +194,13 @@ impl HealthTracker {
         if machine.state == state || machine.state == MachineState::Retired {
             return None;
         }
-        let transition = Transition {
+        Some(change_state(
             machine_id,
+            machine,
+            state,
+            reason.to_owned(),
             at,
-            from: machine.state,
-            to: state,
-            reason: reason.to_owned(),
-        };
-        machine.state = state;
-        machine.reason = reason.to_owned();
-        machine.since = at;
-        Some(transition)
+        ))
     }
 
     /// Moves a decommissioned machine to `retired`, for good.
@@ -242,17 +229,44 @@ impl HealthTracker {
     }
 }
 
+/// Moves `machine` to `to` at `at`; the change, as stored and announced.
+fn change_state(
+    machine_id: Uuid,
+    machine: &mut TrackedMachine,
+    to: MachineState,
+    reason: String,
+    at: UnixSeconds,
+) -> Transition {
+    let transition = Transition {
+        machine_id,
+        at,
+        from: machine.state,
+        to,
+        reason: reason.clone(),
+    };
+    machine.state = to;
+    machine.reason = reason;
+    machine.since = at;
+    transition
+}
+
 /// Whether two image statuses say the same about the machine's images and
 /// its swap (download progress aside, which changes every report).
+/// Compared field by field: this runs on every report, so nothing is cloned.
 fn same_image_progress(previous: &ImageStatus, current: &ImageStatus) -> bool {
-    let without_progress = |image: &ImageStatus| {
-        let mut image = image.clone();
-        if let Some(swap) = image.swap.as_mut() {
-            swap.bytes_downloaded = 0;
+    let same_swap = match (&previous.swap, &current.swap) {
+        (None, None) => true,
+        (Some(before), Some(now)) => {
+            before.target == now.target
+                && before.step == now.step
+                && before.outcome == now.outcome
+                && before.message == now.message
+                && before.updated_at == now.updated_at
+                && before.checks == now.checks
         }
-        image
+        _ => false,
     };
-    without_progress(previous) == without_progress(current)
+    same_swap && previous.current == current.current && previous.previous == current.previous
 }
 
 fn tracked_from_record(machine: &MachineRecord, now: UnixSeconds) -> TrackedMachine {
@@ -396,6 +410,62 @@ mod tests {
         assert_eq!(
             tracker.adopt(Uuid::from_u128(9), MachineState::Down, "", 1),
             None
+        );
+    }
+
+    #[test]
+    fn only_a_change_of_image_or_swap_step_is_news_for_the_other_replicas() {
+        use crate::domain::health::{ReportedImage, SwapStatus};
+        let downloading = |bytes: u64, step: &str| ImageStatus {
+            current: Some(ReportedImage {
+                name: "app".into(),
+                version: "1.0.0".into(),
+                digest: "aa".into(),
+            }),
+            previous: None,
+            swap: Some(SwapStatus {
+                step: step.into(),
+                bytes_downloaded: bytes,
+                ..SwapStatus::default()
+            }),
+        };
+        let cases = [
+            (
+                downloading(10, "downloading"),
+                downloading(20, "downloading"),
+                true,
+            ),
+            (
+                downloading(20, "downloading"),
+                downloading(20, "verifying"),
+                false,
+            ),
+            (downloading(0, "downloading"), ImageStatus::default(), false),
+            (ImageStatus::default(), ImageStatus::default(), true),
+        ];
+        for (previous, current, same) in cases {
+            assert_eq!(
+                same_image_progress(&previous, &current),
+                same,
+                "{previous:?} → {current:?}"
+            );
+        }
+        let (tracker, id, _receiver) = tracker_of_one("operational", 100);
+        let mut report = report_with_web_check(true);
+        report.image = Some(downloading(10, "downloading"));
+        assert!(
+            tracker.observe_report(id, report.clone(), 101).is_some(),
+            "first image status"
+        );
+        report.image = Some(downloading(99, "downloading"));
+        assert!(
+            tracker.observe_report(id, report.clone(), 102).is_none(),
+            "progress only"
+        );
+        report.image = Some(downloading(99, "switching"));
+        assert!(
+            tracker.observe_report(id, report, 103).is_some(),
+            "a new step"
         );
     }
 

@@ -340,14 +340,7 @@ impl Publisher {
     /// wherever its session is held; false if no live session holds it.
     pub async fn image_command(&self, machine: Uuid, request_id: String, restore: bool) -> bool {
         if self.fan_out.holds_session(machine) {
-            self.fan_out
-                .send(
-                    machine,
-                    SessionMessage::ImageCommand {
-                        request_id,
-                        restore,
-                    },
-                )
+            self.image_command_if_held(machine, request_id, restore)
                 .await;
             return true;
         }
@@ -364,8 +357,9 @@ impl Publisher {
         true
     }
 
-    /// Another replica's [`Publisher::image_command`] for a session held here.
-    pub async fn image_command_elsewhere(&self, machine: Uuid, request_id: String, restore: bool) {
+    /// [`Publisher::image_command`] for a session held here (asked here or
+    /// through another replica); nothing if it is not held here.
+    pub async fn image_command_if_held(&self, machine: Uuid, request_id: String, restore: bool) {
         if self.fan_out.holds_session(machine) {
             self.fan_out
                 .send(

@@ -142,7 +142,7 @@ impl OpenedStore {
 }
 
 /// The password in `path`, without its trailing newline.
-fn read_password(path: &Path) -> Result<String, StoreError> {
+pub(crate) fn read_password(path: &Path) -> Result<String, StoreError> {
     let unreadable = |error: std::io::Error| {
         StoreError::Backend(format!(
             "cannot read the PostgreSQL password file {}: {error}",
