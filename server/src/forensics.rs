@@ -1,9 +1,22 @@
-//! Forensic bundles on the server: the files, and their settings. Each
-//! upload is written to `<data>/forensics/<machine>/<received_at>-<quarantine>.tar`
-//! through `<quarantine>.tar.partial`, created exclusively (`O_EXCL`), so that
-//! two uploads for one quarantine never write at once, and published with a
-//! link that never replaces an existing bundle; a listing never shows half a
-//! bundle, and a bundle once stored is never overwritten.
+//! Forensic bundles on the server: where their bytes live, behind the
+//! [`ForensicStore`] trait, and their settings. Two implementations: a
+//! directory of the data dir here ([`DirectoryForensicStore`], one server
+//! on SQLite), and chunked rows in PostgreSQL (replicas, so that a bundle
+//! uploaded through one replica is served by every other) in
+//! `store::postgres::forensics`. Every implementation keeps the same rules,
+//! proved by the [`contract`] suite run on both:
+//!
+//! * one upload at a time per quarantine (a second is refused while the
+//!   first runs), and one bundle per quarantine, never overwritten;
+//! * a bundle is visible only whole: listings never show half of one, and
+//!   its size and SHA-256 are proved against what was received before it
+//!   is;
+//! * an upload dropped unfinished (refused, failed, cancelled) leaves
+//!   nothing behind, so that the quarantine can be uploaded again.
+//!
+//! The directory writes `<data>/forensics/<machine>/<received_at>-<quarantine>.tar`
+//! through `<quarantine>.tar.partial`, created exclusively (`O_EXCL`), and
+//! publishes it with a link that never replaces an existing bundle.
 //!
 //! What must never live here: which uploads are accepted (one per quarantine,
 //! the size cap, the quota) — those rules are `services::forensics`.
@@ -11,10 +24,10 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use uuid::Uuid;
 
-use crate::store::UnixSeconds;
+use crate::store::{StoreError, UnixSeconds};
 
 /// Default for `[forensics] max_bundle_bytes` (the agent bounds each part
 /// well below this).
@@ -39,6 +52,16 @@ pub enum ForensicsError {
     UploadInProgress(String),
     #[error("a forensic bundle for quarantine {0} is already stored")]
     AlreadyStored(String),
+    #[error("forensic bundle of quarantine {quarantine_id}: {received_size} bytes with SHA-256 {received_sha256} were received, but {stored_size} bytes with SHA-256 {stored_sha256} were stored; it is not kept")]
+    StoredDiffers {
+        quarantine_id: String,
+        received_size: u64,
+        received_sha256: String,
+        stored_size: u64,
+        stored_sha256: String,
+    },
+    #[error("forensic bundle store: {0}")]
+    Store(#[from] StoreError),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ForensicsError + '_ {
@@ -47,7 +70,6 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ForensicsError + '_ {
         source,
     }
 }
-
 /// The `[forensics]` table of `server.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -98,32 +120,132 @@ impl ForensicsConfigFile {
     }
 }
 
-/// A stored bundle. `sha256` is empty in listings (computed on download).
+/// A stored bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredBundle {
-    pub path: PathBuf,
     pub quarantine_id: String,
     pub received_at: UnixSeconds,
     pub size: u64,
+    /// Hex SHA-256. Always set by `find` and `finish`; a listing may leave
+    /// it empty when the store computes it only on demand (the directory).
     pub sha256: String,
+    /// Where the store that listed it keeps the bytes (a file name, an
+    /// upload id); read only by that store's [`ForensicStore::read_at`].
+    pub location: String,
 }
 
+/// Where forensic bundles are kept.
+#[async_trait::async_trait]
+pub trait ForensicStore: Send + Sync + 'static {
+    /// Starts the upload of a quarantine's bundle: refused while another
+    /// upload for it runs, or once one is stored.
+    async fn begin(
+        &self,
+        machine_id: Uuid,
+        quarantine_id: &str,
+        received_at: UnixSeconds,
+    ) -> Result<Box<dyn BundleWriter>, ForensicsError>;
+    /// Every complete bundle of a machine, oldest first.
+    async fn list(&self, machine_id: Uuid) -> Result<Vec<StoredBundle>, ForensicsError>;
+    /// The bundle of one quarantine (or the latest one), with its digest
+    /// (as listed, for a store whose listings carry digests).
+    async fn find(
+        &self,
+        machine_id: Uuid,
+        quarantine_id: Option<&str>,
+    ) -> Result<Option<StoredBundle>, ForensicsError> {
+        Ok(choose_bundle(self.list(machine_id).await?, quarantine_id))
+    }
+    /// Up to `limit` bytes of `bundle` (as this store listed it) from
+    /// `offset`; fewer only at its end, none past it.
+    async fn read_at(
+        &self,
+        machine_id: Uuid,
+        bundle: &StoredBundle,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<u8>, ForensicsError>;
+}
+
+/// An upload in progress. Dropped unfinished, it removes what it wrote
+/// (for a cancelled call); [`BundleWriter::abandon`] does so before it
+/// returns.
+#[async_trait::async_trait]
+pub trait BundleWriter: Send {
+    /// Bytes written so far.
+    fn size(&self) -> u64;
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), ForensicsError>;
+    /// Proves the stored size and digest, then makes the bundle visible;
+    /// fails (leaving nothing) if one for the quarantine appeared meanwhile.
+    async fn finish(self: Box<Self>) -> Result<StoredBundle, ForensicsError>;
+    /// Removes what was written, and the claim on the quarantine.
+    async fn abandon(self: Box<Self>);
+}
+
+/// Counts and hashes a bundle's bytes as they arrive; shared by every
+/// [`BundleWriter`].
+pub(crate) struct ReceivedBundle {
+    size: u64,
+    digest: ring::digest::Context,
+}
+
+impl ReceivedBundle {
+    pub(crate) fn new() -> Self {
+        ReceivedBundle {
+            size: 0,
+            digest: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
+
+    pub(crate) fn add(&mut self, bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+        self.digest.update(bytes);
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub(crate) fn sha256(&self) -> String {
+        hex::encode(self.digest.clone().finish().as_ref())
+    }
+}
+
+/// Refuses a quarantine id that is not a plain name (it names a file, a row).
+pub(crate) fn check_quarantine_id(quarantine_id: &str) -> Result<(), ForensicsError> {
+    if flotte_proto::identity::is_valid_segment(quarantine_id) {
+        Ok(())
+    } else {
+        Err(ForensicsError::BadQuarantineId(quarantine_id.to_owned()))
+    }
+}
+
+/// The bundle of `quarantine_id` among `bundles` (oldest first), or the
+/// latest one.
+fn choose_bundle(bundles: Vec<StoredBundle>, quarantine_id: Option<&str>) -> Option<StoredBundle> {
+    match quarantine_id {
+        Some(wanted) => bundles
+            .into_iter()
+            .find(|bundle| bundle.quarantine_id == wanted),
+        None => bundles.into_iter().last(),
+    }
+}
+
+/// Bundles as files in the data dir (one server on SQLite).
 #[derive(Debug, Clone)]
-pub struct ForensicStore {
+pub struct DirectoryForensicStore {
     root: PathBuf,
 }
 
-/// An upload in progress: bytes are hashed and counted as they arrive. The
-/// partial file is removed when the writer is dropped unfinished (a failed
-/// or cancelled upload), so that the quarantine can be uploaded again.
-pub struct BundleWriter {
+/// An upload into a partial file, removed when the writer is dropped
+/// unfinished.
+struct DirectoryBundleWriter {
     file: tokio::fs::File,
     partial: PathBuf,
     target: PathBuf,
     quarantine_id: String,
     received_at: UnixSeconds,
-    size: u64,
-    digest: ring::digest::Context,
+    received: ReceivedBundle,
     finished: bool,
 }
 
@@ -134,9 +256,9 @@ fn parse_bundle_name(name: &str) -> Option<(UnixSeconds, &str)> {
     Some((received_at.parse().ok()?, quarantine_id))
 }
 
-impl ForensicStore {
+impl DirectoryForensicStore {
     pub fn new(data_dir: &Path) -> Self {
-        ForensicStore {
+        DirectoryForensicStore {
             root: data_dir.join("forensics"),
         }
     }
@@ -144,20 +266,19 @@ impl ForensicStore {
     fn machine_dir(&self, machine_id: Uuid) -> PathBuf {
         self.root.join(machine_id.to_string())
     }
+}
 
-    /// Starts the upload of a quarantine's bundle: refused while another
-    /// upload for it runs, or once one is stored. The exclusive partial file
-    /// is claimed first, then stored bundles are checked, so that two
-    /// concurrent uploads cannot both pass.
-    pub async fn begin(
+#[async_trait::async_trait]
+impl ForensicStore for DirectoryForensicStore {
+    /// The exclusive partial file is claimed first, then stored bundles are
+    /// checked, so that two concurrent uploads cannot both pass.
+    async fn begin(
         &self,
         machine_id: Uuid,
         quarantine_id: &str,
         received_at: UnixSeconds,
-    ) -> Result<BundleWriter, ForensicsError> {
-        if !flotte_proto::identity::is_valid_segment(quarantine_id) {
-            return Err(ForensicsError::BadQuarantineId(quarantine_id.to_owned()));
-        }
+    ) -> Result<Box<dyn BundleWriter>, ForensicsError> {
+        check_quarantine_id(quarantine_id)?;
         let directory = self.machine_dir(machine_id);
         tokio::fs::create_dir_all(&directory)
             .await
@@ -176,14 +297,13 @@ impl ForensicStore {
             }
             Err(error) => return Err(io_error(&partial)(error)),
         };
-        let writer = BundleWriter {
+        let writer = DirectoryBundleWriter {
             file,
             partial,
             target: directory.join(format!("{received_at:012}-{quarantine_id}.tar")),
             quarantine_id: quarantine_id.to_owned(),
             received_at,
-            size: 0,
-            digest: ring::digest::Context::new(&ring::digest::SHA256),
+            received: ReceivedBundle::new(),
             finished: false,
         };
         // Dropping `writer` on any error below removes the claim.
@@ -195,11 +315,11 @@ impl ForensicStore {
         {
             return Err(ForensicsError::AlreadyStored(quarantine_id.to_owned()));
         }
-        Ok(writer)
+        Ok(Box::new(writer))
     }
 
-    /// Every complete bundle of a machine, oldest first (without digests).
-    pub async fn list(&self, machine_id: Uuid) -> Result<Vec<StoredBundle>, ForensicsError> {
+    /// Without digests (`find` computes the chosen one's).
+    async fn list(&self, machine_id: Uuid) -> Result<Vec<StoredBundle>, ForensicsError> {
         let directory = self.machine_dir(machine_id);
         let mut entries = match tokio::fs::read_dir(&directory).await {
             Ok(entries) => entries,
@@ -224,7 +344,7 @@ impl ForensicStore {
                 received_at,
                 size: metadata.len(),
                 sha256: String::new(),
-                path,
+                location: name,
             });
         }
         bundles.sort_by(|a, b| {
@@ -233,63 +353,96 @@ impl ForensicStore {
         Ok(bundles)
     }
 
-    /// The bundle of one quarantine (or the latest one), with its digest.
-    pub async fn find(
+    async fn find(
         &self,
         machine_id: Uuid,
         quarantine_id: Option<&str>,
     ) -> Result<Option<StoredBundle>, ForensicsError> {
-        let bundles = self.list(machine_id).await?;
-        let chosen = match quarantine_id {
-            Some(wanted) => bundles
-                .into_iter()
-                .find(|bundle| bundle.quarantine_id == wanted),
-            None => bundles.into_iter().last(),
-        };
-        let Some(mut bundle) = chosen else {
+        let Some(mut bundle) = choose_bundle(self.list(machine_id).await?, quarantine_id) else {
             return Ok(None);
         };
-        bundle.sha256 = sha256_of_file(&bundle.path).await?;
+        bundle.sha256 =
+            sha256_of_file(&self.machine_dir(machine_id).join(&bundle.location)).await?;
         Ok(Some(bundle))
+    }
+
+    async fn read_at(
+        &self,
+        machine_id: Uuid,
+        bundle: &StoredBundle,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<u8>, ForensicsError> {
+        // The location is a name this store listed, never a path of the caller's.
+        if parse_bundle_name(&bundle.location).is_none() || bundle.location.contains('/') {
+            return Err(ForensicsError::BadQuarantineId(bundle.location.clone()));
+        }
+        let path = self.machine_dir(machine_id).join(&bundle.location);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(io_error(&path))?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(io_error(&path))?;
+        let mut buffer = Vec::with_capacity(limit);
+        (&mut file)
+            .take(limit as u64)
+            .read_to_end(&mut buffer)
+            .await
+            .map_err(io_error(&path))?;
+        Ok(buffer)
     }
 }
 
 /// The file's SHA-256, read in chunks (a bundle is never held whole).
 async fn sha256_of_file(path: &Path) -> Result<String, ForensicsError> {
     let mut file = tokio::fs::File::open(path).await.map_err(io_error(path))?;
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut received = ReceivedBundle::new();
     let mut buffer = vec![0u8; HASH_READ_BYTES];
     loop {
         let read = file.read(&mut buffer).await.map_err(io_error(path))?;
         if read == 0 {
-            return Ok(hex::encode(digest.finish().as_ref()));
+            return Ok(received.sha256());
         }
-        digest.update(&buffer[..read]);
+        received.add(&buffer[..read]);
     }
 }
 
-impl BundleWriter {
-    /// Bytes written so far.
-    pub fn size(&self) -> u64 {
-        self.size
+#[async_trait::async_trait]
+impl BundleWriter for DirectoryBundleWriter {
+    fn size(&self) -> u64 {
+        self.received.size()
     }
 
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), ForensicsError> {
-        self.size += bytes.len() as u64;
-        self.digest.update(bytes);
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), ForensicsError> {
+        self.received.add(bytes);
         self.file
             .write_all(bytes)
             .await
             .map_err(io_error(&self.partial))
     }
 
-    /// Makes the bundle visible; returns it. Published by a hard link, which
-    /// fails rather than replace a bundle already there.
-    pub async fn finish(mut self) -> Result<StoredBundle, ForensicsError> {
+    /// Published by a hard link, which fails rather than replace a bundle
+    /// already there; the partial file's length is the proof of size, and
+    /// the digest is of the bytes written to it.
+    async fn finish(mut self: Box<Self>) -> Result<StoredBundle, ForensicsError> {
         self.file
             .sync_all()
             .await
             .map_err(io_error(&self.partial))?;
+        let written = tokio::fs::metadata(&self.partial)
+            .await
+            .map_err(io_error(&self.partial))?
+            .len();
+        if written != self.received.size() {
+            return Err(ForensicsError::StoredDiffers {
+                quarantine_id: self.quarantine_id.clone(),
+                received_size: self.received.size(),
+                received_sha256: self.received.sha256(),
+                stored_size: written,
+                stored_sha256: sha256_of_file(&self.partial).await?,
+            });
+        }
         match tokio::fs::hard_link(&self.partial, &self.target).await {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -300,16 +453,24 @@ impl BundleWriter {
         self.finished = true;
         let _ = tokio::fs::remove_file(&self.partial).await;
         Ok(StoredBundle {
-            path: self.target.clone(),
             quarantine_id: self.quarantine_id.clone(),
             received_at: self.received_at,
-            size: self.size,
-            sha256: hex::encode(self.digest.clone().finish().as_ref()),
+            size: self.received.size(),
+            sha256: self.received.sha256(),
+            location: self
+                .target
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         })
+    }
+
+    async fn abandon(self: Box<Self>) {
+        // Dropping removes the partial file.
     }
 }
 
-impl Drop for BundleWriter {
+impl Drop for DirectoryBundleWriter {
     fn drop(&mut self) {
         if !self.finished {
             // Best effort: a leftover partial only blocks this quarantine's
@@ -319,26 +480,53 @@ impl Drop for BundleWriter {
     }
 }
 
+/// What every [`ForensicStore`] must do, run by each implementation's tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod contract {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn temporary_store() -> (PathBuf, ForensicStore) {
-        let root = std::env::temp_dir().join(format!("flotte-forensics-{}", Uuid::new_v4()));
-        let store = ForensicStore::new(&root);
-        (root, store)
+    fn sha256_hex(bytes: &[u8]) -> String {
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
     }
 
-    #[tokio::test]
-    async fn every_complete_bundle_is_listed_and_partial_ones_are_not() {
-        let (root, store) = temporary_store();
+    /// The whole bundle, read in uneven pieces through `read_at`.
+    async fn read_whole(
+        store: &dyn ForensicStore,
+        machine: Uuid,
+        bundle: &StoredBundle,
+    ) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        loop {
+            let piece = store
+                .read_at(machine, bundle, bytes.len() as u64, 300_007)
+                .await
+                .unwrap();
+            if piece.is_empty() {
+                return bytes;
+            }
+            bytes.extend_from_slice(&piece);
+        }
+    }
+
+    pub(crate) async fn every_complete_bundle_is_listed_and_partial_ones_are_not(
+        store: &dyn ForensicStore,
+    ) {
         let machine = Uuid::new_v4();
         assert_eq!(store.find(machine, None).await.unwrap(), None);
-        for (at, id, body) in [(200, "q2", b"new".as_slice()), (100, "q1", b"old")] {
+        // 2.5 MiB: several PostgreSQL chunks, written in uneven pieces.
+        let big: Vec<u8> = (0..2_621_440u32).map(|index| (index % 251) as u8).collect();
+        for (at, id, body) in [(200, "q2", big.as_slice()), (100, "q1", b"old")] {
             let mut writer = store.begin(machine, id, at).await.unwrap();
-            writer.write(body).await.unwrap();
-            writer.finish().await.unwrap();
+            for piece in body.chunks(300_007) {
+                writer.write(piece).await.unwrap();
+            }
+            assert_eq!(writer.size(), body.len() as u64);
+            let stored = writer.finish().await.unwrap();
+            assert_eq!(
+                (stored.size, stored.sha256),
+                (body.len() as u64, sha256_hex(body))
+            );
         }
         let mut unfinished = store.begin(machine, "q3", 300).await.unwrap();
         unfinished.write(b"half").await.unwrap();
@@ -349,26 +537,37 @@ mod tests {
             .into_iter()
             .map(|bundle| (bundle.received_at, bundle.quarantine_id, bundle.size))
             .collect();
-        assert_eq!(listed, [(100, "q1".into(), 3), (200, "q2".into(), 3)]);
+        assert_eq!(
+            listed,
+            [(100, "q1".into(), 3), (200, "q2".into(), big.len() as u64)]
+        );
+        assert_eq!(store.list(Uuid::new_v4()).await.unwrap(), []);
         let latest = store.find(machine, None).await.unwrap().unwrap();
         assert_eq!(latest.quarantine_id, "q2");
-        assert_eq!(std::fs::read(&latest.path).unwrap(), b"new");
+        assert_eq!(latest.sha256, sha256_hex(&big));
+        assert_eq!(read_whole(store, machine, &latest).await, big);
+        let tail = store
+            .read_at(machine, &latest, big.len() as u64 - 3, 100)
+            .await
+            .unwrap();
+        assert_eq!(tail, big[big.len() - 3..]);
         let chosen = store.find(machine, Some("q1")).await.unwrap().unwrap();
-        assert_eq!(std::fs::read(&chosen.path).unwrap(), b"old");
-        assert_eq!(
-            chosen.sha256,
-            hex::encode(ring::digest::digest(&ring::digest::SHA256, b"old").as_ref())
-        );
-        assert!(store.begin(machine, "../x", 1).await.is_err());
-        drop(unfinished);
-        let _ = std::fs::remove_dir_all(root);
+        assert_eq!(read_whole(store, machine, &chosen).await, b"old");
+        assert_eq!(chosen.sha256, sha256_hex(b"old"));
+        assert_eq!(store.find(machine, Some("q9")).await.unwrap(), None);
+        assert!(matches!(
+            store.begin(machine, "../x", 1).await,
+            Err(ForensicsError::BadQuarantineId(_))
+        ));
+        unfinished.abandon().await;
     }
 
-    #[tokio::test]
-    async fn a_quarantine_is_written_once_and_a_dropped_upload_leaves_nothing() {
-        let (root, store) = temporary_store();
+    pub(crate) async fn a_quarantine_is_written_once_and_an_abandoned_upload_leaves_nothing(
+        store: &dyn ForensicStore,
+    ) {
         let machine = Uuid::new_v4();
         let mut first = store.begin(machine, "q1", 100).await.unwrap();
+        // A second upload (through this replica or another) while it runs.
         assert!(matches!(
             store.begin(machine, "q1", 101).await,
             Err(ForensicsError::UploadInProgress(_))
@@ -379,16 +578,73 @@ mod tests {
             store.begin(machine, "q1", 102).await,
             Err(ForensicsError::AlreadyStored(_))
         ));
+        let served = store.find(machine, Some("q1")).await.unwrap().unwrap();
+        assert_eq!(read_whole(store, machine, &served).await, b"genuine");
         let mut cancelled = store.begin(machine, "q2", 103).await.unwrap();
         cancelled.write(b"half").await.unwrap();
-        drop(cancelled);
-        let names: Vec<String> =
-            std::fs::read_dir(root.join("forensics").join(machine.to_string()))
-                .unwrap()
-                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-        assert_eq!(names, ["000000000100-q1.tar"]);
-        assert!(store.begin(machine, "q2", 104).await.is_ok());
-        let _ = std::fs::remove_dir_all(root);
+        cancelled.abandon().await;
+        let names: Vec<String> = store
+            .list(machine)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|bundle| bundle.quarantine_id)
+            .collect();
+        assert_eq!(names, ["q1"]);
+        // The abandoned quarantine can be uploaded again.
+        let mut again = store.begin(machine, "q2", 104).await.unwrap();
+        again.write(b"retried").await.unwrap();
+        again.finish().await.unwrap();
+        let retried = store.find(machine, Some("q2")).await.unwrap().unwrap();
+        assert_eq!((retried.received_at, retried.size), (104, 7));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::TemporaryDirectory;
+
+    #[tokio::test]
+    async fn a_directory_lists_complete_bundles_only() {
+        let directory = TemporaryDirectory::new();
+        let store = DirectoryForensicStore::new(&directory.0);
+        contract::every_complete_bundle_is_listed_and_partial_ones_are_not(&store).await;
+    }
+
+    #[tokio::test]
+    async fn a_directory_writes_a_quarantine_once_and_keeps_no_partial_file() {
+        let directory = TemporaryDirectory::new();
+        let store = DirectoryForensicStore::new(&directory.0);
+        contract::a_quarantine_is_written_once_and_an_abandoned_upload_leaves_nothing(&store).await;
+        let machines: Vec<PathBuf> = std::fs::read_dir(directory.0.join("forensics"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        let [machine] = machines.as_slice() else {
+            panic!("{machines:?}");
+        };
+        let mut names: Vec<String> = std::fs::read_dir(machine)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["000000000100-q1.tar", "000000000104-q2.tar"]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_directory_upload_removes_its_partial_file() {
+        let directory = TemporaryDirectory::new();
+        let store = DirectoryForensicStore::new(&directory.0);
+        let machine = Uuid::new_v4();
+        let mut dropped = store.begin(machine, "q1", 1).await.unwrap();
+        dropped.write(b"half").await.unwrap();
+        drop(dropped);
+        let left = std::fs::read_dir(directory.0.join("forensics").join(machine.to_string()))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0);
+        assert!(store.begin(machine, "q1", 2).await.is_ok());
     }
 }

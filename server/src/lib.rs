@@ -269,7 +269,7 @@ pub async fn run(
     ));
     let alerts = AlertDispatcher::start(config.webhooks.clone(), metrics.clone(), shutdown.clone());
     let metrics_listen = config.metrics_listen;
-    let repair = live::repair_state::RepairState::new(opened.repair, &config.data_dir);
+    let repair = live::repair_state::RepairState::new(opened.repair, opened.forensics);
     let rollouts = Arc::new(
         live::rollout::RolloutEngine::load(opened.rollouts)
             .await

@@ -17,7 +17,6 @@ use flotte_proto::v1::{
     UploadForensicsResponse, ZoneLossImpactRequest, ZoneLossImpactResponse,
 };
 use serde_json::json;
-use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -25,7 +24,7 @@ use crate::domain::repair::dr::{single_points_of_failure, zone_loss_impact, DrMa
 use crate::edge::auth::{require_machine, require_not_revoked};
 use crate::edge::guard::admit;
 use crate::forensics::ForensicsError;
-use crate::services::forensics::{begin_upload_for_machine, ForensicUploadError};
+use crate::services::forensics::{begin_upload_for_machine, ForensicUpload, ForensicUploadError};
 use crate::services::machines::find_machine;
 use crate::services::quarantine::{quarantine_by_hand, release_by_hand, QuarantineError};
 use crate::store::repair::{QuarantineRecord, RemediationEventRecord};
@@ -83,7 +82,10 @@ impl From<ForensicsError> for Status {
             ForensicsError::BadQuarantineId(_) => Status::invalid_argument(error.to_string()),
             ForensicsError::AlreadyStored(_) => Status::already_exists(error.to_string()),
             ForensicsError::UploadInProgress(_) => Status::aborted(error.to_string()),
-            ForensicsError::Io { .. } => Status::internal(error.to_string()),
+            ForensicsError::Io { .. } | ForensicsError::StoredDiffers { .. } => {
+                Status::internal(error.to_string())
+            }
+            ForensicsError::Store(error) => error.into(),
         }
     }
 }
@@ -266,9 +268,6 @@ impl Repair for RepairApi {
                 ),
             })
         })?;
-        let mut file = tokio::fs::File::open(&bundle.path)
-            .await
-            .map_err(|error| Status::internal(format!("{}: {error}", bundle.path.display())))?;
         let mut first = Some(ForensicsDownloadChunk {
             machine_id: machine.id.to_string(),
             quarantine_id: bundle.quarantine_id.clone(),
@@ -279,22 +278,29 @@ impl Repair for RepairApi {
             bundles,
         });
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let forensics = Arc::clone(forensics);
+        let machine_id = machine.id;
         tokio::spawn(async move {
-            let mut buffer = vec![0u8; DOWNLOAD_CHUNK_BYTES];
+            let mut offset = 0u64;
             loop {
-                let read = match file.read(&mut buffer).await {
-                    Ok(read) => read,
+                let data = match forensics
+                    .read_at(machine_id, &bundle, offset, DOWNLOAD_CHUNK_BYTES)
+                    .await
+                {
+                    Ok(data) => data,
                     Err(error) => {
-                        let _ = sender.send(Err(Status::internal(error.to_string()))).await;
+                        let _ = sender.send(Err(error.into())).await;
                         return;
                     }
                 };
-                if read == 0 && first.is_none() {
+                if data.is_empty() && first.is_none() {
                     return;
                 }
+                offset += data.len() as u64;
+                let ended = data.is_empty();
                 let mut chunk = first.take().unwrap_or_default();
-                chunk.data = buffer[..read].to_vec();
-                if sender.send(Ok(chunk)).await.is_err() || read == 0 {
+                chunk.data = data;
+                if sender.send(Ok(chunk)).await.is_err() || ended {
                     return;
                 }
             }
@@ -426,6 +432,20 @@ impl DisasterRecovery for RepairApi {
     }
 }
 
+/// Writes `first` and every following chunk of an upload into `upload`.
+async fn receive_bundle(
+    upload: &mut ForensicUpload,
+    first: ForensicsChunk,
+    inbound: &mut Streaming<ForensicsChunk>,
+) -> Result<(), Status> {
+    let mut chunk = Some(first);
+    while let Some(ForensicsChunk { data, .. }) = chunk {
+        upload.write(&data).await?;
+        chunk = inbound.message().await?;
+    }
+    Ok(())
+}
+
 /// `AgentSession.UploadForensics`: a quarantined machine uploads the bundle
 /// of its current quarantine; anything else is refused before a byte is stored.
 pub async fn upload_forensics(
@@ -440,12 +460,12 @@ pub async fn upload_forensics(
         .await?
         .ok_or_else(|| Status::invalid_argument("empty forensic upload"))?;
     let quarantine_id = first.quarantine_id.clone();
-    // Dropping `upload` on any error removes what it wrote.
     let mut upload = begin_upload_for_machine(state, machine_id, &quarantine_id).await?;
-    let mut chunk = Some(first);
-    while let Some(ForensicsChunk { data, .. }) = chunk {
-        upload.write(&data).await?;
-        chunk = inbound.message().await?;
+    // A refused or broken-off upload leaves nothing (dropping `upload`, if
+    // the call itself is cancelled, does the same in the background).
+    if let Err(status) = receive_bundle(&mut upload, first, &mut inbound).await {
+        upload.abandon().await;
+        return Err(status);
     }
     let stored = upload.finish().await?;
     tracing::info!(machine = %machine_id, quarantine = %quarantine_id, size = stored.size, "forensic bundle received");

@@ -1,5 +1,5 @@
 //! What this process holds for repair: the repair store, the forensic
-//! bundle files, and what the remediation loop is doing now (for
+//! bundle store, and what the remediation loop is doing now (for
 //! `flottectl status`).
 
 use std::collections::HashSet;
@@ -22,7 +22,7 @@ pub struct RemediationStatus {
 /// The repair parts of the server state.
 pub struct RepairState {
     pub store: Arc<dyn RepairStore>,
-    pub forensics: crate::forensics::ForensicStore,
+    pub forensics: Arc<dyn crate::forensics::ForensicStore>,
     pub status: Mutex<RemediationStatus>,
 }
 
@@ -33,10 +33,13 @@ impl std::fmt::Debug for RepairState {
 }
 
 impl RepairState {
-    pub fn new(store: Arc<dyn RepairStore>, data_dir: &std::path::Path) -> Self {
+    pub fn new(
+        store: Arc<dyn RepairStore>,
+        forensics: Arc<dyn crate::forensics::ForensicStore>,
+    ) -> Self {
         RepairState {
             store,
-            forensics: crate::forensics::ForensicStore::new(data_dir),
+            forensics,
             status: Mutex::new(RemediationStatus::default()),
         }
     }

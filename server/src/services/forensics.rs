@@ -4,7 +4,8 @@
 //! genuine bundle under a forged one — each bundle at most
 //! `max_bundle_bytes`, and all of a machine's kept bundles together at most
 //! `machine_quota_bytes`. Both bounds are checked before bytes reach the
-//! disk: at the start against what is kept, then before every chunk.
+//! store (files, or PostgreSQL for replicas): at the start against what is
+//! kept, then before every chunk.
 
 use uuid::Uuid;
 
@@ -52,7 +53,7 @@ impl From<ForensicsError> for ForensicUploadError {
 /// An accepted upload: bytes go through `write`, which refuses a chunk
 /// that would pass either bound before writing it.
 pub struct ForensicUpload {
-    writer: BundleWriter,
+    writer: Box<dyn BundleWriter>,
     machine_id: Uuid,
     limits: ForensicsLimits,
     /// Bytes of the machine's bundles kept before this one.
@@ -62,7 +63,7 @@ pub struct ForensicUpload {
 /// Starts the upload of `offered_quarantine_id`'s bundle for a machine whose
 /// current quarantine is `current` (read from the store by the caller).
 pub async fn begin_upload(
-    files: &ForensicStore,
+    files: &dyn ForensicStore,
     limits: ForensicsLimits,
     machine_id: Uuid,
     current: Option<&QuarantineRecord>,
@@ -102,7 +103,7 @@ pub async fn begin_upload_for_machine(
 ) -> Result<ForensicUpload, ForensicUploadError> {
     let current = state.repair.store.quarantine(machine_id).await?;
     begin_upload(
-        &state.repair.forensics,
+        state.repair.forensics.as_ref(),
         state.config.forensics,
         machine_id,
         current.as_ref(),
@@ -143,6 +144,12 @@ impl ForensicUpload {
     pub async fn finish(self) -> Result<StoredBundle, ForensicUploadError> {
         Ok(self.writer.finish().await?)
     }
+
+    /// Removes what was written (an upload refused or broken off midway),
+    /// before returning; dropping the upload does so in the background.
+    pub async fn abandon(self) {
+        self.writer.abandon().await;
+    }
 }
 
 #[cfg(test)]
@@ -151,10 +158,11 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::forensics::DirectoryForensicStore;
 
     struct Fixture {
         root: PathBuf,
-        files: ForensicStore,
+        files: DirectoryForensicStore,
         machine_id: Uuid,
         limits: ForensicsLimits,
     }
@@ -164,7 +172,7 @@ mod tests {
             let root =
                 std::env::temp_dir().join(format!("flotte-forensic-rules-{}", Uuid::new_v4()));
             Fixture {
-                files: ForensicStore::new(&root),
+                files: DirectoryForensicStore::new(&root),
                 root,
                 machine_id: Uuid::new_v4(),
                 limits: ForensicsLimits {
@@ -245,7 +253,12 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(std::fs::read(served.path).unwrap(), b"genuine");
+        let bytes = fixture
+            .files
+            .read_at(fixture.machine_id, &served, 0, 100)
+            .await
+            .unwrap();
+        assert_eq!(bytes, b"genuine");
         assert_eq!(fixture.kept(), ["000000000100-q1.tar"]);
     }
 

@@ -18,6 +18,7 @@ use super::postgres::{postgres_url_problems, PostgresStore};
 use super::repair::RepairStore;
 use super::replicas::ReplicaStore;
 use super::{AccessStore, RolloutStore, SqliteStore, Store, StoreError};
+use crate::forensics::{DirectoryForensicStore, ForensicStore};
 use crate::images::{BlobStore, DirectoryBlobStore};
 use crate::metrics::StoreMetrics;
 
@@ -116,10 +117,17 @@ pub struct OpenedStore {
     /// Image payloads: files in the data dir with SQLite, rows with
     /// PostgreSQL (every replica serves every download).
     pub blobs: Arc<dyn BlobStore>,
+    /// Forensic bundles: files in the data dir with SQLite, rows with
+    /// PostgreSQL (every replica serves every bundle).
+    pub forensics: Arc<dyn ForensicStore>,
 }
 
 impl OpenedStore {
-    fn new<Backend>(backend: Backend, blobs: Arc<dyn BlobStore>) -> Self
+    fn new<Backend>(
+        backend: Backend,
+        blobs: Arc<dyn BlobStore>,
+        forensics: Arc<dyn ForensicStore>,
+    ) -> Self
     where
         Backend: Store
             + AccessStore
@@ -131,6 +139,7 @@ impl OpenedStore {
     {
         OpenedStore {
             blobs,
+            forensics,
             store: Arc::new(backend.clone()),
             access: Arc::new(backend.clone()),
             rollouts: Arc::new(backend.clone()),
@@ -199,6 +208,7 @@ pub async fn open_store(
         StoreSettings::Sqlite => Ok(OpenedStore::new(
             SqliteStore::open_with_metrics(&crate::store_path(data_dir), metrics)?,
             Arc::new(DirectoryBlobStore::new(data_dir)),
+            Arc::new(DirectoryForensicStore::new(data_dir)),
         )),
         StoreSettings::Postgres {
             url,
@@ -210,7 +220,11 @@ pub async fn open_store(
             let store = PostgresStore::connect(url, password, tls)
                 .await?
                 .with_metrics(metrics);
-            Ok(OpenedStore::new(store.clone(), Arc::new(store)))
+            Ok(OpenedStore::new(
+                store.clone(),
+                Arc::new(store.clone()),
+                Arc::new(store),
+            ))
         }
     }
 }

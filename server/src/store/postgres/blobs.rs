@@ -10,17 +10,26 @@ use uuid::Uuid;
 
 use super::PostgresStore;
 use crate::images::{BlobCheck, BlobError, BlobStore, BlobWriter};
+use crate::store::StoreError;
 
 /// Bytes per stored chunk: big enough that a 1 GB image is a thousand
 /// rows, small enough that one row is cheap to hold in memory.
-const CHUNK_BYTES: usize = 1024 * 1024;
+pub(super) const CHUNK_BYTES: usize = 1024 * 1024;
 
 fn database(error: impl std::fmt::Display) -> BlobError {
     BlobError::Database(error.to_string())
 }
 
-fn to_i64(value: u64) -> i64 {
+pub(super) fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Moves what fits of `bytes` into the chunk being filled; returns the rest.
+pub(super) fn fill_chunk<'bytes>(pending: &mut Vec<u8>, bytes: &'bytes [u8]) -> &'bytes [u8] {
+    let room = CHUNK_BYTES - pending.len();
+    let (now, later) = bytes.split_at(room.min(bytes.len()));
+    pending.extend_from_slice(now);
+    later
 }
 
 /// A blob being received: chunks are inserted as they fill.
@@ -91,10 +100,7 @@ impl BlobWriter for PostgresBlobWriter {
     async fn write(&mut self, mut bytes: &[u8]) -> Result<(), BlobError> {
         self.check.add(bytes)?;
         while !bytes.is_empty() {
-            let room = CHUNK_BYTES - self.pending.len();
-            let (now, later) = bytes.split_at(room.min(bytes.len()));
-            self.pending.extend_from_slice(now);
-            bytes = later;
+            bytes = fill_chunk(&mut self.pending, bytes);
             if self.pending.len() == CHUNK_BYTES {
                 self.flush_chunk().await?;
             }
@@ -160,44 +166,59 @@ impl BlobStore for PostgresStore {
         };
         let upload_id: String = row.try_get("upload_id").map_err(database)?;
         let size = u64::try_from(row.try_get::<_, i64>("size").map_err(database)?).unwrap_or(0);
-        let end = size.min(offset.saturating_add(limit as u64));
-        let statement = client
-            .prepare_cached(
-                "SELECT substring(data FROM $3 FOR $4) AS part FROM blob_chunks
-                 WHERE upload_id = $1 AND chunk = $2",
-            )
+        read_chunked(&client, "blob_chunks", &upload_id, size, offset, limit)
             .await
-            .map_err(database)?;
-        let chunk_bytes = CHUNK_BYTES as u64;
-        let mut bytes =
-            Vec::with_capacity(usize::try_from(end.saturating_sub(offset)).unwrap_or(0));
-        let mut position = offset;
-        while position < end {
-            let chunk = position / chunk_bytes;
-            let within = position % chunk_bytes;
-            let length = (chunk_bytes - within).min(end - position);
-            // substring counts from 1.
-            let row = client
-                .query_one(
-                    &statement,
-                    &[
-                        &upload_id,
-                        &to_i64(chunk),
-                        &i32::try_from(within + 1).unwrap_or(i32::MAX),
-                        &i32::try_from(length).unwrap_or(i32::MAX),
-                    ],
-                )
-                .await
-                .map_err(database)?;
-            let part: Vec<u8> = row.try_get("part").map_err(database)?;
-            if part.is_empty() {
-                return Err(BlobError::Database(format!(
-                    "blob {digest} is shorter than its recorded size"
-                )));
-            }
-            position += part.len() as u64;
-            bytes.extend_from_slice(&part);
-        }
-        Ok(bytes)
+            .map_err(database)
     }
+}
+
+/// Up to `limit` bytes from `offset` of the upload `upload_id` (`size`
+/// bytes in all), kept as rows of [`CHUNK_BYTES`] in `chunk_table`
+/// (`upload_id`, `chunk`, `data`): each row is cut with `substring`, so a
+/// resumed download costs what it reads. Shared by image blobs and
+/// forensic bundles.
+pub(super) async fn read_chunked(
+    client: &deadpool_postgres::Object,
+    chunk_table: &'static str,
+    upload_id: &str,
+    size: u64,
+    offset: u64,
+    limit: usize,
+) -> Result<Vec<u8>, StoreError> {
+    let end = size.min(offset.saturating_add(limit as u64));
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT substring(data FROM $3 FOR $4) AS part FROM {chunk_table}
+             WHERE upload_id = $1 AND chunk = $2"
+        ))
+        .await?;
+    let chunk_bytes = CHUNK_BYTES as u64;
+    let mut bytes = Vec::with_capacity(usize::try_from(end.saturating_sub(offset)).unwrap_or(0));
+    let mut position = offset;
+    while position < end {
+        let chunk = position / chunk_bytes;
+        let within = position % chunk_bytes;
+        let length = (chunk_bytes - within).min(end - position);
+        // substring counts from 1.
+        let row = client
+            .query_one(
+                &statement,
+                &[
+                    &upload_id,
+                    &to_i64(chunk),
+                    &i32::try_from(within + 1).unwrap_or(i32::MAX),
+                    &i32::try_from(length).unwrap_or(i32::MAX),
+                ],
+            )
+            .await?;
+        let part: Vec<u8> = row.try_get("part")?;
+        if part.is_empty() {
+            return Err(StoreError::Backend(format!(
+                "upload {upload_id} in {chunk_table} is shorter than its recorded size"
+            )));
+        }
+        position += part.len() as u64;
+        bytes.extend_from_slice(&part);
+    }
+    Ok(bytes)
 }

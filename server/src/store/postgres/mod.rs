@@ -21,6 +21,7 @@
 mod access;
 mod audit;
 mod blobs;
+mod forensics;
 mod images;
 mod integrity;
 mod machines;

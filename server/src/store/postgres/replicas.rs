@@ -30,7 +30,7 @@ const CHANNEL: &str = "flotte_changes";
 
 /// The database's clock, in milliseconds since the epoch (`clock_timestamp`
 /// moves within a transaction, unlike `now()`).
-const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+pub(super) const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 /// How long the feed waits before reconnecting after losing its connection.
 const FEED_RECONNECT_DELAY: Duration = Duration::from_millis(500);

@@ -1,0 +1,4 @@
+-- Migration 6: forensic bundles in the database, for replicas on
+-- PostgreSQL only. The single server on SQLite keeps them as files in its
+-- data dir (`forensics::DirectoryForensicStore`), so nothing changes here;
+-- the number is taken so that both backends stay at the same version.
