@@ -15,8 +15,9 @@
 //!
 //! The store is one [`DatabasePart`]: SQLite's [`SqliteSnapshot`], or for a
 //! data dir whose state is in PostgreSQL (replicas) [`PostgresDump`] — a
-//! `pg_dump` custom-format dump of the database, image blobs included,
-//! which restore feeds to `pg_restore` into an empty database it is given.
+//! `pg_dump` custom-format dump of the database, image blobs and forensic
+//! bundles included, which restore feeds to `pg_restore` into an empty
+//! database it is given.
 //!
 //! The store is copied with SQLite's `VACUUM INTO`, which reads one
 //! transaction-consistent snapshot while the running server keeps writing

@@ -384,6 +384,48 @@ pub fn flottectl(profile: &Path, server: &str, args: &[&str]) -> Output {
         .expect("run flottectl")
 }
 
+/// Downloads `hostname`'s forensic bundle through the server at `address`,
+/// as the operator of `profile`, into `out` once there is one (bundles are
+/// uploaded by the agent after its quarantine): what `flottectl machines
+/// forensics -o json` says of it. Panics with the last refusal after
+/// `patience`.
+pub fn wait_for_forensic_bundle(
+    profile: &Path,
+    address: &str,
+    hostname: &str,
+    out: &Path,
+    patience: Duration,
+) -> serde_json::Value {
+    let out = out.to_str().expect("a UTF-8 path");
+    let mut last = String::new();
+    let mut downloaded = serde_json::Value::Null;
+    let found = wait_until(patience, || {
+        let output = flottectl(
+            profile,
+            address,
+            &[
+                "machines",
+                "forensics",
+                hostname,
+                "--out",
+                out,
+                "-o",
+                "json",
+            ],
+        );
+        last = String::from_utf8_lossy(&output.stderr).into_owned();
+        output.status.success() && {
+            downloaded = serde_json::from_slice(&output.stdout).expect("flottectl printed JSON");
+            true
+        }
+    });
+    assert!(
+        found,
+        "no forensic bundle of {hostname} through {address}: {last}"
+    );
+    downloaded
+}
+
 fn read_address_file(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     text.ends_with('\n').then(|| text.trim().to_owned())

@@ -5,7 +5,7 @@
 //! there (not in a SQLite file). The database lives in a throwaway cluster
 //! these tests start themselves (the same harness as the store's contract
 //! suite). A backup of such a data dir holds a `pg_dump` of the database
-//! and restores into another one.
+//! (forensic bundles included) and restores into another one.
 
 // Helpers shared by tests panic on failure, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -18,7 +18,7 @@ mod cluster;
 
 use std::time::Duration;
 
-use flotte_tests::{test_runtime, wait_until, Agent, Server, TempDir};
+use flotte_tests::{test_runtime, wait_for_forensic_bundle, wait_until, Agent, Server, TempDir};
 
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -132,6 +132,19 @@ fn a_backup_of_a_postgres_data_dir_restores_into_another_database_the_agent_retu
         agent.log()
     );
     server.ctl_json(&["machines", "label", "web-1", "--set", "tier=gold"]);
+    // A forensic bundle, kept in the database: the backup carries it.
+    server.ctl_json(&["machines", "quarantine", "web-1", "--reason", "suspect"]);
+    let bundle_out = root.path().join("forensics");
+    let download_bundle = |server: &Server| {
+        wait_for_forensic_bundle(
+            &server.admin_profile(),
+            &server.address,
+            "web-1",
+            &bundle_out,
+            ENROLL_TIMEOUT,
+        )
+    };
+    let bundle = download_bundle(&server);
 
     let identity = root.path().join("backup.key");
     let recipient = flotte_server(&[
@@ -202,4 +215,10 @@ fn a_backup_of_a_postgres_data_dir_restores_into_another_database_the_agent_retu
     );
     let machines = restored.machines();
     assert_eq!(machines[0]["labels"]["tier"], "gold", "{machines:#?}");
+    let restored_bundle = download_bundle(&restored);
+    assert_eq!(
+        restored_bundle["sha256"], bundle["sha256"],
+        "{restored_bundle:#}"
+    );
+    assert_eq!(restored_bundle["quarantine_id"], bundle["quarantine_id"]);
 }

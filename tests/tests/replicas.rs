@@ -26,7 +26,8 @@ use flotte_tests::sample_fleet::{
     trust_new_release_key, Behaviour, SampleMachine,
 };
 use flotte_tests::{
-    binary, channel_as, ensure_login, flottectl, test_runtime, wait_until, Agent, Server, TempDir,
+    binary, channel_as, ensure_login, flottectl, test_runtime, wait_for_forensic_bundle,
+    wait_until, Agent, Server, TempDir,
 };
 
 /// Generous: three servers and their agents on a loaded 2-core machine.
@@ -275,6 +276,43 @@ fn changes_made_through_one_replica_reach_agents_and_streams_held_by_the_others(
         "web-c was not told of its quarantine:\n{}",
         agents[2].log()
     );
+    // Its forensic bundle, uploaded to c (the only replica web-c knows), is
+    // downloaded whole through a and through b.
+    let bundle_through = |index: usize| {
+        wait_for_forensic_bundle(
+            &set.admin(),
+            &set.replicas[index].address,
+            "web-c",
+            &set.root.path().join(format!("forensics-{index}")),
+            PATIENCE,
+        )
+    };
+    let through_a = bundle_through(0);
+    let through_b = bundle_through(1);
+    assert!(
+        agents[2].log().contains("forensic bundle uploaded"),
+        "{}",
+        agents[2].log()
+    );
+    assert_eq!(
+        through_a["sha256"].as_str().map(str::len),
+        Some(64),
+        "{through_a:#}"
+    );
+    assert!(through_a["size"].as_u64() > Some(0), "{through_a:#}");
+    for field in ["quarantine_id", "sha256", "size", "files"] {
+        assert_eq!(
+            through_a[field], through_b[field],
+            "{field}: {through_a:#} / {through_b:#}"
+        );
+    }
+    let listed_by_c = set.ctl_json(2, &["machines", "forensics", "web-c", "--list"]);
+    assert_eq!(
+        listed_by_c.as_array().map(Vec::len),
+        Some(1),
+        "{listed_by_c:#}"
+    );
+    assert_eq!(listed_by_c[0]["size"], through_a["size"]);
 
     // A user granted and then revoked through a: the keys appear and go on
     // the machines held by b and c. (sshd reading these files is shown by
