@@ -1,9 +1,16 @@
-//! `flotte-loadgen`: measures what one running `flotte-server` costs at fleet
-//! scale. It creates multi-use join tokens through the admin API, enrolls N
-//! simulated agents (each generates its own key and gets its own certificate
-//! over real mutual TLS, exactly like `flotte-agent`), then holds N sessions
-//! at once (one TLS connection each, the agent library's own session loop)
-//! and samples the server's resident memory and CPU time from `/proc`.
+//! `flotte-loadgen`: measures what a running `flotte-server` — or several
+//! replicas of it on one PostgreSQL — costs at fleet scale. It creates
+//! multi-use join tokens through the admin API, enrolls N simulated agents
+//! (each generates its own key and gets its own certificate over real
+//! mutual TLS, exactly like `flotte-agent`), then holds N sessions at once
+//! (one TLS connection each, the agent library's own session loop) and
+//! samples each server's resident memory and CPU time from `/proc`.
+//!
+//! Given several server addresses, each simulated agent enrolls at and
+//! starts on a random one and moves to the next when a session fails, as
+//! real agents do; admin calls go to `--admin-server`. With
+//! `--kill-server-pid` it then SIGKILLs one replica and times the agents'
+//! return to the survivors.
 //!
 //! Simulated agents differ from real ones only in where they persist: in
 //! memory ([`SimulatedAgentMemory`]) instead of a data dir, so that thousands
@@ -67,9 +74,15 @@ struct LoadgenArguments {
     /// Admin operator profile directory (e.g. <server-data-dir>/admin).
     #[arg(long)]
     profile: PathBuf,
-    /// Server address host:port, overriding the profile's.
+    /// Server addresses (host:port; comma-separated or repeated) the
+    /// simulated agents use: each starts at a random one and moves to the
+    /// next when its session fails. Default: the profile's.
+    #[arg(long = "server", value_delimiter = ',')]
+    servers: Vec<String>,
+    /// Address for the admin calls (join tokens, rollout, access revocation).
+    /// Default: the first --server (or the profile's).
     #[arg(long)]
-    server: Option<String>,
+    admin_server: Option<String>,
     /// Number of simulated agents.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     agents: u32,
@@ -91,9 +104,19 @@ struct LoadgenArguments {
     /// Fail if not every session is established within this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
-    /// Process id of the server, to sample its RSS and CPU time from /proc.
+    /// Process ids of the servers (comma-separated or repeated), to sample
+    /// their RSS and CPU time from /proc.
+    #[arg(long = "server-pid", value_delimiter = ',')]
+    server_pids: Vec<u32>,
+    /// Process id of the PostgreSQL postmaster the replicas share: the CPU
+    /// time of it and every process it started is summed over the window.
     #[arg(long)]
-    server_pid: Option<u32>,
+    postgres_pid: Option<u32>,
+    /// At the end, SIGKILL this server process (one of --server-pid, holding
+    /// some of the sessions) and time until every agent is connected again
+    /// through the others.
+    #[arg(long)]
+    kill_server_pid: Option<u32>,
     /// Number of zones; agents are spread over them round-robin, one join
     /// token per zone.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -149,15 +172,20 @@ enum LoadgenError {
     RolloutEnded { state: String, reason: String },
     #[error("access revocation measurement: {0}")]
     Access(String),
+    #[error("reconnect storm: {0}")]
+    Reconnect(String),
 }
 
 // Not a binary of its own: cargo treats only `src/bin/*.rs` and
 // `src/bin/*/main.rs` as binaries.
 #[path = "loadgen/access_revocation.rs"]
 mod access_revocation;
+#[path = "loadgen/replicas.rs"]
+mod replicas;
 #[path = "loadgen/simulated.rs"]
 mod simulated;
 
+use replicas::ServerProcesses;
 use simulated::{SimulatedAckLog, SimulatedImages, SimulatedSwapLog};
 
 /// In-memory stand-in for a simulated agent's data dir: it keeps what the
@@ -197,6 +225,8 @@ struct ZoneToken {
 struct SimulatedAgent {
     hostname: String,
     identity: MachineIdentity,
+    /// Index of the server address it enrolled at and starts its sessions on.
+    first_server: usize,
 }
 
 /// How many of `agents` fall into zone `zone_index` when dealt round-robin.
@@ -246,14 +276,23 @@ async fn create_zone_tokens(
 
 /// Enrolls one simulated agent, retrying transient failures a few times.
 async fn enroll_simulated_agent(
-    address: &str,
+    servers: &[String],
     zone_token: &ZoneToken,
     hostname: String,
 ) -> Result<SimulatedAgent, LoadgenError> {
+    // A random first server, as a real agent picks one from its list.
+    let first_server = flotte_agent::backoff::random_index(servers.len());
+    let address = servers.get(first_server).map_or("", String::as_str);
     let mut attempt = 1;
     loop {
         match enroll(address, &zone_token.token, &hostname).await {
-            Ok(identity) => return Ok(SimulatedAgent { hostname, identity }),
+            Ok(identity) => {
+                return Ok(SimulatedAgent {
+                    hostname,
+                    identity,
+                    first_server,
+                })
+            }
             Err(error) if error.is_transient() && attempt < ENROLL_ATTEMPTS => {
                 attempt += 1;
                 tokio::time::sleep(ENROLL_RETRY_DELAY).await;
@@ -287,9 +326,9 @@ fn spawn_progress_printer(
 }
 
 /// Enrolls `agents` simulated agents, at most `concurrency` at a time, dealt
-/// round-robin over the zone tokens.
+/// round-robin over the zone tokens, each at a random one of `servers`.
 async fn enroll_fleet(
-    address: &Arc<str>,
+    servers: &Arc<[String]>,
     zone_tokens: &[ZoneToken],
     agents: u32,
     concurrency: u32,
@@ -312,7 +351,7 @@ async fn enroll_fleet(
         else {
             break;
         };
-        let address = Arc::clone(address);
+        let servers = Arc::clone(servers);
         let enrollment_slots = Arc::clone(&enrollment_slots);
         let enrolled_count = Arc::clone(&enrolled_count);
         enrollments.spawn(async move {
@@ -320,7 +359,7 @@ async fn enroll_fleet(
             // were; then enrolling without a slot is still correct.
             let _slot = enrollment_slots.acquire_owned().await.ok();
             let hostname = format!("loadgen-{}-{index:05}", zone_token.zone);
-            let agent = enroll_simulated_agent(&address, &zone_token, hostname).await;
+            let agent = enroll_simulated_agent(&servers, &zone_token, hostname).await;
             enrolled_count.fetch_add(1, Ordering::Relaxed);
             agent
         });
@@ -340,6 +379,8 @@ struct FleetCounters {
     established: AtomicUsize,
     /// Sessions that ended (or failed to open) other than by our shutdown.
     session_failures: AtomicU64,
+    /// Agents whose session is established right now.
+    connected: AtomicUsize,
 }
 
 /// What one simulated agent did, returned when its task ends.
@@ -350,9 +391,10 @@ struct SimulatedAgentOutcome {
 }
 
 /// Keeps one simulated agent's session up until `shutdown`, reconnecting with
-/// the agent's own backoff when it drops (as the real agent does).
+/// the agent's own backoff when it drops, to the next server address (as the
+/// real agent does).
 async fn run_simulated_agent(
-    address: Arc<str>,
+    servers: Arc<[String]>,
     agent: SimulatedAgent,
     ack_log: Arc<SimulatedAckLog>,
     counters: Arc<FleetCounters>,
@@ -382,7 +424,9 @@ async fn run_simulated_agent(
     let mut stats = SessionStats::default();
     let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);
     let mut ever_established = false;
+    let mut server_index = agent.first_server;
     loop {
+        let address = &servers[server_index % servers.len().max(1)];
         let permit: Option<OwnedSemaphorePermit> = tokio::select! {
             () = shutdown.cancelled() => break,
             permit = Arc::clone(&connect_slots).acquire_owned() => permit.ok(),
@@ -394,13 +438,14 @@ async fn run_simulated_agent(
         let mut on_established = || {
             connect_slot.take();
             established_this_time = true;
+            counters.connected.fetch_add(1, Ordering::Relaxed);
             if !ever_established {
                 ever_established = true;
                 counters.established.fetch_add(1, Ordering::Relaxed);
             }
         };
         let outcome = run_session(
-            &address,
+            address,
             &mut state,
             &memory,
             &mut stats,
@@ -409,6 +454,9 @@ async fn run_simulated_agent(
         )
         .await;
         drop(connect_slot);
+        if established_this_time {
+            counters.connected.fetch_sub(1, Ordering::Relaxed);
+        }
         let failure = match outcome {
             Ok(SessionEnd::Shutdown) => break,
             Ok(SessionEnd::ClosedByServer(reason)) => format!("closed by the server: {reason}"),
@@ -421,6 +469,7 @@ async fn run_simulated_agent(
         if established_this_time {
             backoff.reset();
         }
+        server_index = server_index.wrapping_add(1);
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(backoff.next_delay()) => {}
@@ -447,7 +496,7 @@ struct RolloutBenchmark<'a> {
     address: &'a str,
     image: &'a str,
     batch: &'a str,
-    server_process: Option<&'a str>,
+    servers: &'a ServerProcesses,
 }
 
 impl RolloutBenchmark<'_> {
@@ -465,10 +514,7 @@ impl RolloutBenchmark<'_> {
         let plan_toml = format!(
             "[[stage]]\nname = \"all\"\nselector = \"{TOKEN_LABEL_KEY}={TOKEN_LABEL_VALUE}\"\nbatch = {batch}\n\n[policy]\nmax_failures = \"1%\"\nmachine_deadline = \"10m\"\non_failure = \"halt\"\n"
         );
-        let server_before = match self.server_process {
-            Some(pid) => Some(sample_process(pid)?),
-            None => None,
-        };
+        let servers_before = self.servers.sample()?;
         let started = Instant::now();
         let created = client
             .create_rollout(CreateRolloutRequest {
@@ -501,10 +547,7 @@ impl RolloutBenchmark<'_> {
             }
         };
         let total = started.elapsed();
-        let server_after = match self.server_process {
-            Some(pid) => Some(sample_process(pid)?),
-            None => None,
-        };
+        let servers_after = self.servers.sample()?;
         if state != "succeeded" {
             return Err(LoadgenError::RolloutEnded { state, reason });
         }
@@ -571,11 +614,16 @@ impl RolloutBenchmark<'_> {
             "orchestration overhead (no bake, swaps answered at once): {:.2} s for the whole rollout, {overhead_per_wave:.1} ms per wave",
             total.as_secs_f64()
         );
-        if let (Some(before), Some(after)) = (server_before, server_after) {
+        for ((who, before), after) in self
+            .servers
+            .labels()
+            .zip(&servers_before)
+            .zip(&servers_after)
+        {
             let seconds =
                 after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / clock_ticks_per_second();
             println!(
-                "server CPU during the rollout: {seconds:.2} s ({:.0}% of one core); RSS {:.1} MiB after",
+                "{who} CPU during the rollout: {seconds:.2} s ({:.0}% of one core); RSS {:.1} MiB after",
                 100.0 * seconds / total.as_secs_f64().max(f64::EPSILON),
                 mebibytes(after.resident_kib)
             );
@@ -723,21 +771,30 @@ fn print_process_window(
 
 async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
     let profile = Profile::load(&arguments.profile)?;
+    let servers: Arc<[String]> = if arguments.servers.is_empty() {
+        Arc::from([profile.settings.server.clone()])
+    } else {
+        Arc::from(arguments.servers.clone())
+    };
     let address: Arc<str> = Arc::from(
         arguments
-            .server
+            .admin_server
             .clone()
-            .unwrap_or_else(|| profile.settings.server.clone()),
+            .unwrap_or_else(|| servers[0].clone()),
     );
-    let agents = arguments.agents as usize;
-    let server_process = arguments.server_pid.map(|pid| pid.to_string());
-    let server_baseline = match &server_process {
-        Some(pid) => Some(sample_process(pid)?),
-        None => None,
-    };
-    if let Some(baseline) = &server_baseline {
+    if servers.len() > 1 {
         println!(
-            "server before load: RSS {:.1} MiB, {} threads",
+            "agents spread over {} servers ({}); admin calls through {address}",
+            servers.len(),
+            servers.join(", ")
+        );
+    }
+    let agents = arguments.agents as usize;
+    let server_processes = ServerProcesses::new(&arguments.server_pids);
+    let server_baselines = server_processes.sample()?;
+    for (who, baseline) in server_processes.labels().zip(&server_baselines) {
+        println!(
+            "{who} before load: RSS {:.1} MiB, {} threads",
             mebibytes(baseline.resident_kib),
             baseline.threads
         );
@@ -768,7 +825,7 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
 
     let enrollment_started = Instant::now();
     let fleet = enroll_fleet(
-        &address,
+        &servers,
         &zone_tokens,
         arguments.agents,
         arguments.enroll_concurrency,
@@ -798,7 +855,7 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
         .collect();
     for (agent, ack_log) in fleet.into_iter().zip(&ack_logs) {
         sessions.spawn(run_simulated_agent(
-            Arc::clone(&address),
+            Arc::clone(&servers),
             agent,
             Arc::clone(ack_log),
             Arc::clone(&counters),
@@ -843,13 +900,17 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
         access_revocation::measure(&profile, &address, &ack_logs).await?;
     }
     let failures_before_window = counters.session_failures.load(Ordering::Relaxed);
-    let server_first = match &server_process {
-        Some(pid) => Some(sample_process(pid)?),
-        None => None,
-    };
+    let servers_first = server_processes.sample()?;
+    let postgres_first = arguments
+        .postgres_pid
+        .map(replicas::postgres_cpu_ticks)
+        .transpose()?;
     let own_first = sample_process("self")?;
     let machine_first = machine_busy_ticks()?;
-    let mut server_peak_kib = server_first.map_or(0, |sample| sample.resident_kib);
+    let mut server_peaks_kib: Vec<u64> = servers_first
+        .iter()
+        .map(|sample| sample.resident_kib)
+        .collect();
     let mut own_peak_kib = own_first.resident_kib;
     let window_end = tokio::time::Instant::now() + arguments.duration;
     let mut rss_ticker = tokio::time::interval(RSS_SAMPLE_INTERVAL);
@@ -858,15 +919,16 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
             _ = rss_ticker.tick() => {}
             () = tokio::time::sleep_until(window_end) => {}
         }
-        if let Some(pid) = &server_process {
-            server_peak_kib = server_peak_kib.max(sample_process(pid)?.resident_kib);
+        for (peak, sample) in server_peaks_kib.iter_mut().zip(server_processes.sample()?) {
+            *peak = (*peak).max(sample.resident_kib);
         }
         own_peak_kib = own_peak_kib.max(sample_process("self")?.resident_kib);
     }
-    let server_last = match &server_process {
-        Some(pid) => Some(sample_process(pid)?),
-        None => None,
-    };
+    let servers_last = server_processes.sample()?;
+    let postgres_last = arguments
+        .postgres_pid
+        .map(replicas::postgres_cpu_ticks)
+        .transpose()?;
     let own_last = sample_process("self")?;
     let machine_last = machine_busy_ticks()?;
     let failures_in_window = counters
@@ -879,10 +941,32 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
         arguments.duration.as_secs_f64(),
         arguments.settle.as_secs_f64()
     );
-    if let (Some(first), Some(last)) = (&server_first, &server_last) {
-        let peak = server_peak_kib.max(last.resident_kib);
-        let baseline = server_baseline.map(|sample| sample.resident_kib);
-        print_process_window("server", first, last, peak, baseline, agents);
+    for (index, who) in server_processes.labels().enumerate() {
+        let (first, last) = (&servers_first[index], &servers_last[index]);
+        let peak = server_peaks_kib[index].max(last.resident_kib);
+        let baseline = server_baselines[index].resident_kib;
+        // Each replica holds its share of the agents; the per-agent figure
+        // of one server alone would be misleading.
+        let holding = if server_processes.len() == 1 {
+            Some(baseline)
+        } else {
+            None
+        };
+        print_process_window(who, first, last, peak, holding, agents);
+    }
+    let mut postgres_ticks = 0;
+    if let (Some((first, _)), Some((last, processes))) = (postgres_first, postgres_last) {
+        postgres_ticks = last.saturating_sub(first);
+        let seconds = postgres_ticks as f64 / clock_ticks_per_second();
+        let window = own_last
+            .taken_at
+            .duration_since(own_first.taken_at)
+            .as_secs_f64()
+            .max(f64::EPSILON);
+        println!(
+            "PostgreSQL (postmaster and its {processes} processes): CPU {:.1}% of one core ({seconds:.2} s of CPU over {window:.1} s)",
+            100.0 * seconds / window
+        );
     }
     print_process_window(
         "load generator",
@@ -898,10 +982,12 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
             .duration_since(own_first.taken_at)
             .as_secs_f64()
             .max(f64::EPSILON);
-    let server_ticks = match (&server_first, &server_last) {
-        (Some(first), Some(last)) => last.cpu_ticks.saturating_sub(first.cpu_ticks),
-        _ => 0,
-    };
+    let server_ticks: u64 = servers_first
+        .iter()
+        .zip(&servers_last)
+        .map(|(first, last)| last.cpu_ticks.saturating_sub(first.cpu_ticks))
+        .sum::<u64>()
+        + postgres_ticks;
     let other_ticks = machine_last
         .saturating_sub(machine_first)
         .saturating_sub(server_ticks)
@@ -911,10 +997,10 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
         100.0 * machine_last.saturating_sub(machine_first) as f64 / window_ticks_per_second,
         std::thread::available_parallelism().map_or(1, usize::from),
         100.0 * other_ticks as f64 / window_ticks_per_second,
-        if server_process.is_some() {
-            ""
-        } else {
+        if server_processes.len() == 0 {
             " (including the server: no --server-pid)"
+        } else {
+            ""
         }
     );
 
@@ -924,9 +1010,13 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
             address: &address,
             image,
             batch: &arguments.rollout_batch,
-            server_process: server_process.as_deref(),
+            servers: &server_processes,
         };
         rollout.run(log).await?;
+    }
+    if let Some(pid) = arguments.kill_server_pid {
+        replicas::measure_reconnect_storm(pid, &counters, agents, arguments.connect_timeout)
+            .await?;
     }
 
     drop(shutdown_guard);
