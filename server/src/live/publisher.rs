@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::mpsc::error::TrySendError;
 use uuid::Uuid;
 
@@ -33,6 +34,9 @@ use crate::store::{MachineRecord, Store, StoreError};
 /// is ended (the agent reconnects and gets the whole state on connect, so a
 /// change is never lost).
 const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Machines read and pushed at once after a change made elsewhere: enough
+/// to overlap the store's round trips, well under its connection pool.
+const PUSHES_IN_FLIGHT: usize = 8;
 
 /// Where sessions live: delivers messages to the sessions this process (or,
 /// behind another implementation, the replica set) holds.
@@ -251,22 +255,30 @@ impl Publisher {
     }
 
     /// Reads each of `machines` from the store, refreshes its identity facts
-    /// in the health tracker, and pushes it if its session is held here.
+    /// in the health tracker, and pushes it if its session is held here —
+    /// [`PUSHES_IN_FLIGHT`] at a time, since the feed applies changes one
+    /// after the other and a rollout wave read one machine at a time kept
+    /// every later change (the image reports the leader waits on) queued
+    /// behind it. A rollout push changes only desired images, so machines
+    /// whose session is held elsewhere are not read at all.
     async fn push_stored(&self, machines: &[Uuid], rollout: Option<Uuid>) {
         let now = self.clock.now_unix();
-        for &id in machines {
-            match self.store.machine(id).await {
-                Ok(Some(machine)) => {
-                    self.health.upsert(&machine, now);
-                    self.push(&machine, rollout).await;
+        futures::stream::iter(machines.iter().copied())
+            .filter(|id| std::future::ready(rollout.is_none() || self.fan_out.holds_session(*id)))
+            .for_each_concurrent(PUSHES_IN_FLIGHT, |id| async move {
+                match self.store.machine(id).await {
+                    Ok(Some(machine)) => {
+                        self.health.upsert(&machine, now);
+                        self.push(&machine, rollout).await;
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::error!(machine = %id, %error, "cannot read a machine changed elsewhere; ending its session so that it resyncs");
+                        self.fan_out.end_session(id);
+                    }
                 }
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::error!(machine = %id, %error, "cannot read a machine changed elsewhere; ending its session so that it resyncs");
-                    self.fan_out.end_session(id);
-                }
-            }
-        }
+            })
+            .await;
     }
 
     /// After a gap in the change feed: every session held here gets its
