@@ -426,6 +426,35 @@ pub fn wait_for_forensic_bundle(
     downloaded
 }
 
+/// Uploads `bundle` as the quarantine's forensic bundle with the identity of
+/// the machine whose agent keeps `agent_data_dir`: what a compromised
+/// machine could send on its own.
+pub fn upload_forensics_as_machine(
+    agent_data_dir: &Path,
+    address: &str,
+    quarantine_id: &str,
+    bundle: &[u8],
+) -> Result<u64, tonic::Status> {
+    let identity = flotte_agent::identity::MachineIdentity::load(agent_data_dir)
+        .unwrap()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (channel, _) = flotte_agent::image::fetch::dial(address, &identity).unwrap();
+        let chunk = flotte_proto::v1::ForensicsChunk {
+            quarantine_id: quarantine_id.to_owned(),
+            data: bundle.to_vec(),
+        };
+        flotte_proto::v1::agent_session_client::AgentSessionClient::new(channel)
+            .upload_forensics(tokio_stream::iter([chunk]))
+            .await
+            .map(|answer| answer.into_inner().size)
+    })
+}
+
 fn read_address_file(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     text.ends_with('\n').then(|| text.trim().to_owned())

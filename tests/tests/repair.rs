@@ -9,7 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flotte_tests::{binary, wait_until, Agent, Server, TempDir, TestHttpService, WebhookReceiver};
+use flotte_tests::{
+    binary, upload_forensics_as_machine, wait_until, Agent, Server, TempDir, TestHttpService,
+    WebhookReceiver,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -100,35 +103,6 @@ fn wait_for_forensics(server: &Server, hostname: &str, out: &Path) -> serde_json
     });
     assert!(found, "no forensic bundle for {hostname}: {last}");
     server.ctl_json(&["machines", "forensics", hostname, "--out", target])
-}
-
-/// Uploads `bundle` as the quarantine's forensic bundle with the identity of
-/// the machine whose agent keeps `agent_data_dir`: what a compromised
-/// machine could send on its own.
-fn upload_as_machine(
-    agent_data_dir: &Path,
-    address: &str,
-    quarantine_id: &str,
-    bundle: &[u8],
-) -> Result<u64, tonic::Status> {
-    let identity = flotte_agent::identity::MachineIdentity::load(agent_data_dir)
-        .unwrap()
-        .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let (channel, _) = flotte_agent::image::fetch::dial(address, &identity).unwrap();
-        let chunk = flotte_proto::v1::ForensicsChunk {
-            quarantine_id: quarantine_id.to_owned(),
-            data: bundle.to_vec(),
-        };
-        flotte_proto::v1::agent_session_client::AgentSessionClient::new(channel)
-            .upload_forensics(tokio_stream::iter([chunk]))
-            .await
-            .map(|answer| answer.into_inner().size)
-    })
 }
 
 fn bundle_file(bundle: &serde_json::Value, name: &str) -> String {
@@ -249,7 +223,7 @@ fn a_quarantine_by_hand_runs_the_hooks_uploads_forensics_keeps_the_machine_and_r
     // One bundle per quarantine: a second upload for it (a compromised
     // machine forging evidence) is refused, and the first one is served.
     let quarantine_id = quarantined["id"].as_str().unwrap();
-    let forged = upload_as_machine(
+    let forged = upload_forensics_as_machine(
         &agent.data_dir,
         &server.address,
         quarantine_id,

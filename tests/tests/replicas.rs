@@ -26,8 +26,8 @@ use flotte_tests::sample_fleet::{
     trust_new_release_key, Behaviour, SampleMachine,
 };
 use flotte_tests::{
-    binary, channel_as, ensure_login, flottectl, test_runtime, wait_for_forensic_bundle,
-    wait_until, Agent, Server, TempDir,
+    binary, channel_as, ensure_login, flottectl, test_runtime, upload_forensics_as_machine,
+    wait_for_forensic_bundle, wait_until, Agent, Server, TempDir,
 };
 
 /// Generous: three servers and their agents on a loaded 2-core machine.
@@ -306,6 +306,17 @@ fn changes_made_through_one_replica_reach_agents_and_streams_held_by_the_others(
             "{field}: {through_a:#} / {through_b:#}"
         );
     }
+    // A second upload for that quarantine, through b (a compromised machine
+    // trying another replica), is refused: the first bundle stands everywhere.
+    let quarantine_id = through_a["quarantine_id"].as_str().unwrap();
+    let forged = upload_forensics_as_machine(
+        &agents[2].data_dir,
+        &set.replicas[1].address,
+        quarantine_id,
+        b"forged evidence",
+    )
+    .unwrap_err();
+    assert_eq!(forged.code(), tonic::Code::AlreadyExists, "{forged:?}");
     let listed_by_c = set.ctl_json(2, &["machines", "forensics", "web-c", "--list"]);
     assert_eq!(
         listed_by_c.as_array().map(Vec::len),
