@@ -182,8 +182,11 @@ pub async fn serve(
         .max_concurrent_streams(limits.max_streams_per_connection)
         .concurrency_limit_per_connection(limits.max_requests_per_connection)
         .http2_max_header_list_size(limits.max_header_list_bytes)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // A partitioned agent is silent, not gone: without an unanswered
+        // ping its session (and, with replicas, its session claim) would
+        // outlive it for minutes.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service.max_decoding_message_size(anonymous_bytes))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             reflection.max_decoding_message_size(admin_bytes),
