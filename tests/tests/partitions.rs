@@ -13,7 +13,18 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flotte_tests::netns::{DelayingForwarder, Host, Lab};
-use flotte_tests::{ensure_login, wait_until, Agent, Server, TempDir, WebhookReceiver};
+use flotte_tests::sample_fleet::{
+    prepare_sample_machine, push_sample_image, set_image_everywhere, trust_new_release_key,
+    Behaviour, SampleMachine,
+};
+use flotte_tests::{
+    binary, ensure_login, flottectl, test_runtime, wait_until, Agent, Server, TempDir,
+    WebhookReceiver,
+};
+
+#[allow(dead_code)]
+#[path = "../../server/src/store/postgres/cluster.rs"]
+mod cluster;
 
 /// Generous: several agents and servers on a loaded 2-core machine.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -521,4 +532,263 @@ fn revocations_arrive_through_packet_loss_and_latency_and_after_a_one_way_partit
         }),
         "not every machine acknowledged the revocation: {status:#}"
     );
+}
+
+/// The time at the head of the first line of `log` that contains `needle`
+/// (the servers log RFC 3339 times, all from this machine's one clock).
+fn logged_at(log: &str, needle: &str) -> Option<String> {
+    log.lines()
+        .find(|line| line.contains(needle))
+        .and_then(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+}
+
+/// `flottectl … -o json` as the admin (`admin`) through `server`.
+fn ctl_json_via(admin: &Path, server: &Server, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let output = flottectl(admin, &server.address, &all);
+    assert!(
+        output.status.success(),
+        "flottectl {args:?} through {}: {}",
+        server.address,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// `flottectl status` through `server`: the replica leading, if exactly one
+/// live replica leads.
+fn leader_seen_by(admin: &Path, server: &Server) -> Option<String> {
+    let output = flottectl(admin, &server.address, &["status", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    let leaders: Vec<String> = status["replicas"]
+        .as_array()?
+        .iter()
+        .filter(|replica| replica["leader"] == true && replica["live"] == true)
+        .filter_map(|replica| replica["name"].as_str().map(str::to_owned))
+        .collect();
+    match leaders.as_slice() {
+        [leader] => Some(leader.clone()),
+        _ => None,
+    }
+}
+
+#[test]
+fn the_leaders_zone_cut_off_from_postgres_and_the_others_gives_up_the_lead_and_no_rollout_step_happens_twice(
+) {
+    let Some(mut lab) = Lab::start() else { return };
+    let operator = lab.operator_address().to_string();
+    let lab_network = format!("{}/16", lab.zone_network(0).trim_end_matches("/24"));
+    let Some(database) = cluster::private_cluster_on(&operator, &lab_network) else {
+        return;
+    };
+    let url = test_runtime().block_on(database.fresh_database_url_at(&operator));
+    let root = TempDir::new("flotte-replica-partition").unwrap();
+    // Replica a in zone 1, b in zone 2, c in zone 3; a sample machine in
+    // each zone, and a fourth in zone 1.
+    let replica_hosts: Vec<Host> = ["replica-a", "replica-b", "replica-c"]
+        .iter()
+        .zip(1u8..)
+        .map(|(name, zone)| lab.add_host(name, zone))
+        .collect();
+    let names = ["a", "b", "c"];
+    let listen = |host: &Host| format!("{}:0", host.address);
+    let first_listen = listen(&replica_hosts[0]);
+    let first_san = replica_hosts[0].address.to_string();
+    let mut replicas = vec![Server::init(
+        root.path(),
+        "a",
+        &[
+            "--store-url",
+            &url,
+            "--name",
+            "a",
+            "--zone",
+            "z1",
+            "--listen",
+            &first_listen,
+            "--san",
+            &first_san,
+        ],
+    )
+    .with_run_args(&["--report-interval", "1s"])
+    .in_namespace(&replica_hosts[0].namespace)];
+    for (index, name) in names.iter().enumerate().skip(1) {
+        let data_dir = root.path().join(name);
+        let zone = format!("z{}", index + 1);
+        let output = Command::new(binary("flotte-server"))
+            .args(["replica", "init", "--from"])
+            .arg(&replicas[0].data_dir)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args([
+                "--name",
+                name,
+                "--listen",
+                &listen(&replica_hosts[index]),
+                "--zone",
+                &zone,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "replica init {name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        replicas.push(
+            Server::existing(data_dir, "", &["--report-interval", "1s"])
+                .in_namespace(&replica_hosts[index].namespace),
+        );
+    }
+    for replica in &mut replicas {
+        replica.start();
+    }
+    let admin = replicas[0].admin_profile();
+    let keys = trust_new_release_key(&replicas[0], root.path());
+    for version in ["1.0.0", "2.0.0"] {
+        push_sample_image(
+            &replicas[0],
+            root.path(),
+            &keys,
+            version,
+            Behaviour::Healthy,
+        );
+    }
+    let addresses: Vec<String> = replicas
+        .iter()
+        .map(|replica| replica.address.clone())
+        .collect();
+    let machines: Vec<SampleMachine> = [("web-1", 1u8), ("web-2", 2), ("web-3", 3), ("web-4", 1)]
+        .iter()
+        .map(|(name, zone)| {
+            let host = lab.add_host(name, *zone);
+            // Each agent knows every replica (and starts at a random one).
+            let others: Vec<&str> = addresses[1..].iter().map(String::as_str).collect();
+            let mut machine = prepare_sample_machine(
+                &replicas[0],
+                &others,
+                root.path(),
+                &keys,
+                name,
+                &format!("dc{zone}"),
+                "env=prod",
+            );
+            machine.agent.namespace = Some(host.namespace.clone());
+            machine.agent.start();
+            machine
+        })
+        .collect();
+    set_image_everywhere(&replicas[0], &machines, "1.0.0");
+
+    // A rollout of one machine per wave.
+    let plan = root.path().join("one-by-one.toml");
+    std::fs::write(
+        &plan,
+        "[[stage]]\nname = \"all\"\nbatch = 1\nbake = \"2s\"\n\n\
+         [policy]\nmax_failures = 1\nmachine_deadline = \"300s\"\non_failure = \"halt\"\n",
+    )
+    .unwrap();
+    let created = ctl_json_via(
+        &admin,
+        &replicas[1],
+        &[
+            "rollout",
+            "create",
+            "--image",
+            "app@2.0.0",
+            "--plan",
+            plan.to_str().unwrap(),
+        ],
+    );
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(
+        wait_until(PATIENCE, || ctl_json_via(
+            &admin,
+            &replicas[2],
+            &["rollout", "show", &id]
+        )["wave"]
+            .as_u64()
+            >= Some(2)),
+        "the rollout did not reach its second wave"
+    );
+
+    // The leader's zone is cut off from PostgreSQL and the other replicas
+    // (and its agents with it): another replica leads within 10 s, and the
+    // cut-off one had given the lead up before that.
+    let leader = leader_seen_by(&admin, &replicas[0]).expect("one leader");
+    let leader_index = names.iter().position(|name| *name == leader).unwrap();
+    let survivor = &replicas[(leader_index + 1) % 3];
+    let cut_at = Instant::now();
+    lab.cut_zone(replica_hosts[leader_index].zone);
+    assert!(
+        wait_until(Duration::from_secs(10), || leader_seen_by(&admin, survivor)
+            .is_some_and(|new_leader| new_leader != leader)),
+        "no other replica leads within 10 s of cutting {leader}'s zone off"
+    );
+    let new_leader = leader_seen_by(&admin, survivor).unwrap();
+    eprintln!(
+        "measured: leader {leader}'s zone cut off → {new_leader} leads after {:?}",
+        cut_at.elapsed()
+    );
+    let new_leader_log = replicas[names.iter().position(|name| *name == new_leader).unwrap()].log();
+    let old_leader_log = replicas[leader_index].log();
+    let gave_up = logged_at(&old_leader_log, "this replica does not lead any more")
+        .unwrap_or_else(|| panic!("the cut-off leader never gave the lead up:\n{old_leader_log}"));
+    let took_over = logged_at(&new_leader_log, "this replica leads now").unwrap();
+    assert!(
+        gave_up < took_over,
+        "two leaders at once: {leader} gave up at {gave_up}, {new_leader} led from {took_over}"
+    );
+
+    // Healed: whatever the cut-off replica still tried to write for its
+    // rollout passes was refused by the fence, not stored.
+    lab.heal(replica_hosts[leader_index].zone);
+    let refused_passes: Vec<String> = replicas[leader_index]
+        .log()
+        .lines()
+        .filter(|line| line.contains("cannot store a rollout pass"))
+        .filter(|line| {
+            line.split_whitespace()
+                .next()
+                .is_some_and(|at| at > gave_up.as_str())
+        })
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        refused_passes.iter().all(|line| line.contains("no longer leads")),
+        "a pass of the cut-off replica failed for another reason than its fence: {refused_passes:?}"
+    );
+    // The rollout completes, the cut-off agents are back, and
+    // every machine swapped to v2 exactly once.
+    let watched = flottectl(&admin, &addresses.join(","), &["rollout", "watch", &id]);
+    assert!(
+        watched.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&watched.stdout),
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    assert!(
+        wait_until(BACK_WITHIN, || ctl_json_via(
+            &admin,
+            survivor,
+            &["machines", "list"]
+        )
+        .as_array()
+        .is_some_and(|listed| listed
+            .iter()
+            .all(|machine| machine["connected"] == true))),
+        "the cut-off agents did not come back: {}",
+        ctl_json_via(&admin, survivor, &["machines", "list"])
+    );
+    for machine in &machines {
+        assert_eq!(
+            machine.commits_of("2.0.0"),
+            1,
+            "{} swapped to v2 exactly once: {}",
+            machine.agent.name,
+            machine.agent.log()
+        );
+    }
 }
