@@ -1,0 +1,273 @@
+//! Resource faults for real: an agent whose data dir is a small tmpfs the
+//! test fills during each step of a swap, and a server whose SQLite data
+//! dir fills up under calls.
+//!
+//! Mounting a tmpfs needs root; without it these tests fail unless
+//! `FLOTTE_TEST_SKIP_MOUNTS=1` asks to skip.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use flotte_tests::sample_fleet::{
+    build_sample_image_on_port, free_port, write_incompressible_tree,
+};
+use flotte_tests::{http_get, wait_until, Agent, Server, TempDir};
+
+const PATIENCE: Duration = Duration::from_secs(90);
+
+/// The environment variable that turns a missing mount into skipped tests.
+const SKIP_VARIABLE: &str = "FLOTTE_TEST_SKIP_MOUNTS";
+
+/// A tmpfs of `size_mib` MiB mounted by the test, unmounted when dropped.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    /// `None` when it cannot be mounted and [`SKIP_VARIABLE`] asks to skip.
+    fn mount(path: &Path, size_mib: u64) -> Option<Self> {
+        std::fs::create_dir_all(path).unwrap();
+        let mounted = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mib}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .output();
+        match mounted {
+            Ok(output) if output.status.success() => Some(SmallDisk {
+                path: path.to_owned(),
+            }),
+            failed => {
+                let reason = match failed {
+                    Ok(output) => String::from_utf8_lossy(&output.stderr).into_owned(),
+                    Err(error) => error.to_string(),
+                };
+                assert!(
+                    std::env::var_os(SKIP_VARIABLE).is_some(),
+                    "cannot mount a tmpfs (root needed): {reason}; set {SKIP_VARIABLE}=1 to skip"
+                );
+                eprintln!("skipped ({SKIP_VARIABLE} is set): {reason}");
+                None
+            }
+        }
+    }
+
+    fn available_bytes(&self) -> u64 {
+        let stats = nix::sys::statvfs::statvfs(&self.path).unwrap();
+        stats.blocks_available() * stats.fragment_size()
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.path.join("filler")
+    }
+
+    /// Writes a file of real (not sparse) bytes until only `leave` bytes
+    /// stay free, or the disk is full.
+    fn fill_leaving(&self, leave: u64) {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.filler())
+            .unwrap();
+        let chunk = vec![0x5au8; 64 * 1024];
+        while self.available_bytes() > leave {
+            let wanted = (self.available_bytes() - leave).min(chunk.len() as u64);
+            match file.write_all(&chunk[..usize::try_from(wanted).unwrap()]) {
+                Ok(()) => {}
+                Err(error) if error.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(error) => panic!("fill the disk: {error}"),
+            }
+        }
+        let _ = file.sync_all();
+    }
+
+    fn free_everything(&self) {
+        std::fs::remove_file(self.filler()).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazy: a process still holding a file does not keep it mounted.
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+fn machine(server: &Server) -> serde_json::Value {
+    server.ctl_json(&["machines", "show", "web-1"])
+}
+
+/// Waits until the machine's last swap status satisfies `condition`.
+fn wait_for_swap(
+    server: &Server,
+    what: &str,
+    condition: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut shown = serde_json::Value::Null;
+    assert!(
+        wait_until(PATIENCE, || {
+            shown = machine(server);
+            condition(&shown)
+        }),
+        "{what}: {shown:#}"
+    );
+    shown
+}
+
+/// The swap journal, if there is one, must be whole JSON.
+fn assert_journal_consistent(agent: &Agent) {
+    let path = agent.data_dir.join("images").join("swap-journal.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(&text);
+        assert!(parsed.is_ok(), "the swap journal is torn: {text:?}");
+    }
+}
+
+#[test]
+fn a_full_disk_during_download_unpack_and_commit_keeps_the_running_image_and_the_swap_completes_once_space_is_back(
+) {
+    let root = TempDir::new("flotte-full-disk").unwrap();
+    let Some(disk) = SmallDisk::mount(&root.path().join("disk"), 64) else {
+        return;
+    };
+    let mut server =
+        Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
+    server.start();
+    let keys = root.path().join("keys");
+    server.ctl_ok(&["image", "keygen", "--out", keys.to_str().unwrap()]);
+    server.ctl_ok(&[
+        "image",
+        "trust",
+        "add",
+        keys.join("release.pub").to_str().unwrap(),
+    ]);
+    let port = free_port().unwrap();
+    // v2 and v3 carry 6 MiB that do not compress: a payload of ~6 MiB that
+    // unpacks to another ~6 MiB.
+    for version in ["1.0.0", "2.0.0", "3.0.0", "4.0.0"] {
+        if version == "2.0.0" || version == "3.0.0" {
+            write_incompressible_tree(
+                &root.path().join(format!("tree-{version}/data")),
+                6 << 20,
+                6,
+            )
+            .unwrap();
+        }
+        let file = build_sample_image_on_port(&server, root.path(), &keys, version, port, "");
+        server.ctl_ok(&["image", "push", file.to_str().unwrap()]);
+    }
+    let token = server.token("role=web", "dc1", &[]);
+    // The agent's whole data dir is on the small disk; a 3 s soak leaves a
+    // window between the health gate and the commit.
+    let mut agent = Agent::new(&disk.path, "web-1", &server.address, &token).with_config(&format!(
+        "[images]\nrelease_keys = [\"{}\"]\nverify_deadline = \"30s\"\nsoak = \"3s\"\nkeep = 2\n",
+        keys.join("release.pub").display()
+    ));
+    agent.start();
+    let serves = |version: &str| {
+        http_get(&format!("127.0.0.1:{port}"), "/")
+            .is_ok_and(|(_, body)| body.trim() == format!("v{version}"))
+    };
+    let committed = |version: &str| {
+        let reference = format!("app@{version}");
+        move |shown: &serde_json::Value| {
+            shown["current_image"] == reference.as_str()
+                && shown["last_swap"]["outcome"] == "committed"
+        }
+    };
+    let disk_full_at = |step: &'static str| {
+        move |shown: &serde_json::Value| {
+            shown["last_swap"]["step"] == step
+                && shown["last_swap"]["message"]
+                    .as_str()
+                    .is_some_and(|message| {
+                        message.contains("is full") && message.contains("the disk holding")
+                    })
+        }
+    };
+    server.ctl_ok(&["machines", "set-image", "web-1", "app@1.0.0"]);
+    wait_for_swap(&server, "v1 committed", committed("1.0.0"));
+
+    // 1. The disk is full before the download starts.
+    disk.fill_leaving(0);
+    server.ctl_ok(&["machines", "set-image", "web-1", "app@2.0.0"]);
+    let shown = wait_for_swap(
+        &server,
+        "a full disk named while downloading",
+        disk_full_at("downloading"),
+    );
+    let message = shown["last_swap"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains(&agent.data_dir.display().to_string()),
+        "{message}"
+    );
+    assert_eq!(shown["last_swap"]["outcome"], "in_progress");
+    assert_eq!(shown["current_image"], "app@1.0.0");
+    assert!(serves("1.0.0"), "the running image was touched");
+    assert_journal_consistent(&agent);
+    disk.free_everything();
+    wait_for_swap(
+        &server,
+        "v2 committed once space is back",
+        committed("2.0.0"),
+    );
+    assert!(serves("2.0.0"));
+
+    // 2. Room for the payload but not for its unpacked tree.
+    let payload_size = server.ctl_json(&["image", "show", "app@3.0.0"])["size"]
+        .as_u64()
+        .unwrap();
+    disk.fill_leaving(payload_size + (2 << 20));
+    server.ctl_ok(&["machines", "set-image", "web-1", "app@3.0.0"]);
+    let shown = wait_for_swap(
+        &server,
+        "a full disk named while unpacking",
+        disk_full_at("unpacking"),
+    );
+    assert_eq!(shown["last_swap"]["outcome"], "in_progress");
+    assert_eq!(shown["current_image"], "app@2.0.0");
+    assert!(serves("2.0.0"), "the running image was touched");
+    assert_journal_consistent(&agent);
+    disk.free_everything();
+    wait_for_swap(
+        &server,
+        "v3 committed once space is back",
+        committed("3.0.0"),
+    );
+
+    // 3. The disk fills while the new image proves itself: it keeps
+    // running, and the commit waits for space.
+    server.ctl_ok(&["machines", "set-image", "web-1", "app@4.0.0"]);
+    wait_for_swap(&server, "v4 being verified", |shown| {
+        shown["last_swap"]["step"] == "verifying"
+    });
+    disk.fill_leaving(0);
+    let shown = wait_for_swap(
+        &server,
+        "a full disk named while committing",
+        disk_full_at("committing"),
+    );
+    assert_eq!(shown["last_swap"]["outcome"], "in_progress");
+    assert!(
+        serves("4.0.0"),
+        "the proven image was undone by a full disk"
+    );
+    assert_journal_consistent(&agent);
+    disk.free_everything();
+    wait_for_swap(
+        &server,
+        "v4 committed once space is back",
+        committed("4.0.0"),
+    );
+    assert!(serves("4.0.0"));
+    assert_eq!(machine(&server)["previous_image"], "app@3.0.0");
+    agent.kill();
+}
