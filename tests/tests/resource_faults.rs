@@ -271,3 +271,92 @@ fn a_full_disk_during_download_unpack_and_commit_keeps_the_running_image_and_the
     assert_eq!(machine(&server)["previous_image"], "app@3.0.0");
     agent.kill();
 }
+
+#[test]
+fn a_full_server_disk_fails_calls_clearly_keeps_what_was_stored_and_recovers_when_space_returns() {
+    let root = TempDir::new("flotte-full-server-disk").unwrap();
+    let Some(disk) = SmallDisk::mount(&root.path().join("disk"), 32) else {
+        return;
+    };
+    let mut server =
+        Server::init(&disk.path, "server", &[]).with_run_args(&["--report-interval", "1s"]);
+    server.start();
+    let keys = root.path().join("keys");
+    server.ctl_ok(&["image", "keygen", "--out", keys.to_str().unwrap()]);
+    server.ctl_ok(&[
+        "image",
+        "trust",
+        "add",
+        keys.join("release.pub").to_str().unwrap(),
+    ]);
+    let token = server.token("role=web", "dc1", &[]);
+    let mut agent = Agent::new(root.path(), "web-1", &server.address, &token);
+    agent.start();
+    assert!(
+        wait_until(PATIENCE, || server.connected_count() == 1),
+        "{}",
+        agent.log()
+    );
+    server.ctl_ok(&["machines", "label", "web-1", "--set", "tier=gold"]);
+    let port = free_port().unwrap();
+    write_incompressible_tree(&root.path().join("tree-1.0.0/data"), 4 << 20, 4).unwrap();
+    let image = build_sample_image_on_port(&server, root.path(), &keys, "1.0.0", port, "");
+
+    disk.fill_leaving(0);
+    let mut errors = Vec::new();
+    for arguments in [
+        vec!["machines", "label", "web-1", "--set", "tier=silver"],
+        vec!["token", "create", "--labels", "role=db", "--zone", "dc1"],
+        vec!["image", "push", image.to_str().unwrap()],
+    ] {
+        let output = server.ctl(&arguments);
+        assert!(
+            !output.status.success(),
+            "{arguments:?} succeeded on a full disk"
+        );
+        errors.push((
+            arguments.join(" "),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ));
+    }
+    eprintln!("observed: {errors:#?}");
+    for (call, error) in &errors {
+        assert!(
+            error.contains("disk is full") || error.contains("full"),
+            "{call}: {error}"
+        );
+    }
+    // Reads still answer, and what was stored is whole.
+    let shown = server.ctl_json(&["machines", "show", "web-1"]);
+    assert_eq!(shown["labels"]["tier"], "gold");
+    assert_eq!(server.ctl_json(&["image", "list"]), serde_json::json!([]));
+    let incoming = server.data_dir.join("images").join("incoming");
+    let half_written: Vec<_> = std::fs::read_dir(&incoming)
+        .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        half_written.is_empty(),
+        "a refused push left {half_written:?}"
+    );
+    assert!(
+        server.process.as_mut().unwrap().is_running(),
+        "the server died of a full disk"
+    );
+
+    disk.free_everything();
+    server.ctl_ok(&["machines", "label", "web-1", "--set", "tier=silver"]);
+    let pushed = server.ctl_json(&["image", "push", image.to_str().unwrap()]);
+    assert_eq!(pushed[0]["version"], "1.0.0");
+    assert_eq!(
+        server.ctl_json(&["machines", "show", "web-1"])["labels"]["tier"],
+        "silver"
+    );
+    // The audit chain is whole: the failed calls left no torn entry.
+    let verified = server.ctl(&["audit", "verify"]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    agent.kill();
+}

@@ -78,12 +78,23 @@ impl From<AuthError> for Status {
 
 impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
-        if let StoreError::AlreadyExists(_) = error {
-            return Status::already_exists(error.to_string());
+        match error {
+            StoreError::AlreadyExists(_) => return Status::already_exists(error.to_string()),
+            StoreError::DiskFull(_) => return disk_full_status(&error),
+            _ => {}
         }
         tracing::error!(%error, "store failure");
         Status::internal(format!("store failure: {error}"))
     }
+}
+
+/// A full disk on the server's side: the operator can act on it (free
+/// space), and nothing was changed.
+pub(crate) fn disk_full_status(error: &dyn std::fmt::Display) -> Status {
+    tracing::error!(%error, "the server's disk is full");
+    Status::resource_exhausted(format!(
+        "the server's disk is full, nothing was changed; free space on the server host and retry ({error})"
+    ))
 }
 
 impl From<EnrollmentError> for Status {

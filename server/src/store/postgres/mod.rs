@@ -105,6 +105,7 @@ impl From<tokio_postgres::Error> for StoreError {
             {
                 StoreError::Conflict(describe(&error))
             }
+            Some(code) if *code == SqlState::DISK_FULL => StoreError::DiskFull(describe(&error)),
             _ => StoreError::Backend(describe(&error)),
         }
     }
