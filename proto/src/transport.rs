@@ -313,8 +313,14 @@ pub fn explain_status_with(status: &tonic::Status, diagnostics: &TlsDiagnostics)
         chain.push_str(&cause.to_string());
         source = cause.source();
     }
-    // Only transport failures are explained by the connection's last error;
-    // an application status (e.g. PermissionDenied) speaks for itself.
+    // Only transport failures (a status made here, from a connection
+    // error) are explained by the connection's last error and the hints
+    // below; a status the server sent (e.g. PermissionDenied, or its
+    // database being unreachable) speaks for itself, whatever words it
+    // quotes.
+    if std::error::Error::source(status).is_none() {
+        return chain;
+    }
     if matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
@@ -355,6 +361,23 @@ pub fn explain_status_with(status: &tonic::Status, diagnostics: &TlsDiagnostics)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_the_server_sent_is_not_explained_as_a_connection_failure() {
+        let sent = tonic::Status::unavailable(
+            "the server's database is unavailable (PostgreSQL: Connection refused)",
+        );
+        assert_eq!(explain_status(&sent), sent.message());
+        let local = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        )));
+        assert!(
+            explain_status(&local).starts_with("nothing is listening at the server address"),
+            "{}",
+            explain_status(&local)
+        );
+    }
 
     #[test]
     fn server_names_from_addresses() {

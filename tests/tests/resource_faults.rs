@@ -1,21 +1,27 @@
 //! Resource faults for real: an agent whose data dir is a small tmpfs the
 //! test fills during each step of a swap, and a server whose SQLite data
-//! dir fills up under calls.
+//! dir fills up under calls; and a PostgreSQL the test started itself,
+//! stopped for 30 s under load.
 //!
 //! Mounting a tmpfs needs root; without it these tests fail unless
-//! `FLOTTE_TEST_SKIP_MOUNTS=1` asks to skip.
+//! `FLOTTE_TEST_SKIP_MOUNTS=1` asks to skip (PostgreSQL: see
+//! `server/src/store/postgres/cluster.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flotte_tests::sample_fleet::{
     build_sample_image_on_port, free_port, write_incompressible_tree,
 };
-use flotte_tests::{http_get, wait_until, Agent, Server, TempDir};
+use flotte_tests::{flottectl, http_get, test_runtime, wait_until, Agent, Server, TempDir};
+
+#[allow(dead_code)]
+#[path = "../../server/src/store/postgres/cluster.rs"]
+mod cluster;
 
 const PATIENCE: Duration = Duration::from_secs(90);
 
@@ -359,4 +365,159 @@ fn a_full_server_disk_fails_calls_clearly_keeps_what_was_stored_and_recovers_whe
         String::from_utf8_lossy(&verified.stderr)
     );
     agent.kill();
+}
+
+#[test]
+fn postgres_down_for_30_seconds_under_load_loses_no_acknowledged_change_and_says_why_meanwhile() {
+    let Some(database) = cluster::private_cluster() else {
+        return;
+    };
+    let url = test_runtime().block_on(database.fresh_database_url());
+    let root = TempDir::new("flotte-postgres-outage").unwrap();
+    let mut server = Server::init(root.path(), "server", &["--store-url", &url])
+        .with_run_args(&["--report-interval", "1s"]);
+    server.start();
+    let mut agents: Vec<Agent> = ["web-1", "web-2", "web-3"]
+        .iter()
+        .map(|name| {
+            let token = server.token("role=web", "dc1", &[]);
+            let mut agent = Agent::new(root.path(), name, &server.address, &token);
+            agent.start();
+            agent
+        })
+        .collect();
+    assert!(
+        wait_until(PATIENCE, || server.connected_count() == 3),
+        "{}",
+        server.log()
+    );
+
+    // Load: relabels one after another, each acknowledged or refused.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = std::sync::Arc::clone(&stop);
+        let profile = server.admin_profile();
+        let address = server.address.clone();
+        std::thread::spawn(move || {
+            let mut outcomes: Vec<(u32, Result<(), String>)> = Vec::new();
+            let mut attempt = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                attempt += 1;
+                let label = format!("round={attempt}");
+                let output = flottectl(
+                    &profile,
+                    &address,
+                    &["machines", "label", "web-1", "--set", &label],
+                );
+                let outcome = if output.status.success() {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&output.stderr).into_owned())
+                };
+                outcomes.push((attempt, outcome));
+            }
+            outcomes
+        })
+    };
+    // Twenty acknowledged relabels before the outage.
+    assert!(wait_until(PATIENCE, || server
+        .ctl_json(&["machines", "show", "web-1"])["labels"]["round"]
+        .as_str()
+        .and_then(|round| round.parse::<u32>().ok())
+        .is_some_and(|round| round >= 20)));
+
+    database.stop();
+    let stopped_at = Instant::now();
+    // Meanwhile: a call that needs the database says so, and the server
+    // stays up.
+    let mut refusal = String::new();
+    assert!(
+        wait_until(PATIENCE, || {
+            let output = server.ctl(&["machines", "label", "web-2", "--set", "tier=during"]);
+            refusal = String::from_utf8_lossy(&output.stderr).into_owned();
+            !output.status.success() && stopped_at.elapsed() >= Duration::from_secs(30)
+        }),
+        "{refusal}"
+    );
+    eprintln!("observed during the outage: {}", refusal.trim());
+    assert!(
+        refusal.contains(
+            "the server's database is unavailable, nothing was changed; retry once it is back"
+        ),
+        "{refusal}"
+    );
+    assert!(
+        server.process.as_mut().unwrap().is_running(),
+        "the server died with its database"
+    );
+    database.start_again();
+    let started_at = Instant::now();
+    assert!(
+        wait_until(PATIENCE, || server
+            .ctl(&["machines", "label", "web-2", "--set", "tier=after"])
+            .status
+            .success()),
+        "no write succeeded after PostgreSQL came back:\n{}",
+        server.log()
+    );
+    eprintln!(
+        "measured: PostgreSQL back → first write accepted after {:?}",
+        started_at.elapsed()
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let outcomes = load.join().unwrap();
+
+    // No acknowledged change is lost: the last acknowledged relabel is the
+    // stored label, and each acknowledged one is in the audit log.
+    let acknowledged: Vec<u32> = outcomes
+        .iter()
+        .filter(|(_, outcome)| outcome.is_ok())
+        .map(|(attempt, _)| *attempt)
+        .collect();
+    let refused = outcomes.len() - acknowledged.len();
+    eprintln!(
+        "load: {} relabels, {} acknowledged, {refused} refused",
+        outcomes.len(),
+        acknowledged.len()
+    );
+    assert!(refused > 0, "the load never met the outage");
+    let last = acknowledged.last().copied().unwrap();
+    let shown = server.ctl_json(&["machines", "show", "web-1"]);
+    assert_eq!(shown["labels"]["round"], last.to_string(), "{shown:#}");
+    let audit = server.ctl_json(&["audit", "list"]);
+    let audited: Vec<String> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| {
+            entry["action"] == "machine.label"
+                && entry["result"]
+                    .as_str()
+                    .is_some_and(|result| result.starts_with("ok"))
+        })
+        .map(|entry| entry["arguments"].to_string())
+        .collect();
+    for attempt in &acknowledged {
+        let wanted = format!("\"round\":\"{attempt}\"");
+        assert!(
+            audited.iter().any(|arguments| arguments.contains(&wanted)),
+            "acknowledged relabel {wanted} is not in the audit log"
+        );
+    }
+    let verified = server.ctl(&["audit", "verify"]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    // The agents are still (or again) connected and apply the new labels.
+    assert!(wait_until(PATIENCE, || server.connected_count() == 3));
+    assert!(wait_until(PATIENCE, || {
+        let shown = server.ctl_json(&["machines", "show", "web-2"]);
+        shown["labels"]["tier"] == "after"
+            && shown["applied_desired_version"] == shown["desired_version"]
+    }));
+    for agent in &mut agents {
+        agent.kill();
+    }
 }

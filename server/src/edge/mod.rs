@@ -81,6 +81,12 @@ impl From<StoreError> for Status {
         match error {
             StoreError::AlreadyExists(_) => return Status::already_exists(error.to_string()),
             StoreError::DiskFull(_) => return disk_full_status(&error),
+            StoreError::Unavailable(_) => {
+                tracing::error!(%error, "the database is unavailable");
+                return Status::unavailable(format!(
+                    "the server's database is unavailable, nothing was changed; retry once it is back ({error})"
+                ));
+            }
             _ => {}
         }
         tracing::error!(%error, "store failure");

@@ -62,6 +62,10 @@ pub enum StoreError {
     /// The backend failed or cannot be reached (I/O, connection lost…).
     #[error("database error: {0}")]
     Backend(String),
+    /// The database cannot be reached (refused, closed, timed out): nothing
+    /// was written, and the same call works once it is back.
+    #[error("the database cannot be reached: {0}")]
+    Unavailable(String),
     /// The database's disk is full: nothing was written, and the same call
     /// works once space is freed.
     #[error("the database's disk is full: {0}")]

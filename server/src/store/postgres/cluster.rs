@@ -177,19 +177,36 @@ impl Cluster {
         format!("postgres://postgres@{host}:{}/{database}", self.port)
     }
 
-    /// Restarts the server (`pg_ctl restart -m fast`): every connection is
-    /// cut, and the server accepts new ones when this returns.
-    pub(super) fn restart(&self) {
+    /// Runs `pg_ctl -D DATA ARGS…` as `postgres`, waiting for it.
+    fn pg_ctl(&self, args: &[&str]) {
         let status = Command::new("runuser")
             .args(["-u", "postgres", "--"])
             .arg(self.binaries.join("pg_ctl"))
             .arg("-D")
             .arg(self.directory.join("data"))
-            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .args(args)
             .stdout(Stdio::null())
             .status()
-            .expect("run pg_ctl restart");
-        assert!(status.success(), "pg_ctl restart failed");
+            .expect("run pg_ctl");
+        assert!(status.success(), "pg_ctl {args:?} failed");
+    }
+
+    /// Restarts the server (`pg_ctl restart -m fast`): every connection is
+    /// cut, and the server accepts new ones when this returns.
+    pub(super) fn restart(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "-t", "60", "restart"]);
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`): connections are cut and
+    /// new ones refused until [`Cluster::start_again`].
+    pub(super) fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "-t", "60", "stop"]);
+    }
+
+    /// Starts a stopped server again with the options it first had (pg_ctl
+    /// restart of a stopped server reads them from `postmaster.opts`).
+    pub(super) fn start_again(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "restart"]);
     }
 }
 
