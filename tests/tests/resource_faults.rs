@@ -521,3 +521,149 @@ fn postgres_down_for_30_seconds_under_load_loses_no_acknowledged_change_and_says
         agent.kill();
     }
 }
+
+/// libfaketime, which makes a process read the wall clock with an offset
+/// taken from a file it re-reads on every call (Debian's `faketime`).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The environment variable that turns a missing libfaketime into a skip.
+const SKIP_FAKETIME_VARIABLE: &str = "FLOTTE_TEST_SKIP_FAKETIME";
+
+/// A user `name` with a fresh ed25519 key, granted `login` on `role=web`
+/// with `extra` arguments (e.g. an expiry).
+fn grant_user(server: &Server, root: &Path, name: &str, login: &str, extra: &[&str]) {
+    let key = root.join(format!("{name}-key"));
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(keygen.success());
+    let public = key.with_extension("pub");
+    server.ctl_json(&["user", "add", name, "--ssh-key", public.to_str().unwrap()]);
+    let mut arguments = vec![
+        "access",
+        "grant",
+        name,
+        "--selector",
+        "role=web",
+        "--login",
+        login,
+    ];
+    arguments.extend_from_slice(extra);
+    server.ctl_json(&arguments);
+}
+
+#[test]
+fn an_agent_clock_jumping_hours_forward_and_back_expires_what_expires_and_never_fails_closed_while_connected(
+) {
+    if !Path::new(LIBFAKETIME).exists() {
+        assert!(
+            std::env::var_os(SKIP_FAKETIME_VARIABLE).is_some(),
+            "{LIBFAKETIME} is missing (install Debian's faketime); set {SKIP_FAKETIME_VARIABLE}=1 to skip"
+        );
+        return;
+    }
+    let root = TempDir::new("flotte-clock-skew").unwrap();
+    let login = "flotteclock";
+    flotte_tests::ensure_login(login);
+    let mut server =
+        Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
+    server.start();
+    let keys_dir = root.path().join("keys");
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    // The agent's clock: real time plus the offset in this file.
+    let offset_file = root.path().join("agent-clock-offset");
+    std::fs::write(&offset_file, "+0\n").unwrap();
+    let token = server.token("role=web", "dc1", &[]);
+    let mut agent = Agent::new(root.path(), "web-1", &server.address, &token).with_config(&format!(
+        "[access]\nauthorized_keys_dir = \"{}\"\non_disconnect = \"fail-closed\"\nfail_closed_after = \"30m\"\n",
+        keys_dir.display()
+    ));
+    agent.environment = vec![
+        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+        (
+            "FAKETIME_TIMESTAMP_FILE".into(),
+            offset_file.display().to_string(),
+        ),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+        // Timers and timeouts keep real time; only the wall clock moves.
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    agent.start();
+    assert!(
+        wait_until(PATIENCE, || server.connected_count() == 1),
+        "{}",
+        agent.log()
+    );
+    // alice: no expiry; bob: expires in an hour (real time).
+    grant_user(&server, root.path(), "alice", login, &[]);
+    let in_an_hour =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .to_string();
+    grant_user(
+        &server,
+        root.path(),
+        "bob",
+        login,
+        &["--expires", &in_an_hour],
+    );
+    let holds = |user: &str| {
+        std::fs::read_to_string(keys_dir.join(login))
+            .is_ok_and(|text| text.contains(&format!("flotte:user={user}")))
+    };
+    assert!(
+        wait_until(PATIENCE, || holds("alice") && holds("bob")),
+        "{}",
+        agent.log()
+    );
+
+    // Two hours forward: bob's grant has expired by the agent's clock and
+    // goes; alice's stays: the agent is connected, so the jump is not two
+    // hours without contact (fail-closed is 30 min).
+    std::fs::write(&offset_file, "+2h\n").unwrap();
+    assert!(
+        wait_until(PATIENCE, || !holds("bob")),
+        "an expired grant stayed after the clock jumped forward:\n{}",
+        agent.log()
+    );
+    assert!(
+        holds("alice"),
+        "the clock jump made the connected agent fail closed:\n{}",
+        agent.log()
+    );
+    let seen = server.ctl_json(&["machines", "show", "web-1"])["last_seen"].clone();
+    assert!(wait_until(PATIENCE, || server
+        .ctl_json(&["machines", "show", "web-1"])["last_seen"]
+        != seen));
+    assert!(
+        holds("alice"),
+        "the connected agent failed closed after the jump:\n{}",
+        agent.log()
+    );
+
+    // Back to real time: bob's grant is valid again by the agent's clock.
+    std::fs::write(&offset_file, "+0\n").unwrap();
+    assert!(
+        wait_until(PATIENCE, || holds("bob") && holds("alice")),
+        "{}",
+        agent.log()
+    );
+
+    // Two hours back: the running session and the keys carry on.
+    std::fs::write(&offset_file, "-2h\n").unwrap();
+    let seen = server.ctl_json(&["machines", "show", "web-1"])["last_seen"].clone();
+    assert!(
+        wait_until(PATIENCE, || server.ctl_json(&["machines", "show", "web-1"])
+            ["last_seen"]
+            != seen),
+        "the agent stopped reporting after its clock went back:\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        server.ctl_json(&["machines", "show", "web-1"])["state"],
+        "operational"
+    );
+    assert!(holds("alice") && holds("bob"), "{}", agent.log());
+    agent.kill();
+}
