@@ -196,8 +196,21 @@ impl AsyncWrite for DiagnosedStream {
     }
 }
 
+/// Silence after which a client pings the server (see [`channel_with_diagnostics`]).
+pub const KEEP_ALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a ping may go unanswered before the connection is dropped.
+pub const KEEP_ALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Opens a lazily-connected HTTP/2 channel to `addresses` (`host:port`, or
 /// several separated by commas: the replicas of one server) over TLS.
+///
+/// A partition is silence, not a reset: only a ping that goes unanswered
+/// tells a client its connection is dead. The server sends an agent nothing
+/// while nothing changes, so pings go out every [`KEEP_ALIVE_INTERVAL`] of
+/// silence and a connection is given up [`KEEP_ALIVE_TIMEOUT`] later:
+/// an agent cut off from its server knows within 10 s, starts its
+/// fail-closed clock and tries another replica (measured in
+/// `tests/tests/partitions.rs`).
 ///
 /// The channel connects on first use; connection and TLS errors surface on the
 /// first RPC and should go through [`explain_status_with`] with the returned
@@ -223,8 +236,8 @@ pub fn channel_with_diagnostics(
     let endpoint = Endpoint::from_shared(format!("http://{first}"))
         .map_err(|_| TransportError::BadAddress(first.clone()))?
         .connect_timeout(std::time::Duration::from_secs(10))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     let connector = TlsConnector::from(tls);
     let diagnostics = TlsDiagnostics::default();
@@ -300,8 +313,14 @@ pub fn explain_status_with(status: &tonic::Status, diagnostics: &TlsDiagnostics)
         chain.push_str(&cause.to_string());
         source = cause.source();
     }
-    // Only transport failures are explained by the connection's last error;
-    // an application status (e.g. PermissionDenied) speaks for itself.
+    // Only transport failures (a status made here, from a connection
+    // error) are explained by the connection's last error and the hints
+    // below; a status the server sent (e.g. PermissionDenied, or its
+    // database being unreachable) speaks for itself, whatever words it
+    // quotes.
+    if std::error::Error::source(status).is_none() {
+        return chain;
+    }
     if matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
@@ -342,6 +361,23 @@ pub fn explain_status_with(status: &tonic::Status, diagnostics: &TlsDiagnostics)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_the_server_sent_is_not_explained_as_a_connection_failure() {
+        let sent = tonic::Status::unavailable(
+            "the server's database is unavailable (PostgreSQL: Connection refused)",
+        );
+        assert_eq!(explain_status(&sent), sent.message());
+        let local = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        )));
+        assert!(
+            explain_status(&local).starts_with("nothing is listening at the server address"),
+            "{}",
+            explain_status(&local)
+        );
+    }
 
     #[test]
     fn server_names_from_addresses() {

@@ -30,6 +30,18 @@ pub enum BlobError {
     Database(String),
 }
 
+impl BlobError {
+    /// Whether the blob store's disk is full (`ENOSPC`, `EDQUOT`): nothing
+    /// was kept, and the same push works once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            BlobError::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT)
+        )
+    }
+}
+
 /// Where image payloads are kept.
 #[async_trait::async_trait]
 pub trait BlobStore: Send + Sync + 'static {

@@ -190,6 +190,35 @@ pub struct ReplicaOptions {
     pub zone: Option<String>,
     /// `host:port` agents and operators reach it on, if not its listen address.
     pub advertise_address: Option<String>,
+    /// The DNS names and IP addresses its certificate is valid for (besides
+    /// localhost); none given: the host of the advertised (or listen)
+    /// address, unless it is a wildcard.
+    pub subject_alt_names: Vec<String>,
+}
+
+/// The names a replica's certificate needs: the ones asked for, or else
+/// the host agents dial (the first replica's names are another host's).
+fn replica_subject_alt_names(options: &ReplicaOptions) -> Vec<String> {
+    if !options.subject_alt_names.is_empty() {
+        return options.subject_alt_names.clone();
+    }
+    let dialled = options
+        .advertise_address
+        .as_deref()
+        .unwrap_or(&options.listen);
+    let host = dialled
+        .rsplit_once(':')
+        .map_or(dialled, |(host, _port)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let wildcard = host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|address| address.is_unspecified());
+    if host.is_empty() || wildcard {
+        Vec::new()
+    } else {
+        vec![host.to_owned()]
+    }
 }
 
 /// Reads `path` whole, naming it if it cannot be read.
@@ -228,6 +257,7 @@ pub fn init_replica(
     if data_dir.exists() {
         return Err(InitError::Exists(data_dir.to_owned()));
     }
+    settings.subject_alt_names = replica_subject_alt_names(&options);
     settings.server_name = options.name;
     settings.listen = options.listen;
     settings.zone = options.zone.unwrap_or_default();
@@ -290,6 +320,47 @@ mod tests {
             listen: "127.0.0.1:0".into(),
             zone: Some("z2".into()),
             advertise_address: None,
+            subject_alt_names: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_replica_certificate_names_the_host_agents_dial_not_the_first_replica() {
+        let with = |listen: &str, advertise: Option<&str>, asked: &[&str]| {
+            replica_subject_alt_names(&ReplicaOptions {
+                name: "b".into(),
+                listen: listen.into(),
+                zone: None,
+                advertise_address: advertise.map(str::to_owned),
+                subject_alt_names: asked.iter().map(|name| (*name).to_owned()).collect(),
+            })
+        };
+        // (listen, advertise, asked for, certificate names)
+        type Case<'a> = (&'a str, Option<&'a str>, &'a [&'a str], &'a [&'a str]);
+        let cases: [Case; 6] = [
+            ("10.0.2.1:7443", None, &[], &["10.0.2.1"]),
+            ("0.0.0.0:7443", None, &[], &[]),
+            ("[::]:7443", None, &[], &[]),
+            (
+                "0.0.0.0:7443",
+                Some("flotte-b.example.com:7443"),
+                &[],
+                &["flotte-b.example.com"],
+            ),
+            ("[fd00::2]:7443", None, &[], &["fd00::2"]),
+            (
+                "0.0.0.0:7443",
+                Some("b:7443"),
+                &["b.dc2", "10.0.2.1"],
+                &["b.dc2", "10.0.2.1"],
+            ),
+        ];
+        for (listen, advertise, asked, expected) in cases {
+            assert_eq!(
+                with(listen, advertise, asked),
+                expected,
+                "{listen} {advertise:?} {asked:?}"
+            );
         }
     }
 

@@ -11,6 +11,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod hostile_payloads;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -128,6 +129,20 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
+/// `program`, run inside network namespace `namespace` (`ip netns exec`,
+/// which execs it: the child's pid is the program's) or, without one, in
+/// the test's own.
+pub fn command_in_namespace(namespace: Option<&str>, program: &Path) -> Command {
+    match namespace {
+        Some(namespace) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", namespace]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A child process that is killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct ManagedChild {
@@ -220,6 +235,8 @@ pub struct Server {
     pub address: String,
     pub process: Option<ManagedChild>,
     extra_run_args: Vec<String>,
+    /// The network namespace it runs in (see [`netns`]); none: the test's.
+    namespace: Option<String>,
 }
 
 impl Server {
@@ -244,7 +261,14 @@ impl Server {
             address: String::new(),
             process: None,
             extra_run_args: Vec::new(),
+            namespace: None,
         }
+    }
+
+    /// Runs the server inside network namespace `namespace` (a lab host).
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_owned());
+        self
     }
 
     /// Extra arguments for every `run` (e.g. `--machine-certificate-ttl 3s`).
@@ -280,7 +304,7 @@ impl Server {
     pub fn start(&mut self) {
         let address_file = self.data_dir.join("server.address");
         let _ = std::fs::remove_file(&address_file);
-        let mut command = Command::new(binary("flotte-server"));
+        let mut command = command_in_namespace(self.namespace.as_deref(), &binary("flotte-server"));
         command.arg("run").arg("--data-dir").arg(&self.data_dir);
         if !self.address.is_empty() {
             command.args(["--listen", &self.address]);
@@ -674,6 +698,8 @@ pub struct Agent {
     pub binary: Option<PathBuf>,
     /// Extra environment for the next start.
     pub environment: Vec<(String, String)>,
+    /// The network namespace it runs in (see [`netns`]); none: the test's.
+    pub namespace: Option<String>,
 }
 
 impl Agent {
@@ -688,6 +714,7 @@ impl Agent {
             args: agent_arguments(server, token, name),
             binary: None,
             environment: Vec::new(),
+            namespace: None,
         }
     }
 
@@ -695,6 +722,12 @@ impl Agent {
     pub fn with_arguments(mut self, arguments: &[&str]) -> Self {
         self.args
             .extend(arguments.iter().map(|argument| (*argument).to_owned()));
+        self
+    }
+
+    /// Runs the agent inside network namespace `namespace` (a lab host).
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_owned());
         self
     }
 
@@ -730,7 +763,7 @@ impl Agent {
             .binary
             .clone()
             .unwrap_or_else(|| binary("flotte-agent"));
-        let mut command = Command::new(program);
+        let mut command = command_in_namespace(self.namespace.as_deref(), &program);
         command
             .arg("run")
             .arg("--data-dir")
@@ -887,6 +920,7 @@ impl Server {
             address: address.to_owned(),
             process: None,
             extra_run_args: run_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            namespace: None,
         }
     }
 }

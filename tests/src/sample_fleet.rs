@@ -230,6 +230,22 @@ pub fn start_sample_machine_with_servers(
     zone: &str,
     labels: &str,
 ) -> SampleMachine {
+    let mut machine = prepare_sample_machine(server, more_servers, root, keys, name, zone, labels);
+    machine.agent.start();
+    machine
+}
+
+/// [`start_sample_machine_with_servers`] without starting the agent (to
+/// start it elsewhere, e.g. in a network namespace).
+pub fn prepare_sample_machine(
+    server: &Server,
+    more_servers: &[&str],
+    root: &Path,
+    keys: &Path,
+    name: &str,
+    zone: &str,
+    labels: &str,
+) -> SampleMachine {
     let port = free_port().expect("a free port");
     let token = server.token(labels, zone, &[]);
     let agent = Agent::new(root, name, &server.address, &token)
@@ -241,13 +257,11 @@ pub fn start_sample_machine_with_servers(
             keys.join("release.pub").display()
         ));
     std::fs::write(agent.data_dir.join("service.port"), format!("{port}\n")).expect("port file");
-    let mut machine = SampleMachine {
+    SampleMachine {
         agent,
         zone: zone.to_owned(),
         port,
-    };
-    machine.agent.start();
-    machine
+    }
 }
 
 /// Sets `app@version` on each of `hostnames` directly (`machines set-image`).

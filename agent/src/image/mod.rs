@@ -9,6 +9,7 @@
 //! unpacked and synced in its own directory; and the machine always ends on
 //! a committed image, even if the agent is killed at any step.
 
+pub mod disk;
 pub mod fetch;
 pub mod gate;
 pub mod integrity;

@@ -13,6 +13,7 @@ use flotte_proto::v1::{CheckResult, DesiredImage, ImageStatus, SwapStatus};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::disk;
 use super::fetch::{download, ImageSource};
 use super::gate::{verify, GateOutcome};
 use super::integrity::{index_fresh_tree, ImageRestorer, RestoreOutcome};
@@ -98,6 +99,10 @@ enum SwapError {
     Transient(String),
     #[error("{step} failed: {reason}")]
     Step { step: &'static str, reason: String },
+    /// The disk is full: retried in place until space is freed (see
+    /// `image::disk`), never counted as the image's failure.
+    #[error("{message}")]
+    DiskFull { step: &'static str, message: String },
 }
 
 struct Manager {
@@ -109,14 +114,32 @@ struct Manager {
     committed: Committed,
 }
 
-fn io_step(step: SwapStep) -> impl Fn(std::io::Error) -> SwapError {
-    move |error| SwapError::Step {
-        step: step.as_str(),
-        reason: error.to_string(),
+/// The error of `step` failing with `error`: a full disk of `data_dir`
+/// apart from every other failure.
+fn step_error(
+    data_dir: &std::path::Path,
+    step: SwapStep,
+    error: &(dyn std::error::Error + 'static),
+) -> SwapError {
+    if disk::is_disk_full(error) {
+        SwapError::DiskFull {
+            step: step.as_str(),
+            message: disk::describe_full_disk(data_dir, step.as_str()),
+        }
+    } else {
+        SwapError::Step {
+            step: step.as_str(),
+            reason: error.to_string(),
+        }
     }
 }
 
 impl Manager {
+    /// Maps an I/O failure of `step` to its [`SwapError`].
+    fn io_step(&self, step: SwapStep) -> impl Fn(std::io::Error) -> SwapError + '_ {
+        move |error| step_error(&self.layout.root, step, &error)
+    }
+
     fn publish(&self, swap: Option<SwapStatus>) {
         self.status.send_modify(|status| {
             status.current = self.committed.current.as_ref().map(LocalImage::to_proto);
@@ -148,7 +171,7 @@ impl Manager {
 
     fn record(&self, journal: &mut SwapJournal, step: SwapStep) -> Result<(), SwapError> {
         journal.step = step;
-        journal::record(&self.layout, journal).map_err(io_step(step))?;
+        journal::record(&self.layout, journal).map_err(self.io_step(step))?;
         // One line per step: the log alone tells how long each step took.
         tracing::info!(image = %journal.target.reference(), step = step.as_str(), "swap step");
         self.progress(
@@ -286,6 +309,9 @@ impl Manager {
             | super::fetch::FetchError::SizeMismatch { .. } => {
                 SwapError::Refused(error.to_string())
             }
+            ref other if disk::is_disk_full(other) => {
+                step_error(&self.layout.root, SwapStep::Downloading, other)
+            }
             other => SwapError::Transient(other.to_string()),
         })?;
         // The payload's SHA-256 was checked while downloading.
@@ -301,16 +327,22 @@ impl Manager {
         let mutable = manifest.mutable_paths.clone();
         let index_path = self.layout.index_path(&target.digest);
         let staged = staging.clone();
+        let data_dir = self.layout.root.clone();
         tokio::task::spawn_blocking(move || -> Result<(), SwapError> {
             // A refused payload is never used again: its bytes go with the
-            // tree half made from it, so refusals cannot fill the disk.
-            let refuse = |reason: String| {
+            // tree half made from it, so refusals cannot fill the disk. A
+            // full disk refuses nothing: the half-made tree goes, the
+            // verified payload stays for the next attempt.
+            let refuse = |error: &(dyn std::error::Error + 'static), reason: String| {
                 let _ = super::unpack::remove_unpacked_tree(&staging);
+                if disk::is_disk_full(error) {
+                    return step_error(&data_dir, SwapStep::Unpacking, error);
+                }
                 let _ = std::fs::remove_file(&payload);
                 SwapError::Refused(reason)
             };
             unpack_payload(&payload, &staging, &policy)
-                .map_err(|error| refuse(error.to_string()))?;
+                .map_err(|error| refuse(&error, error.to_string()))?;
             // create_new: a payload carrying this name (maybe as a link) is refused.
             std::fs::OpenOptions::new()
                 .write(true)
@@ -318,17 +350,16 @@ impl Manager {
                 .open(staging.join(MANIFEST_COPY))
                 .and_then(|mut file| std::io::Write::write_all(&mut file, &manifest_json))
                 .map_err(|error| {
-                    refuse(format!(
-                        "cannot keep the manifest beside the image: {error}"
-                    ))
+                    refuse(
+                        &error,
+                        format!("cannot keep the manifest beside the image: {error}"),
+                    )
                 })?;
             // Indexed here, while the tree is the payload's alone.
             index_fresh_tree(&staging, &mutable, &index_path)
-                .map_err(|error| refuse(format!("cannot index the image: {error}")))?;
-            sync_tree(&staging).map_err(|error| SwapError::Step {
-                step: SwapStep::Unpacking.as_str(),
-                reason: error.to_string(),
-            })?;
+                .map_err(|error| refuse(&error, format!("cannot index the image: {error}")))?;
+            sync_tree(&staging)
+                .map_err(|error| step_error(&data_dir, SwapStep::Unpacking, &error))?;
             let _ = std::fs::remove_file(&payload);
             Ok(())
         })
@@ -364,24 +395,30 @@ impl Manager {
             let staging = self
                 .fetch_and_stage(&mut journal, &manifest, desired)
                 .await?;
-            std::fs::rename(&staging, &image_dir).map_err(io_step(SwapStep::Unpacking))?;
+            std::fs::rename(&staging, &image_dir).map_err(self.io_step(SwapStep::Unpacking))?;
         }
         self.record(&mut journal, SwapStep::Switching)?;
         self.layout
             .switch_current(&target.digest)
-            .map_err(io_step(SwapStep::Switching))?;
+            .map_err(self.io_step(SwapStep::Switching))?;
         let outcome = self.restart_and_gate(&mut journal, &manifest).await?;
         match outcome {
             GateOutcome::Passed => {
-                self.record(&mut journal, SwapStep::Committing)?;
-                self.committed = Committed {
-                    current: Some(target.clone()),
-                    previous: journal.previous.clone(),
-                };
-                self.layout
-                    .save_committed(&self.committed)
-                    .map_err(io_step(SwapStep::Committing))?;
-                journal::clear(&self.layout).map_err(io_step(SwapStep::Committing))?;
+                // The new image runs and proved healthy: a full disk now
+                // must not undo that, so the commit waits for space in
+                // place (the journal still says "verifying": an agent
+                // killed meanwhile rolls back, consistently).
+                loop {
+                    match self.commit(&mut journal, &target) {
+                        Ok(()) => break,
+                        Err(SwapError::DiskFull { step, message }) => {
+                            tracing::warn!(%message, "cannot commit the swap");
+                            self.progress(&target, step, "in_progress", message, Vec::new());
+                            tokio::time::sleep(DOWNLOAD_RETRY_DELAY).await;
+                        }
+                        Err(other) => return Err(other),
+                    }
+                }
                 let keep: Vec<&str> = [
                     Some(target.digest.as_str()),
                     journal.previous.as_ref().map(|p| p.digest.as_str()),
@@ -409,7 +446,7 @@ impl Manager {
                 self.record(&mut journal, SwapStep::RollingBack)?;
                 tracing::warn!(image = %target.reference(), %reason, "new image failed its checks; rolling back");
                 let rollback_note = self.roll_back(journal.previous.as_ref()).await;
-                journal::clear(&self.layout).map_err(io_step(SwapStep::RollingBack))?;
+                journal::clear(&self.layout).map_err(self.io_step(SwapStep::RollingBack))?;
                 self.progress(
                     &target,
                     "rolled_back",
@@ -420,6 +457,21 @@ impl Manager {
                 Ok(())
             }
         }
+    }
+
+    /// Records `target` as the committed image and clears the journal.
+    fn commit(&mut self, journal: &mut SwapJournal, target: &LocalImage) -> Result<(), SwapError> {
+        self.record(journal, SwapStep::Committing)?;
+        let committed = Committed {
+            current: Some(target.clone()),
+            previous: journal.previous.clone(),
+        };
+        self.layout
+            .save_committed(&committed)
+            .map_err(self.io_step(SwapStep::Committing))?;
+        self.committed = committed;
+        journal::clear(&self.layout).map_err(self.io_step(SwapStep::Committing))?;
+        Ok(())
     }
 
     /// Restarts the service of `manifest`'s image and runs the health gate.
@@ -518,7 +570,7 @@ impl Manager {
         let image_dir = self.layout.image_dir(&target.digest);
         // `staging` now holds the drifted tree, if there was one left.
         let drifted_kept =
-            exchange_trees(&staging, &image_dir).map_err(io_step(SwapStep::Switching))?;
+            exchange_trees(&staging, &image_dir).map_err(self.io_step(SwapStep::Switching))?;
         let outcome = self.restart_and_gate(&mut journal, &manifest).await?;
         if let GateOutcome::Failed { reason, checks } = outcome {
             self.record(&mut journal, SwapStep::RollingBack)?;
@@ -529,7 +581,7 @@ impl Manager {
             };
             let restarted = self.service.restart(manifest.service.as_ref()).await;
             let _ = super::unpack::remove_unpacked_tree(&staging);
-            journal::clear(&self.layout).map_err(io_step(SwapStep::RollingBack))?;
+            journal::clear(&self.layout).map_err(self.io_step(SwapStep::RollingBack))?;
             let message = format!(
                 "the restored tree failed its checks ({reason}); {}",
                 match (back, restarted) {
@@ -546,7 +598,7 @@ impl Manager {
             });
         }
         self.record(&mut journal, SwapStep::Committing)?;
-        journal::clear(&self.layout).map_err(io_step(SwapStep::Committing))?;
+        journal::clear(&self.layout).map_err(self.io_step(SwapStep::Committing))?;
         let kept = if drifted_kept {
             self.keep_drifted(&staging, &target.digest).await
         } else {
@@ -690,20 +742,19 @@ impl Manager {
                     };
                     match result {
                         Ok(()) => finished = Some((version, digest)),
-                        Err(SwapError::Transient(reason)) => {
-                            tracing::warn!(%reason, "image download failed; retrying");
+                        Err(error @ (SwapError::Transient(_) | SwapError::DiskFull { .. })) => {
+                            let step = match &error {
+                                SwapError::DiskFull { step, .. } => *step,
+                                _ => SwapStep::Downloading.as_str(),
+                            };
+                            let reason = error.to_string();
+                            tracing::warn!(%reason, step, "image swap interrupted; retrying");
                             let target = image
                                 .image
                                 .clone()
                                 .map(|i| LocalImage::from_proto(&i))
                                 .unwrap_or_default();
-                            self.progress(
-                                &target,
-                                "downloading",
-                                "in_progress",
-                                reason,
-                                Vec::new(),
-                            );
+                            self.progress(&target, step, "in_progress", reason, Vec::new());
                             tokio::select! {
                                 () = shutdown.cancelled() => return,
                                 () = tokio::time::sleep(DOWNLOAD_RETRY_DELAY) => {}

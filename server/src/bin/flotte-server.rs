@@ -44,6 +44,11 @@ enum ReplicaCommand {
         /// host:port agents and operators reach it on, if not --listen.
         #[arg(long)]
         advertise_address: Option<String>,
+        /// A DNS name or IP address for this replica's certificate
+        /// (repeatable); default: the host of --advertise-address or
+        /// --listen, unless a wildcard.
+        #[arg(long = "san")]
+        subject_alt_names: Vec<String>,
     },
 }
 
@@ -281,6 +286,7 @@ fn main() -> ExitCode {
                     listen,
                     zone,
                     advertise_address,
+                    subject_alt_names,
                 },
         } => match init_replica(
             &from,
@@ -290,6 +296,7 @@ fn main() -> ExitCode {
                 listen,
                 zone,
                 advertise_address,
+                subject_alt_names,
             },
         ) {
             Ok(config_path) => {

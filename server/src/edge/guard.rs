@@ -212,7 +212,7 @@ impl AdminCall {
             },
             Err(status) => format!("failed: {:?}: {}", status.code(), status.message()),
         };
-        append_audit_entry(
+        let appended = append_audit_entry(
             &self.state,
             self.actor(),
             self.role.as_str(),
@@ -220,8 +220,21 @@ impl AdminCall {
             &self.arguments,
             result,
         )
-        .await?;
-        outcome
+        .await;
+        match (outcome, appended) {
+            (outcome, Ok(())) => outcome,
+            // A call that changed something must say it went unaudited.
+            (Ok(_), Err(unaudited)) => Err(unaudited),
+            // A call that failed says why first (often the same cause,
+            // e.g. a full disk, made the audit append fail too).
+            (Err(failed), Err(_)) => Err(Status::new(
+                failed.code(),
+                format!(
+                    "{} (this failure was not recorded in the audit log either)",
+                    failed.message()
+                ),
+            )),
+        }
     }
 }
 

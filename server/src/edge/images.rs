@@ -27,6 +27,9 @@ impl From<ImageError> for Status {
             ImageError::PayloadRefused(_) | ImageError::InvalidReference(_) => {
                 Status::invalid_argument(error.to_string())
             }
+            ImageError::BlobStorage(ref blob) if blob.is_disk_full() => {
+                crate::edge::disk_full_status(&error)
+            }
             ImageError::BlobStorage(_) => Status::internal(error.to_string()),
             ImageError::NoSuchImage(_) => Status::not_found(error.to_string()),
             ImageError::Store(error) => error.into(),

@@ -78,12 +78,29 @@ impl From<AuthError> for Status {
 
 impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
-        if let StoreError::AlreadyExists(_) = error {
-            return Status::already_exists(error.to_string());
+        match error {
+            StoreError::AlreadyExists(_) => return Status::already_exists(error.to_string()),
+            StoreError::DiskFull(_) => return disk_full_status(&error),
+            StoreError::Unavailable(_) => {
+                tracing::error!(%error, "the database is unavailable");
+                return Status::unavailable(format!(
+                    "the server's database is unavailable, nothing was changed; retry once it is back ({error})"
+                ));
+            }
+            _ => {}
         }
         tracing::error!(%error, "store failure");
         Status::internal(format!("store failure: {error}"))
     }
+}
+
+/// A full disk on the server's side: the operator can act on it (free
+/// space), and nothing was changed.
+pub(crate) fn disk_full_status(error: &dyn std::fmt::Display) -> Status {
+    tracing::error!(%error, "the server's disk is full");
+    Status::resource_exhausted(format!(
+        "the server's disk is full, nothing was changed; free space on the server host and retry ({error})"
+    ))
 }
 
 impl From<EnrollmentError> for Status {
@@ -182,8 +199,11 @@ pub async fn serve(
         .max_concurrent_streams(limits.max_streams_per_connection)
         .concurrency_limit_per_connection(limits.max_requests_per_connection)
         .http2_max_header_list_size(limits.max_header_list_bytes)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // A partitioned agent is silent, not gone: without an unanswered
+        // ping its session (and, with replicas, its session claim) would
+        // outlive it for minutes.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service.max_decoding_message_size(anonymous_bytes))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             reflection.max_decoding_message_size(admin_bytes),

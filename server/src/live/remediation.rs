@@ -31,6 +31,11 @@ pub async fn run_remediation(state: Arc<ServerState>, shutdown: CancellationToke
     let providers = Arc::new(Providers::from_settings(&settings.providers));
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The leader term these rounds decide under, and since when machines'
+    // unhealthiness counts (see `remediation::next`): from the start of
+    // the term (a new leader knows nothing of what the breaker covered
+    // before), then from the last round the breaker was open.
+    let mut settled: Option<(i64, i64)> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -39,20 +44,32 @@ pub async fn run_remediation(state: Arc<ServerState>, shutdown: CancellationToke
         let Some(fence) = state.leadership.fence() else {
             continue; // another replica remediates
         };
-        if let Err(error) = decide_and_apply(&state, &providers, &fence).await {
-            tracing::warn!(%error, "remediation round failed");
+        let now = state.clock.now_unix();
+        let settled_since = match settled {
+            Some((term, since)) if term == fence.term => since,
+            _ => now,
+        };
+        settled = Some((fence.term, settled_since));
+        match decide_and_apply(&state, &providers, &fence, settled_since).await {
+            Ok(breaker_open) => {
+                if breaker_open {
+                    settled = Some((fence.term, now));
+                }
+            }
+            Err(error) => tracing::warn!(%error, "remediation round failed"),
         }
     }
     providers.shutdown();
 }
 
 /// One round; every write carries `fence`, so that a replica that lost the
-/// lead meanwhile changes nothing.
+/// lead meanwhile changes nothing. Returns whether the breaker is open.
 async fn decide_and_apply(
     state: &Arc<ServerState>,
     providers: &Arc<Providers>,
     fence: &Fence,
-) -> Result<(), StoreError> {
+    settled_since: i64,
+) -> Result<bool, StoreError> {
     let machines = state.store.machines().await?;
     let quarantined = crate::live::repair_state::quarantined_ids(state).await?;
     let events = state.repair.store.remediations().await?;
@@ -75,8 +92,15 @@ async fn decide_and_apply(
         })
         .collect();
     let now = state.clock.now_unix();
-    let decision: Decision = next(&views, &events, &state.config.remediation, now);
+    let decision: Decision = next(
+        &views,
+        &events,
+        &state.config.remediation,
+        now,
+        settled_since,
+    );
     publish_breaker(state, &decision);
+    let breaker_open = decision.breaker.open;
     for action in decision.actions {
         match action {
             Action::Remediate {
@@ -116,7 +140,7 @@ async fn decide_and_apply(
             }
         }
     }
-    Ok(())
+    Ok(breaker_open)
 }
 
 fn publish_breaker(state: &ServerState, decision: &Decision) {

@@ -59,9 +59,17 @@ pub enum StoreError {
     /// if made again.
     #[error("store conflict with a concurrent change (retry): {0}")]
     Conflict(String),
-    /// The backend failed or cannot be reached (I/O, disk full, connection lost…).
+    /// The backend failed or cannot be reached (I/O, connection lost…).
     #[error("database error: {0}")]
     Backend(String),
+    /// The database cannot be reached (refused, closed, timed out): nothing
+    /// was written, and the same call works once it is back.
+    #[error("the database cannot be reached: {0}")]
+    Unavailable(String),
+    /// The database's disk is full: nothing was written, and the same call
+    /// works once space is freed.
+    #[error("the database's disk is full: {0}")]
+    DiskFull(String),
     #[error("store task failed: {0}")]
     Task(String),
     /// The store was migrated by a newer release: writing into a schema

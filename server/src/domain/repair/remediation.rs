@@ -141,11 +141,21 @@ fn replaces(event: &RemediationEventRecord, replacement: &MachineView) -> bool {
 }
 
 /// Decides what automatic remediation does now.
+///
+/// `settled_since` is when the decider last saw the breaker open (or began
+/// to decide at all): a machine's unhealthiness only counts from then. A
+/// partition heals machine by machine; the first ones back close the
+/// breaker while the others are still seconds from reconnecting, and they
+/// must not be quarantined for a silence the breaker was covering. (Found
+/// by `tests/tests/partitions.rs`; Kubernetes' node lifecycle controller
+/// restarts its grace periods the same way when a zone leaves full
+/// disruption.)
 pub fn next(
     machines: &[MachineView],
     events: &[RemediationEventRecord],
     policy: &RemediationSettings,
     now: UnixSeconds,
+    settled_since: UnixSeconds,
 ) -> Decision {
     let mut actions = Vec::new();
     let mut still_open: BTreeSet<Uuid> = BTreeSet::new();
@@ -200,7 +210,7 @@ pub fn next(
                 })?;
                 // Strictly longer: times are whole seconds, so `>=` could act
                 // up to a second early.
-                let waited = now.saturating_sub(machine.since);
+                let waited = now.saturating_sub(machine.since.max(settled_since));
                 (waited > i64::try_from(rule.after.as_secs()).unwrap_or(i64::MAX)).then_some((
                     machine,
                     rule.provider.as_str(),
@@ -474,13 +484,44 @@ mod tests {
             },
         ];
         for case in cases {
-            let decision = next(&case.machines, &case.events, &policy(), now);
+            let decision = next(&case.machines, &case.events, &policy(), now, 0);
             assert_eq!(remediated(&decision), case.remediate, "{}", case.name);
             assert_eq!(
                 decision.breaker.open, case.breaker_open,
                 "{}: {:?}",
                 case.name, decision.breaker
             );
+        }
+    }
+
+    #[test]
+    fn unhealthiness_counts_only_from_when_the_breaker_was_last_open() {
+        let now = 10_000;
+        // m1 has been down for 500 s; the rule waits 60 s.
+        let machines = with(fleet(), |machine| {
+            if machine.id == id(1) {
+                machine.state = Down;
+                machine.since = now - 500;
+            }
+        });
+        let cases = [
+            ("settled long ago: the whole silence counts", 0, vec![id(1)]),
+            ("breaker open until this round", now, vec![]),
+            ("breaker closed 30 s ago: not yet 60 s", now - 30, vec![]),
+            (
+                "breaker closed 61 s ago: past the rule",
+                now - 61,
+                vec![id(1)],
+            ),
+            (
+                "settled before the machine fell: from its fall",
+                now - 900,
+                vec![id(1)],
+            ),
+        ];
+        for (name, settled_since, expected) in cases {
+            let decision = next(&machines, &[], &policy(), now, settled_since);
+            assert_eq!(remediated(&decision), expected, "{name}");
         }
     }
 
@@ -502,7 +543,7 @@ mod tests {
             ..policy()
         };
         assert!(!breaker(&machines, &BTreeSet::new(), &off).open);
-        let decision = next(&machines, &[], &off, 1_000);
+        let decision = next(&machines, &[], &off, 1_000, 0);
         assert_eq!(remediated(&decision), vec![id(4), id(5)], "max 2 at once");
     }
 
@@ -523,7 +564,7 @@ mod tests {
         let decide = |extra: Option<MachineView>| {
             let mut machines = base.clone();
             machines.extend(extra);
-            next(&machines, std::slice::from_ref(&open), &policy(), now).actions
+            next(&machines, std::slice::from_ref(&open), &policy(), now, 0).actions
         };
         assert_eq!(
             decide(Some(replacement(Operational, "dc1"))),
@@ -535,7 +576,14 @@ mod tests {
         assert_eq!(decide(Some(replacement(Unknown, "dc1"))), vec![]);
         assert_eq!(decide(Some(replacement(Operational, "dc2"))), vec![]);
         assert_eq!(decide(None), vec![]);
-        let late = next(&base, std::slice::from_ref(&open), &policy(), now + 10_000).actions;
+        let late = next(
+            &base,
+            std::slice::from_ref(&open),
+            &policy(),
+            now + 10_000,
+            0,
+        )
+        .actions;
         assert!(
             matches!(&late[..], [Action::Fail { event_id, reason }] if event_id == "event-1" && reason.contains("10m")),
             "{late:?}"

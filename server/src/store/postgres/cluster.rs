@@ -33,7 +33,8 @@ pub(super) const PASSWORD_ROLE: &str = "flotte_password_test";
 const DEBIAN_POSTGRESQL_DIRECTORY: &str = "/usr/lib/postgresql";
 
 /// The keeper, run as `postgres` with `$1` = binaries directory, `$2` =
-/// port, `$3` = [`PASSWORD_ROLE`], `$4` = more server options: creates the
+/// port, `$3` = [`PASSWORD_ROLE`], `$4` = more server options, `$5` = a
+/// network to trust besides loopback (or nothing): creates the
 /// cluster, starts it, says `ready DIR`, then waits for its standard input
 /// to close and removes everything.
 const KEEPER_SCRIPT: &str = r#"set -eu
@@ -41,6 +42,7 @@ bin=$1
 port=$2
 password_role=$3
 more_options=$4
+trusted_network=$5
 dir=$(mktemp -d /tmp/flotte-postgres-test.XXXXXX)
 cleanup() {
     "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
@@ -54,7 +56,9 @@ if ! "$bin/initdb" -D "$dir/data" -A trust -U postgres --no-sync >"$dir/initdb.l
 fi
 # One role must give a password over TCP (the first matching line wins),
 # so that sending the password kept apart from the URL is tested for real.
-{ echo "host all $password_role 127.0.0.1/32 scram-sha-256"; cat "$dir/data/pg_hba.conf"; } \
+{ echo "host all $password_role 127.0.0.1/32 scram-sha-256"
+  if [ -n "$trusted_network" ]; then echo "host all all $trusted_network trust"; fi
+  cat "$dir/data/pg_hba.conf"; } \
     >"$dir/pg_hba.conf" && mv "$dir/pg_hba.conf" "$dir/data/pg_hba.conf"
 if ! "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
     -o "-p $port -c listen_addresses=127.0.0.1 -k $dir/data -c fsync=off -c max_connections=300 $more_options" \
@@ -110,12 +114,12 @@ fn free_port() -> Result<u16, String> {
 }
 
 fn start_cluster() -> Result<Cluster, String> {
-    start_cluster_with("")
+    start_cluster_with("", "")
 }
 
 /// A cluster started with `more_options` on the server's command line
-/// (`-c name=value …`).
-fn start_cluster_with(more_options: &str) -> Result<Cluster, String> {
+/// (`-c name=value …`), trusting `trusted_network` (CIDR) besides loopback.
+fn start_cluster_with(more_options: &str, trusted_network: &str) -> Result<Cluster, String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Err("the PostgreSQL tests start their own cluster as the `postgres` user through runuser, which needs root".into());
     }
@@ -127,6 +131,7 @@ fn start_cluster_with(more_options: &str) -> Result<Cluster, String> {
         .arg(port.to_string())
         .arg(PASSWORD_ROLE)
         .arg(more_options)
+        .arg(trusted_network)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -163,23 +168,45 @@ fn start_cluster_with(more_options: &str) -> Result<Cluster, String> {
 impl Cluster {
     /// A new, empty database's URL, for the trusted superuser.
     pub(super) async fn fresh_database_url(&self) -> String {
-        let database = fresh_database(self.port).await;
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        self.fresh_database_url_at("127.0.0.1").await
     }
 
-    /// Restarts the server (`pg_ctl restart -m fast`): every connection is
-    /// cut, and the server accepts new ones when this returns.
-    pub(super) fn restart(&self) {
+    /// A new, empty database's URL at `host` (an address it listens on).
+    pub(super) async fn fresh_database_url_at(&self, host: &str) -> String {
+        let database = fresh_database(self.port).await;
+        format!("postgres://postgres@{host}:{}/{database}", self.port)
+    }
+
+    /// Runs `pg_ctl -D DATA ARGS…` as `postgres`, waiting for it.
+    fn pg_ctl(&self, args: &[&str]) {
         let status = Command::new("runuser")
             .args(["-u", "postgres", "--"])
             .arg(self.binaries.join("pg_ctl"))
             .arg("-D")
             .arg(self.directory.join("data"))
-            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .args(args)
             .stdout(Stdio::null())
             .status()
-            .expect("run pg_ctl restart");
-        assert!(status.success(), "pg_ctl restart failed");
+            .expect("run pg_ctl");
+        assert!(status.success(), "pg_ctl {args:?} failed");
+    }
+
+    /// Restarts the server (`pg_ctl restart -m fast`): every connection is
+    /// cut, and the server accepts new ones when this returns.
+    pub(super) fn restart(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "-t", "60", "restart"]);
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`): connections are cut and
+    /// new ones refused until [`Cluster::start_again`].
+    pub(super) fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "-t", "60", "stop"]);
+    }
+
+    /// Starts a stopped server again with the options it first had (pg_ctl
+    /// restart of a stopped server reads them from `postmaster.opts`).
+    pub(super) fn start_again(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "restart"]);
     }
 }
 
@@ -189,6 +216,19 @@ impl Cluster {
 #[allow(dead_code)]
 pub(super) fn private_cluster() -> Option<Cluster> {
     match start_cluster() {
+        Ok(cluster) => Some(cluster),
+        Err(reason) => skip_or_fail(&reason),
+    }
+}
+
+/// A private cluster that also listens on `address` and trusts
+/// `trusted_network` (CIDR): the operator address of a network lab and
+/// the lab's hosts (`tests/src/netns.rs`); `None` when skipped.
+// See the note on `Cluster`.
+#[allow(dead_code)]
+pub(super) fn private_cluster_on(address: &str, trusted_network: &str) -> Option<Cluster> {
+    let options = format!("-c listen_addresses=127.0.0.1,{address}");
+    match start_cluster_with(&options, trusted_network) {
         Ok(cluster) => Some(cluster),
         Err(reason) => skip_or_fail(&reason),
     }
@@ -222,7 +262,7 @@ pub(super) fn private_cluster_with_tls(directory: &std::path::Path) -> Option<Cl
         directory.join("server.pem").display(),
         key.display()
     );
-    match start_cluster_with(&options) {
+    match start_cluster_with(&options, "") {
         Ok(cluster) => Some(cluster),
         Err(reason) => skip_or_fail(&reason),
     }

@@ -106,6 +106,10 @@ impl From<tokio_postgres::Error> for StoreError {
             {
                 StoreError::Conflict(describe(&error))
             }
+            Some(code) if *code == SqlState::DISK_FULL => StoreError::DiskFull(describe(&error)),
+            // No SQLSTATE and no server message: the connection itself
+            // failed (refused, closed, timed out).
+            None if error.as_db_error().is_none() => StoreError::Unavailable(describe(&error)),
             _ => StoreError::Backend(describe(&error)),
         }
     }
@@ -115,6 +119,9 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         match error {
             deadpool_postgres::PoolError::Backend(error) => error.into(),
+            deadpool_postgres::PoolError::Timeout(_) => {
+                StoreError::Unavailable(format!("PostgreSQL connection pool: {error}"))
+            }
             other => StoreError::Backend(format!("PostgreSQL connection pool: {other}")),
         }
     }

@@ -118,6 +118,7 @@ impl From<rusqlite::Error> for StoreError {
                 ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
                     StoreError::Corrupt(error.to_string())
                 }
+                ErrorCode::DiskFull => StoreError::DiskFull(error.to_string()),
                 _ => StoreError::Backend(error.to_string()),
             },
             rusqlite::Error::FromSqlConversionFailure(..)
