@@ -51,7 +51,7 @@ pub fn random_index(length: usize) -> usize {
 }
 
 /// A number in [0, 1) from the OS random generator (via uuid v4).
-fn random_unit() -> f64 {
+pub fn random_unit() -> f64 {
     let bytes = uuid::Uuid::new_v4().into_bytes();
     let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     f64::from(value) / (f64::from(u32::MAX) + 1.0)

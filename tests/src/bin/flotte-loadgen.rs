@@ -135,6 +135,11 @@ struct LoadgenArguments {
     /// revoke call returning to each agent's acknowledgement.
     #[arg(long)]
     revoke_access: bool,
+    /// Churn: this many sessions a minute (on average, at random agents)
+    /// end on the agent's side and reconnect at once, as machines
+    /// rebooting or networks blinking would do (the soak uses it).
+    #[arg(long, default_value_t = 0)]
+    churn_per_minute: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -381,6 +386,16 @@ struct FleetCounters {
     session_failures: AtomicU64,
     /// Agents whose session is established right now.
     connected: AtomicUsize,
+    /// Sessions ended on purpose by `--churn-per-minute` (and reopened).
+    churned: AtomicU64,
+}
+
+/// How simulated agents dial: the servers, the handshake slots, and, when
+/// churning, the mean lifetime of a session.
+struct Dialing {
+    servers: Arc<[String]>,
+    connect_slots: Arc<Semaphore>,
+    churn_mean_lifetime: Option<Duration>,
 }
 
 /// What one simulated agent did, returned when its task ends.
@@ -394,11 +409,10 @@ struct SimulatedAgentOutcome {
 /// the agent's own backoff when it drops, to the next server address (as the
 /// real agent does).
 async fn run_simulated_agent(
-    servers: Arc<[String]>,
+    dialing: Arc<Dialing>,
     agent: SimulatedAgent,
     ack_log: Arc<SimulatedAckLog>,
     counters: Arc<FleetCounters>,
-    connect_slots: Arc<Semaphore>,
     swaps: Option<Arc<SimulatedSwapLog>>,
     shutdown: CancellationToken,
 ) -> SimulatedAgentOutcome {
@@ -426,10 +440,10 @@ async fn run_simulated_agent(
     let mut ever_established = false;
     let mut server_index = agent.first_server;
     loop {
-        let address = &servers[server_index % servers.len().max(1)];
+        let address = &dialing.servers[server_index % dialing.servers.len().max(1)];
         let permit: Option<OwnedSemaphorePermit> = tokio::select! {
             () = shutdown.cancelled() => break,
-            permit = Arc::clone(&connect_slots).acquire_owned() => permit.ok(),
+            permit = Arc::clone(&dialing.connect_slots).acquire_owned() => permit.ok(),
         };
         // The slot is given back as soon as the server answers the hello, so
         // it bounds handshakes in flight, not sessions.
@@ -444,21 +458,39 @@ async fn run_simulated_agent(
                 counters.established.fetch_add(1, Ordering::Relaxed);
             }
         };
+        // Churn ends this session after a random lifetime (uniform up to
+        // twice the mean), as if the machine rebooted.
+        let session_end = shutdown.child_token();
+        let churn_timer = dialing.churn_mean_lifetime.map(|mean| {
+            let lifetime = mean.mul_f64(2.0 * flotte_agent::backoff::random_unit());
+            let end = session_end.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(lifetime).await;
+                end.cancel();
+            })
+        });
         let outcome = run_session(
             address,
             &mut state,
             &memory,
             &mut stats,
-            &shutdown,
+            &session_end,
             &mut on_established,
         )
         .await;
+        if let Some(timer) = churn_timer {
+            timer.abort();
+        }
         drop(connect_slot);
         if established_this_time {
             counters.connected.fetch_sub(1, Ordering::Relaxed);
         }
         let failure = match outcome {
-            Ok(SessionEnd::Shutdown) => break,
+            Ok(SessionEnd::Shutdown) if shutdown.is_cancelled() => break,
+            Ok(SessionEnd::Shutdown) => {
+                counters.churned.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Ok(SessionEnd::ClosedByServer(reason)) => format!("closed by the server: {reason}"),
             Err(error) => error.to_string(),
         };
@@ -840,7 +872,15 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
     );
 
     let counters = Arc::new(FleetCounters::default());
-    let connect_slots = Arc::new(Semaphore::new(arguments.connect_concurrency as usize));
+    let dialing = Arc::new(Dialing {
+        servers: Arc::clone(&servers),
+        connect_slots: Arc::new(Semaphore::new(arguments.connect_concurrency as usize)),
+        // K sessions a minute among N agents: each lives N/K minutes on average.
+        churn_mean_lifetime: (arguments.churn_per_minute > 0).then(|| {
+            Duration::from_secs(60)
+                .mul_f64(f64::from(arguments.agents) / f64::from(arguments.churn_per_minute))
+        }),
+    });
     let shutdown = CancellationToken::new();
     // Dropping the guard on any early return ends every session.
     let shutdown_guard = shutdown.clone().drop_guard();
@@ -855,11 +895,10 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
         .collect();
     for (agent, ack_log) in fleet.into_iter().zip(&ack_logs) {
         sessions.spawn(run_simulated_agent(
-            Arc::clone(&servers),
+            Arc::clone(&dialing),
             agent,
             Arc::clone(ack_log),
             Arc::clone(&counters),
-            Arc::clone(&connect_slots),
             swap_log.clone(),
             shutdown.clone(),
         ));
@@ -937,9 +976,10 @@ async fn run_load(arguments: LoadgenArguments) -> Result<(), LoadgenError> {
         .saturating_sub(failures_before_window);
 
     println!(
-        "held {agents} sessions for a {:.0} s window after {:.0} s to settle; {failures_in_window} session failure(s) in the window",
+        "held {agents} sessions for a {:.0} s window after {:.0} s to settle; {failures_in_window} session failure(s) in the window; {} session(s) ended by churn and reopened",
         arguments.duration.as_secs_f64(),
-        arguments.settle.as_secs_f64()
+        arguments.settle.as_secs_f64(),
+        counters.churned.load(Ordering::Relaxed)
     );
     for (index, who) in server_processes.labels().enumerate() {
         let (first, last) = (&servers_first[index], &servers_last[index]);

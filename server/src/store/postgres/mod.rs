@@ -107,9 +107,11 @@ impl From<tokio_postgres::Error> for StoreError {
                 StoreError::Conflict(describe(&error))
             }
             Some(code) if *code == SqlState::DISK_FULL => StoreError::DiskFull(describe(&error)),
-            // No SQLSTATE and no server message: the connection itself
-            // failed (refused, closed, timed out).
-            None if error.as_db_error().is_none() => StoreError::Unavailable(describe(&error)),
+            // The connection itself failed (refused, reset, closed): not a
+            // refusal by the server (a password missing or wrong is one).
+            None if error.is_closed() || caused_by_io(&error) => {
+                StoreError::Unavailable(describe(&error))
+            }
             _ => StoreError::Backend(describe(&error)),
         }
     }
@@ -125,6 +127,19 @@ impl From<deadpool_postgres::PoolError> for StoreError {
             other => StoreError::Backend(format!("PostgreSQL connection pool: {other}")),
         }
     }
+}
+
+/// Whether an I/O error (a refused, reset or timed-out connection) is
+/// among the causes of `error`.
+fn caused_by_io(error: &tokio_postgres::Error) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(current) = cause {
+        if current.is::<std::io::Error>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// The driver's message with the server's own, when there is one (the

@@ -256,7 +256,7 @@ pub(crate) mod tests {
         ));
         assert!(matches!(
             failure(rusqlite::ffi::SQLITE_FULL),
-            StoreError::Backend(_)
+            StoreError::DiskFull(_)
         ));
         assert!(matches!(
             StoreError::from(conversion_error(std::fmt::Error)),

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Soak (issue 17): simulated agents on one flotte-server for an hour, with
+churn, while the server's resources are sampled; then a verdict and a plot.
+
+Churn, as an operator's day would bring it:
+  * sessions dropped and re-established (flotte-loadgen --churn-per-minute),
+  * a relabel every minute,
+  * an access change every minute (a user granted, then revoked),
+  * a staged rollout of a new image every 10 minutes (simulated swaps),
+  * a quarantine and its release every 30 minutes.
+Every 10 s: the server's RSS, open descriptors, tasks (threads) and its
+database connections (descriptors open on the SQLite files). The verdict:
+RSS growth between minute 10 and the end under 5 %, descriptors flat.
+
+usage: soak.py [--agents 1000] [--minutes 60] [--out DIR]
+Release binaries come from $B (default /work/target-bench/release); the
+plot needs matplotlib. Not in CI: it runs for an hour.
+"""
+
+import argparse
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BINARIES = Path(os.environ.get("B", "/work/target-bench/release"))
+SAMPLE_EVERY = 10
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--minutes", type=int, default=60)
+    parser.add_argument("--churn-per-minute", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/flotte-soak"))
+    arguments = parser.parse_args()
+    out = arguments.out
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out.mkdir(parents=True)
+    data = out / "server"
+    run([BINARIES / "flotte-server", "init", "--data-dir", data, "--listen", "127.0.0.1:0"])
+    server_log = open(out / "server.log", "w")
+    server = subprocess.Popen(
+        [BINARIES / "flotte-server", "run", "--data-dir", data, "--metrics-listen", "127.0.0.1:0"],
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+    )
+    while not (data / "server.address").exists() or not (data / "server.address").read_text().endswith("\n"):
+        time.sleep(0.05)
+    address = (data / "server.address").read_text().strip()
+    ctl = Operator(data / "admin", address)
+    keys = out / "keys"
+    ctl.run("image", "keygen", "--out", keys)
+    ctl.run("image", "trust", "add", keys / "release.pub")
+    tree = out / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "app").write_text("#!/bin/sh\nexec sleep infinity\n")
+    (tree / "bin" / "app").chmod(0o755)
+    plan = out / "plan.toml"
+    plan.write_text(
+        '[[stage]]\nname = "canary"\nbatch = "1%"\nbake = "10s"\n\n'
+        '[[stage]]\nname = "rest"\nbatch = "50%"\nbake = "10s"\n\n'
+        '[policy]\nmax_failures = 5\nmachine_deadline = "120s"\non_failure = "halt"\n'
+    )
+    loadgen_log = open(out / "loadgen.log", "w")
+    loadgen = subprocess.Popen(
+        [
+            BINARIES / "flotte-loadgen", "--profile", data / "admin", "--server", address,
+            "--agents", str(arguments.agents),
+            "--duration", f"{arguments.minutes * 60 + 120}s",
+            "--churn-per-minute", str(arguments.churn_per_minute),
+        ],
+        stdout=loadgen_log,
+        stderr=subprocess.STDOUT,
+    )
+    while "established" not in (out / "loadgen.log").read_text():
+        if loadgen.poll() is not None:
+            sys.exit("the load generator stopped:\n" + (out / "loadgen.log").read_text())
+        time.sleep(1)
+    print("sessions established; soaking for", arguments.minutes, "minutes", flush=True)
+
+    samples = []
+    started = time.monotonic()
+    next_sample = started
+    next_minute = started + 60
+    minute = 0
+    granted = False
+    version = 0
+    try:
+        while time.monotonic() - started < arguments.minutes * 60:
+            now = time.monotonic()
+            if now >= next_sample:
+                samples.append(sample(server.pid, data, (now - started) / 60))
+                next_sample += SAMPLE_EVERY
+            if now >= next_minute:
+                minute += 1
+                next_minute += 60
+                hostnames = [m["hostname"] for m in ctl.json("machines", "list")]
+                ctl.run("machines", "label", random.choice(hostnames), "--set", f"soak-minute={minute}")
+                if granted:
+                    ctl.run("user", "revoke", "soaker")
+                else:
+                    ctl.run("user", "add", "soaker", "--ssh-key", keys / "soaker.pub", create_key=keys / "soaker")
+                    ctl.run("access", "grant", "soaker", "--selector", "zone=zone-1", "--login", "soaker")
+                granted = not granted
+                if minute % 10 == 1:
+                    version += 1
+                    image = out / f"app-{version}.flotte"
+                    ctl.run("image", "build", tree, "--name", "app", "--version", f"1.0.{version}",
+                            "--key", keys / "release.key", "-o", image, "--service", "bin/app")
+                    ctl.run("image", "push", image)
+                    ctl.run("rollout", "create", "--image", f"app@1.0.{version}", "--plan", plan)
+                if minute % 30 == 5:
+                    victim = random.choice(hostnames)
+                    ctl.run("machines", "quarantine", victim, "--reason", "soak")
+                    ctl.run("machines", "release", victim)
+                print(f"minute {minute}: {samples[-1]}", flush=True)
+            time.sleep(0.5)
+    finally:
+        loadgen.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
+        loadgen.wait()
+        server.wait()
+    write_results(out, samples, arguments)
+
+
+def run(command, **kwargs):
+    return subprocess.run([str(part) for part in command], check=True, capture_output=True, text=True, **kwargs)
+
+
+class Operator:
+    def __init__(self, profile, address):
+        self.base = [BINARIES / "flottectl", "--profile", profile, "--server", address]
+
+    def run(self, *arguments, create_key=None):
+        if create_key is not None and not Path(create_key).exists():
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", create_key])
+        result = subprocess.run([str(part) for part in self.base + list(arguments)], capture_output=True, text=True)
+        if result.returncode != 0:
+            print("flottectl", *arguments, "failed:", result.stderr.strip(), flush=True)
+        return result.stdout
+
+    def json(self, *arguments):
+        return json.loads(self.run(*arguments, "-o", "json") or "[]")
+
+
+def sample(pid, data, minutes):
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+    descriptors = os.listdir(f"/proc/{pid}/fd")
+    database = 0
+    for descriptor in descriptors:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+        except OSError:
+            continue
+        if target.startswith(str(data)) and ".db" in target:
+            database += 1
+    return {
+        "minute": round(minutes, 2),
+        "rss_mib": round(rss_kib / 1024, 1),
+        "descriptors": len(descriptors),
+        "tasks": len(os.listdir(f"/proc/{pid}/task")),
+        "database_files_open": database,
+    }
+
+
+def at_minute(samples, minute):
+    return min(samples, key=lambda row: abs(row["minute"] - minute))
+
+
+def write_results(out, samples, arguments):
+    with open(out / "samples.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(samples[0]))
+        writer.writeheader()
+        writer.writerows(samples)
+    start = at_minute(samples, 10)
+    end = samples[-1]
+    growth = (end["rss_mib"] - start["rss_mib"]) / start["rss_mib"] * 100
+    window = [row for row in samples if row["minute"] >= 10]
+    verdict = {
+        "agents": arguments.agents,
+        "minutes": arguments.minutes,
+        "rss_mib_at_10_min": start["rss_mib"],
+        "rss_mib_at_end": end["rss_mib"],
+        "rss_growth_percent": round(growth, 2),
+        "descriptors_min_max_after_10_min": [min(r["descriptors"] for r in window), max(r["descriptors"] for r in window)],
+        "tasks_min_max_after_10_min": [min(r["tasks"] for r in window), max(r["tasks"] for r in window)],
+        "rss_goal_met": growth < 5,
+    }
+    (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
+    print(json.dumps(verdict, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plot
+    except ImportError:
+        print("matplotlib is missing: no plot (pip install matplotlib)")
+        return
+    figure, axes = plot.subplots(4, 1, figsize=(8, 10), sharex=True)
+    minutes = [row["minute"] for row in samples]
+    for axis, (key, label) in zip(
+        axes,
+        [("rss_mib", "RSS (MiB)"), ("descriptors", "open descriptors"), ("tasks", "tasks (threads)"),
+         ("database_files_open", "database files open")],
+    ):
+        axis.plot(minutes, [row[key] for row in samples])
+        axis.set_ylabel(label)
+        axis.grid(True)
+    axes[0].set_title(f"flotte-server soak: {arguments.agents} simulated agents with churn")
+    axes[-1].set_xlabel("minutes")
+    figure.tight_layout()
+    figure.savefig(out / "soak.png", dpi=80)
+    print("plot:", out / "soak.png")
+
+
+if __name__ == "__main__":
+    main()
