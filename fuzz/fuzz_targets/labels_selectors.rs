@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use flotte_proto::labels::{format_labels, parse_labels, validate_label, Selector};
-use flotte_proto::names::{quoted_prefix, validate_hostname};
+use flotte_proto::names::{quoted_prefix, validate_hostname, QUOTED_PREFIX_MAX_OUTPUT_CHARS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = validate_hostname(text);
-    assert!(quoted_prefix(text).chars().count() <= 200);
+    assert!(quoted_prefix(text).chars().count() <= QUOTED_PREFIX_MAX_OUTPUT_CHARS);
     let (labels_text, selector_text) = text.split_once('\n').unwrap_or((text, text));
     if let Ok(labels) = parse_labels(labels_text) {
         for (key, value) in &labels {
