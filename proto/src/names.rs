@@ -13,6 +13,11 @@ pub const MAX_HOSTNAME_BYTES: usize = 253;
 pub const MAX_HOSTNAME_LABEL_BYTES: usize = 63;
 /// How many characters of an offending value an error quotes.
 pub const QUOTED_PREFIX_CHARS: usize = 32;
+/// Longest text [`quoted_prefix`] returns, in characters: each quoted
+/// character escapes to at most 10 (`\u{10ffff}`), plus two quotes and the
+/// ellipsis. Bounded whatever the value (found by the `labels_selectors`
+/// fuzz target: 32 escaped characters are longer than 32).
+pub const QUOTED_PREFIX_MAX_OUTPUT_CHARS: usize = QUOTED_PREFIX_CHARS * 10 + 3;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
@@ -164,5 +169,17 @@ mod tests {
             quoted_prefix(&"é".repeat(40)),
             format!("\"{}…\"", "é".repeat(32))
         );
+    }
+
+    #[test]
+    fn a_quoted_prefix_is_bounded_even_when_every_character_is_escaped() {
+        // The input the fuzz target found: two unassigned code points and
+        // control characters, each escaped to several characters.
+        let found = "\u{9a451}\u{9a451}".to_owned() + &"\u{16}".repeat(63);
+        let quoted = quoted_prefix(&found);
+        assert!(quoted.chars().count() > 200, "{quoted}");
+        assert!(quoted.chars().count() <= QUOTED_PREFIX_MAX_OUTPUT_CHARS);
+        let worst = quoted_prefix(&"\u{10ffff}".repeat(40));
+        assert_eq!(worst.chars().count(), QUOTED_PREFIX_MAX_OUTPUT_CHARS);
     }
 }

@@ -24,6 +24,8 @@ pub mod config;
 mod domain;
 mod edge;
 mod forensics;
+#[doc(hidden)]
+pub mod fuzzing;
 mod images;
 pub mod init;
 mod join_tokens;

@@ -18,7 +18,10 @@
 //!   grant id written in the key's comment are plain words.
 //!
 //! Everything refused is kept as a [`Refusal`] and reported to the server.
-//! The decisions are pure; the user database is behind `LoginDirectory`.
+//! The decisions are pure: what the user database says of each login is
+//! looked up beforehand (by the enforcer, on the blocking pool with a time
+//! bound) and handed in as [`LookedUp`]; a login the database did not
+//! answer for in time is refused (fail closed).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -27,7 +30,7 @@ use flotte_proto::names::quoted_prefix;
 use flotte_proto::ssh_keys::{parse_public_key, ACCEPTED_KEY_TYPES};
 use serde::{Deserialize, Serialize};
 
-use super::files::{is_safe_login, LoginAccount, LoginDirectory};
+use super::files::{is_safe_login, LoginAccount};
 use super::policy::{LocalKey, LocalPolicy};
 
 /// Where `UID_MIN`/`UID_MAX` are read from.
@@ -101,6 +104,26 @@ impl UidRange {
 pub struct Boundary {
     pub allowed: AllowedLogins,
     pub people_uids: UidRange,
+}
+
+impl Boundary {
+    /// Whether deciding needs the user database (uid and shell): only for
+    /// the default; a listed login is decided by its name.
+    pub fn needs_lookups(&self) -> bool {
+        matches!(self.allowed, AllowedLogins::PeopleOnly)
+    }
+}
+
+/// What the user database said of one login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookedUp {
+    Account(LoginAccount),
+    /// No such login here (reported missing; sshd cannot log it in).
+    Unknown,
+    /// Not asked (the boundary decides by name).
+    NotAsked,
+    /// No answer in time, or the lookup failed: why.
+    NoAnswer(String),
 }
 
 /// A key (or a whole login) of a policy the agent did not install.
@@ -202,13 +225,17 @@ fn key_label(key: &LocalKey) -> String {
         .unwrap_or_else(|| quoted_prefix(&key.public_key))
 }
 
-/// The part of `policy` inside the boundary, and what was left out.
-/// Looks logins up in `accounts` (NSS: a slow user database delays the
-/// policy it screens — see SECURITY.md).
+/// The part of `policy` inside the boundary, and what was left out, given
+/// what the user database said of each login (`looked_up`, which never
+/// blocks: the lookups were made before). A login the database did not
+/// answer for keeps only its keys in `installed` (the policy narrowed to
+/// what is installed, screened when it was installed) and gets no new one:
+/// a slow database neither adds access nor locks people out.
 pub fn screen(
     policy: &LocalPolicy,
     boundary: &Boundary,
-    accounts: &dyn LoginDirectory,
+    looked_up: &dyn Fn(&str) -> LookedUp,
+    installed: &LocalPolicy,
 ) -> (LocalPolicy, Vec<Refusal>) {
     let mut refusals = Vec::new();
     let mut refuse = |login: &str, key: &LocalKey, key_text: String, reason: String| {
@@ -224,12 +251,24 @@ pub fn screen(
     };
     let mut logins = BTreeMap::new();
     for (login, keys) in &policy.logins {
-        let account = if is_safe_login(login) {
-            accounts.account_of(login)
-        } else {
-            None
+        let verdict = match looked_up(login) {
+            LookedUp::NoAnswer(reason) if boundary.needs_lookups() && is_safe_login(login) => {
+                let kept = installed.logins.get(login).cloned().unwrap_or_default();
+                for key in keys
+                    .iter()
+                    .filter(|key| !kept.iter().any(|k| k.same_grant(key)))
+                {
+                    refuse(login, key, key_label(key), reason.clone());
+                }
+                if !kept.is_empty() {
+                    logins.insert(login.clone(), kept);
+                }
+                continue;
+            }
+            LookedUp::Account(account) => login_refusal(login, Some(&account), boundary),
+            _ => login_refusal(login, None, boundary),
         };
-        if let Some(reason) = login_refusal(login, account.as_ref(), boundary) {
+        if let Some(reason) = verdict {
             for key in keys {
                 refuse(login, key, key_label(key), reason.clone());
             }
@@ -261,6 +300,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::access::files::LoginDirectory;
 
     const KEY: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKvkDk0qYpGPzoRl3X27cRHkeu9MS8y63dSFMpU6xIuH";
@@ -405,6 +445,39 @@ mod tests {
     }
 
     #[test]
+    fn a_login_the_user_database_did_not_answer_for_gets_no_new_key_unless_listed() {
+        const OTHER_KEY: &str =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINpvAXiztNTetQLK6xRzciVEKbTwfINuABqNK9qXq8E2";
+        let policy = LocalPolicy {
+            version: 2,
+            logins: BTreeMap::from([("alice".to_owned(), vec![key(KEY), key(OTHER_KEY)])]),
+        };
+        let no_answer = |_: &str| LookedUp::NoAnswer("the user database did not answer".into());
+        let (kept, refusals) = screen(&policy, &people_only(), &no_answer, &LocalPolicy::default());
+        assert!(kept.logins.is_empty());
+        assert_eq!(refusals.len(), 2);
+        assert_eq!(refusals[0].reason, "the user database did not answer");
+        // What was installed (and screened then) stays; the new key waits.
+        let installed = LocalPolicy {
+            version: 1,
+            logins: BTreeMap::from([("alice".to_owned(), vec![key(KEY)])]),
+        };
+        let (kept, refusals) = screen(&policy, &people_only(), &no_answer, &installed);
+        assert_eq!(kept.logins, installed.logins);
+        assert_eq!(kept.version, 2);
+        assert_eq!(refusals.len(), 1);
+        assert!(refusals[0].key.starts_with("SHA256:"), "{refusals:?}");
+        assert_ne!(refusals[0].key, FINGERPRINT);
+        let listed = Boundary {
+            allowed: AllowedLogins::Listed(BTreeSet::from(["alice".to_owned()])),
+            people_uids: UidRange::default(),
+        };
+        let (kept, refusals) = screen(&policy, &listed, &no_answer, &LocalPolicy::default());
+        assert_eq!(kept.logins, policy.logins);
+        assert!(refusals.is_empty());
+    }
+
+    #[test]
     fn screening_keeps_what_is_inside_and_names_each_refusal() {
         let policy = LocalPolicy {
             version: 7,
@@ -417,7 +490,12 @@ mod tests {
                 ("daemon".to_owned(), vec![key(KEY)]),
             ]),
         };
-        let (kept, refusals) = screen(&policy, &people_only(), &accounts());
+        let accounts = accounts();
+        let looked_up = |login: &str| match accounts.account_of(login) {
+            Some(account) => LookedUp::Account(account),
+            None => LookedUp::Unknown,
+        };
+        let (kept, refusals) = screen(&policy, &people_only(), &looked_up, &LocalPolicy::default());
         assert_eq!(kept.version, 7);
         assert_eq!(
             kept.logins,

@@ -15,9 +15,15 @@
 //! could be a path. What users control (their `~/.ssh/authorized_keys`) is
 //! read by `scan`, on the blocking pool with a timeout, never on the
 //! session loop: the session only asks for a scan and is told when one is
-//! done, so no file can stop a revocation from being applied.
+//! done, so no file can stop a revocation from being applied. The user
+//! database (NSS: LDAP, sssd…) is never read on the session loop either: a
+//! policy received is applied at once narrowed to what is installed (a
+//! revocation takes effect before anything is looked up), then screened
+//! whole by the boundary once its logins are looked up on the blocking pool
+//! with a time bound; only then is its version acknowledged.
 
 pub mod boundary;
+pub mod bounded;
 pub mod files;
 pub mod policy;
 pub mod scan;
@@ -25,6 +31,7 @@ pub mod settings;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -33,11 +40,16 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use self::boundary::{screen, AllowedLogins, Boundary, Refusal, UidRange, LOGIN_DEFS};
-use self::files::{FileContents, LoginDirectory, ManagedDirectory, SystemLogins};
+use self::boundary::{
+    screen, AllowedLogins, Boundary, LookedUp, Refusal, UidRange, LOGIN_DEFS, MAX_REFUSALS,
+};
+use self::bounded::{BoundedCalls, CallOutcome};
+use self::files::{
+    is_safe_login, FileContents, LoginAccount, LoginDirectory, ManagedDirectory, SystemLogins,
+};
 use self::policy::{
-    authorized_keys_text, keys_in_force, next_change_after, should_apply, Contact, LocalKey,
-    LocalPolicy, OnDisconnect,
+    authorized_keys_text, keys_in_force, narrowed_to_installed, next_change_after, should_apply,
+    Contact, LocalKey, LocalPolicy, OnDisconnect,
 };
 use self::scan::{DiskScanner, Findings, READ_TIMEOUT};
 use crate::clock::unix_now;
@@ -50,6 +62,9 @@ const CONTACT_PERSIST_EVERY: i64 = 60;
 const CONTACT_STALE_AFTER: i64 = 180;
 /// Even with no expiry ahead the enforcer wakes this often (contact upkeep).
 const ENFORCER_MAX_SLEEP: Duration = Duration::from_secs(60);
+/// Longest the screening of a policy waits for the user database to answer
+/// for one login; a login without an answer gets no new key.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Name of the persisted policy in the agent's data dir.
 pub const ACCESS_STATE_FILE: &str = "access-policy.json";
 
@@ -173,6 +188,15 @@ struct Inner {
     last_sent: Option<AccessState>,
     /// The latest scan of the files on disk.
     findings: Findings,
+    /// The latest policy from the server (at start, the persisted one): what
+    /// the screener screens whole.
+    latest: LocalPolicy,
+    /// Counts the policies received: a screening of an older one is
+    /// dropped (it could give back a key revoked since).
+    generation: u64,
+    /// Refusals persisted before this start, kept until the server's first
+    /// policy replaces them (the persisted policy holds only what passed).
+    refused_before_start: Vec<Refusal>,
 }
 
 /// The running enforcement: one per agent, shared by the session (which
@@ -183,11 +207,17 @@ pub struct AccessEnforcer {
     data_dir: PathBuf,
     managed: ManagedDirectory,
     logins: Arc<dyn LoginDirectory>,
+    lookup_timeout: Duration,
     inner: Mutex<Inner>,
     wake: tokio::sync::Notify,
     scan_wanted: tokio::sync::Notify,
-    /// Counts finished scans; the session waits on it for news to report.
-    scans_done: watch::Sender<u64>,
+    screen_wanted: tokio::sync::Notify,
+    /// The last screening had a login without an answer: screen again at
+    /// the next report, so that it gets its keys once the database answers.
+    screen_again_at_report: AtomicBool,
+    /// Counts finished scans and screenings; the session waits on it for
+    /// news to report.
+    news: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for AccessEnforcer {
@@ -200,41 +230,66 @@ impl std::fmt::Debug for AccessEnforcer {
 
 impl AccessEnforcer {
     /// Loads the persisted policy and enforces it at once (so expiry that
-    /// happened while the agent was down takes effect before any session).
-    /// The persisted policy is screened again first: the boundary may have
-    /// narrowed since it was applied (a wider one takes effect with the
-    /// server's next policy).
+    /// happened while the agent was down takes effect before any session),
+    /// with the system's user database.
     pub fn open(settings: AccessSettings, data_dir: &Path) -> Result<Arc<Self>, AccessError> {
+        Self::open_with_logins(settings, data_dir, Arc::new(SystemLogins), LOOKUP_TIMEOUT)
+    }
+
+    /// [`AccessEnforcer::open`] with `logins` as the user database, each
+    /// lookup waited for at most `lookup_timeout`. The persisted policy is
+    /// screened again: by names at once (the boundary may have narrowed
+    /// since it was applied), whole once `run` has looked its logins up (a
+    /// wider boundary takes effect with the server's next policy).
+    pub fn open_with_logins(
+        settings: AccessSettings,
+        data_dir: &Path,
+        logins: Arc<dyn LoginDirectory>,
+        lookup_timeout: Duration,
+    ) -> Result<Arc<Self>, AccessError> {
         let mut persisted = load_state(data_dir)?;
         let boundary = Boundary {
             allowed: settings.allowed_logins.clone(),
             people_uids: UidRange::of_this_machine(Path::new(LOGIN_DEFS)),
         };
-        let (policy, newly_refused) = screen(&persisted.policy, &boundary, &SystemLogins);
+        let latest = persisted.policy.clone();
+        let (policy, newly_refused) = screen(
+            &persisted.policy,
+            &boundary,
+            &|_| LookedUp::NotAsked,
+            &persisted.policy,
+        );
         persisted.policy = policy;
         persisted.refused.extend(newly_refused);
-        persisted.refused.truncate(boundary::MAX_REFUSALS);
+        persisted.refused.truncate(MAX_REFUSALS);
         let enforcer = Arc::new(AccessEnforcer {
             managed: ManagedDirectory::new(&settings.authorized_keys_dir),
             settings,
             boundary,
             data_dir: data_dir.to_owned(),
-            logins: Arc::new(SystemLogins),
+            logins,
+            lookup_timeout,
             inner: Mutex::new(Inner {
+                refused_before_start: persisted.refused.clone(),
                 persisted,
                 in_force: None,
                 last_sent: None,
                 findings: Findings::new(),
+                latest,
+                generation: 0,
             }),
             wake: tokio::sync::Notify::new(),
             scan_wanted: tokio::sync::Notify::new(),
-            scans_done: watch::Sender::new(0),
+            screen_wanted: tokio::sync::Notify::new(),
+            screen_again_at_report: AtomicBool::new(false),
+            news: watch::Sender::new(0),
         });
         for problem in enforcer.managed.strict_modes_problems() {
             tracing::warn!(%problem, "sshd StrictModes would refuse the managed authorized_keys files");
         }
         enforcer.enforce(unix_now())?;
         enforcer.request_scan();
+        enforcer.screen_wanted.notify_one();
         Ok(enforcer)
     }
 
@@ -258,14 +313,63 @@ impl AccessEnforcer {
         self.lock().persisted.policy.version
     }
 
-    /// Applies what the boundary lets through of `policy` if it is newer
-    /// (or the same version recompiled for new labels); true if it was
-    /// applied.
+    /// Takes `policy` from the server if it is newer (or the same version
+    /// recompiled for new labels): applies at once what it removes or
+    /// shortens of the installed keys, without looking anything up, and
+    /// leaves the rest to the screener (`run`), which installs and
+    /// acknowledges it once its logins are looked up. True if something
+    /// was removed at once.
     pub fn receive(&self, policy: LocalPolicy, now: i64) -> Result<bool, AccessError> {
-        // The user database is read before the lock (it may be slow).
-        let (policy, refused) = screen(&policy, &self.boundary, self.logins.as_ref());
+        let narrowed = {
+            let mut inner = self.lock();
+            if !should_apply(&inner.latest, &policy) {
+                drop(inner);
+                // The same policy again (a reconnection): look again, the
+                // user database may have changed.
+                self.screen_wanted.notify_one();
+                return Ok(false);
+            }
+            inner.generation = inner.generation.wrapping_add(1);
+            inner.refused_before_start.clear();
+            let narrowed = narrowed_to_installed(&policy, &inner.persisted.policy);
+            inner.latest = policy;
+            let changed = narrowed != inner.persisted.policy;
+            if changed {
+                inner.persisted.policy = narrowed;
+                inner.persisted.connected = true;
+                inner.persisted.last_contact_at = now;
+                self.persist(&inner.persisted)?;
+            }
+            changed
+        };
+        if narrowed {
+            self.enforce(now)?;
+            self.wake.notify_one();
+        }
+        self.screen_wanted.notify_one();
+        Ok(narrowed)
+    }
+
+    /// Installs the screened `policy` of `generation` unless a newer policy
+    /// arrived meanwhile; true if it changed what is installed.
+    fn install(
+        &self,
+        generation: u64,
+        policy: LocalPolicy,
+        mut refused: Vec<Refusal>,
+        now: i64,
+    ) -> Result<bool, AccessError> {
         {
             let mut inner = self.lock();
+            if inner.generation != generation {
+                return Ok(false);
+            }
+            for earlier in &inner.refused_before_start {
+                if !refused.contains(earlier) {
+                    refused.push(earlier.clone());
+                }
+            }
+            refused.truncate(MAX_REFUSALS);
             let refusals_changed = inner.persisted.refused != refused;
             if !should_apply(&inner.persisted.policy, &policy) && !refusals_changed {
                 return Ok(false);
@@ -275,14 +379,99 @@ impl AccessEnforcer {
             }
             inner.persisted.policy = policy;
             inner.persisted.refused = refused;
-            inner.persisted.connected = true;
-            inner.persisted.last_contact_at = now;
             self.persist(&inner.persisted)?;
         }
         self.enforce(now)?;
         self.wake.notify_one();
         self.request_scan();
         Ok(true)
+    }
+
+    /// Screens the latest policy whenever asked, until shutdown: looks its
+    /// logins up (bounded), screens, installs.
+    async fn screen_when_asked(&self, shutdown: &CancellationToken) {
+        let mut lookups = BoundedCalls::new(self.lookup_timeout);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.screen_wanted.notified() => {}
+            }
+            let (generation, latest) = {
+                let inner = self.lock();
+                (inner.generation, inner.latest.clone())
+            };
+            let looked_up = self.look_up(&mut lookups, &latest).await;
+            let unanswered = looked_up
+                .values()
+                .any(|answer| matches!(answer, LookedUp::NoAnswer(_)));
+            self.screen_again_at_report
+                .store(unanswered, Ordering::Relaxed);
+            let answer_of = |login: &str| {
+                looked_up
+                    .get(login)
+                    .cloned()
+                    .unwrap_or_else(|| LookedUp::NoAnswer("the login was not looked up".to_owned()))
+            };
+            // Installed now: screened when installed, so a login without an
+            // answer keeps it (the generation check below makes sure no
+            // revocation came in between).
+            let installed = narrowed_to_installed(&latest, &self.lock().persisted.policy);
+            let (screened, refused) = screen(&latest, &self.boundary, &answer_of, &installed);
+            let version = screened.version;
+            match self.install(generation, screened, refused, unix_now()) {
+                Ok(true) => tracing::info!(version, "access policy applied"),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::error!(%error, version, "cannot apply the access policy")
+                }
+            }
+            self.news.send_modify(|news| *news = news.wrapping_add(1));
+        }
+    }
+
+    /// What the user database says of each login of `policy` (none asked
+    /// when the boundary decides by names).
+    async fn look_up(
+        &self,
+        lookups: &mut BoundedCalls<Option<LoginAccount>>,
+        policy: &LocalPolicy,
+    ) -> BTreeMap<String, LookedUp> {
+        if !self.boundary.needs_lookups() {
+            return policy
+                .logins
+                .keys()
+                .map(|login| (login.clone(), LookedUp::NotAsked))
+                .collect();
+        }
+        let timeout = humantime::format_duration(lookups.timeout());
+        let directory = Arc::clone(&self.logins);
+        let logins = policy
+            .logins
+            .keys()
+            .filter(|login| is_safe_login(login))
+            .cloned();
+        lookups
+            .call_each(logins, move |login| directory.account_of(login))
+            .await
+            .into_iter()
+            .map(|(login, outcome)| {
+                let answer = match outcome {
+                    CallOutcome::Answered(Some(account)) => LookedUp::Account(account),
+                    CallOutcome::Answered(None) => LookedUp::Unknown,
+                    CallOutcome::Failed(error) => LookedUp::NoAnswer(format!(
+                        "the lookup of the login in the user database failed ({error}); no new key until it answers"
+                    )),
+                    CallOutcome::NoAnswerSince(since) => LookedUp::NoAnswer(format!(
+                        "the user database gave no answer for this login within {timeout} (asked at {}); no new key until it answers",
+                        humantime::format_rfc3339_seconds(since)
+                    )),
+                    CallOutcome::NotTried { blocked } => LookedUp::NoAnswer(format!(
+                        "not looked up: {blocked} lookups in the user database are still unanswered; no new key until they answer"
+                    )),
+                };
+                (login, answer)
+            })
+            .collect()
     }
 
     /// Records contact with the server (`connected`) or its loss.
@@ -348,9 +537,9 @@ impl AccessEnforcer {
         self.scan_wanted.notify_one();
     }
 
-    /// Changes after each finished scan.
-    pub fn scans_done(&self) -> watch::Receiver<u64> {
-        self.scans_done.subscribe()
+    /// Changes after each finished scan and screening.
+    pub fn news_done(&self) -> watch::Receiver<u64> {
+        self.news.subscribe()
     }
 
     /// What to tell the server: the applied version, and what the latest
@@ -409,17 +598,17 @@ impl AccessEnforcer {
                 log_new_refusals(&inner.findings, &findings);
                 inner.findings = findings;
             }
-            self.scans_done
-                .send_modify(|done| *done = done.wrapping_add(1));
+            self.news.send_modify(|news| *news = news.wrapping_add(1));
         }
     }
 
     /// Enforces at every expiry and fail-closed deadline, whether or not
-    /// the server is reachable, and scans the files when asked, until
-    /// shutdown.
+    /// the server is reachable, screens policies and scans the files when
+    /// asked, until shutdown.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         tokio::join!(
             self.enforce_at_deadlines(&shutdown),
+            self.screen_when_asked(&shutdown),
             self.scan_when_asked(&shutdown)
         );
     }
@@ -455,7 +644,10 @@ impl AccessEnforcer {
 impl AccessHandler for AccessEnforcer {
     fn apply(&self, policy: &AccessPolicy) -> Option<AccessState> {
         match self.receive(local_policy(policy), unix_now()) {
-            Ok(true) => tracing::info!(version = policy.version, "access policy applied"),
+            Ok(true) => tracing::info!(
+                version = policy.version,
+                "access narrowed at once to what the new policy still grants; the rest once its logins are looked up"
+            ),
             Ok(false) => {}
             Err(error) => {
                 tracing::error!(%error, version = policy.version, "cannot apply the access policy");
@@ -472,10 +664,13 @@ impl AccessHandler for AccessEnforcer {
     fn on_report(&self) {
         self.record_contact(true, unix_now());
         self.request_scan();
+        if self.screen_again_at_report.load(Ordering::Relaxed) {
+            self.screen_wanted.notify_one();
+        }
     }
 
     fn news_signal(&self) -> Option<watch::Receiver<u64>> {
-        Some(self.scans_done())
+        Some(self.news_done())
     }
 
     fn news(&self) -> Option<AccessState> {
@@ -601,6 +796,147 @@ mod tests {
             grant_id: "g".into(),
             expires_at: None,
         }
+    }
+
+    /// A user database that answers at once until `stall` is set, then
+    /// never (until the test ends and drops the sender), as a hung LDAP or
+    /// sssd would.
+    struct StallingLogins {
+        stall: AtomicBool,
+        stalled: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl LoginDirectory for StallingLogins {
+        fn account_of(&self, _login: &str) -> Option<LoginAccount> {
+            if self.stall.load(Ordering::SeqCst) {
+                let _ = self.stalled.lock().map(|receiver| receiver.recv());
+            }
+            Some(LoginAccount {
+                home: PathBuf::from("/nonexistent"),
+                uid: UidRange::of_this_machine(Path::new(LOGIN_DEFS)).min,
+                shell: PathBuf::from("/bin/sh"),
+            })
+        }
+    }
+
+    const ALICE_KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKvkDk0qYpGPzoRl3X27cRHkeu9MS8y63dSFMpU6xIuH";
+    const BOB_KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINpvAXiztNTetQLK6xRzciVEKbTwfINuABqNK9qXq8E2";
+
+    fn policy_of(version: u64, logins: &[(&str, &str)]) -> LocalPolicy {
+        LocalPolicy {
+            version,
+            logins: logins
+                .iter()
+                .map(|(login, public_key)| ((*login).to_owned(), vec![key(public_key)]))
+                .collect(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_applies_at_once_while_the_user_database_never_answers() {
+        let root = std::env::temp_dir().join(format!("flotte-lookup-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&root).unwrap();
+        let (never, stalled) = std::sync::mpsc::channel::<()>();
+        let logins = Arc::new(StallingLogins {
+            stall: AtomicBool::new(false),
+            stalled: Mutex::new(stalled),
+        });
+        let settings = AccessSettings {
+            authorized_keys_dir: root.join("managed"),
+            terminate_sessions: false,
+            on_disconnect: OnDisconnect::Keep,
+            allowed_logins: AllowedLogins::PeopleOnly,
+        };
+        let lookup_timeout = Duration::from_secs(2);
+        let enforcer = AccessEnforcer::open_with_logins(
+            settings,
+            &root,
+            Arc::clone(&logins) as Arc<dyn LoginDirectory>,
+            lookup_timeout,
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(Arc::clone(&enforcer).run(shutdown.clone()));
+        let managed = |login: &str| root.join("managed").join(login);
+        // Receives `policy` and waits until its version is acknowledged.
+        let screened = |policy: LocalPolicy| {
+            let enforcer = Arc::clone(&enforcer);
+            let mut news = enforcer.news_done();
+            async move {
+                let version = policy.version;
+                enforcer.receive(policy, 1).unwrap();
+                let acknowledged = async {
+                    while enforcer.applied_version() != version {
+                        news.changed().await.unwrap();
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(10), acknowledged)
+                    .await
+                    .unwrap();
+            }
+        };
+
+        // Answering: both logins installed once looked up, version acknowledged.
+        screened(policy_of(1, &[("alice", ALICE_KEY), ("bob", BOB_KEY)])).await;
+        assert!(managed("alice").exists() && managed("bob").exists());
+
+        // The user database hangs for good; alice is revoked: her file and
+        // her persisted keys are gone when `receive` returns, long before
+        // any lookup could have timed out.
+        logins.stall.store(true, Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        assert!(enforcer
+            .receive(policy_of(2, &[("bob", BOB_KEY)]), 2)
+            .unwrap());
+        assert!(
+            started.elapsed() < lookup_timeout / 2,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!managed("alice").exists());
+        assert_eq!(
+            authorized_keys_for(&root, OnDisconnect::Keep, "alice", 2).unwrap(),
+            ""
+        );
+        assert!(authorized_keys_for(&root, OnDisconnect::Keep, "bob", 2)
+            .unwrap()
+            .contains(BOB_KEY));
+
+        // Screened without an answer: bob keeps what he had, version 2 is
+        // acknowledged; a login added meanwhile gets nothing and says why.
+        let mut news = enforcer.news_done();
+        while enforcer.applied_version() != 2 {
+            tokio::time::timeout(Duration::from_secs(10), news.changed())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert!(managed("bob").exists());
+        screened(policy_of(3, &[("bob", BOB_KEY), ("carol", ALICE_KEY)])).await;
+        assert!(!managed("carol").exists());
+        let state = enforcer.state_to_report(true).unwrap();
+        assert_eq!(state.applied_version, 3);
+        let refused: Vec<(&str, &str)> = state
+            .refused
+            .iter()
+            .map(|refusal| (refusal.login.as_str(), refusal.reason.as_str()))
+            .collect();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].0, "carol");
+        assert!(
+            refused[0].1.contains("no answer for this login within 2s"),
+            "{refused:?}"
+        );
+        // Revoking bob too still needs no answer.
+        assert!(enforcer.receive(policy_of(4, &[]), 4).unwrap());
+        assert!(!managed("bob").exists());
+
+        shutdown.cancel();
+        drop(never);
+        running.await.unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

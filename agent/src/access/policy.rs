@@ -19,6 +19,15 @@ pub struct LocalKey {
     pub expires_at: Option<i64>,
 }
 
+impl LocalKey {
+    /// The same key for the same user and grant (expiry aside).
+    pub fn same_grant(&self, other: &LocalKey) -> bool {
+        self.public_key == other.public_key
+            && self.user == other.user
+            && self.grant_id == other.grant_id
+    }
+}
+
 /// The access policy as the agent applied (and persisted) it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalPolicy {
@@ -43,6 +52,42 @@ pub enum OnDisconnect {
 pub fn should_apply(applied: &LocalPolicy, incoming: &LocalPolicy) -> bool {
     incoming.version > applied.version
         || (incoming.version == applied.version && incoming.logins != applied.logins)
+}
+
+/// `incoming` narrowed to what `installed` already holds: for each login,
+/// the installed keys that `incoming` still grants (same key, user and
+/// grant), each expiring at the earlier of its two times. It only removes
+/// or shortens access, so it is applied the moment a policy arrives, before
+/// anything is looked up: a revocation never waits for the user database.
+/// It keeps `installed`'s version (the incoming one is acknowledged once it
+/// has been screened whole).
+pub fn narrowed_to_installed(incoming: &LocalPolicy, installed: &LocalPolicy) -> LocalPolicy {
+    let earlier = |first: Option<i64>, second: Option<i64>| match (first, second) {
+        (Some(first), Some(second)) => Some(first.min(second)),
+        (first, second) => first.or(second),
+    };
+    let logins = installed
+        .logins
+        .iter()
+        .filter_map(|(login, installed_keys)| {
+            let granted = incoming.logins.get(login)?;
+            let kept: Vec<LocalKey> = installed_keys
+                .iter()
+                .filter_map(|key| {
+                    let still = granted.iter().find(|granted| granted.same_grant(key))?;
+                    Some(LocalKey {
+                        expires_at: earlier(key.expires_at, still.expires_at),
+                        ..key.clone()
+                    })
+                })
+                .collect();
+            (!kept.is_empty()).then(|| (login.clone(), kept))
+        })
+        .collect();
+    LocalPolicy {
+        version: installed.version,
+        logins,
+    }
 }
 
 /// When the agent stopped hearing from the server; `None` while connected.
@@ -242,6 +287,45 @@ mod tests {
         assert!(!should_apply(&policy(3), &policy(3)));
         assert!(should_apply(&policy(3), &relabelled));
         assert!(should_apply(&LocalPolicy::default(), &policy(1)));
+    }
+
+    #[test]
+    fn narrowing_only_removes_or_shortens_what_is_installed() {
+        let installed = policy(2);
+        let mut incoming = LocalPolicy {
+            version: 3,
+            logins: BTreeMap::from([
+                (
+                    "alice".to_owned(),
+                    // A kept but now expiring, B extended, D new.
+                    vec![key("A", Some(70)), key("B", None), key("D", None)],
+                ),
+                ("carol".to_owned(), vec![key("E", None)]),
+            ]),
+        };
+        let narrowed = narrowed_to_installed(&incoming, &installed);
+        assert_eq!(
+            narrowed,
+            LocalPolicy {
+                version: 2,
+                logins: BTreeMap::from([(
+                    "alice".to_owned(),
+                    vec![key("A", Some(70)), key("B", Some(100))]
+                )]),
+            }
+        );
+        // The same key for another grant is another key.
+        incoming.logins.insert(
+            "deploy".to_owned(),
+            vec![LocalKey {
+                grant_id: "g-2".into(),
+                ..key("C", Some(50))
+            }],
+        );
+        assert!(!narrowed_to_installed(&incoming, &installed)
+            .logins
+            .contains_key("deploy"));
+        assert_eq!(narrowed_to_installed(&installed, &installed), installed);
     }
 
     #[test]

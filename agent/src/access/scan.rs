@@ -1,18 +1,15 @@
 //! What is on disk for the managed logins, read off the session loop: one
-//! blocking read per login on tokio's blocking pool (a few at a time), each
-//! waited for at most [`READ_TIMEOUT`]. A login whose read has not answered
-//! by then (a hung network or FUSE mount under a home directory) is
-//! reported as not read and is not read again while that read is still
-//! blocked, so a user can cost the agent at most one blocked thread, never
-//! the session.
+//! blocking read per login through [`BoundedCalls`], each waited for at
+//! most [`READ_TIMEOUT`]. A login whose read has not answered by then (a
+//! hung network or FUSE mount under a home directory) is reported as not
+//! read and is not read again while that read is still blocked, so a user
+//! can cost the agent at most one blocked thread, never the session.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt;
-use tokio::task::JoinHandle;
-
+use super::bounded::{BoundedCalls, CallOutcome};
 use super::files::{
     is_safe_login, read_login, FileContents, FoundFile, LoginDirectory, LoginFindings,
     ManagedDirectory,
@@ -20,31 +17,15 @@ use super::files::{
 
 /// Longest one scan waits for the files of a login.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
-/// Logins read at once: many logins never fill the blocking pool, and a
-/// queued read is never mistaken for a blocked one.
-const PARALLEL_READS: usize = 16;
 
 /// What one scan found, per login.
 pub type Findings = BTreeMap<String, LoginFindings>;
-
-struct BlockedRead {
-    read: JoinHandle<LoginFindings>,
-    /// When the read started (wall clock: it is shown, and stays the same
-    /// from scan to scan so that the report does not change while blocked).
-    since: SystemTime,
-}
-
-enum ReadOutcome {
-    Answered(LoginFindings),
-    Blocked(BlockedRead),
-}
 
 /// Reads the files of the managed logins; keeps the reads still blocked.
 pub struct DiskScanner {
     managed: ManagedDirectory,
     logins: Arc<dyn LoginDirectory>,
-    timeout: Duration,
-    blocked: HashMap<String, BlockedRead>,
+    reads: BoundedCalls<LoginFindings>,
 }
 
 impl DiskScanner {
@@ -56,69 +37,37 @@ impl DiskScanner {
         DiskScanner {
             managed,
             logins,
-            timeout,
-            blocked: HashMap::new(),
+            reads: BoundedCalls::new(timeout),
         }
     }
 
     /// The files of each of `logins`. Each read is waited for at most the
     /// timeout, whatever the files do.
     pub async fn scan(&mut self, logins: impl IntoIterator<Item = String>) -> Findings {
-        let mut findings = Findings::new();
-        let mut to_read = Vec::new();
-        for login in logins {
-            if !is_safe_login(&login) {
-                continue;
-            }
-            if let Some(blocked) = self.blocked.remove(&login) {
-                if !blocked.read.is_finished() {
-                    findings.insert(login.clone(), still_blocked(&login, blocked.since));
-                    self.blocked.insert(login, blocked);
-                    continue;
-                }
-                // Answered at last, but late: read again for a fresh view.
-            }
-            to_read.push(login);
-        }
-        let managed = &self.managed;
-        let directory = &self.logins;
-        let timeout = self.timeout;
-        let outcomes: Vec<(String, ReadOutcome)> = futures::stream::iter(to_read)
-            .map(|login| {
-                let managed = managed.clone();
-                let directory = Arc::clone(directory);
-                async move {
-                    let read_of = login.clone();
-                    let since = SystemTime::now();
-                    let mut read = tokio::task::spawn_blocking(move || {
-                        read_login(&managed, &read_of, directory.as_ref())
-                    });
-                    let outcome = match tokio::time::timeout(timeout, &mut read).await {
-                        Ok(Ok(login_findings)) => ReadOutcome::Answered(login_findings),
-                        Ok(Err(error)) => ReadOutcome::Answered(not_read(
-                            &login,
-                            format!("not read: the read failed: {error}"),
-                        )),
-                        Err(_) => ReadOutcome::Blocked(BlockedRead { read, since }),
-                    };
-                    (login, outcome)
-                }
+        let managed = self.managed.clone();
+        let directory = Arc::clone(&self.logins);
+        let safe = logins.into_iter().filter(|login| is_safe_login(login));
+        self.reads
+            .call_each(safe, move |login| {
+                read_login(&managed, login, directory.as_ref())
             })
-            .buffer_unordered(PARALLEL_READS)
+            .await
+            .into_iter()
+            .map(|(login, outcome)| {
+                let login_findings = match outcome {
+                    CallOutcome::Answered(login_findings) => login_findings,
+                    CallOutcome::Failed(error) => {
+                        not_read(&login, format!("not read: the read failed: {error}"))
+                    }
+                    CallOutcome::NoAnswerSince(since) => still_blocked(&login, since),
+                    CallOutcome::NotTried { blocked } => not_read(
+                        &login,
+                        format!("not read: {blocked} reads of other files are still blocked"),
+                    ),
+                };
+                (login, login_findings)
+            })
             .collect()
-            .await;
-        for (login, outcome) in outcomes {
-            let login_findings = match outcome {
-                ReadOutcome::Answered(login_findings) => login_findings,
-                ReadOutcome::Blocked(blocked) => {
-                    let reported = still_blocked(&login, blocked.since);
-                    self.blocked.insert(login.clone(), blocked);
-                    reported
-                }
-            };
-            findings.insert(login, login_findings);
-        }
-        findings
     }
 }
 
@@ -216,7 +165,7 @@ mod tests {
         // Once it answers, the next scan reads it again.
         release.send(()).unwrap();
         let answered = async {
-            while !scanner.blocked["mallory"].read.is_finished() {
+            while scanner.reads.any_blocked() {
                 tokio::task::yield_now().await;
             }
         };

@@ -105,8 +105,14 @@ impl ImageLayout {
         self.root.join("service.log")
     }
 
+    /// Creates `images/` and `downloads/`. `images/` is 0711 whatever the
+    /// umask (the unit sets 0077): a service runs as an unprivileged user
+    /// (never root by default) from `images/current`, so it must be able to
+    /// pass through, not to list.
     pub fn ensure_dirs(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(self.images_dir())?;
+        std::fs::set_permissions(self.images_dir(), std::fs::Permissions::from_mode(0o711))?;
         std::fs::create_dir_all(self.downloads_dir())
     }
 

@@ -7,9 +7,12 @@
 //! A supervised service gets only the environment its manifest declares
 //! (plus a default `PATH`): never the agent's own, which may hold the join
 //! token. It runs as the `user`/`group` of the agent's `[service]` settings,
-//! else of the manifest, else as the agent's own user (root) — the setting
-//! wins because the machine decides who runs on it. Supplementary groups
-//! are dropped when switching user.
+//! else of the manifest — the setting wins because the machine decides who
+//! runs on it. Named by neither, it never runs as root: an agent running as
+//! root runs it as the dedicated account `flotte-svc` (created at install),
+//! else as `nobody` (with a warning), and refuses to start it when neither
+//! exists; an agent that is not root can only run it as itself. Root only
+//! when named. Supplementary groups are dropped when switching user.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,6 +32,11 @@ pub const DEFAULT_SERVICE_PATH: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// The agent's own variable a child must never see.
 pub const JOIN_TOKEN_VARIABLE: &str = "FLOTTE_JOIN_TOKEN";
+
+/// The account a service runs as when nobody named one (INSTALL creates it).
+pub const DEFAULT_SERVICE_USER: &str = "flotte-svc";
+/// The last resort when that account does not exist: never root.
+pub const FALLBACK_SERVICE_USER: &str = "nobody";
 
 /// Who a supervised service runs as, from the agent's settings (each
 /// overrides the manifest's).
@@ -70,6 +78,33 @@ pub enum ServiceError {
         name: String,
         reason: String,
     },
+    #[error("refusing to run the service as root by default: neither [service] user nor the manifest names a user, and neither the account {DEFAULT_SERVICE_USER} (see INSTALL.md) nor {FALLBACK_SERVICE_USER} exists on this machine; create {DEFAULT_SERVICE_USER} or set [service] user")]
+    NoServiceUser,
+}
+
+/// The user a service runs as: `named` (the settings', else the
+/// manifest's) if any; else, for an agent running as root, the first of
+/// [`DEFAULT_SERVICE_USER`] and [`FALLBACK_SERVICE_USER`] that `exists`
+/// (never root by default); else (an agent that is not root cannot switch)
+/// none, i.e. the agent's own user.
+pub fn service_user(
+    named: Option<String>,
+    agent_is_root: bool,
+    exists: &dyn Fn(&str) -> bool,
+) -> Result<Option<String>, ServiceError> {
+    if named.is_some() || !agent_is_root {
+        return Ok(named);
+    }
+    [DEFAULT_SERVICE_USER, FALLBACK_SERVICE_USER]
+        .into_iter()
+        .find(|candidate| exists(candidate))
+        .map(|chosen| Some(chosen.to_owned()))
+        .ok_or(ServiceError::NoServiceUser)
+}
+
+/// Whether `name` is an account of this machine.
+fn account_exists(name: &str) -> bool {
+    nix::unistd::User::from_name(name).is_ok_and(|user| user.is_some())
 }
 
 /// What starting the service takes: the command line, the declared
@@ -168,10 +203,21 @@ impl Service {
                 let declared = |pick: fn(&ServiceSpec) -> &Option<String>| {
                     manifest_service.and_then(|spec| pick(spec).clone())
                 };
+                let named = run_as.user.clone().or_else(|| declared(|spec| &spec.user));
+                let user = service_user(
+                    named.clone(),
+                    nix::unistd::geteuid().is_root(),
+                    &account_exists,
+                )?;
+                if named.is_none() && user.as_deref() == Some(FALLBACK_SERVICE_USER) {
+                    tracing::warn!(
+                        "no service user named and no {DEFAULT_SERVICE_USER} account: running the service as {FALLBACK_SERVICE_USER}; create {DEFAULT_SERVICE_USER} (INSTALL.md) or set [service] user"
+                    );
+                }
                 let launch = ServiceLaunch {
                     command,
                     environment,
-                    user: run_as.user.clone().or_else(|| declared(|spec| &spec.user)),
+                    user,
                     group: run_as
                         .group
                         .clone()
@@ -503,6 +549,62 @@ mod tests {
             declared_path,
             [("PATH".to_owned(), "/opt/app/bin".to_owned())]
         );
+    }
+
+    #[test]
+    fn a_service_named_by_nobody_never_defaults_to_root() {
+        let only = |accounts: &'static [&'static str]| move |name: &str| accounts.contains(&name);
+        // (named, agent is root, accounts of the machine, chosen)
+        type Case = (
+            Option<&'static str>,
+            bool,
+            &'static [&'static str],
+            Option<&'static str>,
+        );
+        let cases: [Case; 6] = [
+            (Some("app"), true, &["flotte-svc"], Some("app")),
+            (Some("root"), true, &["flotte-svc"], Some("root")),
+            (None, true, &["flotte-svc", "nobody"], Some("flotte-svc")),
+            (None, true, &["nobody"], Some("nobody")),
+            (None, false, &["flotte-svc"], None),
+            (Some("app"), false, &[], Some("app")),
+        ];
+        for (named, agent_is_root, accounts, expected) in cases {
+            let chosen =
+                service_user(named.map(str::to_owned), agent_is_root, &only(accounts)).unwrap();
+            assert_eq!(
+                chosen.as_deref(),
+                expected,
+                "{named:?} {agent_is_root} {accounts:?}"
+            );
+        }
+        let error = service_user(None, true, &only(&["root"])).unwrap_err();
+        assert!(matches!(error, ServiceError::NoServiceUser));
+        let message = error.to_string();
+        assert!(
+            message.contains("refusing to run the service as root")
+                && message.contains("create flotte-svc or set [service] user"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_named_by_nobody_runs_unprivileged_in_a_real_process() {
+        let default =
+            service_user(None, nix::unistd::geteuid().is_root(), &account_exists).unwrap();
+        let identity = output_of(&launch(&["/usr/bin/id", "-u"], default.as_deref())).await;
+        let uid: u32 = identity.trim().parse().unwrap();
+        match default {
+            Some(name) => {
+                // The agent is root: the service is not.
+                let account = nix::unistd::User::from_name(&name).unwrap().unwrap();
+                assert!(name == DEFAULT_SERVICE_USER || name == FALLBACK_SERVICE_USER);
+                assert_eq!(uid, account.uid.as_raw());
+                assert_ne!(uid, 0);
+            }
+            // Not root: the agent's own user, which is not root either.
+            None => assert_eq!(uid, nix::unistd::geteuid().as_raw()),
+        }
     }
 
     #[tokio::test]

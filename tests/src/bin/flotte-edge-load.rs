@@ -60,6 +60,12 @@ struct EdgeLoadArguments {
     /// Requests (and connection attempts) in flight at once per flood.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     concurrency: u32,
+    /// Loopback source addresses the idle connections come from, spread
+    /// round-robin over 127.0.1.1, 127.0.1.2…: more than one exercises the
+    /// server-wide cap on anonymous connections, not only the per-source
+    /// one (a server on 127.0.0.1 only; Linux routes all of 127/8 to `lo`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=254))]
+    idle_sources: u32,
     /// How long idle connections are held open (at least).
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     hold: Duration,
@@ -202,10 +208,30 @@ async fn bad_enrollment_call(mut client: EnrollmentClient<tonic::transport::Chan
         .map_or_else(|status| format!("{:?}", status.code()), |_| "OK".into())
 }
 
-/// Opens one TLS connection without a client certificate, sends nothing,
-/// and reports whether the server closed it before `stop`.
+/// Connects to `address` from `source` (any when `None`).
+async fn connect_from(
+    address: &str,
+    source: Option<std::net::Ipv4Addr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(source) = source else {
+        return tokio::net::TcpStream::connect(address).await;
+    };
+    let target = tokio::net::lookup_host(address)
+        .await?
+        .find(std::net::SocketAddr::is_ipv4)
+        .ok_or_else(|| {
+            std::io::Error::other("no IPv4 address to connect from a loopback source")
+        })?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from((source, 0)))?;
+    socket.connect(target).await
+}
+
+/// Opens one TLS connection without a client certificate (from `source`),
+/// sends nothing, and reports whether the server closed it before `stop`.
 async fn idle_connection(
     address: Arc<str>,
+    source: Option<std::net::Ipv4Addr>,
     tls: Arc<rustls::ClientConfig>,
     stop: CancellationToken,
     tally: Arc<Tally>,
@@ -219,7 +245,7 @@ async fn idle_connection(
         tally.add("bad server name");
         return;
     };
-    let connected = match tokio::net::TcpStream::connect(&*address).await {
+    let connected = match connect_from(&address, source).await {
         Ok(tcp) => tokio_rustls::TlsConnector::from(tls)
             .connect(server_name, tcp)
             .await
@@ -324,10 +350,17 @@ async fn measure(arguments: EdgeLoadArguments) -> Result<(), EdgeLoadError> {
             stop_idle.clone(),
             Arc::clone(&idle),
         );
+        let sources = arguments.idle_sources;
         let mut connections = JoinSet::new();
-        for _ in 0..arguments.idle_connections {
+        for index in 0..arguments.idle_connections {
+            // One source: the kernel's choice, as before.
+            let source = (sources > 1).then(|| {
+                let last = u8::try_from(1 + index % sources).unwrap_or(u8::MAX);
+                std::net::Ipv4Addr::new(127, 0, 1, last)
+            });
             connections.spawn(idle_connection(
                 Arc::clone(&address),
+                source,
                 Arc::clone(&tls),
                 stop.clone(),
                 Arc::clone(&tally),
@@ -390,8 +423,9 @@ async fn measure(arguments: EdgeLoadArguments) -> Result<(), EdgeLoadError> {
         enrollments.render()
     );
     println!(
-        "idle connections ({}): {}",
+        "idle connections ({} from {} source address(es)): {}",
         arguments.idle_connections,
+        arguments.idle_sources,
         idle.render()
     );
     println!(
