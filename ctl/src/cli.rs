@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
 use flotte_common::profile::Profile;
+use flotte_proto::labels::Selector;
 use flotte_proto::transport::{
     channel_with_diagnostics, client_config, explain_status_with, TlsDiagnostics,
 };
@@ -208,6 +209,19 @@ fn warn_if_expiring_soon(directory: &Path, profile: &Profile) -> Result<(), CtlE
     };
     output::note_message(&message);
     Ok(())
+}
+
+/// The help of every `--selector`: one grammar, documented once.
+pub const SELECTOR_HELP: &str = "Label selector, e.g. role=web,env!=prod,zone in (dc1,dc2),\
+tier notin (gold),canary,!legacy (see docs/selectors.md); empty: every machine";
+
+/// A `--selector` checked with the one selector grammar
+/// ([`flotte_proto::labels::Selector`]) before any round trip, kept as
+/// written: the server parses the same text with the same code.
+pub fn selector_argument(text: &str) -> Result<String, String> {
+    Selector::parse(text)
+        .map(|_| text.to_owned())
+        .map_err(|error| error.to_string())
 }
 
 /// Reads a file an operator named, naming it in the error.
