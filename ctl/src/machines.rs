@@ -81,7 +81,7 @@ pub async fn run(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlError> {
                 .map_err(&rpc)?
                 .into_inner()
                 .machines;
-            print_machines(cli.output(), &machines)?;
+            print_machines(cli.output(), cli.wide(), &machines)?;
         }
         MachinesCommand::Show { id } => {
             let machine = client
