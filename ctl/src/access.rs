@@ -23,8 +23,14 @@ pub enum AccessCommand {
     /// now and to come, is meant.
     Grant {
         user: String,
-        /// The machines, e.g. role=web,env=prod (or --all).
-        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        /// The machines, e.g. role=web,env!=prod,zone in (dc1,dc2) (or --all);
+        /// the grammar is docs/selectors.md's.
+        #[arg(
+            long,
+            required_unless_present = "all",
+            conflicts_with = "all",
+            value_parser = crate::cli::selector_argument
+        )]
         selector: Option<String>,
         /// Every machine of the fleet, now and to come.
         #[arg(long)]

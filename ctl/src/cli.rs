@@ -8,13 +8,14 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
 use flotte_common::profile::Profile;
+use flotte_proto::labels::Selector;
 use flotte_proto::transport::{
     channel_with_diagnostics, client_config, explain_status_with, TlsDiagnostics,
 };
 use tonic::transport::Channel;
 
 use crate::error::CtlError;
-use crate::output::{self, DocumentFormat, Output};
+use crate::output::{self, DocumentFormat, Output, OutputFormat};
 use crate::{
     access, audit, dr, images, integrity, machines, operators, repair, rollouts, status, tokens,
     ui, users,
@@ -30,8 +31,9 @@ pub struct Cli {
     /// replicas as a comma-separated list, tried in turn.
     #[arg(long, env = "FLOTTE_SERVER", global = true)]
     server: Option<String>,
-    /// Output format: table, json or yaml. (`image build -o FILE` also takes
-    /// the image file here, as `flottectl image build … -o app-1.2.0.flotte`.)
+    /// Output format: table, wide (more columns: `machines list`), json or
+    /// yaml. (`image build -o FILE` also takes the image file here, as
+    /// `flottectl image build … -o app-1.2.0.flotte`.)
     #[arg(short = 'o', long = "output", default_value = "table", global = true)]
     pub output_flag: String,
     #[command(subcommand)]
@@ -89,40 +91,51 @@ pub enum Command {
 }
 
 impl Cli {
+    /// The format `-o` names; a table when it names none (`image build`'s
+    /// file: the value was checked by [`Cli::check_output_flag`] before any
+    /// command ran).
+    pub fn output_format(&self) -> OutputFormat {
+        OutputFormat::parse(&self.output_flag).unwrap_or(OutputFormat::Table)
+    }
+
     /// The output format: `json` and `yaml` print documents (encoded as
-    /// [`Cli::document_format`] says), anything else renders tables (the
-    /// value was checked by [`Cli::check_output_flag`] before any command ran).
+    /// [`Cli::document_format`] says), anything else renders tables.
     pub fn output(&self) -> Output {
-        if matches!(self.output_flag.as_str(), "json" | "yaml") {
-            Output::Json
-        } else {
-            Output::Table
-        }
+        self.output_format().output()
+    }
+
+    /// Whether tables show their wide columns (`-o wide`).
+    pub fn wide(&self) -> bool {
+        self.output_format() == OutputFormat::Wide
     }
 
     /// How documents are encoded: YAML for `-o yaml`, JSON otherwise.
     pub fn document_format(&self) -> DocumentFormat {
-        if self.output_flag == "yaml" {
-            DocumentFormat::Yaml
-        } else {
-            DocumentFormat::Json
-        }
+        self.output_format().document_format()
+    }
+
+    /// The image file `-o` names for `image build` (`None` when it names a
+    /// format).
+    pub fn output_file(&self) -> Option<PathBuf> {
+        OutputFormat::parse(&self.output_flag)
+            .is_none()
+            .then(|| PathBuf::from(&self.output_flag))
     }
 
     /// `-o` must name a format, except for `image build`, where it may name
     /// the image file.
     pub fn check_output_flag(&self) -> Result<(), CtlError> {
-        let is_format = matches!(self.output_flag.as_str(), "table" | "json" | "yaml");
         let is_build = matches!(
             self.command,
             Command::Image(images::ImageCommand::Build { .. })
         );
-        if is_format || is_build {
+        if self.output_file().is_none() || is_build {
             Ok(())
         } else {
             Err(CtlError::Usage(format!(
-                "-o {:?}: expected table, json or yaml",
-                self.output_flag
+                "-o {:?}: {}",
+                self.output_flag,
+                OutputFormat::EXPECTED
             )))
         }
     }
@@ -208,6 +221,19 @@ fn warn_if_expiring_soon(directory: &Path, profile: &Profile) -> Result<(), CtlE
     };
     output::note_message(&message);
     Ok(())
+}
+
+/// The help of every `--selector`: one grammar, documented once.
+pub const SELECTOR_HELP: &str = "Label selector, e.g. role=web,env!=prod,zone in (dc1,dc2),\
+tier notin (gold),canary,!legacy (see docs/selectors.md); empty: every machine";
+
+/// A `--selector` checked with the one selector grammar
+/// ([`flotte_proto::labels::Selector`]) before any round trip, kept as
+/// written: the server parses the same text with the same code.
+pub fn selector_argument(text: &str) -> Result<String, String> {
+    Selector::parse(text)
+        .map(|_| text.to_owned())
+        .map_err(|error| error.to_string())
 }
 
 /// Reads a file an operator named, naming it in the error.

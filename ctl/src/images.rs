@@ -185,17 +185,9 @@ pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
                     mutable_paths: mutable.clone(),
                 },
             };
-            let out = match out {
-                Some(out) => out.clone(),
-                None if !matches!(cli.output_flag.as_str(), "table" | "json") => {
-                    PathBuf::from(&cli.output_flag)
-                }
-                None => {
-                    return Err(CtlError::Usage(
-                        "give the image file with -o FILE or --out FILE".into(),
-                    ))
-                }
-            };
+            let out = out.clone().or_else(|| cli.output_file()).ok_or_else(|| {
+                CtlError::Usage("give the image file with -o FILE or --out FILE".into())
+            })?;
             let out = &out;
             let manifest =
                 build_image(&options, out).map_err(|error| CtlError::Usage(error.to_string()))?;

@@ -46,7 +46,7 @@ pub enum DriftCommand {
     /// Machines whose last verification found drift (or could not be
     /// done), and what differs.
     Report {
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", value_parser = crate::cli::selector_argument, help = crate::cli::SELECTOR_HELP)]
         selector: String,
     },
 }

@@ -11,7 +11,7 @@ use flotte_proto::v1::{
     SetLabelsRequest, WatchMachinesRequest,
 };
 
-use crate::cli::{rpc_error, Cli};
+use crate::cli::{rpc_error, selector_argument, Cli, SELECTOR_HELP};
 use crate::error::CtlError;
 use crate::output::{note_line, Output};
 use crate::repair;
@@ -24,14 +24,14 @@ use view::{print_event, print_machine, print_machines};
 pub enum MachinesCommand {
     /// List machines, optionally filtered by a label selector.
     List {
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", value_parser = selector_argument, help = SELECTOR_HELP)]
         selector: String,
     },
     /// Show one machine by id, id prefix or hostname.
     Show { id: String },
     /// Stream state changes as they happen (first the current states).
     Watch {
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", value_parser = selector_argument, help = SELECTOR_HELP)]
         selector: String,
     },
     /// Change a machine's labels (pushed to its agent at once).
@@ -81,7 +81,7 @@ pub async fn run(cli: &Cli, command: &MachinesCommand) -> Result<(), CtlError> {
                 .map_err(&rpc)?
                 .into_inner()
                 .machines;
-            print_machines(cli.output(), &machines)?;
+            print_machines(cli.output(), cli.wide(), &machines)?;
         }
         MachinesCommand::Show { id } => {
             let machine = client

@@ -31,6 +31,50 @@ pub enum Output {
     Json,
 }
 
+/// The values `-o` takes, named in one place: `table` (the default),
+/// `wide` (a table with more columns where a command has them, the plain
+/// table elsewhere), `json` and `yaml` (documents).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+}
+
+impl OutputFormat {
+    /// What a refused `-o` is told it could be.
+    pub const EXPECTED: &'static str = "expected table, wide, json or yaml";
+
+    /// The format `-o text` names, if it names one.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "table" => Some(OutputFormat::Table),
+            "wide" => Some(OutputFormat::Wide),
+            "json" => Some(OutputFormat::Json),
+            "yaml" => Some(OutputFormat::Yaml),
+            _ => None,
+        }
+    }
+
+    /// Documents for `json` and `yaml`, tables otherwise.
+    pub fn output(self) -> Output {
+        match self {
+            OutputFormat::Table | OutputFormat::Wide => Output::Table,
+            OutputFormat::Json | OutputFormat::Yaml => Output::Json,
+        }
+    }
+
+    /// How documents are encoded: YAML for `yaml`, JSON otherwise.
+    pub fn document_format(self) -> DocumentFormat {
+        if self == OutputFormat::Yaml {
+            DocumentFormat::Yaml
+        } else {
+            DocumentFormat::Json
+        }
+    }
+}
+
 /// The widest a table cell may be, in display columns: one machine with a
 /// huge hostname or label must not push every other column off the screen.
 /// `show` blocks and JSON carry the whole value.
@@ -389,6 +433,28 @@ mod tests {
         );
         let parsed: serde_json::Value = serde_norway::from_str(&document).unwrap();
         assert_eq!(parsed["hostname"], "web\u{202e}1\u{9b}", "the same value");
+    }
+
+    #[test]
+    fn output_formats_are_named_in_one_place() {
+        let cases = [
+            ("table", Some((Output::Table, DocumentFormat::Json))),
+            ("wide", Some((Output::Table, DocumentFormat::Json))),
+            ("json", Some((Output::Json, DocumentFormat::Json))),
+            ("yaml", Some((Output::Json, DocumentFormat::Yaml))),
+            ("xml", None),
+            ("Wide", None),
+            ("app-1.2.0.flotte", None),
+        ];
+        for (text, expected) in cases {
+            let format = OutputFormat::parse(text);
+            assert_eq!(
+                format.map(|format| (format.output(), format.document_format())),
+                expected,
+                "{text}"
+            );
+        }
+        assert_eq!(OutputFormat::parse("wide"), Some(OutputFormat::Wide));
     }
 
     #[test]

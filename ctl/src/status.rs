@@ -21,7 +21,7 @@ pub struct StatusArguments {
     /// Label whose values to group by, e.g. role.
     #[arg(long, default_value = "")]
     by: String,
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", value_parser = crate::cli::selector_argument, help = crate::cli::SELECTOR_HELP)]
     selector: String,
 }
 

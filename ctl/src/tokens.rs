@@ -51,6 +51,56 @@ impl TokenCreate {
     }
 }
 
+/// Whether a token can still enroll a machine, and if not why: said by
+/// flottectl from what the server lists (revoked, uses, expiry) and this
+/// machine's clock, so that no one reads an `expires_at` against the time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum TokenState {
+    /// Can enroll machines now.
+    Active,
+    /// Past its expiry.
+    Expired,
+    /// Every allowed enrollment done (a single-use token that was used).
+    Spent,
+    /// Revoked by an operator.
+    Revoked,
+}
+
+impl TokenState {
+    /// The first reason a token is unusable, in the order an operator acts
+    /// on: revoked (on purpose), spent (did its job), expired (ran out).
+    fn of(info: &TokenInfo, now_unix: i64) -> Self {
+        if info.revoked {
+            TokenState::Revoked
+        } else if info.uses_done >= info.uses_allowed {
+            TokenState::Spent
+        } else if info.expires_at <= now_unix {
+            TokenState::Expired
+        } else {
+            TokenState::Active
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Active => "active",
+            TokenState::Expired => "expired",
+            TokenState::Spent => "spent",
+            TokenState::Revoked => "revoked",
+        }
+    }
+}
+
+/// Now as Unix seconds (0 for a clock before 1970, which makes nothing expired).
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+        })
+}
+
 #[derive(Debug, Serialize)]
 struct TokenView {
     id: String,
@@ -61,10 +111,11 @@ struct TokenView {
     uses_allowed: u32,
     uses_done: u32,
     revoked: bool,
+    state: TokenState,
 }
 
-impl From<&TokenInfo> for TokenView {
-    fn from(info: &TokenInfo) -> Self {
+impl TokenView {
+    fn new(info: &TokenInfo, now_unix: i64) -> Self {
         TokenView {
             id: info.id.clone(),
             labels: info.labels.clone().into_iter().collect(),
@@ -74,24 +125,32 @@ impl From<&TokenInfo> for TokenView {
             uses_allowed: info.uses_allowed,
             uses_done: info.uses_done,
             revoked: info.revoked,
+            state: TokenState::of(info, now_unix),
         }
     }
 }
 
 fn print_tokens(output: Output, tokens: &[TokenInfo]) -> Result<(), CtlError> {
-    let views: Vec<TokenView> = tokens.iter().map(TokenView::from).collect();
+    let now = now_unix();
+    let views: Vec<TokenView> = tokens
+        .iter()
+        .map(|info| TokenView::new(info, now))
+        .collect();
     print_list(
         output,
         &views,
-        &["ID", "ZONE", "LABELS", "USES", "EXPIRES", "STATE"],
+        &[
+            "ID", "ZONE", "LABELS", "USES", "CREATED", "EXPIRES", "STATE",
+        ],
         |token| {
             vec![
                 token.id.clone(),
                 token.zone.clone(),
                 format_labels(&token.labels),
                 format!("{}/{}", token.uses_done, token.uses_allowed),
+                token.created_at.clone(),
                 token.expires_at.clone(),
-                if token.revoked { "revoked" } else { "" }.to_owned(),
+                token.state.as_str().to_owned(),
             ]
         },
     )
@@ -128,7 +187,7 @@ pub async fn run(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
                 }
                 print_json(&Created {
                     token: response.token,
-                    info: TokenView::from(&info),
+                    info: TokenView::new(&info, now_unix()),
                 })?;
             } else {
                 print_line!("{}", response.token);
@@ -160,4 +219,36 @@ pub async fn run(cli: &Cli, command: &TokenCommand) -> Result<(), CtlError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_state_names_the_first_reason_it_cannot_enroll() {
+        let now = 1_000;
+        let token = |revoked, uses_done, expires_at| TokenInfo {
+            revoked,
+            uses_allowed: 1,
+            uses_done,
+            expires_at,
+            ..TokenInfo::default()
+        };
+        let cases = [
+            (token(false, 0, 1_001), TokenState::Active),
+            (token(false, 0, 1_000), TokenState::Expired),
+            (token(false, 1, 1_001), TokenState::Spent),
+            (token(false, 1, 999), TokenState::Spent),
+            (token(true, 0, 1_001), TokenState::Revoked),
+            (token(true, 1, 999), TokenState::Revoked),
+        ];
+        for (info, expected) in cases {
+            assert_eq!(TokenState::of(&info, now), expected, "{info:?}");
+        }
+        assert_eq!(
+            serde_json::to_value(TokenState::Spent).unwrap(),
+            serde_json::json!(TokenState::Spent.as_str())
+        );
+    }
 }

@@ -1,12 +1,19 @@
 //! End-to-end tests of flottectl's everyday habits against a real server:
 //! `version` names client and server releases and the caller, `-o yaml`
-//! prints documents that parse as the same values as `-o json`, and
-//! `completion` prints scripts for the shells.
+//! prints documents that parse as the same values as `-o json`,
+//! `completion` prints scripts for the shells, `token list` says each
+//! token's state, `machines list --selector` takes every form of the selector
+//! grammar, and `-o wide` adds columns to `machines list`.
 
 // Helpers shared by tests panic on failure, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use flotte_tests::{Server, TempDir};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use flotte_tests::{wait_until, Agent, Server, TempDir};
+
+const PATIENCE: Duration = Duration::from_secs(30);
 
 fn stdout_of(output: &std::process::Output) -> String {
     assert!(
@@ -51,7 +58,7 @@ fn version_yaml_and_completions_work_against_a_real_server() {
 
     let refused = server.ctl(&["token", "list", "-o", "xml"]);
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("expected table, json or yaml"),
+        String::from_utf8_lossy(&refused.stderr).contains("expected table, wide, json or yaml"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
@@ -66,5 +73,207 @@ fn version_yaml_and_completions_work_against_a_real_server() {
             script.contains(marker) && script.contains("set-image"),
             "{shell}"
         );
+    }
+}
+
+fn stderr_of_failure(output: &std::process::Output) -> String {
+    assert!(!output.status.success(), "expected a refusal");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Token id → state, from `token list -o json`.
+fn token_states(server: &Server) -> BTreeMap<String, String> {
+    server
+        .ctl_json(&["token", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|token| {
+            (
+                token["id"].as_str().unwrap().to_owned(),
+                token["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn token_id(token: &str) -> String {
+    token.split('.').nth(1).unwrap().to_owned()
+}
+
+#[test]
+fn token_list_says_active_expired_spent_and_revoked() {
+    let root = TempDir::new("flotte-e2e").unwrap();
+    let mut server = Server::init(root.path(), "server", &[]);
+    server.start();
+    let active = token_id(&server.token("role=web", "dc1", &[]));
+    let spent_token = server.token("role=web", "dc1", &[]);
+    let revoked = token_id(&server.token("role=web", "dc1", &[]));
+    assert!(server.ctl(&["token", "revoke", &revoked]).status.success());
+    let expired = token_id(&server.token("role=web", "dc1", &["--ttl", "2s"]));
+    let mut agent = Agent::new(root.path(), "web-1", &server.address, &spent_token);
+    agent.start_and_wait_for_session(&server);
+    let spent = token_id(&spent_token);
+
+    assert!(
+        wait_until(PATIENCE, || token_states(&server)
+            .get(&expired)
+            .is_some_and(|state| state == "expired")),
+        "{:?}",
+        token_states(&server)
+    );
+    let expected: BTreeMap<String, String> = [
+        (active, "active"),
+        (expired, "expired"),
+        (spent, "spent"),
+        (revoked, "revoked"),
+    ]
+    .into_iter()
+    .map(|(id, state)| (id, state.to_owned()))
+    .collect();
+    assert_eq!(token_states(&server), expected);
+
+    let table = stdout_of(&server.ctl(&["token", "list"]));
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    assert!(
+        header.contains("CREATED") && header.ends_with("STATE"),
+        "{header}"
+    );
+    for line in lines {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        let id = cells[0];
+        assert_eq!(
+            Some(&cells[cells.len() - 1].to_owned()),
+            expected.get(id),
+            "{line}"
+        );
+        // CREATED and EXPIRES are RFC 3339 times.
+        let times: Vec<&&str> = cells
+            .iter()
+            .filter(|cell| humantime::parse_rfc3339(cell).is_ok())
+            .collect();
+        assert_eq!(times.len(), 2, "{line}");
+    }
+}
+
+/// Hostnames `machines list --selector SELECTOR` lists.
+fn selected(server: &Server, selector: &str) -> BTreeSet<String> {
+    server
+        .ctl_json(&["machines", "list", "--selector", selector])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|machine| machine["hostname"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn every_selector_form_chooses_machines_and_wide_adds_columns() {
+    let root = TempDir::new("flotte-e2e").unwrap();
+    let mut server = Server::init(root.path(), "server", &[]);
+    server.start();
+    let fleet = [
+        ("web-1", "role=web,env=staging,canary=yes", "dc1"),
+        ("db-1", "role=db,env=prod,tier=gold,legacy=yes", "dc2"),
+        ("web-2", "role=web,env=prod", "dc3"),
+    ];
+    // Enrolled one after the other, each waited for: the machines are
+    // listed in a known state before any selector is tried.
+    let mut agents = Vec::new();
+    for (index, (name, labels, zone)) in fleet.into_iter().enumerate() {
+        let token = server.token(labels, zone, &[]);
+        let mut agent = Agent::new(root.path(), name, &server.address, &token);
+        agent.start();
+        let connected = wait_until(PATIENCE, || server.connected_count() == index + 1);
+        assert!(connected, "{name}:\n{}", agent.log());
+        agents.push(agent);
+    }
+
+    let cases: [(&str, &[&str]); 8] = [
+        ("role=web", &["web-1", "web-2"]),
+        ("env!=prod", &["web-1"]),
+        ("zone in (dc1,dc2)", &["web-1", "db-1"]),
+        ("tier notin (gold)", &["web-1", "web-2"]),
+        ("canary", &["web-1"]),
+        ("!legacy", &["web-1", "web-2"]),
+        ("role notin (web),zone", &["db-1"]),
+        (
+            "role=web,env!=prod,zone in (dc1,dc2),tier notin (gold),canary,!legacy",
+            &["web-1"],
+        ),
+    ];
+    for (selector, hostnames) in cases {
+        let expected: BTreeSet<String> = hostnames.iter().map(|name| (*name).to_owned()).collect();
+        assert_eq!(selected(&server, selector), expected, "{selector}");
+    }
+    let refused =
+        stderr_of_failure(&server.ctl(&["machines", "list", "--selector", "zone in (dc1"]));
+    assert!(
+        refused.contains("never closed") && refused.contains("\"zone in (dc1\""),
+        "{refused}"
+    );
+
+    // A grant keeps the selector as written and reaches the machines it names.
+    let key = root.path().join("alice.pub");
+    std::fs::write(
+        &key,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKvkDk0qYpGPzoRl3X27cRHkeu9MS8y63dSFMpU6xIuH alice@laptop\n",
+    )
+    .unwrap();
+    server.ctl_json(&["user", "add", "alice", "--ssh-key", key.to_str().unwrap()]);
+    let grant_selector = "role in (web),!legacy,env!=prod";
+    server.ctl_json(&[
+        "access",
+        "grant",
+        "alice",
+        "--selector",
+        grant_selector,
+        "--login",
+        "alice",
+    ]);
+    let grants = stdout_of(&server.ctl(&["access", "list", "-o", "json"]));
+    assert!(grants.contains(grant_selector), "{grants}");
+
+    // `-o wide` is the table with more columns; `-o table` stays as it was.
+    let machines = server.machines();
+    let table = stdout_of(&server.ctl(&["machines", "list"]));
+    let wide = stdout_of(&server.ctl(&["machines", "list", "-o", "wide"]));
+    let table_header = table.lines().next().unwrap();
+    let wide_header = wide.lines().next().unwrap();
+    assert!(table_header.ends_with("IMAGE BUILT"), "{table_header}");
+    assert!(
+        wide_header.starts_with(table_header.trim_end()),
+        "{wide_header}"
+    );
+    // Columns are apart by two spaces at least; a name may hold one.
+    let columns = |header: &str| -> Vec<String> {
+        header
+            .split("  ")
+            .map(str::trim)
+            .filter(|column| !column.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let added = &columns(wide_header)[columns(table_header).len()..];
+    assert_eq!(
+        added.join(","),
+        "ADDRESS,OS,KERNEL,ARCH,DESIRED IMAGE,APPLIED,CERT EXPIRES"
+    );
+    for machine in &machines {
+        let hostname = machine["hostname"].as_str().unwrap();
+        let row = wide.lines().find(|line| line.contains(hostname)).unwrap();
+        for field in ["remote_address", "kernel", "arch", "certificate_expires_at"] {
+            let value = machine[field].as_str().unwrap();
+            assert!(
+                !value.is_empty() && row.contains(value),
+                "{field} {value} in {row}"
+            );
+        }
+        let applied = format!(
+            "{}/{}",
+            machine["applied_desired_version"], machine["desired_version"]
+        );
+        assert!(row.contains(&applied), "{applied} in {row}");
     }
 }

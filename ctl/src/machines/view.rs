@@ -242,49 +242,94 @@ impl From<&Machine> for MachineView {
     }
 }
 
-/// `machines list`: a table of machines, or all their views as JSON.
-pub(super) fn print_machines(output: Output, machines: &[Machine]) -> Result<(), CtlError> {
-    let views: Vec<MachineView> = machines.iter().map(MachineView::from).collect();
-    print_list(
-        output,
-        &views,
-        &[
-            "ID",
-            "HOSTNAME",
-            "ZONE",
-            "STATE",
-            "LABELS",
-            "CONNECTED",
-            "LAST SEEN",
-            "AGENT",
-            "REPLICA",
-            "IMAGE",
-            "IMAGE BUILT",
-        ],
-        |machine| {
-            vec![
-                machine.id.clone(),
-                machine.hostname.clone(),
-                machine.zone.clone(),
-                match &machine.quarantine {
-                    Some(_) => format!("{} [quarantined]", machine.state),
-                    None => machine.state.clone(),
-                },
-                format_labels(&machine.labels),
-                match (machine.retired_at.is_some(), machine.connected) {
-                    (true, _) => "retired",
-                    (false, true) => "yes",
-                    (false, false) => "no",
-                }
-                .to_owned(),
-                machine.last_seen.clone().unwrap_or_else(|| "never".into()),
-                machine.agent_version.clone(),
-                machine.replica.clone().unwrap_or_default(),
-                machine.current_image.clone().unwrap_or_default(),
-                machine.current_image_created_at.clone().unwrap_or_default(),
-            ]
+/// The columns of `machines list`, and the ones `-o wide` adds after them.
+const LIST_COLUMNS: [&str; 11] = [
+    "ID",
+    "HOSTNAME",
+    "ZONE",
+    "STATE",
+    "LABELS",
+    "CONNECTED",
+    "LAST SEEN",
+    "AGENT",
+    "REPLICA",
+    "IMAGE",
+    "IMAGE BUILT",
+];
+const WIDE_COLUMNS: [&str; 7] = [
+    "ADDRESS",
+    "OS",
+    "KERNEL",
+    "ARCH",
+    "DESIRED IMAGE",
+    "APPLIED",
+    "CERT EXPIRES",
+];
+
+fn list_row(machine: &MachineView) -> Vec<String> {
+    vec![
+        machine.id.clone(),
+        machine.hostname.clone(),
+        machine.zone.clone(),
+        match &machine.quarantine {
+            Some(_) => format!("{} [quarantined]", machine.state),
+            None => machine.state.clone(),
         },
-    )
+        format_labels(&machine.labels),
+        match (machine.retired_at.is_some(), machine.connected) {
+            (true, _) => "retired",
+            (false, true) => "yes",
+            (false, false) => "no",
+        }
+        .to_owned(),
+        machine.last_seen.clone().unwrap_or_else(|| "never".into()),
+        machine.agent_version.clone(),
+        machine.replica.clone().unwrap_or_default(),
+        machine.current_image.clone().unwrap_or_default(),
+        machine.current_image_created_at.clone().unwrap_or_default(),
+    ]
+}
+
+/// The columns `-o wide` adds: where the machine connects from, what it
+/// runs on, what it must run and whether its agent applied it, and when its
+/// certificate ends.
+fn wide_cells(machine: &MachineView) -> [String; 7] {
+    [
+        machine.remote_address.clone().unwrap_or_default(),
+        machine.os.clone(),
+        machine.kernel.clone(),
+        machine.arch.clone(),
+        machine.desired_image.clone().unwrap_or_default(),
+        format!(
+            "{}/{}",
+            machine.applied_desired_version, machine.desired_version
+        ),
+        machine
+            .certificate_expires_at
+            .clone()
+            .unwrap_or_else(|| "never".into()),
+    ]
+}
+
+/// `machines list`: a table of machines (`wide`: with [`WIDE_COLUMNS`]), or
+/// all their views as JSON.
+pub(super) fn print_machines(
+    output: Output,
+    wide: bool,
+    machines: &[Machine],
+) -> Result<(), CtlError> {
+    let views: Vec<MachineView> = machines.iter().map(MachineView::from).collect();
+    let mut headers = LIST_COLUMNS.to_vec();
+    if wide {
+        headers.extend(WIDE_COLUMNS);
+    }
+    print_list(output, &views, &headers, |machine| {
+        let mut row = list_row(machine);
+        if wide {
+            row.extend(wide_cells(machine));
+        }
+        row
+    })
 }
 
 #[derive(Debug, Serialize)]

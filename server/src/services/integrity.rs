@@ -36,18 +36,23 @@ pub struct AskedMachine {
     pub sent: bool,
 }
 
-/// A selector `text` would be read as (it has a `=`), or `None` for a
-/// machine's id, id prefix or hostname.
+/// A selector `text` would be read as (it has an operator: `=`, `!` or a
+/// value set's `(`), or `None` for a machine's id, id prefix or hostname
+/// (which never hold those; a bare `key` is read as a hostname here).
 fn selector_of(text: &str) -> Result<Option<Selector>, IntegrityError> {
-    if !text.contains('=') {
+    if !text.contains(['=', '!', '(']) {
         return Ok(None);
     }
     Selector::parse(text)
         .map(Some)
-        .map_err(|error| IntegrityError::BadSelector {
-            selector: text.chars().take(64).collect(),
-            reason: error.to_string(),
-        })
+        .map_err(|error| bad_selector(text, &error))
+}
+
+fn bad_selector(text: &str, error: &flotte_proto::labels::LabelError) -> IntegrityError {
+    IntegrityError::BadSelector {
+        selector: text.chars().take(64).collect(),
+        reason: error.to_string(),
+    }
 }
 
 fn selected<'a>(
@@ -137,10 +142,8 @@ pub async fn list(
     let selector = if selector.is_empty() {
         Selector::default()
     } else {
-        selector_of(selector)?.ok_or_else(|| IntegrityError::BadSelector {
-            selector: selector.chars().take(64).collect(),
-            reason: "a selector is key=value pairs".to_owned(),
-        })?
+        // Here the text can only be a selector, so every form is read as one.
+        Selector::parse(selector).map_err(|error| bad_selector(selector, &error))?
     };
     let machines = state.store.machines().await?;
     let wanted: Vec<(Uuid, String)> = selected(&machines, &selector)

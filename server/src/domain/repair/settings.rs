@@ -379,7 +379,7 @@ max_unhealthy_zone_percent = 0
 max_concurrent = 0
 interval = "soon"
 [[rule]]
-selector = "role=web,,x"
+selector = "role=web,,x y"
 after = "never"
 provider = "cloud"
 [[provider]]
@@ -399,7 +399,7 @@ kind = "hypervisor"
             "max_unhealthy_zone_percent = 0",
             "max_concurrent must be at least 1",
             "remediation.interval = \"soon\"",
-            "selector \"role=web,,x\"",
+            "selector \"role=web,,x y\"",
             "after = \"never\"",
             "provider \"cloud\", which is not defined",
             "needs base_dir",

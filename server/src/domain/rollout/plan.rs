@@ -349,7 +349,7 @@ on_failure = "rollback"
             r#"
 [[stage]]
 name = "a"
-selector = "env"
+selector = "env prod"
 batch = 0
 bake = "soon"
 max_unavailable_per_zone = 0
@@ -373,7 +373,7 @@ on_failure = "panic"
             panic!("{error}")
         };
         let expected = [
-            "stage \"a\": selector \"env\"",
+            "stage \"a\": selector \"env prod\"",
             "stage \"a\": batch = 0 must be at least 1",
             "stage \"a\": bake = \"soon\" is not a duration",
             "max_unavailable_per_zone = 0 must be at least 1",
