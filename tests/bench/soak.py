@@ -88,6 +88,9 @@ def main():
             "--agents", str(arguments.agents),
             "--duration", f"{arguments.minutes * 60 + 120}s",
             "--churn-per-minute", str(arguments.churn_per_minute),
+            # Makes the simulated agents answer swaps (the load generator's
+            # own rollout, after its window, is never reached here).
+            "--rollout-image", "app@1.0.1",
         ],
         stdout=loadgen_log,
         stderr=subprocess.STDOUT,
@@ -116,11 +119,14 @@ def main():
                 next_minute += 60
                 hostnames = [m["hostname"] for m in ctl.json("machines", "list")]
                 ctl.run("machines", "label", random.choice(hostnames), "--set", f"soak-minute={minute}")
+                # A revoked user's name is never reused: one user per cycle,
+                # added one minute and revoked the next.
+                user = f"soaker{minute - 1 if granted else minute}"
                 if granted:
-                    ctl.run("user", "revoke", "soaker")
+                    ctl.run("user", "revoke", user)
                 else:
-                    ctl.run("user", "add", "soaker", "--ssh-key", keys / "soaker.pub", create_key=keys / "soaker")
-                    ctl.run("access", "grant", "soaker", "--selector", "zone=zone-1", "--login", "soaker")
+                    ctl.run("user", "add", user, "--ssh-key", keys / "soaker.pub", create_key=keys / "soaker")
+                    ctl.run("access", "grant", user, "--selector", "zone=zone-1", "--login", "soaker")
                 granted = not granted
                 if minute % 10 == 1:
                     version += 1

@@ -178,6 +178,11 @@ fn a_full_disk_during_download_unpack_and_commit_keeps_the_running_image_and_the
         keys.join("release.pub").display()
     ));
     agent.start();
+    assert!(
+        wait_until(PATIENCE, || server.connected_count() == 1),
+        "{}",
+        agent.log()
+    );
     let serves = |version: &str| {
         http_get(&format!("127.0.0.1:{port}"), "/")
             .is_ok_and(|(_, body)| body.trim() == format!("v{version}"))
