@@ -932,6 +932,38 @@ pub fn spawn_managed(command: Command, log_path: PathBuf) -> std::io::Result<Man
 }
 
 impl Server {
+    /// Adds user `name` with a fresh ed25519 key (made under `root`) and
+    /// grants it `login` on `role=web` with `extra` arguments (e.g. an
+    /// expiry).
+    pub fn grant_new_user_on_web(&self, root: &Path, name: &str, login: &str, extra: &[&str]) {
+        let key = root.join(format!("{name}-key"));
+        let keygen = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&key)
+            .status()
+            .expect("run ssh-keygen");
+        assert!(keygen.success(), "ssh-keygen failed");
+        let public = key.with_extension("pub");
+        self.ctl_json(&[
+            "user",
+            "add",
+            name,
+            "--ssh-key",
+            public.to_str().expect("UTF-8 path"),
+        ]);
+        let mut arguments = vec![
+            "access",
+            "grant",
+            name,
+            "--selector",
+            "role=web",
+            "--login",
+            login,
+        ];
+        arguments.extend_from_slice(extra);
+        self.ctl_json(&arguments);
+    }
+
     /// Runs `flottectl` as the admin and returns its stdout; panics with
     /// stderr if it failed.
     pub fn ctl_ok(&self, args: &[&str]) -> String {

@@ -124,34 +124,6 @@ fn health_log(server: &Server) -> String {
         .join("\n")
 }
 
-/// A login, a user holding an ed25519 key for it, granted on `role=web`.
-fn grant_alice(server: &Server, root: &Path, login: &str) {
-    let key = root.join("alice-key");
-    let keygen = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .status()
-        .expect("run ssh-keygen");
-    assert!(keygen.success());
-    let public_key = key.with_extension("pub");
-    server.ctl_json(&[
-        "user",
-        "add",
-        "alice",
-        "--ssh-key",
-        public_key.to_str().unwrap(),
-    ]);
-    server.ctl_json(&[
-        "access",
-        "grant",
-        "alice",
-        "--selector",
-        "role=web",
-        "--login",
-        login,
-    ]);
-}
-
 /// The managed key file of `login` on machine `hostname` holds alice's key.
 fn holds_alice(managed: &Path, hostname: &str, login: &str) -> bool {
     std::fs::read_to_string(managed.join(hostname).join(login))
@@ -236,7 +208,7 @@ fn a_zone_cut_off_goes_unreachable_holds_the_breaker_keeps_or_closes_access_and_
         states(&server),
         server.log()
     );
-    grant_alice(&server, root.path(), login);
+    server.grant_new_user_on_web(root.path(), "alice", login, &[]);
     assert!(
         wait_until(PATIENCE, || everyone
             .iter()
@@ -458,7 +430,7 @@ fn revocations_arrive_through_packet_loss_and_latency_and_after_a_one_way_partit
         states(&server),
         server.log()
     );
-    grant_alice(&server, root.path(), login);
+    server.grant_new_user_on_web(root.path(), "alice", login, &[]);
     assert!(
         wait_until(PATIENCE, || hostnames
             .iter()

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flotte_tests::sample_fleet::{
-    build_sample_image_on_port, free_port, write_incompressible_tree,
+    build_sample_image_on_port, free_port, trust_new_release_key, write_incompressible_tree,
 };
 use flotte_tests::{flottectl, http_get, test_runtime, wait_until, Agent, Server, TempDir};
 
@@ -147,14 +147,7 @@ fn a_full_disk_during_download_unpack_and_commit_keeps_the_running_image_and_the
     let mut server =
         Server::init(root.path(), "server", &[]).with_run_args(&["--report-interval", "1s"]);
     server.start();
-    let keys = root.path().join("keys");
-    server.ctl_ok(&["image", "keygen", "--out", keys.to_str().unwrap()]);
-    server.ctl_ok(&[
-        "image",
-        "trust",
-        "add",
-        keys.join("release.pub").to_str().unwrap(),
-    ]);
+    let keys = trust_new_release_key(&server, root.path());
     let port = free_port().unwrap();
     // v2 and v3 carry 6 MiB that do not compress: a payload of ~6 MiB that
     // unpacks to another ~6 MiB.
@@ -292,14 +285,7 @@ fn a_full_server_disk_fails_calls_clearly_keeps_what_was_stored_and_recovers_whe
     let mut server =
         Server::init(&disk.path, "server", &[]).with_run_args(&["--report-interval", "1s"]);
     server.start();
-    let keys = root.path().join("keys");
-    server.ctl_ok(&["image", "keygen", "--out", keys.to_str().unwrap()]);
-    server.ctl_ok(&[
-        "image",
-        "trust",
-        "add",
-        keys.join("release.pub").to_str().unwrap(),
-    ]);
+    let keys = trust_new_release_key(&server, root.path());
     let token = server.token("role=web", "dc1", &[]);
     let mut agent = Agent::new(root.path(), "web-1", &server.address, &token);
     agent.start();
@@ -534,31 +520,6 @@ const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// The environment variable that turns a missing libfaketime into a skip.
 const SKIP_FAKETIME_VARIABLE: &str = "FLOTTE_TEST_SKIP_FAKETIME";
 
-/// A user `name` with a fresh ed25519 key, granted `login` on `role=web`
-/// with `extra` arguments (e.g. an expiry).
-fn grant_user(server: &Server, root: &Path, name: &str, login: &str, extra: &[&str]) {
-    let key = root.join(format!("{name}-key"));
-    let keygen = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(keygen.success());
-    let public = key.with_extension("pub");
-    server.ctl_json(&["user", "add", name, "--ssh-key", public.to_str().unwrap()]);
-    let mut arguments = vec![
-        "access",
-        "grant",
-        name,
-        "--selector",
-        "role=web",
-        "--login",
-        login,
-    ];
-    arguments.extend_from_slice(extra);
-    server.ctl_json(&arguments);
-}
-
 #[test]
 fn an_agent_clock_jumping_hours_forward_and_back_expires_what_expires_and_never_fails_closed_while_connected(
 ) {
@@ -602,17 +563,11 @@ fn an_agent_clock_jumping_hours_forward_and_back_expires_what_expires_and_never_
         agent.log()
     );
     // alice: no expiry; bob: expires in an hour (real time).
-    grant_user(&server, root.path(), "alice", login, &[]);
+    server.grant_new_user_on_web(root.path(), "alice", login, &[]);
     let in_an_hour =
         humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
             .to_string();
-    grant_user(
-        &server,
-        root.path(),
-        "bob",
-        login,
-        &["--expires", &in_an_hour],
-    );
+    server.grant_new_user_on_web(root.path(), "bob", login, &["--expires", &in_an_hour]);
     let holds = |user: &str| {
         std::fs::read_to_string(keys_dir.join(login))
             .is_ok_and(|text| text.contains(&format!("flotte:user={user}")))
