@@ -12,19 +12,7 @@ N=${1:-10000}
 D=/tmp/flotte-storm-$N
 rm -rf "$D" "$D-server.log" "$D-loadgen.log"
 "$B/flotte-server" init --data-dir "$D" --listen 127.0.0.1:0 >/dev/null
-# Every simulated agent comes from 127.0.0.1: lift the per-source limits a
-# real fleet's addresses would never meet (see BENCHMARKS.md).
-cat >>"$D/server.toml" <<'LIMITS'
-
-[limits]
-max_handshakes_in_flight = 4096
-max_anonymous_connections = 20000
-max_unauthenticated_connections_per_source = 20000
-enroll_per_second = 100000
-enroll_burst = 100000
-enroll_per_second_per_source = 100000
-enroll_burst_per_source = 100000
-LIMITS
+cat "$(dirname "$0")/loadgen-limits.toml" >>"$D/server.toml"
 start_server() {
     rm -f "$D/server.address" "$D/metrics.address"
     "$B/flotte-server" run --data-dir "$D" --listen "${ADDRESS:-127.0.0.1:0}" \
