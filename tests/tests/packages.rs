@@ -20,8 +20,13 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
-use flotte_tests::TempDir;
+use flotte_tests::sample_fleet::{
+    prepare_sample_machine, push_sample_image, set_image_everywhere, trust_new_release_key,
+    Behaviour,
+};
+use flotte_tests::{wait_until, TempDir};
 
 const SKIP_VARIABLE: &str = "FLOTTE_TEST_SKIP_PACKAGES";
 const PACKAGES: [&str; 3] = ["flotte-server", "flotte-agent", "flottectl"];
@@ -456,4 +461,137 @@ fn units_stay_within_their_exposure_goals() {
         "flotte-server.service exposure {server} > 1.5"
     );
     assert!(agent <= 5.0, "flotte-agent.service exposure {agent} > 5.0");
+}
+
+/// Capability numbers (linux/capability.h) of the names the agent's unit
+/// may keep; a name missing here fails the test until it is taught.
+const CAPABILITY_NUMBERS: [(&str, u32); 8] = [
+    ("CAP_CHOWN", 0),
+    ("CAP_DAC_OVERRIDE", 1),
+    ("CAP_DAC_READ_SEARCH", 2),
+    ("CAP_FOWNER", 3),
+    ("CAP_KILL", 5),
+    ("CAP_SETGID", 6),
+    ("CAP_SETUID", 7),
+    ("CAP_NET_BIND_SERVICE", 10),
+];
+
+/// The capability names of the agent unit's `CapabilityBoundingSet=`.
+fn agent_unit_capabilities() -> Vec<String> {
+    let unit =
+        std::fs::read_to_string(workspace_root().join("deploy/flotte-agent.service")).unwrap();
+    let line = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("CapabilityBoundingSet="))
+        .expect("the agent unit sets CapabilityBoundingSet=");
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// A field of /proc/PID/status ("CapEff", "NoNewPrivs").
+fn process_status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// The agent's unit cannot run under systemd here (systemd is not PID 1 in
+/// CI), so what it takes away that could break a swap is applied the same
+/// way by `setpriv`: the bounding set of `CapabilityBoundingSet=` (read from
+/// the unit) and `NoNewPrivileges=`. The real agent then swaps a real image
+/// and starts its service as another user (`nobody`), health-gated. The
+/// mount namespace and system-call filter parts of the unit are checked by
+/// `systemd-analyze verify` only (deploy/INSTALL.md, "Hardening").
+#[test]
+fn the_agent_swaps_images_with_only_the_capabilities_its_unit_keeps() {
+    if !nix::unistd::geteuid().is_root() && skip_for_missing("root (to drop capabilities)") {
+        return;
+    }
+    if !succeeds("setpriv", &["--version"])
+        && skip_for_missing("setpriv (apt-get install util-linux)")
+    {
+        return;
+    }
+    let kept = agent_unit_capabilities();
+    let mut expected_mask = 0u64;
+    let mut setpriv_set = String::from("-all");
+    for name in &kept {
+        let (_, number) = CAPABILITY_NUMBERS
+            .iter()
+            .find(|(known, _)| known == name)
+            .unwrap_or_else(|| panic!("{name}: teach CAPABILITY_NUMBERS its number"));
+        expected_mask |= 1 << number;
+        setpriv_set.push_str(&format!(
+            ",+{}",
+            name.trim_start_matches("CAP_").to_lowercase()
+        ));
+    }
+
+    let root = TempDir::new("flotte-hardened-agent").unwrap();
+    let mut server = flotte_tests::Server::init(root.path(), "server", &[]);
+    server.start();
+    let keys = trust_new_release_key(&server, root.path());
+    for version in ["1.0.0", "2.0.0"] {
+        push_sample_image(&server, root.path(), &keys, version, Behaviour::Healthy);
+    }
+    let wrapper = root.path().join("hardened-agent");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec setpriv --no-new-privs --inh-caps=-all --bounding-set={setpriv_set} -- {} \"$@\"\n",
+            flotte_tests::binary("flotte-agent").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut machine = prepare_sample_machine(
+        &server,
+        &[],
+        root.path(),
+        &keys,
+        "hardened-1",
+        "dc1",
+        "env=prod",
+    );
+    machine.agent.binary = Some(wrapper);
+    machine.agent.start();
+    assert!(
+        wait_until(Duration::from_secs(60), || server.connected_count() == 1),
+        "the hardened agent did not connect:\n{}",
+        machine.agent.log()
+    );
+
+    // The agent really runs with only those rights.
+    let pid = machine
+        .agent
+        .process
+        .as_ref()
+        .and_then(|process| process.pid())
+        .unwrap();
+    assert_eq!(
+        u64::from_str_radix(&process_status_field(pid, "CapEff"), 16).unwrap(),
+        expected_mask,
+        "effective capabilities of the agent (kept: {kept:?})"
+    );
+    assert_eq!(process_status_field(pid, "NoNewPrivs"), "1");
+
+    // A first image, then a second one, which stops the first one's service
+    // (running as another user) before starting its own.
+    for version in ["1.0.0", "2.0.0"] {
+        set_image_everywhere(&server, std::slice::from_ref(&machine), version);
+        assert_eq!(
+            machine.serves(),
+            Some(format!("v{version}")),
+            "{}",
+            machine.agent.log()
+        );
+    }
+    // Verifying the running tree reads every file of it.
+    let verified = server.ctl_json(&["machines", "verify", "hardened-1", "--timeout", "60s"]);
+    assert_eq!(verified[0]["result"], "clean", "{verified}");
+    machine.agent.kill();
+    server.kill();
 }

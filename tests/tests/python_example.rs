@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use flotte_tests::sample_fleet::{
-    push_sample_image, start_sample_fleet, trust_new_release_key, Behaviour,
+    push_sample_image, set_image_everywhere, start_sample_fleet, trust_new_release_key, Behaviour,
 };
 use flotte_tests::{Server, TempDir};
 
@@ -74,12 +74,16 @@ fn the_python_example_lists_machines_and_previews_a_rollout() {
     let mut server = Server::init(root.path(), "server", &[]);
     server.start();
     let keys = trust_new_release_key(&server, root.path());
-    push_sample_image(&server, root.path(), &keys, "1.0.0", Behaviour::Healthy);
+    for version in ["1.0.0", "2.0.0"] {
+        push_sample_image(&server, root.path(), &keys, version, Behaviour::Healthy);
+    }
+    // Both machines run app@1.0.0, healthy; the preview is of app@2.0.0.
     let mut machines = start_sample_fleet(&server, root.path(), &keys, &MACHINES);
+    set_image_everywhere(&server, &machines, "1.0.0");
     // The integration's own operator, with the least role a dry run needs.
     let profile = server.create_operator(root.path(), "integration", "operator");
 
-    let output = run_example(&python, &profile, &server.address, "app@1.0.0");
+    let output = run_example(&python, &profile, &server.address, "app@2.0.0");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -89,6 +93,8 @@ fn the_python_example_lists_machines_and_previews_a_rollout() {
         output.status
     );
 
+    // Shown with --nocapture: what examples/python/README.md prints.
+    println!("{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.first(), Some(&"machines (2):"), "{stdout}");
     for (name, zone, labels) in MACHINES {
@@ -97,7 +103,8 @@ fn the_python_example_lists_machines_and_previews_a_rollout() {
             .find(|line| line.trim_start().starts_with(&format!("{name} ")))
             .unwrap_or_else(|| panic!("{name} not listed:\n{stdout}"));
         assert!(
-            listed.contains("connected")
+            listed.contains("state=operational  connected")
+                && listed.contains("image=app@1.0.0")
                 && listed.contains(&format!("zone={zone}"))
                 && listed.contains(&format!("labels={labels}")),
             "{listed}"
@@ -106,7 +113,7 @@ fn the_python_example_lists_machines_and_previews_a_rollout() {
     // The plan's qualification stage takes qa-1, its canary web-1: one
     // machine per wave, in that order.
     assert!(
-        stdout.contains("dry run: app@1.0.0 on 2 machines in 2 waves (dry_run=true"),
+        stdout.contains("dry run: app@2.0.0 on 2 machines in 2 waves (dry_run=true"),
         "{stdout}"
     );
     assert!(stdout.contains("  wave 0: qa-1 (zone dc1)"), "{stdout}");
