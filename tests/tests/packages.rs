@@ -498,46 +498,32 @@ fn process_status_field(pid: u32, field: &str) -> String {
         .to_owned()
 }
 
-/// The agent's unit cannot run under systemd here (systemd is not PID 1 in
-/// CI), so what it takes away that could break a swap is applied the same
-/// way by `setpriv`: the bounding set of `CapabilityBoundingSet=` (read from
-/// the unit) and `NoNewPrivileges=`. The real agent then swaps a real image
-/// and starts its service as another user (`nobody`), health-gated. The
-/// mount namespace and system-call filter parts of the unit are checked by
-/// `systemd-analyze verify` only (deploy/INSTALL.md, "Hardening").
-#[test]
-fn the_agent_swaps_images_with_only_the_capabilities_its_unit_keeps() {
-    if !nix::unistd::geteuid().is_root() && skip_for_missing("root (to drop capabilities)") {
-        return;
-    }
-    if !succeeds("setpriv", &["--version"])
-        && skip_for_missing("setpriv (apt-get install util-linux)")
-    {
-        return;
-    }
-    let kept = agent_unit_capabilities();
-    let mut expected_mask = 0u64;
+/// Whether the hardened-agent tests must skip: they need root and setpriv.
+fn skip_without_setpriv() -> bool {
+    (!nix::unistd::geteuid().is_root() && skip_for_missing("root (to drop capabilities)"))
+        || (!succeeds("setpriv", &["--version"])
+            && skip_for_missing("setpriv (apt-get install util-linux)"))
+}
+
+/// Writes `<directory>/hardened-agent`, which runs the agent binary with
+/// only the capabilities of the unit's `CapabilityBoundingSet=` and no new
+/// privileges, as systemd would; returns it and the capability mask the
+/// agent must then hold.
+fn hardened_agent(directory: &Path) -> (PathBuf, u64) {
+    let mut mask = 0u64;
     let mut setpriv_set = String::from("-all");
-    for name in &kept {
+    for name in agent_unit_capabilities() {
         let (_, number) = CAPABILITY_NUMBERS
             .iter()
-            .find(|(known, _)| known == name)
+            .find(|(known, _)| *known == name)
             .unwrap_or_else(|| panic!("{name}: teach CAPABILITY_NUMBERS its number"));
-        expected_mask |= 1 << number;
+        mask |= 1 << number;
         setpriv_set.push_str(&format!(
             ",+{}",
             name.trim_start_matches("CAP_").to_lowercase()
         ));
     }
-
-    let root = TempDir::new("flotte-hardened-agent").unwrap();
-    let mut server = flotte_tests::Server::init(root.path(), "server", &[]);
-    server.start();
-    let keys = trust_new_release_key(&server, root.path());
-    for version in ["1.0.0", "2.0.0"] {
-        push_sample_image(&server, root.path(), &keys, version, Behaviour::Healthy);
-    }
-    let wrapper = root.path().join("hardened-agent");
+    let wrapper = directory.join("hardened-agent");
     std::fs::write(
         &wrapper,
         format!(
@@ -547,6 +533,29 @@ fn the_agent_swaps_images_with_only_the_capabilities_its_unit_keeps() {
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (wrapper, mask)
+}
+
+/// The agent's unit cannot run under systemd here (systemd is not PID 1 in
+/// CI), so what it takes away that could break a swap is applied the same
+/// way by `setpriv`: the bounding set of `CapabilityBoundingSet=` (read from
+/// the unit) and `NoNewPrivileges=`. The real agent then swaps a real image
+/// and starts its service as another user (`nobody`), health-gated. The
+/// mount namespace and system-call filter parts of the unit are checked by
+/// `systemd-analyze verify` only (deploy/INSTALL.md, "Hardening").
+#[test]
+fn the_agent_swaps_images_with_only_the_capabilities_its_unit_keeps() {
+    if skip_without_setpriv() {
+        return;
+    }
+    let root = TempDir::new("flotte-hardened-agent").unwrap();
+    let mut server = flotte_tests::Server::init(root.path(), "server", &[]);
+    server.start();
+    let keys = trust_new_release_key(&server, root.path());
+    for version in ["1.0.0", "2.0.0"] {
+        push_sample_image(&server, root.path(), &keys, version, Behaviour::Healthy);
+    }
+    let (wrapper, expected_mask) = hardened_agent(root.path());
     let mut machine = prepare_sample_machine(
         &server,
         &[],
@@ -574,7 +583,8 @@ fn the_agent_swaps_images_with_only_the_capabilities_its_unit_keeps() {
     assert_eq!(
         u64::from_str_radix(&process_status_field(pid, "CapEff"), 16).unwrap(),
         expected_mask,
-        "effective capabilities of the agent (kept: {kept:?})"
+        "effective capabilities of the agent (kept: {:?})",
+        agent_unit_capabilities()
     );
     assert_eq!(process_status_field(pid, "NoNewPrivs"), "1");
 
@@ -593,5 +603,104 @@ fn the_agent_swaps_images_with_only_the_capabilities_its_unit_keeps() {
     let verified = server.ctl_json(&["machines", "verify", "hardened-1", "--timeout", "60s"]);
     assert_eq!(verified[0]["result"], "clean", "{verified}");
     machine.agent.kill();
+    server.kill();
+}
+
+/// Removes a test's Unix login (and its home) when dropped.
+struct LoginRemoved(&'static str);
+
+impl Drop for LoginRemoved {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").args(["--remove", self.0]).output();
+    }
+}
+
+/// The fingerprint `ssh-keygen -lf` gives a public key file.
+fn fingerprint(public_key: &Path) -> String {
+    let listed = stdout_of("ssh-keygen", &["-lf", public_key.to_str().unwrap()]);
+    listed.split_whitespace().nth(1).unwrap().to_owned()
+}
+
+/// The drift scan of `access report` reads `~/.ssh/authorized_keys` of a
+/// login whose home only that login may enter (0700) and whose file is its
+/// own (0600): what `CAP_DAC_READ_SEARCH` is kept for in the agent's unit.
+#[test]
+fn the_hardened_agent_reads_private_homes_for_the_drift_report() {
+    if skip_without_setpriv() {
+        return;
+    }
+    if !Path::new("/usr/bin/ssh-keygen").exists()
+        && skip_for_missing("ssh-keygen (apt-get install openssh-client)")
+    {
+        return;
+    }
+    let login = "flotte-hardened";
+    let _removed = LoginRemoved(login);
+    let home = flotte_tests::ensure_login(login);
+    let root = TempDir::new("flotte-hardened-access").unwrap();
+    let mut server = flotte_tests::Server::init(root.path(), "server", &[]);
+    server.start();
+    let (wrapper, _) = hardened_agent(root.path());
+    let token = server.token("role=web", "dc1", &[]);
+    let managed = root.path().join("authorized_keys");
+    let mut agent = flotte_tests::Agent::new(root.path(), "web-1", &server.address, &token)
+        .with_config(&format!(
+            "[access]\nauthorized_keys_dir = \"{}\"\n",
+            managed.display()
+        ));
+    agent.binary = Some(wrapper);
+    agent.start();
+    assert!(
+        wait_until(Duration::from_secs(60), || server.connected_count() == 1),
+        "the hardened agent did not connect:\n{}",
+        agent.log()
+    );
+    server.grant_new_user_on_web(root.path(), "alice", login, &[]);
+
+    // A key planted by hand, private to the login.
+    let stranger = root.path().join("stranger");
+    run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            stranger.to_str().unwrap(),
+        ],
+    );
+    let stranger_public = stranger.with_extension("pub");
+    let ssh = home.join(".ssh");
+    std::fs::create_dir_all(&ssh).unwrap();
+    std::fs::copy(&stranger_public, ssh.join("authorized_keys")).unwrap();
+    let uid: u32 = stdout_of("id", &["-u", login]).trim().parse().unwrap();
+    let gid: u32 = stdout_of("id", &["-g", login]).trim().parse().unwrap();
+    for (path, mode) in [
+        (ssh.join("authorized_keys"), 0o600),
+        (ssh.clone(), 0o700),
+        (home.clone(), 0o700),
+    ] {
+        std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    let wanted = fingerprint(&stranger_public);
+    let mut report = serde_json::Value::Null;
+    let flagged = wait_until(Duration::from_secs(60), || {
+        report = server.ctl_json(&["access", "report", "--machine", "web-1"]);
+        report["entries"].as_array().is_some_and(|entries| {
+            entries
+                .iter()
+                .any(|entry| entry["drift"] == true && entry["fingerprint"] == wanted.as_str())
+        })
+    });
+    assert!(
+        flagged,
+        "the planted key is not flagged: {report:#}\n{}",
+        agent.log()
+    );
+    agent.kill();
     server.kill();
 }
