@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotte_tests::sample_fleet::{
-    push_sample_image, set_image_everywhere, start_sample_machine, trust_new_release_key,
-    Behaviour, SampleMachine,
+    push_sample_image, set_image_everywhere, start_sample_fleet, trust_new_release_key, Behaviour,
+    SampleMachine,
 };
 use flotte_tests::{sample_value, scrape, wait_until, Server, TempDir, WebhookReceiver};
 
@@ -60,17 +60,7 @@ impl Fleet {
             "3.0.0",
             Behaviour::BreaksAfter(3.0),
         );
-        let machines: Vec<SampleMachine> = FLEET
-            .iter()
-            .map(|(name, zone, labels)| {
-                start_sample_machine(&server, root.path(), &keys, name, zone, labels)
-            })
-            .collect();
-        assert!(
-            wait_until(Duration::from_secs(60), || server.connected_count()
-                == FLEET.len()),
-            "agents did not connect"
-        );
+        let machines = start_sample_fleet(&server, root.path(), &keys, &FLEET);
         set_image_everywhere(&server, &machines, "1.0.0");
         Fleet {
             root,
