@@ -314,6 +314,8 @@ fn check_installed() {
     for completion in [
         "/usr/share/zsh/vendor-completions/_flottectl",
         "/usr/share/fish/vendor_completions.d/flottectl.fish",
+        "/usr/share/man/man1/flottectl.1.gz",
+        "/usr/share/man/man1/flottectl-rollout-create.1.gz",
     ] {
         assert_owner_and_mode(completion, 0, 0o644);
     }
