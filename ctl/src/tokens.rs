@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use crate::cli::{rpc_error, Cli};
 use crate::error::CtlError;
-use crate::output::{format_time, note_line, print_json, print_line, print_list, Output};
+use crate::output::{
+    format_time, note_line, optional_time, print_json, print_line, print_list, Output,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -114,11 +116,18 @@ struct TokenView {
     uses_allowed: u32,
     uses_done: u32,
     revoked: bool,
+    /// RFC 3339; absent if not revoked (or revoked before times were kept).
+    revoked_at: Option<String>,
+    /// RFC 3339: the last enrollment with it (its spent time once used up).
+    last_used_at: Option<String>,
     state: TokenState,
+    /// Since when it is in its state (absent while active, or unknown).
+    state_since: Option<String>,
 }
 
 impl TokenView {
     fn new(info: &TokenInfo, now_unix: i64) -> Self {
+        let state = TokenState::of(info, now_unix);
         TokenView {
             id: info.id.clone(),
             labels: info.labels.clone().into_iter().collect(),
@@ -128,7 +137,15 @@ impl TokenView {
             uses_allowed: info.uses_allowed,
             uses_done: info.uses_done,
             revoked: info.revoked,
-            state: TokenState::of(info, now_unix),
+            revoked_at: optional_time(info.revoked_at),
+            last_used_at: optional_time(info.last_used_at),
+            state,
+            state_since: match state {
+                TokenState::Active => None,
+                TokenState::Expired => optional_time(info.expires_at),
+                TokenState::Spent => optional_time(info.last_used_at),
+                TokenState::Revoked => optional_time(info.revoked_at),
+            },
         }
     }
 }
@@ -143,7 +160,7 @@ fn print_tokens(output: Output, tokens: &[TokenInfo]) -> Result<(), CtlError> {
         output,
         &views,
         &[
-            "ID", "ZONE", "LABELS", "USES", "CREATED", "EXPIRES", "STATE",
+            "ID", "ZONE", "LABELS", "USES", "CREATED", "EXPIRES", "STATE", "SINCE",
         ],
         |token| {
             vec![
@@ -154,6 +171,7 @@ fn print_tokens(output: Output, tokens: &[TokenInfo]) -> Result<(), CtlError> {
                 token.created_at.clone(),
                 token.expires_at.clone(),
                 token.state.as_str().to_owned(),
+                token.state_since.clone().unwrap_or_default(),
             ]
         },
     )

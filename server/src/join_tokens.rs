@@ -49,6 +49,8 @@ pub fn mint_join_token(
         uses_allowed: uses.max(1),
         uses_done: 0,
         revoked: false,
+        revoked_at: None,
+        last_used_at: None,
     };
     let token = JoinToken {
         id: record.id.clone(),

@@ -126,37 +126,57 @@ fn token_list_says_active_expired_spent_and_revoked() {
         token_states(&server)
     );
     let expected: BTreeMap<String, String> = [
-        (active, "active"),
+        (active.clone(), "active"),
         (expired, "expired"),
-        (spent, "spent"),
-        (revoked, "revoked"),
+        (spent.clone(), "spent"),
+        (revoked.clone(), "revoked"),
     ]
     .into_iter()
     .map(|(id, state)| (id, state.to_owned()))
     .collect();
     assert_eq!(token_states(&server), expected);
 
+    // The revoked and the spent token carry the time they became so.
+    let listed = server.ctl_json(&["token", "list"]);
+    let token_json = |id: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|token| token["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    for (id, field) in [(&revoked, "revoked_at"), (&spent, "last_used_at")] {
+        let token = token_json(id);
+        let at = token[field].as_str().unwrap_or_default();
+        assert!(humantime::parse_rfc3339(at).is_ok(), "{token}");
+        assert_eq!(token["state_since"], token[field], "{token}");
+    }
+    assert!(token_json(&active)["state_since"].is_null());
+
     let table = stdout_of(&server.ctl(&["token", "list"]));
     let mut lines = table.lines();
     let header = lines.next().unwrap();
     assert!(
-        header.contains("CREATED") && header.ends_with("STATE"),
+        header
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .ends_with(&["STATE", "SINCE"])
+            && header.contains("CREATED"),
         "{header}"
     );
     for line in lines {
         let cells: Vec<&str> = line.split_whitespace().collect();
         let id = cells[0];
-        assert_eq!(
-            Some(&cells[cells.len() - 1].to_owned()),
-            expected.get(id),
-            "{line}"
-        );
-        // CREATED and EXPIRES are RFC 3339 times.
-        let times: Vec<&&str> = cells
+        let state = expected.get(id).unwrap();
+        assert!(cells.contains(&state.as_str()), "{line}");
+        // CREATED, EXPIRES and (once no longer active) SINCE are RFC 3339.
+        let times = cells
             .iter()
             .filter(|cell| humantime::parse_rfc3339(cell).is_ok())
-            .collect();
-        assert_eq!(times.len(), 2, "{line}");
+            .count();
+        assert_eq!(times, if state == "active" { 2 } else { 3 }, "{line}");
     }
 }
 

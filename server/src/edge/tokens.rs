@@ -49,6 +49,8 @@ fn token_info(record: &JoinTokenRecord) -> TokenInfo {
         uses_allowed: record.uses_allowed,
         uses_done: record.uses_done,
         revoked: record.revoked,
+        revoked_at: record.revoked_at.unwrap_or(0),
+        last_used_at: record.last_used_at.unwrap_or(0),
     }
 }
 

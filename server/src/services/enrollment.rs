@@ -294,6 +294,8 @@ pub(crate) mod tests {
                     uses_allowed: 1,
                     uses_done: 0,
                     revoked: false,
+                    revoked_at: None,
+                    last_used_at: None,
                 })
                 .await
                 .unwrap();

@@ -89,7 +89,7 @@ pub async fn create_token(
 pub async fn revoke_token(state: &ServerState, id: &str) -> Result<JoinTokenRecord, TokenError> {
     state
         .store
-        .revoke_token(id)
+        .revoke_token(id, state.clock.now_unix())
         .await?
         .ok_or_else(|| TokenError::NotFound(id.to_owned()))
 }

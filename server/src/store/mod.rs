@@ -115,6 +115,12 @@ pub struct JoinTokenRecord {
     pub uses_allowed: u32,
     pub uses_done: u32,
     pub revoked: bool,
+    /// When it was first revoked (`None` if not, or revoked before the
+    /// time was recorded).
+    pub revoked_at: Option<UnixSeconds>,
+    /// When it was last used to enroll a machine: its spent time once every
+    /// allowed use is done.
+    pub last_used_at: Option<UnixSeconds>,
 }
 
 /// What the server learns from an agent's hello.
@@ -304,7 +310,12 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError>;
     async fn list_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError>;
     /// Marks a token revoked; `None` if no token has this id.
-    async fn revoke_token(&self, id: &str) -> Result<Option<JoinTokenRecord>, StoreError>;
+    /// Revokes a token, recording `now` the first time.
+    async fn revoke_token(
+        &self,
+        id: &str,
+        now: UnixSeconds,
+    ) -> Result<Option<JoinTokenRecord>, StoreError>;
     /// Atomically spends one use of the token whose secret hashes to
     /// `secret_hash`, if it is unrevoked, unexpired at `now` and not used up.
     async fn redeem_token(
@@ -471,8 +482,12 @@ macro_rules! dispatch_store_to_aggregates {
                 tokens::list_tokens(self).await
             }
 
-            async fn revoke_token(&self, id: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
-                tokens::revoke_token(self, id).await
+            async fn revoke_token(
+                &self,
+                id: &str,
+                now: UnixSeconds,
+            ) -> Result<Option<JoinTokenRecord>, StoreError> {
+                tokens::revoke_token(self, id, now).await
             }
 
             async fn redeem_token(
@@ -708,6 +723,8 @@ mod tests {
             uses_allowed: 1,
             uses_done,
             revoked,
+            revoked_at: None,
+            last_used_at: None,
         }
     }
 

@@ -100,6 +100,8 @@ pub(crate) fn token(id: &str, secret_hash: &str, uses_allowed: u32) -> JoinToken
         uses_allowed,
         uses_done: 0,
         revoked: false,
+        revoked_at: None,
+        last_used_at: None,
     }
 }
 

@@ -67,7 +67,10 @@ pub(crate) async fn a_token_with_several_uses_is_spent_exactly_that_often_under_
         .collect();
     uses.sort_unstable();
     assert_eq!(uses, [1, 2, 3], "each use counted once: {redemptions:?}");
-    assert_eq!(store.list_tokens().await.unwrap()[0].uses_done, 3);
+    let spent = &store.list_tokens().await.unwrap()[0];
+    assert_eq!(spent.uses_done, 3);
+    assert_eq!(spent.last_used_at, Some(NOW), "its spent time");
+    assert_eq!(spent.revoked_at, None);
 }
 
 pub(crate) async fn expired_and_revoked_tokens_are_refused_with_their_reason<B: ContractBackend>(
@@ -86,13 +89,20 @@ pub(crate) async fn expired_and_revoked_tokens_are_refused_with_their_reason<B: 
         .insert_token(&token("tok2", "hash2", 5))
         .await
         .unwrap();
-    let revoked = store.revoke_token("tok2").await.unwrap().unwrap();
+    let revoked = store.revoke_token("tok2", NOW).await.unwrap().unwrap();
     assert!(revoked.revoked);
+    assert_eq!(revoked.revoked_at, Some(NOW));
+    let again = store.revoke_token("tok2", NOW + 60).await.unwrap().unwrap();
+    assert_eq!(
+        again.revoked_at,
+        Some(NOW),
+        "the first revocation's time stays"
+    );
     assert!(matches!(
         store.redeem_token("hash2", NOW).await.unwrap(),
         TokenRedemption::Refused(TokenRefusal::Revoked { .. })
     ));
-    assert!(store.revoke_token("nope").await.unwrap().is_none());
+    assert!(store.revoke_token("nope", NOW).await.unwrap().is_none());
     let ids: Vec<String> = store
         .list_tokens()
         .await

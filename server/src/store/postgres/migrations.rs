@@ -15,7 +15,7 @@ use crate::store::StoreError;
 
 /// Every migration this binary knows, in order. Never edit an applied one
 /// (its checksum is recorded): add the next file.
-const MIGRATIONS: [(&str, &str); 6] = [
+const MIGRATIONS: [(&str, &str); 7] = [
     ("V1__initial", include_str!("migrations/V1__initial.sql")),
     (
         "V2__rollout_machines_by_machine",
@@ -33,6 +33,10 @@ const MIGRATIONS: [(&str, &str); 6] = [
     (
         "V6__forensic_bundles",
         include_str!("migrations/V6__forensic_bundles.sql"),
+    ),
+    (
+        "V7__token_times",
+        include_str!("migrations/V7__token_times.sql"),
     ),
 ];
 

@@ -20,6 +20,8 @@ fn token_from_row(row: &Row) -> Result<JoinTokenRecord, StoreError> {
         uses_allowed: unsigned_column(row, "uses_allowed")?,
         uses_done: unsigned_column(row, "uses_done")?,
         revoked: column(row, "revoked")?,
+        revoked_at: column(row, "revoked_at")?,
+        last_used_at: column(row, "last_used_at")?,
     })
 }
 
@@ -32,7 +34,8 @@ pub(super) async fn insert_token(
     client
         .execute(
             "INSERT INTO join_tokens (id, secret_hash, labels, zone, created_at, expires_at,
-                uses_allowed, uses_done, revoked) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                uses_allowed, uses_done, revoked, revoked_at, last_used_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             &[
                 &token.id,
                 &token.secret_hash,
@@ -43,6 +46,8 @@ pub(super) async fn insert_token(
                 &i64::from(token.uses_allowed),
                 &i64::from(token.uses_done),
                 &token.revoked,
+                &token.revoked_at,
+                &token.last_used_at,
             ],
         )
         .await?;
@@ -62,13 +67,15 @@ pub(super) async fn list_tokens(store: &PostgresStore) -> Result<Vec<JoinTokenRe
 pub(super) async fn revoke_token(
     store: &PostgresStore,
     id: &str,
+    now: UnixSeconds,
 ) -> Result<Option<JoinTokenRecord>, StoreError> {
     let client = store.client().await?;
     let _write = store.write_timer();
     let row = client
         .query_opt(
-            "UPDATE join_tokens SET revoked = TRUE WHERE id = $1 RETURNING *",
-            &[&id],
+            "UPDATE join_tokens SET revoked = TRUE, revoked_at = COALESCE(revoked_at, $2)
+             WHERE id = $1 RETURNING *",
+            &[&id, &now],
         )
         .await?;
     row.as_ref().map(token_from_row).transpose()
@@ -83,7 +90,7 @@ pub(super) async fn redeem_token(
     let _write = store.write_timer();
     let spent = client
         .query_opt(
-            "UPDATE join_tokens SET uses_done = uses_done + 1
+            "UPDATE join_tokens SET uses_done = uses_done + 1, last_used_at = $2
              WHERE secret_hash = $1 AND NOT revoked AND expires_at > $2
                AND uses_done < uses_allowed
              RETURNING *",

@@ -19,6 +19,8 @@ fn token_from_row(row: &Row<'_>) -> rusqlite::Result<JoinTokenRecord> {
         uses_allowed: row.get("uses_allowed")?,
         uses_done: row.get("uses_done")?,
         revoked: row.get("revoked")?,
+        revoked_at: row.get("revoked_at")?,
+        last_used_at: row.get("last_used_at")?,
     })
 }
 
@@ -31,7 +33,8 @@ pub(super) async fn insert_token(
         .write(move |connection| {
             connection.execute(
                 "INSERT INTO join_tokens (id, secret_hash, labels, zone, created_at, expires_at,
-                uses_allowed, uses_done, revoked) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                uses_allowed, uses_done, revoked, revoked_at, last_used_at)
+                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     token.id,
                     token.secret_hash,
@@ -41,7 +44,9 @@ pub(super) async fn insert_token(
                     token.expires_at,
                     token.uses_allowed,
                     token.uses_done,
-                    token.revoked
+                    token.revoked,
+                    token.revoked_at,
+                    token.last_used_at
                 ],
             )?;
             Ok(())
@@ -61,11 +66,16 @@ pub(super) async fn list_tokens(store: &SqliteStore) -> Result<Vec<JoinTokenReco
 pub(super) async fn revoke_token(
     store: &SqliteStore,
     id: &str,
+    now: UnixSeconds,
 ) -> Result<Option<JoinTokenRecord>, StoreError> {
     let id = id.to_owned();
     store
         .write(move |connection| {
-            connection.execute("UPDATE join_tokens SET revoked = 1 WHERE id = ?1", [&id])?;
+            connection.execute(
+                "UPDATE join_tokens SET revoked = 1, revoked_at = COALESCE(revoked_at, ?2)
+                 WHERE id = ?1",
+                params![id, now],
+            )?;
             Ok(select_one(
                 connection,
                 "SELECT * FROM join_tokens WHERE id = ?1",
@@ -86,7 +96,7 @@ pub(super) async fn redeem_token(
         .write(move |connection| {
             let transaction = connection.transaction()?;
             let changed = transaction.execute(
-                "UPDATE join_tokens SET uses_done = uses_done + 1
+                "UPDATE join_tokens SET uses_done = uses_done + 1, last_used_at = ?2
              WHERE secret_hash = ?1 AND revoked = 0 AND expires_at > ?2
                AND uses_done < uses_allowed",
                 params![secret_hash, now],
