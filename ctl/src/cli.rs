@@ -243,37 +243,9 @@ mod tests {
 
     use super::*;
 
-    /// Every command and every argument of every command, with its path
-    /// (`flottectl rollout create --plan`), for the checks below.
-    fn every_argument(command: &clap::Command, path: &str, found: &mut Vec<(String, bool)>) {
-        let path = format!("{path} {}", command.get_name());
-        found.push((path.clone(), command.get_about().is_some()));
-        for argument in command.get_arguments() {
-            // clap's own --help and --version describe themselves.
-            if matches!(
-                argument.get_action(),
-                clap::ArgAction::Help | clap::ArgAction::Version
-            ) {
-                continue;
-            }
-            let id = argument.get_id().as_str();
-            found.push((format!("{path} <{id}>"), argument.get_help().is_some()));
-        }
-        for subcommand in command.get_subcommands() {
-            every_argument(subcommand, &path, found);
-        }
-    }
-
     #[test]
     fn every_command_and_argument_is_described_in_help() {
-        let mut found = Vec::new();
-        every_argument(&Cli::command(), "", &mut found);
-        let undescribed: Vec<&str> = found
-            .iter()
-            .filter(|(_, described)| !described)
-            .map(|(path, _)| path.as_str())
-            .collect();
-        assert!(found.len() > 150, "the walk found only {}", found.len());
+        let undescribed = flotte_proto::cli_help::undescribed(&Cli::command());
         assert!(
             undescribed.is_empty(),
             "{} without a description:\n{}",

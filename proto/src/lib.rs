@@ -12,6 +12,7 @@
 #[cfg(test)]
 mod api_compatibility;
 pub mod checks;
+pub mod cli_help;
 pub mod data_dir_lock;
 pub mod files;
 pub mod http1;

@@ -26,6 +26,8 @@ enum Command {
         /// Agent settings file; flags below override its values.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Where the agent keeps its identity, images and state
+        /// (default /var/lib/flotte-agent).
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Server address host:port (repeatable; tried in order).
@@ -55,6 +57,7 @@ enum Command {
         /// Overrides the config's data_dir.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The Unix login sshd asks about (`%u`).
         login: String,
     },
 }
@@ -212,4 +215,22 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_command_and_argument_is_described_in_help() {
+        let undescribed = flotte_proto::cli_help::undescribed(&Cli::command());
+        assert!(
+            undescribed.is_empty(),
+            "{} without a description:\n{}",
+            undescribed.len(),
+            undescribed.join("\n")
+        );
+    }
 }

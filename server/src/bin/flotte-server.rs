@@ -56,6 +56,7 @@ enum ReplicaCommand {
 enum Command {
     /// Create a data dir: CA, server settings and the admin operator profile.
     Init {
+        /// The data dir to create (it must not hold a CA yet).
         #[arg(long)]
         data_dir: PathBuf,
         /// gRPC listen address written to the settings (default 127.0.0.1:7443).
@@ -64,6 +65,8 @@ enum Command {
         /// Extra DNS name or IP address for the server certificate (repeatable).
         #[arg(long = "san")]
         subject_alt_names: Vec<String>,
+        /// The name in every identity, `spiffe://DOMAIN/…` (default
+        /// flotte.local).
         #[arg(long)]
         trust_domain: Option<String>,
         /// Keep the state in this PostgreSQL database
@@ -98,6 +101,7 @@ enum Command {
         /// fields in docs/logs.md).
         #[arg(long, default_value = "text")]
         log_format: flotte_proto::logging::LogFormat,
+        /// The data dir `init` (or `replica init`) made.
         #[arg(long)]
         data_dir: PathBuf,
         /// Settings file (default: <data-dir>/server.toml if it exists).
@@ -119,6 +123,7 @@ enum Command {
     /// Write a consistent backup of a data dir (store, CA, settings, admin
     /// profile, image blobs, forensic bundles) while the server runs.
     Backup {
+        /// The server's data dir.
         #[arg(long)]
         data_dir: PathBuf,
         /// Archive to write (mode 0600, encrypted: it holds the CA key).
@@ -134,6 +139,7 @@ enum Command {
     /// a new certificate, an unknown name is created as an admin; audited.
     /// Run it on the server host; the server may be running.
     AdminProfile {
+        /// The server's data dir (its CA key signs the new certificate).
         #[arg(long)]
         data_dir: PathBuf,
         /// Profile directory to write (must not hold a profile yet).
@@ -145,11 +151,13 @@ enum Command {
     },
     /// Rebuild a data dir from a backup; the target must be missing or empty.
     Restore {
+        /// The backup archive `backup` wrote.
         #[arg(long)]
         from: PathBuf,
         /// The age identity file (`AGE-SECRET-KEY-1…`) of a recipient.
         #[arg(long)]
         identity: PathBuf,
+        /// The data dir to rebuild (missing or empty).
         #[arg(long)]
         data_dir: PathBuf,
         /// For a backup of a data dir whose state is in PostgreSQL: the
@@ -164,6 +172,7 @@ enum Command {
     /// Make a backup key pair: writes the identity (secret, 0600, keep it
     /// off the server) and prints the recipient to give to `backup`.
     BackupKey {
+        /// The identity file to write (secret: keep it off the server).
         #[arg(long)]
         out: PathBuf,
     },
@@ -494,5 +503,23 @@ fn main() -> ExitCode {
                 }
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_command_and_argument_is_described_in_help() {
+        let undescribed = flotte_proto::cli_help::undescribed(&Cli::command());
+        assert!(
+            undescribed.is_empty(),
+            "{} without a description:\n{}",
+            undescribed.len(),
+            undescribed.join("\n")
+        );
     }
 }
