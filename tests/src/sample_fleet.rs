@@ -161,7 +161,7 @@ pub fn build_sample_image_with(
         version.to_owned(),
         "--key".to_owned(),
         path(&keys.join("release.key")),
-        "-o".to_owned(),
+        "--out".to_owned(),
         path(&out),
         "--service".to_owned(),
         service,
