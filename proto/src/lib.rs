@@ -14,7 +14,7 @@ mod api_compatibility;
 pub mod checks;
 pub mod data_dir_lock;
 pub mod files;
-pub mod http1;
+pub mod http;
 pub mod identity;
 pub mod image;
 pub mod join_token;

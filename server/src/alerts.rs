@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use flotte_proto::http1::{self, HttpUrl};
+use flotte_proto::http::{request, HttpEndpoint, OutgoingRequest};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,11 +18,13 @@ use crate::metrics::ServerMetrics;
 const QUEUE_DEPTH: usize = 1024;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// A receiver's answer is not used beyond its status: read little of it.
+const RESPONSE_BODY_BYTES: usize = 256;
 
 /// A validated webhook target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookTarget {
-    pub url: HttpUrl,
+    pub endpoint: HttpEndpoint,
     pub timeout: Duration,
     pub max_attempts: u32,
 }
@@ -52,7 +54,7 @@ impl AlertDispatcher {
             .into_iter()
             .map(|target| {
                 let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
-                let name = format!("http://{}{}", target.url.host, target.url.path);
+                let name = target.endpoint.url.to_string();
                 tokio::spawn(deliver(target, receiver, metrics.clone(), shutdown.clone()));
                 (name, sender)
             })
@@ -100,24 +102,17 @@ async fn deliver(
         let mut delay = FIRST_RETRY_DELAY;
         let mut delivered = false;
         for attempt in 1..=target.max_attempts {
-            match http1::request(
-                "POST",
-                &target.url,
-                Some(("application/json", &body)),
-                target.timeout,
-                256,
-            )
-            .await
-            {
+            let post = OutgoingRequest::post("application/json", body.clone());
+            match request(&target.endpoint, post, target.timeout, RESPONSE_BODY_BYTES).await {
                 Ok(response) if (200..300).contains(&response.status) => {
                     delivered = true;
                     break;
                 }
                 Ok(response) => {
-                    tracing::warn!(url = %target.url.address, status = response.status, attempt, "webhook refused alert")
+                    tracing::warn!(url = %target.endpoint.url, answer = %response.status_line(), attempt, "webhook refused alert")
                 }
                 Err(error) => {
-                    tracing::warn!(url = %target.url.address, %error, attempt, "webhook unreachable")
+                    tracing::warn!(%error, attempt, "webhook unreachable")
                 }
             }
             if attempt < target.max_attempts {
@@ -129,7 +124,7 @@ async fn deliver(
             }
         }
         if !delivered {
-            tracing::error!(url = %target.url.address, kind = alert.kind, "alert not delivered after every attempt");
+            tracing::error!(url = %target.endpoint.url, kind = alert.kind, "alert not delivered after every attempt");
         }
         metrics.record_alert(delivered);
     }

@@ -140,17 +140,15 @@ async fn serve_metrics(
     )
     .map_err(listen_error)?;
     tracing::info!(address = %bound, "serving /metrics");
-    let handler_state = Arc::clone(&state);
-    tokio::spawn(flotte_proto::http1::serve(
+    let scraped = Arc::clone(&state);
+    tokio::spawn(flotte_proto::http::server::serve_metrics(
         listener,
-        Arc::new(move |_method: &str, path: &str| {
-            flotte_proto::http1::metrics_response(path, || {
-                handler_state.metrics.encode(
-                    &machines_by_state_and_zone(&handler_state),
-                    handler_state.registry.connected_count(),
-                    machines_on_old_images(&handler_state),
-                )
-            })
+        Arc::new(move || {
+            scraped.metrics.encode(
+                &machines_by_state_and_zone(&scraped),
+                scraped.registry.connected_count(),
+                machines_on_old_images(&scraped),
+            )
         }),
         shutdown,
     ));
