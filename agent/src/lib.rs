@@ -98,7 +98,9 @@ async fn serve_metrics(
     tracing::info!(address = %bound, "serving /metrics");
     tokio::spawn(flotte_proto::http::server::serve_metrics(
         listener,
-        std::sync::Arc::new(move || metrics.encode()),
+        std::sync::Arc::new(move || -> flotte_proto::http::server::MetricsText {
+            Box::pin(std::future::ready(metrics.encode()))
+        }),
         shutdown,
     ));
     Ok(())

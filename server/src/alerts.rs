@@ -1,17 +1,19 @@
-//! Alerts: JSON POSTs to the webhooks of the server config, one queue and one
-//! worker per webhook so that a slow or failing receiver delays only itself.
+//! Alerts: JSON POSTs to the webhooks of the server config (each in its own
+//! format, see `alert_payloads`), over `http://` or `https://`, one queue and
+//! one worker per webhook so that a slow or failing receiver delays only itself.
 //!
 //! `publish` never waits: a full queue drops the alert (counted, logged).
 //! Each alert is retried with exponential backoff, in order, before the next
 //! one is sent, so a receiver sees events in the order they happened.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use flotte_proto::http::{request, HttpEndpoint, OutgoingRequest};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert_payloads::{payload, WebhookFormat};
 use crate::metrics::ServerMetrics;
 
 /// Alerts waiting per webhook before new ones are dropped.
@@ -25,6 +27,9 @@ const RESPONSE_BODY_BYTES: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookTarget {
     pub endpoint: HttpEndpoint,
+    pub format: WebhookFormat,
+    /// Sent as Alertmanager's `generatorURL` (a link back to the fleet).
+    pub generator_url: Option<String>,
     pub timeout: Duration,
     pub max_attempts: u32,
 }
@@ -39,7 +44,7 @@ pub struct Alert {
 
 #[derive(Debug, Clone, Default)]
 pub struct AlertDispatcher {
-    queues: Vec<(String, mpsc::Sender<Alert>)>,
+    queues: Vec<(String, mpsc::Sender<(Alert, SystemTime)>)>,
     metrics: Option<ServerMetrics>,
 }
 
@@ -65,10 +70,12 @@ impl AlertDispatcher {
         }
     }
 
-    /// Queues `alert` for every webhook without waiting.
+    /// Queues `alert`, stamped with the time now, for every webhook without
+    /// waiting.
     pub fn publish(&self, alert: &Alert) {
+        let at = SystemTime::now();
         for (name, queue) in &self.queues {
-            if queue.try_send(alert.clone()).is_err() {
+            if queue.try_send((alert.clone(), at)).is_err() {
                 tracing::warn!(webhook = %name, kind = alert.kind, "alert queue full; alert dropped");
                 if let Some(metrics) = &self.metrics {
                     metrics.record_alert(false);
@@ -80,19 +87,20 @@ impl AlertDispatcher {
 
 async fn deliver(
     target: WebhookTarget,
-    mut queue: mpsc::Receiver<Alert>,
+    mut queue: mpsc::Receiver<(Alert, SystemTime)>,
     metrics: ServerMetrics,
     shutdown: CancellationToken,
 ) {
     loop {
-        let alert = tokio::select! {
+        let (alert, at) = tokio::select! {
             () = shutdown.cancelled() => return,
             alert = queue.recv() => match alert {
                 Some(alert) => alert,
                 None => return,
             },
         };
-        let body = match serde_json::to_vec(&alert) {
+        let body = payload(target.format, &alert, at, target.generator_url.as_deref());
+        let body = match serde_json::to_vec(&body) {
             Ok(body) => body,
             Err(error) => {
                 tracing::error!(%error, "cannot encode alert");

@@ -14,6 +14,7 @@ use flotte_proto::settings::parse_listen_field;
 pub use flotte_proto::settings::{read_toml, ConfigError};
 use serde::{Deserialize, Serialize};
 
+use crate::alert_payloads::WebhookFormat;
 use crate::alerts::WebhookTarget;
 use crate::audit_key::{AuditConfigFile, AuditSettings};
 use crate::domain::repair::settings::{
@@ -103,6 +104,14 @@ pub struct WebhookConfigFile {
     /// against, instead of the system's store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// What the body looks like: "generic" (the alert's own JSON, the
+    /// default), "slack" (`text` + `blocks`) or "alertmanager" (the array
+    /// Alertmanager's `POST /api/v2/alerts` accepts).
+    #[serde(default = "default_webhook_format")]
+    pub format: String,
+    /// Alertmanager's `generatorURL`: where a person goes from the alert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator_url: Option<String>,
     /// Covers connecting, TLS, the request and the answer.
     #[serde(default = "default_webhook_timeout")]
     pub timeout: String,
@@ -110,6 +119,9 @@ pub struct WebhookConfigFile {
     pub max_attempts: u32,
 }
 
+fn default_webhook_format() -> String {
+    "generic".into()
+}
 fn default_webhook_timeout() -> String {
     "5s".into()
 }
@@ -348,9 +360,24 @@ fn validate_webhooks(
         if webhook.max_attempts == 0 {
             problems.push(format!("{name}: max_attempts must be at least 1"));
         }
+        let format = WebhookFormat::parse(&webhook.format);
+        if format.is_none() {
+            problems.push(format!(
+                "{name}: format = {} is not {}",
+                quoted_prefix(&webhook.format),
+                WebhookFormat::NAMES
+            ));
+        }
+        if let Some(generator_url) = &webhook.generator_url {
+            if let Err(error) = HttpUrl::parse(generator_url) {
+                problems.push(format!("{name}: generator_url: {error}"));
+            }
+        }
         match HttpEndpoint::from_settings(&webhook.url, webhook.ca_file.as_deref()) {
             Ok(endpoint) => targets.push(WebhookTarget {
                 endpoint,
+                format: format.unwrap_or_default(),
+                generator_url: webhook.generator_url.clone(),
                 timeout,
                 max_attempts: webhook.max_attempts.max(1),
             }),
@@ -382,12 +409,16 @@ mod tests {
                 WebhookConfigFile {
                     url: "ftp://x/".into(),
                     ca_file: None,
+                    format: "pagerduty".into(),
+                    generator_url: Some("not a url".into()),
                     timeout: "1s".into(),
                     max_attempts: 0,
                 },
                 WebhookConfigFile {
                     url: "http://hooks.example/in?token=s3cret".into(),
                     ca_file: Some(PathBuf::from("/etc/ssl/certs/ca-certificates.crt")),
+                    format: "slack".into(),
+                    generator_url: None,
                     timeout: "5s".into(),
                     max_attempts: 3,
                 },
@@ -420,6 +451,8 @@ mod tests {
             "webhook 1: max_attempts must be at least 1",
             "webhook 1: URL \"ftp://x/\" is not http(s)://",
             "webhook 2 (http://hooks.example/in?…): ca_file is set but",
+            "webhook 1: format = \"pagerduty\" is not generic, slack or alertmanager",
+            "webhook 1: generator_url: URL \"not a url\"",
             "remediation.max_concurrent must be at least 1",
             "limits.max_requests_per_connection must be at least 1",
             "forensics.machine_quota_bytes (1024) must be at least forensics.max_bundle_bytes (2048)",

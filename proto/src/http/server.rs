@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,28 +103,15 @@ const METRICS_LIMITS: ServerLimits = ServerLimits {
 
 const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The answer of a `/metrics` endpoint: the encoded text on `GET /metrics`,
-/// 404 on any other path, 405 for any other method.
-pub fn metrics_response(
-    method: &Method,
-    path: &str,
-    encode: impl FnOnce() -> String,
+/// The text of a scrape, gathered asynchronously (the server reads some of
+/// it from its store).
+pub type MetricsText = Pin<Box<dyn Future<Output = String> + Send>>;
+
+fn text_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
 ) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = if path != "/metrics" {
-        (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found; try /metrics\n".to_owned(),
-        )
-    } else if method != Method::GET {
-        (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "only GET\n".to_owned(),
-        )
-    } else {
-        (StatusCode::OK, OPENMETRICS_TEXT, encode())
-    };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response
@@ -132,15 +120,41 @@ pub fn metrics_response(
     response
 }
 
+/// The refusal of anything but `GET /metrics`: 404 on any other path, 405
+/// for any other method.
+pub fn metrics_refusal(method: &Method, path: &str) -> Option<Response<Full<Bytes>>> {
+    if path != "/metrics" {
+        Some(text_response(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics\n".to_owned(),
+        ))
+    } else if method != Method::GET {
+        Some(text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".to_owned(),
+        ))
+    } else {
+        None
+    }
+}
+
 /// Serves `encode()`'s text on `GET /metrics` until `shutdown`.
 pub async fn serve_metrics(
     listener: TcpListener,
-    encode: Arc<dyn Fn() -> String + Send + Sync>,
+    encode: Arc<dyn Fn() -> MetricsText + Send + Sync>,
     shutdown: CancellationToken,
 ) {
     let handler = move |request: Request<Incoming>| {
-        let response = metrics_response(request.method(), request.uri().path(), || encode());
-        std::future::ready(response)
+        let refusal = metrics_refusal(request.method(), request.uri().path());
+        let encode = Arc::clone(&encode);
+        async move {
+            match refusal {
+                Some(refusal) => refusal,
+                None => text_response(StatusCode::OK, OPENMETRICS_TEXT, encode().await),
+            }
+        }
     };
     serve_http1(
         listener,
@@ -158,18 +172,14 @@ mod tests {
     use crate::http::client::{request, HttpEndpoint, OutgoingRequest};
 
     #[test]
-    fn only_get_metrics_is_answered_with_the_text() {
-        let ok = metrics_response(&Method::GET, "/metrics", || "up 1\n".to_owned());
-        assert_eq!(ok.status(), StatusCode::OK);
-        assert_eq!(ok.headers()[header::CONTENT_TYPE], OPENMETRICS_TEXT);
-        let never = || -> String { panic!("encoded for a refused request") };
+    fn only_get_metrics_is_answered() {
+        assert!(metrics_refusal(&Method::GET, "/metrics").is_none());
+        let refused =
+            |method, path| metrics_refusal(&method, path).map(|response| response.status());
+        assert_eq!(refused(Method::GET, "/other"), Some(StatusCode::NOT_FOUND));
         assert_eq!(
-            metrics_response(&Method::GET, "/other", never).status(),
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            metrics_response(&Method::POST, "/metrics", never).status(),
-            StatusCode::METHOD_NOT_ALLOWED
+            refused(Method::POST, "/metrics"),
+            Some(StatusCode::METHOD_NOT_ALLOWED)
         );
     }
 
@@ -180,7 +190,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(serve_metrics(
             listener,
-            Arc::new(|| "flotte_up 1\n".to_owned()),
+            Arc::new(|| -> MetricsText { Box::pin(async { "flotte_up 1\n".to_owned() }) }),
             shutdown.clone(),
         ));
         let endpoint =

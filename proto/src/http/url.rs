@@ -50,9 +50,9 @@ impl HttpUrl {
             url: quoted_prefix(text),
             reason,
         };
-        let uri: Uri = text
-            .parse()
-            .map_err(|_| malformed("not a URL (spaces or bad characters?)"))?;
+        let uri: Uri = text.parse().map_err(|_| {
+            malformed("it does not parse (no \"://\", spaces, or characters to escape?)")
+        })?;
         let scheme = match uri.scheme_str() {
             Some("http") => Scheme::Http,
             Some("https") => Scheme::Https,
@@ -175,13 +175,13 @@ mod tests {
     fn refuses_what_cannot_be_dialled_and_names_why() {
         for (bad, reason) in [
             ("ftp://x/", "scheme"),
-            ("http://", "not a URL"),
+            ("http://", "does not parse"),
             ("http://:80/", "no host"),
             ("http://h:port/", "not a number"),
             ("http://h:/", "not a number"),
             ("http://h:0/", "port 0"),
             ("/just/a/path", "scheme"),
-            ("http://h/a b", "not a URL"),
+            ("http://h/a b", "does not parse"),
         ] {
             let error = HttpUrl::parse(bad).unwrap_err().to_string();
             assert!(error.contains(reason), "{bad}: {error}");
