@@ -21,6 +21,7 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::task::AbortOnDropHandle;
@@ -118,10 +119,19 @@ impl TlsTrust {
             path: path.display().to_string(),
             cause,
         };
+        // Non-blocking, and only a regular file: a FIFO named here (by a
+        // mistake, or by a signed image's check) must not hang the agent.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(path)
+            .map_err(|error| failed(error.to_string()))?;
+        let metadata = file.metadata().map_err(|error| failed(error.to_string()))?;
+        if !metadata.is_file() {
+            return Err(failed("not a regular file".to_owned()));
+        }
         let mut pem = String::new();
-        std::fs::File::open(path)
-            .map_err(|error| failed(error.to_string()))?
-            .take(MAX_CA_FILE_BYTES + 1)
+        file.take(MAX_CA_FILE_BYTES + 1)
             .read_to_string(&mut pem)
             .map_err(|error| failed(error.to_string()))?;
         if pem.len() as u64 > MAX_CA_FILE_BYTES {
@@ -408,6 +418,12 @@ mod tests {
         assert!(error.contains("/nonexistent/ca.pem"), "{error}");
         let directory = std::env::temp_dir().join(format!("flotte-ca-{}", std::process::id()));
         std::fs::create_dir_all(&directory).unwrap();
+        let fifo = directory.join("fifo.pem");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let error = HttpEndpoint::from_settings("https://h/x", Some(&fifo))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not a regular file"), "{error}");
         let not_pem = directory.join("not.pem");
         std::fs::write(&not_pem, "hello").unwrap();
         let error = HttpEndpoint::from_settings("https://h/x", Some(&not_pem))
