@@ -173,7 +173,10 @@ async fn ensure_identity(
 /// Runs the agent until `shutdown` is cancelled or a permanent error occurs.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let hostname = config.hostname.clone().unwrap_or_else(inventory::hostname);
-    files::create_private_dir(&config.data_dir)
+    // 0711, as the unit's StateDirectoryMode: the service, run as an
+    // unprivileged user, must pass through to images/current; nothing in
+    // the data dir can be listed, and its secrets have their own 0700/0600.
+    files::create_passable_dir(&config.data_dir)
         .map_err(|error| AgentError::DataDir(describe_io_error(&config.data_dir, &error)))?;
     // Held until `run` returns: a second agent on this data dir would stop
     // this one's service and replace its session every second.

@@ -22,6 +22,7 @@ pub enum AccessCommand {
     /// A selector is required: `--all` says on purpose that every machine,
     /// now and to come, is meant.
     Grant {
+        /// The user (see `user add`).
         user: String,
         /// The machines, e.g. role=web,env!=prod,zone in (dc1,dc2) (or --all);
         /// the grammar is docs/selectors.md's.
@@ -43,21 +44,28 @@ pub enum AccessCommand {
         expires: String,
     },
     /// Remove one grant.
-    Revoke { grant: String },
+    Revoke {
+        /// The grant's id, as `access list` shows it.
+        grant: String,
+    },
     /// List grants (of one user with --user).
     List {
+        /// Only this user's grants.
         #[arg(long, default_value = "")]
         user: String,
     },
     /// Which machines applied the access policy (the latest version, or V).
     Status {
+        /// The policy version to check (0: the latest).
         #[arg(long, default_value_t = 0)]
         version: u64,
     },
     /// Who can reach what: granted keys and the keys machines actually have.
     Report {
+        /// Only what this user can reach.
         #[arg(long, default_value = "", conflicts_with = "machine")]
         user: String,
+        /// Only who can reach this machine (id, id prefix or hostname).
         #[arg(long, default_value = "")]
         machine: String,
     },

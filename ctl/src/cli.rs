@@ -17,25 +17,31 @@ use tonic::transport::Channel;
 use crate::error::CtlError;
 use crate::output::{self, DocumentFormat, Output, OutputFormat};
 use crate::{
-    access, audit, dr, images, integrity, machines, operators, repair, rollouts, status, tokens,
-    ui, users,
+    access, audit, dr, images, integrity, machines, operators, profiles, repair, rollouts, status,
+    tokens, ui, users,
 };
 
 #[derive(Debug, Parser)]
 #[command(name = "flottectl", version, about = "Flotte admin CLI")]
 pub struct Cli {
-    /// Operator profile directory (ca.pem, cert.pem, key.pem, profile.toml).
+    /// Operator profile: a directory (ca.pem, cert.pem, key.pem,
+    /// profile.toml) or the name of one under $XDG_CONFIG_HOME/flotte/profiles
+    /// (default: the current one, see `flottectl profile`).
     #[arg(long, env = "FLOTTE_PROFILE", global = true)]
     profile: Option<PathBuf>,
     /// Server address (host:port), overriding the profile's; several
     /// replicas as a comma-separated list, tried in turn.
     #[arg(long, env = "FLOTTE_SERVER", global = true)]
     server: Option<String>,
-    /// Output format: table, wide (more columns: `machines list`), json or
-    /// yaml. (`image build -o FILE` also takes the image file here, as
-    /// `flottectl image build … -o app-1.2.0.flotte`.)
-    #[arg(short = 'o', long = "output", default_value = "table", global = true)]
-    pub output_flag: String,
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_enum,
+        default_value_t = OutputFormat::Table,
+        global = true
+    )]
+    output_format: OutputFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -82,20 +88,28 @@ pub enum Command {
     Drift(integrity::DriftCommand),
     /// This client's version and the server's (and who you are to it).
     Version,
+    /// Named operator profiles: list, choose the current one, import.
+    #[command(subcommand, alias = "profiles")]
+    Profile(profiles::ProfileCommand),
     /// Print a shell completion script, e.g. `flottectl completion bash >
     /// /etc/bash_completion.d/flottectl`.
     Completion {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Write man pages, one per command, into DIR (e.g.
+    /// /usr/local/share/man/man1).
+    Man {
+        /// The directory to write them into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 impl Cli {
-    /// The format `-o` names; a table when it names none (`image build`'s
-    /// file: the value was checked by [`Cli::check_output_flag`] before any
-    /// command ran).
+    /// The format `-o` names.
     pub fn output_format(&self) -> OutputFormat {
-        OutputFormat::parse(&self.output_flag).unwrap_or(OutputFormat::Table)
+        self.output_format
     }
 
     /// The output format: `json` and `yaml` print documents (encoded as
@@ -114,41 +128,15 @@ impl Cli {
         self.output_format().document_format()
     }
 
-    /// The image file `-o` names for `image build` (`None` when it names a
-    /// format).
-    pub fn output_file(&self) -> Option<PathBuf> {
-        OutputFormat::parse(&self.output_flag)
-            .is_none()
-            .then(|| PathBuf::from(&self.output_flag))
-    }
-
-    /// `-o` must name a format, except for `image build`, where it may name
-    /// the image file.
-    pub fn check_output_flag(&self) -> Result<(), CtlError> {
-        let is_build = matches!(
-            self.command,
-            Command::Image(images::ImageCommand::Build { .. })
-        );
-        if self.output_file().is_none() || is_build {
-            Ok(())
-        } else {
-            Err(CtlError::Usage(format!(
-                "-o {:?}: {}",
-                self.output_flag,
-                OutputFormat::EXPECTED
-            )))
-        }
-    }
-
     /// The operator profile directory (where `flottectl` also keeps what it
     /// remembers for that server, such as the last signed audit head).
-    pub fn profile_dir(&self) -> Result<&std::path::Path, CtlError> {
-        self.profile.as_deref().ok_or(CtlError::NoProfile)
+    pub fn profile_dir(&self) -> Result<PathBuf, CtlError> {
+        profiles::resolve_profile_directory(self.profile.as_deref())
     }
 
     /// The operator profile this invocation acts as.
     pub fn load_profile(&self) -> Result<Profile, CtlError> {
-        Ok(Profile::load(self.profile_dir()?)?)
+        Ok(Profile::load(&self.profile_dir()?)?)
     }
 
     /// The server address this invocation dials: `--server`, else the profile's.
@@ -174,7 +162,7 @@ impl Cli {
                 ));
             }
         }
-        warn_if_expiring_soon(self.profile_dir()?, &profile)?;
+        warn_if_expiring_soon(&self.profile_dir()?, &profile)?;
         self.channel(&profile)
     }
 
@@ -247,4 +235,50 @@ pub fn read_file(path: &Path) -> Result<String, CtlError> {
 /// Turns a failed RPC into an error naming its real cause.
 pub fn rpc_error(diagnostics: &TlsDiagnostics) -> impl Fn(tonic::Status) -> CtlError + '_ {
     move |status| CtlError::Rpc(explain_status_with(&status, diagnostics))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every command and every argument of every command, with its path
+    /// (`flottectl rollout create --plan`), for the checks below.
+    fn every_argument(command: &clap::Command, path: &str, found: &mut Vec<(String, bool)>) {
+        let path = format!("{path} {}", command.get_name());
+        found.push((path.clone(), command.get_about().is_some()));
+        for argument in command.get_arguments() {
+            // clap's own --help and --version describe themselves.
+            if matches!(
+                argument.get_action(),
+                clap::ArgAction::Help | clap::ArgAction::Version
+            ) {
+                continue;
+            }
+            let id = argument.get_id().as_str();
+            found.push((format!("{path} <{id}>"), argument.get_help().is_some()));
+        }
+        for subcommand in command.get_subcommands() {
+            every_argument(subcommand, &path, found);
+        }
+    }
+
+    #[test]
+    fn every_command_and_argument_is_described_in_help() {
+        let mut found = Vec::new();
+        every_argument(&Cli::command(), "", &mut found);
+        let undescribed: Vec<&str> = found
+            .iter()
+            .filter(|(_, described)| !described)
+            .map(|(path, _)| path.as_str())
+            .collect();
+        assert!(found.len() > 150, "the walk found only {}", found.len());
+        assert!(
+            undescribed.is_empty(),
+            "{} without a description:\n{}",
+            undescribed.len(),
+            undescribed.join("\n")
+        );
+    }
 }

@@ -25,6 +25,7 @@ pub enum DrCommand {
     },
     /// Single points of failure: groups whose operational machines all sit in one zone.
     Report {
+        /// Label whose values make the groups.
         #[arg(long, default_value = "role")]
         by: String,
     },

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("no profile: pass --profile DIR or set FLOTTE_PROFILE")]
+    #[error("no profile: pass --profile DIR|NAME, set FLOTTE_PROFILE, or add a named one with `flottectl profile import DIR --name NAME`")]
     NoProfile,
     #[error(transparent)]
     Profile(#[from] flotte_common::profile::ProfileError),
@@ -46,12 +46,17 @@ pub enum CtlError {
     /// Image verification found drift, or machines did not answer.
     #[error("{0}")]
     Integrity(String),
+    /// Ctrl-C stopped the command (what goes on without it is said).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl CtlError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             CtlError::Usage(_) | CtlError::NoProfile => ExitCode::from(2),
+            // 128 + SIGINT, as shells report a command Ctrl-C stopped.
+            CtlError::Interrupted(_) => ExitCode::from(130),
             _ => ExitCode::FAILURE,
         }
     }

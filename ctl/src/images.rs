@@ -24,22 +24,27 @@ pub enum ImageCommand {
     Trust(trust::TrustCommand),
     /// Make a release key pair: DIR/release.key (secret, 0600) and DIR/release.pub.
     Keygen {
+        /// The directory to write release.key and release.pub into.
         #[arg(long)]
         out: PathBuf,
     },
     /// Pack and sign a directory as an image file.
     Build {
+        /// The directory whose files become the image's tree.
         directory: PathBuf,
+        /// The image's name (one name per application).
         #[arg(long)]
         name: String,
+        /// The image's version, semver (e.g. 1.2.0): rollouts and
+        /// `--rollback` compare them.
         #[arg(long)]
         version: String,
         /// Private release key (from `image keygen`).
         #[arg(long)]
         key: PathBuf,
-        /// Output file, e.g. app-1.2.0.flotte (also accepted as `-o FILE`).
-        #[arg(long = "out")]
-        out: Option<PathBuf>,
+        /// The image file to write, e.g. app-1.2.0.flotte.
+        #[arg(long)]
+        out: PathBuf,
         /// Service command, words separated by spaces; a relative program
         /// path is taken inside the image (e.g. "bin/app --port 8080").
         #[arg(long)]
@@ -53,14 +58,21 @@ pub enum ImageCommand {
         mutable: Vec<String>,
     },
     /// Upload an image file (its signature must verify on the server).
-    Push { file: PathBuf },
+    Push {
+        /// The image file `image build` wrote.
+        file: PathBuf,
+    },
     /// List pushed images.
     List {
+        /// Only the images of this name (default: all).
         #[arg(long, default_value = "")]
         name: String,
     },
     /// Show one image: name@version.
-    Show { reference: String },
+    Show {
+        /// The image, name@version.
+        reference: String,
+    },
 }
 
 /// Payload bytes per push message.
@@ -185,10 +197,6 @@ pub async fn run(cli: &Cli, command: &ImageCommand) -> Result<(), CtlError> {
                     mutable_paths: mutable.clone(),
                 },
             };
-            let out = out.clone().or_else(|| cli.output_file()).ok_or_else(|| {
-                CtlError::Usage("give the image file with -o FILE or --out FILE".into())
-            })?;
-            let out = &out;
             let manifest =
                 build_image(&options, out).map_err(|error| CtlError::Usage(error.to_string()))?;
             if cli.output() == Output::Json {

@@ -26,6 +26,7 @@ pub enum MachineIntegrityCommand {
     /// is a machine id, id prefix, hostname, or a selector (`role=web`).
     /// Waits for every asked machine's answer; exits non-zero on drift.
     Verify {
+        /// A machine id, id prefix, hostname, or a label selector.
         target: String,
         /// Give up waiting after this long (e.g. 10m).
         #[arg(long, default_value = "10m")]
@@ -35,7 +36,9 @@ pub enum MachineIntegrityCommand {
     /// drifted tree is kept for forensics), then verify it; waits for the
     /// result.
     RestoreImage {
+        /// The machine: id, id prefix or hostname.
         id: String,
+        /// Give up waiting after this long (e.g. 10m).
         #[arg(long, default_value = "10m")]
         timeout: String,
     },

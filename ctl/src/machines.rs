@@ -28,7 +28,10 @@ pub enum MachinesCommand {
         selector: String,
     },
     /// Show one machine by id, id prefix or hostname.
-    Show { id: String },
+    Show {
+        /// The machine: id, id prefix or hostname.
+        id: String,
+    },
     /// Stream state changes as they happen (first the current states).
     Watch {
         #[arg(long, default_value = "", value_parser = selector_argument, help = SELECTOR_HELP)]
@@ -36,6 +39,7 @@ pub enum MachinesCommand {
     },
     /// Change a machine's labels (pushed to its agent at once).
     Label {
+        /// The machine: id, id prefix or hostname.
         id: String,
         /// Labels to add or change: k=v,k2=v2.
         #[arg(long, default_value = "")]
@@ -46,10 +50,15 @@ pub enum MachinesCommand {
     },
     /// Retire a machine for good: its certificates are revoked, its session
     /// closed, and it can never reconnect.
-    Decommission { id: String },
+    Decommission {
+        /// The machine: id, id prefix or hostname.
+        id: String,
+    },
     /// Set the image a machine must run (name@version).
     SetImage {
+        /// The machine: id, id prefix or hostname.
         id: String,
+        /// The image, name@version, pushed with `image push`.
         reference: String,
         /// Allow going to a lower version than the machine runs.
         #[arg(long)]

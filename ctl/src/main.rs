@@ -4,7 +4,8 @@
 //!
 //! Layout: `cli` parses the global flags and dials the server; each noun
 //! (`tokens`, `machines`, `status`, `images`, `trust`, `rollouts`,
-//! `access`, `users`, `operators`, `audit`, `repair`, `dr`, `version`) owns its
+//! `access`, `users`, `operators`, `audit`, `repair`, `dr`, `version`,
+//! `profiles`) owns its
 //! subcommand enum, its handler and its views; `ui` is the web dashboard
 //! (`flottectl ui`), a client of the same API; `output` is the one place
 //! that renders tables and JSON; `error` maps every failure to an exit code.
@@ -29,6 +30,7 @@ mod integrity;
 mod machines;
 mod operators;
 mod output;
+mod profiles;
 mod repair;
 mod rollouts;
 mod status;
@@ -59,25 +61,24 @@ fn main() -> ExitCode {
 /// Runs one flottectl invocation and returns the process exit code.
 async fn run(cli: Cli) -> ExitCode {
     output::choose_document_format(cli.document_format());
-    let result = match cli.check_output_flag() {
-        Err(error) => Err(error),
-        Ok(()) => match &cli.command {
-            Command::Token(command) => tokens::run(&cli, command).await,
-            Command::Machines(command) => machines::run(&cli, command).await,
-            Command::Status(arguments) => status::run(&cli, arguments).await,
-            Command::Operator(command) => operators::run(&cli, command).await,
-            Command::Image(command) => images::run(&cli, command).await,
-            Command::Audit(command) => audit::run(&cli, command).await,
-            Command::Dr(command) => dr::run(&cli, command).await,
-            Command::Remediation(command) => repair::run_remediation(&cli, command).await,
-            Command::Rollout(command) => rollouts::run(&cli, command).await,
-            Command::User(command) => users::run(&cli, command).await,
-            Command::Access(command) => access::run(&cli, command).await,
-            Command::Ui(arguments) => ui::run(&cli, arguments).await,
-            Command::Drift(command) => integrity::run_drift(&cli, command).await,
-            Command::Version => version::run(&cli).await,
-            Command::Completion { shell } => version::completion(*shell),
-        },
+    let result = match &cli.command {
+        Command::Token(command) => tokens::run(&cli, command).await,
+        Command::Machines(command) => machines::run(&cli, command).await,
+        Command::Status(arguments) => status::run(&cli, arguments).await,
+        Command::Operator(command) => operators::run(&cli, command).await,
+        Command::Image(command) => images::run(&cli, command).await,
+        Command::Audit(command) => audit::run(&cli, command).await,
+        Command::Dr(command) => dr::run(&cli, command).await,
+        Command::Remediation(command) => repair::run_remediation(&cli, command).await,
+        Command::Rollout(command) => rollouts::run(&cli, command).await,
+        Command::User(command) => users::run(&cli, command).await,
+        Command::Access(command) => access::run(&cli, command).await,
+        Command::Ui(arguments) => ui::run(&cli, arguments).await,
+        Command::Drift(command) => integrity::run_drift(&cli, command).await,
+        Command::Version => version::run(&cli).await,
+        Command::Profile(command) => profiles::run(cli.output(), command),
+        Command::Completion { shell } => version::completion(*shell),
+        Command::Man { out } => version::man_pages(out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

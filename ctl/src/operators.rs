@@ -31,7 +31,10 @@ pub enum OperatorCommand {
     /// private key is generated here (or by the operator, with --csr) and
     /// never sent to the server.
     Create {
+        /// The operator's name (their identity `operator/NAME`).
         name: String,
+        /// viewer (read only), operator (rollouts, machines) or admin
+        /// (everything, including access and operators).
         #[arg(long)]
         role: Role,
         /// Profile directory to write (default: ./<name>).
@@ -45,10 +48,18 @@ pub enum OperatorCommand {
     /// List operators and their roles.
     List,
     /// Change an operator's role (takes effect on their next call).
-    SetRole { name: String, role: Role },
+    SetRole {
+        /// The operator's name.
+        name: String,
+        /// viewer, operator or admin.
+        role: Role,
+    },
     /// Revoke an operator: every certificate refused and every connection
     /// closed at once. The name is never reused.
-    Revoke { name: String },
+    Revoke {
+        /// The operator's name.
+        name: String,
+    },
     /// Renew this profile's own certificate now (same key, new certificate;
     /// every command also does it once a third of the lifetime is left).
     Renew,
@@ -198,7 +209,7 @@ pub async fn renew_profile(cli: &Cli, profile: &mut Profile) -> Result<OperatorI
         .map_err(rpc_error(&diagnostics))?
         .into_inner();
     profile.replace_certificate(
-        cli.profile_dir()?,
+        &cli.profile_dir()?,
         renewed.certificate_pem,
         renewed.ca_certificate_pem,
     )?;

@@ -34,29 +34,19 @@ pub enum Output {
 /// The values `-o` takes, named in one place: `table` (the default),
 /// `wide` (a table with more columns where a command has them, the plain
 /// table elsewhere), `json` and `yaml` (documents).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
+    /// Columns for people (the default).
     Table,
+    /// A table with more columns where a command has them.
     Wide,
+    /// A JSON document, for scripts.
     Json,
+    /// The same document as YAML.
     Yaml,
 }
 
 impl OutputFormat {
-    /// What a refused `-o` is told it could be.
-    pub const EXPECTED: &'static str = "expected table, wide, json or yaml";
-
-    /// The format `-o text` names, if it names one.
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "table" => Some(OutputFormat::Table),
-            "wide" => Some(OutputFormat::Wide),
-            "json" => Some(OutputFormat::Json),
-            "yaml" => Some(OutputFormat::Yaml),
-            _ => None,
-        }
-    }
-
     /// Documents for `json` and `yaml`, tables otherwise.
     pub fn output(self) -> Output {
         match self {
@@ -437,24 +427,23 @@ mod tests {
 
     #[test]
     fn output_formats_are_named_in_one_place() {
+        use clap::ValueEnum;
         let cases = [
             ("table", Some((Output::Table, DocumentFormat::Json))),
             ("wide", Some((Output::Table, DocumentFormat::Json))),
             ("json", Some((Output::Json, DocumentFormat::Json))),
             ("yaml", Some((Output::Json, DocumentFormat::Yaml))),
             ("xml", None),
-            ("Wide", None),
             ("app-1.2.0.flotte", None),
         ];
         for (text, expected) in cases {
-            let format = OutputFormat::parse(text);
+            let format = OutputFormat::from_str(text, false).ok();
             assert_eq!(
                 format.map(|format| (format.output(), format.document_format())),
                 expected,
                 "{text}"
             );
         }
-        assert_eq!(OutputFormat::parse("wide"), Some(OutputFormat::Wide));
     }
 
     #[test]

@@ -26,17 +26,24 @@ pub enum MachineRepairCommand {
     /// Take a machine out of service but keep it for investigation: its agent
     /// runs its on_quarantine hook and uploads a forensic bundle; nothing is wiped.
     Quarantine {
+        /// The machine: id, id prefix or hostname.
         id: String,
+        /// Why, kept with the quarantine and shown in listings and audit.
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Put a quarantined machine back in service (its on_release hook runs).
-    Release { id: String },
+    Release {
+        /// The machine: id, id prefix or hostname.
+        id: String,
+    },
     /// Download a forensic bundle of the machine into DIR (the tar and its
     /// unpacked files): the latest one, or that of `--quarantine QID`; or
     /// `--list` every bundle kept for it (one per quarantine).
     Forensics {
+        /// The machine: id, id prefix or hostname.
         id: String,
+        /// The directory to write the bundle into.
         #[arg(long, required_unless_present = "list")]
         out: Option<PathBuf>,
         /// The quarantine whose bundle to download (default: the latest).

@@ -15,8 +15,8 @@ use serde::Serialize;
 use crate::cli::{read_file, rpc_error, Cli};
 use crate::error::CtlError;
 use crate::output::{
-    format_time, note_line, optional_time, print_json, print_json_line, print_line, print_table,
-    Output,
+    self, format_time, note_line, optional_time, print_json, print_json_line, print_line,
+    print_table, Output,
 };
 
 mod progress;
@@ -33,9 +33,14 @@ pub enum RolloutCommand {
         /// The plan file (TOML: [[stage]] tables and [policy]).
         #[arg(long)]
         plan: std::path::PathBuf,
-        /// Show the stages and waves (machines and zones), change nothing.
+        /// Show the stages and waves (machines and zones), and what would
+        /// need --force; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Start even if it is a downgrade for some machines or all of them
+        /// are unreachable (refused otherwise, naming them).
+        #[arg(long)]
+        force: bool,
     },
     /// Write an example plan to start from (examples/plan.toml: stages,
     /// batches, bakes, approval, policy), to FILE or stdout.
@@ -48,29 +53,37 @@ pub enum RolloutCommand {
     List,
     /// Show a rollout: stages, waves, and every machine's state with timings.
     Show {
+        /// The rollout: id or id prefix, as `rollout list` shows it.
         id: String,
     },
     /// Follow a rollout with progress bars; exits 0 if it succeeds, 1 otherwise.
     Watch {
+        /// The rollout: id or id prefix, as `rollout list` shows it.
         id: String,
     },
     /// Stop sending new machines (machines already told finish their swap).
     Pause {
+        /// The rollout: id or id prefix, as `rollout list` shows it.
         id: String,
     },
+    /// Send machines again after a pause or a halt.
     Resume {
+        /// The rollout: id or id prefix, as `rollout list` shows it.
         id: String,
     },
     /// Stop for good, leaving every machine as it is.
     Abort {
+        /// The rollout: id or id prefix, as `rollout list` shows it.
         id: String,
     },
     /// Open the approval gate of the next stage that has one.
     Approve {
+        /// The rollout: id or id prefix, as `rollout list` shows it.
         id: String,
     },
     /// Revert the machines the rollout updated to the image each ran before.
     Rollback {
+        /// The rollout: id or id prefix, as `rollout list` shows it.
         id: String,
     },
     /// Pause every pending or running rollout, in one call.
@@ -342,7 +355,30 @@ async fn watch(cli: &Cli, id: &str) -> Result<(), CtlError> {
     let mut live = (cli.output() == Output::Table && std::io::stdout().is_terminal())
         .then(|| LiveDisplay::new(ProgressDrawTarget::stdout()));
     let mut last: Option<RolloutInfo> = None;
-    while let Some(info) = stream.message().await.map_err(rpc_error(&diagnostics))? {
+    // Ctrl-C stops this watch, not the rollout: said as such, since a
+    // progress bar vanishing can look like the rollout being cancelled. The
+    // handler is installed here, before anything is shown.
+    let mut interrupted = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|source| CtlError::Io {
+            what: "cannot watch for Ctrl-C".into(),
+            source,
+        })?;
+    loop {
+        let info = tokio::select! {
+            message = stream.message() => message.map_err(rpc_error(&diagnostics))?,
+            _ = interrupted.recv() => {
+                if let Some(live) = live.take() {
+                    live.finish();
+                }
+                let state = last.as_ref().map_or("", |info| info.state.as_str());
+                return Err(CtlError::Interrupted(format!(
+                    "stopped watching; rollout {id} goes on{} (`flottectl rollout watch {id}` \
+                     follows it again, `flottectl rollout pause {id}` pauses it)",
+                    if state.is_empty() { String::new() } else { format!(", {state}") }
+                )));
+            }
+        };
+        let Some(info) = info else { break };
         let view = RolloutView::from(&info);
         match (&mut live, cli.output()) {
             (_, Output::Json) => print_json_line(&view)?,
@@ -423,6 +459,7 @@ pub async fn run(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
             image,
             plan,
             dry_run,
+            force,
         } => {
             let plan_toml = read_file(plan)?;
             let response = rollouts
@@ -430,10 +467,21 @@ pub async fn run(cli: &Cli, command: &RolloutCommand) -> Result<(), CtlError> {
                     image: image.clone(),
                     plan_toml,
                     dry_run: *dry_run,
+                    force: *force,
                 })
                 .await
                 .map_err(error)?
                 .into_inner();
+            for warning in &response.warnings {
+                output::note_message(&format!(
+                    "flottectl: warning: {warning}{}",
+                    if response.dry_run {
+                        " (needs --force)"
+                    } else {
+                        " (started with --force)"
+                    }
+                ));
+            }
             let info = response.rollout.unwrap_or_default();
             return print_rollout(cli.output(), &info, response.dry_run);
         }

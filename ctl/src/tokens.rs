@@ -20,7 +20,10 @@ pub enum TokenCommand {
     /// List join tokens (never their secrets).
     List,
     /// Revoke a join token by id.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id, as `token list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -19,13 +19,17 @@ pub enum TrustCommand {
     /// Trust a release key: an `ssh-ed25519 AAAA…` line (a .pub file), or
     /// the raw 32-byte public key in base64 or hex.
     Add {
+        /// The public key file (e.g. release.pub from `image keygen`).
         key_file: PathBuf,
         /// Name shown in listings (default: the key's comment).
         #[arg(long, default_value = "")]
         name: String,
     },
     /// Stop trusting a release key (by id, id prefix or name).
-    Remove { key: String },
+    Remove {
+        /// The key's id, id prefix or name.
+        key: String,
+    },
     /// List trusted release keys.
     List,
 }

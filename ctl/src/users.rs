@@ -27,32 +27,48 @@ use crate::output::{
 pub enum UserCommand {
     /// Add a person with their SSH public keys (.pub files).
     Add {
+        /// The user's name.
         name: String,
+        /// An SSH public key file (.pub); repeat for more.
         #[arg(long = "ssh-key", value_name = "FILE")]
         ssh_keys: Vec<PathBuf>,
     },
     /// List users, their keys and grants.
     List,
     /// One user, their keys and grants.
-    Show { name: String },
+    Show {
+        /// The user's name.
+        name: String,
+    },
     /// Add or remove one SSH key of a user.
     #[command(subcommand)]
     Key(UserKeyCommand),
     /// Off-boarding: remove every grant and key of the user and revoke the
     /// operator of the same name, in one call; the new policy is pushed to
     /// every connected machine at once.
-    Revoke { name: String },
+    Revoke {
+        /// The user's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum UserKeyCommand {
+    /// Add one SSH public key to a user (pushed to machines at once).
     Add {
+        /// The user's name.
         name: String,
+        /// The SSH public key file (.pub).
         #[arg(long = "ssh-key", value_name = "FILE")]
         ssh_key: PathBuf,
     },
-    /// KEY is a fingerprint (SHA256:…) or a .pub file.
-    Remove { name: String, key: String },
+    /// Remove one SSH key of a user (removed from machines at once).
+    Remove {
+        /// The user's name.
+        name: String,
+        /// The key: its fingerprint (SHA256:…) or its .pub file.
+        key: String,
+    },
 }
 
 #[derive(Debug, Serialize)]

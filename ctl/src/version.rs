@@ -1,7 +1,8 @@
 //! `flottectl version`: this client's release and the answering server's
 //! (with its replica name and who the caller is to it, from
-//! `Operators.WhoAmI`), and `flottectl completion SHELL`: completions
-//! generated from the CLI definition itself, so they never drift from it.
+//! `Operators.WhoAmI`), and what is generated from the CLI definition
+//! itself, so that it never drifts from it: `flottectl completion SHELL`
+//! and `flottectl man --out DIR` (one page per command).
 
 use std::io::Write;
 
@@ -77,6 +78,23 @@ pub fn completion(shell: clap_complete::Shell) -> Result<(), CtlError> {
         })
 }
 
+/// Writes one man page per command (`flottectl.1`,
+/// `flottectl-rollout-create.1`, …) into `directory`, creating it.
+pub fn man_pages(directory: &std::path::Path) -> Result<(), CtlError> {
+    let failed = |source| CtlError::WriteFile {
+        path: directory.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(directory).map_err(failed)?;
+    clap_mangen::generate_to(Cli::command(), directory).map_err(failed)?;
+    print_line!(
+        "man pages written to {}; e.g. `man -l {}`",
+        directory.display(),
+        directory.join("flottectl-rollout-create.1").display()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +113,28 @@ mod tests {
                 assert!(script.contains(word), "{shell}: no {word}");
             }
         }
+    }
+
+    #[test]
+    fn man_pages_cover_every_command_with_its_descriptions() {
+        let directory = std::env::temp_dir().join(format!("flottectl-man-{}", std::process::id()));
+        man_pages(&directory).unwrap();
+        let create = std::fs::read_to_string(directory.join("flottectl-rollout-create.1")).unwrap();
+        assert!(
+            create.starts_with(".ie") || create.contains(".TH"),
+            "{create}"
+        );
+        assert!(create.contains("The plan file"), "{create}");
+        let pages = std::fs::read_dir(&directory).unwrap().count();
+        let mut commands = 0;
+        fn count(command: &clap::Command, commands: &mut usize) {
+            *commands += 1;
+            for subcommand in command.get_subcommands() {
+                count(subcommand, commands);
+            }
+        }
+        count(&Cli::command(), &mut commands);
+        assert_eq!(pages, commands, "one page per command");
+        std::fs::remove_dir_all(&directory).unwrap();
     }
 }

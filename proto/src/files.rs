@@ -41,6 +41,15 @@ pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
     write_atomically_with_mode(path, contents, 0o600)
 }
 
+/// Creates a directory (and parents) with mode 0711: others may pass
+/// through to a path they know, never list it.
+pub fn create_passable_dir(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(path)
+}
+
 /// Creates a directory (and parents) with mode 0700.
 pub fn create_private_dir(path: &Path) -> io::Result<()> {
     fs::DirBuilder::new()

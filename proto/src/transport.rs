@@ -250,7 +250,9 @@ pub fn channel_with_diagnostics(
         let diagnostics = connection_diagnostics.clone();
         async move {
             let start = next_target.load(std::sync::atomic::Ordering::Relaxed);
-            let mut last_error = None;
+            // Each address's failure, named: the one error a caller sees
+            // must say which server it could not reach, and why.
+            let mut failures: Vec<(std::io::ErrorKind, String)> = Vec::new();
             for offset in 0..targets.len() {
                 let index = (start + offset) % targets.len();
                 let (address, server_name) = &targets[index];
@@ -262,13 +264,16 @@ pub fn channel_with_diagnostics(
                 {
                     Ok(Ok(tcp)) => tcp,
                     Ok(Err(error)) => {
-                        last_error = Some(error);
+                        failures.push((error.kind(), format!("{address}: {error}")));
                         continue;
                     }
                     Err(_) => {
-                        last_error = Some(std::io::Error::new(
+                        failures.push((
                             std::io::ErrorKind::TimedOut,
-                            format!("connecting to {address} timed out"),
+                            format!(
+                                "{address}: no answer within {}s",
+                                PER_ADDRESS_CONNECT_TIMEOUT.as_secs()
+                            ),
                         ));
                         continue;
                     }
@@ -278,16 +283,32 @@ pub fn channel_with_diagnostics(
                 let tls = connector
                     .connect(server_name.clone(), tcp)
                     .await
-                    .inspect_err(|error| diagnostics.record(error))?;
+                    .map_err(|error| {
+                        diagnostics.record(&error);
+                        std::io::Error::new(
+                            error.kind(),
+                            format!("TLS handshake with {address} failed: {error}"),
+                        )
+                    })?;
                 return Ok::<_, std::io::Error>(TokioIo::new(DiagnosedStream {
                     inner: tls,
                     diagnostics,
                 }));
             }
-            Err(last_error.unwrap_or_else(|| std::io::Error::other("no server address")))
+            Err(connect_failure(&failures))
         }
     });
     Ok((endpoint.connect_with_connector_lazy(service), diagnostics))
+}
+
+/// One error for every address that could not be reached: "cannot connect
+/// to ADDRESS: CAUSE", the causes of several addresses joined.
+fn connect_failure(failures: &[(std::io::ErrorKind, String)]) -> std::io::Error {
+    let kind = failures
+        .last()
+        .map_or(std::io::ErrorKind::NotConnected, |(kind, _)| *kind);
+    let described: Vec<&str> = failures.iter().map(|(_, text)| text.as_str()).collect();
+    std::io::Error::new(kind, format!("cannot connect to {}", described.join("; ")))
 }
 
 /// [`channel_with_diagnostics`] for callers that only need the channel.
@@ -306,11 +327,13 @@ pub fn explain_status(status: &tonic::Status) -> String {
 
 /// [`explain_status`], also using what the channel's connections recorded.
 pub fn explain_status_with(status: &tonic::Status, diagnostics: &TlsDiagnostics) -> String {
+    // The status message, then each cause: tonic repeats the cause in the
+    // message and wraps it in a bare "transport error", so a part already
+    // said (or saying nothing) is left out.
     let mut chain = status.message().to_owned();
     let mut source = std::error::Error::source(status);
     while let Some(cause) = source {
-        chain.push_str(": ");
-        chain.push_str(&cause.to_string());
+        add_to_chain(&mut chain, &cause.to_string());
         source = cause.source();
     }
     // Only transport failures (a status made here, from a connection
@@ -326,8 +349,7 @@ pub fn explain_status_with(status: &tonic::Status, diagnostics: &TlsDiagnostics)
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     ) {
         if let Some(recorded) = diagnostics.recorded_errors() {
-            chain.push_str(": ");
-            chain.push_str(&recorded);
+            add_to_chain(&mut chain, &recorded);
         }
     }
     let lower = chain.to_ascii_lowercase();
@@ -358,6 +380,20 @@ pub fn explain_status_with(status: &tonic::Status, diagnostics: &TlsDiagnostics)
     }
 }
 
+/// Appends `part` to an error chain unless it adds nothing: already said,
+/// or tonic's bare "transport error" wrapper.
+fn add_to_chain(chain: &mut String, part: &str) {
+    if part.is_empty() || part == "transport error" || chain.contains(part) {
+        return;
+    }
+    if chain.is_empty() {
+        chain.push_str(part);
+    } else {
+        chain.push_str(": ");
+        chain.push_str(part);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +413,36 @@ mod tests {
             "{}",
             explain_status(&local)
         );
+    }
+
+    #[test]
+    fn error_chains_say_each_cause_once_and_name_the_address() {
+        let refused = connect_failure(&[(
+            std::io::ErrorKind::ConnectionRefused,
+            "127.0.0.1:1: Connection refused (os error 111)".into(),
+        )]);
+        assert_eq!(
+            explain_status(&tonic::Status::from_error(Box::new(refused))),
+            "nothing is listening at the server address (cannot connect to 127.0.0.1:1: \
+             Connection refused (os error 111))"
+        );
+        let both = connect_failure(&[
+            (
+                std::io::ErrorKind::TimedOut,
+                "a:1: no answer within 3s".into(),
+            ),
+            (std::io::ErrorKind::ConnectionRefused, "b:2: refused".into()),
+        ]);
+        assert_eq!(both.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            both.to_string(),
+            "cannot connect to a:1: no answer within 3s; b:2: refused"
+        );
+        let mut chain = "a: b".to_owned();
+        for part in ["transport error", "b", "", "c", "a: b: c"] {
+            add_to_chain(&mut chain, part);
+        }
+        assert_eq!(chain, "a: b: c");
     }
 
     #[test]

@@ -121,7 +121,7 @@ def main():
                     version += 1
                     image = out / f"app-{version}.flotte"
                     ctl.run("image", "build", tree, "--name", "app", "--version", f"1.0.{version}",
-                            "--key", keys / "release.key", "-o", image, "--service", "bin/app")
+                            "--key", keys / "release.key", "--out", image, "--service", "bin/app")
                     ctl.run("image", "push", image)
                     ctl.run("rollout", "create", "--image", f"app@1.0.{version}", "--plan", plan)
                 if minute % 30 == 5:

@@ -219,6 +219,31 @@ pub fn start_sample_machine(
     start_sample_machine_with_servers(server, &[], root, keys, name, zone, labels)
 }
 
+/// Starts one sample machine per `(hostname, zone, labels)` and waits until
+/// every one holds a session (failing with their logs otherwise).
+pub fn start_sample_fleet(
+    server: &Server,
+    root: &Path,
+    keys: &Path,
+    fleet: &[(&str, &str, &str)],
+) -> Vec<SampleMachine> {
+    let machines: Vec<SampleMachine> = fleet
+        .iter()
+        .map(|(name, zone, labels)| start_sample_machine(server, root, keys, name, zone, labels))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(60), || server.connected_count()
+            == fleet.len()),
+        "agents did not connect:\n{}",
+        machines
+            .iter()
+            .map(|machine| machine.agent.log())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    machines
+}
+
 /// [`start_sample_machine`] with an agent that also knows the server
 /// replicas at `more_servers` (it starts at a random one of them all).
 pub fn start_sample_machine_with_servers(

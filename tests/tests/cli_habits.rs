@@ -3,12 +3,14 @@
 //! prints documents that parse as the same values as `-o json`,
 //! `completion` prints scripts for the shells, `token list` says each
 //! token's state, `machines list --selector` takes every form of the selector
-//! grammar, and `-o wide` adds columns to `machines list`.
+//! grammar, `-o wide` adds columns to `machines list`, and named profiles
+//! (`profile import/use/list`) choose who flottectl acts as.
 
 // Helpers shared by tests panic on failure, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::process::Output;
 use std::time::Duration;
 
 use flotte_tests::{wait_until, Agent, Server, TempDir};
@@ -58,7 +60,8 @@ fn version_yaml_and_completions_work_against_a_real_server() {
 
     let refused = server.ctl(&["token", "list", "-o", "xml"]);
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("expected table, wide, json or yaml"),
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("[possible values: table, wide, json, yaml]"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
@@ -275,5 +278,128 @@ fn every_selector_form_chooses_machines_and_wide_adds_columns() {
             machine["applied_desired_version"], machine["desired_version"]
         );
         assert!(row.contains(&applied), "{applied} in {row}");
+    }
+}
+
+/// Runs flottectl with no `--profile` and no `FLOTTE_PROFILE`, as a user
+/// whose configuration lives in `config_home`.
+fn flottectl_as_user(config_home: &std::path::Path, server: &Server, args: &[&str]) -> Output {
+    std::process::Command::new(flotte_tests::binary("flottectl"))
+        .args(args)
+        .env("XDG_CONFIG_HOME", config_home)
+        .env("FLOTTE_SERVER", &server.address)
+        .env_remove("FLOTTE_PROFILE")
+        .output()
+        .unwrap()
+}
+
+fn operator_named_by_version(output: &Output) -> String {
+    let version: serde_json::Value = serde_json::from_slice(&stdout_of(output).into_bytes())
+        .unwrap_or_else(|error| panic!("{error}: {}", String::from_utf8_lossy(&output.stdout)));
+    version["operator"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn named_profiles_choose_who_flottectl_acts_as() {
+    let root = TempDir::new("flotte-e2e").unwrap();
+    let mut server = Server::init(root.path(), "server", &[]);
+    server.start();
+    let viewer = server.create_operator(root.path(), "auditor", "viewer");
+    let config_home = root.path().join("config");
+
+    let none = flottectl_as_user(&config_home, &server, &["machines", "list"]);
+    assert_eq!(none.status.code(), Some(2));
+    assert!(
+        stderr_of_failure(&none).contains("flottectl profile import DIR --name NAME"),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
+
+    let admin = server.admin_profile();
+    let imported = flottectl_as_user(
+        &config_home,
+        &server,
+        &[
+            "profile",
+            "import",
+            admin.to_str().unwrap(),
+            "--name",
+            "prod",
+        ],
+    );
+    assert!(stdout_of(&imported).contains("(current)"));
+    let version = |args: &[&str]| {
+        let mut all = vec!["version", "-o", "json"];
+        all.extend(args);
+        operator_named_by_version(&flottectl_as_user(&config_home, &server, &all))
+    };
+    assert_eq!(version(&[]), "admin", "the first import is current");
+
+    let second = flottectl_as_user(
+        &config_home,
+        &server,
+        &[
+            "profile",
+            "import",
+            viewer.to_str().unwrap(),
+            "--name",
+            "audit",
+        ],
+    );
+    assert!(stdout_of(&second).contains("`flottectl profile use` makes it current"));
+    assert_eq!(version(&[]), "admin", "importing does not switch");
+    assert_eq!(version(&["--profile", "audit"]), "auditor");
+
+    stdout_of(&flottectl_as_user(
+        &config_home,
+        &server,
+        &["profile", "use", "audit"],
+    ));
+    assert_eq!(version(&[]), "auditor");
+    let listed: serde_json::Value = serde_json::from_str(&stdout_of(&flottectl_as_user(
+        &config_home,
+        &server,
+        &["profile", "list", "-o", "json"],
+    )))
+    .unwrap();
+    let current: Vec<(&str, bool)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| (row["name"].as_str().unwrap(), row["current"] == true))
+        .collect();
+    assert_eq!(current, [("audit", true), ("prod", false)]);
+
+    for (args, expected) in [
+        (
+            vec![
+                "profile",
+                "import",
+                admin.to_str().unwrap(),
+                "--name",
+                "prod",
+            ],
+            "exists already",
+        ),
+        (
+            vec![
+                "profile",
+                "import",
+                admin.to_str().unwrap(),
+                "--name",
+                ".hidden",
+            ],
+            "profile name \".hidden\"",
+        ),
+        (vec!["--profile", "staging", "version"], "no profile named"),
+        (vec!["profile", "use", "staging"], "no profile named"),
+    ] {
+        let refused = flottectl_as_user(&config_home, &server, &args);
+        assert_eq!(refused.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr_of_failure(&refused).contains(expected),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
     }
 }

@@ -2,7 +2,9 @@
 //! answered by an error that names its cause: a second server or agent on a
 //! data dir is refused naming the first one's pid (and the first keeps its
 //! session), and a data dir the process cannot read is said to be a
-//! permission problem — never "no CA", "not enrolled" or "not a data dir".
+//! permission problem — never "no CA", "not enrolled" or "not a data dir";
+//! and the README's walk-through (`examples/first-rollout.sh`) reaches a
+//! first rollout on two machines.
 
 // Helpers shared by tests panic on failure, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -168,4 +170,62 @@ fn a_data_dir_this_process_cannot_read_is_named_as_a_permission_problem() {
         ],
     );
     assert_named_as_permission(&backup, "not a server data dir");
+}
+
+/// The workspace's root (where README.md and examples/ are).
+fn workspace_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+#[test]
+fn the_readme_walk_through_reaches_a_first_rollout_on_two_machines() {
+    let root = TempDir::new("flotte-e2e").unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The binaries on PATH, as the README puts them.
+    let binaries = binary("flottectl").parent().unwrap().to_path_buf();
+    for name in ["flotte-server", "flotte-agent"] {
+        assert!(binary(name).exists(), "{name} is built");
+    }
+    let path = format!(
+        "{}:{}",
+        binaries.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let walk = root.path().join("walk");
+    let output = Command::new("sh")
+        .arg(workspace_root().join("examples/first-rollout.sh"))
+        .arg(&walk)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr_of(&output)
+    );
+    let logs: String = ["server.log", "web-1.log", "web-2.log"]
+        .iter()
+        .map(|log| {
+            format!(
+                "\n--- {log}\n{}",
+                std::fs::read_to_string(walk.join(log)).unwrap_or_default()
+            )
+        })
+        .collect();
+    assert!(output.status.success(), "{said}{logs}");
+    // The rollout's watch ended on success, and the wide listing shows both
+    // machines on the new version.
+    assert!(said.contains("succeeded"), "{said}");
+    let on_new_version: Vec<&str> = said
+        .lines()
+        .filter(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            columns.get(1).is_some_and(|host| host.starts_with("web-"))
+                && columns.get(9) == Some(&"app@1.1.0")
+        })
+        .collect();
+    assert_eq!(on_new_version.len(), 2, "{said}");
 }

@@ -111,7 +111,7 @@ fn refused_tokens_name_their_cause_and_write_no_identity() {
 
     let cases = [
         (&mut reused, "has already been used (1 of 1 uses)"),
-        (&mut expired, "expired at"),
+        (&mut expired, "expired at 20"), // RFC 3339, never Unix seconds
         (&mut foreign, "is not the one the join token was made for"),
         (&mut revoked, "was revoked"),
     ];

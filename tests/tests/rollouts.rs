@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotte_tests::sample_fleet::{
-    push_sample_image, set_image_everywhere, start_sample_machine, trust_new_release_key,
-    Behaviour, SampleMachine,
+    push_sample_image, set_image_everywhere, start_sample_fleet, trust_new_release_key, Behaviour,
+    SampleMachine,
 };
 use flotte_tests::{sample_value, scrape, wait_until, Server, TempDir, WebhookReceiver};
 
@@ -60,17 +60,7 @@ impl Fleet {
             "3.0.0",
             Behaviour::BreaksAfter(3.0),
         );
-        let machines: Vec<SampleMachine> = FLEET
-            .iter()
-            .map(|(name, zone, labels)| {
-                start_sample_machine(&server, root.path(), &keys, name, zone, labels)
-            })
-            .collect();
-        assert!(
-            wait_until(Duration::from_secs(60), || server.connected_count()
-                == FLEET.len()),
-            "agents did not connect"
-        );
+        let machines = start_sample_fleet(&server, root.path(), &keys, &FLEET);
         set_image_everywhere(&server, &machines, "1.0.0");
         Fleet {
             root,
@@ -142,6 +132,50 @@ impl Fleet {
             .unwrap_or_default()
             .to_owned()
     }
+}
+
+/// Starts `flottectl rollout watch ID`, waits for its first line, sends it
+/// SIGINT as a terminal's Ctrl-C would, and checks what it says and that the
+/// rollout still waits for its approval.
+fn ctrl_c_stops_the_watch_not_the_rollout(fleet: &Fleet, id: &str) {
+    use std::io::BufRead;
+    let mut watch = std::process::Command::new(flotte_tests::binary("flottectl"))
+        .args(["--profile"])
+        .arg(fleet.server.admin_profile())
+        .args(["--server", &fleet.server.address, "rollout", "watch", id])
+        .env_remove("FLOTTE_PROFILE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The pipe stays open until the watch has exited: a closed stdout
+    // would end it (quietly, as `| head` should) before the Ctrl-C.
+    let mut stdout = std::io::BufReader::new(watch.stdout.take().unwrap());
+    let mut first_line = String::new();
+    stdout.read_line(&mut first_line).unwrap();
+    assert!(first_line.contains("rollout"), "{first_line:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let stopped = watch.wait_with_output().unwrap();
+    drop(stdout);
+    let said = String::from_utf8_lossy(&stopped.stderr);
+    assert_eq!(stopped.status.code(), Some(130), "{said}");
+    let shown = fleet.server.ctl_json(&["rollout", "show", id]);
+    assert!(
+        shown["waiting_for"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("approval of stage qualification"),
+        "{shown:#}"
+    );
+    let state = shown["state"].as_str().unwrap();
+    assert!(
+        said.contains(&format!("stopped watching; rollout {id} goes on, {state}")),
+        "{said}"
+    );
 }
 
 const STAGED_PLAN: &str = r#"
@@ -247,6 +281,9 @@ fn staged_rollout_succeeds_then_a_broken_release_halts_at_the_canary_and_rolls_b
         "app@1.0.0",
         "nothing past the gate"
     );
+    // Ctrl-C in `watch` stops the watch, says that the rollout goes on,
+    // and leaves it waiting.
+    ctrl_c_stops_the_watch_not_the_rollout(&fleet, &id);
     // A second rollout touching the same machines is refused, naming them.
     let overlapping = fleet.server.ctl(&dry_run[..6]);
     assert!(!overlapping.status.success());
@@ -351,6 +388,66 @@ fn staged_rollout_succeeds_then_a_broken_release_halts_at_the_canary_and_rolls_b
             "{action} missing from the audit log:\n{audit}"
         );
     }
+
+    // Back to v1 is a downgrade: refused without --force, naming the
+    // machine; a dry run says what would need it; with --force the rollout
+    // runs and the agent accepts the lower version as wanted.
+    let qa_plan = fleet.plan(
+        "qa.toml",
+        "[[stage]]\nname = \"qa\"\nselector = \"env=qa\"\n\n\
+         [policy]\nmax_failures = 1\nmachine_deadline = \"90s\"\non_failure = \"halt\"\n",
+    );
+    let downgrade = [
+        "rollout",
+        "create",
+        "--image",
+        "app@1.0.0",
+        "--plan",
+        qa_plan.to_str().unwrap(),
+    ];
+    let refused = fleet.server.ctl(&downgrade);
+    let refusal = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && refusal.contains("a downgrade for 1 of 1 machines (qa-1 runs app@2.0.0)")
+            && refusal.contains("add --force"),
+        "{refusal}"
+    );
+    let rollouts_before = fleet.server.ctl_json(&["rollout", "list"]);
+    let mut dry_run = downgrade.to_vec();
+    dry_run.push("--dry-run");
+    let dry = fleet.server.ctl(&dry_run);
+    let said = String::from_utf8_lossy(&dry.stderr);
+    assert!(
+        dry.status.success()
+            && said.contains("warning: a downgrade")
+            && said.contains("(needs --force)"),
+        "{said}"
+    );
+    assert_eq!(fleet.server.ctl_json(&["rollout", "list"]), rollouts_before);
+    let mut forced = downgrade.to_vec();
+    forced.push("--force");
+    let forced_id = fleet.server.ctl_json(&forced)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = fleet.wait_rollout(&forced_id, Duration::from_secs(90), |shown| {
+        shown["state"] == "succeeded"
+    });
+    assert_eq!(done["state"], "succeeded");
+    let forced_in_audit = fleet
+        .server
+        .ctl_json(&["audit", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|entry| {
+            entry["action"] == "rollout.create"
+                && entry["arguments"]["force"] == true
+                && entry["result"].as_str().unwrap_or("").contains(&forced_id)
+        });
+    assert!(forced_in_audit, "the forced creation is audited as such");
+    assert_eq!(fleet.current_image("qa-1"), "app@1.0.0");
 }
 
 #[test]

@@ -63,10 +63,16 @@ pub enum ServiceMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("cannot start the service {command:?}: {source}")]
+    #[error("cannot start the service {command:?}: {source}{}", if source.kind() == std::io::ErrorKind::PermissionDenied && *as_another_user {
+        " (it runs as an unprivileged user, who must be able to pass through every directory down to images/current: make the agent's data dir 0711 and its parents at least 0711)"
+    } else {
+        ""
+    })]
     Start {
         command: String,
         source: std::io::Error,
+        /// Whether it was started as another user than the agent's.
+        as_another_user: bool,
     },
     #[error("restart command {command:?} failed: {reason}")]
     RestartCommand { command: String, reason: String },
@@ -338,6 +344,7 @@ fn spawn(run_directory: &std::path::Path, launch: &ServiceLaunch) -> Result<Chil
         return Err(ServiceError::Start {
             command: display,
             source: std::io::Error::other("empty command"),
+            as_another_user: false,
         });
     };
     let (uid, gid) = resolve_run_as(launch.user.as_deref(), launch.group.as_deref())?;
@@ -363,6 +370,7 @@ fn spawn(run_directory: &std::path::Path, launch: &ServiceLaunch) -> Result<Chil
     process.spawn().map_err(|source| ServiceError::Start {
         command: display,
         source,
+        as_another_user: uid.is_some(),
     })
 }
 

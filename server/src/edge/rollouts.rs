@@ -49,9 +49,9 @@ impl From<RolloutError> for Status {
                 Status::invalid_argument(error.to_string())
             }
             RolloutError::NotFound(_) => Status::not_found(error.to_string()),
-            RolloutError::Refused(_) | RolloutError::Conflict { .. } => {
-                Status::failed_precondition(error.to_string())
-            }
+            RolloutError::Refused(_)
+            | RolloutError::Conflict { .. }
+            | RolloutError::NeedsForce { .. } => Status::failed_precondition(error.to_string()),
             RolloutError::Store(error) => Status::from(error),
         }
     }
@@ -191,7 +191,12 @@ impl Rollouts for RolloutsApi {
     ) -> Result<Response<CreateRolloutResponse>, Status> {
         let arguments = {
             let request = request.get_ref();
-            json!({ "image": request.image, "dry_run": request.dry_run, "plan": request.plan_toml })
+            json!({
+                "image": request.image,
+                "dry_run": request.dry_run,
+                "force": request.force,
+                "plan": request.plan_toml,
+            })
         };
         let call = admit(&self.state, &request, AdminRpc::CreateRollout, arguments).await?;
         let state = Arc::clone(&self.state);
@@ -199,7 +204,7 @@ impl Rollouts for RolloutsApi {
         let request = request.into_inner();
         call.run(
             async move {
-                let detail = state
+                let created = state
                     .rollouts
                     .create(
                         &state,
@@ -207,13 +212,15 @@ impl Rollouts for RolloutsApi {
                             image: request.image,
                             plan_toml: request.plan_toml,
                             dry_run: request.dry_run,
+                            force: request.force,
                             actor,
                         },
                     )
                     .await?;
                 Ok(CreateRolloutResponse {
-                    rollout: Some(rollout_info(&detail, true)),
+                    rollout: Some(rollout_info(&created.detail, true)),
                     dry_run: request.dry_run,
+                    warnings: created.warnings,
                 })
             },
             |response: &CreateRolloutResponse| {

@@ -44,7 +44,7 @@ pub enum AccessServiceError {
     KeysRefused(Vec<String>),
     #[error("no user named {0}")]
     NoSuchUser(String),
-    #[error("user {name} was revoked at {revoked_at} (unix); names are not reused")]
+    #[error("user {name} was revoked at {}; names are not reused", crate::store::rfc3339(*.revoked_at))]
     UserRevoked { name: String, revoked_at: i64 },
     #[error("user {user} has no key {fingerprint}")]
     NoSuchKey { user: String, fingerprint: String },

@@ -202,8 +202,8 @@ impl Enroller<'_> {
         let window = i64::try_from(self.reenroll_expired_within.as_secs()).unwrap_or(i64::MAX);
         if now.saturating_sub(facts.not_after_unix) > window {
             return Err(refused(format!(
-                "certificate expired at {} (unix), longer ago than the server allows ({}); enroll again with a join token",
-                facts.not_after_unix,
+                "certificate expired at {}, longer ago than the server allows ({}); enroll again with a join token",
+                crate::store::rfc3339(facts.not_after_unix),
                 humantime::format_duration(self.reenroll_expired_within)
             )));
         }

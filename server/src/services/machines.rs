@@ -30,7 +30,7 @@ pub enum MachineError {
     Ambiguous { key: String, count: usize },
     #[error("machine {0} was decommissioned")]
     Retired(Uuid),
-    #[error("machine {id} was already decommissioned at {at} (unix)")]
+    #[error("machine {id} was already decommissioned at {}", crate::store::rfc3339(*.at))]
     AlreadyRetired { id: Uuid, at: i64 },
     #[error("machine {0} was removed")]
     Removed(Uuid),

@@ -22,7 +22,7 @@ pub enum OperatorError {
     InvalidRole(String),
     #[error("no operator named {0}")]
     NotFound(String),
-    #[error("operator {name} was revoked at {at} (unix)")]
+    #[error("operator {name} was revoked at {}", crate::store::rfc3339(*.at))]
     Revoked { name: String, at: i64 },
     #[error("operator {0} already exists (names of revoked operators are not reused)")]
     AlreadyExists(String),

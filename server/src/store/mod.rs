@@ -95,6 +95,14 @@ impl StoreError {
 /// Seconds since the Unix epoch: the store's only notion of time.
 pub type UnixSeconds = i64;
 
+/// A stored time as people read it in messages: RFC 3339, UTC, seconds.
+/// (No stored time is before 1970; one would read as the epoch, since the
+/// formatter cannot print earlier times.)
+pub fn rfc3339(at: UnixSeconds) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(at.max(0).unsigned_abs());
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinTokenRecord {
     pub id: String,
@@ -260,7 +268,7 @@ pub enum TokenRefusal {
     Unknown,
     #[error("join token {id} was revoked")]
     Revoked { id: String },
-    #[error("join token {id} expired at {expired_at} (unix seconds)")]
+    #[error("join token {id} expired at {}", rfc3339(*.expired_at))]
     Expired { id: String, expired_at: UnixSeconds },
     #[error("join token {id} has already been used ({uses_done} of {uses_allowed} uses)")]
     UsedUp {
@@ -673,6 +681,21 @@ pub(crate) use dispatch_store_to_aggregates;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_times_read_as_rfc3339_in_messages() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_796_083_200), "2026-12-01T00:00:00Z");
+        assert_eq!(rfc3339(-86_400), "1970-01-01T00:00:00Z");
+        let refusal = TokenRefusal::Expired {
+            id: "t1".into(),
+            expired_at: 1_796_083_200,
+        };
+        assert_eq!(
+            refusal.to_string(),
+            "join token t1 expired at 2026-12-01T00:00:00Z"
+        );
+    }
 
     fn token(revoked: bool, expires_at: i64, uses_done: u32) -> JoinTokenRecord {
         JoinTokenRecord {

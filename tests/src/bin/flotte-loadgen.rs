@@ -553,6 +553,7 @@ impl RolloutBenchmark<'_> {
                 image: self.image.to_owned(),
                 plan_toml,
                 dry_run: false,
+                force: false,
             })
             .await
             .map_err(LoadgenError::Rollout)?

@@ -14,6 +14,7 @@
 
 pub mod controller;
 pub mod plan;
+pub mod preflight;
 pub mod waves;
 
 use std::fmt;
@@ -39,6 +40,10 @@ pub enum RolloutError {
     Conflict { rollout: Uuid, machines: String },
     #[error("the plan selects no machine")]
     NoMachines,
+    /// The rollout is a downgrade, or all its machines are unreachable,
+    /// and `--force` was not given.
+    #[error("rollout of {image} not started: {reasons}; check with --dry-run, then add --force to start it anyway")]
+    NeedsForce { image: String, reasons: String },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }

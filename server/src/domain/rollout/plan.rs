@@ -93,6 +93,11 @@ pub struct Policy {
     pub max_failures: Amount,
     pub machine_deadline_seconds: u64,
     pub on_failure: OnFailure,
+    /// Set (never by the plan file) when the operator forced a downgrade at
+    /// creation: machines are told the lower version is wanted on purpose.
+    /// Stored with the plan; older stored plans read as `false`.
+    #[serde(default)]
+    pub allows_downgrade: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,6 +283,7 @@ pub fn parse_plan(text: &str) -> Result<Plan, PlanError> {
             max_failures,
             machine_deadline_seconds: seconds(machine_deadline),
             on_failure,
+            allows_downgrade: false,
         },
     })
 }

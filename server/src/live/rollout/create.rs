@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::pass::previous_image;
 use super::{detail_of, quarantined_machines, ActiveRollout, RolloutDetail, RolloutEngine};
 use crate::domain::rollout::plan::parse_plan;
+use crate::domain::rollout::preflight::{reasons_to_force, ForceReason, PreflightMachine};
 use crate::domain::rollout::waves::{assign_waves, candidates, wave_stages};
 use crate::domain::rollout::{
     MachineRolloutState, Rollout, RolloutError, RolloutImage, RolloutMachine, RolloutState,
@@ -22,16 +23,28 @@ pub struct CreateRequest {
     pub image: String,
     pub plan_toml: String,
     pub dry_run: bool,
+    /// Start even if preflight finds reasons not to (a downgrade, every
+    /// machine unreachable).
+    pub force: bool,
     pub actor: String,
 }
 
+/// A created (or dry-run) rollout, and what preflight found: reasons a
+/// dry run shows and a forced creation went past.
+#[derive(Debug, Clone)]
+pub struct CreatedRollout {
+    pub detail: RolloutDetail,
+    pub warnings: Vec<String>,
+}
+
 impl RolloutEngine {
-    /// Validates, assigns waves and (unless a dry run) stores and starts a rollout.
+    /// Validates, assigns waves, checks what needs `--force`, and (unless a
+    /// dry run) stores and starts a rollout.
     pub async fn create(
         &self,
         state: &ServerState,
         request: CreateRequest,
-    ) -> Result<RolloutDetail, RolloutError> {
+    ) -> Result<CreatedRollout, RolloutError> {
         let plan = parse_plan(&request.plan_toml)?;
         let wanted: flotte_proto::image::ImageReference =
             request
@@ -53,7 +66,7 @@ impl RolloutEngine {
             return Err(RolloutError::NoMachines);
         }
         let now = state.clock.now_unix();
-        let rollout = Rollout {
+        let mut rollout = Rollout {
             id: Uuid::new_v4(),
             image: RolloutImage {
                 name: image.name.clone(),
@@ -95,6 +108,36 @@ impl RolloutEngine {
                 failure_reason: String::new(),
             })
             .collect();
+        let reasons = {
+            let preflight: Vec<PreflightMachine<'_>> = members
+                .iter()
+                .map(|member| PreflightMachine {
+                    hostname: &member.hostname,
+                    running: member.previous_image.as_ref(),
+                    state: by_id
+                        .get(&member.machine_id)
+                        .map_or("", |machine| machine.state.as_str()),
+                })
+                .collect();
+            reasons_to_force(&image.name, &wanted.version, &preflight)
+        };
+        let warnings: Vec<String> = reasons.iter().map(ForceReason::to_string).collect();
+        if !reasons.is_empty() && !request.dry_run {
+            if !request.force {
+                return Err(RolloutError::NeedsForce {
+                    image: rollout.image.reference(),
+                    reasons: warnings.join("; "),
+                });
+            }
+            rollout.plan.policy.allows_downgrade = reasons
+                .iter()
+                .any(|reason| matches!(reason, ForceReason::Downgrade { .. }));
+            rollout.reason = format!(
+                "created by {} with --force past {}",
+                request.actor,
+                warnings.join("; ")
+            );
+        }
         let mut active = self.active.lock().await;
         let mut conflicts: BTreeMap<Uuid, Vec<String>> = BTreeMap::new();
         {
@@ -115,7 +158,10 @@ impl RolloutEngine {
             });
         }
         if request.dry_run {
-            return Ok(detail_of(state, rollout, members).await);
+            return Ok(CreatedRollout {
+                detail: detail_of(state, rollout, members).await,
+                warnings,
+            });
         }
         // The store checks again, in the insert's transaction: the map above
         // is this process's view, the store is every writer's.
@@ -161,6 +207,9 @@ impl RolloutEngine {
         );
         drop(active);
         self.changed(state, rollout.id).await;
-        Ok(detail_of(state, rollout, members).await)
+        Ok(CreatedRollout {
+            detail: detail_of(state, rollout, members).await,
+            warnings,
+        })
     }
 }

@@ -172,7 +172,10 @@ fn apply_actions(active: &mut ActiveRollout, actions: &[Action], now: UnixSecond
                 ));
             }
             Action::Send { machine } => {
-                let desired = rollout.image.desired();
+                let desired = DesiredImageRecord {
+                    rollback: rollout.plan.policy.allows_downgrade,
+                    ..rollout.image.desired()
+                };
                 machine_update(machine, &mut |record| {
                     record.state = MachineRolloutState::Sent;
                     record.sent_at = Some(now);
