@@ -96,10 +96,10 @@ async fn serve_metrics(
     )
     .map_err(listen_error)?;
     tracing::info!(address = %bound, "serving /metrics");
-    tokio::spawn(flotte_proto::http1::serve(
+    tokio::spawn(flotte_proto::http::server::serve_metrics(
         listener,
-        std::sync::Arc::new(move |_method: &str, path: &str| {
-            flotte_proto::http1::metrics_response(path, || metrics.encode())
+        std::sync::Arc::new(move || -> flotte_proto::http::server::MetricsText {
+            Box::pin(std::future::ready(metrics.encode()))
         }),
         shutdown,
     ));

@@ -14,6 +14,10 @@ pub struct CheckDefinition {
     pub kind: String,
     #[serde(default)]
     pub url: Option<String>,
+    /// For an `https://` url: a PEM file of the CA certificates to check the
+    /// endpoint against instead of the system's store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     #[serde(default)]
     pub expected_status: Option<u16>,
     #[serde(default)]

@@ -15,7 +15,7 @@ pub mod checks;
 pub mod cli_help;
 pub mod data_dir_lock;
 pub mod files;
-pub mod http1;
+pub mod http;
 pub mod identity;
 pub mod image;
 pub mod join_token;

@@ -1,28 +1,35 @@
-//! Alerts: JSON POSTs to the webhooks of the server config, one queue and one
-//! worker per webhook so that a slow or failing receiver delays only itself.
+//! Alerts: JSON POSTs to the webhooks of the server config (each in its own
+//! format, see `alert_payloads`), over `http://` or `https://`, one queue and
+//! one worker per webhook so that a slow or failing receiver delays only itself.
 //!
 //! `publish` never waits: a full queue drops the alert (counted, logged).
 //! Each alert is retried with exponential backoff, in order, before the next
 //! one is sent, so a receiver sees events in the order they happened.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use flotte_proto::http1::{self, HttpUrl};
+use flotte_proto::http::{request, HttpEndpoint, OutgoingRequest};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert_payloads::{payload, WebhookFormat};
 use crate::metrics::ServerMetrics;
 
 /// Alerts waiting per webhook before new ones are dropped.
 const QUEUE_DEPTH: usize = 1024;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// A receiver's answer is not used beyond its status: read little of it.
+const RESPONSE_BODY_BYTES: usize = 256;
 
 /// A validated webhook target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookTarget {
-    pub url: HttpUrl,
+    pub endpoint: HttpEndpoint,
+    pub format: WebhookFormat,
+    /// Sent as Alertmanager's `generatorURL` (a link back to the fleet).
+    pub generator_url: Option<String>,
     pub timeout: Duration,
     pub max_attempts: u32,
 }
@@ -37,7 +44,7 @@ pub struct Alert {
 
 #[derive(Debug, Clone, Default)]
 pub struct AlertDispatcher {
-    queues: Vec<(String, mpsc::Sender<Alert>)>,
+    queues: Vec<(String, mpsc::Sender<(Alert, SystemTime)>)>,
     metrics: Option<ServerMetrics>,
 }
 
@@ -52,7 +59,7 @@ impl AlertDispatcher {
             .into_iter()
             .map(|target| {
                 let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
-                let name = format!("http://{}{}", target.url.host, target.url.path);
+                let name = target.endpoint.url.to_string();
                 tokio::spawn(deliver(target, receiver, metrics.clone(), shutdown.clone()));
                 (name, sender)
             })
@@ -63,10 +70,12 @@ impl AlertDispatcher {
         }
     }
 
-    /// Queues `alert` for every webhook without waiting.
+    /// Queues `alert`, stamped with the time now, for every webhook without
+    /// waiting.
     pub fn publish(&self, alert: &Alert) {
+        let at = SystemTime::now();
         for (name, queue) in &self.queues {
-            if queue.try_send(alert.clone()).is_err() {
+            if queue.try_send((alert.clone(), at)).is_err() {
                 tracing::warn!(webhook = %name, kind = alert.kind, "alert queue full; alert dropped");
                 if let Some(metrics) = &self.metrics {
                     metrics.record_alert(false);
@@ -78,19 +87,20 @@ impl AlertDispatcher {
 
 async fn deliver(
     target: WebhookTarget,
-    mut queue: mpsc::Receiver<Alert>,
+    mut queue: mpsc::Receiver<(Alert, SystemTime)>,
     metrics: ServerMetrics,
     shutdown: CancellationToken,
 ) {
     loop {
-        let alert = tokio::select! {
+        let (alert, at) = tokio::select! {
             () = shutdown.cancelled() => return,
             alert = queue.recv() => match alert {
                 Some(alert) => alert,
                 None => return,
             },
         };
-        let body = match serde_json::to_vec(&alert) {
+        let body = payload(target.format, &alert, at, target.generator_url.as_deref());
+        let body = match serde_json::to_vec(&body) {
             Ok(body) => body,
             Err(error) => {
                 tracing::error!(%error, "cannot encode alert");
@@ -100,24 +110,17 @@ async fn deliver(
         let mut delay = FIRST_RETRY_DELAY;
         let mut delivered = false;
         for attempt in 1..=target.max_attempts {
-            match http1::request(
-                "POST",
-                &target.url,
-                Some(("application/json", &body)),
-                target.timeout,
-                256,
-            )
-            .await
-            {
+            let post = OutgoingRequest::post("application/json", body.clone());
+            match request(&target.endpoint, post, target.timeout, RESPONSE_BODY_BYTES).await {
                 Ok(response) if (200..300).contains(&response.status) => {
                     delivered = true;
                     break;
                 }
                 Ok(response) => {
-                    tracing::warn!(url = %target.url.address, status = response.status, attempt, "webhook refused alert")
+                    tracing::warn!(url = %target.endpoint.url, answer = %response.status_line(), attempt, "webhook refused alert")
                 }
                 Err(error) => {
-                    tracing::warn!(url = %target.url.address, %error, attempt, "webhook unreachable")
+                    tracing::warn!(%error, attempt, "webhook unreachable")
                 }
             }
             if attempt < target.max_attempts {
@@ -129,7 +132,7 @@ async fn deliver(
             }
         }
         if !delivered {
-            tracing::error!(url = %target.url.address, kind = alert.kind, "alert not delivered after every attempt");
+            tracing::error!(url = %target.endpoint.url, kind = alert.kind, "alert not delivered after every attempt");
         }
         metrics.record_alert(delivered);
     }

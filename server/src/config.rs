@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flotte_proto::http1::HttpUrl;
+use flotte_proto::http::{HttpEndpoint, HttpUrl};
 use flotte_proto::identity::{is_valid_segment, SEGMENT_GRAMMAR};
 use flotte_proto::names::quoted_prefix;
 use flotte_proto::settings::parse_duration_field;
@@ -14,6 +14,7 @@ use flotte_proto::settings::parse_listen_field;
 pub use flotte_proto::settings::{read_toml, ConfigError};
 use serde::{Deserialize, Serialize};
 
+use crate::alert_payloads::WebhookFormat;
 use crate::alerts::WebhookTarget;
 use crate::audit_key::{AuditConfigFile, AuditSettings};
 use crate::domain::repair::settings::{
@@ -97,14 +98,30 @@ pub struct ServerConfigFile {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfigFile {
-    /// `http://host:port/path` (plain HTTP; put a relay in front for HTTPS).
+    /// `http://` or `https://host[:port]/path`. Redirects are not followed.
     pub url: String,
+    /// PEM file of the CA certificates an `https://` receiver is checked
+    /// against, instead of the system's store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// What the body looks like: "generic" (the alert's own JSON, the
+    /// default), "slack" (`text` + `blocks`) or "alertmanager" (the array
+    /// Alertmanager's `POST /api/v2/alerts` accepts).
+    #[serde(default = "default_webhook_format")]
+    pub format: String,
+    /// Alertmanager's `generatorURL`: where a person goes from the alert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator_url: Option<String>,
+    /// Covers connecting, TLS, the request and the answer.
     #[serde(default = "default_webhook_timeout")]
     pub timeout: String,
     #[serde(default = "default_webhook_attempts")]
     pub max_attempts: u32,
 }
 
+fn default_webhook_format() -> String {
+    "generic".into()
+}
 fn default_webhook_timeout() -> String {
     "5s".into()
 }
@@ -276,29 +293,7 @@ impl ServerConfigFile {
             self.metrics_listen.as_deref(),
             &mut problems,
         );
-        let mut webhooks = Vec::new();
-        for webhook in &self.webhooks {
-            let timeout = parse_duration_field(
-                &format!("webhook {:?}: timeout", webhook.url),
-                &webhook.timeout,
-                Duration::from_millis(100),
-                &mut problems,
-            );
-            if webhook.max_attempts == 0 {
-                problems.push(format!(
-                    "webhook {:?}: max_attempts must be at least 1",
-                    webhook.url
-                ));
-            }
-            match HttpUrl::parse(&webhook.url) {
-                Ok(url) => webhooks.push(WebhookTarget {
-                    url,
-                    timeout,
-                    max_attempts: webhook.max_attempts.max(1),
-                }),
-                Err(error) => problems.push(format!("webhook: {error}")),
-            }
-        }
+        let webhooks = validate_webhooks(&self.webhooks, &mut problems);
         let remediation = self.remediation.validate(&mut problems);
         let minimums = validate_minimums(&self.minimums, &mut problems);
         let limits = self.limits.validate(&mut problems);
@@ -345,6 +340,53 @@ impl ServerConfigFile {
     }
 }
 
+/// Validates every `[[webhook]]`, naming each by its position and its URL
+/// without the query (where receivers' tokens usually are).
+fn validate_webhooks(
+    webhooks: &[WebhookConfigFile],
+    problems: &mut Vec<String>,
+) -> Vec<WebhookTarget> {
+    let mut targets = Vec::new();
+    for (index, webhook) in webhooks.iter().enumerate() {
+        let shown =
+            HttpUrl::parse(&webhook.url).map_or_else(|_| String::new(), |url| format!(" ({url})"));
+        let name = format!("webhook {}{shown}", index + 1);
+        let timeout = parse_duration_field(
+            &format!("{name}: timeout"),
+            &webhook.timeout,
+            Duration::from_millis(100),
+            problems,
+        );
+        if webhook.max_attempts == 0 {
+            problems.push(format!("{name}: max_attempts must be at least 1"));
+        }
+        let format = WebhookFormat::parse(&webhook.format);
+        if format.is_none() {
+            problems.push(format!(
+                "{name}: format = {} is not {}",
+                quoted_prefix(&webhook.format),
+                WebhookFormat::NAMES
+            ));
+        }
+        if let Some(generator_url) = &webhook.generator_url {
+            if let Err(error) = HttpUrl::parse(generator_url) {
+                problems.push(format!("{name}: generator_url: {error}"));
+            }
+        }
+        match HttpEndpoint::from_settings(&webhook.url, webhook.ca_file.as_deref()) {
+            Ok(endpoint) => targets.push(WebhookTarget {
+                endpoint,
+                format: format.unwrap_or_default(),
+                generator_url: webhook.generator_url.clone(),
+                timeout,
+                max_attempts: webhook.max_attempts.max(1),
+            }),
+            Err(error) => problems.push(format!("{name}: {error}")),
+        }
+    }
+    targets
+}
+
 /// Where `init` writes, and `run` reads by default, the server settings.
 pub fn default_config_path(data_dir: &Path) -> PathBuf {
     data_dir.join("server.toml")
@@ -363,11 +405,24 @@ mod tests {
             report_interval: "0s".into(),
             subject_alt_names: vec!["bad name".into()],
             metrics_listen: Some("everywhere".into()),
-            webhooks: vec![WebhookConfigFile {
-                url: "https://x/".into(),
-                timeout: "1s".into(),
-                max_attempts: 0,
-            }],
+            webhooks: vec![
+                WebhookConfigFile {
+                    url: "ftp://x/".into(),
+                    ca_file: None,
+                    format: "pagerduty".into(),
+                    generator_url: Some("not a url".into()),
+                    timeout: "1s".into(),
+                    max_attempts: 0,
+                },
+                WebhookConfigFile {
+                    url: "http://hooks.example/in?token=s3cret".into(),
+                    ca_file: Some(PathBuf::from("/etc/ssl/certs/ca-certificates.crt")),
+                    format: "slack".into(),
+                    generator_url: None,
+                    timeout: "5s".into(),
+                    max_attempts: 3,
+                },
+            ],
             remediation: RemediationConfigFile {
                 max_concurrent: 0,
                 ..RemediationConfigFile::default()
@@ -393,14 +448,18 @@ mod tests {
             "report_interval = \"0s\" is too short",
             "\"bad name\"",
             "metrics_listen = \"everywhere\"",
-            "max_attempts must be at least 1",
-            "URL \"https://x/\" is not http://",
+            "webhook 1: max_attempts must be at least 1",
+            "webhook 1: URL \"ftp://x/\" is not http(s)://",
+            "webhook 2 (http://hooks.example/in?…): ca_file is set but",
+            "webhook 1: format = \"pagerduty\" is not generic, slack or alertmanager",
+            "webhook 1: generator_url: URL \"not a url\"",
             "remediation.max_concurrent must be at least 1",
             "limits.max_requests_per_connection must be at least 1",
             "forensics.machine_quota_bytes (1024) must be at least forensics.max_bundle_bytes (2048)",
         ] {
             assert!(error.contains(expected), "{expected} missing from {error}");
         }
+        assert!(!error.contains("s3cret"), "{error}");
     }
 
     #[test]

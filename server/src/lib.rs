@@ -15,6 +15,7 @@
 //! the edge may use. Nothing here blocks the async runtime on disk: the store
 //! runs on the blocking pool.
 
+mod alert_payloads;
 mod alerts;
 pub mod audit_key;
 pub mod backup;
@@ -125,6 +126,66 @@ fn machines_on_old_images(state: &ServerState) -> u64 {
     )
 }
 
+/// Every rollout state with how many rollouts are in it (the rollouts are
+/// read from the store: one query per scrape); `None` if they cannot be read.
+async fn rollouts_by_state(state: &ServerState) -> Option<Vec<(&'static str, i64)>> {
+    let rollouts = match state.rollouts.list().await {
+        Ok(rollouts) => rollouts,
+        Err(error) => {
+            tracing::warn!(%error, "/metrics: cannot read the rollouts");
+            return None;
+        }
+    };
+    Some(
+        domain::rollout::RolloutState::ALL
+            .iter()
+            .map(|rollout_state| {
+                let count = rollouts
+                    .iter()
+                    .filter(|rollout| rollout.state == *rollout_state)
+                    .count();
+                (
+                    rollout_state.as_str(),
+                    i64::try_from(count).unwrap_or(i64::MAX),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Machines connected to this replica that have not acknowledged the
+/// current access policy version (what a revocation waits for).
+fn access_policy_behind(state: &ServerState) -> u64 {
+    let current = state.access.current().version;
+    let acknowledged = state.access.machines();
+    let behind = state
+        .registry
+        .views()
+        .into_keys()
+        .filter(|machine| {
+            acknowledged
+                .get(machine)
+                .map_or(0, |record| record.applied_version)
+                < current
+        })
+        .count();
+    u64::try_from(behind).unwrap_or(u64::MAX)
+}
+
+/// What a `/metrics` scrape reads from live state.
+async fn live_gauges(state: &ServerState) -> metrics::LiveGauges {
+    let remediation = state.repair.status();
+    metrics::LiveGauges {
+        machines_by_state_and_zone: machines_by_state_and_zone(state),
+        connected: state.registry.connected_count(),
+        on_old_images: machines_on_old_images(state),
+        rollouts_by_state: rollouts_by_state(state).await,
+        breaker_open: remediation.breaker_open,
+        breaker_zones: remediation.breaker_zones,
+        access_policy_behind: access_policy_behind(state),
+    }
+}
+
 /// Serves `/metrics`; the bound address is written to `<data>/metrics.address`.
 async fn serve_metrics(
     state: Arc<ServerState>,
@@ -140,16 +201,14 @@ async fn serve_metrics(
     )
     .map_err(listen_error)?;
     tracing::info!(address = %bound, "serving /metrics");
-    let handler_state = Arc::clone(&state);
-    tokio::spawn(flotte_proto::http1::serve(
+    let scraped = Arc::clone(&state);
+    tokio::spawn(flotte_proto::http::server::serve_metrics(
         listener,
-        Arc::new(move |_method: &str, path: &str| {
-            flotte_proto::http1::metrics_response(path, || {
-                handler_state.metrics.encode(
-                    &machines_by_state_and_zone(&handler_state),
-                    handler_state.registry.connected_count(),
-                    machines_on_old_images(&handler_state),
-                )
+        Arc::new(move || -> flotte_proto::http::server::MetricsText {
+            let state = Arc::clone(&scraped);
+            Box::pin(async move {
+                let live = live_gauges(&state).await;
+                state.metrics.encode(&live)
             })
         }),
         shutdown,

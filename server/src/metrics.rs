@@ -1,8 +1,11 @@
 //! The server's Prometheus metrics: machines by state and zone, connected
-//! agents, RPC counts and latencies, store writes, transitions, alerts and
-//! image bytes served.
+//! agents, RPC counts and latencies, store writes, transitions, alerts,
+//! image bytes served, rollouts by state, the remediation breaker (whole and
+//! per zone) and machines behind on their access policy.
 //! Gauges derived from live state are refreshed when scraped, so no hot path
-//! pays for them.
+//! pays for them. Every label set is bounded: states are fixed lists, zones
+//! are the fleet's (at most [`MAX_ZONE_SERIES`] per family); nothing is
+//! labelled per machine or per rollout.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +20,17 @@ use prometheus_client::registry::{Registry, Unit};
 struct StateZoneLabels {
     state: String,
     zone: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// `zone` empty (which Prometheus reads as absent): the breaker as a whole.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ZoneLabels {
+    zone: Option<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,6 +75,26 @@ impl Default for StoreMetrics {
     }
 }
 
+/// Zones given a series of their own in a per-zone family; a fleet with
+/// more zones than this is cut (the breaker's whole series still says it).
+pub const MAX_ZONE_SERIES: usize = 64;
+
+/// What a scrape reads from live state, gathered by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct LiveGauges {
+    pub machines_by_state_and_zone: Vec<((String, String), i64)>,
+    pub connected: usize,
+    pub on_old_images: u64,
+    /// Every rollout state with its count; `None` when they could not be read
+    /// (the previous values stay).
+    pub rollouts_by_state: Option<Vec<(&'static str, i64)>>,
+    pub breaker_open: bool,
+    pub breaker_zones: Vec<String>,
+    /// Machines connected here whose acknowledged access policy version is
+    /// older than the current one.
+    pub access_policy_behind: u64,
+}
+
 /// Cheap to clone: every field shares its atomics.
 #[derive(Clone)]
 pub struct ServerMetrics {
@@ -68,6 +102,9 @@ pub struct ServerMetrics {
     machines: Family<StateZoneLabels, Gauge>,
     connected_agents: Gauge,
     machines_on_old_images: Gauge,
+    rollouts: Family<StateLabels, Gauge>,
+    breaker_open: Family<ZoneLabels, Gauge>,
+    access_policy_behind: Gauge,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
     transitions: Family<ToStateLabels, Counter>,
@@ -115,6 +152,20 @@ impl ServerMetrics {
             "machines_on_old_images",
             "Machines running an image built longer ago than image_max_age",
             machines_on_old_images.clone(),
+        );
+        let rollouts = Family::<StateLabels, Gauge>::default();
+        registry.register("rollouts", "Rollouts by state", rollouts.clone());
+        let breaker_open = Family::<ZoneLabels, Gauge>::default();
+        registry.register(
+            "remediation_breaker_open",
+            "1 while the remediation breaker is open (zone=\"\"); per zone, 1 while that zone is over its share",
+            breaker_open.clone(),
+        );
+        let access_policy_behind = Gauge::default();
+        registry.register(
+            "access_policy_behind",
+            "Machines connected to this replica that have not acknowledged the current access policy",
+            access_policy_behind.clone(),
         );
         let rpc_requests = Family::<RpcLabels, Counter>::default();
         registry.register(
@@ -176,6 +227,9 @@ impl ServerMetrics {
             machines,
             connected_agents,
             machines_on_old_images,
+            rollouts,
+            breaker_open,
+            access_policy_behind,
             rpc_requests,
             rpc_duration,
             transitions,
@@ -215,27 +269,47 @@ impl ServerMetrics {
             .observe(seconds);
     }
 
-    /// Encodes every metric after refreshing the live gauges from
-    /// `machines_by_state_and_zone`, `connected` and `on_old_images`.
-    pub fn encode(
-        &self,
-        machines_by_state_and_zone: &[((String, String), i64)],
-        connected: usize,
-        on_old_images: u64,
-    ) -> String {
-        self.machines_on_old_images
-            .set(i64::try_from(on_old_images).unwrap_or(i64::MAX));
+    /// Encodes every metric after refreshing the live gauges from `live`.
+    pub fn encode(&self, live: &LiveGauges) -> String {
+        let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        self.machines_on_old_images.set(count(live.on_old_images));
         self.machines.clear();
-        for ((state, zone), count) in machines_by_state_and_zone {
+        for ((state, zone), machines) in &live.machines_by_state_and_zone {
             self.machines
                 .get_or_create(&StateZoneLabels {
                     state: state.clone(),
                     zone: zone.clone(),
                 })
-                .set(*count);
+                .set(*machines);
         }
         self.connected_agents
-            .set(i64::try_from(connected).unwrap_or(i64::MAX));
+            .set(i64::try_from(live.connected).unwrap_or(i64::MAX));
+        if let Some(rollouts) = &live.rollouts_by_state {
+            for (state, rollouts_in_state) in rollouts {
+                self.rollouts
+                    .get_or_create(&StateLabels { state })
+                    .set(*rollouts_in_state);
+            }
+        }
+        self.breaker_open.clear();
+        self.breaker_open
+            .get_or_create(&ZoneLabels { zone: None })
+            .set(i64::from(live.breaker_open));
+        let zones: std::collections::BTreeSet<&String> = live
+            .machines_by_state_and_zone
+            .iter()
+            .map(|((_, zone), _)| zone)
+            .chain(&live.breaker_zones)
+            .collect();
+        for zone in zones.into_iter().take(MAX_ZONE_SERIES) {
+            self.breaker_open
+                .get_or_create(&ZoneLabels {
+                    zone: Some(zone.clone()),
+                })
+                .set(i64::from(live.breaker_zones.contains(zone)));
+        }
+        self.access_policy_behind
+            .set(count(live.access_policy_behind));
         let mut text = String::new();
         if let Ok(registry) = self.registry.lock() {
             if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
@@ -255,7 +329,12 @@ mod tests {
         let metrics = ServerMetrics::new();
         metrics.record_rpc("/flotte.v1.Machines/ListMachines", "0", 0.002);
         metrics.store.writes.inc();
-        let first = metrics.encode(&[(("operational".into(), "dc1".into()), 2)], 2, 1);
+        let first = metrics.encode(&LiveGauges {
+            machines_by_state_and_zone: vec![(("operational".into(), "dc1".into()), 2)],
+            connected: 2,
+            on_old_images: 1,
+            ..LiveGauges::default()
+        });
         assert!(
             first.contains("flotte_machines{state=\"operational\",zone=\"dc1\"} 2"),
             "{first}"
@@ -264,12 +343,57 @@ mod tests {
         assert!(first.contains("flotte_machines_on_old_images 1"), "{first}");
         assert!(first.contains("flotte_store_writes_total 1"), "{first}");
         assert!(first.contains("flotte_rpc_requests_total{method=\"/flotte.v1.Machines/ListMachines\",code=\"0\"} 1"), "{first}");
-        let second = metrics.encode(&[(("down".into(), "dc1".into()), 1)], 0, 0);
+        let second = metrics.encode(&LiveGauges {
+            machines_by_state_and_zone: vec![(("down".into(), "dc1".into()), 1)],
+            ..LiveGauges::default()
+        });
         assert!(
             !second.contains("state=\"operational\""),
             "stale series must go: {second}"
         );
         assert!(second.contains("flotte_connected_agents 0"));
         assert!(second.contains("flotte_machines_on_old_images 0"));
+    }
+
+    #[test]
+    fn rollouts_breaker_and_access_gauges_have_bounded_labels() {
+        let metrics = ServerMetrics::new();
+        let zones: Vec<((String, String), i64)> = (0..MAX_ZONE_SERIES + 10)
+            .map(|index| (("operational".to_owned(), format!("zone-{index:03}")), 1))
+            .collect();
+        let text = metrics.encode(&LiveGauges {
+            machines_by_state_and_zone: zones,
+            rollouts_by_state: Some(vec![("running", 1), ("failed", 2)]),
+            breaker_open: true,
+            breaker_zones: vec!["zone-001".to_owned()],
+            access_policy_behind: 3,
+            ..LiveGauges::default()
+        });
+        for expected in [
+            "flotte_rollouts{state=\"running\"} 1",
+            "flotte_rollouts{state=\"failed\"} 2",
+            "flotte_remediation_breaker_open{zone=\"\"} 1",
+            "flotte_remediation_breaker_open{zone=\"zone-001\"} 1",
+            "flotte_remediation_breaker_open{zone=\"zone-000\"} 0",
+            "flotte_access_policy_behind 3",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from {text}");
+        }
+        let zone_series = text
+            .lines()
+            .filter(|line| line.starts_with("flotte_remediation_breaker_open{zone=\"zone"))
+            .count();
+        assert_eq!(zone_series, MAX_ZONE_SERIES, "{text}");
+        // Unreadable rollouts keep their last values; a closed breaker says 0.
+        let later = metrics.encode(&LiveGauges::default());
+        assert!(
+            later.contains("flotte_rollouts{state=\"failed\"} 2"),
+            "{later}"
+        );
+        assert!(
+            later.contains("flotte_remediation_breaker_open{zone=\"\"} 0"),
+            "{later}"
+        );
+        assert!(!later.contains("zone=\"zone-001\""), "{later}");
     }
 }

@@ -11,6 +11,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod hostile_payloads;
+pub mod https_endpoint;
 pub mod netns;
 
 use std::path::{Path, PathBuf};
@@ -484,22 +485,43 @@ fn read_address_file(path: &Path) -> Option<String> {
     text.ends_with('\n').then(|| text.trim().to_owned())
 }
 
-/// `GET http://address/path` with a blocking socket: status and body.
+/// `GET http://address/path` with Flotte's own HTTP client (on a thread of
+/// its own, so callable from inside a runtime too): status and body.
 pub fn http_get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    // One write: a server that reads the request once must see all of it.
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = flotte_proto::http1::parse_status_line(&response).unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    use flotte_proto::http::{request, HttpEndpoint, OutgoingRequest};
+    let endpoint = HttpEndpoint::from_settings(&format!("http://{address}{path}"), None)
+        .map_err(std::io::Error::other)?;
+    let exchange = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime
+            .block_on(request(
+                &endpoint,
+                OutgoingRequest::get(),
+                Duration::from_secs(10),
+                64 * 1024 * 1024,
+            ))
+            .map_err(std::io::Error::other)
+    });
+    let response = exchange
+        .join()
+        .map_err(|_| std::io::Error::other("the HTTP client thread panicked"))??;
+    Ok((
+        response.status,
+        String::from_utf8_lossy(&response.body).into_owned(),
+    ))
+}
+
+/// The status code of a raw `HTTP/1.x CODE REASON` response, for tests that
+/// send hand-made (often deliberately wrong) requests.
+pub fn parse_status_line(response: &str) -> Option<u16> {
+    let line = response.lines().next()?;
+    let mut parts = line.split_whitespace();
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    parts.next()?.parse().ok()
 }
 
 /// `GET /metrics` from `address`, parsed.

@@ -336,7 +336,7 @@ impl Dashboard {
         let mut bytes = Vec::new();
         stream.read_to_end(&mut bytes).unwrap();
         let response = String::from_utf8_lossy(&bytes).into_owned();
-        let status = flotte_proto::http1::parse_status_line(&response).unwrap_or(0);
+        let status = flotte_tests::parse_status_line(&response).unwrap_or(0);
         (status, response)
     }
 

@@ -416,7 +416,7 @@ fn bad_check_definitions_are_refused_at_start_with_every_problem() {
     for expected in [
         "check \"zero\": interval = \"0s\" is too short",
         "check \"odd\": unknown kind \"carrier-pigeon\"",
-        "check \"url\": URL \"http//broken\" is not http://",
+        "check \"url\": URL \"http//broken\" is not http(s)://",
     ] {
         assert!(log.contains(expected), "missing {expected:?} in:\n{log}");
     }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotte_proto::http1::HttpUrl;
+use flotte_proto::http::HttpEndpoint;
 use flotte_proto::settings::parse_duration_field;
 use flotte_proto::v1::{CheckResult, SystemMetrics};
 use tokio::sync::watch;
@@ -34,9 +34,17 @@ pub use flotte_proto::checks::CheckDefinition as CheckConfigFile;
 /// What a check probes, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeSpec {
-    Http { url: HttpUrl, expected_status: u16 },
-    Tcp { address: String },
-    Exec { command: String, args: Vec<String> },
+    Http {
+        endpoint: HttpEndpoint,
+        expected_status: u16,
+    },
+    Tcp {
+        address: String,
+    },
+    Exec {
+        command: String,
+        args: Vec<String>,
+    },
 }
 
 impl ProbeSpec {
@@ -50,7 +58,7 @@ impl ProbeSpec {
 
     pub fn target(&self) -> String {
         match self {
-            ProbeSpec::Http { url, .. } => format!("http://{}{}", url.host, url.path),
+            ProbeSpec::Http { endpoint, .. } => endpoint.url.to_string(),
             ProbeSpec::Tcp { address } => address.clone(),
             ProbeSpec::Exec { command, args } => std::iter::once(command.as_str())
                 .chain(args.iter().map(String::as_str))
@@ -62,10 +70,10 @@ impl ProbeSpec {
     pub fn probe(&self) -> Box<dyn Probe> {
         match self.clone() {
             ProbeSpec::Http {
-                url,
+                endpoint,
                 expected_status,
             } => Box::new(HttpProbe {
-                url,
+                endpoint,
                 expected_status,
             }),
             ProbeSpec::Tcp { address } => Box::new(TcpProbe { address }),
@@ -128,9 +136,13 @@ pub fn validate_checks(checks: Vec<CheckConfigFile>, problems: &mut Vec<String>)
             "http" => {
                 stray("address", check.address.is_some(), "http");
                 stray("command", check.command.is_some(), "http");
-                match check.url.as_deref().map(HttpUrl::parse) {
-                    Some(Ok(url)) => Some(ProbeSpec::Http {
-                        url,
+                let endpoint = check
+                    .url
+                    .as_deref()
+                    .map(|url| HttpEndpoint::from_settings(url, check.ca_file.as_deref()));
+                match endpoint {
+                    Some(Ok(endpoint)) => Some(ProbeSpec::Http {
+                        endpoint,
                         expected_status: check.expected_status.unwrap_or(200),
                     }),
                     Some(Err(error)) => {
@@ -145,6 +157,7 @@ pub fn validate_checks(checks: Vec<CheckConfigFile>, problems: &mut Vec<String>)
             }
             "tcp" => {
                 stray("url", check.url.is_some(), "tcp");
+                stray("ca_file", check.ca_file.is_some(), "tcp");
                 stray("command", check.command.is_some(), "tcp");
                 match check.address {
                     Some(address)
@@ -168,6 +181,7 @@ pub fn validate_checks(checks: Vec<CheckConfigFile>, problems: &mut Vec<String>)
             }
             "exec" => {
                 stray("url", check.url.is_some(), "exec");
+                stray("ca_file", check.ca_file.is_some(), "exec");
                 stray("address", check.address.is_some(), "exec");
                 match check.command {
                     Some(command) if !command.is_empty() => Some(ProbeSpec::Exec {
@@ -435,6 +449,7 @@ mod tests {
             name: format!("{kind}-check"),
             kind: kind.to_owned(),
             url: None,
+            ca_file: None,
             expected_status: None,
             address: None,
             command: None,
@@ -457,6 +472,7 @@ mod tests {
         bad_url.url = Some("not a url".into());
         let mut no_address = check("tcp");
         no_address.url = Some("http://x/".into());
+        no_address.ca_file = Some("/etc/ssl/certs/ca-certificates.crt".into());
         let mut duplicate = check("exec");
         duplicate.command = Some("/bin/true".into());
         let mut problems = Vec::new();
@@ -470,6 +486,7 @@ mod tests {
             "check \"ping-check\": unknown kind \"ping\"",
             "check \"http-check\": URL \"not a url\"",
             "check \"tcp-check\": url is not used by tcp checks",
+            "check \"tcp-check\": ca_file is not used by tcp checks",
             "check \"tcp-check\": tcp checks need address",
             "check \"exec-check\" is defined twice",
             "timeout must not exceed interval",
@@ -493,7 +510,8 @@ mod tests {
         assert_eq!(
             specs[0].probe,
             ProbeSpec::Http {
-                url: HttpUrl::parse("http://127.0.0.1:8080/health").unwrap(),
+                endpoint: HttpEndpoint::from_settings("http://127.0.0.1:8080/health", None)
+                    .unwrap(),
                 expected_status: 200
             }
         );

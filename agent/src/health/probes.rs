@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flotte_proto::http1::{self, HttpUrl};
+use flotte_proto::http::{request, HttpEndpoint, OutgoingRequest};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -45,21 +45,29 @@ fn truncate_output(bytes: &[u8]) -> String {
 
 #[derive(Debug, Clone)]
 pub struct HttpProbe {
-    pub url: HttpUrl,
+    pub endpoint: HttpEndpoint,
     pub expected_status: u16,
 }
 
 #[async_trait::async_trait]
 impl Probe for HttpProbe {
     async fn run(&self, timeout: Duration) -> ProbeOutcome {
-        match http1::request("GET", &self.url, None, timeout, MAX_OUTPUT_BYTES).await {
+        let answer = request(
+            &self.endpoint,
+            OutgoingRequest::get(),
+            timeout,
+            MAX_OUTPUT_BYTES,
+        )
+        .await;
+        match answer {
             Ok(response) => {
                 let body = truncate_output(&response.body);
                 ProbeOutcome {
                     passed: response.status == self.expected_status,
                     output: format!(
-                        "HTTP {} (expected {})\n{body}",
-                        response.status, self.expected_status
+                        "{} (expected {})\n{body}",
+                        response.status_line(),
+                        self.expected_status
                     ),
                 }
             }
@@ -257,7 +265,7 @@ mod tests {
         .await;
         assert!(!tcp.passed);
         let http = HttpProbe {
-            url: HttpUrl::parse(&format!("http://{address}/")).unwrap(),
+            endpoint: HttpEndpoint::from_settings(&format!("http://{address}/"), None).unwrap(),
             expected_status: 200,
         }
         .run(Duration::from_secs(2))

@@ -11,15 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flotte_proto::http::server::{serve_http1, ServerLimits};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use maud::Markup;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use super::guard::{is_own_host, is_same_origin, secret_proof, SecretProof, SECRET_PARAMETER};
 use super::{live, pages, Dashboard};
@@ -192,35 +191,20 @@ fn header_text(request: &Request<Incoming>, name: header::HeaderName) -> Option<
 
 /// Serves the dashboard until the task is dropped.
 pub async fn serve(listener: TcpListener, dashboard: Arc<Dashboard>) {
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                // Out of descriptors, usually: let connections finish first.
-                crate::output::note_line!("dashboard: accept failed: {error}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        let dashboard = Arc::clone(&dashboard);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let dashboard = Arc::clone(&dashboard);
-                async move { Ok::<_, Infallible>(answer(dashboard, request).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            drop(permit);
-        });
-    }
+    let limits = ServerLimits {
+        max_connections: MAX_CONNECTIONS,
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        max_head_bytes: MAX_HEAD_BYTES,
+    };
+    let handler = move |request| answer(Arc::clone(&dashboard), request);
+    serve_http1(
+        listener,
+        limits,
+        handler,
+        |error| crate::output::note_line!("dashboard: accept failed: {error}"),
+        std::future::pending(),
+    )
+    .await;
 }
 
 async fn answer(dashboard: Arc<Dashboard>, request: Request<Incoming>) -> Response<Body> {

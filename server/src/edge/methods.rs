@@ -345,7 +345,7 @@ mod tests {
                 .unwrap();
             layer.layer(answer).oneshot(request).await.unwrap();
         }
-        let text = metrics.encode(&[], 0, 0);
+        let text = metrics.encode(&crate::metrics::LiveGauges::default());
         let mut request_series: Vec<&str> = text
             .lines()
             .filter(|line| line.starts_with("flotte_rpc_requests_total{"))

@@ -147,6 +147,7 @@ fn publish_breaker(state: &ServerState, decision: &Decision) {
     let status = RemediationStatus {
         breaker_open: decision.breaker.open,
         breaker_reasons: decision.breaker.reasons.clone(),
+        breaker_zones: decision.breaker.zones_over_share.clone(),
         in_progress: decision.in_progress,
     };
     let previous = state.repair.set_status(status.clone());

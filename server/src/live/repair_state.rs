@@ -16,6 +16,7 @@ use crate::ServerState;
 pub struct RemediationStatus {
     pub breaker_open: bool,
     pub breaker_reasons: Vec<String>,
+    pub breaker_zones: Vec<String>,
     pub in_progress: u32,
 }
 

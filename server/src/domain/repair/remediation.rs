@@ -52,6 +52,8 @@ pub struct BreakerVerdict {
     pub open: bool,
     /// Which zone (or the fleet) is over its share, and by how much.
     pub reasons: Vec<String>,
+    /// The zones over their share (for the per-zone gauge).
+    pub zones_over_share: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,6 +100,7 @@ pub fn breaker(
         entry.1 += 1;
     }
     let mut reasons = Vec::new();
+    let mut zones_over_share = Vec::new();
     let describe = |scope: String, unhealthy: usize, total: usize, limit: u32| {
         format!(
             "{scope}: {unhealthy} of {total} machines unhealthy ({}% > {limit}%)",
@@ -106,6 +109,7 @@ pub fn breaker(
     };
     for (zone, (unhealthy, total)) in zones {
         if over_share(unhealthy, total, policy.max_unhealthy_zone_percent) {
+            zones_over_share.push(zone.to_owned());
             reasons.push(describe(
                 format!("zone {zone}"),
                 unhealthy,
@@ -126,6 +130,7 @@ pub fn breaker(
     BreakerVerdict {
         open: !reasons.is_empty(),
         reasons,
+        zones_over_share,
     }
 }
 
