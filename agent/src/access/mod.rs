@@ -107,12 +107,28 @@ pub struct PersistedAccess {
 }
 
 impl PersistedAccess {
-    /// Since when the server is considered away at `now`.
+    /// Since when the server is considered away at `now`, as another
+    /// process reading the file sees it (`authorized-keys`): a "connected"
+    /// left by an agent killed while connected is believed for only
+    /// [`CONTACT_STALE_AFTER`].
     pub fn contact(&self, now: i64) -> Contact {
         let believed_connected =
             self.connected && now.saturating_sub(self.last_contact_at) <= CONTACT_STALE_AFTER;
         Contact {
             disconnected_since: (!believed_connected).then_some(self.last_contact_at),
+        }
+    }
+}
+
+impl PersistedAccess {
+    /// Since when the server is away, as the running agent knows it: it
+    /// records each connection and each loss itself (a dead connection is
+    /// found by keepalive within seconds), so its own flag is the truth,
+    /// whatever the wall clock does. A jump of the clock while connected is
+    /// not hours without contact.
+    fn live_contact(&self) -> Contact {
+        Contact {
+            disconnected_since: (!self.connected).then_some(self.last_contact_at),
         }
     }
 }
@@ -248,6 +264,9 @@ impl AccessEnforcer {
         lookup_timeout: Duration,
     ) -> Result<Arc<Self>, AccessError> {
         let mut persisted = load_state(data_dir)?;
+        // A starting agent is not connected until its session says so,
+        // whatever the file says (it may have been killed while connected).
+        persisted.connected = false;
         let boundary = Boundary {
             allowed: settings.allowed_logins.clone(),
             people_uids: UidRange::of_this_machine(Path::new(LOGIN_DEFS)),
@@ -493,7 +512,7 @@ impl AccessEnforcer {
     /// `terminate_sessions`, ends the sessions of logins that lost a key.
     pub fn enforce(&self, now: i64) -> Result<(), AccessError> {
         let mut inner = self.lock();
-        let contact = inner.persisted.contact(now);
+        let contact = inner.persisted.live_contact();
         let in_force = keys_in_force(
             &inner.persisted.policy,
             now,
@@ -622,7 +641,7 @@ impl AccessEnforcer {
                     &inner.persisted.policy,
                     now,
                     self.settings.on_disconnect,
-                    inner.persisted.contact(now),
+                    inner.persisted.live_contact(),
                 )
             };
             let sleep = next
@@ -988,9 +1007,13 @@ mod tests {
         assert_eq!(state.contact(1_000 + 181).disconnected_since, Some(1_000));
         let away = PersistedAccess {
             connected: false,
-            ..state
+            ..state.clone()
         };
         assert_eq!(away.contact(1_001).disconnected_since, Some(1_000));
+        // The running agent believes its own flag: hours of wall-clock
+        // jump while connected are not hours without contact.
+        assert_eq!(state.live_contact().disconnected_since, None);
+        assert_eq!(away.live_contact().disconnected_since, Some(1_000));
     }
 
     #[test]
