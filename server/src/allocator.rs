@@ -10,20 +10,12 @@
 //! (BENCHMARKS.md, issue 17) measured it: the live heap flat under
 //! `heaptrack` while the resident size rose after every 1 000-machine
 //! rollout. Two arenas keep the main thread and the pools from contending
-//! on one lock while leaving few places for free memory to strand. Within
-//! an arena, glibc keeps memory freed inside a heap resident until it is
-//! reused, so a burst (a rollout's pass over 1 000 machines, a reconnect
-//! storm) leaves its high-water mark behind: `run` hands those free pages
-//! back to the kernel every [`RELEASE_FREE_MEMORY_EVERY`].
+//! on one lock while leaving few places for free memory to strand.
 //!
 //! What must never live here: anything but process-wide allocator settings,
 //! or a setting applied after threads have started allocating.
 
 use std::ffi::OsStr;
-use std::time::Duration;
-
-use tokio::time::MissedTickBehavior;
-use tokio_util::sync::CancellationToken;
 
 /// How many malloc arenas the server's process may use.
 pub const MALLOC_ARENAS: i32 = 2;
@@ -97,46 +89,6 @@ fn set_arena_max(_arenas: i32) -> Result<(), AllocatorError> {
     Ok(())
 }
 
-/// How often `run` gives freed memory back: soon enough that a burst's
-/// buffers do not stay resident for long, rarely enough to cost nothing (a
-/// walk of two arenas' free lists).
-pub const RELEASE_FREE_MEMORY_EVERY: Duration = Duration::from_secs(30);
-
-/// Gives the kernel back the free pages of every malloc arena
-/// (malloc_trim(3)); whether any were given back.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-pub fn release_free_memory() -> bool {
-    // SAFETY: malloc_trim(3) takes an integer (the padding to keep at the
-    // top of the main heap) and walks glibc's own arenas under their locks
-    // (it is MT-safe); it reads or writes no memory of ours.
-    unsafe { libc::malloc_trim(0) == 1 }
-}
-
-/// Other C libraries return freed memory on their own terms.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn release_free_memory() -> bool {
-    false
-}
-
-/// Runs [`release_free_memory`] every [`RELEASE_FREE_MEMORY_EVERY`] until
-/// `shutdown`, on the blocking pool (it holds each arena's lock while it
-/// walks it, which must not stall a runtime worker).
-pub async fn release_free_memory_periodically(shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(RELEASE_FREE_MEMORY_EVERY);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        if let Err(error) = tokio::task::spawn_blocking(release_free_memory).await {
-            tracing::warn!(%error, "stopped giving freed memory back to the kernel");
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,18 +115,5 @@ mod tests {
     #[test]
     fn the_c_library_accepts_the_arena_limit() {
         set_arena_max(MALLOC_ARENAS).expect("mallopt accepts M_ARENA_MAX");
-    }
-
-    #[test]
-    fn memory_freed_below_a_live_block_is_given_back() {
-        // 16 MiB in blocks small enough to come from the heap (not mmap),
-        // then one block kept above them: only a trim that reaches inside
-        // the heap, not just its top, can give their pages back.
-        // black_box: the optimiser may not elide allocations never read.
-        let freed: Vec<Vec<u8>> = (0..4096).map(|_| vec![1u8; 4096]).collect();
-        let kept_above = std::hint::black_box(vec![1u8; 4096]);
-        drop(std::hint::black_box(freed));
-        assert!(release_free_memory(), "malloc_trim gave nothing back");
-        drop(std::hint::black_box(kept_above));
     }
 }

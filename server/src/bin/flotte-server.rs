@@ -493,9 +493,6 @@ fn main() -> ExitCode {
                     tracing::info!("shutting down");
                     signal_shutdown.cancel();
                 });
-                tokio::spawn(flotte_server::allocator::release_free_memory_periodically(
-                    shutdown.clone(),
-                ));
                 match flotte_server::run(config, listener, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
