@@ -12,11 +12,13 @@
 //! points the wrong way or the wire leaks out of the edge. Root modules
 //! (`ca`, `clock`, `config`, `metrics`, `alerts`, `audit`, `images`,
 //! `forensics`, `join_tokens`, `limits`) are infrastructure any layer below
-//! the edge may use. Nothing here blocks the async runtime on disk: the store
-//! runs on the blocking pool.
+//! the edge may use; `allocator` holds the process-wide malloc settings that
+//! `flotte-server run` applies before its first thread. Nothing here blocks
+//! the async runtime on disk: the store runs on the blocking pool.
 
 mod alert_payloads;
 mod alerts;
+pub mod allocator;
 pub mod audit_key;
 pub mod backup;
 pub mod ca;

@@ -12,7 +12,9 @@ Every 10 s: the server's RSS, open descriptors, tasks (threads) and its
 database connections (descriptors open on the SQLite files). The verdict:
 RSS growth between minute 10 and the end under 5 %, descriptors flat.
 
-usage: soak.py [--agents 1000] [--minutes 60] [--out DIR]
+usage: soak.py [--agents 1000] [--minutes 60] [--rollout-every 10] [--out DIR]
+               [--server-wrapper "heaptrack -o /tmp/flotte-soak/heap"]
+               [--compare-with EARLIER/samples.csv --compare-label "before"]
 Release binaries come from $B (default /work/target-bench/release); the
 plot needs matplotlib. Not in CI: it runs for an hour.
 """
@@ -38,8 +40,18 @@ def main():
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--minutes", type=int, default=60)
     parser.add_argument("--churn-per-minute", type=int, default=20)
+    parser.add_argument("--rollout-every", type=int, default=10, metavar="MINUTES",
+                        help="a 1 000-machine rollout every this many minutes (a shorter trial: 3)")
+    parser.add_argument("--server-wrapper", default="",
+                        help="a command the server runs under, split on spaces (e.g. heaptrack -o FILE); "
+                             "its RSS is still the server's own, found as the wrapper's descendant")
+    parser.add_argument("--compare-with", type=Path, metavar="CSV",
+                        help="an earlier run's samples.csv, drawn beside this run's in the plot")
+    parser.add_argument("--compare-label", default="earlier run", help="the earlier run's name in the plot")
     parser.add_argument("--out", type=Path, default=Path("/tmp/flotte-soak"))
     arguments = parser.parse_args()
+    # Read before anything runs: a missing file is said now, not after an hour.
+    earlier = read_samples(arguments.compare_with) if arguments.compare_with else None
     out = arguments.out
     subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
@@ -49,13 +61,15 @@ def main():
         settings.write(LOADGEN_LIMITS)
     server_log = open(out / "server.log", "w")
     server = subprocess.Popen(
-        [BINARIES / "flotte-server", "run", "--data-dir", data, "--metrics-listen", "127.0.0.1:0"],
+        arguments.server_wrapper.split()
+        + [BINARIES / "flotte-server", "run", "--data-dir", data, "--metrics-listen", "127.0.0.1:0"],
         stdout=server_log,
         stderr=subprocess.STDOUT,
     )
     while not (data / "server.address").exists() or not (data / "server.address").read_text().endswith("\n"):
         time.sleep(0.05)
     address = (data / "server.address").read_text().strip()
+    server_pid = server_process_id(server.pid)
     ctl = Operator(data / "admin", address)
     keys = out / "keys"
     ctl.run("image", "keygen", "--out", keys)
@@ -101,7 +115,7 @@ def main():
         while time.monotonic() - started < arguments.minutes * 60:
             now = time.monotonic()
             if now >= next_sample:
-                samples.append(sample(server.pid, data, (now - started) / 60))
+                samples.append(sample(server_pid, data, (now - started) / 60))
                 next_sample += SAMPLE_EVERY
             if now >= next_minute:
                 minute += 1
@@ -117,7 +131,7 @@ def main():
                     ctl.run("user", "add", user, "--ssh-key", keys / "soaker.pub", create_key=keys / "soaker")
                     ctl.run("access", "grant", user, "--selector", "zone=zone-1", "--login", "soaker")
                 granted = not granted
-                if minute % 10 == 1:
+                if is_rollout_minute(minute, arguments):
                     version += 1
                     image = out / f"app-{version}.flotte"
                     ctl.run("image", "build", tree, "--name", "app", "--version", f"1.0.{version}",
@@ -132,10 +146,32 @@ def main():
             time.sleep(0.5)
     finally:
         loadgen.send_signal(signal.SIGTERM)
-        server.send_signal(signal.SIGTERM)
+        # To the server itself: a wrapper need not pass signals on.
+        os.kill(server_pid, signal.SIGTERM)
         loadgen.wait()
         server.wait()
-    write_results(out, samples, arguments)
+    write_results(out, samples, arguments, earlier)
+
+
+def is_rollout_minute(minute, arguments):
+    """Rollouts start at minute 1 and every --rollout-every minutes after."""
+    return minute % arguments.rollout_every == 1 % arguments.rollout_every
+
+
+def server_process_id(launched):
+    """The flotte-server process itself: the launched process, or under a
+    wrapper (heaptrack runs it as a child) the descendant running the binary."""
+    pending = [launched]
+    while pending:
+        pid = pending.pop()
+        try:
+            if Path(f"/proc/{pid}/exe").resolve().name == "flotte-server":
+                return pid
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        pending.extend(int(child) for child in children)
+    sys.exit(f"no flotte-server process under process {launched}")
 
 
 def run(command, **kwargs):
@@ -183,7 +219,12 @@ def at_minute(samples, minute):
     return min(samples, key=lambda row: abs(row["minute"] - minute))
 
 
-def write_results(out, samples, arguments):
+def read_samples(path):
+    with open(path, newline="") as file:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(file)]
+
+
+def write_results(out, samples, arguments, earlier):
     with open(out / "samples.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(samples[0]))
         writer.writeheader()
@@ -223,9 +264,17 @@ def write_results(out, samples, arguments):
         [("rss_mib", "RSS (MiB)"), ("descriptors", "open descriptors"), ("tasks", "tasks (threads)"),
          ("database_files_open", "database files open")],
     ):
-        axis.plot(minutes, [row[key] for row in samples])
+        if earlier:
+            axis.plot([row["minute"] for row in earlier], [row[key] for row in earlier],
+                      color="tab:gray", label=arguments.compare_label)
+        axis.plot(minutes, [row[key] for row in samples], color="tab:blue", label="this run")
         axis.set_ylabel(label)
         axis.grid(True)
+    for minute in range(1, arguments.minutes + 1):
+        if is_rollout_minute(minute, arguments):
+            axes[0].axvline(minute, color="tab:orange", linestyle=":", linewidth=1)
+    axes[0].plot([], [], color="tab:orange", linestyle=":", label="rollout started")
+    axes[0].legend(loc="lower right")
     axes[0].set_title(f"flotte-server soak: {arguments.agents} simulated agents with churn")
     axes[-1].set_xlabel("minutes")
     figure.tight_layout()

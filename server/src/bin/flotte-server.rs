@@ -386,6 +386,14 @@ fn main() -> ExitCode {
                 ),
                 Err(error) => tracing::warn!(%error, "open-files limit left as it was"),
             }
+            // Before any thread starts (arenas made earlier stay in use). A
+            // refusal costs memory, not service: the server runs on.
+            match flotte_server::allocator::limit_malloc_arenas() {
+                Ok(limit) => {
+                    tracing::info!(?limit, "malloc arenas (bound the resident size's drift)")
+                }
+                Err(error) => tracing::warn!(%error, "malloc arenas left as they were"),
+            }
             let config_path = config.unwrap_or_else(|| default_config_path(&data_dir));
             // `try_exists`, not `exists`: a data dir this user cannot read
             // must be said as such, never taken for one without settings.
