@@ -64,6 +64,14 @@ pub enum ForensicsError {
     Store(#[from] StoreError),
 }
 
+impl ForensicsError {
+    /// Whether the bundle directory's disk is full: nothing was kept, and
+    /// the agent's upload works once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, ForensicsError::Io { source, .. } if crate::images::io_error_is_disk_full(source))
+    }
+}
+
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ForensicsError + '_ {
     move |source| ForensicsError::Io {
         path: path.to_owned(),

@@ -34,12 +34,14 @@ impl BlobError {
     /// Whether the blob store's disk is full (`ENOSPC`, `EDQUOT`): nothing
     /// was kept, and the same push works once space is freed.
     pub fn is_disk_full(&self) -> bool {
-        matches!(
-            self,
-            BlobError::Io { source, .. }
-                if matches!(source.raw_os_error(), Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT)
-        )
+        matches!(self, BlobError::Io { source, .. } if io_error_is_disk_full(source))
     }
+}
+
+/// Whether a file-system error says the disk (or the user's quota) is full:
+/// the operator's to fix, and a retry works once space is freed.
+pub fn io_error_is_disk_full(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT)
 }
 
 /// Where image payloads are kept.

@@ -82,6 +82,9 @@ impl From<ForensicsError> for Status {
             ForensicsError::BadQuarantineId(_) => Status::invalid_argument(error.to_string()),
             ForensicsError::AlreadyStored(_) => Status::already_exists(error.to_string()),
             ForensicsError::UploadInProgress(_) => Status::aborted(error.to_string()),
+            ForensicsError::Io { .. } if error.is_disk_full() => {
+                crate::edge::disk_full_status(&error)
+            }
             ForensicsError::Io { .. } | ForensicsError::StoredDiffers { .. } => {
                 Status::internal(error.to_string())
             }
@@ -473,4 +476,30 @@ pub async fn upload_forensics(
         size: stored.size,
         sha256: stored.sha256,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_bundle_disk_is_resource_exhausted_and_other_failures_internal() {
+        let failure = |code| ForensicsError::Io {
+            path: "/var/lib/flotte-server/forensics/m/q1.tar".into(),
+            source: std::io::Error::from_raw_os_error(code),
+        };
+        for full in [nix::libc::ENOSPC, nix::libc::EDQUOT] {
+            let status = Status::from(failure(full));
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+            assert!(
+                status.message().starts_with("the server's disk is full"),
+                "{}",
+                status.message()
+            );
+        }
+        assert_eq!(
+            Status::from(failure(nix::libc::EACCES)).code(),
+            tonic::Code::Internal
+        );
+    }
 }
