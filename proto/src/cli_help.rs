@@ -1,6 +1,6 @@
 //! What every Flotte binary's `--help` promises: each command and each
 //! argument says what it is for. Binaries check their clap definition with
-//! [`undescribed`] in a unit test, so a new flag without a description
+//! [`assert_every_argument_described`] in a unit test, so a new flag without a description
 //! fails the build's tests rather than reaching an operator as a bare name.
 
 /// Every command and argument of `command` (and its subcommands, however
@@ -11,6 +11,18 @@ pub fn undescribed(command: &clap::Command) -> Vec<String> {
     let mut found = Vec::new();
     walk(command, "", &mut found);
     found
+}
+
+/// The test every binary runs on its clap definition: panics listing what
+/// [`undescribed`] finds, one path per line.
+pub fn assert_every_argument_described(command: &clap::Command) {
+    let undescribed = undescribed(command);
+    assert!(
+        undescribed.is_empty(),
+        "{} without a description:\n{}",
+        undescribed.len(),
+        undescribed.join("\n")
+    );
 }
 
 fn walk(command: &clap::Command, parent: &str, found: &mut Vec<String>) {

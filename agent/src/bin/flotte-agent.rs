@@ -225,12 +225,6 @@ mod tests {
 
     #[test]
     fn every_command_and_argument_is_described_in_help() {
-        let undescribed = flotte_proto::cli_help::undescribed(&Cli::command());
-        assert!(
-            undescribed.is_empty(),
-            "{} without a description:\n{}",
-            undescribed.len(),
-            undescribed.join("\n")
-        );
+        flotte_proto::cli_help::assert_every_argument_described(&Cli::command());
     }
 }
