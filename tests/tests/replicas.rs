@@ -592,6 +592,31 @@ fn a_rollout_outlives_its_killed_leader_and_agents_outlive_their_killed_replica(
         );
         assert_eq!(machine.serves().as_deref(), Some("v2.0.0"));
     }
+    // One truth from every replica: each survivor shows the same machine
+    // rows, all committed (a replica that does not lead re-reads only the
+    // rows each pass names).
+    let shown_by: Vec<serde_json::Value> = survivors
+        .iter()
+        .map(|&index| set.ctl_json(index, &["rollout", "show", &id])["machine_states"].clone())
+        .collect();
+    let states: Vec<&str> = shown_by[0]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|row| row["state"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        states,
+        vec!["committed"; machines.len()],
+        "{:#}",
+        shown_by[0]
+    );
+    assert_eq!(
+        shown_by[0], shown_by[1],
+        "the survivors show different machine rows"
+    );
 
     // A verification asked through a replica that does not hold the
     // machine reaches it and its answer is read back there.

@@ -38,8 +38,14 @@ pub enum Change {
     Machines { machines: Vec<Uuid> },
     /// A rollout stored new desired images for `machines`.
     RolloutPush { rollout: Uuid, machines: Vec<Uuid> },
-    /// A rollout's row changed (a pass or an operator's command).
-    Rollout { rollout: Uuid },
+    /// A rollout's row changed (a pass or an operator's command), and of
+    /// its machines' rows those in `machines` — `None` (a new rollout, or a
+    /// message from a replica that does not list them): any of them.
+    Rollout {
+        rollout: Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        machines: Option<Vec<Uuid>>,
+    },
     /// Access inputs (users, keys, grants) changed.
     Access,
     /// A machine may not keep its session (decommissioned).
@@ -95,6 +101,16 @@ impl Change {
                     })
                     .collect()
             }
+            Change::Rollout {
+                rollout,
+                machines: Some(machines),
+            } if machines.len() > MACHINES_PER_MESSAGE => machines
+                .chunks(MACHINES_PER_MESSAGE)
+                .map(|chunk| Change::Rollout {
+                    rollout,
+                    machines: Some(chunk.to_vec()),
+                })
+                .collect(),
             Change::Refuse { machine, reason } => vec![Change::Refuse {
                 machine,
                 reason: cut_to(reason, 1024),
@@ -233,7 +249,9 @@ async fn apply(state: &Arc<ServerState>, change: Change) {
                 .rollout_pushed_elsewhere(rollout, &machines)
                 .await;
         }
-        Change::Rollout { rollout } => state.rollouts.reload(rollout).await,
+        Change::Rollout { rollout, machines } => {
+            state.rollouts.changed_elsewhere(rollout, machines).await;
+        }
         Change::Access => state.publisher.access_changed_elsewhere().await,
         Change::Refuse { machine, reason } => {
             state.publisher.refuse_held_session(machine, reason).await;
@@ -423,6 +441,17 @@ mod tests {
             rejoined.extend(machines);
         }
         assert_eq!(rejoined, machines);
+        let rows = Change::Rollout {
+            rollout: Uuid::from_u128(7),
+            machines: Some(machines.clone()),
+        }
+        .split();
+        assert_eq!(rows.len(), 7, "a pass naming a whole wave is split too");
+        let whole = Change::Rollout {
+            rollout: Uuid::from_u128(7),
+            machines: None,
+        };
+        assert_eq!(whole.clone().split(), vec![whole]);
         let long_reason = "é".repeat(5000);
         let parts = Change::Refuse {
             machine: Uuid::nil(),
@@ -459,6 +488,18 @@ mod tests {
         let other = own.replace("\"a\"", "\"b\"");
         assert_eq!(decode_from_another("a", &own), None);
         assert_eq!(decode_from_another("a", &other), Some(Change::Access));
+        // A rollout change that does not list rows means any of them.
+        let unlisted = format!(
+            "{{\"origin\":\"b\",\"kind\":\"rollout\",\"rollout\":\"{}\"}}",
+            Uuid::from_u128(7)
+        );
+        assert_eq!(
+            decode_from_another("a", &unlisted),
+            Some(Change::Rollout {
+                rollout: Uuid::from_u128(7),
+                machines: None
+            })
+        );
         let unknown = "{\"origin\":\"b\",\"kind\":\"unknown\"}";
         assert_eq!(decode_from_another("a", unknown), None);
         assert_eq!(decode_from_another("a", "not json"), None);

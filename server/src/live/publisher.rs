@@ -12,6 +12,7 @@
 //! What must never happen here: a decision about *what* a machine should run
 //! (services and controllers decide and store it first), or a wire type.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,16 +28,25 @@ use crate::live::feed::{Change, Feed};
 use crate::live::health::HealthTracker;
 use crate::live::registry::{Registry, SessionMessage};
 use crate::live::replicas::ReplicaSet;
-use crate::store::repair::RepairStore;
-use crate::store::{MachineRecord, Store, StoreError};
+use crate::store::repair::{QuarantineRecord, RepairStore};
+use crate::store::{ImageRecord, MachineRecord, Store, StoreError};
 
 /// How long a push may wait for room in a session's queue before the session
 /// is ended (the agent reconnects and gets the whole state on connect, so a
 /// change is never lost).
 const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
-/// Machines read and pushed at once after a change made elsewhere: enough
-/// to overlap the store's round trips, well under its connection pool.
-const PUSHES_IN_FLIGHT: usize = 8;
+/// Sessions whose queues a batch of pushes waits on at once: one full
+/// queue (a slow agent, waiting up to [`PUSH_TIMEOUT`]) must not hold up
+/// the rest of a wave.
+const SENDS_IN_FLIGHT: usize = 64;
+
+/// What every push of a batch needs from the store, read once for the
+/// batch rather than once per machine: the desired images (a rollout's
+/// wave shares one) and the quarantines of the machines pushed.
+struct PushInputs {
+    images: HashMap<(String, String), Option<ImageRecord>>,
+    quarantines: HashMap<Uuid, QuarantineRecord>,
+}
 
 /// Where sessions live: delivers messages to the sessions this process (or,
 /// behind another implementation, the replica set) holds.
@@ -175,44 +185,97 @@ impl Publisher {
         &self,
         machine: &MachineRecord,
     ) -> Result<DesiredState, StoreError> {
-        let image = match &machine.desired_image {
-            Some(desired) => self.store.image(&desired.name, &desired.version).await?,
-            None => None,
-        };
-        let mut desired = desired_state(machine, image.as_ref(), self.report_interval);
-        desired.quarantine = self.quarantines.quarantine(machine.id).await?;
-        desired.access = Some(self.access_policy_for(machine));
-        Ok(desired)
+        let inputs = self.push_inputs(std::slice::from_ref(&machine)).await?;
+        Ok(self.desired_state_from(machine, &inputs))
     }
 
-    /// Sends `machine`'s whole desired state to its live session, if it has
-    /// one. `rollout` names the rollout that changed it, if one did.
-    async fn push(&self, machine: &MachineRecord, rollout: Option<Uuid>) {
-        if !self.fan_out.holds_session(machine.id) {
-            // Offline: it gets the stored state when it reconnects.
+    /// Reads what the desired states of `machines` need from the store:
+    /// each distinct desired image once, and the quarantines (the one
+    /// machine's, or every quarantine for a batch).
+    async fn push_inputs(&self, machines: &[&MachineRecord]) -> Result<PushInputs, StoreError> {
+        let mut images = HashMap::new();
+        for desired in machines
+            .iter()
+            .filter_map(|machine| machine.desired_image.as_ref())
+        {
+            let key = (desired.name.clone(), desired.version.clone());
+            if let std::collections::hash_map::Entry::Vacant(entry) = images.entry(key) {
+                entry.insert(self.store.image(&desired.name, &desired.version).await?);
+            }
+        }
+        let quarantines = match machines {
+            [one] => self
+                .quarantines
+                .quarantine(one.id)
+                .await?
+                .into_iter()
+                .collect(),
+            _ => self.quarantines.quarantines().await?,
+        };
+        Ok(PushInputs {
+            images,
+            quarantines: quarantines
+                .into_iter()
+                .map(|quarantine| (quarantine.machine_id, quarantine))
+                .collect(),
+        })
+    }
+
+    fn desired_state_from(&self, machine: &MachineRecord, inputs: &PushInputs) -> DesiredState {
+        let image = machine.desired_image.as_ref().and_then(|desired| {
+            inputs
+                .images
+                .get(&(desired.name.clone(), desired.version.clone()))
+                .and_then(Option::as_ref)
+        });
+        let mut desired = desired_state(machine, image, self.report_interval);
+        desired.quarantine = inputs.quarantines.get(&machine.id).cloned();
+        desired.access = Some(self.access_policy_for(machine));
+        desired
+    }
+
+    /// Sends each of `machines` whose session is held here its whole
+    /// desired state; `rollout` names the rollout that changed them, if one
+    /// did. The store is read once for the batch, and the sessions' queues
+    /// are waited on together.
+    async fn push_many(&self, machines: &[MachineRecord], rollout: Option<Uuid>) {
+        // Offline machines get the stored state when they reconnect.
+        let held: Vec<&MachineRecord> = machines
+            .iter()
+            .filter(|machine| self.fan_out.holds_session(machine.id))
+            .collect();
+        if held.is_empty() {
             return;
         }
-        let mut desired = match self.desired_state_of(machine).await {
-            Ok(desired) => desired,
+        let inputs = match self.push_inputs(&held).await {
+            Ok(inputs) => inputs,
             Err(error) => {
-                // The agent gets the whole state when it reconnects.
-                tracing::error!(machine = %machine.id, %error, "cannot build desired state; ending the session");
-                self.fan_out.end_session(machine.id);
+                // The agents get their whole state when they reconnect.
+                tracing::error!(machines = held.len(), %error, "cannot build desired states; ending the sessions");
+                for machine in held {
+                    self.fan_out.end_session(machine.id);
+                }
                 return;
             }
         };
-        if let Some(image) = desired.image.as_mut() {
-            image.rollout_id = rollout;
-        }
-        self.fan_out
-            .send(machine.id, SessionMessage::DesiredState(Box::new(desired)))
+        let inputs = &inputs;
+        futures::stream::iter(held)
+            .for_each_concurrent(SENDS_IN_FLIGHT, |machine| async move {
+                let mut desired = self.desired_state_from(machine, inputs);
+                if let Some(image) = desired.image.as_mut() {
+                    image.rollout_id = rollout;
+                }
+                self.fan_out
+                    .send(machine.id, SessionMessage::DesiredState(Box::new(desired)))
+                    .await;
+            })
             .await;
     }
 
     /// A machine's stored row changed (labels, image, quarantine): its
     /// session gets the new whole state, wherever it is held.
     pub async fn machine_changed(&self, machine: &MachineRecord) {
-        self.push(machine, None).await;
+        self.push_many(std::slice::from_ref(machine), None).await;
         if !self.fan_out.holds_session(machine.id) {
             self.feed
                 .announce(Change::Machines {
@@ -224,14 +287,13 @@ impl Publisher {
 
     /// A rollout stored new desired images for `machines`.
     pub async fn rollout_changed(&self, machines: &[MachineRecord], rollout: Uuid) {
-        let mut held_elsewhere = Vec::new();
-        for machine in machines {
-            if self.fan_out.holds_session(machine.id) {
-                self.push(machine, Some(rollout)).await;
-            } else {
-                held_elsewhere.push(machine.id);
-            }
-        }
+        let held_elsewhere: Vec<Uuid> = machines
+            .iter()
+            .map(|machine| machine.id)
+            .filter(|machine| !self.fan_out.holds_session(*machine))
+            .collect();
+        // Announced first: the other replicas push their part of the wave
+        // while this one pushes its own.
         if !held_elsewhere.is_empty() {
             self.feed
                 .announce(Change::RolloutPush {
@@ -240,6 +302,7 @@ impl Publisher {
                 })
                 .await;
         }
+        self.push_many(machines, Some(rollout)).await;
     }
 
     /// Machines whose rows another replica changed (or whose agents lag
@@ -254,31 +317,37 @@ impl Publisher {
         self.push_stored(machines, Some(rollout)).await;
     }
 
-    /// Reads each of `machines` from the store, refreshes its identity facts
-    /// in the health tracker, and pushes it if its session is held here —
-    /// [`PUSHES_IN_FLIGHT`] at a time, since the feed applies changes one
-    /// after the other and a rollout wave read one machine at a time kept
+    /// Reads `machines` from the store in one query, refreshes their
+    /// identity facts in the health tracker, and pushes those whose session
+    /// is held here. A rollout push changes only desired images, so machines
+    /// whose session is held elsewhere are not read at all. The feed applies
+    /// changes one after the other: a wave read one machine at a time kept
     /// every later change (the image reports the leader waits on) queued
-    /// behind it. A rollout push changes only desired images, so machines
-    /// whose session is held elsewhere are not read at all.
+    /// behind it.
     async fn push_stored(&self, machines: &[Uuid], rollout: Option<Uuid>) {
-        let now = self.clock.now_unix();
-        futures::stream::iter(machines.iter().copied())
-            .filter(|id| std::future::ready(rollout.is_none() || self.fan_out.holds_session(*id)))
-            .for_each_concurrent(PUSHES_IN_FLIGHT, |id| async move {
-                match self.store.machine(id).await {
-                    Ok(Some(machine)) => {
-                        self.health.upsert(&machine, now);
-                        self.push(&machine, rollout).await;
-                    }
-                    Ok(None) => {}
-                    Err(error) => {
-                        tracing::error!(machine = %id, %error, "cannot read a machine changed elsewhere; ending its session so that it resyncs");
-                        self.fan_out.end_session(id);
-                    }
+        let wanted: Vec<Uuid> = machines
+            .iter()
+            .copied()
+            .filter(|id| rollout.is_none() || self.fan_out.holds_session(*id))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let records = match self.store.machines_with_ids(&wanted).await {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::error!(machines = wanted.len(), %error, "cannot read machines changed elsewhere; ending their sessions so that they resync");
+                for id in wanted {
+                    self.fan_out.end_session(id);
                 }
-            })
-            .await;
+                return;
+            }
+        };
+        let now = self.clock.now_unix();
+        for machine in &records {
+            self.health.upsert(machine, now);
+        }
+        self.push_many(&records, rollout).await;
     }
 
     /// After a gap in the change feed: every session held here gets its

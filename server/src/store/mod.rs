@@ -327,6 +327,10 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_machine(&self, machine: &MachineRecord) -> Result<(), StoreError>;
     async fn machine(&self, id: Uuid) -> Result<Option<MachineRecord>, StoreError>;
     async fn machines(&self) -> Result<Vec<MachineRecord>, StoreError>;
+    /// The machines among `ids`, in one read (unknown ids are left out; no
+    /// particular order): a rollout push names a wave of machines, read
+    /// together rather than one round trip each.
+    async fn machines_with_ids(&self, ids: &[Uuid]) -> Result<Vec<MachineRecord>, StoreError>;
     /// Records a newly issued certificate; the current serial becomes the previous one.
     async fn record_certificate(
         &self,
@@ -508,6 +512,13 @@ macro_rules! dispatch_store_to_aggregates {
 
             async fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
                 machines::machines(self).await
+            }
+
+            async fn machines_with_ids(
+                &self,
+                ids: &[Uuid],
+            ) -> Result<Vec<MachineRecord>, StoreError> {
+                machines::machines_with_ids(self, ids).await
             }
 
             async fn record_certificate(

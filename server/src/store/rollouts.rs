@@ -35,6 +35,13 @@ pub trait RolloutStore: Send + Sync + 'static {
     async fn rollout(&self, id: Uuid) -> Result<Option<Rollout>, StoreError>;
     /// The machines of a rollout, in wave order.
     async fn rollout_machines(&self, id: Uuid) -> Result<Vec<RolloutMachine>, StoreError>;
+    /// The rows of rollout `id` for `machines` only (no particular order):
+    /// what another replica re-reads after a pass that changed them.
+    async fn rollout_machines_with_ids(
+        &self,
+        id: Uuid,
+        machines: &[Uuid],
+    ) -> Result<Vec<RolloutMachine>, StoreError>;
     /// Stores one pass of the controller atomically: the rollout row, the
     /// machine rows that changed, and the desired images to set (each bumps
     /// the machine's desired-state version). Returns the updated records of

@@ -37,7 +37,8 @@ impl RolloutEngine {
                 other => break other?,
             }
         };
-        self.changed(state, id).await;
+        // A command changes the rollout's row only.
+        self.changed(state, id, Some(Vec::new())).await;
         Ok(detail_of(state, current.rollout, current.machines).await)
     }
 
@@ -145,6 +146,10 @@ impl RolloutEngine {
         Ok(stopped)
     }
 
+    /// Caches `current` while it is active (its machines become members
+    /// when it was not cached: a rollout's machines never change after it
+    /// is created, so a pass does not re-insert ten thousand of them), or
+    /// retires it and frees its machines.
     pub(super) fn keep_or_retire(
         &self,
         active: &mut BTreeMap<Uuid, ActiveRollout>,
@@ -160,7 +165,7 @@ impl RolloutEngine {
                 }
             }
         } else {
-            {
+            if !active.contains_key(&id) {
                 let mut held = self.members();
                 for machine in &current.machines {
                     held.insert(machine.machine_id, id);

@@ -206,7 +206,7 @@ impl RolloutEngine {
             },
         );
         drop(active);
-        self.changed(state, rollout.id).await;
+        self.changed(state, rollout.id, None).await;
         Ok(CreatedRollout {
             detail: detail_of(state, rollout, members).await,
             warnings,

@@ -213,13 +213,68 @@ impl RolloutEngine {
         Ok(detail_of(state, current.rollout, current.machines).await)
     }
 
-    /// A rollout that is not active, as stored.
     /// Tells this replica's watchers, wakes the loop, and tells the other
-    /// replicas that rollout `id` changed in the store.
-    async fn changed(&self, state: &ServerState, id: Uuid) {
+    /// replicas that rollout `id` changed in the store (its row, and of its
+    /// machines' rows `machines`; `None`: any).
+    async fn changed(&self, state: &ServerState, id: Uuid, machines: Option<Vec<Uuid>>) {
         self.wake.notify_one();
         let _ = self.changes.send(id);
-        state.feed.announce(Change::Rollout { rollout: id }).await;
+        state
+            .feed
+            .announce(Change::Rollout {
+                rollout: id,
+                machines,
+            })
+            .await;
+    }
+
+    /// Another replica changed rollout `id`: its row, and of its machines'
+    /// rows `machines` (`None`: any). A cached rollout re-reads only those
+    /// rows — the leader stores a pass per wave step, and re-reading a
+    /// 10 000-machine rollout after each kept every other replica's store
+    /// connection and change feed busy — anything else is read whole.
+    pub async fn changed_elsewhere(&self, id: Uuid, machines: Option<Vec<Uuid>>) {
+        let Some(machines) = machines else {
+            return self.reload(id).await;
+        };
+        let mut active = self.active.lock().await;
+        let Some(current) = active.get_mut(&id) else {
+            drop(active);
+            return self.reload(id).await;
+        };
+        let fresh = async {
+            let rollout = self.store.rollout(id).await?;
+            let rows = self.store.rollout_machines_with_ids(id, &machines).await?;
+            Ok::<_, crate::store::StoreError>(rollout.map(|rollout| (rollout, rows)))
+        };
+        match fresh.await {
+            Ok(Some((rollout, rows))) => {
+                current.rollout = rollout;
+                let mut rows: HashMap<Uuid, RolloutMachine> =
+                    rows.into_iter().map(|row| (row.machine_id, row)).collect();
+                for machine in &mut current.machines {
+                    if let Some(row) = rows.remove(&machine.machine_id) {
+                        *machine = row;
+                    }
+                }
+            }
+            Ok(None) => {
+                tracing::error!(rollout = %id, "a rollout changed elsewhere is no longer stored");
+            }
+            Err(error) => {
+                // Kept as it was: on the leader, a pass from this copy is
+                // refused by the store (stale revision) and re-reads it.
+                tracing::error!(rollout = %id, %error, "cannot re-read a rollout changed elsewhere");
+            }
+        }
+        if current.rollout.state.is_terminal() {
+            if let Some(finished) = active.remove(&id) {
+                self.keep_or_retire(&mut active, finished);
+            }
+        }
+        drop(active);
+        self.wake.notify_one();
+        let _ = self.changes.send(id);
     }
 
     /// Re-reads rollout `id` from the store (another replica changed it).

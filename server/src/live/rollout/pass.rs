@@ -244,16 +244,24 @@ impl RolloutEngine {
         }
         let quarantined = quarantined_machines(state).await;
         let mut stale = Vec::new();
-        let mut changed_rollouts = Vec::new();
+        // Each changed rollout with the machines whose rows changed: what
+        // the other replicas re-read.
+        let mut changed_rollouts: Vec<(Uuid, Vec<Uuid>)> = Vec::new();
         for id in ids {
-            let Some(mut stored) = active.get(&id).cloned() else {
+            let Some(cached) = active.get(&id) else {
                 continue;
             };
-            let mut changed = false;
+            // Decided on one copy; the cache gets it once stored.
+            let mut next = cached.clone();
+            let mut stored_rollout = next.rollout.clone();
+            // Whether `next` holds exactly what is stored (nothing decided
+            // since the last store, or a store failed after another one).
+            let mut stored_anything = false;
+            let mut unstored_decisions = false;
+            let mut changed_machines: Vec<Uuid> = Vec::new();
             // Rounds that send nothing (commits, a wave advancing) are
             // gathered and stored together with the round that sends, in
             // one transaction: one disk sync per wave transition.
-            let mut next = stored.clone();
             let mut rows: std::collections::BTreeSet<usize> = Default::default();
             let mut events: Vec<(String, String)> = Vec::new();
             for round in 0..MAX_ROUNDS_PER_PASS {
@@ -261,6 +269,7 @@ impl RolloutEngine {
                 let views =
                     views_for_controller(state, &next.rollout, &next.machines, &quarantined);
                 let actions = controller::next(&next.rollout, &views, now);
+                drop(views);
                 let applied = apply_actions(&mut next, &actions, now);
                 rows.extend(applied.changed.iter().copied());
                 events.extend(applied.events);
@@ -273,7 +282,7 @@ impl RolloutEngine {
                 if rows.is_empty()
                     && actions.is_empty()
                     && events.is_empty()
-                    && next.rollout == stored.rollout
+                    && next.rollout == stored_rollout
                 {
                     break;
                 }
@@ -293,42 +302,64 @@ impl RolloutEngine {
                         // abort): decide again on the stored row.
                         tracing::info!(rollout = %id, %error, "rollout changed meanwhile; re-reading it");
                         stale.push(id);
+                        unstored_decisions = true;
                         break;
                     }
                     Err(error) => {
                         tracing::error!(rollout = %id, %error, "cannot store a rollout pass; retrying at the next tick");
+                        unstored_decisions = true;
                         break;
                     }
                 };
                 next.rollout.revision += 1;
-                stored = next.clone();
-                changed = true;
+                stored_rollout = next.rollout.clone();
+                stored_anything = true;
+                changed_machines.extend(changed_rows.iter().map(|row| row.machine_id));
                 rows.clear();
-                state
-                    .publisher
-                    .rollout_changed(&updated, stored.rollout.id)
-                    .await;
+                state.publisher.rollout_changed(&updated, id).await;
                 for (action, detail) in events.drain(..) {
-                    self.announce(state, &stored.rollout, &action, &detail, CONTROLLER_ACTOR);
+                    self.announce(state, &next.rollout, &action, &detail, CONTROLLER_ACTOR);
                 }
                 if last_round {
                     break;
                 }
             }
-            if changed {
-                self.keep_or_retire(&mut active, stored);
-                changed_rollouts.push(id);
+            if !stored_anything {
+                continue;
+            }
+            changed_rollouts.push((id, changed_machines));
+            if unstored_decisions {
+                // `next` holds decisions that were not stored on top of
+                // some that were: the cache is read again from the store.
+                if !stale.contains(&id) {
+                    stale.push(id);
+                }
+            } else {
+                self.keep_or_retire(&mut active, next);
             }
         }
         drop(active);
-        for id in changed_rollouts {
+        for (id, machines) in changed_rollouts {
             let _ = self.changes.send(id);
-            state.feed.announce(Change::Rollout { rollout: id }).await;
+            changed_machines_announce(state, id, machines).await;
         }
         for id in stale {
             self.reload(id).await;
         }
     }
+}
+
+/// Tells the other replicas which rows of rollout `id` a pass stored.
+async fn changed_machines_announce(state: &ServerState, id: Uuid, mut machines: Vec<Uuid>) {
+    machines.sort_unstable();
+    machines.dedup();
+    state
+        .feed
+        .announce(Change::Rollout {
+            rollout: id,
+            machines: Some(machines),
+        })
+        .await;
 }
 
 /// The image a machine runs now (as last reported), else the one it was told

@@ -247,6 +247,7 @@ macro_rules! store_contract_suite {
             audit::entries_filter_by_time_and_actor,
             audit::entries_page_by_sequence_and_checkpoints_are_kept_once,
             rollouts::rollouts_and_passes_round_trip,
+            rollouts::a_wave_is_stored_in_one_pass_and_read_back_by_id,
             rollouts::two_rollouts_over_one_machine_created_at_once_make_one,
             rollouts::a_finished_rollout_frees_its_machines,
             access::every_change_bumps_the_version_and_revoking_a_user_removes_everything,

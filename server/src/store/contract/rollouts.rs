@@ -62,6 +62,88 @@ pub(crate) async fn rollouts_and_passes_round_trip<B: ContractBackend>(store: B)
     );
 }
 
+/// A pass over a whole wave is one batch: every row and desired image is
+/// stored (each desired-state version bumped once), and the rows and
+/// machines can be read back by id, unknown ids left out.
+pub(crate) async fn a_wave_is_stored_in_one_pass_and_read_back_by_id<B: ContractBackend>(store: B) {
+    let machines = insert_machines(&store, 5).await;
+    let mut created = rollout(Uuid::new_v4(), RolloutState::Pending);
+    let mut members: Vec<_> = machines
+        .iter()
+        .enumerate()
+        .map(|(index, id)| rollout_machine(created.id, *id, &format!("web-{}", index + 1)))
+        .collect();
+    members[4].previous_image = Some(crate::store::DesiredImageRecord {
+        name: "app".into(),
+        version: "1.0.0".into(),
+        digest: "old".into(),
+        rollback: false,
+    });
+    store.insert_rollout(&created, &members).await.unwrap();
+    created.state = RolloutState::Running;
+    // Four of five sent, one of them with a failure reason and a NULL time.
+    for member in &mut members[..4] {
+        member.state = MachineRolloutState::Sent;
+        member.turn_at = Some(1_700_000_720);
+        member.sent_at = Some(1_700_000_721);
+    }
+    members[3].state = MachineRolloutState::Failed;
+    members[3].sent_at = None;
+    members[3].failure_reason = "deadline passed".into();
+    let sends: Vec<_> = machines[..4]
+        .iter()
+        .map(|id| (*id, created.image.desired()))
+        .collect();
+    let mut updated = store
+        .apply_rollout_pass(&created, &members[..4], &sends, None)
+        .await
+        .unwrap();
+    updated.sort_by_key(|machine| machine.inventory.hostname.clone());
+    assert_eq!(
+        updated
+            .iter()
+            .map(|machine| (machine.id, machine.desired_version))
+            .collect::<Vec<_>>(),
+        machines[..4].iter().map(|id| (*id, 2)).collect::<Vec<_>>(),
+        "each sent machine's desired state moved one version"
+    );
+    assert!(updated
+        .iter()
+        .all(|machine| machine.desired_image == Some(created.image.desired())));
+    assert_eq!(store.rollout_machines(created.id).await.unwrap(), members);
+
+    let unknown = Uuid::new_v4();
+    let mut some = store
+        .rollout_machines_with_ids(created.id, &[machines[3], machines[4], unknown])
+        .await
+        .unwrap();
+    some.sort_by_key(|row| row.hostname.clone());
+    assert_eq!(some, members[3..].to_vec());
+    assert!(store
+        .rollout_machines_with_ids(Uuid::new_v4(), &machines)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .rollout_machines_with_ids(created.id, &[])
+        .await
+        .unwrap()
+        .is_empty());
+
+    let mut read = store
+        .machines_with_ids(&[machines[0], machines[4], unknown])
+        .await
+        .unwrap();
+    read.sort_by_key(|machine| machine.inventory.hostname.clone());
+    assert_eq!(
+        read.iter()
+            .map(|machine| (machine.id, machine.desired_version))
+            .collect::<Vec<_>>(),
+        vec![(machines[0], 2), (machines[4], 1)]
+    );
+    assert!(store.machines_with_ids(&[]).await.unwrap().is_empty());
+}
+
 pub(crate) async fn two_rollouts_over_one_machine_created_at_once_make_one<B: ContractBackend>(
     store: B,
 ) {

@@ -50,6 +50,16 @@ pub(super) fn machine_from_row(row: &Row) -> Result<MachineRecord, StoreError> {
 pub(super) const SET_DESIRED_IMAGE: &str = "UPDATE machines SET desired_image = $2,
     desired_version = desired_version + 1 WHERE id = $1 RETURNING *";
 
+/// [`SET_DESIRED_IMAGE`] for many machines at once: ids, images and their
+/// positions as arrays unnested side by side; a machine listed twice keeps
+/// the image listed last (one UPDATE cannot change a row twice).
+pub(super) const SET_DESIRED_IMAGES: &str = "UPDATE machines
+    SET desired_image = batch.image, desired_version = machines.desired_version + 1
+    FROM (SELECT DISTINCT ON (id) id, image
+          FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS pairs (id, image, position)
+          ORDER BY id, position DESC) AS batch
+    WHERE machines.id = batch.id RETURNING machines.*";
+
 pub(super) async fn insert_machine(
     store: &PostgresStore,
     machine: &MachineRecord,
@@ -108,6 +118,23 @@ pub(super) async fn machines(store: &PostgresStore) -> Result<Vec<MachineRecord>
         .read_all(
             "SELECT * FROM machines ORDER BY zone, hostname, id",
             &[],
+            machine_from_row,
+        )
+        .await
+}
+
+pub(super) async fn machines_with_ids(
+    store: &PostgresStore,
+    ids: &[Uuid],
+) -> Result<Vec<MachineRecord>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    store
+        .read_all(
+            "SELECT * FROM machines WHERE id = ANY($1::TEXT[])",
+            &[&ids],
             machine_from_row,
         )
         .await

@@ -9,7 +9,7 @@ use deadpool_postgres::Transaction;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::machines::{machine_from_row, SET_DESIRED_IMAGE};
+use super::machines::{machine_from_row, SET_DESIRED_IMAGES};
 use super::replicas::fence_holds;
 use super::{
     column, corrupt, json_column, lock_keys, lock_rule, optional_json_column, to_json,
@@ -112,40 +112,100 @@ async fn upsert_machines(
     transaction: &Transaction<'_>,
     machines: &[RolloutMachine],
 ) -> Result<(), StoreError> {
+    if machines.is_empty() {
+        return Ok(());
+    }
+    // One statement for the whole batch, the rows as columns of arrays
+    // unnested side by side: a wave transition stores a hundred rows or
+    // more, and one round trip each made it the slowest step of a pass.
+    let mut rollout_ids = Vec::with_capacity(machines.len());
+    let mut machine_ids = Vec::with_capacity(machines.len());
+    let mut hostnames = Vec::with_capacity(machines.len());
+    let mut zones = Vec::with_capacity(machines.len());
+    let mut stages = Vec::with_capacity(machines.len());
+    let mut waves = Vec::with_capacity(machines.len());
+    let mut states = Vec::with_capacity(machines.len());
+    let mut previous_images = Vec::with_capacity(machines.len());
+    let mut turn_ats = Vec::with_capacity(machines.len());
+    let mut sent_ats = Vec::with_capacity(machines.len());
+    let mut committed_ats = Vec::with_capacity(machines.len());
+    let mut finished_ats = Vec::with_capacity(machines.len());
+    let mut failure_reasons = Vec::with_capacity(machines.len());
+    for machine in machines {
+        rollout_ids.push(machine.rollout_id.to_string());
+        machine_ids.push(machine.machine_id.to_string());
+        hostnames.push(machine.hostname.as_str());
+        zones.push(machine.zone.as_str());
+        stages.push(i64::from(machine.stage));
+        waves.push(i64::from(machine.wave));
+        states.push(machine.state.as_str());
+        previous_images.push(machine.previous_image.as_ref().map(to_json).transpose()?);
+        turn_ats.push(machine.turn_at);
+        sent_ats.push(machine.sent_at);
+        committed_ats.push(machine.committed_at);
+        finished_ats.push(machine.finished_at);
+        failure_reasons.push(machine.failure_reason.as_str());
+    }
     let statement = transaction
         .prepare_cached(
             "INSERT INTO rollout_machines (rollout_id, machine_id, hostname, zone, stage, wave,
                 state, previous_image, turn_at, sent_at, committed_at, finished_at,
                 failure_reason)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-             ON CONFLICT (rollout_id, machine_id) DO UPDATE SET state = $7, turn_at = $9,
-                sent_at = $10, committed_at = $11, finished_at = $12, failure_reason = $13",
+             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[],
+                $5::BIGINT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[],
+                $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::TEXT[])
+             ON CONFLICT (rollout_id, machine_id) DO UPDATE SET state = EXCLUDED.state,
+                turn_at = EXCLUDED.turn_at, sent_at = EXCLUDED.sent_at,
+                committed_at = EXCLUDED.committed_at, finished_at = EXCLUDED.finished_at,
+                failure_reason = EXCLUDED.failure_reason",
         )
         .await?;
-    for machine in machines {
-        let previous = machine.previous_image.as_ref().map(to_json).transpose()?;
-        transaction
-            .execute(
-                &statement,
-                &[
-                    &machine.rollout_id.to_string(),
-                    &machine.machine_id.to_string(),
-                    &machine.hostname,
-                    &machine.zone,
-                    &i64::from(machine.stage),
-                    &i64::from(machine.wave),
-                    &machine.state.as_str(),
-                    &previous,
-                    &machine.turn_at,
-                    &machine.sent_at,
-                    &machine.committed_at,
-                    &machine.finished_at,
-                    &machine.failure_reason,
-                ],
-            )
-            .await?;
-    }
+    transaction
+        .execute(
+            &statement,
+            &[
+                &rollout_ids,
+                &machine_ids,
+                &hostnames,
+                &zones,
+                &stages,
+                &waves,
+                &states,
+                &previous_images,
+                &turn_ats,
+                &sent_ats,
+                &committed_ats,
+                &finished_ats,
+                &failure_reasons,
+            ],
+        )
+        .await?;
     Ok(())
+}
+
+/// Stores each machine's new desired image (and bumps its desired-state
+/// version) in one statement; returns the machines as updated, in no
+/// particular order. A machine listed twice gets its last image.
+async fn set_desired_images(
+    transaction: &Transaction<'_>,
+    desired: &[(Uuid, DesiredImageRecord)],
+) -> Result<Vec<MachineRecord>, StoreError> {
+    if desired.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = Vec::with_capacity(desired.len());
+    let mut images = Vec::with_capacity(desired.len());
+    let mut positions = Vec::with_capacity(desired.len());
+    for (position, (id, image)) in (0_i64..).zip(desired) {
+        ids.push(id.to_string());
+        images.push(to_json(image)?);
+        positions.push(position);
+    }
+    let statement = transaction.prepare_cached(SET_DESIRED_IMAGES).await?;
+    let rows = transaction
+        .query(&statement, &[&ids, &images, &positions])
+        .await?;
+    rows.iter().map(machine_from_row).collect()
 }
 
 /// The active (unfinished) rollouts holding any of `machines`, each with
@@ -228,6 +288,23 @@ impl RolloutStore for PostgresStore {
         .await
     }
 
+    async fn rollout_machines_with_ids(
+        &self,
+        id: Uuid,
+        machines: &[Uuid],
+    ) -> Result<Vec<RolloutMachine>, StoreError> {
+        if machines.is_empty() {
+            return Ok(Vec::new());
+        }
+        let machines: Vec<String> = machines.iter().map(Uuid::to_string).collect();
+        self.read_all(
+            "SELECT * FROM rollout_machines WHERE rollout_id = $1 AND machine_id = ANY($2::TEXT[])",
+            &[&id.to_string(), &machines],
+            rollout_machine_from_row,
+        )
+        .await
+    }
+
     async fn apply_rollout_pass(
         &self,
         rollout: &Rollout,
@@ -243,16 +320,7 @@ impl RolloutStore for PostgresStore {
         }
         upsert_rollout(&transaction, rollout).await?;
         upsert_machines(&transaction, machines).await?;
-        let set = transaction.prepare_cached(SET_DESIRED_IMAGE).await?;
-        let mut updated = Vec::with_capacity(desired.len());
-        for (id, image) in desired {
-            let row = transaction
-                .query_opt(&set, &[&id.to_string(), &Some(to_json(image)?)])
-                .await?;
-            if let Some(row) = row {
-                updated.push(machine_from_row(&row)?);
-            }
-        }
+        let updated = set_desired_images(&transaction, desired).await?;
         transaction.commit().await?;
         Ok(updated)
     }

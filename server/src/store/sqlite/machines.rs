@@ -118,6 +118,31 @@ pub(super) async fn machines(store: &SqliteStore) -> Result<Vec<MachineRecord>, 
         .await
 }
 
+pub(super) async fn machines_with_ids(
+    store: &SqliteStore,
+    ids: &[Uuid],
+) -> Result<Vec<MachineRecord>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = ids_as_json_array(ids);
+    store
+        .with_connection(move |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT * FROM machines WHERE id IN (SELECT value FROM json_each(?1))",
+            )?;
+            let rows = statement.query_map([ids], machine_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+}
+
+/// `ids` as one JSON array of strings: SQLite binds no arrays, and
+/// `json_each` unnests this one inside a query.
+pub(super) fn ids_as_json_array(ids: &[Uuid]) -> String {
+    serde_json::Value::from(ids.iter().map(Uuid::to_string).collect::<Vec<_>>()).to_string()
+}
+
 pub(super) async fn record_certificate(
     store: &SqliteStore,
     id: Uuid,

@@ -273,6 +273,26 @@ impl RolloutStore for SqliteStore {
         .await
     }
 
+    async fn rollout_machines_with_ids(
+        &self,
+        id: Uuid,
+        machines: &[Uuid],
+    ) -> Result<Vec<RolloutMachine>, StoreError> {
+        if machines.is_empty() {
+            return Ok(Vec::new());
+        }
+        let machines = super::machines::ids_as_json_array(machines);
+        self.with_connection(move |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT * FROM rollout_machines WHERE rollout_id = ?1
+                 AND machine_id IN (SELECT value FROM json_each(?2))",
+            )?;
+            let rows = statement.query_map([id.to_string(), machines], rollout_machine_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
     async fn apply_rollout_pass(
         &self,
         rollout: &Rollout,
