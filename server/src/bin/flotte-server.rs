@@ -388,11 +388,15 @@ fn main() -> ExitCode {
             }
             // Before any thread starts (arenas made earlier stay in use). A
             // refusal costs memory, not service: the server runs on.
-            match flotte_server::allocator::limit_malloc_arenas() {
-                Ok(limit) => {
-                    tracing::info!(?limit, "malloc arenas (bound the resident size's drift)")
+            for (parameter, outcome) in flotte_server::allocator::tune_malloc() {
+                match outcome {
+                    Ok(tuned) => tracing::info!(
+                        parameter = parameter.tunable,
+                        ?tuned,
+                        "malloc tuned (bounds the resident size's drift)"
+                    ),
+                    Err(error) => tracing::warn!(%error, "malloc parameter left as it was"),
                 }
-                Err(error) => tracing::warn!(%error, "malloc arenas left as they were"),
             }
             let config_path = config.unwrap_or_else(|| default_config_path(&data_dir));
             // `try_exists`, not `exists`: a data dir this user cannot read
