@@ -4,7 +4,8 @@
 //! Why: the soak (BENCHMARKS.md, issue 17) showed the resident size of a
 //! server rising for an hour while its live heap, under `heaptrack`, stayed
 //! flat: glibc's malloc kept freed memory it could not give back. Two
-//! settings bound that:
+//! settings remove the largest causes (a slower creep remains, measured in
+//! BENCHMARKS.md's soak):
 //! * **Two arenas.** glibc gives threads arenas of their own, up to eight
 //!   per core. The store's calls run on tokio's blocking pool, whose threads
 //!   come and go and allocate from whichever arena they were handed; memory
