@@ -73,8 +73,10 @@ class Trace:
             return
         base, path = self.module
         # A return address points after its call: look one byte back.
-        offsets = [hex(pointer - base - 1) for pointer in unknown]
-        output = subprocess.run(["addr2line", "-e", path, "-f", "-C", "-i", "-a"] + offsets,
+        # On standard input: a whole snapshot's frames can be more than a
+        # command line holds.
+        offsets = "\n".join(hex(pointer - base - 1) for pointer in unknown) + "\n"
+        output = subprocess.run(["addr2line", "-e", path, "-f", "-C", "-i", "-a"], input=offsets,
                                 capture_output=True, text=True, check=True).stdout.splitlines()
         found = collections.defaultdict(list)
         current = None
