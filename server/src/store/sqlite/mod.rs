@@ -1,6 +1,7 @@
 //! SQLite implementation of the store traits: one file in the data dir, WAL
-//! mode, one connection behind a mutex, every call run on the blocking pool
-//! so that the async runtime never waits on disk.
+//! mode, one connection behind an async mutex, every call run on the
+//! blocking pool once it holds the connection, so that the async runtime
+//! never waits on disk and callers wait as queued futures, not as threads.
 //!
 //! This file holds opening (pragmas, then the numbered schema migrations of
 //! `migrations`), the connection and the write metrics, the row helpers
@@ -24,7 +25,7 @@ mod tokens;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Row};
 use uuid::Uuid;
@@ -43,7 +44,10 @@ use machines::machine_from_row;
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    connection: Arc<Mutex<Connection>>,
+    /// An async mutex, taken before a blocking thread is: calls queue in it,
+    /// in order, instead of as blocking-pool threads parked on a lock, which
+    /// the reconnect storm had grow to the pool's limit of 512 (BENCHMARKS.md).
+    connection: Arc<tokio::sync::Mutex<Connection>>,
     metrics: StoreMetrics,
     /// The change feed: with one process on the file, an in-process channel.
     feed: tokio::sync::broadcast::Sender<crate::store::replicas::FeedEvent>,
@@ -148,27 +152,23 @@ impl SqliteStore {
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations::migrate(&mut connection)?;
         Ok(SqliteStore {
-            connection: Arc::new(Mutex::new(connection)),
+            connection: Arc::new(tokio::sync::Mutex::new(connection)),
             metrics,
             feed: tokio::sync::broadcast::channel(crate::store::replicas::FEED_BUFFER).0,
         })
     }
 
-    /// Runs `operation` on the connection in the blocking pool.
+    /// Runs `operation` on the connection in the blocking pool, once it is
+    /// this call's turn.
     async fn with_connection<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let connection = Arc::clone(&self.connection);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = connection
-                .lock()
-                .map_err(|_| StoreError::Task("store mutex poisoned".into()))?;
-            operation(&mut guard)
-        })
-        .await
-        .map_err(|error| StoreError::Task(error.to_string()))?
+        let mut connection = Arc::clone(&self.connection).lock_owned().await;
+        tokio::task::spawn_blocking(move || operation(&mut connection))
+            .await
+            .map_err(|error| StoreError::Task(error.to_string()))?
     }
 
     /// Every row of a parameterless query.
