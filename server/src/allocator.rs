@@ -1,145 +1,83 @@
-//! The C allocator's settings for the long-running server process, applied
-//! once by `flotte-server run` before its async runtime starts a thread.
+//! The memory allocator of the long-running server process: jemalloc,
+//! linked into the `flotte-server` binary in place of the C library's malloc
+//! (Rust's allocations and C's alike, the bundled SQLite's included), with
+//! the settings below built in. The binary declares the allocator and hands
+//! jemalloc these settings (`bin/flotte-server.rs`); this module says what
+//! they are and why, so that the start log and the docs can quote them, and
+//! reads jemalloc's statistics for the metrics: the bytes the program holds
+//! against the pages jemalloc keeps resident, which tell a leak from memory
+//! kept for later.
 //!
 //! Why: the soak (BENCHMARKS.md, issue 17) showed the resident size of a
-//! server rising for an hour while its live heap, under `heaptrack`, stayed
-//! flat: glibc's malloc kept freed memory it could not give back. Two
-//! settings remove the largest causes (a slower creep remains, measured in
-//! BENCHMARKS.md's soak):
-//! * **Two arenas.** glibc gives threads arenas of their own, up to eight
-//!   per core. The store's calls run on tokio's blocking pool, whose threads
-//!   come and go and allocate from whichever arena they were handed; memory
-//!   freed in one arena is never reused by another. Two keep the main
-//!   thread and the pools from contending on one lock while leaving few
-//!   places for free memory to strand.
-//! * **A fixed mmap threshold of 128 KiB.** By default glibc raises the
-//!   threshold to the size of every large block freed (up to 32 MiB), so
-//!   that a pass's rollout copy or a big fan-out's buffers, once freed,
-//!   are allocated inside the heap the next time and leave holes there
-//!   that are never returned. Fixed, blocks of 128 KiB and more are mapped
-//!   on their own and given back whole when freed.
+//! server with a flat live heap rising for an hour. Under glibc's malloc,
+//! even with two arenas and a fixed mmap threshold, each new agent session's
+//! buffers (h2's, tonic's, about 40 KiB) landed in holes other sessions had
+//! left and kept pages resident that the heap could not give back: +9 % over
+//! the hour. jemalloc groups blocks by size class and returns the pages it
+//! no longer uses to the kernel after a set delay, so the same churn leaves
+//! nothing behind it.
 //!
-//! What must never live here: anything but process-wide allocator settings,
-//! or a setting applied after threads have started allocating.
+//! What must never live here: anything but process-wide allocator settings
+//! and statistics.
 
-use std::ffi::OsStr;
+use std::ffi::CStr;
 
+/// jemalloc's settings, in its `MALLOC_CONF` syntax:
+/// * `narenas:2`: two arenas instead of four per core. The store's calls run
+///   on tokio's blocking pool, whose threads come and go; memory freed in
+///   one arena is never reused by another, so fewer arenas strand less.
+/// * `background_thread:true`: a background thread returns unused pages on
+///   time, instead of the next allocation in that arena doing it (or none,
+///   on a quiet server).
+/// * `dirty_decay_ms:1000`, `muzzy_decay_ms:0`: freed pages go back to the
+///   kernel after one second (jemalloc's default is ten), straight away once
+///   they are purged: the soak's creep was pages kept "for later" that a
+///   server with steady sessions does not need.
+pub const JEMALLOC_SETTINGS: &CStr =
+    c"narenas:2,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0";
+
+/// The environment variable jemalloc reads after the built-in settings: an
+/// operator's value overrides them option by option (e.g. `narenas:8` on a
+/// host with many cores, keeping the rest).
+pub const OPERATOR_SETTINGS_VARIABLE: &str = "MALLOC_CONF";
+
+/// The settings as text, for the start log.
+pub fn built_in_settings() -> &'static str {
+    // The literal above is ASCII; an empty answer would only hide it from
+    // the log, never change what jemalloc reads.
+    JEMALLOC_SETTINGS.to_str().unwrap_or_default()
+}
+
+/// A failure to read jemalloc's statistics (`mallctl`'s error number).
 #[derive(Debug, thiserror::Error)]
-pub enum AllocatorError {
-    #[error("the C library refused to set malloc's {name} to {value} (mallopt)")]
-    Refused { name: &'static str, value: i32 },
+#[error("jemalloc's statistics could not be read: {0}")]
+pub struct StatisticsError(#[from] tikv_jemalloc_ctl::Error);
+
+/// What jemalloc says of the process's memory, in bytes, as of one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocatorStatistics {
+    /// Bytes the program has allocated and not freed: its live data.
+    pub allocated: u64,
+    /// Bytes in the pages jemalloc has mapped and that are resident: live
+    /// data, jemalloc's own metadata, and freed pages not yet returned.
+    pub resident: u64,
+    /// Bytes jemalloc keeps mapped but gave back to the kernel (virtual
+    /// address space only, reused before new mappings are made).
+    pub retained: u64,
 }
 
-/// One malloc parameter the server sets unless the operator chose it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MallocParameter {
-    /// Its name in glibc's tunables (`GLIBC_TUNABLES=glibc.malloc.…`).
-    pub tunable: &'static str,
-    /// glibc's own environment variable for it.
-    pub environment: &'static str,
-    /// The value the server sets.
-    pub value: i32,
-    /// mallopt(3)'s parameter number (glibc's `M_…`).
-    option: i32,
-}
-
-/// What the server sets, in the order it sets them.
-pub const MALLOC_PARAMETERS: [MallocParameter; 2] = [
-    MallocParameter {
-        tunable: "glibc.malloc.arena_max",
-        environment: "MALLOC_ARENA_MAX",
-        value: 2,
-        option: M_ARENA_MAX,
-    },
-    MallocParameter {
-        tunable: "glibc.malloc.mmap_threshold",
-        environment: "MALLOC_MMAP_THRESHOLD_",
-        value: 128 * 1024,
-        option: M_MMAP_THRESHOLD,
-    },
-];
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const M_ARENA_MAX: i32 = libc::M_ARENA_MAX;
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const M_MMAP_THRESHOLD: i32 = libc::M_MMAP_THRESHOLD;
-// Other C libraries (musl) have neither per-thread arenas nor a moving
-// threshold: nothing is set there.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-const M_ARENA_MAX: i32 = 0;
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-const M_MMAP_THRESHOLD: i32 = 0;
-
-/// What [`tune_malloc`] did with one parameter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tuned {
-    /// Set to this value.
-    Set(i32),
-    /// The operator chose it through glibc's own environment variables,
-    /// which glibc has already applied: theirs stands.
-    LeftToTheOperator,
-}
-
-/// Whether the operator set `parameter`, given glibc's environment
-/// variables: its own variable, or its name in `GLIBC_TUNABLES`.
-fn chosen_by_the_operator(
-    parameter: &MallocParameter,
-    own_variable: Option<&OsStr>,
-    glibc_tunables: Option<&OsStr>,
-) -> bool {
-    own_variable.is_some()
-        || glibc_tunables.is_some_and(|tunables| {
-            tunables
-                .to_string_lossy()
-                .split(':')
-                .any(|setting| setting.split('=').next() == Some(parameter.tunable))
-        })
-}
-
-/// Sets each of [`MALLOC_PARAMETERS`] the operator did not choose; each
-/// parameter's outcome, in order. Call before any thread starts: arenas
-/// made before stay in use.
-pub fn tune_malloc() -> Vec<(MallocParameter, Result<Tuned, AllocatorError>)> {
-    let glibc_tunables = std::env::var_os("GLIBC_TUNABLES");
-    MALLOC_PARAMETERS
-        .iter()
-        .map(|parameter| {
-            let own_variable = std::env::var_os(parameter.environment);
-            let outcome = if chosen_by_the_operator(
-                parameter,
-                own_variable.as_deref(),
-                glibc_tunables.as_deref(),
-            ) {
-                Ok(Tuned::LeftToTheOperator)
-            } else {
-                set(parameter).map(|()| Tuned::Set(parameter.value))
-            };
-            (*parameter, outcome)
-        })
-        .collect()
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn set(parameter: &MallocParameter) -> Result<(), AllocatorError> {
-    // SAFETY: mallopt(3) takes two integers by value and only changes a
-    // parameter inside glibc's malloc, which is MT-safe; it reads or writes
-    // no memory of ours. M_ARENA_MAX and M_MMAP_THRESHOLD are parameters
-    // glibc documents.
-    let accepted = unsafe { libc::mallopt(parameter.option, parameter.value) };
-    if accepted == 1 {
-        Ok(())
-    } else {
-        Err(AllocatorError::Refused {
-            name: parameter.tunable,
-            value: parameter.value,
-        })
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn set(_parameter: &MallocParameter) -> Result<(), AllocatorError> {
-    Ok(())
+/// Reads jemalloc's current statistics. jemalloc caches them; advancing its
+/// epoch refreshes the cache first, so two reads in a row agree with what
+/// happened between them.
+pub fn statistics() -> Result<AllocatorStatistics, StatisticsError> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    epoch::advance()?;
+    let bytes = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
+    Ok(AllocatorStatistics {
+        allocated: bytes(stats::allocated::read()?),
+        resident: bytes(stats::resident::read()?),
+        retained: bytes(stats::retained::read()?),
+    })
 }
 
 #[cfg(test)]
@@ -147,39 +85,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_parameter_is_set_unless_the_operator_chose_it() {
-        let [arenas, threshold] = MALLOC_PARAMETERS;
-        let chosen = |parameter, own: Option<&str>, tunables: Option<&str>| {
-            chosen_by_the_operator(parameter, own.map(OsStr::new), tunables.map(OsStr::new))
-        };
-        assert!(!chosen(&arenas, None, None));
-        assert!(!chosen(&arenas, None, Some("glibc.malloc.tcache_count=0")));
-        assert!(chosen(&arenas, Some("4"), None));
-        assert!(chosen(
-            &arenas,
-            None,
-            Some("glibc.malloc.tcache_count=0:glibc.malloc.arena_max=8")
-        ));
-        // One parameter chosen leaves the other to the server.
-        assert!(!chosen(&threshold, None, Some("glibc.malloc.arena_max=8")));
-        assert!(chosen(
-            &threshold,
-            None,
-            Some("glibc.malloc.mmap_threshold=65536")
-        ));
-        assert!(chosen(&threshold, Some("65536"), None));
-        // A longer tunable's name is not this one.
-        assert!(!chosen(
-            &arenas,
-            None,
-            Some("glibc.malloc.arena_max_extra=1")
-        ));
-    }
-
-    #[test]
-    fn the_c_library_accepts_every_parameter() {
-        for parameter in &MALLOC_PARAMETERS {
-            set(parameter).unwrap_or_else(|error| panic!("{error}"));
+    fn every_built_in_setting_is_an_option_with_a_value() {
+        // jemalloc warns on stderr and ignores a malformed pair: each must be
+        // `name:value`, once. (That jemalloc applies them is checked on the
+        // real binary: server/tests/cli.rs.)
+        let settings = built_in_settings();
+        assert!(!settings.is_empty());
+        let mut names = Vec::new();
+        for pair in settings.split(',') {
+            let (name, value) = pair
+                .split_once(':')
+                .unwrap_or_else(|| panic!("{pair:?} has no value"));
+            assert!(!name.is_empty() && !value.is_empty(), "{pair:?}");
+            assert!(!names.contains(&name), "{name} set twice");
+            names.push(name);
         }
     }
 }

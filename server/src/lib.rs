@@ -12,8 +12,8 @@
 //! points the wrong way or the wire leaks out of the edge. Root modules
 //! (`ca`, `clock`, `config`, `metrics`, `alerts`, `audit`, `images`,
 //! `forensics`, `join_tokens`, `limits`) are infrastructure any layer below
-//! the edge may use; `allocator` holds the process-wide malloc settings that
-//! `flotte-server run` applies before its first thread. Nothing here blocks
+//! the edge may use; `allocator` holds the settings of jemalloc, which the
+//! `flotte-server` binary links in place of the C library's malloc. Nothing here blocks
 //! the async runtime on disk: the store runs on the blocking pool.
 
 mod alert_payloads;
@@ -185,6 +185,9 @@ async fn live_gauges(state: &ServerState) -> metrics::LiveGauges {
         breaker_open: remediation.breaker_open,
         breaker_zones: remediation.breaker_zones,
         access_policy_behind: access_policy_behind(state),
+        allocator: crate::allocator::statistics()
+            .inspect_err(|error| tracing::debug!(%error, "allocator gauges left as they were"))
+            .ok(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The server's Prometheus metrics: machines by state and zone, connected
 //! agents, RPC counts and latencies, store writes, transitions, alerts,
 //! image bytes served, rollouts by state, the remediation breaker (whole and
-//! per zone) and machines behind on their access policy.
+//! per zone), machines behind on their access policy, and the allocator's
+//! memory (allocated against resident bytes).
 //! Gauges derived from live state are refreshed when scraped, so no hot path
 //! pays for them. Every label set is bounded: states are fixed lists, zones
 //! are the fleet's (at most [`MAX_ZONE_SERIES`] per family); nothing is
@@ -93,6 +94,9 @@ pub struct LiveGauges {
     /// Machines connected here whose acknowledged access policy version is
     /// older than the current one.
     pub access_policy_behind: u64,
+    /// jemalloc's statistics; `None` when they could not be read (the
+    /// previous values stay).
+    pub allocator: Option<crate::allocator::AllocatorStatistics>,
 }
 
 /// Cheap to clone: every field shares its atomics.
@@ -105,6 +109,9 @@ pub struct ServerMetrics {
     rollouts: Family<StateLabels, Gauge>,
     breaker_open: Family<ZoneLabels, Gauge>,
     access_policy_behind: Gauge,
+    allocator_allocated: Gauge,
+    allocator_resident: Gauge,
+    allocator_retained: Gauge,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
     transitions: Family<ToStateLabels, Counter>,
@@ -216,6 +223,27 @@ impl ServerMetrics {
             "Reports received from agents",
             agent_reports.clone(),
         );
+        let allocator_allocated = Gauge::default();
+        registry.register_with_unit(
+            "allocator_allocated",
+            "Bytes the server has allocated and not freed (jemalloc): its live data",
+            Unit::Bytes,
+            allocator_allocated.clone(),
+        );
+        let allocator_resident = Gauge::default();
+        registry.register_with_unit(
+            "allocator_resident",
+            "Bytes in resident pages the allocator holds: live data, its metadata and freed pages not yet returned",
+            Unit::Bytes,
+            allocator_resident.clone(),
+        );
+        let allocator_retained = Gauge::default();
+        registry.register_with_unit(
+            "allocator_retained",
+            "Bytes of address space the allocator keeps mapped after returning their pages",
+            Unit::Bytes,
+            allocator_retained.clone(),
+        );
         let rollout_passes = Counter::default();
         registry.register(
             "rollout_passes",
@@ -230,6 +258,9 @@ impl ServerMetrics {
             rollouts,
             breaker_open,
             access_policy_behind,
+            allocator_allocated,
+            allocator_resident,
+            allocator_retained,
             rpc_requests,
             rpc_duration,
             transitions,
@@ -310,6 +341,11 @@ impl ServerMetrics {
         }
         self.access_policy_behind
             .set(count(live.access_policy_behind));
+        if let Some(allocator) = live.allocator {
+            self.allocator_allocated.set(count(allocator.allocated));
+            self.allocator_resident.set(count(allocator.resident));
+            self.allocator_retained.set(count(allocator.retained));
+        }
         let mut text = String::new();
         if let Ok(registry) = self.registry.lock() {
             if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {

@@ -1,6 +1,8 @@
 //! The `flotte-server` command line as an operator meets it: `init` refuses to
 //! replace an existing CA, and `run` with a bad settings file exits with
-//! status 2 listing every problem at once (not just the first).
+//! status 2 listing every problem at once (not just the first); the binary
+//! allocates with jemalloc and its built-in settings, which the operator's
+//! `MALLOC_CONF` overrides.
 
 // Test code: a failed setup step must stop the test with its message, helpers
 // included (clippy exempts only the #[test] functions themselves).
@@ -118,4 +120,59 @@ fn run_with_an_unknown_key_exits_2_naming_it() {
         "{stderr}"
     );
     std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+/// The jemalloc options `flotte-server` runs with, as jemalloc itself prints
+/// them at exit (`stats_print`), given `operator_settings` in MALLOC_CONF.
+fn jemalloc_options_at_exit(operator_settings: &str) -> String {
+    // `--version` exits at once; jemalloc prints its statistics then. Only
+    // the general section (the options) is asked for.
+    let output = Command::new(env!("CARGO_BIN_EXE_flotte-server"))
+        .arg("--version")
+        .env(
+            "MALLOC_CONF",
+            format!("{operator_settings}stats_print:true,stats_print_opts:mdablxe"),
+        )
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Whether jemalloc printed `expected` ("opt.NAME: VALUE") as one of its
+/// lines, which may go on with the source of the value in parentheses.
+fn has_option(options: &str, expected: &str) -> bool {
+    options.lines().any(|line| {
+        let line = line.trim();
+        line == expected || line.starts_with(&format!("{expected} ("))
+    })
+}
+
+#[test]
+fn the_server_allocates_with_jemalloc_and_its_built_in_settings() {
+    // Were the C library's malloc in use, MALLOC_CONF would mean nothing and
+    // nothing would be printed.
+    let options = jemalloc_options_at_exit("");
+    for expected in [
+        "opt.narenas: 2",
+        "opt.background_thread: true",
+        "opt.dirty_decay_ms: 1000",
+        "opt.muzzy_decay_ms: 0",
+    ] {
+        assert!(
+            has_option(&options, expected),
+            "{expected:?} not among jemalloc's options:\n{options}"
+        );
+    }
+}
+
+#[test]
+fn the_operators_malloc_conf_overrides_one_built_in_setting_and_keeps_the_rest() {
+    let options = jemalloc_options_at_exit("narenas:4,");
+    for expected in ["opt.narenas: 4", "opt.dirty_decay_ms: 1000"] {
+        assert!(
+            has_option(&options, expected),
+            "{expected:?} not among jemalloc's options:\n{options}"
+        );
+    }
 }

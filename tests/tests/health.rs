@@ -332,6 +332,18 @@ fn metrics_of_server_and_agent_parse_and_reports_cause_no_store_writes() {
             && matches!(sample.value, prometheus_parse::Value::Histogram(_))
     }));
     assert!(sample_value(&server_metrics, "flotte_store_writes_total", &[]).unwrap() >= 1.0);
+    // The allocator's own figures (jemalloc, read at the scrape): the live
+    // data of a running server, inside the pages the allocator holds.
+    let allocated = sample_value(&server_metrics, "flotte_allocator_allocated_bytes", &[])
+        .expect("the allocator's allocated bytes");
+    let resident = sample_value(&server_metrics, "flotte_allocator_resident_bytes", &[])
+        .expect("the allocator's resident bytes");
+    assert!(
+        allocated > 1024.0 * 1024.0 && allocated < 1024.0 * 1024.0 * 1024.0,
+        "{allocated}"
+    );
+    assert!(resident >= allocated, "{resident} < {allocated}");
+    assert!(sample_value(&server_metrics, "flotte_allocator_retained_bytes", &[]).is_some());
 
     let agent_address = agent.metrics_address().unwrap();
     let agent_metrics = scrape(&agent_address);

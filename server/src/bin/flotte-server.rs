@@ -12,6 +12,23 @@ use flotte_server::config::{
 use flotte_server::init::{init, init_replica, InitOptions, ReplicaOptions};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc serves every allocation of the process, Rust's and C's (the
+/// bundled SQLite's): see `flotte_server::allocator` for why.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// The settings jemalloc reads at its first allocation, before `main`: it
+/// looks for a `const char *malloc_conf` in the program (its own is a weak
+/// empty one). `MALLOC_CONF` in the environment is read after, and wins.
+#[used]
+#[allow(unsafe_code, non_upper_case_globals)]
+// SAFETY: jemalloc reads this symbol as a `const char *` to a NUL-terminated
+// string, once, and never writes through it. A `&'static u8` has the layout
+// of a non-null `const char *`, and it points at the first byte of a
+// `'static` C string literal, which ends with its NUL and is never written.
+#[export_name = "malloc_conf"]
+static malloc_conf: &u8 = &flotte_server::allocator::JEMALLOC_SETTINGS.to_bytes_with_nul()[0];
+
 #[derive(Debug, Parser)]
 #[command(name = "flotte-server", version, about = "Flotte fleet server")]
 struct Cli {
@@ -386,18 +403,13 @@ fn main() -> ExitCode {
                 ),
                 Err(error) => tracing::warn!(%error, "open-files limit left as it was"),
             }
-            // Before any thread starts (arenas made earlier stay in use). A
-            // refusal costs memory, not service: the server runs on.
-            for (parameter, outcome) in flotte_server::allocator::tune_malloc() {
-                match outcome {
-                    Ok(tuned) => tracing::info!(
-                        parameter = parameter.tunable,
-                        ?tuned,
-                        "malloc tuned (bounds the resident size's drift)"
-                    ),
-                    Err(error) => tracing::warn!(%error, "malloc parameter left as it was"),
-                }
-            }
+            tracing::info!(
+                allocator = "jemalloc",
+                settings = flotte_server::allocator::built_in_settings(),
+                operator_settings =
+                    std::env::var(flotte_server::allocator::OPERATOR_SETTINGS_VARIABLE).ok(),
+                "memory allocator (its settings bound the resident size's drift)"
+            );
             let config_path = config.unwrap_or_else(|| default_config_path(&data_dir));
             // `try_exists`, not `exists`: a data dir this user cannot read
             // must be said as such, never taken for one without settings.
