@@ -58,8 +58,10 @@ pub struct StatisticsError(#[from] tikv_jemalloc_ctl::Error);
 pub struct AllocatorStatistics {
     /// Bytes the program has allocated and not freed: its live data.
     pub allocated: u64,
-    /// Bytes in the pages jemalloc has mapped and that are resident: live
-    /// data, jemalloc's own metadata, and freed pages not yet returned.
+    /// Bytes in the pages jemalloc counts as resident: live data, its own
+    /// metadata, and freed pages not yet returned. An upper bound: pages of
+    /// an allocation never written are counted, though the kernel has not
+    /// given them yet (the soak's run in BENCHMARKS.md).
     pub resident: u64,
     /// Bytes jemalloc keeps mapped but gave back to the kernel (virtual
     /// address space only, reused before new mappings are made).

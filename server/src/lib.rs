@@ -13,7 +13,8 @@
 //! (`ca`, `clock`, `config`, `metrics`, `alerts`, `audit`, `images`,
 //! `forensics`, `join_tokens`, `limits`) are infrastructure any layer below
 //! the edge may use; `allocator` holds the settings of jemalloc, which the
-//! `flotte-server` binary links in place of the C library's malloc. Nothing here blocks
+//! `flotte-server` binary links in place of the C library's malloc, and
+//! reads its statistics for the metrics. Nothing here blocks
 //! the async runtime on disk: the store runs on the blocking pool.
 
 mod alert_payloads;

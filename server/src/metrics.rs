@@ -233,7 +233,7 @@ impl ServerMetrics {
         let allocator_resident = Gauge::default();
         registry.register_with_unit(
             "allocator_resident",
-            "Bytes in resident pages the allocator holds: live data, its metadata and freed pages not yet returned",
+            "Bytes in pages the allocator counts as resident (an upper bound): live data, its metadata and freed pages not yet returned",
             Unit::Bytes,
             allocator_resident.clone(),
         );
