@@ -293,7 +293,7 @@ impl Server {
 
     /// The address of the server's `/metrics` listener, once it is serving.
     pub fn metrics_address(&self) -> Option<String> {
-        read_address_file(&self.data_dir.join("metrics.address"))
+        wait_for_metrics_address(&self.data_dir)
     }
 
     pub fn ca_pem(&self) -> String {
@@ -305,6 +305,8 @@ impl Server {
     pub fn start(&mut self) {
         let address_file = self.data_dir.join("server.address");
         let _ = std::fs::remove_file(&address_file);
+        // A previous run's file would name a listener that is gone.
+        let _ = std::fs::remove_file(self.data_dir.join("metrics.address"));
         let mut command = command_in_namespace(self.namespace.as_deref(), &binary("flotte-server"));
         command.arg("run").arg("--data-dir").arg(&self.data_dir);
         if !self.address.is_empty() {
@@ -483,6 +485,23 @@ pub fn upload_forensics_as_machine(
 fn read_address_file(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     text.ends_with('\n').then(|| text.trim().to_owned())
+}
+
+/// How long a `/metrics` listener may take to appear after its process
+/// started: the server writes its serving address only once it has opened
+/// its store and bound the listener, after its main address.
+const METRICS_LISTENER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The address in a `metrics.address` file once its process has written it;
+/// `None` if it did not within [`METRICS_LISTENER_TIMEOUT`].
+fn wait_for_metrics_address(data_dir: &Path) -> Option<String> {
+    let path = data_dir.join("metrics.address");
+    let mut address = None;
+    wait_until(METRICS_LISTENER_TIMEOUT, || {
+        address = read_address_file(&path);
+        address.is_some()
+    });
+    address
 }
 
 /// `GET http://address/path` with Flotte's own HTTP client (on a thread of
@@ -776,11 +795,13 @@ impl Agent {
 
     /// The address of the agent's `/metrics` listener, once it is serving.
     pub fn metrics_address(&self) -> Option<String> {
-        read_address_file(&self.data_dir.join("metrics.address"))
+        wait_for_metrics_address(&self.data_dir)
     }
 
     pub fn start(&mut self) {
         std::fs::create_dir_all(&self.data_dir).expect("create agent dir");
+        // A previous run's file would name a listener that is gone.
+        let _ = std::fs::remove_file(self.data_dir.join("metrics.address"));
         let program = self
             .binary
             .clone()
