@@ -13,7 +13,11 @@ database connections (descriptors open on the SQLite files), and from its
 /metrics the bytes its allocator says are allocated (live data) and
 resident (live data and pages kept): RSS rising with a flat allocated line
 is memory kept, not a leak. The verdict: RSS growth between minute 10 and
-the end under 5 %, descriptors flat.
+minute 60 under 5 %, descriptors flat, judged two ways side by side: one
+sample at each end (as earlier runs were), and the median of the last
+minute of the rollout cycle at each end (minutes 10-11 against 59-60), since
+a single sample swings by as much as the bound around a rollout. The
+medians of every rollout cycle show whether a longer run levels off.
 
 usage: soak.py [--agents 1000] [--minutes 60] [--rollout-every 10] [--out DIR]
                [--server-wrapper "heaptrack -o /tmp/flotte-soak/heap"]
@@ -240,6 +244,26 @@ def at_minute(samples, minute):
     return min(samples, key=lambda row: abs(row["minute"] - minute))
 
 
+WINDOW_MINUTES = 1
+
+
+def median_over(samples, key, first_minute, end_minute):
+    """The median of `key` over the samples in [first_minute, end_minute);
+    None when there are none (or the column was empty)."""
+    values = sorted(row[key] for row in samples
+                    if first_minute <= row["minute"] < end_minute and row[key] not in ("", None))
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else round((values[middle - 1] + values[middle]) / 2, 2)
+
+
+def growth_percent(first, last):
+    if first is None or last is None:
+        return None
+    return round((last - first) / first * 100, 2)
+
+
 def read_samples(path):
     with open(path, newline="") as file:
         # An earlier run may lack a column (or its values): those are None.
@@ -253,24 +277,45 @@ def write_results(out, samples, arguments, earlier):
         writer.writeheader()
         writer.writerows(samples)
     # Growth is judged after the warm-up (minute 10 of an hour; a sixth of
-    # a shorter trial run).
+    # a shorter trial run) up to minute 60 (the goal's end; a longer run
+    # says what came after separately).
     warm_up = min(10, arguments.minutes / 6)
+    goal_end = min(60, arguments.minutes)
     start = at_minute(samples, warm_up)
-    end = samples[-1]
-    growth = (end["rss_mib"] - start["rss_mib"]) / start["rss_mib"] * 100
+    end = at_minute(samples, goal_end)
     allocated = [row["allocated_mib"] for row in (start, end)]
     window = [row for row in samples if row["minute"] >= warm_up]
+    start_window = median_over(samples, "rss_mib", warm_up, warm_up + WINDOW_MINUTES)
+    end_window = median_over(samples, "rss_mib", goal_end - WINDOW_MINUTES, goal_end + 0.01)
+    cycles = []
+    for first in range(1, arguments.minutes, arguments.rollout_every):
+        last = min(first + arguments.rollout_every, arguments.minutes + 0.01)
+        cycles.append({"minutes": [first, round(last)],
+                       "rss_mib_median": median_over(samples, "rss_mib", first, last),
+                       "allocated_mib_median": median_over(samples, "allocated_mib", first, last)})
     verdict = {
         "agents": arguments.agents,
         "minutes": arguments.minutes,
         "warm_up_minutes": warm_up,
+        "goal_end_minute": goal_end,
+        # Two samples, one at each end: what earlier runs' verdicts were.
         "rss_mib_after_warm_up": start["rss_mib"],
-        "rss_mib_at_end": end["rss_mib"],
-        "rss_growth_percent": round(growth, 2),
-        "allocated_mib_after_warm_up_and_at_end": allocated if "" not in allocated else None,
+        "rss_mib_at_goal_end": end["rss_mib"],
+        "rss_growth_percent": growth_percent(start["rss_mib"], end["rss_mib"]),
+        # The median of the last minute before the goal's end points: both
+        # windows end a rollout cycle (rollouts start at minutes 1, 11, ...),
+        # so one rollout's swing does not decide the verdict.
+        "rss_mib_median_minutes_%g_to_%g" % (warm_up, warm_up + WINDOW_MINUTES): start_window,
+        "rss_mib_median_minutes_%g_to_%g" % (goal_end - WINDOW_MINUTES, goal_end): end_window,
+        "rss_growth_percent_of_medians": growth_percent(start_window, end_window),
+        "rss_mib_at_end": samples[-1]["rss_mib"],
+        "rss_growth_percent_to_end": growth_percent(start["rss_mib"], samples[-1]["rss_mib"]),
+        "medians_per_rollout_cycle": cycles,
+        "allocated_mib_after_warm_up_and_at_goal_end": allocated if "" not in allocated else None,
         "descriptors_min_max_after_warm_up": [min(r["descriptors"] for r in window), max(r["descriptors"] for r in window)],
         "tasks_min_max_after_warm_up": [min(r["tasks"] for r in window), max(r["tasks"] for r in window)],
-        "rss_goal_met": growth < 5,
+        "rss_goal_met_by_samples": growth_percent(start["rss_mib"], end["rss_mib"]) < 5,
+        "rss_goal_met_by_medians": growth_percent(start_window, end_window) < 5,
     }
     (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
     print(json.dumps(verdict, indent=2))
