@@ -5,7 +5,8 @@
 //!
 //! It also holds what every process must agree on to talk at all: the join
 //! token format, the label/selector grammar, the hostname grammar (`names`), and how a client dials the server
-//! (TCP + rustls + HTTP/2). Nothing here knows about storage or business rules:
+//! (TCP + rustls + HTTP/2), with the codec every call's messages go through
+//! (`codec`). Nothing here knows about storage or business rules:
 //! the agent and the server convert these wire types into their own domain
 //! types at their edges.
 
@@ -13,6 +14,7 @@
 mod api_compatibility;
 pub mod checks;
 pub mod cli_help;
+pub mod codec;
 pub mod data_dir_lock;
 pub mod files;
 pub mod http;
