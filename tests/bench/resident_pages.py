@@ -95,6 +95,7 @@ def diff(arguments):
     strings = collections.Counter()
     pages_with_pings = 0
     pings = 0
+    acknowledgements = 0
     pointer_pages = 0
     dumped = 0
     with open(f"/proc/{arguments.pid}/mem", "rb") as memory:
@@ -109,6 +110,11 @@ def diff(arguments):
             zero_histogram[content.count(0) * 10 // (PAGE + 1)] += 1
             page_pings = content.count(PING) + content.count(PING_ACK)
             pings += page_pings
+            # Who wrote them: the server answers each agent's ping (every
+            # 5 s) and pings every 10 s itself, so its outgoing buffers hold
+            # twice as many acknowledgements as pings, its incoming ones the
+            # reverse.
+            acknowledgements += content.count(PING_ACK)
             pages_with_pings += page_pings > 0
             words = struct.unpack(f"<{PAGE // 8}Q", content)
             if sum(1 for word in words if word and points_into_heap(word)) >= 32:
@@ -129,7 +135,8 @@ def diff(arguments):
     print("\nnew pages by the share of their bytes still zero (tenths):")
     for tenths in sorted(zero_histogram):
         print(f"  {tenths * 10:3}–{tenths * 10 + 10:3} % zero: {zero_histogram[tenths]}")
-    print(f"\npages holding HTTP/2 PING frames: {pages_with_pings} ({pings} frames)")
+    print(f"\npages holding HTTP/2 PING frames: {pages_with_pings} ({pings} frames, "
+          f"{acknowledgements} of them acknowledgements)")
     print(f"pages with 32 or more words pointing into the heap: {pointer_pages}")
     print("\nstrings on the most new pages (digits and hex runs as #):")
     for text, count in strings.most_common(40):
