@@ -32,6 +32,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -250,12 +251,9 @@ WINDOW_MINUTES = 1
 def median_over(samples, key, first_minute, end_minute):
     """The median of `key` over the samples in [first_minute, end_minute);
     None when there are none (or the column was empty)."""
-    values = sorted(row[key] for row in samples
-                    if first_minute <= row["minute"] < end_minute and row[key] not in ("", None))
-    if not values:
-        return None
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else round((values[middle - 1] + values[middle]) / 2, 2)
+    values = [row[key] for row in samples
+              if first_minute <= row["minute"] < end_minute and row[key] not in ("", None)]
+    return round(statistics.median(values), 2) if values else None
 
 
 def growth_percent(first, last):
@@ -293,6 +291,8 @@ def write_results(out, samples, arguments, earlier):
         cycles.append({"minutes": [first, round(last)],
                        "rss_mib_median": median_over(samples, "rss_mib", first, last),
                        "allocated_mib_median": median_over(samples, "allocated_mib", first, last)})
+    growth_of_samples = growth_percent(start["rss_mib"], end["rss_mib"])
+    growth_of_medians = growth_percent(start_window, end_window)
     verdict = {
         "agents": arguments.agents,
         "minutes": arguments.minutes,
@@ -301,21 +301,21 @@ def write_results(out, samples, arguments, earlier):
         # Two samples, one at each end: what earlier runs' verdicts were.
         "rss_mib_after_warm_up": start["rss_mib"],
         "rss_mib_at_goal_end": end["rss_mib"],
-        "rss_growth_percent": growth_percent(start["rss_mib"], end["rss_mib"]),
+        "rss_growth_percent": growth_of_samples,
         # The median of the last minute before the goal's end points: both
         # windows end a rollout cycle (rollouts start at minutes 1, 11, ...),
         # so one rollout's swing does not decide the verdict.
         "rss_mib_median_minutes_%g_to_%g" % (warm_up, warm_up + WINDOW_MINUTES): start_window,
         "rss_mib_median_minutes_%g_to_%g" % (goal_end - WINDOW_MINUTES, goal_end): end_window,
-        "rss_growth_percent_of_medians": growth_percent(start_window, end_window),
+        "rss_growth_percent_of_medians": growth_of_medians,
         "rss_mib_at_end": samples[-1]["rss_mib"],
         "rss_growth_percent_to_end": growth_percent(start["rss_mib"], samples[-1]["rss_mib"]),
         "medians_per_rollout_cycle": cycles,
         "allocated_mib_after_warm_up_and_at_goal_end": allocated if "" not in allocated else None,
         "descriptors_min_max_after_warm_up": [min(r["descriptors"] for r in window), max(r["descriptors"] for r in window)],
         "tasks_min_max_after_warm_up": [min(r["tasks"] for r in window), max(r["tasks"] for r in window)],
-        "rss_goal_met_by_samples": growth_percent(start["rss_mib"], end["rss_mib"]) < 5,
-        "rss_goal_met_by_medians": growth_percent(start_window, end_window) < 5,
+        "rss_goal_met_by_samples": growth_of_samples < 5,
+        "rss_goal_met_by_medians": growth_of_medians is not None and growth_of_medians < 5,
     }
     (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
     print(json.dumps(verdict, indent=2))
