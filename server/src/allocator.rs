@@ -29,12 +29,25 @@ use std::ffi::CStr;
 /// * `background_thread:true`: a background thread returns unused pages on
 ///   time, instead of the next allocation in that arena doing it (or none,
 ///   on a quiet server).
-/// * `dirty_decay_ms:1000`, `muzzy_decay_ms:0`: freed pages go back to the
-///   kernel after one second (jemalloc's default is ten), straight away once
-///   they are purged: the soak's creep was pages kept "for later" that a
-///   server with steady sessions does not need.
+/// * `dirty_decay_ms:0`, `muzzy_decay_ms:0`: freed pages go back to the
+///   kernel at once (jemalloc's default keeps them ten seconds, then ten
+///   more as lazily freed). A long-lived block placed on pages freed moments
+///   before keeps all of them resident, the pages it never writes included.
+///   Each connection's HTTP/2 write buffer is such a block: 16 KiB, written
+///   only at its start, so one resident page when its pages come fresh from
+///   the kernel, five when they were recycled. With freed pages kept for a
+///   second (and freed 16 KiB blocks kept in the threads' caches, below),
+///   the sessions opened after others closed got recycled ones, and the
+///   resident size crept as sessions churned (issue 17:
+///   `tests/bench/resident_pages.py h2-write-buffers`, BENCHMARKS.md). The
+///   cost is a page fault for each page a new block writes: a few hundred a
+///   second at 1 000 agents, nothing measurable in the server's CPU time.
+/// * `tcache_max:8192`: a thread keeps freed blocks of at most 8 KiB for its
+///   next request of that size (jemalloc's default: 32 KiB), so a freed
+///   16 KiB block, fully written by whatever used it last, is not handed
+///   straight to a new connection's write buffer either.
 pub const JEMALLOC_SETTINGS: &CStr =
-    c"narenas:2,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0";
+    c"narenas:2,background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0,tcache_max:8192";
 
 /// The environment variable jemalloc reads after the built-in settings: an
 /// operator's value overrides them option by option (e.g. `narenas:8` on a

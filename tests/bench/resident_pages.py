@@ -12,9 +12,18 @@ first time. This finds those pages and reads them.
       PING frames and pointer-sized words that point into the heap it
       holds, the printable strings that recur on them, and N pages dumped.
 
-Reads /proc/PID/maps, /proc/PID/pagemap (bit 63: present) and /proc/PID/mem,
-so it runs as root or as the process's owner. Run it beside soak.py, with the
-server's PID from `pgrep -x flotte-server`.
+  resident_pages.py h2-write-buffers PID
+      finds each connection's HTTP/2 write buffer (h2 gives every
+      connection a 16 KiB one, which jemalloc places over five pages) by
+      the `BytesMut` that owns it, and counts how many of its pages are
+      resident: a buffer only ever written at its start needs one.
+
+Reads /proc/PID/maps, /proc/PID/pagemap (bit 63: present; as root, the page
+frame too) and /proc/PID/mem, so it runs as root or as the process's owner.
+A page is resident when it is present and is not the kernel's shared zero
+page (/proc/kpageflags): reading a never-written page through /proc/PID/mem
+maps the zero page there, which the RSS does not count. Run it beside
+soak.py, with the server's PID from `pgrep -x flotte-server`.
 """
 
 import argparse
@@ -26,6 +35,15 @@ import sys
 
 PAGE = 4096
 PRESENT = 1 << 63
+FRAME_NUMBER = (1 << 55) - 1
+# /proc/kpageflags: the page is the kernel's shared zero page.
+ZERO_PAGE_FLAG = 1 << 24
+# h2's write buffer as tokio's `bytes` crate lays out the `BytesMut` that
+# owns it: {ptr, len, cap, data}, with cap 16 KiB and data 0x15 (a plain
+# vector, 16 KiB its original capacity, nothing consumed from its front).
+# Its `flush` clears it without consuming, so both words stay put.
+WRITE_BUFFER_CAPACITY = 16 * 1024
+WRITE_BUFFER_OWNER_TAIL = struct.pack("<QQ", WRITE_BUFFER_CAPACITY, 0x15)
 # HTTP/2 frame header: 24-bit length, type, flags, 31-bit stream. A PING is
 # always 8 bytes long, type 6, on stream 0; its acknowledgement has flag 1.
 PING = bytes([0, 0, 8, 6, 0, 0, 0, 0, 0])
@@ -47,16 +65,71 @@ def anonymous_mappings(pid):
     return mappings
 
 
-def resident_pages(pid, mappings):
+class ZeroPage:
+    """Tells the kernel's shared zero page from a page of the process's own
+    (its frame number is the same everywhere; found once, then remembered)."""
+
+    def __init__(self):
+        self.frame = None
+        try:
+            self.flags = open("/proc/kpageflags", "rb")
+        except OSError:
+            self.flags = None  # not root: frame numbers read as 0 anyway
+
+    def is_zero_page(self, frame):
+        if self.frame is not None or self.flags is None or frame == 0:
+            return frame == self.frame
+        self.flags.seek(frame * 8)
+        if struct.unpack("<Q", self.flags.read(8))[0] & ZERO_PAGE_FLAG:
+            self.frame = frame
+            return True
+        return False
+
+
+def resident_pages(pid, mappings, zero_page=None):
+    zero_page = zero_page or ZeroPage()
     pages = set()
     with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
         for start, end, _ in mappings:
             pagemap.seek(start // PAGE * 8)
             entries = pagemap.read((end - start) // PAGE * 8)
             for index, (entry,) in enumerate(struct.iter_unpack("<Q", entries)):
-                if entry & PRESENT:
+                if entry & PRESENT and not zero_page.is_zero_page(entry & FRAME_NUMBER):
                     pages.add(start // PAGE + index)
     return pages
+
+
+def write_buffers(arguments):
+    """h2's per-connection write buffers and how many of their pages are
+    resident. A fresh buffer has one (h2 writes each flush from its start);
+    a buffer placed on pages freed moments before by something else keeps
+    all of theirs, though it never writes past the first."""
+    mappings = anonymous_mappings(arguments.pid)
+    pages = resident_pages(arguments.pid, mappings)
+    buffers = set()
+    with open(f"/proc/{arguments.pid}/mem", "rb") as memory:
+        for page in sorted(pages):
+            memory.seek(page * PAGE)
+            try:
+                content = memory.read(PAGE)
+            except OSError:
+                continue
+            found = content.find(WRITE_BUFFER_OWNER_TAIL)
+            while found >= 0:
+                # The owner is 8-byte aligned and lies whole on this page.
+                if found % 8 == 0 and found >= 16:
+                    pointer, length = struct.unpack_from("<QQ", content, found - 16)
+                    if length <= WRITE_BUFFER_CAPACITY and pointer >= PAGE:
+                        buffers.add(pointer)
+                found = content.find(WRITE_BUFFER_OWNER_TAIL, found + 1)
+    histogram = collections.Counter()
+    for pointer in buffers:
+        first, last = pointer // PAGE, (pointer + WRITE_BUFFER_CAPACITY - 1) // PAGE
+        histogram[sum(1 for page in range(first, last + 1) if page in pages)] += 1
+    spare = sum((count - 1) * buffers for count, buffers in histogram.items() if count)
+    print(f"{len(buffers)} HTTP/2 write buffers; buffers by their resident pages: "
+          + ", ".join(f"{count}: {histogram[count]}" for count in sorted(histogram)))
+    print(f"resident pages past each buffer's first: {spare} ({spare * PAGE / 2**20:.2f} MiB)")
 
 
 def snapshot(arguments):
@@ -153,8 +226,10 @@ def main():
     compare.add_argument("pid", type=int)
     compare.add_argument("file")
     compare.add_argument("--samples", type=int, default=4)
+    buffers = commands.add_parser("h2-write-buffers")
+    buffers.add_argument("pid", type=int)
     arguments = parser.parse_args()
-    {"snapshot": snapshot, "diff": diff}[arguments.command](arguments)
+    {"snapshot": snapshot, "diff": diff, "h2-write-buffers": write_buffers}[arguments.command](arguments)
 
 
 if __name__ == "__main__":
