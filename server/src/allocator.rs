@@ -41,7 +41,9 @@ use std::ffi::CStr;
 ///   resident size crept as sessions churned (issue 17:
 ///   `tests/bench/resident_pages.py h2-write-buffers`, BENCHMARKS.md). The
 ///   cost is a page fault for each page a new block writes: a few hundred a
-///   second at 1 000 agents, nothing measurable in the server's CPU time.
+///   second at 1 000 steady agents, but 13–14 % more CPU when 10 000
+///   reconnect at once (the reconnect storm, BENCHMARKS.md); an operator
+///   who cares more for that can set `MALLOC_CONF=dirty_decay_ms:1000`.
 /// * `tcache_max:8192`: a thread keeps freed blocks of at most 8 KiB for its
 ///   next request of that size (jemalloc's default: 32 KiB), so a freed
 ///   16 KiB block, fully written by whatever used it last, is not handed

@@ -86,8 +86,8 @@ class ZeroPage:
         return False
 
 
-def resident_pages(pid, mappings, zero_page=None):
-    zero_page = zero_page or ZeroPage()
+def resident_pages(pid, mappings):
+    zero_page = ZeroPage()
     pages = set()
     with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
         for start, end, _ in mappings:
@@ -126,7 +126,7 @@ def write_buffers(arguments):
     for pointer in buffers:
         first, last = pointer // PAGE, (pointer + WRITE_BUFFER_CAPACITY - 1) // PAGE
         histogram[sum(1 for page in range(first, last + 1) if page in pages)] += 1
-    spare = sum((count - 1) * buffers for count, buffers in histogram.items() if count)
+    spare = sum((pages_resident - 1) * count for pages_resident, count in histogram.items() if pages_resident)
     print(f"{len(buffers)} HTTP/2 write buffers; buffers by their resident pages: "
           + ", ".join(f"{count}: {histogram[count]}" for count in sorted(histogram)))
     print(f"resident pages past each buffer's first: {spare} ({spare * PAGE / 2**20:.2f} MiB)")

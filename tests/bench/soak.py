@@ -235,9 +235,9 @@ def sample(pid, data, minutes):
     return {
         "minute": round(minutes, 2),
         "rss_mib": round(kib["VmRSS"] / 1024, 1),
-        # The kernel's split of the RSS: the heap and stacks; the binary's
-        # and libraries' pages; shared memory (SQLite's WAL index). Which
-        # one moves says whether a creep is the allocator's at all.
+        # The kernel's split of the RSS: the heap and stacks; pages of files
+        # (the binary, libraries, SQLite's mapped WAL index); shared memory.
+        # Which one moves says whether a creep is the allocator's at all.
         "rss_anonymous_mib": round(kib["RssAnon"] / 1024, 1),
         "rss_file_mib": round(kib["RssFile"] / 1024, 1),
         "rss_shared_memory_mib": round(kib["RssShmem"] / 1024, 1),
@@ -291,8 +291,14 @@ def write_results(out, samples, arguments, earlier):
     end = at_minute(samples, goal_end)
     allocated = [row["allocated_mib"] for row in (start, end)]
     window = [row for row in samples if row["minute"] >= warm_up]
-    start_window = median_over(samples, "rss_mib", warm_up, warm_up + WINDOW_MINUTES)
-    end_window = median_over(samples, "rss_mib", goal_end - WINDOW_MINUTES, goal_end + 0.01)
+
+    def end_medians(key):
+        """The medians of `key` over the last minute of a rollout cycle at
+        each end of the goal's window."""
+        return (median_over(samples, key, warm_up, warm_up + WINDOW_MINUTES),
+                median_over(samples, key, goal_end - WINDOW_MINUTES, goal_end + 0.01))
+
+    start_window, end_window = end_medians("rss_mib")
     cycles = []
     for first in range(1, arguments.minutes, arguments.rollout_every):
         last = min(first + arguments.rollout_every, arguments.minutes + 0.01)
@@ -302,9 +308,8 @@ def write_results(out, samples, arguments, earlier):
                        "rss_anonymous_mib_median": median_over(samples, "rss_anonymous_mib", first, last)})
     split_growth = {}
     for key in ("rss_anonymous_mib", "rss_file_mib", "rss_shared_memory_mib"):
-        first = median_over(samples, key, warm_up, warm_up + WINDOW_MINUTES)
-        last = median_over(samples, key, goal_end - WINDOW_MINUTES, goal_end + 0.01)
-        split_growth[key] = None if first is None or last is None else round(last - first, 2)
+        at_start, at_end = end_medians(key)
+        split_growth[key] = None if at_start is None or at_end is None else round(at_end - at_start, 2)
     growth_of_samples = growth_percent(start["rss_mib"], end["rss_mib"])
     growth_of_medians = growth_percent(start_window, end_window)
     verdict = {
