@@ -29,8 +29,10 @@ mod cluster;
 /// Generous: several agents and servers on a loaded 2-core machine.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Agents report every second, so a silent machine is `unreachable` 3 s
-/// after its last report.
+/// How often the test's agents report (the server tells them).
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A silent machine is `unreachable` 3 s after its last report.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
 
 /// After healing, every agent must be back within this (issue 17).
@@ -42,7 +44,10 @@ fn server_on_lab(root: &Path, lab: &Lab, settings: &str) -> Server {
     let listen = format!("{}:0", lab.operator_address());
     let san = lab.operator_address().to_string();
     let mut server = Server::init(root, "server", &["--listen", &listen, "--san", &san])
-        .with_run_args(&["--report-interval", "1s"]);
+        .with_run_args(&[
+            "--report-interval",
+            &format!("{}s", REPORT_INTERVAL.as_secs()),
+        ]);
     server.append_config(settings);
     server.start();
     server
@@ -236,9 +241,14 @@ fn a_zone_cut_off_goes_unreachable_holds_the_breaker_keeps_or_closes_access_and_
     eprintln!(
         "measured: zone cut off → its machines unreachable after {unreachable_after:?} (unreachable_after = {UNREACHABLE_AFTER:?})"
     );
+    // The grace counts from a machine's last report, which reached the
+    // server up to one report interval (and a late timer's tick) before the
+    // cut: CI once saw 2.91 s after the cut, a legitimate 3 s of silence.
+    let late_tick = Duration::from_millis(250);
     assert!(
-        unreachable_after >= UNREACHABLE_AFTER,
-        "unreachable before the grace: {unreachable_after:?}"
+        unreachable_after + REPORT_INTERVAL + late_tick >= UNREACHABLE_AFTER,
+        "unreachable before the grace: {unreachable_after:?} after the cut, \
+         reports every {REPORT_INTERVAL:?}"
     );
 
     // The breaker holds: the whole of dc2 is unhealthy, so nothing is
