@@ -156,9 +156,8 @@ fn the_server_allocates_with_jemalloc_and_its_built_in_settings() {
     for expected in [
         "opt.narenas: 2",
         "opt.background_thread: true",
-        "opt.dirty_decay_ms: 0",
+        "opt.dirty_decay_ms: 1000",
         "opt.muzzy_decay_ms: 0",
-        "opt.tcache_max: 8192",
     ] {
         assert!(
             has_option(&options, expected),
@@ -170,10 +169,55 @@ fn the_server_allocates_with_jemalloc_and_its_built_in_settings() {
 #[test]
 fn the_operators_malloc_conf_overrides_one_built_in_setting_and_keeps_the_rest() {
     let options = jemalloc_options_at_exit("narenas:4,");
-    for expected in ["opt.narenas: 4", "opt.dirty_decay_ms: 0"] {
+    for expected in ["opt.narenas: 4", "opt.dirty_decay_ms: 1000"] {
         assert!(
             has_option(&options, expected),
             "{expected:?} not among jemalloc's options:\n{options}"
         );
     }
+}
+
+#[test]
+fn the_running_server_makes_an_arena_that_returns_freed_pages_at_once() {
+    // `run` sets the arena up first thing, then finds a bad setting and
+    // exits; jemalloc prints each arena's statistics at exit.
+    let scratch = scratch_dir("fresh-page-arena");
+    let config = scratch.join("bad.toml");
+    std::fs::write(&config, "listen = \"nowhere\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_flotte-server"))
+        .args(["run", "--data-dir"])
+        .arg(scratch.join("server"))
+        .arg("--config")
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .env("MALLOC_CONF", "stats_print:true,stats_print_opts:gmdblxeh")
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(2), "{printed}");
+    let arena: usize = printed
+        .split("fresh_page_arena=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|index| index.parse().ok())
+        .unwrap_or_else(|| panic!("the start log names no fresh-page arena:\n{printed}"));
+    // jemalloc's own words for that arena: its decay times, in ms.
+    let section = printed
+        .split(&format!("arenas[{arena}]:"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("jemalloc printed no arena {arena}:\n{printed}"));
+    let decay_time = |kind: &str| {
+        section
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(kind))
+            .and_then(|figures| figures.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    assert_eq!(decay_time("dirty:").as_deref(), Some("0"), "{section}");
+    assert_eq!(decay_time("muzzy:").as_deref(), Some("0"), "{section}");
+    std::fs::remove_dir_all(&scratch).unwrap();
 }

@@ -23,6 +23,9 @@ medians of every rollout cycle show whether a longer run levels off.
 usage: soak.py [--agents 1000] [--minutes 60] [--rollout-every 10] [--out DIR]
                [--server-wrapper "heaptrack -o /tmp/flotte-soak/heap"]
                [--compare-with EARLIER/samples.csv --compare-label "before"]
+       soak.py --redraw DIR [--minutes M] [--compare-with ...]
+                 (judge and plot a finished run's DIR/samples.csv again, e.g.
+                 beside a run that ended after it; runs nothing)
 Release binaries come from $B (default /work/target-bench/release); the
 plot needs matplotlib. Not in CI: it runs for an hour.
 """
@@ -59,9 +62,16 @@ def main():
                         help="an earlier run's samples.csv, drawn beside this run's in the plot")
     parser.add_argument("--compare-label", default="earlier run", help="the earlier run's name in the plot")
     parser.add_argument("--out", type=Path, default=Path("/tmp/flotte-soak"))
+    parser.add_argument("--redraw", type=Path, metavar="DIR",
+                        help="a finished run's --out: its verdict and plot made again from its samples "
+                             "(with the run's --minutes and --rollout-every); nothing runs")
     arguments = parser.parse_args()
     # Read before anything runs: a missing file is said now, not after an hour.
     earlier = read_samples(arguments.compare_with) if arguments.compare_with else None
+    if arguments.redraw:
+        samples = read_samples(arguments.redraw / "samples.csv")
+        write_results(arguments.redraw, samples, arguments, earlier, samples_written=True)
+        return
     out = arguments.out
     subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
@@ -277,11 +287,12 @@ def read_samples(path):
                 for row in csv.DictReader(file)]
 
 
-def write_results(out, samples, arguments, earlier):
-    with open(out / "samples.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(samples[0]))
-        writer.writeheader()
-        writer.writerows(samples)
+def write_results(out, samples, arguments, earlier, samples_written=False):
+    if not samples_written:
+        with open(out / "samples.csv", "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(samples[0]))
+            writer.writeheader()
+            writer.writerows(samples)
     # Growth is judged after the warm-up (minute 10 of an hour; a sixth of
     # a shorter trial run) up to minute 60 (the goal's end; a longer run
     # says what came after separately).
@@ -332,7 +343,7 @@ def write_results(out, samples, arguments, earlier):
         "rss_mib_at_end": samples[-1]["rss_mib"],
         "rss_growth_percent_to_end": growth_percent(start["rss_mib"], samples[-1]["rss_mib"]),
         "medians_per_rollout_cycle": cycles,
-        "allocated_mib_after_warm_up_and_at_goal_end": allocated if "" not in allocated else None,
+        "allocated_mib_after_warm_up_and_at_goal_end": allocated if not ({"", None} & set(allocated)) else None,
         "descriptors_min_max_after_warm_up": [min(r["descriptors"] for r in window), max(r["descriptors"] for r in window)],
         "tasks_min_max_after_warm_up": [min(r["tasks"] for r in window), max(r["tasks"] for r in window)],
         "rss_goal_met_by_samples": growth_of_samples < 5,
@@ -359,7 +370,7 @@ def write_results(out, samples, arguments, earlier):
             axis.plot([row["minute"] for row in earlier], [row[key] for row in earlier],
                       color="tab:gray", label=arguments.compare_label)
         axis.plot(minutes, [row[key] for row in samples], color="tab:blue", label="this run")
-        if key == "rss_mib" and all(row["allocated_mib"] != "" for row in samples):
+        if key == "rss_mib" and all(row["allocated_mib"] not in ("", None) for row in samples):
             axis.plot(minutes, [row["allocated_mib"] for row in samples], color="tab:green",
                       linestyle="--", label="allocated (live data, the allocator's count)")
         axis.set_ylabel(label)

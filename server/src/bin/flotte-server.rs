@@ -13,9 +13,11 @@ use flotte_server::init::{init, init_replica, InitOptions, ReplicaOptions};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc serves every allocation of the process, Rust's and C's (the
-/// bundled SQLite's): see `flotte_server::allocator` for why.
+/// bundled SQLite's), with Rust's 16 KiB blocks in an arena of their own:
+/// see `flotte_server::allocator` for why.
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: flotte_server::allocator::ServerAllocator =
+    flotte_server::allocator::ServerAllocator;
 
 /// The settings jemalloc reads at its first allocation, before `main`: it
 /// looks for a `const char *malloc_conf` in the program (its own is a weak
@@ -403,11 +405,17 @@ fn main() -> ExitCode {
                 ),
                 Err(error) => tracing::warn!(%error, "open-files limit left as it was"),
             }
+            // Not fatal either: without it, the server runs as it did with
+            // jemalloc alone, its resident size creeping as sessions churn.
+            let fresh_page_arena = flotte_server::allocator::set_up_fresh_page_arena()
+                .inspect_err(|error| tracing::warn!(%error, "16 KiB blocks share the other arenas"))
+                .ok();
             tracing::info!(
                 allocator = "jemalloc",
                 settings = flotte_server::allocator::built_in_settings(),
                 operator_settings =
                     std::env::var(flotte_server::allocator::OPERATOR_SETTINGS_VARIABLE).ok(),
+                fresh_page_arena,
                 "memory allocator (its settings bound the resident size's drift)"
             );
             let config_path = config.unwrap_or_else(|| default_config_path(&data_dir));
