@@ -88,6 +88,13 @@ fn takes_fresh_pages(layout: Layout) -> bool {
     FRESH_PAGE_SIZES.contains(&layout.size()) && layout.align() <= FRESH_PAGE_MAX_ALIGNMENT
 }
 
+/// The flag naming the fresh-page arena, if a block of this layout is to be
+/// made there (and the arena exists yet).
+fn fresh_page_arena_for(layout: Layout) -> Option<c_int> {
+    let arena = FRESH_PAGE_ARENA.load(Ordering::Relaxed);
+    (arena != NO_ARENA && takes_fresh_pages(layout)).then(|| MALLOCX_ARENA(arena))
+}
+
 /// jemalloc's flags for a fresh-page block: its alignment, and no thread
 /// cache (a freed block goes straight back to its arena, and a new one is
 /// never a block another thread just freed).
@@ -107,19 +114,14 @@ fn fresh_page_flags(layout: Layout) -> c_int {
 // block in place only when the new size is in the same 16 KiB size class.
 unsafe impl GlobalAlloc for ServerAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let arena = FRESH_PAGE_ARENA.load(Ordering::Relaxed);
-        if arena == NO_ARENA || !takes_fresh_pages(layout) {
+        match fresh_page_arena_for(layout) {
+            // SAFETY: the size is non-zero (at least 14 KiB + 1) and the
+            // flags name a valid alignment and an arena jemalloc created.
+            Some(arena_flags) => unsafe {
+                mallocx(layout.size(), fresh_page_flags(layout) | arena_flags).cast()
+            },
             // SAFETY: forwarded as received; the caller's guarantees hold.
-            return unsafe { Jemalloc.alloc(layout) };
-        }
-        // SAFETY: the size is non-zero (at least 14 KiB + 1) and the flags
-        // name a valid alignment and an arena jemalloc created.
-        unsafe {
-            mallocx(
-                layout.size(),
-                fresh_page_flags(layout) | MALLOCX_ARENA(arena),
-            )
-            .cast()
+            None => unsafe { Jemalloc.alloc(layout) },
         }
     }
 
@@ -128,14 +130,15 @@ unsafe impl GlobalAlloc for ServerAllocator {
         // knows which pages are fresh from the kernel and so already zero,
         // and writing them would make every page of a large zeroed block
         // resident at once.
-        let arena = FRESH_PAGE_ARENA.load(Ordering::Relaxed);
-        if arena == NO_ARENA || !takes_fresh_pages(layout) {
+        match fresh_page_arena_for(layout) {
+            // SAFETY: as in `alloc`; `MALLOCX_ZERO` only asks for zeroes.
+            Some(arena_flags) => unsafe {
+                let flags = fresh_page_flags(layout) | arena_flags | MALLOCX_ZERO;
+                mallocx(layout.size(), flags).cast()
+            },
             // SAFETY: forwarded as received; the caller's guarantees hold.
-            return unsafe { Jemalloc.alloc_zeroed(layout) };
+            None => unsafe { Jemalloc.alloc_zeroed(layout) },
         }
-        let flags = fresh_page_flags(layout) | MALLOCX_ARENA(arena) | MALLOCX_ZERO;
-        // SAFETY: as in `alloc`; `MALLOCX_ZERO` only asks for zeroed bytes.
-        unsafe { mallocx(layout.size(), flags).cast() }
     }
 
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
